@@ -1,0 +1,1 @@
+"""Data: text sources (corpus), tokenizer, prepare (text -> token shards), packing (shards -> batches)."""

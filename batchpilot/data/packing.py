@@ -1,0 +1,133 @@
+"""Fixed-length training rows from a prepared token stream, with a seeded, resumable sampler.
+
+Design: a split is one token stream (its shards memory-mapped back to back). Row ``r`` is the
+window ``[r*T, r*T + T + 1)``: inputs are its first ``T`` tokens, targets the last ``T``. Rows are
+cut blindly, without regard to document boundaries ("concatenate and chunk"): no token is padded
+or dropped (except the stream's tail), and a document may be split across two rows. The model
+never attends across documents because ``position_ids`` restart at 0 after every EOS (and at the
+start of each row); the attention mask is built from them. The cost of cutting blindly: the
+start of a row may be the middle of a document, seen without its beginning, and the EOS token's
+target is the first token of the next document, which is not predictable from its context.
+
+Sampling: each epoch is a permutation of all rows from ``numpy.random.default_rng((seed, epoch))``.
+The state is just ``(epoch, position)`` in that permutation, so resuming is exact and cheap.
+``take`` advances the *global* position by the whole global batch and returns one rank's slice, so
+the sequence of global batches does not depend on the number of ranks.
+
+Shape legend: B rows in a batch, T seq_len.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchpilot.data.prepare import load_meta
+from batchpilot.data.tokenizer import Tokenizer
+
+SPLIT_NAMES = {"train": "training", "val": "validation"}
+
+
+@dataclass(slots=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, input_ids shifted left by one
+    position_ids: torch.Tensor  # (B, T) int64, 0 at each document start
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.targets, self.position_ids)))
+
+
+class PackedLoader:
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, *, seed: int = 0) -> None:
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.data_dir, self.split, self.seq_len, self.seed = Path(data_dir), split, seq_len, seed
+        meta = load_meta(data_dir)
+        self.eos_id: int = meta["eos_id"]
+        self._shards = [np.memmap(self.data_dir / f, dtype=meta["dtype"], mode="r") for f in meta["shards"][split]]
+        self._offsets = np.cumsum([0] + [len(s) for s in self._shards])  # shard i covers [offsets[i], offsets[i+1])
+        num_tokens = int(self._offsets[-1])
+        if num_tokens < seq_len + 1:
+            raise ValueError(f"{SPLIT_NAMES[split]} split has {num_tokens} tokens, needs at least seq_len+1 = "
+                             f"{seq_len + 1}; lower --seq-len or add data")
+        self.num_rows = (num_tokens - 1) // seq_len
+        self.epoch = self.position = 0
+        self._order = self._permutation(0)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_path(self.data_dir)
+
+    def take(self, num_rows: int, *, rank: int = 0, world_size: int = 1) -> Batch:
+        """Advance by ``num_rows`` global rows; return this rank's contiguous share of them."""
+        if num_rows % world_size:
+            raise ValueError(f"num_rows {num_rows} is not divisible by world_size {world_size}")
+        rows = self._advance(num_rows)
+        per_rank = num_rows // world_size
+        return self._batch(rows[rank * per_rank:(rank + 1) * per_rank])
+
+    def eval_batches(self, num_rows_per_batch: int, max_batches: int | None = None) -> Iterator[Batch]:
+        """Rows 0, 1, 2, ... in order (the sampler state is untouched); the last batch may be short."""
+        stop = self.num_rows if max_batches is None else min(self.num_rows, num_rows_per_batch * max_batches)
+        for start in range(0, stop, num_rows_per_batch):
+            yield self._batch(np.arange(start, min(start + num_rows_per_batch, stop)))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["seed"], state["seq_len"]) != (self.seed, self.seq_len):
+            raise ValueError(f"loader state is for seed={state['seed']}, seq_len={state['seq_len']}; "
+                             f"this loader has seed={self.seed}, seq_len={self.seq_len}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_rows)
+
+    def _advance(self, num_rows: int) -> np.ndarray:
+        parts = []
+        while num_rows:
+            if self.position == self.num_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            n = min(num_rows, self.num_rows - self.position)
+            parts.append(self._order[self.position:self.position + n])
+            self.position += n
+            num_rows -= n
+        return np.concatenate(parts)
+
+    def _batch(self, rows: np.ndarray) -> Batch:
+        windows = np.stack([self._read(int(r) * self.seq_len, self.seq_len + 1) for r in rows])  # (B, T+1)
+        windows = torch.from_numpy(windows.astype(np.int64))
+        input_ids, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        return Batch(input_ids, targets, _position_ids(input_ids, self.eos_id))
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the split, across shard boundaries."""
+        parts, stop = [], start + length
+        shard = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        while start < stop:
+            begin = start - int(self._offsets[shard])
+            piece = self._shards[shard][begin:begin + stop - start]
+            parts.append(piece)
+            start += len(piece)
+            shard += 1
+        return np.concatenate(parts)
+
+
+def _position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) positions counting from the row start or from the token after the latest EOS."""
+    idx = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    is_start = torch.zeros_like(input_ids, dtype=torch.bool)
+    is_start[:, 1:] = input_ids[:, :-1] == eos_id
+    start = torch.where(is_start, idx, 0).cummax(dim=1).values
+    return idx - start

@@ -1,0 +1,205 @@
+"""Policy: who runs in the next step, under one token budget. Pure Python over requests and blocks.
+
+Each step (Sarathi-Serve, stall-free, laws.md section 16): every running request in decode gets one
+token first; running requests still in prefill get the next chunk of what is left of the budget;
+then waiting requests are admitted first come first served (the queue is in prefix-group order),
+each with a first chunk, until one does not fit. Admission asks whether the *future peak* of KV
+memory still fits (Past-Future / LightLLM, laws.md section 15): remaining output lengths are
+estimated from this job's own finished requests (an EMA), so admission is neither greedy nor
+reserving ``max_tokens`` for everyone. If the estimate was wrong and a decode cannot get a block,
+the most recently admitted request is preempted without loss: its blocks are freed, it goes back
+to the front of the queue and its prompt + output are recomputed later (same tokens out).
+
+A group's prefix pseudo-request is admitted like a request; members wait until it is computed.
+The prefix KV is referenced by the group until its last member finishes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from batchpilot.generate.kv_cache import BlockPool
+from batchpilot.generate.request import Request, Status
+
+OUTPUT_MARGIN = 6  # tokens added to every remaining-length estimate (LightLLM's ADDED_OUTPUT_LEN)
+
+
+@dataclass(slots=True)
+class Chunk:
+    request: Request
+    start: int  # own-token index of the first token computed
+    num_tokens: int
+    sample: bool  # reaches the request's last token: sample the next one
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+def estimate_peak(items: list[tuple[int, int]]) -> int:
+    """Peak KV tokens of requests (a_i held now, r_i still to generate) if each grows until it ends.
+
+    When the k-th longest-remaining request ends, requests 1..k are alive and each grew by r_k.
+    """
+    peak, held = 0, 0
+    for k, (a, r) in enumerate(sorted(items, key=lambda x: -x[1]), start=1):
+        held += a
+        peak = max(peak, k * r + held)
+    return peak
+
+
+class OutputLengthEMA:
+    """LightLLM's running estimate of output length: starts at 2048; step size 0.5 decaying to 0.04."""
+
+    def __init__(self, start: int = 2048) -> None:
+        self.value, self.rate = start, 0.5
+
+    def update(self, num_output_tokens: int) -> None:
+        out = max(num_output_tokens, 64)
+        self.value = max(64, int(self.value * (1 - self.rate) + out * self.rate))
+        self.rate = max(0.04, 0.8 * self.rate)
+
+
+def pack_worst_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Prepacking's bin packing (laws.md section 13): longest first, each into the least-loaded bin it fits."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if loads[b] + lengths[i] <= capacity]
+        if fits:
+            b = min(fits, key=loads.__getitem__)
+            bins[b].append(i)
+            loads[b] += lengths[i]
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    return bins
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, *, max_batch_tokens: int, max_num_seqs: int) -> None:
+        self.pool = pool
+        self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.history = OutputLengthEMA()
+        self.frozen_tokens = 0  # slots held by live groups' prefix blocks
+
+    def add(self, requests: list[Request]) -> None:
+        self.waiting.extend(requests)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        plan, budget = StepPlan(), self.max_batch_tokens
+        scheduled: set[int] = set()
+        for r in list(self.running):  # 1. one token for every decode
+            if budget == 0 or r.status is not Status.RUNNING or not r.in_decode:
+                continue
+            if self._reserve(r, 1, plan):
+                plan.chunks.append(Chunk(r, r.num_computed, 1, True))
+                scheduled.add(id(r))
+                budget -= 1
+        for r in self.running:  # 2. next chunk of prefills already running
+            if budget == 0:
+                break
+            if id(r) in scheduled or r.in_decode or not self._prefix_ready(r):
+                continue
+            n = min(r.num_uncomputed, budget)
+            if self.pool.grow(r.blocks, r.num_computed + n):
+                plan.chunks.append(self._chunk(r, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admit FCFS
+            r = self.waiting[0]
+            n = min(r.num_uncomputed, budget)
+            if not self._prefix_ready(r) or not self._fits(r) or not self.pool.grow(r.blocks, n):
+                break
+            self._admit(self.waiting.popleft())
+            plan.chunks.append(self._chunk(r, n))
+            budget -= n
+        return plan
+
+    def advance(self, plan: StepPlan) -> None:
+        """Record that the plan's chunks were computed; finished prefixes hand their blocks to the group."""
+        for c in plan.chunks:
+            r = c.request
+            r.num_computed += c.num_tokens
+            if r.is_prefix and r.num_uncomputed == 0:
+                self.running.remove(r)
+                r.status = Status.FINISHED
+
+    def finish(self, r: Request, reason: str) -> None:
+        r.finish_reason, r.status = reason, Status.FINISHED
+        if r in self.running:
+            self.running.remove(r)
+        self._release(r)
+        self.history.update(len(r.output_ids))
+        if r.group is not None:
+            r.group.num_unfinished -= 1
+            if r.group.num_unfinished == 0:
+                self.pool.free(r.group.prefix.blocks)
+                self.frozen_tokens -= len(r.group.prefix.blocks) * self.pool.block_size
+
+    # --- helpers: values and state changes; control flow stays above ---
+
+    def _chunk(self, r: Request, n: int) -> Chunk:
+        return Chunk(r, r.num_computed, n, sample=not r.is_prefix and n == r.num_uncomputed)
+
+    def _prefix_ready(self, r: Request) -> bool:
+        return r.group is None or r.is_prefix or r.group.ready
+
+    def _reserve(self, r: Request, n: int, plan: StepPlan) -> bool:
+        """Blocks for n more tokens of r, preempting newer (not yet scheduled) requests, or else r itself."""
+        while not self.pool.grow(r.blocks, r.num_computed + n):
+            victims = [v for v in self.running[self.running.index(r) + 1:] if not v.is_prefix]
+            victim = victims[-1] if victims else r
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            if victim is r:
+                return False
+        return True
+
+    def _admit(self, r: Request) -> None:
+        r.status = Status.RUNNING
+        self.running.append(r)
+        if r.is_prefix:
+            self.frozen_tokens += len(r.prompt_ids) + self.pool.block_size
+        elif r.group is not None:
+            self.pool.share(r.group.prefix.blocks)
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self._release(r)
+        r.num_computed, r.status = 0, Status.WAITING
+        r.num_preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _release(self, r: Request) -> None:
+        self.pool.free(r.blocks)
+        r.blocks = []
+        if r.group is not None and not r.is_prefix:
+            self.pool.free(r.group.prefix.blocks)
+
+    def _future(self, r: Request) -> tuple[int, int]:
+        """(a, r): KV tokens held once its prompt is in, and estimated tokens still to generate."""
+        generated, limit = len(r.output_ids), r.params.max_tokens
+        estimate = limit if r.params.ignore_eos else min(limit, max(int(1.1 * generated), self.history.value))
+        return r.num_own_tokens + self.pool.block_size, max(0, estimate - generated - 1) + OUTPUT_MARGIN
+
+    def _fits(self, cand: Request) -> bool:
+        if cand.is_prefix:
+            return self.frozen_tokens + len(cand.prompt_ids) <= self.pool.capacity_tokens
+        items = [self._future(r) for r in self.running if not r.is_prefix]
+        if not items:  # nothing running will free memory: waiting would never help
+            return True
+        items.append(self._future(cand))
+        return self.frozen_tokens + estimate_peak(items) <= self.pool.capacity_tokens

@@ -1,0 +1,81 @@
+"""Logs for people on rank 0 (`print0`), one metrics sink for machines (`MetricsWriter`).
+
+`MetricsWriter` appends one JSON object per logged step to ``metrics.jsonl`` (flushed each time,
+so a killed run keeps its history) and mirrors scalars to TensorBoard when asked. On ranks other
+than 0 it is a no-op object, so the training loop never branches on logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def print0(*args: Any, rank: int = 0, **kwargs: Any) -> None:
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | os.PathLike | None, *, tensorboard: bool = False) -> None:
+        self._file = None
+        self._tb = None
+        if run_dir is None:
+            return
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, clean["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temp file beside ``path`` then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def estimate_flops_per_token(num_params_matmul: int, num_layers: int, hidden_q: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params + 6 x n_layers x d_q x seq (causal attention, fwd+bwd).
+
+    The 6N rule (Kaplan et al. 2020) counts forward (2N) + backward (4N); causal attention adds
+    12 * L * d * s / 2 because only half of the QK^T and PV products are needed.
+    """
+    return 6.0 * num_params_matmul + 6.0 * num_layers * hidden_q * seq_len

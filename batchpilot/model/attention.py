@@ -1,0 +1,66 @@
+"""Attention for packed training rows: causal within each document, nothing across documents.
+
+A packed row holds several documents back to back; ``document_ids`` (B, T) numbers them. On CPU
+(and whenever FlexAttention is unavailable) this builds a boolean (B, 1, T, T) mask for SDPA,
+which costs T^2 memory per row: fine for tests and the CPU demo. On CUDA it uses FlexAttention
+with a block-sparse document mask, which skips fully-masked tiles and keeps memory linear in T.
+
+Shape legend: B batch, H heads, K kv heads, T sequence, E head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(kw_only=True, slots=True)
+class DocumentMask:
+    """``AttnMeta`` for training on packed rows. Build once per micro-batch, share across layers."""
+
+    document_ids: torch.Tensor  # (B, T) int, non-decreasing along T
+    _cache: dict = field(default_factory=dict)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if q.is_cuda and _flex_attention() is not None:
+            return self._flex(q, k, v, gqa)
+        if "dense" not in self._cache:
+            T = self.document_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            same_doc = self.document_ids[:, :, None] == self.document_ids[:, None, :]  # (B, T, T)
+            self._cache["dense"] = (same_doc & causal)[:, None]  # (B, 1, T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._cache["dense"], enable_gqa=gqa)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        flex_attention, create_block_mask = _flex_attention()
+        if "block" not in self._cache:
+            docs = self.document_ids
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+            B, T = docs.shape
+            self._cache["block"] = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+        return flex_attention(q, k, v, block_mask=self._cache["block"], enable_gqa=gqa)
+
+
+@functools.cache
+def _flex_attention():
+    """(compiled flex_attention, create_block_mask), or None where FlexAttention is missing.
+
+    FlexAttention is only fast when compiled; the cache compiles it once per process.
+    """
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index per token from positions that restart at 0 for every document. (B, T) -> (B, T)."""
+    return (position_ids == 0).cumsum(dim=1)

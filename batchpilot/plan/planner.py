@@ -1,0 +1,324 @@
+"""The one dial: a ``Budget`` (model, data or compute or time, GPUs) becomes a frozen ``Plan`` the trainer executes.
+
+Derivation order (``Plan.explain`` prints it with numbers): model shape -> N, FLOPs per token -> tokens D ->
+the law's peak LR and batch (tokens) -> micro-batch and checkpointing that fit in memory -> global batch
+rounded to micro-batch x accumulation x GPUs x sequence length -> LR rescaled for the rounding -> warmup,
+steps, schedule -> time. The trainer reads plan.json and never re-derives any of it.
+
+Design choice: the law's batch is rounded to the nearest whole number of accumulation steps (not to a
+power of two), so the global batch stays within half a micro-step of the law; the LR follows the
+rounding with the optimizer's rescaling rule. Cost: odd accumulation counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from batchpilot.model.hf import read_config
+from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
+from batchpilot.plan import laws
+from batchpilot.plan.memory import GIB, MemoryEstimate, estimate_peak_bytes
+
+MICRO_BATCH_GRID = tuple(2**i for i in range(10))  # 1 .. 512 sequences
+# Below this many tokens per micro-batch a GPU runs small matmuls; we prefer checkpointing to go past it.
+REASONABLE_MICRO_BATCH_TOKENS = 8192
+# Warmup: 2000 steps in both DeepSeek LLM (section 2.3) and the Step Law recipe (laws.md section 1, secondary),
+# capped at 10% of the run (our rule) so short runs do not spend most of their steps warming up.
+WARMUP_STEPS, WARMUP_MAX_FRACTION = 2000, 0.1
+SCHEDULES = ("cosine", "wsd", "multistep")
+# Shape derived from --params: depth L from N = 12 L d^2 with d = 64 L (the llama-125m aspect ratio, nanochat's
+# dim = 64 x depth), head_dim 64, MHA, SwiGLU width solving N exactly (multiple of 64), Llama-2 vocabulary.
+DERIVED_ASPECT, DERIVED_HEAD_DIM, DERIVED_VOCAB = 64, 64, 32000
+
+
+@dataclass(kw_only=True, slots=True)
+class Budget:
+    preset: str | None = None
+    hf_config: str | None = None
+    params: float | None = None  # non-vocabulary N; a Llama-like shape is derived for memory and time
+    tokens: float | None = None
+    compute_flops: float | None = None  # training FLOPs; D = C / FLOPs per token
+    hours: float | None = None  # wall clock; D = GPUs x peak x MFU x seconds / FLOPs per token
+    num_gpus: int = 1
+    gpu_memory_gib: float = 80.0
+    seq_len: int = 2048
+    law: str = "step"  # step | deepseek | path/to/law.json
+    optimizer: str = "adamw"
+    schedule: str | None = None  # None: the schedule the law was fitted with
+    gpu_peak_tflops: float = 989.0  # H100/H200 dense bf16
+    mfu: float = 0.4
+    mfu_from: str | None = None  # a run's metrics.jsonl: use the mean of its "mfu" field
+    headroom: float = 0.1
+
+    def __post_init__(self) -> None:
+        models = [k for k in ("preset", "hf_config", "params") if getattr(self, k) is not None]
+        amounts = [k for k in ("tokens", "compute_flops", "hours") if getattr(self, k) is not None]
+        if len(models) != 1:
+            raise ValueError(f"give exactly one of preset, hf_config, params (got {', '.join(models) or 'none'})")
+        if len(amounts) != 1:
+            raise ValueError(f"give exactly one of tokens, compute_flops, hours (got {', '.join(amounts) or 'none'})")
+        for k in ("params", *amounts, "num_gpus", "gpu_memory_gib", "seq_len", "gpu_peak_tflops", "mfu"):
+            if getattr(self, k) is not None and getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if not 0 < self.mfu <= 1 or not 0 <= self.headroom < 1:
+            raise ValueError(f"need 0 < mfu <= 1 and 0 <= headroom < 1, got {self.mfu}, {self.headroom}")
+        laws.lr_scaling_rule(self.optimizer)  # validates the name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    model: str | dict[str, Any]  # preset name, or LlamaConfig fields
+    num_params: int
+    non_vocab_params: int
+    seq_len: int
+    num_gpus: int
+    global_batch_tokens: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    peak_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    total_tokens: int
+    schedule: str
+    optimizer: str
+    activation_checkpointing: str  # "none" | "full" (train/parallel.py modes)
+    sharding: str  # "none" | "fsdp"
+    predicted_peak_memory_bytes: int
+    gpu_memory_bytes: int
+    predicted_step_seconds: float
+    predicted_total_seconds: float
+    flops_per_token: float
+    mfu: float
+    tokens_per_param: float
+    law: dict[str, Any]  # name, source, non_vocab_params, tokens, compute_flops, batch_tokens, peak_lr (raw)
+    warnings: tuple[str, ...] = ()
+    derivation: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["warnings"], d["derivation"] = list(self.warnings), list(self.derivation)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        names = {f.name for f in fields(cls)}
+        missing = names - set(d) - {"warnings", "derivation"}
+        if missing:
+            raise ValueError(f"plan is missing {', '.join(sorted(missing))}")
+        kept = {k: v for k, v in d.items() if k in names}
+        return cls(**{**kept, "warnings": tuple(d.get("warnings", ())), "derivation": tuple(d.get("derivation", ()))})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically: a temp file in the same directory, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def explain(self) -> str:
+        lines = [f"{i}. {line}" for i, line in enumerate(self.derivation, 1)]
+        return "\n".join(lines + [f"WARNING: {w}" for w in self.warnings])
+
+
+# --- model and amount of data ---------------------------------------------------------------------------
+
+
+def derive_shape(non_vocab_params: float) -> LlamaConfig:
+    """A Llama-like shape with about ``non_vocab_params`` attention + MLP parameters (DERIVED_* constants)."""
+    layers = max(1, round((non_vocab_params / (12 * DERIVED_ASPECT**2)) ** (1 / 3)))
+    d = DERIVED_ASPECT * layers
+    mlp = (non_vocab_params / layers - 4 * d * d) / (3 * d)
+    return LlamaConfig(vocab_size=DERIVED_VOCAB, hidden_size=d, intermediate_size=max(64, 64 * round(mlp / 64)),
+                       num_layers=layers, num_heads=d // DERIVED_HEAD_DIM, num_kv_heads=d // DERIVED_HEAD_DIM)
+
+
+def resolve_model(budget: Budget) -> tuple[LlamaConfig, str | dict[str, Any], str]:
+    """(config, what plan.json records as ``model``, one derivation line)."""
+    if budget.preset is not None:
+        return get_preset(budget.preset), budget.preset, f"model: preset {budget.preset}"
+    if budget.hf_config is not None:
+        config = read_config(budget.hf_config)
+        return config, asdict(config), f"model: HF config {budget.hf_config}"
+    config = derive_shape(budget.params)  # type: ignore[arg-type]
+    line = (f"model: derived from N = {budget.params:.4g}: {config.num_layers} layers, d {config.hidden_size}, "
+            f"MLP {config.intermediate_size}, vocab {config.vocab_size} (shape N = {laws.non_vocab_params(config):,}; "
+            f"the laws use N as given)")
+    return config, asdict(config), line
+
+
+def read_mean_mfu(path: str | os.PathLike) -> float:
+    values = [r["mfu"] for r in map(json.loads, Path(path).read_text().splitlines()) if r.get("mfu") is not None]
+    if not values:
+        raise ValueError(f"{path} has no 'mfu' values; pass --mfu instead")
+    return sum(values) / len(values)
+
+
+def training_tokens(budget: Budget, flops_per_token: float, mfu: float) -> tuple[float, str]:
+    if budget.tokens is not None:
+        return budget.tokens, f"D = {budget.tokens:.4g} tokens (given)"
+    if budget.compute_flops is not None:
+        d = budget.compute_flops / flops_per_token
+        return d, f"D = C / (6N + attention) = {budget.compute_flops:.4g} / {flops_per_token:.4g} = {d:.4g} tokens"
+    seconds = budget.hours * 3600  # type: ignore[operator]
+    d = budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu * seconds / flops_per_token
+    return d, (f"D = GPUs x peak x MFU x time / (6N + attention) = {budget.num_gpus} x {budget.gpu_peak_tflops:g}e12"
+               f" x {mfu:.3g} x {seconds:.4g} s / {flops_per_token:.4g} = {d:.4g} tokens")
+
+
+# --- memory fit ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFit:
+    micro_batch_size: int
+    checkpointing: bool
+    sharding: str
+    estimate: MemoryEstimate
+
+
+def fit_micro_batch(config: LlamaConfig, budget: Budget, *, max_micro_batch: int) -> MemoryFit:
+    """Largest power-of-two micro-batch that fits with headroom; no checkpointing when that is reasonable."""
+    sharding = "fsdp" if budget.num_gpus > 1 else "none"
+    limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
+
+    def largest(checkpointing: bool) -> MemoryFit | None:
+        best = None
+        for mb in (m for m in MICRO_BATCH_GRID if m <= max_micro_batch):
+            est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=budget.seq_len, optimizer=budget.optimizer,
+                                      num_gpus=budget.num_gpus, sharding=sharding, checkpointing=checkpointing)
+            if est.total_bytes > limit:
+                break
+            best = MemoryFit(mb, checkpointing, sharding, est)
+        return best
+
+    plain = largest(False)
+    reasonable = min(max_micro_batch * budget.seq_len, REASONABLE_MICRO_BATCH_TOKENS)
+    if plain is not None and plain.micro_batch_size * budget.seq_len >= reasonable:
+        return plain
+    ckpt = largest(True)
+    if ckpt is None and plain is None:
+        raise ValueError(cannot_fit_message(config, budget, sharding))
+    if plain is None or (ckpt is not None and ckpt.micro_batch_size > plain.micro_batch_size):
+        return ckpt  # type: ignore[return-value]
+    return plain
+
+
+def _min_bytes(config: LlamaConfig, budget: Budget, num_gpus: int) -> float:
+    est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=budget.seq_len, optimizer=budget.optimizer,
+                              num_gpus=num_gpus, sharding="fsdp" if num_gpus > 1 else "none", checkpointing=True)
+    return est.total_bytes / (1 - budget.headroom)
+
+
+def cannot_fit_message(config: LlamaConfig, budget: Budget, sharding: str) -> str:
+    need_gib = _min_bytes(config, budget, budget.num_gpus) / GIB
+    gpus = next((n for n in (2**i for i in range(1, 13)) if _min_bytes(config, budget, n) <= budget.gpu_memory_gib * GIB),
+                None)
+    more_gpus = f">= {gpus} GPUs of {budget.gpu_memory_gib:g} GiB, or " if gpus and gpus > budget.num_gpus else ""
+    return (f"the model does not fit on {budget.num_gpus} GPU(s) of {budget.gpu_memory_gib:g} GiB even at micro-batch 1"
+            f" with {sharding} sharding and activation checkpointing (needs {need_gib:.1f} GiB per GPU incl. "
+            f"{budget.headroom:.0%} headroom at seq_len {budget.seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB"
+            f" per GPU")
+
+
+# --- the plan --------------------------------------------------------------------------------------------
+
+
+def law_point(law: laws.Law, config: LlamaConfig, n: float, tokens: float, seq_len: int) -> dict[str, Any]:
+    c = laws.deepseek_flops_per_token(config.num_layers, config.hidden_size, seq_len) * tokens
+    lr, batch = law.recommend(non_vocab_params=n, tokens=tokens, compute_flops=c)
+    return {"name": law.name, "source": law.source, "non_vocab_params": n, "tokens": tokens, "compute_flops": c,
+            "batch_tokens": batch, "peak_lr": lr, "schedule": law.schedule,
+            "warnings": law.fitted_range.extrapolations(params=n, tokens=tokens, compute_flops=c)}
+
+
+def schedule_and_min_lr(law: laws.Law, budget: Budget, peak_lr: float) -> tuple[str, float]:
+    """The law's schedule unless overridden; min LR: the law's fixed floor (Step Law 1e-5), else 10% of peak
+    (DeepSeek's last multi-step level)."""
+    schedule = budget.schedule or law.schedule
+    min_lr = law.min_lr if law.min_lr is not None else laws.DEEPSEEK_STEPS[-1][1] * peak_lr
+    return schedule, min(min_lr, peak_lr)
+
+
+def make_plan(budget: Budget) -> Plan:
+    config, model_ref, model_line = resolve_model(budget)
+    law = laws.get_law(budget.law)
+    n = budget.params if budget.params is not None else laws.non_vocab_params(config)
+    fpt = laws.training_flops_per_token(config, budget.seq_len)
+    mfu = read_mean_mfu(budget.mfu_from) if budget.mfu_from else budget.mfu
+    tokens, tokens_line = training_tokens(budget, fpt, mfu)
+    point = law_point(law, config, n, tokens, budget.seq_len)
+    rule = laws.lr_scaling_rule(budget.optimizer)
+
+    raw_sequences = point["batch_tokens"] / budget.seq_len
+    max_mb = max(m for m in MICRO_BATCH_GRID if m <= max(1.0, raw_sequences / budget.num_gpus))
+    fit = fit_micro_batch(config, budget, max_micro_batch=max_mb)
+    per_step = fit.micro_batch_size * budget.num_gpus
+    accum = max(1, round(raw_sequences / per_step))
+    global_tokens = per_step * accum * budget.seq_len
+    peak_lr = laws.rescale_lr(point["peak_lr"], from_batch=point["batch_tokens"], to_batch=global_tokens, rule=rule)
+    total_steps = max(1, round(tokens / global_tokens))
+    warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps))
+    schedule, min_lr = schedule_and_min_lr(law, budget, peak_lr)
+    recompute = 4 / 3 if fit.checkpointing else 1.0  # checkpointing re-runs the forward: 8N instead of 6N
+    step_s = fpt * global_tokens * recompute / (budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu)
+    total = laws.total_params(config)
+
+    warnings = list(point.pop("warnings"))
+    if global_tokens > 1.5 * point["batch_tokens"]:
+        warnings.append(f"{budget.num_gpus} GPUs x micro-batch {fit.micro_batch_size} x {budget.seq_len} tokens is "
+                        f"{global_tokens / point['batch_tokens']:.1f}x the law's batch; use fewer GPUs or a shorter seq_len")
+    if schedule != law.schedule:
+        warnings.append(f"{law.name} was fitted with a {law.schedule} schedule; its LR is not validated under {schedule}")
+    est = fit.estimate
+    derivation = (
+        model_line,
+        f"N (attention + MLP, no embeddings/head/norms) = {n:,.0f}; total params = {total:,}",
+        f"FLOPs per token = 6 x matmul params + 6 L (H E) T = {fpt:.4g}",
+        tokens_line,
+        f"law {law.name} ({law.source}): peak LR {point['peak_lr']:.4g}, batch {point['batch_tokens']:.4g} tokens"
+        + (f" (C = M D = {point['compute_flops']:.4g} FLOPs)" if law.kind == "deepseek" else ""),
+        f"memory: micro-batch {fit.micro_batch_size} (largest power of two <= {max_mb} within {1 - budget.headroom:.0%} of"
+        f" {budget.gpu_memory_gib:g} GiB), checkpointing {'full' if fit.checkpointing else 'none'}, sharding "
+        f"{fit.sharding}: {est.total_bytes / GIB:.2f} GiB predicted (peak at {est.peak_moment})",
+        f"global batch = {fit.micro_batch_size} x {accum} accum x {budget.num_gpus} GPUs x {budget.seq_len} = "
+        f"{global_tokens:,} tokens (law: {point['batch_tokens']:,.0f})",
+        f"peak LR = {point['peak_lr']:.4g} x {rule}({global_tokens} / {point['batch_tokens']:.0f}) = {peak_lr:.4g} "
+        f"(Granziol et al. 2020: sqrt for Adam-family, linear for SGD/LARS)",
+        f"steps = D / batch = {total_steps:,}; warmup = min({WARMUP_STEPS}, {WARMUP_MAX_FRACTION:.0%} of steps) = {warmup}"
+        f"; schedule {schedule}, min LR {min_lr:.3g}",
+        f"time: {step_s:.3g} s/step at MFU {mfu:.3g} of {budget.gpu_peak_tflops:g} TFLOP/s per GPU -> "
+        f"{step_s * total_steps / 3600:.3g} h; {tokens / total:.3g} tokens per parameter",
+    )
+    return Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
+                num_gpus=budget.num_gpus, global_batch_tokens=global_tokens, micro_batch_size=fit.micro_batch_size,
+                grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total_steps,
+                total_tokens=total_steps * global_tokens, schedule=schedule, optimizer=budget.optimizer,
+                activation_checkpointing="full" if fit.checkpointing else "none", sharding=fit.sharding,
+                predicted_peak_memory_bytes=int(est.total_bytes), gpu_memory_bytes=int(budget.gpu_memory_gib * GIB),
+                predicted_step_seconds=step_s, predicted_total_seconds=step_s * total_steps, flops_per_token=fpt,
+                mfu=mfu, tokens_per_param=tokens / total, law=point, warnings=tuple(warnings),
+                derivation=derivation)
+
+
+def compare(budget: Budget) -> dict[str, Plan]:
+    """What each built-in law (and the budget's own law file, if any) recommends for the same budget."""
+    names = list(laws.LAWS) + ([budget.law] if budget.law not in laws.LAWS else [])
+    return {name: make_plan(replace(budget, law=name, schedule=None)) for name in names}

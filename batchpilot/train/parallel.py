@@ -1,0 +1,138 @@
+"""Parallelism as a transform of the single-device model, applied in one fixed order.
+
+``parallelize`` applies activation checkpointing, then ``torch.compile`` (per block), then FSDP2
+(``fully_shard`` on every block, then the root) to a model built by ``model/llama.py``. This file
+and ``checkpoint.py`` are the only users of ``torch.distributed``; the few collectives the rest of
+the code needs are exported here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._composable import checkpoint
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ParallelDims:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> ParallelDims:
+    """Read torchrun's environment; start the process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return ParallelDims(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing: ``full`` recomputes every block in backward, ``selective`` every other one.
+
+    The composable ``checkpoint`` keeps parameter names unchanged, so checkpoints and HF export
+    do not depend on whether a run used checkpointing.
+    """
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"unknown activation checkpointing mode {mode!r}; choose none, full or selective")
+    every = 1 if mode == "full" else 2
+    for i, block in enumerate(model.layers):
+        if i % every == 0:
+            checkpoint(block)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place: identical blocks share one graph, so compile time stays flat in depth."""
+    for block in model.layers:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: shard every block, then the root (embeddings, final norm, LM head); fp32 gradient reduction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dims.device.type, (dims.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again right away in backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointing: str = "none",
+                compile: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """The one place where parallelism is applied, in a fixed order: AC, compile, FSDP2."""
+    apply_ac(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    if dims.is_distributed:
+        apply_fsdp(model, dims, param_dtype=param_dtype)
+    return model
+
+
+def mean_across_ranks(value: float, dims: ParallelDims) -> float:
+    if not dims.is_distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=dims.device)
+    dist.all_reduce(t)
+    return t.item() / dims.world_size
+
+
+def any_across_ranks(flag: bool, dims: ParallelDims) -> bool:
+    """True on every rank if it is true on any rank (used so that all ranks back off together)."""
+    if not dims.is_distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=dims.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(dims: ParallelDims) -> None:
+    if dims.is_distributed:
+        dist.barrier()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Under FSDP2, reduce-scatter gradients only on the last micro-batch of a step."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip to ``max_norm`` (0 disables clipping) and return the total norm, full across shards."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()

@@ -1,0 +1,400 @@
+"""The training loop: one ``train()`` that executes a run configuration (or a plan) on CPU, one GPU or many.
+
+The global batch is set in tokens; ``micro_batch_size`` rows per rank are run per micro-step and
+gradients are accumulated until the step's tokens are reached exactly (the last micro-batch may
+be smaller). Schedules are functions of tokens seen, so a batch change during training (ramp or
+adaptive policy) keeps warmup and decay where they were. Everything a resume needs (model,
+optimizer, data position, batch controller, RNG) is in the checkpoint; ``resume=True`` continues
+bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchpilot.data.packing import Batch, PackedLoader
+from batchpilot.data.prepare import PrepareConfig, prepare
+from batchpilot.metrics import MetricsWriter, estimate_flops_per_token, print0, write_json_atomic
+from batchpilot.model.attention import DocumentMask, document_ids_from_positions
+from batchpilot.model.hf import load_model, read_config, save_model
+from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
+from batchpilot.train import parallel
+from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from batchpilot.train.optim import OptimConfig, build_optimizer
+from batchpilot.train.schedule import ScheduleConfig, lr_at
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left untouched."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    out_dir: str
+    model: str = "tiny"  # preset name, HF model directory (fine-tune from its weights) or config.json
+    data: str = "default"  # "default" (embedded corpus), a prepared directory, or raw .txt/.jsonl/.parquet/dir
+    text_field: str = "text"
+    seq_len: int = 256
+    global_batch_tokens: int = 8192
+    micro_batch_size: int = 16  # rows per rank per micro-step
+    max_steps: int | None = None
+    max_tokens: int | None = None  # one of max_steps / max_tokens sets the horizon
+    lr: float = 3e-3  # peak
+    min_lr: float = 3e-4
+    warmup_tokens: int | None = None  # default: 5% of the horizon
+    schedule: str = "cosine"  # cosine | wsd | power | constant
+    optimizer: str = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    activation_checkpointing: str = "none"  # none | full | selective
+    peak_tflops: float = 989.0  # per GPU, for MFU (H100/H200 dense bf16)
+    resume: bool = False
+    stop_at_step: int | None = None  # stop early (checkpointed) while the schedule still spans max_steps
+    tensorboard: bool = False
+    progress: bool = True
+    plan: dict[str, Any] | None = field(default=None, repr=False)  # the plan this run executes, saved as plan.json
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0 or self.micro_batch_size <= 0 or self.global_batch_tokens <= 0:
+            raise ValueError("seq_len, micro_batch_size and global_batch_tokens must be positive")
+        if self.global_batch_tokens % self.seq_len:
+            raise ValueError(f"global batch ({self.global_batch_tokens} tokens) must be a multiple of "
+                             f"seq_len ({self.seq_len})")
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps or max_tokens")
+        if (self.max_steps or 1) <= 0 or (self.max_tokens or 1) <= 0:
+            raise ValueError("max_steps / max_tokens must be positive")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (got lr={self.lr}, min_lr={self.min_lr})")
+        if self.model not in PRESETS and not Path(self.model).exists():
+            raise ValueError(f"--model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else self.max_steps * self.global_batch_tokens
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainResult:
+    run_dir: str
+    steps: int
+    tokens: int
+    final_loss: float  # EMA-smoothed training loss at the end
+    val_loss: float | None
+    wall_seconds: float
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainState:
+    """What a resume needs beyond model and optimizer (JSON-serialisable)."""
+
+    step: int = 0
+    tokens: int = 0
+    smooth_loss: float | None = None
+    wall_seconds: float = 0.0
+    loader: dict[str, Any] = field(default_factory=dict)
+    rng: list[int] = field(default_factory=list)
+
+
+def config_from_plan(plan: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """A TrainConfig that executes a plan as fixed: the trainer never re-derives these values."""
+    model = plan.get("model")
+    fixed = dict(
+        model=model if isinstance(model, str) else overrides.pop("model", "tiny"),
+        seq_len=plan["seq_len"], global_batch_tokens=plan["global_batch_tokens"],
+        micro_batch_size=plan["micro_batch_size"], max_steps=plan["total_steps"], lr=plan["peak_lr"],
+        min_lr=plan.get("min_lr", 0.0), warmup_tokens=plan["warmup_steps"] * plan["global_batch_tokens"],
+        schedule=plan["schedule"], activation_checkpointing=plan.get("activation_checkpointing", "none"),
+    )
+    clash = sorted(k for k in overrides if k in fixed and overrides[k] is not None)
+    if clash:
+        raise ValueError(f"the plan fixes {', '.join(clash)}; drop those flags or make a new plan")
+    return TrainConfig(**fixed, **{k: v for k, v in overrides.items() if v is not None}, plan=plan)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    dims = parallel.init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    run_dir = _open_run_dir(cfg, dims)
+    model_config = _model_config(cfg)
+    train_loader, val_loader = _build_data(cfg, model_config, run_dir, dims)
+    model = _build_model(cfg, model_config, dims)
+    optimizer = build_optimizer(model, OptimConfig(name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                   beta1=cfg.beta1, beta2=cfg.beta2))
+    state = TrainState()
+    if cfg.resume:
+        state = _resume(run_dir, model, optimizer, train_loader)
+        print0(f"resumed from step {state.step} ({state.tokens:,} tokens)", rank=dims.rank)
+    writer = MetricsWriter(run_dir if dims.rank == 0 else None, tensorboard=cfg.tensorboard)
+    try:
+        state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer)
+    finally:
+        writer.close()
+    _export(model, train_loader, run_dir, dims)
+    result = TrainResult(run_dir=str(run_dir), steps=state.step, tokens=state.tokens,
+                         final_loss=state.smooth_loss or float("nan"), val_loss=val_loss,
+                         wall_seconds=state.wall_seconds)
+    if dims.rank == 0:
+        write_json_atomic(run_dir / "result.json", asdict(result))
+    return result
+
+
+def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, train_loader: PackedLoader,
+          val_loader: PackedLoader, state: TrainState, dims: parallel.ParallelDims, run_dir: Path,
+          writer: MetricsWriter) -> tuple[TrainState, float | None]:
+    sched = _schedule_config(cfg)
+    total_steps = math.ceil(cfg.total_tokens / cfg.global_batch_tokens)
+    flops_per_token = _flops_per_token(model.config, cfg.seq_len)
+    val_loss = None
+    progress = _progress(cfg, dims, total_steps, state.step)
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0)
+        last_step = min(total_steps, cfg.stop_at_step or total_steps)
+        while state.step < last_step:
+            t0 = time.perf_counter()
+            lr = lr_at(state.tokens, sched)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(model, optimizer, train_loader, global_batch_tokens=cfg.global_batch_tokens,
+                                         seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size, dims=dims,
+                                         grad_clip=cfg.grad_clip)
+            loss = parallel.mean_across_ranks(loss, dims)
+            if not math.isfinite(loss):
+                last = latest_checkpoint(run_dir)
+                raise TrainingDiverged(f"loss became {loss} at step {state.step + 1}; "
+                                       f"last good checkpoint: {last or 'none'}")
+            seconds = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += cfg.global_batch_tokens
+            state.wall_seconds += seconds
+            state.smooth_loss = loss if state.smooth_loss is None else 0.9 * state.smooth_loss + 0.1 * loss
+            record = _step_record(cfg, state, loss, lr, grad_norm, seconds, flops_per_token, dims)
+            if state.step % cfg.eval_every == 0 or state.step == total_steps:
+                val_loss = evaluate(model, val_loader, cfg, dims)
+                record["val_loss"] = val_loss
+            if state.step % cfg.log_every == 0 or "val_loss" in record:
+                writer.log(record)
+            progress.update(task, completed=state.step, loss=state.smooth_loss, lr=lr, tps=record["tokens_per_s"])
+            if progress.disable and dims.rank == 0 and _is_report_step(state.step, total_steps):
+                print0(_log_line(record, total_steps))
+            if state.step % cfg.save_every == 0 or state.step == last_step:
+                state.loader = train_loader.state_dict()
+                state.rng = torch.get_rng_state().tolist()
+                save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims)
+    return state, val_loss
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedLoader, *,
+               global_batch_tokens: int, seq_len: int, micro_batch_size: int, dims: parallel.ParallelDims,
+               grad_clip: float) -> tuple[float, float]:
+    """One optimizer step over exactly ``global_batch_tokens`` tokens; returns (mean loss, grad norm)."""
+    loss = accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
+                                micro_batch_size=micro_batch_size, dims=dims)
+    grad_norm = parallel.clip_grad_norm(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global_batch_tokens: int, seq_len: int,
+                         micro_batch_size: int, dims: parallel.ParallelDims) -> float:
+    """Backward over the step's micro-batches into ``.grad``; returns the step's mean loss on this rank."""
+    rows_per_step = global_batch_tokens // seq_len
+    if rows_per_step % dims.world_size:
+        raise ValueError(f"global batch of {rows_per_step} rows does not split over {dims.world_size} ranks")
+    rows_per_rank = rows_per_step // dims.world_size
+    sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
+    loss_sum = torch.zeros((), device=dims.device)
+    for i, rows in enumerate(sizes):
+        batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
+        parallel.set_gradient_sync(model, i == len(sizes) - 1)
+        with _autocast(dims):
+            loss = forward_loss(model, batch, dims.device)
+        (loss * (rows / rows_per_rank)).backward()  # each micro-batch weighted by its share of the step's tokens
+        loss_sum += loss.detach() * (rows / rows_per_rank)
+    return loss_sum.item()
+
+
+def _is_report_step(step: int, total_steps: int) -> bool:
+    return step == 1 or step == total_steps or step % max(1, total_steps // 10) == 0
+
+
+def _log_line(record: dict[str, Any], total_steps: int) -> str:
+    line = (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['tokens_per_s']:,.0f} tok/s")
+    return line + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
+
+
+def micro_batch_sizes(rows: int, micro_batch_size: int) -> list[int]:
+    """Split ``rows`` into micro-batches of ``micro_batch_size`` with one smaller last one if needed."""
+    full, rest = divmod(rows, micro_batch_size)
+    return [micro_batch_size] * full + ([rest] if rest else [])
+
+
+def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean loss of one micro-batch; documents packed in a row never attend to each other.
+
+    Rows holding a single document take plain causal attention (the fastest kernel); the check
+    runs on the CPU copy of the positions, so it costs no device sync.
+    """
+    single_document = not bool((batch.position_ids[:, 1:] == 0).any())
+    position_ids = batch.position_ids.to(device, non_blocking=True)
+    meta = None if single_document else DocumentMask(document_ids=document_ids_from_positions(position_ids))
+    return model(batch.input_ids.to(device, non_blocking=True), targets=batch.targets.to(device, non_blocking=True),
+                 position_ids=position_ids, attn_meta=meta)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: PackedLoader, cfg: TrainConfig, dims: parallel.ParallelDims) -> float:
+    """Mean loss over the first ``eval_batches`` global micro-batches of the validation split (deterministic)."""
+    model.eval()
+    rows = cfg.micro_batch_size * dims.world_size
+    losses = []
+    for batch in loader.eval_batches(rows, cfg.eval_batches):
+        lo, hi = dims.rank * cfg.micro_batch_size, (dims.rank + 1) * cfg.micro_batch_size
+        local = Batch(input_ids=batch.input_ids[lo:hi], targets=batch.targets[lo:hi],
+                      position_ids=batch.position_ids[lo:hi])
+        with _autocast(dims):
+            losses.append(forward_loss(model, local, dims.device).item())
+    model.train()
+    return parallel.mean_across_ranks(sum(losses) / max(len(losses), 1), dims)
+
+
+def _autocast(dims: parallel.ParallelDims):
+    # bf16 autocast on GPU; plain fp32 on CPU (CPU bf16 is slow and would break exact-resume tests).
+    if dims.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _schedule_config(cfg: TrainConfig) -> ScheduleConfig:
+    warmup = cfg.warmup_tokens if cfg.warmup_tokens is not None else cfg.total_tokens // 20
+    return ScheduleConfig(name=cfg.schedule, peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_tokens=warmup,
+                          total_tokens=cfg.total_tokens, power_batch_sequences=cfg.global_batch_tokens // cfg.seq_len)
+
+
+def _step_record(cfg: TrainConfig, state: TrainState, loss: float, lr: float, grad_norm: float, seconds: float,
+                 flops_per_token: float, dims: parallel.ParallelDims) -> dict[str, Any]:
+    tokens_per_s = cfg.global_batch_tokens / seconds
+    record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "global_batch_tokens": cfg.global_batch_tokens, "tokens_per_s": tokens_per_s,
+              "step_seconds": seconds}
+    if dims.device.type == "cuda":
+        tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
+        record.update(tflops_per_gpu=tflops, mfu=tflops / cfg.peak_tflops,
+                      peak_memory_bytes=torch.cuda.max_memory_allocated(dims.device))
+    return record
+
+
+def _flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    matmul_params = L * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * config.vocab_size
+    return estimate_flops_per_token(matmul_params, L, q, seq_len)
+
+
+def _progress(cfg: TrainConfig, dims: parallel.ParallelDims, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+                    TimeRemainingColumn(), disable=not cfg.progress or dims.rank != 0)
+
+
+def _open_run_dir(cfg: TrainConfig, dims: parallel.ParallelDims) -> Path:
+    """Create the run directory; never overwrite one silently; write config.json and plan.json."""
+    run_dir = Path(cfg.out_dir)
+    has_run = (run_dir / "config.json").exists()
+    if cfg.resume and not has_run:
+        raise ValueError(f"nothing to resume in {run_dir} (no config.json)")
+    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} exists and is not empty; pass --resume to continue it "
+                              f"or choose another --out")
+    if dims.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            _check_same_run(cfg, run_dir)
+        write_json_atomic(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "plan"})
+        if cfg.plan is not None:
+            write_json_atomic(run_dir / "plan.json", cfg.plan)
+    parallel.barrier(dims)
+    return run_dir
+
+
+def _check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
+    import json
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    keys = ("model", "seq_len", "global_batch_tokens", "optimizer", "schedule", "lr", "seed", "data")
+    changed = [f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"cannot resume {run_dir} with a different {', '.join(changed)}")
+
+
+def _model_config(cfg: TrainConfig) -> LlamaConfig:
+    return get_preset(cfg.model) if cfg.model in PRESETS else read_config(cfg.model)
+
+
+def _build_model(cfg: TrainConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> Llama:
+    has_weights = Path(cfg.model).is_dir() and any(Path(cfg.model).glob("model.safetensors*"))
+    model = load_model(cfg.model, device=dims.device) if has_weights else build_model(config, device=dims.device,
+                                                                                          seed=cfg.seed)
+    param_dtype = torch.bfloat16 if dims.device.type == "cuda" else None
+    return parallel.parallelize(model, dims, activation_checkpointing=cfg.activation_checkpointing,
+                                compile=cfg.compile, param_dtype=param_dtype)
+
+
+def _build_data(cfg: TrainConfig, model_config: LlamaConfig, run_dir: Path,
+                dims: parallel.ParallelDims) -> tuple[PackedLoader, PackedLoader]:
+    data_dir = Path(cfg.data)
+    if not (data_dir / "meta.json").is_file():
+        data_dir = run_dir / "data"
+        tokenizer = str(Path(cfg.model)) if Path(cfg.model, "tokenizer.json").is_file() else None
+        if dims.rank == 0:
+            prepare(PrepareConfig(sources=[cfg.data], out_dir=str(data_dir), tokenizer=tokenizer,
+                                  vocab_size=model_config.vocab_size, text_field=cfg.text_field, seed=cfg.seed))
+        parallel.barrier(dims)
+    train_loader = PackedLoader(data_dir, "train", cfg.seq_len, seed=cfg.seed)
+    if train_loader.tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"tokenizer has {train_loader.tokenizer.vocab_size} tokens but the model only "
+                         f"{model_config.vocab_size}")
+    return train_loader, PackedLoader(data_dir, "val", cfg.seq_len, seed=cfg.seed)
+
+
+def _resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader: PackedLoader) -> TrainState:
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise ValueError(f"no checkpoint to resume in {run_dir}/checkpoints")
+    saved = load_checkpoint(path, model, optimizer)
+    state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+    loader.load_state_dict(state.loader)
+    if state.rng:
+        torch.set_rng_state(torch.tensor(state.rng, dtype=torch.uint8))
+    return state
+
+
+def _export(model: Llama, loader: PackedLoader, run_dir: Path, dims: parallel.ParallelDims) -> None:
+    """Write the final weights in HF format (plus tokenizer.json) to run_dir/model for sample/generate."""
+    state = full_model_state(model)  # a collective under FSDP2: every rank takes part
+    if dims.rank != 0:
+        return
+    plain = build_model(model.config, device="cpu")
+    plain.load_state_dict(state)
+    save_model(plain, run_dir / "model")
+    loader.tokenizer.save(str(run_dir / "model" / "tokenizer.json"))
