@@ -7,6 +7,7 @@ applied here per block with ``torch.utils.checkpoint`` (non-reentrant), like ``t
 
     python benchmarks/memory_validation.py            # GPU, ~2 minutes on an H100/H200
     python benchmarks/memory_validation.py --smoke    # CPU, tiny preset: checks the code path only
+    torchrun --nproc-per-node 2 benchmarks/memory_validation.py   # FSDP2 via train/parallel.py (bf16 params)
 
 Writes ``benchmarks/results/mem_validation_<date>.json`` (or ``--out DIR``).
 """
@@ -17,6 +18,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -26,14 +28,16 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from batchpilot.model.llama import Llama, build_model, get_preset
-from batchpilot.plan.memory import estimate_peak_bytes
+from batchpilot.model.llama import Llama, build_model, get_preset, rope_cos_sin
+from batchpilot.plan.memory import activation_bytes_per_token, estimate_peak_bytes
 
 # (preset, micro_batch_size, activation checkpointing)
 GPU_CONFIGS = [("llama-125m", 1, False), ("llama-125m", 4, False), ("llama-125m", 16, False),
                ("llama-125m", 16, True), ("llama-1b", 1, False), ("llama-1b", 4, False),
                ("llama-1b", 4, True), ("llama-1b", 16, True)]
 SMOKE_CONFIGS = [("tiny", 1, False), ("tiny", 2, True)]
+FSDP_CONFIGS = [("llama-125m", 4, False), ("llama-1b", 1, False), ("llama-1b", 4, False), ("llama-1b", 4, True),
+                ("llama-1b", 16, True)]
 STEPS = 3
 
 
@@ -42,19 +46,30 @@ def apply_checkpointing(model: Llama) -> None:
         block.forward = lambda *args, _f=block.forward: checkpoint(_f, *args, use_reentrant=False)
 
 
-def measure(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, device: str) -> int | None:
-    """Peak allocated bytes over steps 2..STEPS (None on CPU)."""
-    cuda = device == "cuda"
-    model = build_model(get_preset(preset), device=device, seed=0)
-    if checkpointing:
-        apply_checkpointing(model)
+def prepare(model: Llama, checkpointing: bool, dims) -> Llama:
+    """One GPU: checkpoint blocks here. Several: the trainer's own ``parallelize`` (AC, then FSDP2, bf16 params)."""
+    if dims is None:
+        if checkpointing:
+            apply_checkpointing(model)
+        return model
+    from batchpilot.train import parallel
+    return parallel.parallelize(model, dims, activation_checkpointing="full" if checkpointing else "none",
+                                param_dtype=torch.bfloat16)
+
+
+def measure(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool,
+            device: str, dims=None) -> tuple[int | None, int | None]:
+    """(peak allocated bytes over steps 2..STEPS, bytes allocated right after the last forward); None on CPU."""
+    cuda = device.startswith("cuda")
+    model = prepare(build_model(get_preset(preset), device=device, seed=0), checkpointing, dims)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda)
     vocab = model.config.vocab_size
     for step in range(STEPS):
         x = torch.randint(0, vocab, (micro_batch_size, seq_len), device=device)
         y = torch.randint(0, vocab, (micro_batch_size, seq_len), device=device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
             loss = model(x, targets=y)
+        after_forward = torch.cuda.memory_allocated() if cuda else None
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -66,7 +81,28 @@ def measure(preset: str, micro_batch_size: int, seq_len: int, checkpointing: boo
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return measured
+    return measured, after_forward
+
+
+def block_saved_bytes_per_token(preset: str, seq_len: int, device: str) -> dict:
+    """Bytes one block saves for backward per token (unique storages, via saved-tensor hooks) vs the formula."""
+    model = build_model(get_preset(preset).with_(num_layers=1), device=device, seed=0)
+    x = torch.randn(1, seq_len, model.config.hidden_size, device=device, requires_grad=True)
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(seq_len, device=device)[None], x.dtype)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    block = model.layers[0]
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            block(x, cos, sin, None)
+    big = {k: v for k, v in storages.items() if k not in weights and v >= seq_len * 8}  # drop weights, cos/sin rows
+    return {"measured": sum(big.values()) / seq_len,
+            "predicted": activation_bytes_per_token(model.config, param_bytes=4)}
 
 
 def context_bytes() -> int:
@@ -75,20 +111,27 @@ def context_bytes() -> int:
     return total - free - torch.cuda.memory_reserved()
 
 
-def row(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, device: str) -> dict:
+def row(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, device: str, dims=None) -> dict:
+    num_gpus = 1 if dims is None else dims.world_size
     est = estimate_peak_bytes(get_preset(preset), micro_batch_size=micro_batch_size, seq_len=seq_len,
-                              checkpointing=checkpointing)
+                              checkpointing=checkpointing, num_gpus=num_gpus,
+                              sharding="none" if dims is None else "fsdp")
     start = time.perf_counter()
-    measured = measure(preset, micro_batch_size, seq_len, checkpointing, device)
+    measured, after_forward = measure(preset, micro_batch_size, seq_len, checkpointing, device, dims)
     config = {"preset": preset, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
-              "activation_checkpointing": checkpointing}
+              "activation_checkpointing": checkpointing, "num_gpus": num_gpus,
+              "sharding": "none" if dims is None else "fsdp"}
     out = {"config": config, "predicted_bytes": int(est.allocated_bytes), "measured_bytes": measured,
-           "ratio": None if measured is None else measured / est.allocated_bytes, "peak_moment": est.peak_moment,
+           "ratio": None if measured is None else measured / est.allocated_bytes,
+           "measured_after_forward_bytes": after_forward, "peak_moment": est.peak_moment,
            "predicted_breakdown": {k: int(getattr(est, k)) for k in
                                    ("params", "grads", "optimizer", "activations", "compute_copies", "loss")},
            "seconds": round(time.perf_counter() - start, 2)}
     ratio = "-" if measured is None else f"{out['ratio']:.3f}"
-    print(f"{preset:12s} mb {micro_batch_size:3d} ckpt {checkpointing!s:5s} predicted {est.allocated_bytes / 2**30:7.2f}"
+    if dims is not None and dims.rank != 0:
+        return out
+    gib = 2**30
+    print(f"{preset:12s} mb {micro_batch_size:3d} ckpt {checkpointing!s:5s} predicted {est.allocated_bytes / gib:6.2f}"
           f" GiB measured {'-' if measured is None else f'{measured / 2**30:7.2f}'} GiB ratio {ratio}", flush=True)
     return out
 
@@ -110,16 +153,30 @@ def main(argv: list[str] | None = None) -> Path:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU; use --smoke to check the code path on CPU")
     seq_len = args.seq_len or (64 if args.smoke else 2048)
-    rows = [row(p, mb, seq_len, ckpt, device) for p, mb, ckpt in (SMOKE_CONFIGS if args.smoke else GPU_CONFIGS)]
+    dims = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from batchpilot.train import parallel
+        dims = parallel.init_distributed(device)
+        device = str(dims.device)
+    configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS if dims is None else FSDP_CONFIGS
+    rows = [row(p, mb, seq_len, ckpt, device, dims) for p, mb, ckpt in configs]
+    if dims is not None and dims.rank != 0:
+        parallel.shutdown_distributed()
+        return args.out
     now = dt.datetime.now(dt.timezone.utc)
     result = {"date": now.isoformat(timespec="seconds"), "command": shlex.join([sys.executable, *sys.argv]),
-              "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
-              "git_commit": git_commit(), "context_bytes": context_bytes() if device == "cuda" else None,
+              "gpu": torch.cuda.get_device_name() if device != "cpu" else None, "torch": torch.__version__,
+              "git_commit": git_commit(), "context_bytes": context_bytes() if device != "cpu" else None,
+              "block_saved_bytes_per_token": {p: block_saved_bytes_per_token(p, seq_len, device)
+                                              for p in sorted({c[0] for c in configs})} if dims is None else None,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"mem_validation_{now:%Y%m%d_%H%M%S}{'_smoke' if args.smoke else ''}.json"
+    suffix = "_smoke" if args.smoke else "" if dims is None else f"_fsdp{dims.world_size}"
+    path = args.out / f"mem_validation_{now:%Y%m%d_%H%M%S}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+    if dims is not None:
+        parallel.shutdown_distributed()
     return path
 
 

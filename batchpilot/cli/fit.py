@@ -7,14 +7,12 @@ atomically and draws the plots (matplotlib is imported inside ``write_plots`` on
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from batchpilot.metrics import write_json_atomic
 from batchpilot.plan.fit import (CriticalBatchFit, LawFit, Runs, StepLawFit, fit_critical_batch, fit_steplaw,
                                  law_to_dict, read_runs)
 
@@ -53,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         critical, skipped = None, str(e)
     law = law_to_dict(runs, fit, name=args.name or args.runs.stem, schedule=args.schedule, critical=critical)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, law)
     print(format_fit(runs, fit))
     print(format_critical(critical) if critical else f"critical batch: not fitted ({skipped})")
@@ -61,15 +60,6 @@ def run(args: argparse.Namespace) -> int:
         for path in write_plots(runs, fit, critical, args.plots or args.out.parent, stem=args.out.stem):
             print(f"wrote {path}")
     return 0
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _rows(label: str, law: LawFit) -> list[str]:

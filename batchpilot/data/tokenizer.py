@@ -81,17 +81,18 @@ class Tokenizer:
         return self.inner.decode(ids, skip_special_tokens=False)
 
     def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into directory ``path`` (HF layout)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.inner.save(str(path / "tokenizer.json"))
+        """Write ``tokenizer.json`` (or ``path`` itself if it ends in .json) and ``tokenizer_config.json``
+        beside it, so that ``from_path`` recovers EOS/BOS and the chat template (HF layout)."""
+        file = Path(path) if Path(path).suffix == ".json" else Path(path) / "tokenizer.json"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.inner.save(str(file))
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
                                   "eos_token": self.inner.id_to_token(self.eos_id)}
         if self.bos_id is not None:
             config["bos_token"] = self.inner.id_to_token(self.bos_id)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (file.parent / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

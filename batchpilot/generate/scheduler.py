@@ -32,6 +32,7 @@ class Chunk:
     start: int  # own-token index of the first token computed
     num_tokens: int
     sample: bool  # reaches the request's last token: sample the next one
+    decode: bool = False  # one generated token (not prompt or recompute)
 
 
 @dataclass(slots=True)
@@ -85,12 +86,13 @@ def pack_worst_fit_decreasing(lengths: list[int], capacity: int) -> list[list[in
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, *, max_batch_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, pool: BlockPool, *, max_batch_tokens: int, max_num_seqs: int,
+                 output_len_prior: int = 2048) -> None:
         self.pool = pool
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.history = OutputLengthEMA()
+        self.history = OutputLengthEMA(output_len_prior)
         self.frozen_tokens = 0  # slots held by live groups' prefix blocks
 
     def add(self, requests: list[Request]) -> None:
@@ -106,7 +108,7 @@ class Scheduler:
             if budget == 0 or r.status is not Status.RUNNING or not r.in_decode:
                 continue
             if self._reserve(r, 1, plan):
-                plan.chunks.append(Chunk(r, r.num_computed, 1, True))
+                plan.chunks.append(Chunk(r, r.num_computed, 1, True, decode=True))
                 scheduled.add(id(r))
                 budget -= 1
         for r in self.running:  # 2. next chunk of prefills already running

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from batchpilot.plan.laws import PowerLaw  # value = coef N^exp_params D^exp_tokens (law.json form)
 
 # Column names tried in order when no explicit name is given; the first row of each is what `batchpilot sweep`
 # writes, the rest read the Step Law release (`bs` in sequences, `smooth loss`) and similar tables.
@@ -112,21 +114,6 @@ def read_runs(path: str | Path, *, columns: dict[str, str | None] | None = None,
 
 # ---------------------------------------------------------------------------------------------------------------
 # Step Law form
-
-
-@dataclass(frozen=True, slots=True)
-class PowerLaw:
-    """value = coef * N^exp_params * D^exp_tokens (the law.json convention)."""
-
-    coef: float
-    exp_params: float
-    exp_tokens: float
-
-    def __call__(self, params: float | np.ndarray, tokens: float | np.ndarray) -> float | np.ndarray:
-        return self.coef * np.power(params, self.exp_params) * np.power(tokens, self.exp_tokens)
-
-    def to_dict(self) -> dict[str, float]:
-        return {"coef": self.coef, "exp_params": self.exp_params, "exp_tokens": self.exp_tokens}
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,12 +313,12 @@ def law_to_dict(runs: Runs, fit: StepLawFit, *, name: str, schedule: str = "cosi
         return {k: list(v) for k, v in law.intervals.items()}
 
     law = {
-        "name": name, "form": "steplaw", "lr": fit.lr.law.to_dict(), "batch": fit.batch.law.to_dict(),
+        "name": name, "form": "steplaw", "lr": asdict(fit.lr.law), "batch": asdict(fit.batch.law),
         "fitted_range": {"params": [float(runs.params.min()), float(runs.params.max())],
                          "tokens": [float(runs.tokens.min()), float(runs.tokens.max())]},
         "schedule": schedule, "seq_len": runs.seq_len, "source": runs.source,
         "intervals": {"level": fit.level, "lr": interval(fit.lr), "batch": interval(fit.batch)},
-        "ols": {"lr": fit.lr.point.to_dict(), "batch": fit.batch.point.to_dict()},
+        "ols": {"lr": asdict(fit.lr.point), "batch": asdict(fit.batch.point)},
         "runs": len(runs), "runs_used": fit.num_used, "runs_kept": int(fit.kept.sum()), "groups": fit.num_groups,
         "band": fit.band, "bootstrap": fit.num_resamples, "seed": fit.seed,
     }

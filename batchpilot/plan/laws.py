@@ -210,7 +210,8 @@ def law_from_dict(d: dict, *, source: str = "") -> Law:
     try:
         lr, batch = PowerLaw(**d["lr"]), PowerLaw(**d["batch"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"law file {source or d.get('name')!r} needs lr and batch {{coef, exp_params, exp_tokens}}: {e}")
+        name = source or d.get("name")
+        raise ValueError(f"law file {name!r} needs lr and batch {{coef, exp_params, exp_tokens}}: {e}") from None
     fitted = d.get("fitted_range") or {}
     return Law(name=str(d.get("name") or Path(source).stem or "fitted"), kind="steplaw",
                source=str(d.get("source") or source), schedule=str(d.get("schedule", "cosine")),

@@ -25,18 +25,21 @@ input x, and recomputes one block at a time in backward.
 
 Outside the blocks: the autocast bf16 copies of the block weights (2 bytes/param) are saved for backward;
 the final norm saves 8D (6D); the fused loss (``model/loss.py``) keeps grad_hidden (tokens x D, residual
-dtype) and an fp32 V x D weight grad, and while it runs, chunk temporaries of about 10 fp32-logit-sized
-buffers' worth of bytes per chunk element (14 from the second chunk on: the previous chunk's logits and
-softmax are freed only when reassigned). Chunks hold 2^28 logits = 1 GiB in fp32 (``max(256, 2^28 // V)``
-tokens), not 2^28 bytes.
+dtype) and the V x D head grad, and while it runs, bf16 logits and their gradient per chunk of 2^29 logits
+(1 GiB each), plus bf16 copies of the hidden states and the head weight (``estimate_loss_bytes``). This
+follows loss.py's GPU path (compiled softmax/CE kernel); its eager fallback needs more.
 
-Peak = max over three moments: inside the last loss chunk, the start of backward (loss grads
-materialised), the end of backward (all grads + the embedding's dense grad). Assumption to check with
-``benchmarks/memory_validation.py``: the caching allocator reuses freed blocks perfectly.
+Peak = max over three moments: inside the loss, the first block's backward (its recomputation under
+checkpointing), the end of backward (all grads + the embedding's dense grad). Parameters and optimizer
+states are held throughout (the states exist from the first step on).
+Checked on H200s (benchmarks/memory_validation.py, torch 2.11): the block formula matches the bytes the
+block saves exactly; measured peaks of llama-125m/1b at micro-batch 1-16, checkpointing on and off, one GPU
+and FSDP2 on two, are 0.985-1.04x the prediction (the planner's headroom covers the under-prediction).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,11 +52,14 @@ GIB = 1 << 30
 
 # Optimizer state tensors per parameter (fp32 each): AdamW/LAMB keep m and v; LARS and SGD one momentum.
 OPTIMIZER_STATES = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}
-# CUDA context + cuBLAS/cuDNN workspaces, outside max_memory_allocated (~0.5-0.8 GiB on H100-class GPUs);
-# NCCL adds communicator buffers when several GPUs train. Assumed values; calibrate with the benchmark.
+# Device memory outside max_memory_allocated: CUDA context + library handles (0.75 GiB on one H200, torch 2.11),
+# and NCCL communicators with several GPUs (1.57 GiB in all on 2 H200s); benchmarks/memory_validation.py.
 CUDA_CONTEXT_BYTES = 3 * GIB // 4
-NCCL_BYTES = GIB // 2
-LOSS_CHUNK_LOGITS = 1 << 28  # model/loss.py: chunk_tokens = max(256, 2^28 // V)
+NCCL_BYTES = 7 * GIB // 8
+LOSS_CHUNK_BYTES = 1 << 30  # model/loss.py: chunk_tokens = max(256, CHUNK_BYTES // (V x 2 bytes))
+MICRO_BATCH_GRID = tuple(2**i for i in range(10))  # 1 .. 512 sequences
+# Below this many tokens per micro-batch a GPU runs small matmuls; we prefer checkpointing to go past it.
+REASONABLE_MICRO_BATCH_TOKENS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,33 @@ def _block_params(config: LlamaConfig) -> float:
     return non_vocab_params(config) / config.num_layers
 
 
+@dataclass(frozen=True, slots=True)
+class LossBytes:
+    saved: float  # held from the end of forward to backward: grad_hidden and the head grad
+    forward_peak: float  # everything the loss holds at its worst moment in forward (incl. ``saved``'s buffers)
+
+
+def estimate_loss_bytes(config: LlamaConfig, *, tokens: int, fsdp: bool) -> LossBytes:
+    """``model/loss.py`` on GPU, line by line (bytes; t tokens, P/C elements of the previous/current chunk).
+
+    Chunks hold 2^29 bf16 logits (``CHUNK_BYTES`` = 1 GiB). Autocast (fp32 hidden and weight): bf16 copies of
+    hidden (2tD) and weight (2VD), bf16 grad_hidden (2tD), fp32 head grad (4VD); per chunk the previous bf16
+    grad (2P) next to the new logits and grad (4C); at the end grad_hidden is upcast to fp32 (4tD).
+    bf16 params: no copies; the fp32 head grad is cast to bf16 (2VD) at the end. Backward scales in place.
+    """
+    v, d = config.vocab_size, config.hidden_size
+    chunk = max(256, LOSS_CHUNK_BYTES // (2 * v))
+    sizes = [min(chunk, tokens - start) * v for start in range(0, tokens, chunk)]
+    in_chunks = max(2 * prev + 4 * cur for prev, cur in zip([0, *sizes], sizes))
+    if fsdp:
+        held = 2 * tokens * d + 4 * v * d
+        return LossBytes(saved=2 * tokens * d + 2 * v * d,
+                         forward_peak=held + max(in_chunks, 2 * sizes[-1] + 2 * v * d))
+    held = 4 * tokens * d + 6 * v * d
+    return LossBytes(saved=4 * tokens * d + 4 * v * d,
+                     forward_peak=held + max(in_chunks, 2 * sizes[-1] + 4 * tokens * d))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryEstimate:
     """Predicted peak bytes per GPU, split by what holds them at the peak."""
@@ -138,27 +171,84 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     block = _block_params(config)
 
     per_layer = activation_bytes_per_token(config, param_bytes=pbytes) * tokens
-    saved_layers = pbytes * d * tokens * config.num_layers + per_layer if checkpointing else per_layer * config.num_layers
-    activations = saved_layers + (8 if pbytes == 4 else 6) * d * tokens
+    kept_per_layer = pbytes * d * tokens if checkpointing else per_layer  # checkpointing keeps block inputs only
+    activations = kept_per_layer * config.num_layers + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
     # autocast keeps a bf16 copy of every block weight for backward; FSDP2 gathers ~2 blocks (current + prefetch)
     # plus the root (embedding/head) in bf16.
     copies = 2 * (2 * block + v * d) if fsdp else 2 * non_vocab_params(config)
 
-    chunk = min(tokens, max(256, LOSS_CHUNK_LOGITS // v))
-    chunk_temps = (14 if tokens > chunk else 10) * chunk * v + 6 * v * d
-    loss_saved = pbytes * d * tokens + 4 * v * d
-    in_loss = loss_saved + chunk_temps
-    backward_start = 2 * loss_saved  # grad_hidden and the head grad materialise next to the saved ones
-    backward_extra = 3 * 2 * block if fsdp else 0  # FSDP2: bf16 block grads + their fp32 reduce copy
-    end_of_backward = 4 * v * d + (2 * v * d if fsdp else 0)  # dense embedding grad (+ its bf16 form)
-
+    loss = estimate_loss_bytes(config, tokens=tokens, fsdp=fsdp)
+    recompute = per_layer if checkpointing else 0.0  # the first block recomputed in backward
+    fsdp_grads = 3 * 2 * block if fsdp else 0  # FSDP2: bf16 block grads + their fp32 reduce-scatter copy
+    # in backward the head grad becomes a parameter grad; grad_hidden flows into the blocks next to its input
     moments = {
-        "loss forward": (activations, copies, in_loss, 0.0),
-        "backward start": (activations, copies + backward_extra, backward_start, 0.0),
-        "backward end": (0.0, copies if fsdp else 0.0, end_of_backward, state.grads),
+        "loss forward": (activations, copies, loss.forward_peak, 0.0),
+        "first block backward": (activations + recompute, copies + fsdp_grads, loss.saved + pbytes * d * tokens, 0.0),
+        # all grads, plus the embedding's dense grad (and its bf16 form under FSDP2) before accumulation
+        "backward end": (0.0, copies if fsdp else 0.0, 4 * v * d + (2 * v * d if fsdp else 0), state.grads),
     }
     name = max(moments, key=lambda k: sum(moments[k]))
     acts, cps, loss, grads = moments[name]
     overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0)
     return MemoryEstimate(params=state.params, grads=grads, optimizer=state.optimizer, activations=acts,
                           compute_copies=cps, loss=loss, overhead_bytes=overhead, peak_moment=name)
+
+
+# --- fitting a micro-batch ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFit:
+    micro_batch_size: int
+    checkpointing: bool
+    sharding: Sharding
+    estimate: MemoryEstimate
+
+
+def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
+                    headroom: float, max_micro_batch: int) -> MemoryFit:
+    """Largest power-of-two micro-batch <= ``max_micro_batch`` that fits with headroom (FSDP on > 1 GPU).
+
+    No checkpointing when that fits at a reasonable micro-batch (``REASONABLE_MICRO_BATCH_TOKENS``, or the
+    cap if smaller); otherwise whichever of the two allows the larger micro-batch.
+    """
+    sharding: Sharding = "fsdp" if num_gpus > 1 else "none"
+    limit = gpu_memory_gib * GIB * (1 - headroom)
+
+    def largest(checkpointing: bool) -> MemoryFit | None:
+        best = None
+        for mb in (m for m in MICRO_BATCH_GRID if m <= max_micro_batch):
+            est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, optimizer=optimizer,
+                                      num_gpus=num_gpus, sharding=sharding, checkpointing=checkpointing)
+            if est.total_bytes > limit:
+                break
+            best = MemoryFit(mb, checkpointing, sharding, est)
+        return best
+
+    plain = largest(False)
+    if plain and plain.micro_batch_size * seq_len >= min(max_micro_batch * seq_len, REASONABLE_MICRO_BATCH_TOKENS):
+        return plain
+    ckpt = largest(True)
+    if ckpt is None and plain is None:
+        raise ValueError(cannot_fit_message(config, seq_len=seq_len, optimizer=optimizer, num_gpus=num_gpus,
+                                            gpu_memory_gib=gpu_memory_gib, headroom=headroom))
+    if plain is None or (ckpt is not None and ckpt.micro_batch_size > plain.micro_batch_size):
+        return ckpt  # type: ignore[return-value]
+    return plain
+
+
+def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
+                       headroom: float) -> str:
+    """What would fit instead: the GPU count (powers of two) or the memory per GPU at micro-batch 1."""
+    def need(n: int) -> float:
+        est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=seq_len, optimizer=optimizer, num_gpus=n,
+                                  sharding="fsdp" if n > 1 else "none", checkpointing=True)
+        return est.total_bytes / (1 - headroom)
+
+    need_gib = need(num_gpus) / GIB
+    gpus = next((n for n in (2**i for i in range(1, 13)) if n > num_gpus and need(n) <= gpu_memory_gib * GIB), None)
+    more_gpus = f">= {gpus} GPUs of {gpu_memory_gib:g} GiB, or " if gpus else ""
+    sharding = "FSDP" if num_gpus > 1 else "no"
+    return (f"the model does not fit on {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB even at micro-batch 1 with "
+            f"{sharding} sharding and activation checkpointing (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
+            f" headroom at seq_len {seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB per GPU")

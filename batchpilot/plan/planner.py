@@ -13,21 +13,17 @@ rounding with the optimizer's rescaling rule. Cost: odd accumulation counts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from batchpilot.model.hf import read_config
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
-from batchpilot.plan.memory import GIB, MemoryEstimate, estimate_peak_bytes
+from batchpilot.plan.memory import GIB, MICRO_BATCH_GRID, MemoryFit, fit_micro_batch
 
-MICRO_BATCH_GRID = tuple(2**i for i in range(10))  # 1 .. 512 sequences
-# Below this many tokens per micro-batch a GPU runs small matmuls; we prefer checkpointing to go past it.
-REASONABLE_MICRO_BATCH_TOKENS = 8192
 # Warmup: 2000 steps in both DeepSeek LLM (section 2.3) and the Step Law recipe (laws.md section 1, secondary),
 # capped at 10% of the run (our rule) so short runs do not spend most of their steps warming up.
 WARMUP_STEPS, WARMUP_MAX_FRACTION = 2000, 0.1
@@ -183,61 +179,6 @@ def training_tokens(budget: Budget, flops_per_token: float, mfu: float) -> tuple
                f" x {mfu:.3g} x {seconds:.4g} s / {flops_per_token:.4g} = {d:.4g} tokens")
 
 
-# --- memory fit ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryFit:
-    micro_batch_size: int
-    checkpointing: bool
-    sharding: str
-    estimate: MemoryEstimate
-
-
-def fit_micro_batch(config: LlamaConfig, budget: Budget, *, max_micro_batch: int) -> MemoryFit:
-    """Largest power-of-two micro-batch that fits with headroom; no checkpointing when that is reasonable."""
-    sharding = "fsdp" if budget.num_gpus > 1 else "none"
-    limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
-
-    def largest(checkpointing: bool) -> MemoryFit | None:
-        best = None
-        for mb in (m for m in MICRO_BATCH_GRID if m <= max_micro_batch):
-            est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=budget.seq_len, optimizer=budget.optimizer,
-                                      num_gpus=budget.num_gpus, sharding=sharding, checkpointing=checkpointing)
-            if est.total_bytes > limit:
-                break
-            best = MemoryFit(mb, checkpointing, sharding, est)
-        return best
-
-    plain = largest(False)
-    reasonable = min(max_micro_batch * budget.seq_len, REASONABLE_MICRO_BATCH_TOKENS)
-    if plain is not None and plain.micro_batch_size * budget.seq_len >= reasonable:
-        return plain
-    ckpt = largest(True)
-    if ckpt is None and plain is None:
-        raise ValueError(cannot_fit_message(config, budget, sharding))
-    if plain is None or (ckpt is not None and ckpt.micro_batch_size > plain.micro_batch_size):
-        return ckpt  # type: ignore[return-value]
-    return plain
-
-
-def _min_bytes(config: LlamaConfig, budget: Budget, num_gpus: int) -> float:
-    est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=budget.seq_len, optimizer=budget.optimizer,
-                              num_gpus=num_gpus, sharding="fsdp" if num_gpus > 1 else "none", checkpointing=True)
-    return est.total_bytes / (1 - budget.headroom)
-
-
-def cannot_fit_message(config: LlamaConfig, budget: Budget, sharding: str) -> str:
-    need_gib = _min_bytes(config, budget, budget.num_gpus) / GIB
-    gpus = next((n for n in (2**i for i in range(1, 13)) if _min_bytes(config, budget, n) <= budget.gpu_memory_gib * GIB),
-                None)
-    more_gpus = f">= {gpus} GPUs of {budget.gpu_memory_gib:g} GiB, or " if gpus and gpus > budget.num_gpus else ""
-    return (f"the model does not fit on {budget.num_gpus} GPU(s) of {budget.gpu_memory_gib:g} GiB even at micro-batch 1"
-            f" with {sharding} sharding and activation checkpointing (needs {need_gib:.1f} GiB per GPU incl. "
-            f"{budget.headroom:.0%} headroom at seq_len {budget.seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB"
-            f" per GPU")
-
-
 # --- the plan --------------------------------------------------------------------------------------------
 
 
@@ -265,57 +206,72 @@ def make_plan(budget: Budget) -> Plan:
     mfu = read_mean_mfu(budget.mfu_from) if budget.mfu_from else budget.mfu
     tokens, tokens_line = training_tokens(budget, fpt, mfu)
     point = law_point(law, config, n, tokens, budget.seq_len)
-    rule = laws.lr_scaling_rule(budget.optimizer)
 
     raw_sequences = point["batch_tokens"] / budget.seq_len
     max_mb = max(m for m in MICRO_BATCH_GRID if m <= max(1.0, raw_sequences / budget.num_gpus))
-    fit = fit_micro_batch(config, budget, max_micro_batch=max_mb)
+    fit = fit_micro_batch(config, seq_len=budget.seq_len, optimizer=budget.optimizer, num_gpus=budget.num_gpus,
+                          gpu_memory_gib=budget.gpu_memory_gib, headroom=budget.headroom, max_micro_batch=max_mb)
     per_step = fit.micro_batch_size * budget.num_gpus
-    accum = max(1, round(raw_sequences / per_step))
+    accum = max(1, round(raw_sequences / per_step))  # nearest whole number of accumulation steps
     global_tokens = per_step * accum * budget.seq_len
+    rule = laws.lr_scaling_rule(budget.optimizer)
     peak_lr = laws.rescale_lr(point["peak_lr"], from_batch=point["batch_tokens"], to_batch=global_tokens, rule=rule)
     total_steps = max(1, round(tokens / global_tokens))
-    warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps))
     schedule, min_lr = schedule_and_min_lr(law, budget, peak_lr)
     recompute = 4 / 3 if fit.checkpointing else 1.0  # checkpointing re-runs the forward: 8N instead of 6N
     step_s = fpt * global_tokens * recompute / (budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu)
     total = laws.total_params(config)
-
-    warnings = list(point.pop("warnings"))
-    if global_tokens > 1.5 * point["batch_tokens"]:
-        warnings.append(f"{budget.num_gpus} GPUs x micro-batch {fit.micro_batch_size} x {budget.seq_len} tokens is "
-                        f"{global_tokens / point['batch_tokens']:.1f}x the law's batch; use fewer GPUs or a shorter seq_len")
-    if schedule != law.schedule:
-        warnings.append(f"{law.name} was fitted with a {law.schedule} schedule; its LR is not validated under {schedule}")
-    est = fit.estimate
-    derivation = (
-        model_line,
-        f"N (attention + MLP, no embeddings/head/norms) = {n:,.0f}; total params = {total:,}",
-        f"FLOPs per token = 6 x matmul params + 6 L (H E) T = {fpt:.4g}",
-        tokens_line,
-        f"law {law.name} ({law.source}): peak LR {point['peak_lr']:.4g}, batch {point['batch_tokens']:.4g} tokens"
-        + (f" (C = M D = {point['compute_flops']:.4g} FLOPs)" if law.kind == "deepseek" else ""),
-        f"memory: micro-batch {fit.micro_batch_size} (largest power of two <= {max_mb} within {1 - budget.headroom:.0%} of"
-        f" {budget.gpu_memory_gib:g} GiB), checkpointing {'full' if fit.checkpointing else 'none'}, sharding "
-        f"{fit.sharding}: {est.total_bytes / GIB:.2f} GiB predicted (peak at {est.peak_moment})",
-        f"global batch = {fit.micro_batch_size} x {accum} accum x {budget.num_gpus} GPUs x {budget.seq_len} = "
-        f"{global_tokens:,} tokens (law: {point['batch_tokens']:,.0f})",
-        f"peak LR = {point['peak_lr']:.4g} x {rule}({global_tokens} / {point['batch_tokens']:.0f}) = {peak_lr:.4g} "
-        f"(Granziol et al. 2020: sqrt for Adam-family, linear for SGD/LARS)",
-        f"steps = D / batch = {total_steps:,}; warmup = min({WARMUP_STEPS}, {WARMUP_MAX_FRACTION:.0%} of steps) = {warmup}"
-        f"; schedule {schedule}, min LR {min_lr:.3g}",
-        f"time: {step_s:.3g} s/step at MFU {mfu:.3g} of {budget.gpu_peak_tflops:g} TFLOP/s per GPU -> "
-        f"{step_s * total_steps / 3600:.3g} h; {tokens / total:.3g} tokens per parameter",
-    )
-    return Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
+    plan = Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
                 num_gpus=budget.num_gpus, global_batch_tokens=global_tokens, micro_batch_size=fit.micro_batch_size,
-                grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total_steps,
+                grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, total_steps=total_steps,
+                warmup_steps=min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps)),
                 total_tokens=total_steps * global_tokens, schedule=schedule, optimizer=budget.optimizer,
                 activation_checkpointing="full" if fit.checkpointing else "none", sharding=fit.sharding,
-                predicted_peak_memory_bytes=int(est.total_bytes), gpu_memory_bytes=int(budget.gpu_memory_gib * GIB),
-                predicted_step_seconds=step_s, predicted_total_seconds=step_s * total_steps, flops_per_token=fpt,
-                mfu=mfu, tokens_per_param=tokens / total, law=point, warnings=tuple(warnings),
-                derivation=derivation)
+                predicted_peak_memory_bytes=int(fit.estimate.total_bytes),
+                gpu_memory_bytes=int(budget.gpu_memory_gib * GIB), predicted_step_seconds=step_s,
+                predicted_total_seconds=step_s * total_steps, flops_per_token=fpt, mfu=mfu,
+                tokens_per_param=tokens / total, law={k: v for k, v in point.items() if k != "warnings"})
+    lines = derivation(plan, law, fit, budget, model_line=model_line, tokens_line=tokens_line, max_mb=max_mb)
+    return replace(plan, warnings=tuple(point["warnings"] + plan_warnings(plan, law)), derivation=lines)
+
+
+def plan_warnings(plan: Plan, law: laws.Law) -> list[str]:
+    out = []
+    if plan.global_batch_tokens > 1.5 * plan.law["batch_tokens"]:
+        out.append(f"{plan.num_gpus} GPUs x micro-batch {plan.micro_batch_size} x {plan.seq_len} tokens is "
+                   f"{plan.global_batch_tokens / plan.law['batch_tokens']:.1f}x the law's batch; use fewer GPUs "
+                   f"or a shorter seq_len")
+    if plan.schedule != law.schedule:
+        out.append(f"{law.name} was fitted with a {law.schedule} schedule; its LR is not validated under "
+                   f"{plan.schedule}")
+    return out
+
+
+def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, model_line: str, tokens_line: str,
+               max_mb: int) -> tuple[str, ...]:
+    """The numbered steps of ``Plan.explain``."""
+    p, raw = plan, plan.law
+    return (
+        model_line,
+        f"N (attention + MLP, no embeddings/head/norms) = {p.non_vocab_params:,}; total params = {p.num_params:,}",
+        f"FLOPs per token = 6 x matmul params + 6 L (H E) T = {p.flops_per_token:.4g}",
+        tokens_line,
+        f"law {law.name} ({law.source}): peak LR {raw['peak_lr']:.4g}, batch {raw['batch_tokens']:.4g} tokens"
+        + (f" (C = M D = {raw['compute_flops']:.4g} FLOPs)" if law.kind == "deepseek" else ""),
+        f"memory: micro-batch {p.micro_batch_size} (largest power of two <= {max_mb} within "
+        f"{1 - budget.headroom:.0%} of {budget.gpu_memory_gib:g} GiB), checkpointing {p.activation_checkpointing}, "
+        f"sharding {p.sharding}: {p.predicted_peak_memory_bytes / GIB:.2f} GiB (peak at {fit.estimate.peak_moment})",
+        f"global batch = {p.micro_batch_size} x {p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len} = "
+        f"{p.global_batch_tokens:,} tokens (law: {raw['batch_tokens']:,.0f})",
+        f"peak LR = {raw['peak_lr']:.4g} x {laws.lr_scaling_rule(p.optimizer)}({p.global_batch_tokens} / "
+        f"{raw['batch_tokens']:.0f}) = {p.peak_lr:.4g} (Granziol et al. 2020: sqrt for Adam-family, linear for "
+        f"SGD/LARS)",
+        f"steps = D / batch = {p.total_steps:,}; warmup = min({WARMUP_STEPS}, {WARMUP_MAX_FRACTION:.0%} of steps) = "
+        f"{p.warmup_steps:,}; schedule {p.schedule}, min LR {p.min_lr:.3g}",
+        f"time = FLOPs per token x batch{' x 4/3 (recompute)' if fit.checkpointing else ''} / (GPUs x "
+        f"{budget.gpu_peak_tflops:g} TFLOP/s x MFU {p.mfu:.3g}) = {p.predicted_step_seconds:.3g} s/step -> "
+        f"{p.predicted_total_seconds / 3600:.3g} h; {p.tokens_per_param:.3g} tokens per parameter",
+    )
 
 
 def compare(budget: Budget) -> dict[str, Plan]:

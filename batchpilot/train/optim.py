@@ -258,7 +258,7 @@ class AGVM:
         self.optimizer, self.modules = optimizer, list(dict.fromkeys(modules))
         self.reference, self.momentum, self.interval = self.modules.index(reference), momentum, interval
         self.calls = 0
-        self.half: dict[Tensor, Tensor] = {}
+        self.half: dict[int, Tensor] = {}  # id(param) -> its half-accumulated grad
         for group in optimizer.param_groups:
             group.setdefault("agvm_scale", 1.0)
         optimizer.register_step_pre_hook(lambda *_: self._scale_lrs())
@@ -269,7 +269,7 @@ class AGVM:
         self.calls += 1
         if (self.calls - 1) % self.interval:
             return False
-        self.half = {p: p.grad.detach().clone() for g in self.optimizer.param_groups for p in g["params"]
+        self.half = {id(p): p.grad.detach().clone() for g in self.optimizer.param_groups for p in g["params"]
                      if p.grad is not None}
         return True
 
@@ -289,8 +289,9 @@ class AGVM:
         """1 - cosine(first half, second half) per module, with dot products summed over all shards."""
         values, like, owner = [], [], []
         for group in self.optimizer.param_groups:
-            for p in (p for p in group["params"] if p in self.half):
-                a, b = local(self.half[p]), local(p.grad) - local(self.half[p])
+            for p in (p for p in group["params"] if id(p) in self.half):
+                a = local(self.half[id(p)])
+                b = local(p.grad) - a
                 v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
                 if v is not None:  # Adam-family: precondition as the step will
                     denom = local(v).sqrt() + group.get("eps", 1e-8)

@@ -112,6 +112,15 @@ def any_across_ranks(flag: bool, dims: ParallelDims) -> bool:
     return bool(t.item())
 
 
+def max_across_ranks(values: list[float], dims: ParallelDims) -> list[float]:
+    """Element-wise maximum over ranks (one collective for the whole list)."""
+    if not dims.is_distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dims.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def barrier(dims: ParallelDims) -> None:
     if dims.is_distributed:
         dist.barrier()
@@ -127,6 +136,39 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Under FSDP2, reduce-scatter gradients only on the last micro-batch of a step."""
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
+
+
+def reshard_after_error(model: nn.Module) -> None:
+    """Free gathered FSDP2 parameters and reset per-iteration state after a forward/backward raised.
+
+    ``reshard`` is public; the state reset touches FSDP2 internals that the end-of-backward
+    callback would have cleared (best effort, each attribute checked, as names move between releases).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        module.reshard()
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch < 2.12: one group per module
+            groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+        for group in groups:
+            group._training_state = type(group._training_state).IDLE
+        if hasattr(state, "_training_state"):
+            state._training_state = type(state._training_state).IDLE
+        getattr(state, "_modules_to_run_forward", set()).clear()
+        ctx = getattr(state, "_state_ctx", None)
+        if ctx is not None:
+            ctx.iter_forward_root = None
+            ctx.post_backward_final_callback_queued = False
+        comm = getattr(state, "_comm_ctx", None)
+        if comm is not None:
+            comm.post_forward_order.clear()
+            getattr(comm, "reduce_scatter_states", []).clear()
+            if hasattr(comm, "reduce_scatter_state"):
+                comm.reduce_scatter_state = None
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

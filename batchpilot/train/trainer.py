@@ -26,6 +26,8 @@ from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.hf import load_model, read_config, save_model
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 from batchpilot.train import parallel
+from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, default_coupling,
+                                       grad_sq_norm)
 from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from batchpilot.train.optim import OptimConfig, build_optimizer
 from batchpilot.train.schedule import ScheduleConfig, lr_at
@@ -64,6 +66,14 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: str = "none"  # none | full | selective
     peak_tflops: float = 989.0  # per GPU, for MFU (H100/H200 dense bf16)
+    batch_policy: str = "fixed"  # fixed | ramp | adaptive (train/adaptive.py)
+    batch_ramp: str | None = None  # ramp policy: "TOKENS:BATCH,..." e.g. "1e6:16384,4e6:32768"
+    max_global_batch_tokens: int | None = None  # adaptive cap
+    adaptive_min_interval_steps: int = 50
+    adaptive_warmup_steps: int = 20  # measurements before the first change (lets the noise EMA settle)
+    adaptive_target_multiplier: float = 1.0  # grow toward multiplier x B_simple
+    lr_coupling: str | None = None  # sqrt | linear | none on batch changes; default by optimizer (laws.md 5)
+    measure_noise: bool | None = None  # gradient noise scale every step; default: on for the adaptive policy
     resume: bool = False
     stop_at_step: int | None = None  # stop early (checkpointed) while the schedule still spans max_steps
     tensorboard: bool = False
@@ -106,6 +116,9 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
+    global_batch_tokens: int = 0  # the batch of the next step (changes under ramp / adaptive policies)
+    lr_scale: float = 1.0  # LR coupling to the batch change, relative to the initial batch
+    controller: dict[str, Any] = field(default_factory=dict)
     smooth_loss: float | None = None
     wall_seconds: float = 0.0
     loader: dict[str, Any] = field(default_factory=dict)
@@ -159,84 +172,128 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
           val_loader: PackedLoader, state: TrainState, dims: parallel.ParallelDims, run_dir: Path,
           writer: MetricsWriter) -> tuple[TrainState, float | None]:
     sched = _schedule_config(cfg)
-    total_steps = math.ceil(cfg.total_tokens / cfg.global_batch_tokens)
+    controller = _batch_controller(cfg, dims)
+    if state.controller:
+        controller.load_state_dict(state.controller)
+    state.global_batch_tokens = state.global_batch_tokens or cfg.global_batch_tokens
+    measure = cfg.measure_noise if cfg.measure_noise is not None else cfg.batch_policy == "adaptive"
     flops_per_token = _flops_per_token(model.config, cfg.seq_len)
     val_loss = None
-    progress = _progress(cfg, dims, total_steps, state.step)
-    with progress:
-        task = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0)
-        last_step = min(total_steps, cfg.stop_at_step or total_steps)
-        while state.step < last_step:
+    with _progress(cfg, dims) as progress:
+        task = progress.add_task("train", total=cfg.total_tokens, completed=state.tokens, loss=float("nan"), lr=0.0,
+                                 tps=0.0, step=state.step)
+        while state.tokens < cfg.total_tokens and state.step < (cfg.stop_at_step or math.inf):
             t0 = time.perf_counter()
-            lr = lr_at(state.tokens, sched)
+            batch_tokens = state.global_batch_tokens
+            # LR of the step that ends at tokens + batch (so the first step does not run at LR 0), times the
+            # batch coupling; schedules count tokens, so warmup and decay stay put when the batch changes.
+            lr = lr_at(state.tokens + batch_tokens, sched) * state.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = train_step(model, optimizer, train_loader, global_batch_tokens=cfg.global_batch_tokens,
-                                         seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size, dims=dims,
-                                         grad_clip=cfg.grad_clip)
+            loss, grad_norm, measurement = train_step(
+                model, optimizer, train_loader, global_batch_tokens=batch_tokens, seq_len=cfg.seq_len,
+                micro_batch_size=cfg.micro_batch_size, dims=dims, grad_clip=cfg.grad_clip, measure_noise=measure)
             loss = parallel.mean_across_ranks(loss, dims)
             if not math.isfinite(loss):
-                last = latest_checkpoint(run_dir)
                 raise TrainingDiverged(f"loss became {loss} at step {state.step + 1}; "
-                                       f"last good checkpoint: {last or 'none'}")
+                                       f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
             seconds = time.perf_counter() - t0
             state.step += 1
-            state.tokens += cfg.global_batch_tokens
+            state.tokens += batch_tokens
             state.wall_seconds += seconds
             state.smooth_loss = loss if state.smooth_loss is None else 0.9 * state.smooth_loss + 0.1 * loss
-            record = _step_record(cfg, state, loss, lr, grad_norm, seconds, flops_per_token, dims)
-            if state.step % cfg.eval_every == 0 or state.step == total_steps:
-                val_loss = evaluate(model, val_loader, cfg, dims)
-                record["val_loss"] = val_loss
-            if state.step % cfg.log_every == 0 or "val_loss" in record:
+            decision = controller.decide(state.step, state.tokens, measurement)
+            state.global_batch_tokens, state.lr_scale = decision.global_batch_tokens, decision.lr_scale
+            record = _step_record(cfg, state, batch_tokens, loss, lr, grad_norm, seconds, flops_per_token, dims)
+            record.update(decision.metrics)
+            if decision.changed:
+                record["batch_change"] = decision.reason
+                print0(decision.reason, rank=dims.rank)
+            done = state.tokens >= cfg.total_tokens or state.step == cfg.stop_at_step
+            if state.step % cfg.eval_every == 0 or done:
+                val_loss = record["val_loss"] = evaluate(model, val_loader, cfg, dims)
+            if state.step % cfg.log_every == 0 or "val_loss" in record or decision.changed:
                 writer.log(record)
-            progress.update(task, completed=state.step, loss=state.smooth_loss, lr=lr, tps=record["tokens_per_s"])
-            if progress.disable and dims.rank == 0 and _is_report_step(state.step, total_steps):
-                print0(_log_line(record, total_steps))
-            if state.step % cfg.save_every == 0 or state.step == last_step:
-                state.loader = train_loader.state_dict()
+            progress.update(task, completed=state.tokens, loss=state.smooth_loss, lr=lr,
+                            tps=record["tokens_per_s"], step=state.step)
+            if progress.disable and dims.rank == 0 and (_is_report_step(state.tokens, batch_tokens, cfg) or done):
+                print0(_log_line(record))
+            if state.step % cfg.save_every == 0 or done:
+                state.loader, state.controller = train_loader.state_dict(), controller.state_dict()
                 state.rng = torch.get_rng_state().tolist()
                 save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims)
     return state, val_loss
 
 
+def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchController:
+    ramp = []
+    for item in (cfg.batch_ramp or "").split(","):
+        if item.strip():
+            tokens, _, batch = item.partition(":")
+            ramp.append((int(float(tokens)), int(float(batch))))
+    return BatchController(BatchConfig(
+        policy=cfg.batch_policy, initial_batch_tokens=cfg.global_batch_tokens,
+        quantum_tokens=cfg.micro_batch_size * cfg.seq_len * dims.world_size, ramp=ramp,
+        max_batch_tokens=cfg.max_global_batch_tokens, min_interval_steps=cfg.adaptive_min_interval_steps,
+        min_measurements=cfg.adaptive_warmup_steps,
+        target_multiplier=cfg.adaptive_target_multiplier,
+        lr_coupling=cfg.lr_coupling or default_coupling(cfg.optimizer)))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedLoader, *,
                global_batch_tokens: int, seq_len: int, micro_batch_size: int, dims: parallel.ParallelDims,
-               grad_clip: float) -> tuple[float, float]:
-    """One optimizer step over exactly ``global_batch_tokens`` tokens; returns (mean loss, grad norm)."""
-    loss = accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
-                                micro_batch_size=micro_batch_size, dims=dims)
+               grad_clip: float, measure_noise: bool = False) -> tuple[float, float, Measurement | None]:
+    """One optimizer step over exactly ``global_batch_tokens`` tokens: (mean loss, grad norm, noise measurement)."""
+    loss, measurement = accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
+                                             micro_batch_size=micro_batch_size, dims=dims, measure_noise=measure_noise)
     grad_norm = parallel.clip_grad_norm(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return loss, grad_norm, measurement
 
 
 def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global_batch_tokens: int, seq_len: int,
-                         micro_batch_size: int, dims: parallel.ParallelDims) -> float:
-    """Backward over the step's micro-batches into ``.grad``; returns the step's mean loss on this rank."""
+                         micro_batch_size: int, dims: parallel.ParallelDims,
+                         measure_noise: bool = False) -> tuple[float, Measurement | None]:
+    """Backward over the step's micro-batches into ``.grad``; returns this rank's mean loss and, if asked, the
+    two-batch gradient-noise measurement (laws.md 4c): |g|^2 of the first micro-batch against the full batch.
+
+    Under FSDP2 the first micro-batch is reduce-scattered too when measuring, so its gradient averages
+    ``world_size`` micro-batches: B_small = micro-batch rows x world x seq_len tokens.
+    """
     rows_per_step = global_batch_tokens // seq_len
     if rows_per_step % dims.world_size:
         raise ValueError(f"global batch of {rows_per_step} rows does not split over {dims.world_size} ranks")
     rows_per_rank = rows_per_step // dims.world_size
     sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
+    measure_noise = measure_noise and len(sizes) > 1  # one micro-batch gives no second batch size
     loss_sum = torch.zeros((), device=dims.device)
+    small_sq_norm = 0.0
     for i, rows in enumerate(sizes):
         batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
-        parallel.set_gradient_sync(model, i == len(sizes) - 1)
+        weight = rows / rows_per_rank  # each micro-batch weighted by its share of the step's tokens
+        parallel.set_gradient_sync(model, i == len(sizes) - 1 or (measure_noise and i == 0))
         with _autocast(dims):
             loss = forward_loss(model, batch, dims.device)
-        (loss * (rows / rows_per_rank)).backward()  # each micro-batch weighted by its share of the step's tokens
-        loss_sum += loss.detach() * (rows / rows_per_rank)
-    return loss_sum.item()
+        (loss * weight).backward()
+        loss_sum += loss.detach() * weight
+        if measure_noise and i == 0:
+            small_sq_norm = grad_sq_norm(model.parameters()) / weight**2
+    if not measure_noise:
+        return loss_sum.item(), None
+    measurement = Measurement(small_sq_norm=small_sq_norm, small_batch_tokens=sizes[0] * dims.world_size * seq_len,
+                              big_sq_norm=grad_sq_norm(model.parameters()), big_batch_tokens=global_batch_tokens)
+    return loss_sum.item(), measurement
 
 
-def _is_report_step(step: int, total_steps: int) -> bool:
-    return step == 1 or step == total_steps or step % max(1, total_steps // 10) == 0
+def _is_report_step(tokens: int, batch_tokens: int, cfg: TrainConfig) -> bool:
+    """The first step, and the step that crosses each tenth of the token budget."""
+    tenth = max(1, cfg.total_tokens // 10)
+    return tokens == batch_tokens or tokens // tenth != (tokens - batch_tokens) // tenth
 
 
-def _log_line(record: dict[str, Any], total_steps: int) -> str:
-    line = (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+def _log_line(record: dict[str, Any]) -> str:
+    line = (f"step {record['step']}  tokens {record['tokens']:,}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"{record['tokens_per_s']:,.0f} tok/s")
     return line + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
 
@@ -264,10 +321,13 @@ def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> 
 def evaluate(model: torch.nn.Module, loader: PackedLoader, cfg: TrainConfig, dims: parallel.ParallelDims) -> float:
     """Mean loss over the first ``eval_batches`` global micro-batches of the validation split (deterministic)."""
     model.eval()
-    rows = cfg.micro_batch_size * dims.world_size
+    rows_per_rank = min(cfg.micro_batch_size, loader.num_rows // dims.world_size)
+    rows = rows_per_rank * dims.world_size
     losses = []
     for batch in loader.eval_batches(rows, cfg.eval_batches):
-        lo, hi = dims.rank * cfg.micro_batch_size, (dims.rank + 1) * cfg.micro_batch_size
+        if batch.input_ids.shape[0] < rows:
+            break  # a short last batch would leave some ranks without rows
+        lo, hi = dims.rank * rows_per_rank, (dims.rank + 1) * rows_per_rank
         local = Batch(input_ids=batch.input_ids[lo:hi], targets=batch.targets[lo:hi],
                       position_ids=batch.position_ids[lo:hi])
         with _autocast(dims):
@@ -289,12 +349,12 @@ def _schedule_config(cfg: TrainConfig) -> ScheduleConfig:
                           total_tokens=cfg.total_tokens, power_batch_sequences=cfg.global_batch_tokens // cfg.seq_len)
 
 
-def _step_record(cfg: TrainConfig, state: TrainState, loss: float, lr: float, grad_norm: float, seconds: float,
-                 flops_per_token: float, dims: parallel.ParallelDims) -> dict[str, Any]:
-    tokens_per_s = cfg.global_batch_tokens / seconds
-    record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-              "global_batch_tokens": cfg.global_batch_tokens, "tokens_per_s": tokens_per_s,
-              "step_seconds": seconds}
+def _step_record(cfg: TrainConfig, state: TrainState, batch_tokens: int, loss: float, lr: float, grad_norm: float,
+                 seconds: float, flops_per_token: float, dims: parallel.ParallelDims) -> dict[str, Any]:
+    tokens_per_s = batch_tokens / seconds
+    record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "lr_scale": state.lr_scale,
+              "grad_norm": grad_norm, "global_batch_tokens": batch_tokens, "tokens_per_s": tokens_per_s,
+              "step_seconds": seconds, "wall_seconds": state.wall_seconds}
     if dims.device.type == "cuda":
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record.update(tflops_per_gpu=tflops, mfu=tflops / cfg.peak_tflops,
@@ -309,12 +369,14 @@ def _flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     return estimate_flops_per_token(matmul_params, L, q, seq_len)
 
 
-def _progress(cfg: TrainConfig, dims: parallel.ParallelDims, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(cfg: TrainConfig, dims: parallel.ParallelDims):
+    """A live bar over the token budget: step, loss, LR, tokens/s and ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-                    TimeRemainingColumn(), disable=not cfg.progress or dims.rank != 0)
+    fields = "step {task.fields[step]}  loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  " \
+             "{task.fields[tps]:,.0f} tok/s"
+    return Progress(TextColumn("[bold]train"), BarColumn(), TextColumn(fields), TimeRemainingColumn(),
+                    disable=not cfg.progress or dims.rank != 0)
 
 
 def _open_run_dir(cfg: TrainConfig, dims: parallel.ParallelDims) -> Path:
@@ -374,7 +436,11 @@ def _build_data(cfg: TrainConfig, model_config: LlamaConfig, run_dir: Path,
     if train_loader.tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"tokenizer has {train_loader.tokenizer.vocab_size} tokens but the model only "
                          f"{model_config.vocab_size}")
-    return train_loader, PackedLoader(data_dir, "val", cfg.seq_len, seed=cfg.seed)
+    val_loader = PackedLoader(data_dir, "val", cfg.seq_len, seed=cfg.seed)
+    if val_loader.num_rows < dims.world_size:
+        raise ValueError(f"validation split has {val_loader.num_rows} rows of {cfg.seq_len} tokens, fewer than the "
+                         f"{dims.world_size} ranks; raise --val-fraction when preparing or lower --seq-len")
+    return train_loader, val_loader
 
 
 def _resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader: PackedLoader) -> TrainState:

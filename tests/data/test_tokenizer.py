@@ -28,6 +28,9 @@ def test_save_then_load_directory(small_tokenizer: Tokenizer, tmp_path):
     assert loaded.encode(HARD_TEXT) == small_tokenizer.encode(HARD_TEXT)
     assert (loaded.eos_id, loaded.vocab_size) == (small_tokenizer.eos_id, small_tokenizer.vocab_size)
     assert Tokenizer.from_path(tmp_path / "tokenizer.json").eos_id == small_tokenizer.eos_id
+    small_tokenizer.save(tmp_path / "model" / "tokenizer.json")  # a file path works too
+    assert Tokenizer.from_path(tmp_path / "model").encode(HARD_TEXT) == small_tokenizer.encode(HARD_TEXT)
+    assert (tmp_path / "model" / "tokenizer_config.json").is_file()
 
 
 def test_hf_directory_special_tokens_and_chat_template(tmp_path, make_documents):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from batchpilot.cli import main
-from batchpilot.plan.fit import (Runs, fit_critical_batch, fit_steplaw, fit_trade_off, read_runs, steps_to_reach)
+from batchpilot.plan.fit import Runs, fit_critical_batch, fit_steplaw, fit_trade_off, read_runs, steps_to_reach
+from batchpilot.plan.laws import load_law
 
 STEPLAW_DIR = Path(__file__).resolve().parents[3] / "shared/data/steplaw"
 STEPLAW_RUNS = STEPLAW_DIR / "dense_lr_bs_loss_under1B.csv"
@@ -220,6 +221,11 @@ def test_cli_on_sweep_table(tmp_path: Path, capsys) -> None:
     assert list(out.parent.iterdir()) == [out]  # atomic write left no temp file
     printed = capsys.readouterr().out
     assert "exp_tokens" in printed and "critical batch" in printed
+    planner_law = load_law(out)  # what `batchpilot plan --law` reads gives the same numbers
+    lr, batch = planner_law.recommend(non_vocab_params=7.7e7, tokens=5.5e9, compute_flops=0.0)
+    assert lr == pytest.approx(law["lr"]["coef"] * 7.7e7 ** law["lr"]["exp_params"] * 5.5e9 ** law["lr"]["exp_tokens"])
+    assert batch == pytest.approx(law["batch"]["coef"] * 5.5e9 ** law["batch"]["exp_tokens"])
+    assert planner_law.fitted_range.params == (2e7, 3e8)
 
 
 def fit_error(tmp_path: Path, capsys, rows: list[dict], *flags: str) -> str:

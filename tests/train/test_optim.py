@@ -80,6 +80,18 @@ def test_agvm_factor_oracle():
 
 # ---- against the naive loops ---------------------------------------------------------------------------------
 
+def agvm_scales(model: nn.Module) -> list[float]:
+    """One LAMB step with AGVM measured on two half-batches; returns the groups' agvm_scale."""
+    opt = build_optimizer(model, OptimConfig(name="lamb", agvm=True, agvm_reference="2", agvm_interval=1,
+                                             agvm_momentum=0.0))
+    x, y = batch()
+    loss_fn(model, (x[:4], y[:4])).backward()
+    opt.agvm.snapshot()
+    loss_fn(model, (x[4:], y[4:])).backward()
+    opt.step()
+    return [g["agvm_scale"] for g in opt.param_groups]
+
+
 def run_ours(name: str, steps: int = 3, **overrides) -> list[torch.Tensor]:
     model = tiny_model()
     cfg = OptimConfig(name=name, lr=0.05, weight_decay=0.1, beta2=0.999, eps=1e-6, trust_coefficient=0.02,
@@ -167,6 +179,8 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    from batchpilot.train.adaptive import grad_sq_norm
+
     mesh = init_device_mesh("cpu", (2,))
     results = {}
     for name in ("lamb", "lars"):
@@ -175,6 +189,8 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        loss_fn(model, batch()).backward()
+        results["grad_sq"] = grad_sq_norm(model.parameters())  # DTensor grads: full norm across shards
         opt = build_optimizer(model, OptimConfig(name=name, lr=0.05, weight_decay=0.1, beta2=0.999, eps=1e-6,
                                                  trust_coefficient=0.02))
         for _ in range(3):
@@ -183,6 +199,12 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
             opt.step()
         results[name] = [p.full_tensor().clone() for p in model.parameters()]
         results[name + "_norm"] = full_norm(next(model.parameters())).item()
+    model = tiny_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    results["agvm"] = agvm_scales(model)  # same data on both ranks, so same halves as one process
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "fsdp.pt"))
     dist.destroy_process_group()
@@ -201,3 +223,8 @@ def test_fsdp2_matches_single_process(tmp_path):
         for ours, expected in zip(got[name], ref, strict=True):
             torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
         assert got[name + "_norm"] == pytest.approx(ref[0].norm().item(), rel=1e-6)
+    assert got["agvm"] == pytest.approx(agvm_scales(tiny_model()), rel=1e-5)
+    assert len(set(got["agvm"])) > 2  # the modules really got different factors
+    model = tiny_model()
+    loss_fn(model, batch()).backward()
+    assert got["grad_sq"] == pytest.approx(sum(p.grad.square().sum().item() for p in model.parameters()), rel=1e-6)

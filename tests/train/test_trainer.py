@@ -44,8 +44,8 @@ def test_accumulation_equals_one_big_batch(tiny_data):
         torch.manual_seed(0)
         model = build_model(TINY, seed=0)
         loader = PackedLoader(tiny_data, "train", 32, seed=0)
-        loss = accumulate_gradients(model, loader, global_batch_tokens=8 * 32, seq_len=32, micro_batch_size=micro,
-                                    dims=dims)
+        loss, _ = accumulate_gradients(model, loader, global_batch_tokens=8 * 32, seq_len=32, micro_batch_size=micro,
+                                       dims=dims)
         grads.append((loss, [p.grad.clone() for p in model.parameters()]))
     for loss, g in grads[1:]:
         assert loss == pytest.approx(grads[0][0], abs=1e-5)
@@ -102,3 +102,19 @@ def test_packed_documents_do_not_see_each_other():
     torch.testing.assert_close(a[:, 10:], b[:, 10:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a[:, 10:], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a[:, :10], b[:, :10])
+
+
+def test_adaptive_batch_grows_logs_noise_and_survives_resume(tmp_path, tiny_data):
+    adaptive = dict(batch_policy="adaptive", global_batch_tokens=512, micro_batch_size=4, max_steps=10,
+                    adaptive_min_interval_steps=2, adaptive_warmup_steps=3, adaptive_target_multiplier=30, max_global_batch_tokens=2048, save_every=4)
+    full = train(_cfg(tmp_path / "a", tiny_data, **adaptive))
+    records = _metrics(full.run_dir)
+    assert all("b_simple" in r for r in records[1:])  # measured every step (EMA needs one update first)
+    batches = [r["global_batch_tokens"] for r in records]
+    assert batches == sorted(batches) and batches[-1] > 512  # grows, never shrinks
+    changed = [r for r in records if "batch_change" in r]
+    assert changed and all(r["lr_scale"] >= 1.0 for r in records)
+    train(_cfg(tmp_path / "b", tiny_data, stop_at_step=4, **adaptive))
+    resumed = train(_cfg(tmp_path / "b", tiny_data, resume=True, **adaptive))
+    assert [r["loss"] for r in _metrics(resumed.run_dir)] == [r["loss"] for r in records]
+    assert resumed.tokens == full.tokens

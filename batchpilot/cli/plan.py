@@ -1,0 +1,107 @@
+"""``batchpilot plan``: turn a budget into a plan (batch, LR, micro-batch, memory, time) and explain it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from batchpilot.plan.memory import GIB
+from batchpilot.plan.planner import Budget, compare, make_plan
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plan", help="derive batch size, LR, micro-batch and memory from a budget",
+                              description=__doc__)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", help="model preset name (batchpilot.model.llama.PRESETS)")
+    model.add_argument("--hf-config", help="HF model directory or config.json")
+    model.add_argument("--params", type=float, help="non-vocabulary parameters N; a Llama-like shape is derived")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--tokens", type=float, help="training tokens D")
+    amount.add_argument("--compute", type=float, help="training FLOPs C (D = C / FLOPs per token)")
+    amount.add_argument("--hours", type=float, help="wall-clock hours (D from GPUs x peak x MFU)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--law", default="step", help="step | deepseek | path to a law.json (batchpilot fit)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "lamb", "lars", "sgd"))
+    p.add_argument("--schedule", choices=("cosine", "wsd"), help="default: the schedule the law was fitted with")
+    p.add_argument("--gpu-peak-tflops", type=float, default=989.0)
+    mfu = p.add_mutually_exclusive_group()
+    mfu.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    mfu.add_argument("--mfu-from", help="a previous run's metrics.jsonl: the mean of its mfu field")
+    p.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--out", help="save the plan as JSON (atomic) for `batchpilot train --plan`")
+    p.add_argument("--compare", action="store_true", help="show what each law recommends side by side")
+    p.set_defaults(func=run)
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    return Budget(preset=args.preset, hf_config=args.hf_config, params=args.params, tokens=args.tokens,
+                  compute_flops=args.compute, hours=args.hours, num_gpus=args.gpus,
+                  gpu_memory_gib=args.gpu_memory_gib, seq_len=args.seq_len, law=args.law, optimizer=args.optimizer,
+                  schedule=args.schedule, gpu_peak_tflops=args.gpu_peak_tflops, mfu=args.mfu,
+                  mfu_from=args.mfu_from, headroom=args.headroom)
+
+
+COMPARE_ROWS = (("law batch (tokens)", lambda p: f"{p.law['batch_tokens']:,.0f}"),
+                ("law peak LR", lambda p: f"{p.law['peak_lr']:.4g}"),
+                ("global batch (tokens)", lambda p: f"{p.global_batch_tokens:,}"),
+                ("micro-batch x accum", lambda p: f"{p.micro_batch_size} x {p.grad_accum_steps}"),
+                ("peak LR", lambda p: f"{p.peak_lr:.4g}"),
+                ("schedule (min LR)", lambda p: f"{p.schedule} ({p.min_lr:.3g})"),
+                ("steps (warmup)", lambda p: f"{p.total_steps:,} ({p.warmup_steps:,})"),
+                ("memory / GPU (GiB)", lambda p: f"{p.predicted_peak_memory_bytes / GIB:.1f}"),
+                ("total hours", lambda p: f"{p.predicted_total_seconds / 3600:.3g}"),
+                ("extrapolated", lambda p: "yes" if any("fitted range" in w for w in p.warnings) else "no"))
+
+SUMMARY_ROWS = (("model", lambda p: p.model if isinstance(p.model, str) else "custom shape"),
+                ("global batch", lambda p: f"{p.global_batch_tokens:,} tokens = {p.micro_batch_size} x "
+                                           f"{p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len}"),
+                ("peak LR / min LR", lambda p: f"{p.peak_lr:.4g} / {p.min_lr:.3g} ({p.schedule})"),
+                ("steps / warmup", lambda p: f"{p.total_steps:,} / {p.warmup_steps:,}"),
+                ("checkpointing / sharding", lambda p: f"{p.activation_checkpointing} / {p.sharding}"),
+                ("memory per GPU", lambda p: f"{p.predicted_peak_memory_bytes / GIB:.1f} of "
+                                             f"{p.gpu_memory_bytes / GIB:g} GiB"),
+                ("time", lambda p: f"{p.predicted_step_seconds:.3g} s/step, {p.predicted_total_seconds / 3600:.3g} h"))
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for row in [columns, *rows]:
+            print("  ".join(f"{cell:<24}" for cell in row))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = budget_from_args(args)
+    if args.compare:
+        plans = compare(budget)
+        if args.json:
+            print(json.dumps({name: plan.to_dict() for name, plan in plans.items()}, indent=2))
+        else:
+            rows = [[label, *(fmt(p) for p in plans.values())] for label, fmt in COMPARE_ROWS]
+            print_table("what each law recommends", ["", *plans], rows)
+        return 0
+    plan = make_plan(budget)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    print_table("plan", ["", ""], [[label, fmt(plan)] for label, fmt in SUMMARY_ROWS])
+    print(plan.explain())
+    if args.out:
+        print(f"saved {args.out}")
+    return 0

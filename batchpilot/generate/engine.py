@@ -1,0 +1,231 @@
+"""``Engine(model, tokenizer, EngineConfig).generate(prompts)``: the loop and the public API.
+
+The engine plans the whole job before it runs: shared-prefix groups over all prompts
+(``prefix_tree.py``), decode-heavy groups first; then it loops ``schedule -> run -> advance ->
+finish`` until the queue is empty. ``run`` yields completions in completion order (for incremental
+output); ``generate`` returns them in input order. Data parallelism: every rank plans the same
+groups and runs every ``world_size``-th one (``rank``/``world_size`` of ``run``); the process group
+itself lives in ``cli/generate.py`` only (the one place in generate that touches torch.distributed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from batchpilot.generate import roofline
+from batchpilot.generate.kv_cache import BlockPool
+from batchpilot.generate.prefix_tree import PrefixGroup, build_groups, order_groups, split_for_rank
+from batchpilot.generate.request import Completion, Group, Request, SamplingParams
+from batchpilot.generate.runner import Runner
+from batchpilot.generate.scheduler import Scheduler, StepPlan
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    max_batch_tokens: int = 2048  # token budget of one step (decodes + prefill chunks)
+    max_num_seqs: int = 1024  # running requests at most
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + KV + activations
+    num_blocks: int | None = None  # KV blocks; None = from free GPU memory, or cpu_kv_tokens on CPU
+    cpu_kv_tokens: int = 65536
+    prefix_sharing: bool = True  # group requests by shared prefix, prefill each prefix once
+    min_prefix_len: int = 16  # shorter common prefixes are not worth a group
+    cascade: bool = True  # read a group's prefix KV once per decode step (needs prefix_sharing)
+    output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
+    seed: int = 0  # seeds requests that have none (request seed = f(seed, index))
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_batch_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("block_size, max_batch_tokens and max_num_seqs must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (recompute after preemption included)
+    output_tokens: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+    decode_steps: int = 0  # steps with decode tokens only
+    decode_seconds: float = 0.0
+    decode_bytes: float = 0.0  # bytes bound of those steps (weights + KV read)
+    decode_batch_sum: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        cfg = self.config
+        self.cost = roofline.model_cost(model)
+        num_blocks = cfg.num_blocks or self._blocks_that_fit()
+        self.pool = BlockPool(num_blocks, cfg.block_size)
+        self.runner = Runner(model, num_blocks=num_blocks, block_size=cfg.block_size,
+                             cascade=cfg.cascade and cfg.prefix_sharing)
+        self.eos_ids = {i for i in (getattr(tokenizer, "eos_id", None), model.config.eos_token_id) if i is not None}
+        self.stats = EngineStats()
+
+    def generate(self, prompts: Sequence[str | list[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Completions in input order. Prompts are text (needs a tokenizer) or token ids."""
+        requests = self.make_requests(prompts, params)
+        done = {c.index: c for c in self.run(requests)}
+        return [done[r.index] for r in requests]
+
+    def make_requests(self, prompts: Sequence[str | list[int]],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        return [Request(i, self.encode(p), sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (pass token ids, or --tokenizer)")
+            inner = getattr(self.tokenizer, "inner", None)  # HF post-processor adds BOS where the model expects it
+            return inner.encode(prompt).ids if inner is not None else self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1) -> Iterator[Completion]:
+        """Completions in completion order; with world_size > 1 only this rank's share of the groups."""
+        for r in requests:
+            self.check(r)
+        scheduler = Scheduler(self.pool, max_batch_tokens=self.config.max_batch_tokens,
+                              max_num_seqs=self.config.max_num_seqs, output_len_prior=self.config.output_len_prior)
+        for r in self._plan(requests, rank, world_size):
+            if r.params.max_tokens == 0 and not r.is_prefix:
+                r.finish_reason = "length"
+                yield Completion.of(r)
+            else:
+                scheduler.add([r])
+        while scheduler.has_work():
+            yield from self.step(scheduler)
+
+    def step(self, scheduler: Scheduler) -> list[Completion]:
+        start = time.perf_counter()
+        plan = scheduler.schedule()
+        assert plan.chunks, "scheduler made no progress (KV cache too small for one request?)"
+        tokens = self.runner.step(plan.chunks, seed=self.config.seed)
+        scheduler.advance(plan)
+        done = []
+        for chunk, token in zip([c for c in plan.chunks if c.sample], tokens, strict=True):
+            r = chunk.request
+            r.output_ids.append(token)
+            reason = self._finish_reason(r)
+            if reason is not None:
+                scheduler.finish(r, reason)
+                done.append(Completion.of(r))
+        self._record(plan, time.perf_counter() - start)
+        return done
+
+    def _plan(self, requests: list[Request], rank: int, world_size: int) -> list[Request]:
+        """Requests (and group prefix pseudo-requests) in run order for this rank."""
+        cfg = self.config
+        prompts = [r.prompt_ids for r in requests]
+        groups = (build_groups(prompts, min_prefix_len=cfg.min_prefix_len) if cfg.prefix_sharing
+                  else [PrefixGroup(0, [i]) for i in range(len(prompts))])
+        groups = order_groups(groups, [len(p) for p in prompts], [r.params.max_tokens for r in requests])
+        queue: list[Request] = []
+        for g in split_for_rank(groups, rank, world_size):
+            members = [requests[i] for i in g.members]
+            if g.prefix_len == 0:
+                queue += members
+                continue
+            prefix = Request(-1, members[0].prompt_ids[:g.prefix_len], SamplingParams(max_tokens=0), is_prefix=True)
+            group = Group(prefix, members, num_unfinished=len(members))
+            prefix.group = group
+            for m in members:
+                m.group, m.prefix_len = group, g.prefix_len
+            queue += [prefix, *members]
+        return queue
+
+    def check(self, r: Request) -> None:
+        """Raise ValueError if r cannot run on this engine (empty, too long for the model or the cache)."""
+        if not r.prompt_ids:
+            raise ValueError(f"request {r.index}: empty prompt")
+        need = len(r.prompt_ids) + r.params.max_tokens
+        if need > self.model.config.max_position_embeddings:
+            raise ValueError(f"request {r.index}: prompt + max_tokens = {need} exceeds the model's "
+                             f"{self.model.config.max_position_embeddings} positions")
+        if need + 2 * self.pool.block_size > self.pool.capacity_tokens:
+            raise ValueError(f"request {r.index}: {need} tokens do not fit the KV cache "
+                             f"({self.pool.capacity_tokens} tokens)")
+
+    def _finish_reason(self, r: Request) -> str | None:
+        p, last = r.params, r.output_ids[-1]
+        if not p.ignore_eos and last in self.eos_ids:
+            r.text = self._decode(r.output_ids[:-1])
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self._decode(r.output_ids)
+            cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                r.text = text[:cut]
+                return "stop"
+        if len(r.output_ids) >= p.max_tokens:
+            r.text = self._decode(r.output_ids)
+            return "length"
+        return None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _record(self, plan: StepPlan, seconds: float) -> None:
+        s = self.stats
+        s.steps += 1
+        s.seconds += seconds
+        s.preemptions += len(plan.preempted)
+        s.output_tokens += sum(c.sample for c in plan.chunks)
+        s.prefill_tokens += sum(c.num_tokens for c in plan.chunks if not c.decode)
+        if all(c.decode for c in plan.chunks):
+            s.decode_steps += 1
+            s.decode_seconds += seconds
+            s.decode_batch_sum += len(plan.chunks)
+            s.decode_bytes += roofline.decode_step_bytes(self.cost, self._kv_tokens_read(plan))
+
+    def _kv_tokens_read(self, plan: StepPlan) -> int:
+        """KV tokens a decode step must read: own tokens, plus each group prefix once (cascade) or per member."""
+        own = sum(c.start + 1 for c in plan.chunks)
+        groups = {id(c.request.group): c.request.prefix_len for c in plan.chunks if c.request.group is not None}
+        per_member = sum(c.request.prefix_len for c in plan.chunks)
+        return own + (sum(groups.values()) if self.runner.cascade else per_member)
+
+    def _blocks_that_fit(self) -> int:
+        cfg, mc = self.config, self.model.config
+        block_bytes = self.cost.kv_bytes_per_token * cfg.block_size
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return max(1, cfg.cpu_kv_tokens // cfg.block_size)
+        free, total = torch.cuda.mem_get_info(device)
+        # headroom for activations: fp32 logits of a full decode batch (x3 for sampling), step activations
+        reserve = 3 * cfg.max_num_seqs * mc.vocab_size * 4 + 24 * cfg.max_batch_tokens * mc.intermediate_size * 4
+        budget = free - (1 - cfg.gpu_memory_utilization) * total - reserve - 2 * 2**30
+        if budget < block_bytes * 64:
+            raise ValueError(f"not enough GPU memory for the KV cache ({budget / 2**30:.1f} GiB left)")
+        return int(budget // block_bytes)
+
+
+
+def roofline_share(engine: Engine, lengths: list[tuple[int, int]], seconds: float) -> dict[str, float] | None:
+    """Achieved time against the job's bytes/FLOPs bound and decode steps against their bytes bound (GPU only)."""
+    spec = roofline.gpu_spec(next(engine.model.parameters()).device)
+    if spec is None or seconds <= 0:
+        return None
+    s = engine.stats
+    batch = s.decode_batch_sum / max(1, s.decode_steps)
+    bound = roofline.job_bound_s(engine.cost, lengths, spec, batch=max(1, round(batch)))
+    out = {"job_bound_s": bound, "job_share": bound / seconds, "mean_decode_batch": batch}
+    if s.decode_seconds > 0:
+        out["decode_share"] = s.decode_bytes / spec[0] / s.decode_seconds
+    return out

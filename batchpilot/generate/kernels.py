@@ -1,0 +1,110 @@
+"""Paged attention with log-sum-exp over a block table: a Triton kernel (CUDA) and a torch reference.
+
+``paged_attention(q, k_cache, v_cache, tables, lens)``: for each sequence b, the queries q[b]
+(K kv heads x Qn queries per kv head) attend to the first ``lens[b]`` tokens stored in the blocks
+``tables[b]``. Decode rows use Qn = H/K (the query heads sharing a kv head); a shared prefix uses
+Qn = members x H/K, so its KV is read once for the whole group (Hydragen/cascade). The log-sum-exp
+lets the caller merge the prefix and suffix parts exactly.
+
+The Triton kernel reads KV in place (no gather copy), one program per (sequence, kv head, query
+tile), online softmax in fp32. It is used only on CUDA, and only after it matched the torch
+reference once on real inputs (``Runner`` checks); anything else uses the torch path, which
+gathers the blocks (one extra copy of the KV it reads) and is what the CPU tests run. The kernel is
+also tested on CPU under ``TRITON_INTERPRET=1`` when triton is installed.
+Shape legend: B sequences, K kv heads, Qn queries per kv head, E head dim, S cache slots, L context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the torch path only
+    triton = None
+
+
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(K, S, E) cache, (B, nb) block ids -> (K, B, nb * block_size, E) copy of those blocks."""
+    K, _, E = cache.shape
+    return cache.view(K, -1, block_size, E)[:, tables].flatten(2, 3)
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, K, Qn, E) over k/v (K, B, L, E) where valid (B, L); softmax in fp32 -> (B, K, Qn, E), lse (B, K, Qn)."""
+    qk = q.transpose(0, 1)  # (K, B, Qn, E)
+    scores = (qk @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))  # (K, B, Qn, L)
+    scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    out = (scores - lse[..., None]).exp().to(v.dtype) @ v  # (K, B, Qn, E)
+    return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+              lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over two disjoint key sets from their outputs and log-sum-exps."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1, w2 = (lse1 - lse).exp()[..., None], (lse2 - lse).exp()[..., None]
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype), lse
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                          lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = gather_blocks(k_cache, tables, block_size), gather_blocks(v_cache, tables, block_size)
+    valid = torch.arange(k.shape[2], device=q.device)[None] < lens[:, None]
+    return attend_with_lse(q, k, v, valid)
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                           lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, K, Qn, E = q.shape
+    q = q.contiguous()
+    tables = tables.to(torch.int32).contiguous()
+    lens = lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(B, K, Qn, dtype=torch.float32, device=q.device)
+    block_m = 16 if Qn <= 16 else 64
+    grid = (B, K, triton.cdiv(Qn, block_m))
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, tables, lens, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
+        Qn, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=64)
+    return out, lse
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b, Qn, scale,
+                                BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < Qn
+        e = tl.arange(0, E)
+        q_off = b * sq_b + kh * sq_k + rows[:, None] * sq_q + e[None, :]
+        q = tl.load(Q + q_off, mask=rmask[:, None], other=0.0)
+        n = tl.load(Lens + b)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, E], tl.float32)
+        for start in range(0, n, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            tmask = t < n
+            blk = tl.load(Tables + b * st_b + t // BS, mask=tmask, other=0)
+            kv_off = kh * sc_k + (blk.to(tl.int64) * BS + t % BS)[:, None] * sc_s + e[None, :]
+            k = tl.load(Kc + kv_off, mask=tmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N) fp32
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(Vc + kv_off, mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
+        tl.store(Lse + (b * sq_b + kh * sq_k) // E + rows, m_i + tl.log(l_i), mask=rmask)

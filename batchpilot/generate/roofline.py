@@ -1,0 +1,59 @@
+"""Physical bounds for a generation job (anchors.md section 3.3): bytes and FLOPs, no overheads.
+
+    decode step bytes  = W + kappa * (KV tokens read)          (prefix read once per group with cascade)
+    request FLOPs      = 2 * P_mm * (I + O) + 2 * layers * d_q * (I + O)^2
+    request bytes      = O * W / B + kappa * (I * O + O^2 / 2)
+    T_job             >= max(sum FLOPs / F, sum bytes / BW)
+
+W weight bytes, P_mm matmul parameters, kappa KV bytes per token, B decode batch. Datasheet
+ceilings (bf16 dense); a share of 1.0 is the unreachable physical limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# name fragment -> (HBM bytes/s, dense bf16 FLOP/s), datasheet values
+GPU_SPECS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCost:
+    weight_bytes: int
+    matmul_params: int  # P_mm: parameters in matmuls per token (embedding lookup excluded, LM head included)
+    kv_bytes_per_token: int  # kappa
+    num_layers: int
+    q_width: int  # d_q = num_heads * head_dim
+
+
+def model_cost(model: torch.nn.Module) -> ModelCost:
+    c = model.config
+    params = list({id(p): p for p in model.parameters()}.values())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    esize = params[0].element_size()
+    matmul = sum(p.numel() for p in params if p.dim() == 2) - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * esize
+    return ModelCost(weight_bytes, matmul, kv, c.num_layers, c.num_heads * c.head_dim)
+
+
+def gpu_spec(device: torch.device) -> tuple[float, float] | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_SPECS.items() if k in name), None)
+
+
+def decode_step_bytes(cost: ModelCost, kv_tokens_read: int) -> float:
+    return cost.weight_bytes + cost.kv_bytes_per_token * kv_tokens_read
+
+
+def job_bound_s(cost: ModelCost, lengths: list[tuple[int, int]], spec: tuple[float, float], *, batch: int) -> float:
+    """Lower bound on job time from (prompt, output) lengths, without prefix reuse (anchors 3.4)."""
+    bandwidth, flops = spec
+    total_flops = sum(2 * cost.matmul_params * (i + o) + 2 * cost.num_layers * cost.q_width * (i + o) ** 2
+                      for i, o in lengths)
+    total_bytes = sum(o * cost.weight_bytes / max(1, batch) + cost.kv_bytes_per_token * (i * o + o * o / 2)
+                      for i, o in lengths)
+    return max(total_flops / flops, total_bytes / bandwidth)

@@ -1,0 +1,264 @@
+"""Run a grid of proxy trainings (shape x token budget x peak LR x batch) for ``batchpilot fit``.
+
+Every run is a normal ``train(TrainConfig(...))`` in ``SWEEP_DIR/runs/<run_id>``; its output is one row of
+``SWEEP_DIR/runs.csv`` (``RUN_COLUMNS``). Runs go to a pool of ``workers`` spawned processes (several small
+runs share a GPU; workers are spread round-robin over the visible GPUs).
+
+Design choices and their costs:
+- Only the parent process writes runs.csv, one row as each run finishes, so no file lock is needed; the cost
+  is that a run finished by a worker whose parent was killed before writing is found again from its
+  ``result.json`` on the next invocation rather than from the table.
+- A run is identified by its id (shape, D, lr, batch). A second invocation skips every id already in
+  runs.csv; a half-finished run directory resumes from its last checkpoint, or restarts from scratch when it
+  has none. Checkpoints and exported weights are deleted when a run finishes (``keep_checkpoints`` keeps them).
+- A run that diverges is a result (its LR is too high): its row has NaN losses, which ``fit`` drops.
+- This module executes the trainer, so ``plan`` imports ``train`` here (the one exception to the layering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
+from batchpilot.plan.laws import non_vocab_params  # Step Law's N: attention + MLP, no embeddings
+
+RUN_COLUMNS = ("run_id", "preset", "N", "D", "lr", "batch_tokens", "steps", "final_loss", "smooth_loss", "val_loss",
+               "wall_seconds", "seq_len")
+
+
+@dataclass(kw_only=True, slots=True)
+class GridSpec:
+    """The grid file (JSON). ``models``: preset names, or ``{"name": ..., <LlamaConfig fields>}`` where the
+    fields not given come from the ``tiny`` preset. Token budgets D are per run; ``steps = round(D / batch)``."""
+
+    models: list[str | dict[str, Any]]
+    tokens: list[int]
+    lrs: list[float]
+    batch_tokens: list[int]
+    seq_len: int = 256
+    schedule: str = "cosine"
+    min_lr: float = 1e-5  # Step Law's recipe: cosine to a fixed 1e-5 (laws.md section 1)
+    data: str = "default"  # a prepared directory, or sources that are prepared once into SWEEP_DIR/data
+    vocab_size: int = 4096  # of the tokenizer trained when ``data`` is not prepared
+    micro_batch_size: int = 32
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "auto"
+    keep_checkpoints: bool = False
+    train: dict[str, Any] = field(default_factory=dict)  # any further TrainConfig fields (weight_decay, ...)
+
+    def __post_init__(self) -> None:
+        from batchpilot.train.trainer import TrainConfig
+
+        for name in ("models", "tokens", "lrs", "batch_tokens"):
+            if not getattr(self, name):
+                raise ValueError(f"the grid needs at least one value in {name!r}")
+        self.tokens, self.batch_tokens = [int(t) for t in self.tokens], [int(b) for b in self.batch_tokens]
+        unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields in the grid's 'train': {unknown}")
+        bad = [b for b in self.batch_tokens if b % self.seq_len]
+        if bad:
+            raise ValueError(f"batch sizes {bad} (tokens) are not multiples of seq_len {self.seq_len}")
+        names = [model_name(m) for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GridSpec:
+        d = json.loads(Path(path).read_text())
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown grid keys {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    run_id: str
+    preset: str  # the shape's name
+    model: str  # preset name or config.json path, as TrainConfig.model takes it
+    params: int  # N, non-vocabulary
+    tokens: int  # D, the budget (the run trains round(D / batch) steps)
+    lr: float
+    batch_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    csv_path: Path
+    finished: int  # runs in runs.csv after this invocation
+    ran: int  # runs finished by this invocation
+    failed: dict[str, str]  # run_id -> error (no row written: a later invocation retries them)
+
+
+def model_name(model: str | dict[str, Any]) -> str:
+    return model if isinstance(model, str) else str(model["name"])
+
+
+def model_config(model: str | dict[str, Any]) -> LlamaConfig:
+    if isinstance(model, str):
+        return get_preset(model)
+    shape = {"head_dim": 0} | {k: v for k, v in model.items() if k != "name"}  # 0: re-derive from the shape
+    return get_preset("tiny").with_(**shape)
+
+
+def grid_runs(grid: GridSpec, sweep_dir: Path) -> list[RunSpec]:
+    """Every run of the grid; explicit shapes get a config.json under SWEEP_DIR/models/<name>/."""
+    from batchpilot.model.hf import config_to_hf
+
+    runs = []
+    for model in grid.models:
+        name, config = model_name(model), model_config(model)
+        ref = name
+        if not (isinstance(model, str) and model in PRESETS):
+            path = sweep_dir / "models" / name / "config.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(config_to_hf(config), indent=2))
+            ref = str(path)
+        for tokens, lr, batch in product(grid.tokens, grid.lrs, grid.batch_tokens):
+            run_id = f"{name}_D{tokens}_lr{lr:.3e}_B{batch}"
+            runs.append(RunSpec(run_id=run_id, preset=name, model=ref, params=non_vocab_params(config),
+                                tokens=tokens, lr=float(lr), batch_tokens=batch))
+    return runs
+
+
+def finished_ids(csv_path: Path) -> set[str]:
+    if not csv_path.is_file():
+        return set()
+    with csv_path.open(newline="") as f:
+        return {row["run_id"] for row in csv.DictReader(f) if row.get("seq_len")}  # complete rows only
+
+
+def append_row(csv_path: Path, row: dict[str, Any]) -> None:
+    """Append one run (header first if new); a torn last line from a killed sweep is dropped first."""
+    new = not csv_path.is_file() or csv_path.stat().st_size == 0
+    if not new:
+        text = csv_path.read_bytes()
+        if not text.endswith(b"\n"):
+            csv_path.write_bytes(text[: text.rfind(b"\n") + 1])
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RUN_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_data(grid: GridSpec, sweep_dir: Path) -> Path:
+    """The prepared dataset all runs share (prepared once, reused by later invocations)."""
+    if (Path(grid.data) / "meta.json").is_file():
+        return Path(grid.data)
+    from batchpilot.data.prepare import PrepareConfig, prepare
+
+    vocab = min([grid.vocab_size] + [model_config(m).vocab_size for m in grid.models])
+    return prepare(PrepareConfig(sources=[grid.data], out_dir=str(sweep_dir / "data"), vocab_size=vocab,
+                                 seed=grid.seed))
+
+
+def train_config(spec: RunSpec, grid: GridSpec, data_dir: Path, run_dir: Path, *, resume: bool):
+    from batchpilot.train.trainer import TrainConfig
+
+    steps = max(1, round(spec.tokens / spec.batch_tokens))
+    return TrainConfig(out_dir=str(run_dir), model=spec.model, data=str(data_dir), seq_len=grid.seq_len,
+                       global_batch_tokens=spec.batch_tokens, micro_batch_size=grid.micro_batch_size,
+                       max_steps=steps, lr=spec.lr, min_lr=min(grid.min_lr, spec.lr), schedule=grid.schedule,
+                       eval_every=steps, eval_batches=grid.eval_batches, save_every=max(1, steps // 4),
+                       log_every=1, seed=grid.seed, device=grid.device, resume=resume, progress=False,
+                       **grid.train)
+
+
+def run_one(spec: RunSpec, grid: GridSpec, data_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    """Train one run (resuming a half-finished directory) and return its runs.csv row. Runs in a worker."""
+    from batchpilot.metrics import read_metrics
+    from batchpilot.train.checkpoint import latest_checkpoint
+    from batchpilot.train.trainer import TrainingDiverged, train
+
+    run_dir = sweep_dir / "runs" / spec.run_id
+    cfg = train_config(spec, grid, data_dir, run_dir, resume=latest_checkpoint(run_dir) is not None)
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        done = json.loads(result_file.read_text())
+        if done["steps"] >= cfg.max_steps:  # finished, but the sweep was killed before its row was written
+            return _row(spec, grid, done, read_metrics(run_dir))
+    if run_dir.exists() and not cfg.resume:
+        shutil.rmtree(run_dir)  # nothing to resume from: restart cleanly
+    log = sweep_dir / "logs" / f"{spec.run_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            result = asdict(train(cfg))
+        except TrainingDiverged:
+            result = {"steps": cfg.max_steps, "final_loss": math.nan, "val_loss": None, "wall_seconds": math.nan}
+    if not grid.keep_checkpoints:
+        for sub in ("checkpoints", "model"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    return _row(spec, grid, result, read_metrics(run_dir))
+
+
+def _row(spec: RunSpec, grid: GridSpec, result: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    last_loss = float(metrics[-1]["loss"]) if metrics and math.isfinite(result["final_loss"]) else math.nan
+    val = result.get("val_loss")
+    return {"run_id": spec.run_id, "preset": spec.preset, "N": spec.params, "D": spec.tokens, "lr": spec.lr,
+            "batch_tokens": spec.batch_tokens, "steps": result["steps"], "final_loss": last_loss,
+            "smooth_loss": result["final_loss"], "val_loss": math.nan if val is None else val,
+            "wall_seconds": result["wall_seconds"], "seq_len": grid.seq_len}
+
+
+def _init_worker(counter: Any, num_gpus: int, threads: int) -> None:
+    """Pin this worker to one GPU (round-robin) before CUDA starts; split the CPU threads between workers."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if num_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % num_gpus)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def sweep(grid: GridSpec, sweep_dir: str | Path, *, workers: int = 1, progress: bool = True) -> SweepResult:
+    """Run every grid run not yet in SWEEP_DIR/runs.csv, ``workers`` at a time; append a row per finished run."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = sweep_dir / "runs.csv"
+    runs = grid_runs(grid, sweep_dir)
+    done = finished_ids(csv_path)
+    todo = [r for r in runs if r.run_id not in done]
+    data_dir = prepare_data(grid, sweep_dir) if todo else Path(grid.data)
+    num_gpus = torch.cuda.device_count() if grid.device != "cpu" else 0
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    failed: dict[str, str] = {}
+    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), disable=not progress)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with bar, ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                  initargs=(context.Value("i", 0), num_gpus, threads)) as pool:
+        task = bar.add_task("", total=len(runs), completed=len(runs) - len(todo))
+        futures: dict[Future, RunSpec] = {pool.submit(run_one, r, grid, data_dir, sweep_dir): r for r in todo}
+        for future in as_completed(futures):
+            spec = futures[future]
+            try:
+                append_row(csv_path, future.result())
+            except Exception as e:  # noqa: BLE001 -- one broken run must not stop the grid; it is retried later
+                failed[spec.run_id] = f"{type(e).__name__}: {e}"
+            bar.update(task, advance=1, description=spec.run_id)
+    return SweepResult(csv_path=csv_path, finished=len(finished_ids(csv_path)), ran=len(todo) - len(failed),
+                       failed=failed)

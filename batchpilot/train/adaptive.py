@@ -1,0 +1,246 @@
+"""Adaptive global batch: gradient-noise measurements in, batch decisions out. Pure; the trainer applies them.
+
+Design choice: the controller only DECIDES (``BatchController.decide``) at step boundaries; the trainer owns
+the data loader and the accumulation count. Everything here is plain floats and ints, so it is unit-tested
+without a model and its state is a JSON dict saved with the checkpoint.
+
+Measurement: the two-batch estimator of McCandlish et al. 2018 (arXiv 1812.06162, appendix A; laws.md 4c),
+the cheap route AdaptDL took under DDP. The trainer supplies the squared norm of a SMALL-batch gradient (e.g.
+the first micro-step's gradient, times grad_accum_steps^2 to undo the 1/accum loss scaling) and of the BIG
+(accumulated, global) gradient, both as FULL norms across FSDP2 shards (``grad_sq_norm``). Under FSDP2 the
+micro-step gradient is already averaged over ranks, so B_small = micro-batch tokens x world size.
+Numerator and denominator are averaged separately (EMA, bias-corrected) because the ratio of noisy estimates
+is biased; gpt-neox's ``gradient_noise_scale.py`` does the same with beta 0.99.
+
+Critical batch: B_crit ~ B_noise ~ B_simple = tr(Sigma) / |G|^2 (McCandlish, section 2.2); we report B_simple
+as the estimate. Growth follows AdaptDL/AdAdaGrad: the batch only grows, at most ``max_growth``x per change,
+no more often than ``min_interval_steps``, and only when the gain clears ``min_relative_change`` (AdaptDL
+needed a 5 % threshold to stop batch flapping, petuum/adaptdl#27).
+
+LR coupling at each change (laws.md section 5, Granziol et al. 2020): sqrt(B/B0) for Adam-family (adamw,
+lamb), B/B0 for SGD and LARS; returned as ``lr_scale`` relative to the initial batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from torch import Tensor
+
+from batchpilot.train.optim import full_sq_norms
+
+POLICIES = ("fixed", "ramp", "adaptive")
+COUPLINGS = ("sqrt", "linear", "none")
+TARGETS = ("gns", "norm_test")
+
+
+# ---- measurement ------------------------------------------------------------------------------------------------
+
+def grad_sq_norm(params: Iterable[Tensor]) -> float:
+    """Squared L2 norm of all gradients together, full across FSDP2 shards (one all-reduce per mesh)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return full_sq_norms(grads).sum().item() if grads else 0.0
+
+
+def two_batch_estimates(small_sq_norm: float, small_tokens: float, big_sq_norm: float,
+                        big_tokens: float) -> tuple[float, float]:
+    """Unbiased (|G|^2, tr(Sigma)) from E|G_B|^2 = |G|^2 + tr(Sigma)/B at two batch sizes (McCandlish app. A)."""
+    assert big_tokens > small_tokens > 0, "need B_big > B_small > 0"
+    g_sq = (big_tokens * big_sq_norm - small_tokens * small_sq_norm) / (big_tokens - small_tokens)
+    trace = (small_sq_norm - big_sq_norm) / (1.0 / small_tokens - 1.0 / big_tokens)
+    return g_sq, trace
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What the trainer measured in one step (norms are squared and full across shards)."""
+
+    small_sq_norm: float
+    small_batch_tokens: int
+    big_sq_norm: float
+    big_batch_tokens: int
+
+
+@dataclass(kw_only=True, slots=True)
+class NoiseScaleEstimator:
+    """EMA of |G|^2 and tr(Sigma) separately, with Adam-style bias correction."""
+
+    beta: float = 0.99  # gpt-neox gradient_noise_scale.py
+    ema_g_sq: float = 0.0
+    ema_trace: float = 0.0
+    count: int = 0
+
+    def update(self, m: Measurement) -> None:
+        g_sq, trace = two_batch_estimates(m.small_sq_norm, m.small_batch_tokens, m.big_sq_norm, m.big_batch_tokens)
+        self.ema_g_sq = self.beta * self.ema_g_sq + (1 - self.beta) * g_sq
+        self.ema_trace = self.beta * self.ema_trace + (1 - self.beta) * trace
+        self.count += 1
+
+    @property
+    def g_sq(self) -> float:
+        return self.ema_g_sq / (1 - self.beta**self.count) if self.count else math.nan
+
+    @property
+    def trace(self) -> float:
+        return self.ema_trace / (1 - self.beta**self.count) if self.count else math.nan
+
+    @property
+    def b_simple(self) -> float | None:
+        """tr(Sigma) / |G|^2 in tokens; None until the signal estimate is positive."""
+        if not self.count or self.g_sq <= 0:
+            return None
+        return max(self.trace, 0.0) / self.g_sq
+
+
+# ---- adaptive sampling tests (AdAdaGrad, laws.md section 6) -------------------------------------------------------
+
+def norm_test_batch(samples: Tensor, eta: float, current_batch: int) -> int:
+    """Norm test (Byrd et al. 2012): max(b, ceil(sum_coords Var(g_i) / (eta^2 ||gbar||^2))).
+
+    ``samples`` is (n, ...) with one gradient per row; the answer counts samples, so with micro-batch
+    gradients as samples it counts micro-batches (multiply by micro-batch tokens for tokens).
+    """
+    g = samples.reshape(samples.shape[0], -1).double()  # (n, d)
+    mean = g.mean(0)
+    variance = g.var(0, correction=1).sum().item()
+    return max(current_batch, math.ceil(variance / (eta**2 * mean.square().sum().item())))
+
+
+def inner_product_test_batch(samples: Tensor, theta: float, current_batch: int) -> int:
+    """Inner-product test (Bollapragada et al. 2018): max(b, ceil(Var_i(<g_i, gbar>) / (theta^2 ||gbar||^4)))."""
+    g = samples.reshape(samples.shape[0], -1).double()  # (n, d)
+    mean = g.mean(0)
+    variance = (g @ mean).var(correction=1).item()
+    return max(current_batch, math.ceil(variance / (theta**2 * mean.square().sum().item() ** 2)))
+
+
+# ---- policy -----------------------------------------------------------------------------------------------------
+
+def lr_scale(batch_tokens: int, initial_batch_tokens: int, coupling: str) -> float:
+    """sqrt rule (Adam-family) or linear rule (SGD/LARS) relative to the initial batch (laws.md section 5)."""
+    ratio = batch_tokens / initial_batch_tokens
+    return {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[coupling]
+
+
+def default_coupling(optimizer_name: str) -> str:
+    return "linear" if optimizer_name in ("sgd", "lars") else "sqrt"
+
+
+@dataclass(kw_only=True, slots=True)
+class BatchConfig:
+    policy: str = "fixed"  # fixed | ramp | adaptive
+    initial_batch_tokens: int
+    quantum_tokens: int  # micro_batch_rows * seq_len * world: every batch is a multiple of it
+    ramp: list[tuple[int, int]] = field(default_factory=list)  # (tokens_threshold, global_batch_tokens), Megatron
+    max_batch_tokens: int | None = None  # adaptive cap (None: no cap)
+    lr_coupling: str = "sqrt"  # sqrt | linear | none; see default_coupling
+    target: str = "gns"  # adaptive target: gns (B_simple) | norm_test (B_simple / eta^2, laws.md notes)
+    target_multiplier: float = 1.0  # aim at multiplier x target
+    norm_test_eta: float = 0.1  # AdAdaGrad default
+    ema_beta: float = 0.99
+    min_measurements: int = 20  # let the EMA settle before the first change
+    min_interval_steps: int = 50
+    max_growth: float = 2.0  # at most 2x per change
+    min_relative_change: float = 0.05  # AdaptDL's 5 % threshold
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES or self.lr_coupling not in COUPLINGS or self.target not in TARGETS:
+            raise ValueError(f"policy in {POLICIES}, lr_coupling in {COUPLINGS}, target in {TARGETS}; got "
+                             f"{self.policy!r}, {self.lr_coupling!r}, {self.target!r}")
+        if self.quantum_tokens <= 0 or self.initial_batch_tokens <= 0:
+            raise ValueError("quantum_tokens and initial_batch_tokens must be > 0")
+        self.ramp = sorted((int(t), int(b)) for t, b in self.ramp)
+        for b in [self.initial_batch_tokens, *(b for _, b in self.ramp)]:
+            if b <= 0 or b % self.quantum_tokens:
+                raise ValueError(f"batch {b} tokens is not a positive multiple of the quantum {self.quantum_tokens}")
+        if self.policy == "ramp" and not self.ramp:
+            raise ValueError("the ramp policy needs ramp=[(tokens_threshold, global_batch_tokens), ...]")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < self.initial_batch_tokens:
+            raise ValueError("max_batch_tokens must be >= initial_batch_tokens")
+        if self.max_growth <= 1 or self.min_interval_steps < 1 or not 0 < self.ema_beta < 1:
+            raise ValueError("need max_growth > 1, min_interval_steps >= 1 and 0 < ema_beta < 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    global_batch_tokens: int  # for the NEXT step
+    lr_scale: float  # multiply the schedule's LR by this
+    reason: str  # human-readable; log it when ``changed``
+    changed: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)  # b_simple, critical_batch_tokens, ... to log
+
+
+class BatchController:
+    """Decides the global batch for the next step; call ``decide`` once per step, after the optimizer step."""
+
+    def __init__(self, cfg: BatchConfig) -> None:
+        self.cfg = cfg
+        self.batch_tokens = cfg.initial_batch_tokens
+        self.last_change_step = 0
+        self.estimator = NoiseScaleEstimator(beta=cfg.ema_beta)
+
+    def decide(self, step: int, tokens_seen: int, measurement: Measurement | None = None) -> Decision:
+        if measurement is not None:
+            self.estimator.update(measurement)
+        new, reason = self._propose(step, tokens_seen)
+        changed = new != self.batch_tokens
+        if changed:
+            reason = f"step {step}: global batch {self.batch_tokens} -> {new} tokens ({reason})"
+            self.batch_tokens, self.last_change_step = new, step
+        scale = lr_scale(self.batch_tokens, self.cfg.initial_batch_tokens, self.cfg.lr_coupling)
+        return Decision(self.batch_tokens, scale, reason, changed, self._metrics())
+
+    def _propose(self, step: int, tokens_seen: int) -> tuple[int, str]:
+        if self.cfg.policy == "fixed":
+            return self.batch_tokens, "fixed"
+        if self.cfg.policy == "ramp":
+            batch = self.cfg.initial_batch_tokens
+            for threshold, b in self.cfg.ramp:
+                batch = b if tokens_seen >= threshold else batch
+            return batch, f"ramp at {tokens_seen} tokens"
+        return self._adaptive(step)
+
+    def _adaptive(self, step: int) -> tuple[int, str]:
+        target = self.target_tokens()
+        if target is None or self.estimator.count < self.cfg.min_measurements:
+            return self.batch_tokens, "waiting for measurements"
+        if step - self.last_change_step < self.cfg.min_interval_steps:
+            return self.batch_tokens, "minimum interval"
+        goal = min(target, self.batch_tokens * self.cfg.max_growth, self.cfg.max_batch_tokens or math.inf)
+        new = int(goal // self.cfg.quantum_tokens) * self.cfg.quantum_tokens
+        if new < self.batch_tokens * (1 + self.cfg.min_relative_change):
+            return self.batch_tokens, f"target {target:.3g} tokens: no worthwhile growth"
+        return new, f"{self.cfg.target} target {target:.3g} tokens"
+
+    def target_tokens(self) -> float | None:
+        b_simple = self.estimator.b_simple
+        if b_simple is None:
+            return None
+        # the norm test asks for b >= tr(Sigma) / (eta^2 |G|^2) = B_simple / eta^2 (laws.md cross-cutting notes)
+        base = b_simple / self.cfg.norm_test_eta**2 if self.cfg.target == "norm_test" else b_simple
+        return base * self.cfg.target_multiplier
+
+    def _metrics(self) -> dict[str, float]:
+        b_simple = self.estimator.b_simple
+        if b_simple is None:
+            return {}
+        return {"b_simple": b_simple, "grad_noise_scale": b_simple, "critical_batch_tokens": b_simple,
+                "grad_sq_norm_est": self.estimator.g_sq, "grad_trace_est": self.estimator.trace}
+
+    def state_dict(self) -> dict:
+        return {"batch_tokens": self.batch_tokens, "last_change_step": self.last_change_step,
+                "estimator": asdict(self.estimator)}
+
+    def load_state_dict(self, state: dict) -> None:
+        q = self.cfg.quantum_tokens  # a resume at another world size may change the quantum: round up to it
+        self.batch_tokens = max(q, math.ceil(state["batch_tokens"] / q) * q)
+        self.last_change_step = state["last_change_step"]
+        self.estimator = NoiseScaleEstimator(**state["estimator"])
+
+
+def measurement_from_norms(micro_sq_norms: Sequence[float], micro_batch_tokens: int, big_sq_norm: float,
+                           big_batch_tokens: int) -> Measurement:
+    """Average several small-batch squared norms of the same size into one Measurement."""
+    return Measurement(sum(micro_sq_norms) / len(micro_sq_norms), micro_batch_tokens, big_sq_norm, big_batch_tokens)

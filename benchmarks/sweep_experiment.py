@@ -1,0 +1,141 @@
+"""Fit our own lr/batch law from a proxy sweep, then check it on a 4x larger model against the Step Law's choice.
+
+    python benchmarks/sweep_experiment.py                # one H200: 3 shapes x 2 budgets x 5 LRs x 4 batches
+    python benchmarks/sweep_experiment.py --smoke        # CPU, a tiny grid of a few steps per run
+
+Steps: (1) ``batchpilot.plan.sweep`` trains the grid, many runs at once on one GPU (each run is small);
+(2) ``batchpilot fit`` fits lr(N, D) and batch(D) to the runs table (law.json and plots); (3) one larger model
+(about 4x the largest proxy) is trained twice, in parallel, at the same token budget: at the fitted optimum and
+at the built-in Step Law's (lr, batch) (``batchpilot.plan.laws.STEP_LAW``, fitted on 2e8-1e9 parameters, so
+this is an extrapolation for both). Writes ``benchmarks/results/sweep_<date>.json`` and, beside it,
+``sweep_<date>/`` (runs.csv, law.json, plots). The run directories stay in ``--work`` (ignored by git).
+
+Caveat: the embedded corpus holds about 1.2M tokens, so the larger budgets repeat it several times; the
+validation loss is reported next to the smoothed training loss for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from batchpilot.cli import main as cli_main
+from batchpilot.plan.laws import STEP_LAW, non_vocab_params
+from batchpilot.plan.sweep import GridSpec, RunSpec, model_config, prepare_data, run_one, sweep
+
+# Shapes (vocab 4096, head_dim 64 where it divides): N = non-vocabulary parameters.
+SHAPES = [
+    {"name": "p2m", "hidden_size": 192, "intermediate_size": 512, "num_layers": 4, "num_heads": 3, "num_kv_heads": 3},
+    {"name": "p7m", "hidden_size": 320, "intermediate_size": 864, "num_layers": 6, "num_heads": 5, "num_kv_heads": 5},
+    {"name": "p28m", "hidden_size": 512, "intermediate_size": 1376, "num_layers": 9, "num_heads": 8,
+     "num_kv_heads": 8},
+]
+LARGE = {"name": "p117m", "hidden_size": 896, "intermediate_size": 2432, "num_layers": 12, "num_heads": 14,
+         "num_kv_heads": 14}
+FULL_GRID = {"models": SHAPES, "tokens": [2_000_000, 8_000_000], "lrs": [7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2],
+             "batch_tokens": [2048, 4096, 8192, 16384], "seq_len": 256, "micro_batch_size": 64, "eval_batches": 8}
+
+MICRO = {"vocab_size": 512, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2}
+SMOKE_SHAPES = [{"name": "m1", "hidden_size": 32, **MICRO}, {"name": "m2", "hidden_size": 48, **MICRO}]
+SMOKE_LARGE = {"name": "m4", "hidden_size": 96, **MICRO}
+SMOKE_GRID = {"models": SMOKE_SHAPES, "tokens": [4096, 8192], "lrs": [1e-3, 4e-3, 1.6e-2], "batch_tokens": [512, 1024],
+              "seq_len": 64, "micro_batch_size": 16, "eval_batches": 2, "vocab_size": 512, "device": "cpu"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny grid of a few steps per run (CPU)")
+    p.add_argument("--workers", type=int, default=None, help="runs at once (default: 12 on a GPU, 2 on CPU)")
+    p.add_argument("--data", default="default", help="corpus (default: the embedded one, prepared once)")
+    p.add_argument("--work", type=Path, default=None, help="sweep directory (default: runs/sweep_experiment[_smoke])")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--bootstrap", type=int, default=1000)
+    args = p.parse_args()
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    grid = GridSpec(**(SMOKE_GRID if args.smoke else FULL_GRID), data=args.data)
+    work = args.work or Path("runs/sweep_experiment" + ("_smoke" if args.smoke else ""))
+    stem = f"sweep_{datetime.date.today()}" + ("_smoke" if args.smoke else "")
+    results = args.out / stem
+    results.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or (12 if on_gpu else 2)
+
+    start = time.perf_counter()
+    swept = sweep(grid, work, workers=workers, progress=sys.stdout.isatty())
+    sweep_seconds = time.perf_counter() - start
+    shutil.copy(swept.csv_path, results / "runs.csv")
+    law_path = results / "law.json"
+    fit_rc = cli_main(["fit", str(swept.csv_path), "--out", str(law_path), "--bootstrap", str(args.bootstrap),
+                       "--plots", str(results), "--name", stem])
+    report = {"benchmark": "sweep_experiment", "grid": {**(SMOKE_GRID if args.smoke else FULL_GRID), "data": args.data},
+              "workers": workers, "sweep": {"runs": swept.finished, "failed": swept.failed,
+                                            "minutes": sweep_seconds / 60}}
+    final_seconds = 0.0
+    if fit_rc == 0:
+        law = json.loads(law_path.read_text())
+        start = time.perf_counter()
+        report["large"] = train_large(grid, work, law, SMOKE_LARGE if args.smoke else LARGE)
+        final_seconds = time.perf_counter() - start
+    gpus = torch.cuda.device_count() if on_gpu else 0
+    large = report.get("large", {})
+    report["summary"] = {
+        "runs": swept.finished, "gpu_minutes": (sweep_seconds + final_seconds) * gpus / 60,
+        "wall_minutes": (sweep_seconds + final_seconds) / 60,
+        "loss_at_fitted": large.get("fitted", {}).get("smooth_loss"),
+        "loss_at_steplaw": large.get("steplaw", {}).get("smooth_loss"),
+        "val_loss_at_fitted": large.get("fitted", {}).get("val_loss"),
+        "val_loss_at_steplaw": large.get("steplaw", {}).get("val_loss"), "fit_ok": fit_rc == 0}
+    report.update(environment(), plots=sorted(str(p) for p in results.glob("*.png")), results_dir=str(results))
+    out = args.out / f"{stem}.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {out}")
+
+
+def large_run(name: str, shape: dict, model: Path, tokens: int, lr: float, batch: float, seq_len: int) -> RunSpec:
+    batch_tokens = max(seq_len, round(batch / seq_len) * seq_len)  # whole sequences
+    return RunSpec(run_id=f"{name}_{shape['name']}_D{tokens}_lr{lr:.3e}_B{batch_tokens}", preset=shape["name"],
+                   model=str(model), params=non_vocab_params(model_config(shape)), tokens=tokens, lr=lr,
+                   batch_tokens=batch_tokens)
+
+
+def train_large(grid: GridSpec, work: Path, law: dict, shape: dict) -> dict:
+    """Train the larger shape at the fitted optimum and at the Step Law's choice (two processes at once)."""
+    from batchpilot.model.hf import config_to_hf
+
+    config_path = work / "models" / shape["name"] / "config.json"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config_to_hf(model_config(shape))))
+    n, d = non_vocab_params(model_config(shape)), max(grid.tokens)
+    fitted = (law["lr"]["coef"] * n ** law["lr"]["exp_params"] * d ** law["lr"]["exp_tokens"],
+              law["batch"]["coef"] * n ** law["batch"]["exp_params"] * d ** law["batch"]["exp_tokens"])
+    choices = {"fitted": fitted, "steplaw": STEP_LAW.recommend(non_vocab_params=n, tokens=d, compute_flops=6 * n * d)}
+    specs = {k: large_run(k, shape, config_path, d, lr, b, grid.seq_len) for k, (lr, b) in choices.items()}
+    data_dir = prepare_data(grid, work)
+    final_dir = work / "large"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {k: pool.submit(run_one, s, grid, data_dir, final_dir) for k, s in specs.items()}
+        rows = {k: f.result() for k, f in futures.items()}
+    return {k: {**rows[k], "params": n, "tokens": d, "lr": specs[k].lr, "batch_tokens": specs[k].batch_tokens}
+            for k in rows}
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "commit": commit or None, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(map(shlex.quote, sys.argv))}
+
+
+if __name__ == "__main__":
+    main()

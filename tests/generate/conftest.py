@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import batchpilot
+from batchpilot.data.tokenizer import Tokenizer
+
+TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
+         "And God said, Let there be light: and there was light.", "the the and and light earth heaven"] * 20
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _hf_config(arch: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaConfig(**kw) if arch == "llama" else Qwen2Config(**kw)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def hf_pair(request, tmp_path_factory):
+    """(transformers model, batchpilot model) with the same random fp32 weights, plus the model dir."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cls = LlamaForCausalLM if request.param == "llama" else Qwen2ForCausalLM
+    hf = cls(_hf_config(request.param)).eval()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, batchpilot.load_model(path), path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama directory with a trained BPE tokenizer.json and a chat template."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny_tok")
+    LlamaForCausalLM(_hf_config("llama")).save_pretrained(path)
+    tok = Tokenizer.train_bpe(TEXTS, 300, special_tokens=("<|endoftext|>", "<|assistant|>"))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save(path)
+    return path

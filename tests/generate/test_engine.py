@@ -1,0 +1,110 @@
+import pytest
+import torch
+from generate_reference import greedy_reference
+
+import batchpilot
+from batchpilot.data.tokenizer import Tokenizer
+from batchpilot.generate.engine import Engine, EngineConfig
+from batchpilot.generate.request import SamplingParams
+from batchpilot.generate.runner import attend_with_lse, merge_lse
+
+N = 10
+VARIANTS = {
+    "shared+cascade": dict(),
+    "shared, no cascade": dict(cascade=False),
+    "no sharing": dict(prefix_sharing=False),
+    "chunked prefill": dict(max_batch_tokens=7),
+    "small blocks + preemption": dict(block_size=4, num_blocks=14, output_len_prior=1),
+}
+
+
+def _prompts(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 320, (21,), generator=g).tolist()
+    return ([shared + torch.randint(0, 320, (n,), generator=g).tolist() for n in (1, 6, 13)]
+            + [torch.randint(0, 320, (n,), generator=g).tolist() for n in (2, 19, 33)])
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_pair):
+    hf, _, _ = hf_pair
+    out = []
+    for p in _prompts():
+        ids = torch.tensor([p])
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(gen[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_matches_transformers(hf_pair, hf_reference, variant):
+    _, model, _ = hf_pair
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, **VARIANTS[variant]))
+    engine.eos_ids = set()  # EOS on, but never produced: admission must guess lengths (and may preempt)
+    results = engine.generate(_prompts(), SamplingParams(max_tokens=N))
+    assert [r.output_ids for r in results] == hf_reference
+    assert all(r.finish_reason == "length" for r in results)
+    if "preemption" in variant:
+        assert engine.stats.preemptions > 0
+
+
+def test_prefix_is_prefilled_once(hf_pair):
+    _, model, _ = hf_pair
+    prompts = _prompts()
+    shared = Engine(model, None, EngineConfig(min_prefix_len=1))
+    shared.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+    plain = Engine(model, None, EngineConfig(prefix_sharing=False))
+    plain.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert plain.stats.prefill_tokens - shared.stats.prefill_tokens == 2 * 21
+
+
+def test_contiguous_reference_loop(hf_pair, hf_reference):
+    _, model, _ = hf_pair
+    assert [greedy_reference(model, p, N) for p in _prompts()] == hf_reference
+
+
+def test_cascade_merge_equals_plain_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 20, 2, 8), torch.randn(3, 20, 2, 8)
+    valid = torch.rand(3, 20) > 0.3
+    valid[:, 0] = valid[:, 12] = True
+    full, lse = attend_with_lse(q, k, v, valid)
+    a, lse_a = attend_with_lse(q, k[:, :12], v[:, :12], valid[:, :12])
+    b, lse_b = attend_with_lse(q, k[:, 12:], v[:, 12:], valid[:, 12:])
+    merged, lse_m = merge_lse(a, lse_a, b, lse_b)
+    torch.testing.assert_close(merged, full)
+    torch.testing.assert_close(lse_m, lse)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                                            attn_mask=valid[:, None, None])
+    torch.testing.assert_close(full, sdpa)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(hf_pair):
+    _, model, _ = hf_pair
+    prompts = _prompts()
+    params = [SamplingParams(max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    first = Engine(model, None, EngineConfig(min_prefix_len=1)).generate(prompts, params)
+    alone = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts[2:3], params[2:3])
+    assert alone[0].output_ids == first[2].output_ids
+    again = Engine(model, None, EngineConfig(max_batch_tokens=5)).generate(prompts, params)
+    assert [r.output_ids for r in again] == [r.output_ids for r in first]
+    other = Engine(model, None, EngineConfig()).generate(prompts, [SamplingParams(
+        max_tokens=8, temperature=1.0, seed=100 + i, ignore_eos=True) for i in range(len(prompts))])
+    assert [r.output_ids for r in other] != [r.output_ids for r in first]
+
+
+def test_stop_strings_and_eos(model_dir):
+    model, tok = batchpilot.load_model(model_dir), Tokenizer.from_path(model_dir)
+    engine = Engine(model, tok, EngineConfig())
+    full = engine.generate(["And God said"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert full.text == tok.decode(full.output_ids) and len(full.output_ids) == 12
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    cut = Engine(model, tok, EngineConfig()).generate(["And God said"], SamplingParams(max_tokens=12, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    eos = full.output_ids[3]
+    engine.eos_ids = {eos}
+    ended = engine.generate(["And God said"], SamplingParams(max_tokens=12))[0]
+    assert ended.finish_reason == "stop" and ended.output_ids[-1] == eos
+    assert len(ended.output_ids) == full.output_ids.index(eos) + 1

@@ -1,0 +1,86 @@
+import json
+
+from batchpilot.cli import main
+from batchpilot.generate.jobs import merge_parts, part_path, read_job, render_chat
+from batchpilot.generate.request import SamplingParams
+from conftest import CHAT_TEMPLATE
+
+
+def _job(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _records(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _line(cid, body, url="/v1/completions"):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body})
+
+
+def test_job_end_to_end_bad_line_chat_and_resume(model_dir, tmp_path):
+    job = _job(tmp_path / "job.jsonl", [
+        _line("a", {"prompt": "And God said", "max_tokens": 5}),
+        "{not json",
+        _line("c", {"messages": [{"role": "user", "content": "light"}], "max_tokens": 4}, "/v1/chat/completions"),
+        _line("d", {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0.7, "seed": 3}),
+        _line("e", {"prompt": "x", "max_tokens": 5000}),
+    ])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(model_dir), "--input", str(job), "--output", str(out), "--no-progress",
+            "--ignore-eos"]
+    assert main(argv) == 0
+    recs = {r["custom_id"]: r for r in _records(out)}
+    assert set(recs) == {"a", "line-2", "c", "d", "e"}
+    assert recs["line-2"]["error"] and recs["line-2"]["response"] is None
+    assert "exceeds" in recs["e"]["error"]["message"]
+    body = recs["a"]["response"]["body"]
+    assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+    assert recs["c"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
+    assert recs["d"]["response"]["body"]["usage"]["prompt_tokens"] == 3
+    # resume: nothing new; a lost record (and a torn last line) is redone alone
+    assert main(argv) == 0 and len(_records(out)) == 5
+    kept = [r for r in out.read_text().splitlines() if json.loads(r)["custom_id"] != "a"]
+    out.write_text("\n".join(kept) + "\n" + '{"custom_id": "tor')
+    assert main(argv) == 0
+    again = _records(out)
+    assert [r["custom_id"] for r in again[-1:]] == ["a"] and len(again) == 5
+    assert again[-1]["response"]["body"]["choices"][0]["text"] == body["choices"][0]["text"]
+
+
+def test_text_file_input(model_dir, tmp_path):
+    job = _job(tmp_path / "prompts.txt", ["And God said", "", "the earth"])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(model_dir), "--input", str(job), "--output", str(out),
+                 "--max-tokens", "3", "--no-progress"]) == 0
+    assert sorted(r["custom_id"] for r in _records(out)) == ["line-1", "line-3"]
+
+
+def test_chat_template_rendering_is_sandboxed():
+    text = render_chat([{"role": "user", "content": "hi"}], CHAT_TEMPLATE, {"bos_token": "<s>"})
+    assert text == "<s><|user|>hi\n<|assistant|>"
+    evil = "{{ messages.__class__.__mro__ }}"
+    items = read_job.__globals__["parse_line"](
+        _line("x", {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions"), 0,
+        SamplingParams(), evil, {})
+    assert items.error is not None and "chat template" in items.error
+
+
+def test_params_and_duplicates(tmp_path):
+    job = _job(tmp_path / "j.jsonl", [_line("a", {"prompt": "p", "stop": "x", "top_p": 0.5}),
+                                      _line("a", {"prompt": "q"}), _line("b", {"prompt": "q", "top_p": 2})])
+    a, dup, bad = read_job(job, SamplingParams(max_tokens=9))
+    assert a.params == SamplingParams(max_tokens=9, stop=("x",), top_p=0.5)
+    assert "duplicate" in dup.error and "top_p" in bad.error
+
+
+def test_merge_parts_in_input_order(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"custom_id": "b"}) + "\n")
+    part_path(out, 0).write_text(json.dumps({"custom_id": "c"}) + "\n" + json.dumps({"custom_id": "a"}) + "\n")
+    part_path(out, 1).write_text(json.dumps({"custom_id": "d"}) + "\n")
+    merge_parts(out, 2, {"a": 0, "b": 1, "c": 2, "d": 3})
+    assert [r["custom_id"] for r in _records(out)] == ["a", "b", "c", "d"]
+    assert not part_path(out, 0).exists()

@@ -1,0 +1,39 @@
+"""``batchpilot plan`` through the real dispatcher."""
+
+import json
+
+from batchpilot.cli import main
+from batchpilot.plan.planner import Plan
+
+KEYS = {"global_batch_tokens", "peak_lr", "micro_batch_size", "grad_accum_steps", "seq_len", "total_steps",
+        "warmup_steps", "schedule", "min_lr", "predicted_peak_memory_bytes", "predicted_step_seconds",
+        "predicted_total_seconds", "activation_checkpointing", "sharding", "num_gpus", "model", "law"}
+
+
+def test_json_and_out(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--preset", "llama-1b", "--tokens", "1e11", "--gpus", "8", "--json", "--out", str(out)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(d) and {"name", "non_vocab_params", "batch_tokens", "peak_lr"} <= set(d["law"])
+    assert d["model"] == "llama-1b" and Plan.load(out).to_dict() == d
+
+
+def test_human_output(capsys):
+    assert main(["plan", "--params", "3e8", "--hours", "2", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1. model: derived" in out and "global batch" in out
+
+
+def test_compare(capsys):
+    assert main(["plan", "--preset", "llama-125m", "--tokens", "1e10", "--compare", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d) == {"step", "deepseek"} and d["deepseek"]["schedule"] == "multistep"
+    assert main(["plan", "--preset", "llama-125m", "--tokens", "1e10", "--compare"]) == 0
+    assert "deepseek" in capsys.readouterr().out
+
+
+def test_errors_exit_2(capsys):
+    assert main(["plan", "--preset", "tiny", "--tokens", "1e9", "--law", "nope"]) == 2
+    assert "unknown law 'nope'; choose one of: step, deepseek" in capsys.readouterr().err
+    assert main(["plan", "--preset", "llama-8b", "--tokens", "1e9", "--gpu-memory-gib", "16"]) == 2
+    assert "does not fit" in capsys.readouterr().err

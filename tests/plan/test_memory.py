@@ -1,0 +1,62 @@
+"""Memory model: ZeRO and Korthikanti oracles, the op-by-op block formula, and its monotonic structure."""
+
+import pytest
+
+from batchpilot.model.llama import get_preset
+from batchpilot.plan import memory
+
+
+@pytest.mark.parametrize("stage, gb", [(0, 120.0), (1, 31.41), (2, 16.64), (3, 1.875)])
+def test_zero_figure_1(stage, gb):
+    est = memory.estimate_model_state_bytes(7.5e9, precision="bf16_fp32_master", num_shards=64, zero_stage=stage)
+    assert est.total / 1e9 == pytest.approx(gb, rel=1e-3)
+
+
+def test_korthikanti_gpt3_layer():
+    assert memory.korthikanti_layer_bytes(seq_len=2048, micro_batch_size=1, hidden_size=12288,
+                                          num_heads=96) == pytest.approx(2.869e9, rel=1e-3)
+
+
+def test_block_activation_formula():
+    c = get_preset("llama-1b")  # D 2048, Q 2048, KV 512, I 8192, H 32
+    assert memory.activation_bytes_per_token(c) == 26 * 2048 + 4 * 2048 + 4 * 512 + 4 * 32 + 8 * 8192
+    assert memory.activation_bytes_per_token(c, param_bytes=2) == 16 * 2048 + 4 * 2048 + 4 * 512 + 4 * 32 + 8 * 8192
+
+
+def test_kv_bytes_per_token():
+    c = get_preset("llama-8b")  # 32 layers, 8 KV heads of 128
+    assert memory.kv_bytes_per_token(c) == 2 * 32 * 8 * 128 * 2 == 131072
+
+
+def test_optimizer_states_and_precision():
+    adam = memory.estimate_model_state_bytes(1e9, optimizer="adamw", zero_stage=0)
+    sgd = memory.estimate_model_state_bytes(1e9, optimizer="sgd", zero_stage=0)
+    assert (adam.params, adam.grads, adam.optimizer) == (4e9, 4e9, 8e9)
+    assert sgd.optimizer == 4e9
+
+
+def test_peak_grows_with_micro_batch_and_checkpointing_saves():
+    c = get_preset("llama-1b")
+    peaks = [memory.estimate_peak_bytes(c, micro_batch_size=mb, seq_len=2048).allocated_bytes for mb in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks)
+    ckpt = memory.estimate_peak_bytes(c, micro_batch_size=8, seq_len=2048, checkpointing=True)
+    assert ckpt.allocated_bytes < peaks[-1]
+    assert ckpt.total_bytes == ckpt.allocated_bytes + memory.CUDA_CONTEXT_BYTES
+
+
+def test_fsdp_shards_model_state():
+    c = get_preset("llama-8b")
+    one = memory.estimate_peak_bytes(c, micro_batch_size=1, seq_len=2048)
+    eight = memory.estimate_peak_bytes(c, micro_batch_size=1, seq_len=2048, num_gpus=8, sharding="fsdp")
+    assert eight.params == pytest.approx(one.params / 8) and eight.optimizer == pytest.approx(one.optimizer / 8)
+    assert eight.allocated_bytes < one.allocated_bytes / 3
+
+
+def test_loss_bytes_follow_model_loss():
+    c = get_preset("llama-1b")  # chunks of 2^30 // (2 x 128256) = 4185 tokens
+    t, v, d = 2048, 128256, 2048
+    one = memory.estimate_loss_bytes(c, tokens=t, fsdp=False)
+    assert one.saved == 4 * t * d + 4 * v * d
+    assert one.forward_peak == 4 * t * d + 6 * v * d + max(4 * t * v, 2 * t * v + 4 * t * d)
+    three = memory.estimate_loss_bytes(c, tokens=3 * 4185, fsdp=True)
+    assert three.forward_peak == 2 * 3 * 4185 * d + 4 * v * d + 6 * 4185 * v

@@ -1,0 +1,142 @@
+"""Plan invariants: rounding, LR rescaling, memory fit, warnings, serialisation and every bad input."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from batchpilot.model.hf import config_to_hf
+from batchpilot.model.llama import LlamaConfig, get_preset
+from batchpilot.plan import laws
+from batchpilot.plan.memory import GIB, estimate_peak_bytes
+from batchpilot.plan.memory import MICRO_BATCH_GRID
+from batchpilot.plan.planner import Budget, Plan, compare, derive_shape, make_plan
+
+BUDGETS = [
+    Budget(preset="llama-1b", tokens=1e11, num_gpus=8),
+    Budget(preset="llama-125m", tokens=1e10, num_gpus=3, gpu_memory_gib=24, seq_len=1024),
+    Budget(preset="llama-8b", tokens=2e11, num_gpus=8, law="deepseek", optimizer="lamb"),
+    Budget(preset="qwen2-0.5b", compute_flops=1e19, num_gpus=2, optimizer="sgd"),
+    Budget(preset="tiny", tokens=1e7, seq_len=256, optimizer="lars"),
+]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_rounding_and_lr_rule(budget):
+    plan = make_plan(budget)
+    per_step = plan.micro_batch_size * plan.grad_accum_steps * plan.num_gpus * plan.seq_len
+    assert plan.global_batch_tokens == per_step
+    assert plan.micro_batch_size in MICRO_BATCH_GRID
+    ratio = plan.global_batch_tokens / plan.law["batch_tokens"]
+    scale = ratio if budget.optimizer in ("sgd", "lars") else math.sqrt(ratio)
+    assert plan.peak_lr == pytest.approx(plan.law["peak_lr"] * scale)
+    assert plan.total_steps == round(plan.law["tokens"] / plan.global_batch_tokens)
+    assert plan.warmup_steps == min(2000, int(0.1 * plan.total_steps))
+    assert plan.predicted_peak_memory_bytes <= 0.9 * budget.gpu_memory_gib * GIB
+    assert plan.sharding == ("fsdp" if budget.num_gpus > 1 else "none")
+
+
+def test_step_law_values_and_schedule():
+    plan = make_plan(BUDGETS[0])
+    assert plan.law["non_vocab_params"] == laws.non_vocab_params(get_preset("llama-1b"))
+    assert plan.law["batch_tokens"] == pytest.approx(laws.step_law_batch_tokens(1e11))
+    assert (plan.schedule, plan.min_lr) == ("cosine", 1e-5)
+    assert not plan.warnings  # N 9.7e8 and D 1e11 are inside the grid
+    deepseek = make_plan(dataclasses.replace(BUDGETS[0], law="deepseek"))
+    assert deepseek.schedule == "multistep" and deepseek.min_lr == pytest.approx(0.1 * deepseek.peak_lr)
+    wsd = make_plan(dataclasses.replace(BUDGETS[0], schedule="wsd"))
+    assert wsd.schedule == "wsd" and any("not validated" in w for w in wsd.warnings)
+
+
+def test_extrapolation_is_warned():
+    plan = make_plan(Budget(preset="llama-125m", tokens=2.5e9))
+    assert any("outside the fitted range" in w for w in plan.warnings)
+    assert "WARNING: N (non-vocab params)" in plan.explain()
+    assert "WARNING" in make_plan(Budget(preset="llama-8b", tokens=1e12, num_gpus=8, law="deepseek")).explain()
+
+
+def test_micro_batch_is_largest_that_fits():
+    budget = Budget(preset="llama-125m", tokens=1e11, gpu_memory_gib=24)  # law batch 541 seqs: grid cap 512
+    plan = make_plan(budget)
+    ckpt = plan.activation_checkpointing == "full"
+
+    def fits(mb):
+        est = estimate_peak_bytes(get_preset("llama-125m"), micro_batch_size=mb, seq_len=2048, checkpointing=ckpt)
+        return est.total_bytes <= 0.9 * 24 * GIB
+
+    assert fits(plan.micro_batch_size) and not fits(2 * plan.micro_batch_size)
+    assert plan.activation_checkpointing == "none"  # fits at >= 8192 tokens per micro-batch
+
+
+def test_checkpointing_when_plain_does_not_fit():
+    plan = make_plan(Budget(preset="llama-8b", tokens=1e11, num_gpus=8, gpu_memory_gib=40))
+    assert plan.activation_checkpointing == "full"
+
+
+def test_round_trip(tmp_path):
+    plan = make_plan(BUDGETS[1])
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    path = plan.save(tmp_path / "sub" / "plan.json")
+    assert Plan.load(path) == plan and not list(path.parent.glob(".*tmp"))
+    with pytest.raises(ValueError, match="missing"):
+        Plan.from_dict({"peak_lr": 1.0})
+
+
+def test_compute_hours_and_mfu_from(tmp_path):
+    config = get_preset("llama-1b")
+    fpt = laws.training_flops_per_token(config, 2048)
+    plan = make_plan(Budget(preset="llama-1b", compute_flops=1e20))
+    assert plan.law["tokens"] == pytest.approx(1e20 / fpt)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": i, "mfu": m}) for i, m in enumerate([0.3, 0.5, None])))
+    plan = make_plan(Budget(preset="llama-1b", hours=10, num_gpus=8, mfu_from=str(metrics)))
+    assert plan.mfu == pytest.approx(0.4)
+    assert plan.law["tokens"] == pytest.approx(8 * 989e12 * 0.4 * 36000 / fpt)
+    assert plan.predicted_total_seconds == pytest.approx(36000, rel=0.1)
+
+
+def test_params_only_derives_a_shape():
+    config = derive_shape(1e9)
+    assert laws.non_vocab_params(config) == pytest.approx(1e9, rel=0.02)
+    plan = make_plan(Budget(params=1e9, tokens=2e10))
+    assert plan.law["non_vocab_params"] == 1e9 and LlamaConfig(**plan.model) == config
+
+
+def test_hf_config_and_fitted_law(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(get_preset("llama-125m"))))
+    law = {"name": "mine", "lr": {"coef": 1.79, "exp_params": -0.713, "exp_tokens": 0.307},
+           "batch": {"coef": 0.58, "exp_params": 0.0, "exp_tokens": 0.571},
+           "fitted_range": {"params": [1e7, 1e8], "tokens": [1e9, 1e10]}, "schedule": "cosine"}
+    (tmp_path / "law.json").write_text(json.dumps(law))
+    plan = make_plan(Budget(hf_config=str(tmp_path), tokens=5e9, law=str(tmp_path / "law.json")))
+    step = make_plan(Budget(preset="llama-125m", tokens=5e9))
+    assert plan.peak_lr == pytest.approx(step.peak_lr) and plan.global_batch_tokens == step.global_batch_tokens
+    assert not plan.warnings and plan.law["name"] == "mine"
+    assert LlamaConfig(**plan.model).hidden_size == 768
+    assert set(compare(Budget(preset="llama-125m", tokens=5e9, law=str(tmp_path / "law.json")))) == {
+        "step", "deepseek", str(tmp_path / "law.json")}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(preset="tiny", tokens=0), "tokens must be > 0"),
+    (dict(preset="tiny", hours=-1), "hours must be > 0"),
+    (dict(preset="tiny", tokens=1e9, num_gpus=0), "num_gpus must be > 0"),
+    (dict(preset="tiny", tokens=1e9, compute_flops=1e18), "exactly one of tokens"),
+    (dict(tokens=1e9), "exactly one of preset"),
+    (dict(preset="llama-70b", tokens=1e9), "unknown preset.*llama-1b"),
+    (dict(preset="tiny", tokens=1e9, optimizer="adam8bit"), "unknown optimizer"),
+    (dict(preset="tiny", tokens=1e9, schedule="linear"), "unknown schedule"),
+    (dict(preset="tiny", tokens=1e9, mfu=1.5), "mfu"),
+])
+def test_bad_budgets(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Budget(**kwargs)
+
+
+def test_bad_plans():
+    with pytest.raises(ValueError, match="unknown law 'chinchilla'; choose one of: step, deepseek"):
+        make_plan(Budget(preset="tiny", tokens=1e9, law="chinchilla"))
+    with pytest.raises(ValueError, match=r"does not fit .* use >= \d+ GPUs of 24 GiB, or >= \d+ GiB per GPU"):
+        make_plan(Budget(preset="llama-8b", tokens=1e11, gpu_memory_gib=24))

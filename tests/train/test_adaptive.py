@@ -1,0 +1,160 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, NoiseScaleEstimator,
+                                       default_coupling, grad_sq_norm, inner_product_test_batch, lr_scale,
+                                       norm_test_batch, two_batch_estimates)
+
+ORACLE = Measurement(small_sq_norm=2.0, small_batch_tokens=32, big_sq_norm=0.6, big_batch_tokens=256)
+
+
+def test_two_batch_oracle():
+    # laws.md 4c: B_small=32, |G_small|^2=2.0; B_big=256, |G_big|^2=0.6 -> |G|^2=0.4, tr(Sigma)=51.2, B_simple=128
+    g_sq, trace = two_batch_estimates(2.0, 32, 0.6, 256)
+    assert (g_sq, trace) == pytest.approx((0.4, 51.2))
+    est = NoiseScaleEstimator()
+    est.update(ORACLE)
+    assert est.b_simple == pytest.approx(128.0)
+
+
+def test_ema_bias_correction_and_separate_averages():
+    est = NoiseScaleEstimator(beta=0.9)
+    est.update(ORACLE)
+    assert (est.g_sq, est.trace) == pytest.approx((0.4, 51.2))  # bias-corrected: no shrink toward 0
+    est.update(Measurement(small_sq_norm=3.0, small_batch_tokens=32, big_sq_norm=1.6, big_batch_tokens=256))
+    # second: |G|^2 = 1.4, tr = 51.2; the ratio is of averages, not the average of ratios
+    w = (0.9 * 0.1, 0.1)  # weights of the 1st and 2nd sample before correction
+    g_sq = (w[0] * 0.4 + w[1] * 1.4) / (1 - 0.81)
+    assert est.g_sq == pytest.approx(g_sq)
+    assert est.b_simple == pytest.approx(51.2 / g_sq)
+    assert est.b_simple != pytest.approx((128 + 51.2 / 1.4) / 2)
+
+
+def test_b_simple_none_until_signal_positive():
+    est = NoiseScaleEstimator()
+    assert est.b_simple is None
+    est.update(Measurement(small_sq_norm=1.0, small_batch_tokens=32, big_sq_norm=0.01, big_batch_tokens=256))
+    assert est.b_simple is None  # |G|^2 estimate < 0
+
+
+def test_adadagrad_oracles():
+    samples = torch.tensor([1.0, 3.0, 5.0, 7.0]).reshape(4, 1)  # laws.md section 6: b=4, eta 0.1 -> 42
+    assert norm_test_batch(samples, 0.1, 4) == 42
+    assert inner_product_test_batch(samples, 0.1, 4) == 42
+    assert norm_test_batch(samples, 10.0, 4) == 4  # never shrinks
+
+
+def test_statistical_recovery_of_b_simple():
+    # g_i = G + noise, |G|^2 = 1, tr(Sigma) = 64 -> B_simple = 64; small batch is a subset of the big one
+    gen = torch.Generator().manual_seed(0)
+    dims, small, big, steps = 32, 8, 64, 1500
+    grad = torch.zeros(dims)
+    grad[0] = 1.0
+    noise = torch.randn(steps, big, dims, generator=gen, dtype=torch.float64) * math.sqrt(64 / dims)
+    samples = grad + noise  # (steps, big, dims)
+    small_sq = samples[:, :small].mean(1).square().sum(-1)
+    big_sq = samples.mean(1).square().sum(-1)
+    est = NoiseScaleEstimator(beta=0.998)
+    for s, b in zip(small_sq.tolist(), big_sq.tolist()):
+        est.update(Measurement(small_sq_norm=s, small_batch_tokens=small, big_sq_norm=b, big_batch_tokens=big))
+    assert est.trace == pytest.approx(64.0, rel=0.05)
+    assert est.g_sq == pytest.approx(1.0, rel=0.1)
+    assert est.b_simple == pytest.approx(64.0, rel=0.1)
+
+
+def test_lr_coupling():
+    assert lr_scale(1024, 256, "sqrt") == pytest.approx(2.0)  # laws.md 5: Adam 3e-4 -> 6e-4
+    assert lr_scale(1024, 256, "linear") == pytest.approx(4.0)  # SGD 0.1 -> 0.4
+    assert lr_scale(1024, 256, "none") == 1.0
+    assert [default_coupling(n) for n in ("adamw", "lamb", "lars", "sgd")] == ["sqrt", "sqrt", "linear", "linear"]
+
+
+def test_fixed_policy_still_reports_metrics():
+    ctl = BatchController(BatchConfig(initial_batch_tokens=256, quantum_tokens=64))
+    d = ctl.decide(1, 256, ORACLE)
+    assert (d.global_batch_tokens, d.lr_scale, d.changed) == (256, 1.0, False)
+    assert d.metrics["b_simple"] == pytest.approx(128.0) == d.metrics["critical_batch_tokens"]
+
+
+def test_ramp_thresholds():
+    cfg = BatchConfig(policy="ramp", initial_batch_tokens=64, quantum_tokens=64, lr_coupling="linear",
+                      ramp=[(1000, 256), (0, 128), (5000, 512)])
+    ctl = BatchController(cfg)
+    got = [(ctl.decide(i, t).global_batch_tokens) for i, t in enumerate([0, 999, 1000, 4999, 5000, 10**6])]
+    assert got == [128, 128, 256, 256, 512, 512]
+    assert ctl.decide(7, 10**6).lr_scale == pytest.approx(8.0)
+
+
+def adaptive(**overrides) -> BatchController:
+    cfg = dict(policy="adaptive", initial_batch_tokens=128, quantum_tokens=64, min_measurements=1,
+               min_interval_steps=1, max_batch_tokens=2048)
+    return BatchController(BatchConfig(**{**cfg, **overrides}))
+
+
+def measured(b_simple: float) -> Measurement:
+    """A measurement whose estimate is |G|^2 = 1, tr(Sigma) = b_simple."""
+    return Measurement(small_sq_norm=1 + b_simple / 32, small_batch_tokens=32,
+                       big_sq_norm=1 + b_simple / 256, big_batch_tokens=256)
+
+
+def test_adaptive_growth_capped_quantised_never_shrinks():
+    ctl = adaptive(ema_beta=0.01)  # almost no smoothing: the estimate follows each measurement
+    d = ctl.decide(1, 0, measured(1000.0))
+    assert (d.global_batch_tokens, d.changed) == (256, True)  # 2x cap per change
+    assert d.lr_scale == pytest.approx(math.sqrt(2))
+    assert ctl.decide(2, 0, measured(1000.0)).global_batch_tokens == 512
+    assert ctl.decide(3, 0, measured(700.0)).global_batch_tokens == 640  # floor(700 / 64) * 64
+    assert ctl.decide(4, 0, measured(10.0)).global_batch_tokens == 640  # never shrinks
+    for step in range(5, 10):
+        d = ctl.decide(step, 0, measured(1e6))
+    assert d.global_batch_tokens == 2048  # max cap
+    assert d.global_batch_tokens % 64 == 0
+
+
+def test_adaptive_interval_threshold_and_warmup():
+    ctl = adaptive(ema_beta=0.01, min_interval_steps=10, min_measurements=3)
+    assert ctl.decide(1, 0, measured(1000.0)).reason == "waiting for measurements"
+    ctl.decide(2, 0, measured(1000.0))
+    assert ctl.decide(3, 0, measured(1000.0)).reason == "minimum interval"  # 3 - 0 < 10
+    assert ctl.decide(10, 0, measured(1000.0)).global_batch_tokens == 256
+    assert not ctl.decide(15, 0, measured(1000.0)).changed
+    assert ctl.decide(20, 0, measured(1000.0)).global_batch_tokens == 512
+    small_gain = adaptive(ema_beta=0.01, initial_batch_tokens=1280, min_relative_change=0.1)
+    assert not small_gain.decide(1, 0, measured(1400.0)).changed  # 1344 < 1.1 * 1280
+
+
+def test_norm_test_target():
+    ctl = adaptive(target="norm_test", norm_test_eta=0.5)
+    ctl.decide(1, 0, measured(100.0))
+    assert ctl.target_tokens() == pytest.approx(400.0)
+
+
+def test_state_round_trip_json():
+    ctl = adaptive(ema_beta=0.5)
+    for step in range(1, 4):
+        ctl.decide(step, 0, measured(500.0))
+    state = json.loads(json.dumps(ctl.state_dict()))
+    other = adaptive(ema_beta=0.5)
+    other.load_state_dict(state)
+    assert other.state_dict() == ctl.state_dict()
+    assert other.decide(4, 0, measured(500.0)) == ctl.decide(4, 0, measured(500.0))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        BatchConfig(initial_batch_tokens=100, quantum_tokens=64)
+    with pytest.raises(ValueError):
+        BatchConfig(policy="ramp", initial_batch_tokens=64, quantum_tokens=64)
+    with pytest.raises(ValueError):
+        BatchConfig(policy="grow", initial_batch_tokens=64, quantum_tokens=64)
+
+
+def test_grad_sq_norm_plain():
+    layer = nn.Linear(3, 2)
+    layer(torch.ones(4, 3)).sum().backward()
+    expected = sum(p.grad.square().sum().item() for p in layer.parameters())
+    assert grad_sq_norm(layer.parameters()) == pytest.approx(expected)
