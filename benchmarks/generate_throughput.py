@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import batchpilot
-from batchpilot.generate.engine import Engine, EngineConfig, roofline_share
+from batchpilot.generate.engine import Engine, EngineConfig
+from batchpilot.generate.roofline import roofline_share
 from batchpilot.generate.request import SamplingParams
 
 
@@ -59,7 +60,7 @@ def run_engine(model: torch.nn.Module, prompts: list[list[int]], new: int, cfg: 
     out = sum(o for _, o in lengths)
     row = {"requests": len(prompts), "prompt_tokens": sum(i for i, _ in lengths), "output_tokens": out,
            "seconds": round(seconds, 3), "out_tok_s": round(out / seconds, 1), **engine.stats.to_dict()}
-    row["roofline"] = roofline_share(engine, lengths, seconds)
+    row["roofline"] = roofline_share(model, engine.stats, lengths, seconds)
     del engine
     _free()
     return row
@@ -110,6 +111,8 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--no-cascade", action="store_true", help="disable shared-prefix decode attention")
+    p.add_argument("--no-triton", action="store_true", help="torch paged attention instead of the Triton kernel")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     n = 16 if args.smoke else 1024
@@ -120,7 +123,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = batchpilot.load_model(args.model or ("tiny" if args.smoke else "llama-1b"), device=device, dtype=dtype)
-    base = dict(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, cascade=not args.no_cascade)
+    base = dict(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, cascade=not args.no_cascade,
+                triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs)
     rows = []
     for name, (prompts, new) in workloads(args, model.config.vocab_size).items():
         if name not in args.workloads.split(","):

@@ -84,24 +84,42 @@ def measure(preset: str, micro_batch_size: int, seq_len: int, checkpointing: boo
     return measured, after_forward
 
 
+def is_weight_copy(t: torch.Tensor) -> bool:
+    """A parameter's autocast bf16 copy or a view of it (counted apart, as ``compute_copies``): a chain of
+    single-input ops (cast, transpose) that ends at a parameter's AccumulateGrad."""
+    fn = t.grad_fn
+    for _ in range(4):
+        inputs = [n for n, _ in fn.next_functions if n is not None] if fn is not None else []
+        if len(inputs) != 1:
+            return False
+        if type(inputs[0]).__name__ == "AccumulateGrad":
+            return True
+        fn = inputs[0]
+    return False
+
+
 def block_saved_bytes_per_token(preset: str, seq_len: int, device: str) -> dict:
-    """Bytes one block saves for backward per token (unique storages, via saved-tensor hooks) vs the formula."""
+    """Bytes one block saves for backward per token (unique storages, via saved-tensor hooks) vs the formula.
+
+    Parameters, their autocast copies and the cos/sin tables (shared by all layers) are left out.
+    """
     model = build_model(get_preset(preset).with_(num_layers=1), device=device, seed=0)
     x = torch.randn(1, seq_len, model.config.hidden_size, device=device, requires_grad=True)
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(seq_len, device=device)[None], x.dtype)
+    block = model.layers[0]
+    skip = {t.untyped_storage().data_ptr() for t in (cos, sin, *block.parameters())}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and not is_weight_copy(t):
+            storages[ptr] = t.untyped_storage().nbytes()
         return t
 
-    block = model.layers[0]
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             block(x, cos, sin, None)
-    big = {k: v for k, v in storages.items() if k not in weights and v >= seq_len * 8}  # drop weights, cos/sin rows
-    return {"measured": sum(big.values()) / seq_len,
+    return {"measured": sum(storages.values()) / seq_len,
             "predicted": activation_bytes_per_token(model.config, param_bytes=4)}
 
 

@@ -30,7 +30,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also run with --compile")
+    p.add_argument("--data", default="default", help="'default' or a prepared dataset directory")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     rows = []
@@ -50,7 +51,7 @@ def main() -> None:
 def run_trainer(args: argparse.Namespace, compile_: bool) -> dict:
     run_dir = Path(tempfile.mkdtemp()) / "run"
     tokens_per_step = args.micro_batch_size * args.seq_len * 2  # two micro-batches: accumulation is exercised
-    cmd = [sys.executable, "-m", "batchpilot", "train", "--preset", args.preset, "--data", "default",
+    cmd = [sys.executable, "-m", "batchpilot", "train", "--preset", args.preset, "--data", args.data,
            "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size),
            "--global-batch-tokens", str(tokens_per_step), "--max-steps", str(args.steps), "--lr", "3e-4",
            "--min-lr", "3e-5", "--eval-every", "1000", "--save-every", "100000", "--out", str(run_dir)]

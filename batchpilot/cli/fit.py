@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from batchpilot.metrics import write_json_atomic
-from batchpilot.plan.fit import (CriticalBatchFit, LawFit, Runs, StepLawFit, fit_critical_batch, fit_steplaw,
-                                 law_to_dict, read_runs)
+from batchpilot.plan.fit import (DEFAULT_COLUMNS, OPTIONAL_COLUMNS, CriticalBatchFit, LawFit, Runs, StepLawFit,
+                                 best_on_grid_edge, fit_critical_batch, fit_steplaw, law_to_dict, read_runs)
 
 PANELS_PER_FIGURE = 16
 
@@ -25,9 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "when the runs allow, B_crit(L) = B_* / L^(1/alpha_B).")
     p.add_argument("runs", type=Path, help="runs CSV (one row per finished run)")
     p.add_argument("--out", type=Path, default=Path("law.json"), help="law file to write (default: law.json)")
-    for key, default in (("params", "N"), ("tokens", "D"), ("lr", "lr"), ("batch", "batch_tokens, bs"),
-                         ("loss", "smooth_loss, smooth loss, final_loss, loss"), ("steps", "steps, ti")):
-        p.add_argument(f"--col-{key}", default=None, metavar="NAME", help=f"{key} column (default: first of {default})")
+    for key, names in (DEFAULT_COLUMNS | {"steps": OPTIONAL_COLUMNS["steps"]}).items():
+        p.add_argument(f"--col-{key}", default=None, metavar="NAME",
+                       help=f"{key} column (default: the first of {', '.join(map(repr, names))} present)")
     p.add_argument("--batch-unit", choices=("tokens", "sequences"), default="tokens")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (for --batch-unit sequences)")
     p.add_argument("--band", type=float, default=0.0025, help="keep runs within this fraction of the group's best")
@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, law)
     print(format_fit(runs, fit))
+    lr_edges, batch_edges = best_on_grid_edge(runs)
+    if lr_edges or batch_edges:
+        print(f"warning: the best run of {lr_edges} group(s) is at the edge of its lr grid and of {batch_edges} at "
+              f"the edge of its batch grid: the optimum may lie outside; widen the grid there")
     print(format_critical(critical) if critical else f"critical batch: not fitted ({skipped})")
     print(f"wrote {args.out}")
     if not args.no_plots:

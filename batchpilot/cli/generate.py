@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-prefix-sharing", action="store_true", help="no shared-prefix groups")
     p.add_argument("--no-cascade", action="store_true", help="groups, but decode reads the prefix per request")
+    p.add_argument("--no-triton", action="store_true", help="torch paged attention instead of the Triton kernel")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -61,8 +63,9 @@ def load(args: argparse.Namespace, device: torch.device):
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchpilot.generate.engine import Engine, EngineConfig, roofline_share
-    from batchpilot.generate.jobs import chat_template_of, merge_parts, read_job, run_job
+    from batchpilot.generate.engine import Engine, EngineConfig
+    from batchpilot.generate.roofline import roofline_share
+    from batchpilot.generate.jobs import answered_ids, chat_template_of, merge_parts, read_job, run_job
     from batchpilot.generate.request import SamplingParams
 
     rank, world_size, barrier = _distributed()
@@ -70,14 +73,17 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, tok_dir = load(args, device)
     config = EngineConfig(block_size=args.kv_block_size, max_batch_tokens=args.max_batch_tokens,
                           max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-                          prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade, seed=args.seed)
+                          prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
+                          triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs, seed=args.seed)
     defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)
     items = read_job(args.input, defaults, chat_template=template, special_tokens=special)
     engine = Engine(model, tokenizer, config)
     out = Path(args.output)
-    summary = run_job(engine, items, out, model=args.model, rank=rank, world_size=world_size,
+    done = answered_ids(out, world_size)
+    barrier()  # every rank has read what is done before any rank writes
+    summary = run_job(engine, items, out, model=args.model, done=done, rank=rank, world_size=world_size,
                       progress=not args.no_progress)
     barrier()
     if world_size > 1 and rank == 0:
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"requests {summary['requests']} (skipped {summary['skipped']}, errors {summary['errors']}), "
               f"output tokens {summary['output_tokens']}, {summary['output_tokens_per_s']:,.0f} tok/s"
               f"{' on rank 0' if world_size > 1 else ''}, {summary['seconds']:.1f} s")
-        share = roofline_share(engine, summary["lengths"], summary["seconds"])
+        share = roofline_share(model, engine.stats, summary["lengths"], summary["seconds"])
         if share:
             print(f"roofline: job {share['job_share']:.0%} of the bytes/FLOPs bound ({share['job_bound_s']:.2f} s)"
                   + (f", decode steps {share['decode_share']:.0%} of the bandwidth bound" if "decode_share" in share else ""))

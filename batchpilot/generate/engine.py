@@ -36,6 +36,8 @@ class EngineConfig:
     prefix_sharing: bool = True  # group requests by shared prefix, prefill each prefix once
     min_prefix_len: int = 16  # shorter common prefixes are not worth a group
     cascade: bool = True  # read a group's prefix KV once per decode step (needs prefix_sharing)
+    triton: bool = True  # Triton paged-attention kernel on CUDA (checked against the torch path first)
+    cuda_graphs: bool = True  # capture greedy decode-only steps per batch-size bucket (CUDA + Triton only)
     output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
     seed: int = 0  # seeds requests that have none (request seed = f(seed, index))
 
@@ -71,8 +73,10 @@ class Engine:
         self.cost = roofline.model_cost(model)
         num_blocks = cfg.num_blocks or self._blocks_that_fit()
         self.pool = BlockPool(num_blocks, cfg.block_size)
+        trash = self.pool.allocate(1)[0]  # never freed: padding rows of CUDA-graph batches write here
         self.runner = Runner(model, num_blocks=num_blocks, block_size=cfg.block_size,
-                             cascade=cfg.cascade and cfg.prefix_sharing)
+                             cascade=cfg.cascade and cfg.prefix_sharing, use_triton=cfg.triton,
+                             cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs, trash_block=trash)
         self.eos_ids = {i for i in (getattr(tokenizer, "eos_id", None), model.config.eos_token_id) if i is not None}
         self.stats = EngineStats()
 
@@ -101,6 +105,7 @@ class Engine:
         """Completions in completion order; with world_size > 1 only this rank's share of the groups."""
         for r in requests:
             self.check(r)
+        self.runner.begin_job(max((r.num_tokens + r.params.max_tokens for r in requests), default=0))
         scheduler = Scheduler(self.pool, max_batch_tokens=self.config.max_batch_tokens,
                               max_num_seqs=self.config.max_num_seqs, output_len_prior=self.config.output_len_prior)
         for r in self._plan(requests, rank, world_size):
@@ -197,7 +202,7 @@ class Engine:
     def _kv_tokens_read(self, plan: StepPlan) -> int:
         """KV tokens a decode step must read: own tokens, plus each group prefix once (cascade) or per member."""
         own = sum(c.start + 1 for c in plan.chunks)
-        groups = {id(c.request.group): c.request.prefix_len for c in plan.chunks if c.request.group is not None}
+        groups = {id(c.request.group): c.request.prefix_len for c in plan.chunks if c.request.prefix_len > 0}
         per_member = sum(c.request.prefix_len for c in plan.chunks)
         return own + (sum(groups.values()) if self.runner.cascade else per_member)
 
@@ -216,16 +221,3 @@ class Engine:
         return int(budget // block_bytes)
 
 
-
-def roofline_share(engine: Engine, lengths: list[tuple[int, int]], seconds: float) -> dict[str, float] | None:
-    """Achieved time against the job's bytes/FLOPs bound and decode steps against their bytes bound (GPU only)."""
-    spec = roofline.gpu_spec(next(engine.model.parameters()).device)
-    if spec is None or seconds <= 0:
-        return None
-    s = engine.stats
-    batch = s.decode_batch_sum / max(1, s.decode_steps)
-    bound = roofline.job_bound_s(engine.cost, lengths, spec, batch=max(1, round(batch)))
-    out = {"job_bound_s": bound, "job_share": bound / seconds, "mean_decode_batch": batch}
-    if s.decode_seconds > 0:
-        out["decode_share"] = s.decode_bytes / spec[0] / s.decode_seconds
-    return out

@@ -188,10 +188,18 @@ def merge_parts(out: Path, world_size: int, order: dict[str, int]) -> None:
         part_path(out, r).unlink(missing_ok=True)
 
 
-def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, rank: int = 0, world_size: int = 1,
-            progress: bool = True) -> dict[str, Any]:
-    """Run the items not yet answered in ``out``; write each result as it finishes. Returns a summary."""
-    done = done_ids(out) | set().union(*(done_ids(part_path(out, r)) for r in range(world_size)))
+def answered_ids(out: Path, world_size: int = 1) -> set[str]:
+    """custom_ids answered in ``out`` or in part files left by an interrupted multi-rank run.
+
+    With several ranks, every rank must read this before any rank writes (the CLI puts a barrier after).
+    """
+    return done_ids(out).union(*(done_ids(part_path(out, r)) for r in range(world_size)))
+
+
+def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, done: set[str] | None = None,
+            rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Run the items not in ``done`` (default: answered in ``out``); write each result as it finishes."""
+    done = answered_ids(out, world_size) if done is None else done
     todo = [it for it in items if it.custom_id not in done]
     writer = JobWriter(out if world_size == 1 else part_path(out, rank))
     requests, by_index = _requests(engine, todo, writer, write_errors=rank == 0)

@@ -95,7 +95,7 @@ if triton is not None:
             t = start + tl.arange(0, BLOCK_N)
             tmask = t < n
             blk = tl.load(Tables + b * st_b + t // BS, mask=tmask, other=0)
-            kv_off = kh * sc_k + (blk.to(tl.int64) * BS + t % BS)[:, None] * sc_s + e[None, :]
+            kv_off = kh.to(tl.int64) * sc_k + (blk.to(tl.int64) * BS + t % BS)[:, None] * sc_s + e[None, :]
             k = tl.load(Kc + kv_off, mask=tmask[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N) fp32
             s = tl.where(tmask[None, :], s, float("-inf"))

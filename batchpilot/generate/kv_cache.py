@@ -57,6 +57,8 @@ class BlockPool:
 
     def grow(self, blocks: list[int], num_tokens: int) -> bool:
         """Extend ``blocks`` in place to hold ``num_tokens``; False (nothing allocated) if the pool is short."""
+        if num_tokens <= len(blocks) * self.block_size:
+            return True
         need = blocks_for(num_tokens, self.block_size) - len(blocks)
         if need <= 0:
             return True

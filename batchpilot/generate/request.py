@@ -82,7 +82,8 @@ class Request:
     @property
     def in_decode(self) -> bool:
         """Prompt fully computed: each step adds one token."""
-        return bool(self.output_ids) and self.num_uncomputed == 1
+        n_out = len(self.output_ids)
+        return n_out > 0 and len(self.prompt_ids) + n_out - self.prefix_len - self.num_computed == 1
 
     def token_at(self, own_index: int) -> int:
         i = self.prefix_len + own_index

@@ -12,6 +12,7 @@ ceilings (bf16 dense); a share of 1.0 is the unreachable physical limit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,3 +58,20 @@ def job_bound_s(cost: ModelCost, lengths: list[tuple[int, int]], spec: tuple[flo
     total_bytes = sum(o * cost.weight_bytes / max(1, batch) + cost.kv_bytes_per_token * (i * o + o * o / 2)
                       for i, o in lengths)
     return max(total_flops / flops, total_bytes / bandwidth)
+
+
+def roofline_share(model: torch.nn.Module, stats: Any, lengths: list[tuple[int, int]],
+                   seconds: float) -> dict[str, float] | None:
+    """A job's time against its bytes/FLOPs bound, and its decode-only steps against their bytes bound.
+
+    ``stats`` is the engine's ``EngineStats``; None off GPU (no known ceilings).
+    """
+    spec = gpu_spec(next(model.parameters()).device)
+    if spec is None or seconds <= 0:
+        return None
+    batch = stats.decode_batch_sum / max(1, stats.decode_steps)
+    bound = job_bound_s(model_cost(model), lengths, spec, batch=max(1, round(batch)))
+    out = {"job_bound_s": bound, "job_share": bound / seconds, "mean_decode_batch": batch}
+    if stats.decode_seconds > 0:
+        out["decode_share"] = stats.decode_bytes / spec[0] / stats.decode_seconds
+    return out

@@ -20,12 +20,16 @@ S cache slots (= num_blocks * block_size), R rows, Q queries per row.
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from batchpilot.generate.graphs import DecodeGraphs
+from batchpilot.generate.kernels import (attend_with_lse, gather_blocks, merge_lse, paged_attention_torch,
+                                         paged_attention_triton, triton)
 from batchpilot.generate.request import Request
 from batchpilot.generate.sampling import sample
 from batchpilot.generate.scheduler import Chunk, pack_worst_fit_decreasing
@@ -40,8 +44,7 @@ class DecodeMeta:
     group_tables: torch.Tensor | None = None  # (Gn, Gb) cascade: each group's prefix blocks
     group_lens: torch.Tensor | None = None  # (Gn,)
     group_rows: torch.Tensor | None = None  # (Gn, M) decode row of each member, D = padding
-    member_rows: torch.Tensor | None = None  # (n,) decode rows that have a group ...
-    member_pos: torch.Tensor | None = None  # (n,) ... and their flat index into (Gn * M)
+    row_pos: torch.Tensor | None = None  # (D,) flat (Gn * M) index of each row's group result, Gn * M = none
 
 
 @dataclass(slots=True)
@@ -60,9 +63,9 @@ class StepAttention:
         self.runner, self.slot_mapping, self.decode, self.prefill = runner, slot_mapping, decode, prefill
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        kc, vc = self.runner.k_cache[layer_idx], self.runner.v_cache[layer_idx]  # (S, K, E)
-        kc[self.slot_mapping] = k[0].transpose(0, 1)  # (N, K, E)
-        vc[self.slot_mapping] = v[0].transpose(0, 1)
+        kc, vc = self.runner.k_cache[layer_idx], self.runner.v_cache[layer_idx]  # (K, S, E)
+        kc[:, self.slot_mapping] = k[0]  # (K, N, E)
+        vc[:, self.slot_mapping] = v[0]
         q = q[0].transpose(0, 1)  # (N, H, E)
         parts = []
         num_decode = 0
@@ -74,74 +77,88 @@ class StepAttention:
         return torch.cat(parts).transpose(0, 1)[None]  # (1, H, N, E)
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, m: DecodeMeta) -> torch.Tensor:
-        bs = self.runner.block_size
         D, H, E = q.shape
-        K = kc.shape[1]
-        k = kc.view(-1, bs, K, E)[m.tables].flatten(1, 2)  # (D, L, K, E)
-        v = vc.view(-1, bs, K, E)[m.tables].flatten(1, 2)
-        idx = torch.arange(k.shape[1], device=q.device)[None]  # (1, L)
-        pre_end = m.prefix_blocks * bs
-        valid = torch.where(idx < pre_end, idx < m.prefix_lens[:, None], idx - pre_end < m.own_lens[:, None])
-        out, lse = attend_with_lse(q.view(D, K, H // K, E), k, v, valid)  # (D, K, G, E), (D, K, G)
+        K = kc.shape[0]
+        qk = q.view(D, K, H // K, E)  # query heads grouped by the kv head they share
+        if m.prefix_blocks == 0:
+            out, lse = self.runner.paged_attention(qk, kc, vc, m.tables, m.own_lens)  # (D, K, G, E), (D, K, G)
+        else:  # no cascade: [prefix region | own region] per row, torch path
+            bs = self.runner.block_size
+            k, v = gather_blocks(kc, m.tables, bs), gather_blocks(vc, m.tables, bs)  # (K, D, L, E)
+            idx = torch.arange(k.shape[2], device=q.device)[None]  # (1, L)
+            pre_end = m.prefix_blocks * bs
+            valid = torch.where(idx < pre_end, idx < m.prefix_lens[:, None], idx - pre_end < m.own_lens[:, None])
+            out, lse = attend_with_lse(qk, k, v, valid)
         if m.group_tables is None:
-            return out.view(D, H, E)
+            return out.reshape(D, H, E)
         Gn, M = m.group_rows.shape
-        kp = kc.view(-1, bs, K, E)[m.group_tables].flatten(1, 2)  # (Gn, Lp, K, E)
-        vp = vc.view(-1, bs, K, E)[m.group_tables].flatten(1, 2)
-        qg = torch.cat([q, q.new_zeros(1, H, E)])[m.group_rows]  # (Gn, M, H, E)
-        qg = qg.view(Gn, M, K, H // K, E).transpose(1, 2).reshape(Gn, K, M * (H // K), E)  # members' queries
-        valid_p = torch.arange(kp.shape[1], device=q.device)[None] < m.group_lens[:, None]  # (Gn, Lp)
-        out_p, lse_p = attend_with_lse(qg, kp, vp, valid_p)  # (Gn, K, M*G, E), (Gn, K, M*G)
+        qg = torch.cat([qk, qk.new_zeros(1, K, H // K, E)])[m.group_rows]  # (Gn, M, K, G, E)
+        qg = qg.transpose(1, 2).reshape(Gn, K, M * (H // K), E)  # all members' queries per kv head
+        out_p, lse_p = self.runner.paged_attention(qg, kc, vc, m.group_tables, m.group_lens)
         out_p = out_p.view(Gn, K, M, H // K, E).transpose(1, 2).reshape(Gn * M, K, H // K, E)
         lse_p = lse_p.view(Gn, K, M, H // K).transpose(1, 2).reshape(Gn * M, K, H // K)
-        rows, pos = m.member_rows, m.member_pos
-        out_m, lse_m = merge_lse(out[rows], lse[rows], out_p[pos], lse_p[pos])
-        out = out.index_copy(0, rows, out_m)
-        return out.view(D, H, E)
+        out_p = torch.cat([out_p, out_p.new_zeros(1, K, H // K, E)])  # + "no group": weight exp(-inf) = 0
+        lse_p = torch.cat([lse_p, lse_p.new_full((1, K, H // K), float("-inf"))])
+        out, _ = merge_lse(out, lse, out_p[m.row_pos], lse_p[m.row_pos])
+        return out.reshape(D, H, E)
 
     def _prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, m: PrefillMeta) -> torch.Tensor:
         Np, H, E = q.shape
         qr = torch.cat([q, q.new_zeros(1, H, E)])[m.q_index].transpose(1, 2)  # (R, H, Q, E)
-        kr = kc[m.k_slots].transpose(1, 2)  # (R, K, Lk, E)
-        vr = vc[m.k_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=m.mask, enable_gqa=kr.shape[1] != H)
+        G = H // kc.shape[0]  # kv heads repeated: SDPA's fused kernels take a mask but not always GQA
+        kr = kc[:, m.k_slots].transpose(0, 1).repeat_interleave(G, dim=1)  # (R, H, Lk, E)
+        vr = vc[:, m.k_slots].transpose(0, 1).repeat_interleave(G, dim=1)
+        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=m.mask)
         return out.transpose(1, 2).reshape(-1, H, E)[m.q_gather]  # (Np, H, E); padded rows dropped
 
 
-def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (B, K, Q, E) over k/v (B, L, K, E) where valid (B, L); softmax in fp32.
-
-    Returns out (B, K, Q, E) and the log-sum-exp of the scores (B, K, Q) for merging partial results.
-    """
-    scores = torch.einsum("bkqe,blke->bkql", q, k).float() * (1.0 / math.sqrt(q.shape[-1]))
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = scores.logsumexp(dim=-1)  # (B, K, Q)
-    probs = (scores - lse[..., None]).exp().to(v.dtype)
-    return torch.einsum("bkql,blke->bkqe", probs, v), lse
-
-
-def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
-              lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine attention over two disjoint key sets from their outputs and log-sum-exps."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1, w2 = (lse1 - lse).exp()[..., None], (lse2 - lse).exp()[..., None]
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype), lse
-
-
 class Runner:
-    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cascade: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cascade: bool = True,
+                 use_triton: bool = True, cuda_graphs: bool = True, max_num_seqs: int = 1024,
+                 trash_block: int = 0) -> None:
         cfg = model.config
         self.model, self.block_size, self.cascade = model, block_size, cascade
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)  # (layers, S, K, E)
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)  # (layers, K, S, E)
         self.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.use_triton = use_triton and triton is not None and p.device.type == "cuda"
+        self.triton_verified = False
+        self.trash_block = trash_block  # padding rows of a decode batch write their K/V here
+        self.graphs = DecodeGraphs(self, max_rows=max_num_seqs) if cuda_graphs and self.use_triton else None
+
+    def begin_job(self, max_tokens: int) -> None:
+        """Size static decode buffers for a job whose longest request holds ``max_tokens`` tokens."""
+        if self.graphs is not None:
+            self.graphs.begin_job(max_tokens)
+
+    def paged_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
+                        lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton kernel once it has matched the torch path on a real call; the torch path otherwise."""
+        if self.use_triton:
+            try:
+                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size)
+                if not self.triton_verified:
+                    ref = paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
+                    err = max((out[0].float() - ref[0].float()).abs().max().item(), (out[1] - ref[1]).abs().max().item())
+                    if err > 3e-2:
+                        raise RuntimeError(f"differs from the torch path by {err:.3g}")
+                    self.triton_verified = True
+                return out
+            except Exception as e:  # compile/launch errors come in many types: any of them -> torch path
+                warnings.warn(f"Triton paged attention disabled, using the torch path: {e}", stacklevel=2)
+                self.use_triton = False
+        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
 
     @torch.inference_mode()
     def step(self, chunks: list[Chunk], *, seed: int) -> list[int]:
         """Run the chunks; return the sampled token of each chunk with ``sample`` set, in chunk order."""
+        if self.graphs is not None and all(c.decode for c in chunks) and self.graphs.usable(chunks):
+            return self.graphs.run(chunks, lambda: self._eager_step(chunks, seed))
+        return self._eager_step(chunks, seed)
+
+    def _eager_step(self, chunks: list[Chunk], seed: int) -> list[int]:
         dec = [c for c in chunks if c.num_tokens == 1]
         pre = [c for c in chunks if c.num_tokens > 1]
         ids, pos, slots, last = self._flatten(dec + pre)
@@ -157,8 +174,9 @@ class Runner:
         by_chunk = {id(c): t for c, t in zip(sampled, tokens)}
         return [by_chunk[id(c)] for c in chunks if c.sample]
 
-    def _tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def _tensor(self, values: list, dtype: type = np.int64) -> torch.Tensor:
+        """Host list -> device tensor (through numpy: several times faster than torch.tensor on lists)."""
+        return torch.from_numpy(np.asarray(values, dtype=dtype)).to(self.device, non_blocking=True)
 
     def _flatten(self, chunks: list[Chunk]) -> tuple[list[int], list[int], list[int], dict[int, int]]:
         """Token ids, positions, cache slots of the step's tokens; flat index of each chunk's last token."""
@@ -168,79 +186,106 @@ class Runner:
         slots: list[int] = []
         last: dict[int, int] = {}
         for c in chunks:
-            r = c.request
-            lo = r.prefix_len + c.start
-            ids += (r.prompt_ids + r.output_ids)[lo:lo + c.num_tokens]
-            pos += range(lo, lo + c.num_tokens)
-            slots += [r.blocks[j // bs] * bs + j % bs for j in range(c.start, c.start + c.num_tokens)]
+            r, j = c.request, c.start
+            lo = r.prefix_len + j
+            if c.num_tokens == 1:  # decode: the common case, kept cheap
+                ids.append(r.token_at(j))
+                pos.append(lo)
+                slots.append(r.blocks[j // bs] * bs + j % bs)
+            else:
+                ids += (r.prompt_ids + r.output_ids)[lo:lo + c.num_tokens]
+                pos += range(lo, lo + c.num_tokens)
+                slots += [r.blocks[i // bs] * bs + i % bs for i in range(j, j + c.num_tokens)]
             last[id(c)] = len(ids) - 1
         return ids, pos, slots, last
 
-    def _decode_meta(self, dec: list[Chunk]) -> DecodeMeta:
-        reqs = [c.request for c in dec]
-        own_lens = [c.start + 1 for c in dec]
-        grouped = [r for r in reqs if r.group is not None]
-        inline = set() if self.cascade else {id(r) for r in grouped}  # no cascade: prefix blocks in each row
-        pre_tables = [r.group.prefix.blocks if id(r) in inline else [] for r in reqs]
-        pb = max(map(len, pre_tables))
-        ob = max(len(r.blocks) for r in reqs)
-        tables = [_pad(p, pb) + _pad(r.blocks, ob) for p, r in zip(pre_tables, reqs)]
-        pre_lens = [r.prefix_len if id(r) in inline else 0 for r in reqs]
-        meta = DecodeMeta(self._tensor(tables), self._tensor(pre_lens), self._tensor(own_lens), pb)
-        if self.cascade and grouped:
-            self._add_groups(meta, reqs)
-        return meta
+    def decode_arrays(self, dec: list[Chunk], *, rows: int = 0, width: int = 0, groups: int = 0) -> dict:
+        """Host arrays of a decode batch, optionally padded to ``rows`` x ``width`` blocks and ``groups``.
 
-    def _add_groups(self, meta: DecodeMeta, reqs: list[Request]) -> None:
-        rows_of: dict[int, list[int]] = {}
-        groups = {}
+        Padding rows attend to one token of the trash block and write their K/V there.
+        """
+        reqs, bs = [c.request for c in dec], self.block_size
+        D = len(reqs)
+        rows = max(rows, D)
+        inline = not self.cascade and any(r.prefix_len > 0 for r in reqs)  # each row holds its prefix too
+        pre = [r.group.prefix.blocks if r.prefix_len > 0 else [] for r in reqs] if inline else []
+        pb = max(map(len, pre)) if inline else 0
+        width = max(width, pb + max(len(r.blocks) for r in reqs))
+        a = {"tables": np.full((rows, width), self.trash_block, dtype=np.int64), "prefix_blocks": pb,
+             "prefix_lens": np.zeros(rows, dtype=np.int64), "own_lens": np.ones(rows, dtype=np.int64)}
         for i, r in enumerate(reqs):
-            if r.group is not None:
-                rows_of.setdefault(id(r.group), []).append(i)
-                groups[id(r.group)] = r.group
-        gb = max(len(g.prefix.blocks) for g in groups.values())
-        width = max(map(len, rows_of.values()))
-        meta.group_tables = self._tensor([_pad(g.prefix.blocks, gb) for g in groups.values()])
-        meta.group_lens = self._tensor([len(g.prefix.prompt_ids) for g in groups.values()])
-        meta.group_rows = self._tensor([_pad(rows, width, len(reqs)) for rows in rows_of.values()])
-        flat = [(row, gi * width + j) for gi, rows in enumerate(rows_of.values()) for j, row in enumerate(rows)]
-        meta.member_rows = self._tensor([row for row, _ in flat])
-        meta.member_pos = self._tensor([p for _, p in flat])
+            a["tables"][i, pb:pb + len(r.blocks)] = r.blocks
+            a["own_lens"][i] = dec[i].start + 1
+            if inline and pre[i]:
+                a["tables"][i, :len(pre[i])] = pre[i]
+                a["prefix_lens"][i] = r.prefix_len
+        if self.cascade and (groups or any(r.prefix_len > 0 for r in reqs)):
+            self._group_arrays(a, reqs, rows, groups)
+        return a
+
+    def _group_arrays(self, a: dict, reqs: list[Request], rows: int, groups: int) -> None:
+        """Cascade: each group's prefix blocks and member rows; ``row_pos`` = row -> flat (group, member) index."""
+        members: dict[int, list[int]] = {}
+        by_id = {}
+        for i, r in enumerate(reqs):
+            if r.prefix_len > 0:
+                members.setdefault(id(r.group), []).append(i)
+                by_id[id(r.group)] = r.group
+        Gn = max(groups, len(members))
+        M = rows if groups else max(map(len, members.values()))
+        width = max([len(g.prefix.blocks) for g in by_id.values()] + [a["tables"].shape[1] if groups else 1])
+        a["group_tables"] = np.full((Gn, width), self.trash_block, dtype=np.int64)
+        a["group_lens"] = np.zeros(Gn, dtype=np.int64)
+        a["group_rows"] = np.full((Gn, M), rows, dtype=np.int64)  # `rows` indexes the zero query
+        a["row_pos"] = np.full(rows, Gn * M, dtype=np.int64)  # Gn * M indexes the empty partial result
+        for gi, (key, rs) in enumerate(members.items()):
+            g = by_id[key]
+            a["group_tables"][gi, :len(g.prefix.blocks)] = g.prefix.blocks
+            a["group_lens"][gi] = len(g.prefix.prompt_ids)
+            a["group_rows"][gi, :len(rs)] = rs
+            a["row_pos"][rs] = gi * M + np.arange(len(rs))
+
+    def _decode_meta(self, dec: list[Chunk]) -> DecodeMeta:
+        a = self.decode_arrays(dec)
+        groups = {k: self._tensor(a[k]) for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in a}
+        return DecodeMeta(self._tensor(a["tables"]), self._tensor(a["prefix_lens"]), self._tensor(a["own_lens"]),
+                          a["prefix_blocks"], **groups)
 
     def _prefill_meta(self, pre: list[Chunk]) -> PrefillMeta:
+        """Chunks bin-packed into rows by context length; each row is a block-diagonal causal mask."""
         bs = self.block_size
         ctx = [c.request.prefix_len + c.start + c.num_tokens for c in pre]
         rows = pack_worst_fit_decreasing(ctx, max(ctx))
-        q_offsets = [0]
-        for c in pre:
-            q_offsets.append(q_offsets[-1] + c.num_tokens)
-        q_rows, k_rows, qd, kd, qp, kp = [], [], [], [], [], []
-        for row in rows:
-            q_rows.append([i for ci in row for i in range(q_offsets[ci], q_offsets[ci + 1])])
-            k_rows.append([s for ci in row for s in _context_slots(pre[ci].request, ctx[ci], bs)])
-            qd.append([ci for ci in row for _ in range(pre[ci].num_tokens)])
-            kd.append([ci for ci in row for _ in range(ctx[ci])])
-            qp.append([p for ci in row for p in range(ctx[ci] - pre[ci].num_tokens, ctx[ci])])
-            kp.append([p for ci in row for p in range(ctx[ci])])
-        Q, Lk, Np = max(map(len, q_rows)), max(map(len, k_rows)), q_offsets[-1]
-        qd_t, kd_t = self._tensor([_pad(x, Q, -1) for x in qd]), self._tensor([_pad(x, Lk, -2) for x in kd])
-        qp_t, kp_t = self._tensor([_pad(x, Q) for x in qp]), self._tensor([_pad(x, Lk) for x in kp])
+        q_off = np.cumsum([0] + [c.num_tokens for c in pre])
+        Np, R = int(q_off[-1]), len(rows)
+        Q = max(sum(pre[ci].num_tokens for ci in row) for row in rows)
+        Lk = -(-max(sum(ctx[ci] for ci in row) for row in rows) // 16) * 16  # aligned mask rows for fused SDPA
+        q_index, gather = np.full((R, Q), Np), np.zeros(Np, dtype=np.int64)
+        qd, qp = np.full((R, Q), -1), np.zeros((R, Q), dtype=np.int64)  # chunk id / position of each query
+        kd, kp = np.full((R, Lk), -2), np.zeros((R, Lk), dtype=np.int64)  # ... and of each key
+        k_slots = np.zeros((R, Lk), dtype=np.int64)
+        for ri, row in enumerate(rows):
+            qo = ko = 0
+            for ci in row:
+                n, L, q0 = pre[ci].num_tokens, ctx[ci], int(q_off[ci])
+                q_index[ri, qo:qo + n] = np.arange(q0, q0 + n)
+                gather[q0:q0 + n] = ri * Q + qo + np.arange(n)
+                qd[ri, qo:qo + n], qp[ri, qo:qo + n] = ci, np.arange(L - n, L)
+                kd[ri, ko:ko + L], kp[ri, ko:ko + L] = ci, np.arange(L)
+                k_slots[ri, ko:ko + L] = _context_slots(pre[ci].request, L, bs)
+                qo, ko = qo + n, ko + L
+        qd_t, kd_t, qp_t, kp_t = (self._tensor(x) for x in (qd, kd, qp, kp))
         mask = (qd_t[:, :, None] == kd_t[:, None, :]) & (kp_t[:, None, :] <= qp_t[:, :, None])  # (R, Q, Lk)
-        gather = [0] * Np
-        for ri, qs in enumerate(q_rows):
-            for j, qi in enumerate(qs):
-                gather[qi] = ri * Q + j
-        return PrefillMeta(self._tensor([_pad(x, Q, Np) for x in q_rows]), self._tensor(gather),
-                           self._tensor([_pad(x, Lk) for x in k_rows]), mask[:, None])
+        return PrefillMeta(self._tensor(q_index), self._tensor(gather), self._tensor(k_slots), mask[:, None])
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], seed: int) -> torch.Tensor:
         ps = [r.params for r in reqs]
         any_random = any(p.temperature > 0 for p in ps)
         return sample(
             logits,
-            temperature=self._tensor([p.temperature for p in ps], torch.float32),
+            temperature=self._tensor([p.temperature for p in ps], np.float32),
             top_k=self._tensor([p.top_k for p in ps]),
-            top_p=self._tensor([p.top_p for p in ps], torch.float32),
+            top_p=self._tensor([p.top_p for p in ps], np.float32),
             seeds=self._tensor([p.seed if p.seed is not None else seed * 1_000_003 + r.index for p, r in zip(ps, reqs)]),
             steps=self._tensor([len(r.output_ids) for r in reqs]),
             any_random=any_random,
@@ -248,13 +293,14 @@ class Runner:
         )
 
 
-def _pad(values: list[int], n: int, fill: int = 0) -> list[int]:
-    return values + [fill] * (n - len(values))
-
-
-def _context_slots(r: Request, n: int, bs: int) -> list[int]:
+def _context_slots(r: Request, n: int, bs: int) -> np.ndarray:
     """Cache slots of r's first n tokens: the group prefix blocks, then its own blocks."""
-    pre = r.group.prefix.blocks if r.group is not None and not r.is_prefix else []
     p = r.prefix_len
-    return ([pre[i // bs] * bs + i % bs for i in range(min(p, n))]
-            + [r.blocks[j // bs] * bs + j % bs for j in range(n - p)])
+    own = _block_slots(r.blocks, bs)[:n - p]
+    if p == 0:
+        return own
+    return np.concatenate([_block_slots(r.group.prefix.blocks, bs)[:min(p, n)], own])
+
+
+def _block_slots(blocks: list[int], bs: int) -> np.ndarray:
+    return (np.asarray(blocks, dtype=np.int64)[:, None] * bs + np.arange(bs)).ravel()

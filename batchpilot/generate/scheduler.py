@@ -112,7 +112,7 @@ class Scheduler:
                 scheduled.add(id(r))
                 budget -= 1
         for r in self.running:  # 2. next chunk of prefills already running
-            if budget == 0:
+            if budget == 0 or len(scheduled) == len(self.running):
                 break
             if id(r) in scheduled or r.in_decode or not self._prefix_ready(r):
                 continue
@@ -120,12 +120,19 @@ class Scheduler:
             if self.pool.grow(r.blocks, r.num_computed + n):
                 plan.chunks.append(self._chunk(r, n))
                 budget -= n
+        future: list[tuple[int, int]] = []
+        if self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            future = [self._future(r) for r in self.running if not r.is_prefix]
+        upper = sum(a + r for a, r in future)  # the peak is at most every request at its largest
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admit FCFS
             r = self.waiting[0]
             n = min(r.num_uncomputed, budget)
-            if not self._prefix_ready(r) or not self._fits(r) or not self.pool.grow(r.blocks, n):
+            if not self._prefix_ready(r) or not self._fits(r, future, upper) or not self.pool.grow(r.blocks, n):
                 break
             self._admit(self.waiting.popleft())
+            if not r.is_prefix:
+                future.append(self._future(r))
+                upper += sum(future[-1])
             plan.chunks.append(self._chunk(r, n))
             budget -= n
         return plan
@@ -197,11 +204,12 @@ class Scheduler:
         estimate = limit if r.params.ignore_eos else min(limit, max(int(1.1 * generated), self.history.value))
         return r.num_own_tokens + self.pool.block_size, max(0, estimate - generated - 1) + OUTPUT_MARGIN
 
-    def _fits(self, cand: Request) -> bool:
+    def _fits(self, cand: Request, future: list[tuple[int, int]], upper: int) -> bool:
+        """Would the future peak of the running requests (``future``, summing to ``upper``) plus ``cand`` fit?"""
+        free = self.pool.capacity_tokens - self.frozen_tokens
         if cand.is_prefix:
-            return self.frozen_tokens + len(cand.prompt_ids) <= self.pool.capacity_tokens
-        items = [self._future(r) for r in self.running if not r.is_prefix]
-        if not items:  # nothing running will free memory: waiting would never help
+            return len(cand.prompt_ids) <= free
+        if not future:  # nothing running will free memory: waiting would never help
             return True
-        items.append(self._future(cand))
-        return self.frozen_tokens + estimate_peak(items) <= self.pool.capacity_tokens
+        a, r = self._future(cand)
+        return upper + a + r <= free or estimate_peak(future + [(a, r)]) <= free

@@ -67,8 +67,15 @@ def _pick_column(header: list[str], key: str, explicit: str | None, candidates: 
     return next((name for name in candidates if name in header), None)
 
 
+def _number(text: str | None, name: str, row: int) -> float:
+    try:
+        return float(text) if text and text.strip() else math.nan
+    except ValueError:
+        raise ValueError(f"column {name!r} needs numbers; row {row} has {text!r}") from None
+
+
 def _parse(rows: list[dict[str, str]], name: str, *, positive: bool) -> np.ndarray:
-    values = np.array([float(r[name]) if r[name].strip() else math.nan for r in rows])
+    values = np.array([_number(r[name], name, i + 2) for i, r in enumerate(rows)])
     bad = ~np.isfinite(values) | (values <= 0) if positive else values <= 0
     if bad.any():
         i = int(np.argmax(bad))
@@ -143,6 +150,21 @@ def near_best(runs: Runs, band: float) -> np.ndarray:
     best = np.full(group.max() + 1, np.inf)
     np.minimum.at(best, group, loss)
     return np.isfinite(loss) & (loss <= best[group] * (1 + band))
+
+
+def best_on_grid_edge(runs: Runs) -> tuple[int, int]:
+    """How many (N, D) groups have their best run at the smallest or largest lr (first) or batch (second) of
+    the group, among groups with >= 3 values of it: the optimum may lie outside the grid there."""
+    edges = [0, 0]
+    for n, d in set(zip(runs.params, runs.tokens)):
+        mask = (runs.params == n) & (runs.tokens == d) & np.isfinite(runs.loss)
+        if not mask.any():
+            continue
+        best = np.flatnonzero(mask)[np.argmin(runs.loss[mask])]
+        for k, values in enumerate((runs.lr, runs.batch_tokens)):
+            grid = np.unique(values[mask])
+            edges[k] += len(grid) >= 3 and values[best] in (grid[0], grid[-1])
+    return edges[0], edges[1]
 
 
 def _design(runs: Runs, mask: np.ndarray, *, with_params: bool) -> np.ndarray:

@@ -168,12 +168,19 @@ def prepare_data(grid: GridSpec, sweep_dir: Path) -> Path:
                                  seed=grid.seed))
 
 
+def micro_batch_size(rows_per_step: int, cap: int) -> int:
+    """The largest micro-batch <= cap that divides the step's rows, so every micro-step is full (the
+    trainer's batch controller wants batches in multiples of micro_batch_size x seq_len)."""
+    return max(m for m in range(1, min(rows_per_step, cap) + 1) if rows_per_step % m == 0)
+
+
 def train_config(spec: RunSpec, grid: GridSpec, data_dir: Path, run_dir: Path, *, resume: bool):
     from batchpilot.train.trainer import TrainConfig
 
     steps = max(1, round(spec.tokens / spec.batch_tokens))
+    micro = micro_batch_size(spec.batch_tokens // grid.seq_len, grid.micro_batch_size)
     return TrainConfig(out_dir=str(run_dir), model=spec.model, data=str(data_dir), seq_len=grid.seq_len,
-                       global_batch_tokens=spec.batch_tokens, micro_batch_size=grid.micro_batch_size,
+                       global_batch_tokens=spec.batch_tokens, micro_batch_size=micro,
                        max_steps=steps, lr=spec.lr, min_lr=min(grid.min_lr, spec.lr), schedule=grid.schedule,
                        eval_every=steps, eval_batches=grid.eval_batches, save_every=max(1, steps // 4),
                        log_every=1, seed=grid.seed, device=grid.device, resume=resume, progress=False,
@@ -223,7 +230,8 @@ def _init_worker(counter: Any, num_gpus: int, threads: int) -> None:
         index = counter.value
         counter.value += 1
     if num_gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % num_gpus)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(num_gpus)))).split(",")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index % num_gpus]
     import torch
 
     torch.set_num_threads(threads)

@@ -99,32 +99,57 @@ def predict_micro_batch_size(estimate: EstimateBytes, *, rows_per_rank: int, cap
     return balanced_micro_batch(rows_per_rank, lo)
 
 
+def build_fitter(config: LlamaConfig, dims: parallel.ParallelDims, *, rows_per_rank: int, seq_len: int,
+                 fallback_micro_batch_size: int, sharded: bool, checkpointing: bool,
+                 grow_after_steps: int = 50) -> MicroBatchFitter:
+    """A fitter starting at the memory model's prediction on CUDA (``fallback_micro_batch_size`` elsewhere).
+
+    ``sharded``: the model is under FSDP2 (``parallel.is_sharded``), bf16 parameters in compute.
+    ``checkpointing`` means every block is checkpointed; pass False for selective (a conservative estimate).
+    """
+    estimate = build_memory_estimate(config, seq_len=seq_len, num_gpus=dims.world_size, sharded=sharded,
+                                     checkpointing=checkpointing)
+    limit = fallback_micro_batch_size
+    if dims.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(dims.device).total_memory
+        limit = predict_micro_batch_size(estimate, rows_per_rank=rows_per_rank, capacity_bytes=capacity)
+    return MicroBatchFitter(rows_per_rank=rows_per_rank, micro_batch_limit=limit, grow_after_steps=grow_after_steps,
+                            estimate=estimate)
+
+
 @dataclass(kw_only=True, slots=True)
 class MicroBatchFitter:
-    """Decides the micro-batch (rows per rank per pass) from OOMs and memory readings; pure logic."""
+    """Decides the micro-batch (rows per rank per pass) from OOMs and memory readings; pure logic.
 
-    rows_per_rank: int  # rows each rank runs per optimizer step (fixed by the global batch)
-    micro_batch_size: int
+    ``micro_batch_limit`` is what memory allows; ``micro_batch_size`` is that limit balanced over the
+    step's ``rows_per_rank``, which the trainer may change between steps (ramp or adaptive batch).
+    """
+
+    rows_per_rank: int  # rows each rank runs in the coming optimizer step
+    micro_batch_limit: int  # the largest micro-batch allowed now
     grow_after_steps: int = 50  # clean steps before trying a larger micro-batch (0: never grow)
     headroom: float = 0.1  # fraction of GPU memory that must stay free after growing
     estimate: EstimateBytes | None = None  # the memory model; None scales the measured peak linearly
-    largest_failed: int | None = None  # smallest micro-batch seen to OOM (never retried)
+    largest_failed: int | None = None  # smallest micro-batch seen to OOM (never tried again)
     clean_steps: int = 0
     thrash_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.rows_per_rank < 1 or self.micro_batch_size < 1:
-            raise ValueError("rows_per_rank and micro_batch_size must be positive")
-        self.micro_batch_size = balanced_micro_batch(self.rows_per_rank, self.micro_batch_size)
+        if self.rows_per_rank < 1 or self.micro_batch_limit < 1:
+            raise ValueError("rows_per_rank and micro_batch_limit must be positive")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return balanced_micro_batch(self.rows_per_rank, self.micro_batch_limit)
 
     def on_oom(self) -> int:
         """Remember the failed size and halve; raise when even one row per pass does not fit."""
-        if self.micro_batch_size == 1:
+        failed = self.micro_batch_size
+        if failed == 1:
             raise torch.OutOfMemoryError("out of memory at micro-batch 1: the model does not fit; enable "
                                          "activation checkpointing, shard over more GPUs or shorten seq_len")
-        failed = self.micro_batch_size
         self.largest_failed = failed if self.largest_failed is None else min(self.largest_failed, failed)
-        self.micro_batch_size = balanced_micro_batch(self.rows_per_rank, failed // 2)
+        self.micro_batch_limit = failed // 2
         self.clean_steps = self.thrash_steps = 0
         return self.micro_batch_size
 
@@ -143,7 +168,7 @@ class MicroBatchFitter:
         candidate = self._next_larger()
         if candidate is not None and peak_bytes is not None and capacity_bytes is not None:
             if self._predicted_peak(candidate, peak_bytes) <= (1 - self.headroom) * capacity_bytes:
-                self.micro_batch_size = candidate
+                self.micro_batch_limit = candidate
         return self.micro_batch_size
 
     def _next_larger(self) -> int | None:

@@ -72,10 +72,18 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype | None) -> None:
-    """FSDP2: shard every block, then the root (embeddings, final norm, LM head); fp32 gradient reduction."""
+    """FSDP2: shard every block, then the root (embeddings, final norm, LM head); fp32 gradient reduction.
+
+    On one device (a one-rank group, started here if needed) nothing is sharded or communicated, but the
+    mixed-precision policy still gives bf16 compute over fp32 master weights (the "all-gather" is a cast).
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():  # one device: an in-process group, no rendezvous
+        cuda = dims.device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dims.device if cuda else None)
     mesh = init_device_mesh(dims.device.type, (dims.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.layers):
@@ -85,12 +93,18 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointing: str = "none",
-                compile: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """The one place where parallelism is applied, in a fixed order: AC, compile, FSDP2."""
+                compile: bool = False, param_dtype: torch.dtype | None = None,
+                fsdp_one_device: bool = False) -> nn.Module:
+    """The one place where parallelism is applied, in a fixed order: AC, compile, FSDP2.
+
+    FSDP2 runs with several ranks, and on one device when ``fsdp_one_device`` is set (with a
+    ``param_dtype``): bf16 parameters in compute keep the residual stream and the saved activations in
+    bf16, where autocast over fp32 parameters keeps them fp32 (twice the bytes per saved block input).
+    """
     apply_ac(model, activation_checkpointing)
     if compile:
         apply_compile(model)
-    if dims.is_distributed:
+    if dims.is_distributed or (fsdp_one_device and param_dtype is not None):
         apply_fsdp(model, dims, param_dtype=param_dtype)
     return model
 

@@ -6,7 +6,7 @@ import batchpilot
 from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.generate.engine import Engine, EngineConfig
 from batchpilot.generate.request import SamplingParams
-from batchpilot.generate.runner import attend_with_lse, merge_lse
+from batchpilot.generate.kernels import attend_with_lse, merge_lse
 
 N = 10
 VARIANTS = {
@@ -66,16 +66,16 @@ def test_contiguous_reference_loop(hf_pair, hf_reference):
 
 def test_cascade_merge_equals_plain_attention():
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 20, 2, 8), torch.randn(3, 20, 2, 8)
+    q, k, v = torch.randn(3, 2, 4, 8), torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8)  # k/v: (K, B, L, E)
     valid = torch.rand(3, 20) > 0.3
     valid[:, 0] = valid[:, 12] = True
     full, lse = attend_with_lse(q, k, v, valid)
-    a, lse_a = attend_with_lse(q, k[:, :12], v[:, :12], valid[:, :12])
-    b, lse_b = attend_with_lse(q, k[:, 12:], v[:, 12:], valid[:, 12:])
+    a, lse_a = attend_with_lse(q, k[:, :, :12], v[:, :, :12], valid[:, :12])
+    b, lse_b = attend_with_lse(q, k[:, :, 12:], v[:, :, 12:], valid[:, 12:])
     merged, lse_m = merge_lse(a, lse_a, b, lse_b)
     torch.testing.assert_close(merged, full)
     torch.testing.assert_close(lse_m, lse)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
                                                             attn_mask=valid[:, None, None])
     torch.testing.assert_close(full, sdpa)
 
@@ -108,3 +108,48 @@ def test_stop_strings_and_eos(model_dir):
     ended = engine.generate(["And God said"], SamplingParams(max_tokens=12))[0]
     assert ended.finish_reason == "stop" and ended.output_ids[-1] == eos
     assert len(ended.output_ids) == full.output_ids.index(eos) + 1
+
+
+def test_triton_kernel_matches_torch_path():
+    """Runs natively on CUDA, or on CPU under TRITON_INTERPRET=1; skipped where triton is absent."""
+    import os
+
+    from batchpilot.generate.kernels import paged_attention_torch, paged_attention_triton, triton
+
+    cuda = torch.cuda.is_available()
+    if triton is None or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1")
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    K, E, bs, blocks = 2, 64, 16, 64
+    kc, vc = torch.randn(K, blocks * bs, E, device=device, dtype=dtype), torch.randn(K, blocks * bs, E, device=device, dtype=dtype)
+    for B, Qn in [(3, 4), (2, 40)]:
+        q = torch.randn(B, K, Qn, E, device=device, dtype=dtype)
+        tables = torch.stack([torch.randperm(blocks)[:10] for _ in range(B)]).to(device)
+        lens = torch.tensor([1, 150, 77][:B], device=device)
+        (o1, l1), (o2, l2) = (f(q, kc, vc, tables, lens, bs) for f in (paged_attention_torch, paged_attention_triton))
+        torch.testing.assert_close(o2.float(), o1.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(l2, l1, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade):
+    """The CUDA-graph path (padded rows, tables and groups; trash block) run eagerly on CPU."""
+    from batchpilot.generate.graphs import DecodeGraphs
+
+    _, model, _ = hf_pair
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, cascade=cascade, prefix_sharing=cascade))
+    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False)
+    results = engine.generate(_prompts(), SamplingParams(max_tokens=N, ignore_eos=True))
+    assert [r.output_ids for r in results] == hf_reference
+    assert graphs.enabled and {rows for rows, _ in graphs.graphs} >= {8}
+
+
+def test_one_token_prefix_and_suffix(hf_pair):
+    """A 1-token group prefix and 1-token suffixes run through the decode path: same tokens as no sharing."""
+    _, model, _ = hf_pair
+    prompts = [[5, 6, 7], [5, 8, 9], [5, 8], [11, 12, 13, 14], [11, 12, 13, 15]]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    plain = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, params)
+    for cascade in (True, False):
+        shared = Engine(model, None, EngineConfig(min_prefix_len=1, cascade=cascade)).generate(prompts, params)
+        assert [r.output_ids for r in shared] == [r.output_ids for r in plain]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from batchpilot.cli import main
-from batchpilot.plan.fit import Runs, fit_critical_batch, fit_steplaw, fit_trade_off, read_runs, steps_to_reach
+from batchpilot.plan.fit import (Runs, best_on_grid_edge, fit_critical_batch, fit_steplaw, fit_trade_off, read_runs,
+                                 steps_to_reach)
 from batchpilot.plan.laws import load_law
 
 STEPLAW_DIR = Path(__file__).resolve().parents[3] / "shared/data/steplaw"
@@ -254,11 +255,12 @@ def test_bad_collinear_groups(tmp_path: Path, capsys) -> None:
     assert "2 group(s), 2 distinct N, 2 distinct D" in fit_error(tmp_path, capsys, rows)
 
 
-@pytest.mark.parametrize("column, value", [("lr", "0"), ("N", "-5"), ("batch_tokens", ""), ("smooth_loss", "0")])
+@pytest.mark.parametrize("column, value", [("lr", "0"), ("N", "-5"), ("batch_tokens", ""), ("smooth_loss", "0"),
+                                           ("D", "lots")])
 def test_bad_non_positive(tmp_path: Path, capsys, column: str, value: str) -> None:
     rows = steplaw_rows()[:10]
     rows[3][column] = value
-    assert f"column '{column}' needs positive numbers; row 5" in fit_error(tmp_path, capsys, rows)
+    assert f"column '{column}' needs " in (err := fit_error(tmp_path, capsys, rows)) and "row 5" in err
 
 
 def test_bad_no_runs_and_units(tmp_path: Path, capsys) -> None:
@@ -267,6 +269,20 @@ def test_bad_no_runs_and_units(tmp_path: Path, capsys) -> None:
     assert "has no runs" in capsys.readouterr().err
     rows = [{k: v for k, v in r.items() if k != "seq_len"} for r in steplaw_rows()[:10]]
     assert "needs --seq-len" in fit_error(tmp_path, capsys, rows, "--batch-unit", "sequences")
+
+
+def test_best_on_grid_edge() -> None:
+    lr, batch = (a.ravel() for a in np.meshgrid([1e-3, 2e-3, 4e-3], [1024.0, 2048.0, 4096.0]))
+    params, tokens = np.repeat([1e7, 2e7], 9), np.full(18, 1e9)
+
+    def edges(lr_opt: float, batch_opt: float) -> tuple[int, int]:
+        loss = 3 + np.log(lr / lr_opt) ** 2 + np.log(batch / batch_opt) ** 2
+        return best_on_grid_edge(Runs(params=params, tokens=tokens, lr=np.tile(lr, 2), batch_tokens=np.tile(batch, 2),
+                                      steps=tokens / np.tile(batch, 2), loss=np.tile(loss, 2), seq_len=None, source=""))
+
+    assert edges(2e-3, 2048) == (0, 0)
+    assert edges(1e-4, 2048) == (2, 0)  # the optimum lies below the lr grid in both groups
+    assert edges(2e-3, 1e5) == (0, 2)
 
 
 def test_diverged_runs_are_dropped(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchpilot.cli import main
-from batchpilot.plan.sweep import (RUN_COLUMNS, GridSpec, append_row, finished_ids, grid_runs, prepare_data, run_one,
-                                   train_config)
+from batchpilot.plan.sweep import (RUN_COLUMNS, GridSpec, append_row, finished_ids, grid_runs, micro_batch_size,
+                                   prepare_data, run_one, train_config)
 
 MICRO = {"name": "micro", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
          "num_heads": 2, "num_kv_heads": 1}
@@ -72,6 +72,10 @@ def test_half_finished_runs_resume_or_restart(tmp_path: Path) -> None:
 
     (run_dir / "result.json").unlink()  # no checkpoint left and no result: restarted from scratch
     assert run_one(spec, grid, data_dir, sweep_dir)["smooth_loss"] == pytest.approx(row["smooth_loss"])
+
+
+def test_micro_batch_size_divides_the_step() -> None:
+    assert [micro_batch_size(rows, 16) for rows in (8, 10, 16, 40, 64, 7)] == [8, 10, 16, 10, 16, 7]
 
 
 def test_append_row_drops_a_torn_line(tmp_path: Path) -> None:

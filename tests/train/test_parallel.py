@@ -139,3 +139,28 @@ def test_parallelize_order_and_noop_on_one_process(tiny_config):
     assert not parallel.is_sharded(model)
     with pytest.raises(ValueError, match="activation checkpointing"):
         parallel.apply_ac(model, "sometimes")
+
+
+def test_fsdp_on_one_device_computes_in_bf16_over_fp32_masters(tiny_config):
+    """``fsdp_one_device``: a one-rank FSDP2 mesh; parameters stay fp32, the forward runs in bf16."""
+    from batchpilot.model.llama import build_model
+    from batchpilot.train.optim import OptimConfig, build_optimizer
+
+    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    reference = build_model(tiny_config, seed=0)
+    model = build_model(tiny_config, seed=0)
+    try:
+        parallel.parallelize(model, parallel.ParallelDims(), param_dtype=torch.bfloat16, fsdp_one_device=True)
+        assert parallel.is_sharded(model) and all(p.dtype == torch.float32 for p in model.parameters())
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2))  # before any forward: the sharded fp32 params
+        seen = []
+        model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        loss = model(x, targets=x)
+        assert seen == [torch.bfloat16]
+        assert loss.item() == pytest.approx(reference(x, targets=x).item(), rel=2e-2)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        optimizer.step()
+        assert model(x, targets=x).item() < loss.item()
+    finally:
+        parallel.shutdown_distributed()

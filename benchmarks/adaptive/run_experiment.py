@@ -1,0 +1,193 @@
+"""Adaptive global batch vs fixed batches at a fixed token budget (issue 5 experiment).
+
+Every run trains the same model on the same prepared corpus for the same number of tokens, with
+no token repeated (one pass over less than the training split). Fixed runs use global batches
+of 1x, 2x, 4x and 8x the smallest; the adaptive run starts at the smallest and grows toward the
+measured gradient noise scale (B_simple, laws.md 4c). All runs share one LR rule: the Step Law
+peak LR for (N, D) at the smallest batch, rescaled by sqrt(B / B_smallest) (Adam-family rule,
+laws.md 5) both for the fixed batches and, step by step, for the adaptive one. The runs go in
+parallel processes on one GPU (the model is small; each is launch-bound, not compute-bound).
+
+Outputs (in --out): adaptive_<date>.json with rows and `summary` {step_reduction, final_loss_gap},
+adaptive_loss_<date>.png and adaptive_batch_<date>.png.
+
+    python benchmarks/adaptive/run_experiment.py --data data/adaptive --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from batchpilot.data.prepare import load_meta
+from batchpilot.model.hf import config_to_hf
+from batchpilot.model.llama import LlamaConfig
+from batchpilot.plan import laws
+
+
+def model_config(vocab_size: int, smoke: bool) -> LlamaConfig:
+    if smoke:
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                           num_kv_heads=2, tie_word_embeddings=True)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4,
+                       num_kv_heads=4, tie_word_embeddings=True, max_position_embeddings=1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True, help="prepared corpus (batchpilot prepare)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tokens", type=float, default=None, help="token budget (default: 95%% of the train split)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--small-batch-tokens", type=int, default=16384)
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--parallel", type=int, default=5, help="runs at a time on the GPU")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
+    args = p.parse_args()
+    meta = load_meta(args.data)
+    train_tokens = meta["tokens"]["train"]
+    budget = int(args.tokens or 0.95 * train_tokens)
+    if budget > train_tokens:
+        raise SystemExit(f"budget {budget} exceeds the train split ({train_tokens} tokens): tokens would repeat")
+    cfg = model_config(meta["vocab_size"], args.smoke)
+    n = laws.non_vocab_params(cfg)
+    small = args.small_batch_tokens
+    base_lr = laws.step_law_peak_lr(n, budget)
+    work = Path(tempfile.mkdtemp(prefix="adaptive_"))
+    (work / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+    runs = {f"fixed_{m}x": run_args(args, work, budget, small * m, base_lr * math.sqrt(m), "fixed")
+            for m in (1, 2, 4, 8)}
+    runs["adaptive"] = run_args(args, work, budget, small, base_lr, "adaptive", max_batch=small * 16)
+    started = time.time()
+    launch_all(runs, args.parallel)
+    gpu_minutes = (time.time() - started) / 60
+    rows = [summarise(name, work / name) for name in runs]
+    summary = compare(rows)
+    write_outputs(args, rows, summary, dict(non_vocab_params=n, tokens=budget, train_split_tokens=train_tokens,
+                                             base_lr=base_lr, small_batch_tokens=small, gpu_minutes=gpu_minutes,
+                                             model=config_to_hf(cfg)))
+
+
+def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, max_batch: int | None = None) -> list:
+    steps = max(1, budget // batch)
+    cmd = [sys.executable, "-m", "batchpilot", "train", "--model", str(work / "config.json"), "--data", args.data,
+           "--seq-len", str(args.seq_len), "--global-batch-tokens", str(batch),
+           "--micro-batch-size", str(args.micro_batch_size), "--max-tokens", str(budget), "--lr", f"{lr:.6g}",
+           "--min-lr", f"{lr / 10:.6g}", "--warmup-tokens", str(budget // 20), "--batch-policy", policy,
+           "--eval-every", str(max(1, steps // 20)), "--eval-batches", "16", "--save-every", "1000000",
+           "--adaptive-min-interval-steps", "20", "--adaptive-warmup-steps", "20", "--no-progress"]
+    if max_batch:
+        cmd += ["--max-global-batch-tokens", str(max_batch)]
+    return cmd
+
+
+def launch_all(runs: dict[str, list], parallel: int) -> None:
+    pending, active = list(runs.items()), []
+    while pending or active:
+        while pending and len(active) < parallel:
+            name, cmd = pending.pop(0)
+            out_dir = Path(cmd[cmd.index("--model") + 1]).parent / name
+            log = open(out_dir.parent / f"{name}.log", "w")
+            active.append((name, subprocess.Popen(cmd + ["--out", str(out_dir)], stdout=log, stderr=subprocess.STDOUT)))
+        for item in list(active):
+            if item[1].poll() is not None:
+                active.remove(item)
+                if item[1].returncode:
+                    raise SystemExit(f"run {item[0]} failed; see its log")
+        time.sleep(1)
+
+
+def summarise(name: str, run_dir: Path) -> dict:
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [(m["step"], m["tokens"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    return {"name": name, "steps": metrics[-1]["step"], "tokens": metrics[-1]["tokens"],
+            "final_val_loss": evals[-1][2], "final_batch_tokens": metrics[-1]["global_batch_tokens"],
+            "wall_seconds": metrics[-1]["wall_seconds"], "val_curve": evals,
+            "batch_curve": [(m["tokens"], m["global_batch_tokens"]) for m in metrics],
+            "b_simple_curve": [(m["tokens"], m["b_simple"]) for m in metrics if "b_simple" in m]}
+
+
+def steps_to_reach(row: dict, target: float) -> float | None:
+    """First step at which the validation curve reaches ``target`` (linear interpolation between evals)."""
+    prev = None
+    for step, _, loss in row["val_curve"]:
+        if loss <= target:
+            if prev is None:
+                return float(step)
+            (s0, l0) = prev
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        prev = (step, loss)
+    return None
+
+
+def compare(rows: list[dict]) -> dict:
+    adaptive = next(r for r in rows if r["name"] == "adaptive")
+    fixed = [r for r in rows if r["name"] != "adaptive"]
+    best = min(fixed, key=lambda r: r["final_val_loss"])
+    gap = (adaptive["final_val_loss"] - best["final_val_loss"]) / best["final_val_loss"]
+    reaching = [(r, steps_to_reach(r, adaptive["final_val_loss"])) for r in fixed]
+    reaching = [(r, s) for r, s in reaching if s is not None]
+    smallest = min(reaching, key=lambda rs: int(rs[0]["name"].split("_")[1][:-1])) if reaching else None
+    reduction = 1 - adaptive["steps"] / smallest[1] if smallest else None
+    return {"final_loss_gap": gap, "best_fixed": best["name"], "best_fixed_val_loss": best["final_val_loss"],
+            "adaptive_val_loss": adaptive["final_val_loss"], "adaptive_steps": adaptive["steps"],
+            "smallest_fixed_reaching_adaptive_loss": smallest[0]["name"] if smallest else None,
+            "its_steps_to_that_loss": smallest[1] if smallest else None, "step_reduction": reduction,
+            "targets": {"final_loss_gap_max": 0.005, "step_reduction_min": 0.30},
+            "met": bool(reduction is not None and reduction >= 0.30 and gap <= 0.005)}
+
+
+def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.date.today().isoformat() + ("_smoke" if args.smoke else "")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"benchmark": "adaptive_batch", "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "commit": commit or None,
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "command": " ".join(map(shlex.quote, sys.argv)), "setup": setup, "summary": summary, "rows": rows}
+    (out / f"adaptive_{stamp}.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out, stamp)
+    print(json.dumps(summary, indent=2))
+    for r in rows:
+        print(f"{r['name']:>10}: steps {r['steps']:>6}  final val {r['final_val_loss']:.4f}  "
+              f"final batch {r['final_batch_tokens']:>7}  {r['wall_seconds']:.0f} s")
+
+
+def plot(rows: list[dict], out: Path, stamp: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.plot([t for _, t, _ in r["val_curve"]], [v for _, _, v in r["val_curve"]], label=r["name"],
+                lw=2.5 if r["name"] == "adaptive" else 1.2)
+    ax.set(xlabel="tokens", ylabel="validation loss", title="Adaptive vs fixed global batch (same tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"adaptive_loss_{stamp}.png", dpi=120)
+    adaptive = next(r for r in rows if r["name"] == "adaptive")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(*zip(*adaptive["batch_curve"]), label="global batch (tokens)")
+    if adaptive["b_simple_curve"]:
+        ax.plot(*zip(*adaptive["b_simple_curve"]), label="B_simple estimate (tokens)", alpha=0.7)
+    ax.set(xlabel="tokens", ylabel="tokens", yscale="log", title="Adaptive run: batch follows the noise scale")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"adaptive_batch_{stamp}.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
