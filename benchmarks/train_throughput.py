@@ -127,7 +127,8 @@ class HFRunner:
         hf = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "model_type", "torch_dtype")}
         hf_config = transformers.LlamaConfig(**hf, attn_implementation="sdpa")
         torch.manual_seed(0)
-        self.model = transformers.LlamaForCausalLM(hf_config).to(device, dtype=torch.bfloat16)
+        with torch.device(device):  # initialise on the GPU: a 1.24B fp32 init on the host takes many seconds
+            self.model = transformers.LlamaForCausalLM(hf_config).to(dtype=torch.bfloat16)
         self.model.config.use_cache = False
         if ac != "none":
             self.model.gradient_checkpointing_enable()
@@ -241,7 +242,7 @@ def largest_micro_batch(system: str, config: LlamaConfig, dims: parallel.Paralle
 
 def run_one(spec: dict, args) -> None:
     """Child process: run the cases of one system and print one ``ROW {json}`` line per case."""
-    dims = parallel.ParallelDims(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dims = parallel.ParallelDims(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     if dims.device.type == "cuda":
         torch.cuda.set_device(0)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -334,6 +335,8 @@ def main_single(args, passthrough: list[str]) -> None:
             "batchpilot": args.skip_batchpilot, "batchpilot_bf16": args.skip_batchpilot_bf16}
     rows, skipped = [], {}
     for system, system_cases in cases.items():
+        if args.only_fit_search:
+            break
         if skip[system] or not system_cases:
             skipped[system] = "skipped by flag" if skip[system] else "no cases in this mode"
             continue
@@ -405,6 +408,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--skip-batchpilot", action="store_true", help="the trainer's one-GPU path (autocast)")
     p.add_argument("--skip-batchpilot-bf16", action="store_true", help="one-GPU FSDP2 mixed precision")
     p.add_argument("--skip-fit-search", action="store_true", help="skip the largest-micro-batch search")
+    p.add_argument("--only-fit-search", action="store_true", help="run only the largest-micro-batch search")
     p.add_argument("--fit-seq", type=int, default=8192)
     p.add_argument("--fit-start", type=int, default=16)
     p.add_argument("--fit-max", type=int, default=256)

@@ -30,3 +30,14 @@ def tiny_config() -> LlamaConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    """A directory of small .txt documents (a synthetic corpus the CLI can prepare in about a second)."""
+    root = tmp_path_factory.mktemp("text")
+    words = "and the lord said unto him that it was good in the beginning god created heaven earth".split()
+    for i in range(60):
+        n = 80 + (i * 53) % 200
+        (root / f"doc_{i:03d}.txt").write_text(" ".join(words[(i * 5 + j * 7) % len(words)] for j in range(n)))
+    return root

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,10 +80,13 @@ class Engine:
         self.eos_ids = {i for i in (getattr(tokenizer, "eos_id", None), model.config.eos_token_id) if i is not None}
         self.stats = EngineStats()
 
-    def generate(self, prompts: Sequence[str | list[int]],
+    def generate(self, prompts: Sequence[str | list[int]] | Sequence[Request],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
-        """Completions in input order. Prompts are text (needs a tokenizer) or token ids."""
-        requests = self.make_requests(prompts, params)
+        """Completions in input order. Prompts are text (needs a tokenizer), token ids, or ``Request``s."""
+        if prompts and all(isinstance(p, Request) for p in prompts):
+            requests = [Request(i, r.prompt_ids, r.params) for i, r in enumerate(prompts)]  # fresh state
+        else:
+            requests = self.make_requests(prompts, params)
         done = {c.index: c for c in self.run(requests)}
         return [done[r.index] for r in requests]
 
@@ -108,12 +111,11 @@ class Engine:
         self.runner.begin_job(max((r.num_tokens + r.params.max_tokens for r in requests), default=0))
         scheduler = Scheduler(self.pool, max_batch_tokens=self.config.max_batch_tokens,
                               max_num_seqs=self.config.max_num_seqs, output_len_prior=self.config.output_len_prior)
-        for r in self._plan(requests, rank, world_size):
-            if r.params.max_tokens == 0 and not r.is_prefix:
+        for r in requests:
+            if r.params.max_tokens == 0 and r.index % world_size == rank:
                 r.finish_reason = "length"
                 yield Completion.of(r)
-            else:
-                scheduler.add([r])
+        scheduler.add(self._plan([r for r in requests if r.params.max_tokens > 0], rank, world_size))
         while scheduler.has_work():
             yield from self.step(scheduler)
 
@@ -163,7 +165,7 @@ class Engine:
         if need > self.model.config.max_position_embeddings:
             raise ValueError(f"request {r.index}: prompt + max_tokens = {need} exceeds the model's "
                              f"{self.model.config.max_position_embeddings} positions")
-        if need + 2 * self.pool.block_size > self.pool.capacity_tokens:
+        if need + 3 * self.pool.block_size > self.pool.capacity_tokens:  # partial blocks + the trash block
             raise ValueError(f"request {r.index}: {need} tokens do not fit the KV cache "
                              f"({self.pool.capacity_tokens} tokens)")
 

@@ -2,7 +2,7 @@
 
 A decode step's shapes become static by padding: rows to a bucket (padding rows attend to, and
 write, one token of a reserved trash block), block tables to the job's longest request, cascade
-groups to ``max_groups``. The graph runs the model and a greedy argmax; steps that sample, contain
+groups to a power of two up to ``max_groups``. The graph runs the model and a greedy argmax; steps that sample, contain
 prefill chunks, or exceed the static sizes run eagerly. Every new graph is checked once against
 the eager step, and graphs switch off (with a warning) on an error or a mismatch. Cost: the padded
 rows' FLOPs, and graph memory (one shared pool, a few hundred MB for a 1B model at 1024 rows).
@@ -35,7 +35,7 @@ class DecodeGraphs:
         self.runner, self.max_groups, self.capture = runner, max_groups, capture
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.width = 0  # block-table columns of every graph
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}  # (rows, groups) -> graph
         self.pool = None
         self.enabled = True
 
@@ -55,14 +55,15 @@ class DecodeGraphs:
 
     def run(self, dec: list[Chunk], eager: Callable[[], list[int]]) -> list[int]:
         rows = next(b for b in self.buckets if b >= len(dec))
-        cascade = self.runner.cascade and any(c.request.prefix_len > 0 for c in dec)
-        key = (rows, cascade)
+        n = len({id(c.request.group) for c in dec if c.request.prefix_len > 0}) if self.runner.cascade else 0
+        groups = 1 << (n - 1).bit_length() if n else 0  # padded to a power of two: few graphs, little waste
+        key = (rows, groups)
         fresh = key not in self.graphs
         try:
             if fresh:
-                self.graphs[key] = self._build(rows, cascade)
+                self.graphs[key] = self._build(rows, groups)
             g = self.graphs[key]
-            for name, array in self._arrays(dec, rows, cascade).items():
+            for name, array in self._arrays(dec, rows, groups).items():
                 g.inputs[name].copy_(torch.from_numpy(array))
             g.replay()
             tokens = g.tokens[:len(dec)].tolist()
@@ -78,9 +79,9 @@ class DecodeGraphs:
             return ref
         return tokens
 
-    def _arrays(self, dec: list[Chunk], rows: int, cascade: bool) -> dict[str, np.ndarray]:
+    def _arrays(self, dec: list[Chunk], rows: int, groups: int) -> dict[str, np.ndarray]:
         r = self.runner
-        a = r.decode_arrays(dec, rows=rows, width=self.width, groups=self.max_groups if cascade else 0)
+        a = r.decode_arrays(dec, rows=rows, width=self.width, groups=groups)
         ids, pos, slots, _ = r._flatten(dec)
         pad = rows - len(dec)
         a["ids"] = np.asarray(ids + [0] * pad, dtype=np.int64)
@@ -89,10 +90,10 @@ class DecodeGraphs:
         del a["prefix_blocks"]
         return a
 
-    def _build(self, rows: int, cascade: bool) -> _Graph:
+    def _build(self, rows: int, groups: int) -> _Graph:
         from batchpilot.generate.runner import DecodeMeta, StepAttention
 
-        r, dev, G = self.runner, self.runner.device, self.max_groups
+        r, dev, G = self.runner, self.runner.device, groups
         t = r.trash_block
         inputs = {"ids": torch.zeros(rows, dtype=torch.long, device=dev),
                   "pos": torch.zeros(rows, dtype=torch.long, device=dev),
@@ -100,7 +101,7 @@ class DecodeGraphs:
                   "tables": torch.full((rows, self.width), t, dtype=torch.long, device=dev),
                   "prefix_lens": torch.zeros(rows, dtype=torch.long, device=dev),
                   "own_lens": torch.ones(rows, dtype=torch.long, device=dev)}
-        if cascade:
+        if groups:
             inputs |= {"group_tables": torch.full((G, self.width), t, dtype=torch.long, device=dev),
                        "group_lens": torch.zeros(G, dtype=torch.long, device=dev),
                        "group_rows": torch.full((G, rows), rows, dtype=torch.long, device=dev),

@@ -15,7 +15,8 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,10 @@ def _requests(engine: Any, todo: list[JobItem], writer: JobWriter,
         if it.error is None:
             try:
                 ids = engine.tokenizer.encode(it.prompt) if it.kind == "chat" else engine.encode(it.prompt)
-                r = Request(len(requests), ids, it.params)
+                params = it.params
+                if params.seed is None:  # stable across resumes: from the job seed and the custom_id
+                    params = replace(params, seed=zlib.crc32(f"{engine.config.seed}:{it.custom_id}".encode()))
+                r = Request(len(requests), ids, params)
                 engine.check(r)
                 by_index[r.index] = it
                 requests.append(r)

@@ -34,7 +34,8 @@ def model_cost(model: torch.nn.Module) -> ModelCost:
     params = list({id(p): p for p in model.parameters()}.values())
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     esize = params[0].element_size()
-    matmul = sum(p.numel() for p in params if p.dim() == 2) - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+    embedding = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size  # a lookup, not a matmul
+    matmul = sum(p.numel() for p in params if p.dim() == 2) - embedding
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * esize
     return ModelCost(weight_bytes, matmul, kv, c.num_layers, c.num_heads * c.head_dim)
 

@@ -1,19 +1,21 @@
 """Mechanism: a step's chunks -> one packed forward over the paged KV cache -> sampled tokens.
 
-The only tensor code of ``generate``. Every step runs ONE forward over the flat concatenation of
-all scheduled tokens (decode tokens first, then prefill chunks): no padding in the projections and
-MLPs (the bulk of the FLOPs). Attention goes through the model's ``attn_meta`` protocol
-(``StepAttention.attend``), which first writes the step's new K/V into their cache slots, then:
+Tensor code of ``generate`` lives here and in ``kernels.py`` / ``graphs.py``. Every step runs ONE
+forward over the flat concatenation of all scheduled tokens (decode tokens first, then prefill
+chunks): no padding in the projections and MLPs (the bulk of the FLOPs). Attention goes through the
+model's ``attn_meta`` protocol (``StepAttention.attend``), which first writes the step's new K/V
+into their cache slots, then:
 
-- decode rows (one query each) gather their context KV block by block and attend in fp32 with an
-  explicit log-sum-exp. With cascade on, a group's shared prefix is *not* in the rows: all of the
-  group's decoding queries attend to the prefix KV together, read once per step (Hydragen), and
-  the two partial results are merged with their log-sum-exps;
+- decode rows (one query each, the G query heads of a kv head together) attend over their own
+  blocks with ``paged_attention`` (Triton on CUDA, reading KV in place; torch gather elsewhere),
+  which returns a log-sum-exp. With cascade on, a group's shared prefix is not in the rows: all of
+  the group's decoding queries attend to the prefix KV in one call, reading it once per step
+  (Hydragen), and the two partial results are merged with their log-sum-exps;
 - prefill chunks are bin-packed into rows (Prepacking's worst-fit decreasing on context length),
-  each row a block-diagonal causal mask over its chunks' contexts, and run through SDPA.
+  each row a block-diagonal causal mask over its chunks' contexts, and run through SDPA. The keys
+  are gathered from the cache (a copy; prefill is compute-bound, so it costs little).
 
-Cost of this design: context KV is gathered (copied) per step instead of read in place by a paged
-kernel; a FlexAttention/Triton paged kernel would remove the copy (see docs/generate.md).
+Greedy decode-only steps can replay a CUDA graph (``graphs.py``). KV layout: (layers, K, S, E).
 Shape legend: N step tokens, D decode rows, H heads, K kv heads, G = H/K, E head dim, L context,
 S cache slots (= num_blocks * block_size), R rows, Q queries per row.
 """
@@ -141,7 +143,8 @@ class Runner:
                 out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size)
                 if not self.triton_verified:
                     ref = paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
-                    err = max((out[0].float() - ref[0].float()).abs().max().item(), (out[1] - ref[1]).abs().max().item())
+                    err = max((out[0].float() - ref[0].float()).abs().max().item(),
+                              (out[1] - ref[1]).abs().max().item())
                     if err > 3e-2:
                         raise RuntimeError(f"differs from the torch path by {err:.3g}")
                     self.triton_verified = True
@@ -286,7 +289,7 @@ class Runner:
             temperature=self._tensor([p.temperature for p in ps], np.float32),
             top_k=self._tensor([p.top_k for p in ps]),
             top_p=self._tensor([p.top_p for p in ps], np.float32),
-            seeds=self._tensor([p.seed if p.seed is not None else seed * 1_000_003 + r.index for p, r in zip(ps, reqs)]),
+            seeds=self._tensor([seed * 1_000_003 + r.index if p.seed is None else p.seed for p, r in zip(ps, reqs)]),
             steps=self._tensor([len(r.output_ids) for r in reqs]),
             any_random=any_random,
             any_filter=any_random and any(p.top_k > 0 or p.top_p < 1 for p in ps),

@@ -16,7 +16,6 @@ The prefix KV is referenced by the group until its last member finishes.
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -99,10 +98,11 @@ class Scheduler:
         self.waiting.extend(requests)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting) or any(r.status is Status.RUNNING for r in self.running)
 
     def schedule(self) -> StepPlan:
         plan, budget = StepPlan(), self.max_batch_tokens
+        self.running = [r for r in self.running if r.status is Status.RUNNING]
         scheduled: set[int] = set()
         for r in list(self.running):  # 1. one token for every decode
             if budget == 0 or r.status is not Status.RUNNING or not r.in_decode:
@@ -147,9 +147,7 @@ class Scheduler:
                 r.status = Status.FINISHED
 
     def finish(self, r: Request, reason: str) -> None:
-        r.finish_reason, r.status = reason, Status.FINISHED
-        if r in self.running:
-            self.running.remove(r)
+        r.finish_reason, r.status = reason, Status.FINISHED  # leaves self.running at the next schedule()
         self._release(r)
         self.history.update(len(r.output_ids))
         if r.group is not None:

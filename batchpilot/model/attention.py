@@ -44,7 +44,7 @@ class DocumentMask:
                 return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
 
             B, T = docs.shape
-            self._cache["block"] = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+            self._cache["block"] = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
         return flex_attention(q, k, v, block_mask=self._cache["block"], enable_gqa=gqa)
 
 

@@ -72,6 +72,8 @@ def _forward_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h)
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    num_chunks = max(1, -(-h.shape[0] // chunk_tokens))
+    chunk_tokens = max(1, -(-h.shape[0] // num_chunks))  # equal chunks: one compiled shape, no small last GEMM
     for start in range(0, h.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         logits = h[rows] @ w.T  # (C, V), fp32 accumulation inside the GEMM

@@ -199,7 +199,7 @@ def run_step_with_oom_retry(grads_fn: Callable[[int], T], update_fn: Callable[[]
     """
     start = loader.state_dict()
     while True:
-        _reset_peak_memory(dims)
+        _reset_memory_stats(dims)
         try:
             result, failed = grads_fn(fitter.micro_batch_size), False
         except torch.OutOfMemoryError:
@@ -219,7 +219,11 @@ def run_step_with_oom_retry(grads_fn: Callable[[int], T], update_fn: Callable[[]
 
 
 def release_memory_after_oom(model: nn.Module, optimizer: torch.optim.Optimizer, dims: parallel.ParallelDims) -> None:
-    """Drop partial gradients and gathered FSDP parameters, then hand cached blocks back to the allocator."""
+    """Drop partial gradients (FSDP2's unsharded ones too) and gathered parameters, then empty the CUDA cache.
+
+    An OOM inside ``update_fn`` (the optimizer allocating its state on the first step) is not retried: it
+    would leave some ranks stepped and others not.
+    """
     optimizer.zero_grad(set_to_none=True)
     parallel.reshard_after_error(model)
     gc.collect()  # the OOM traceback's frames held activations
@@ -227,17 +231,17 @@ def release_memory_after_oom(model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.cuda.empty_cache()
 
 
-def _reset_peak_memory(dims: parallel.ParallelDims) -> None:
+def _reset_memory_stats(dims: parallel.ParallelDims) -> None:
+    """Peak and allocator retries count per attempt (a failed attempt's retries are not thrashing)."""
     if dims.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dims.device)
+        torch.cuda.reset_accumulated_memory_stats(dims.device)
 
 
 def _memory_reading(dims: parallel.ParallelDims) -> tuple[float, float, float]:
-    """(peak allocated bytes this step, GPU capacity, allocator retries so far); zeros on CPU."""
+    """(peak allocated bytes, GPU capacity, allocator retries) of this step's last attempt; zeros on CPU."""
     if dims.device.type != "cuda":
         return 0.0, 0.0, 0.0
-    stats = torch.cuda.memory_stats(dims.device)
-    retries = stats.get("num_alloc_retries", 0)
-    torch.cuda.reset_accumulated_memory_stats(dims.device)  # count retries per step
+    retries = torch.cuda.memory_stats(dims.device).get("num_alloc_retries", 0)
     capacity = torch.cuda.get_device_properties(dims.device).total_memory
     return float(torch.cuda.max_memory_allocated(dims.device)), float(capacity), float(retries)

@@ -82,8 +82,9 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype
 
     if not dist.is_initialized():  # one device: an in-process group, no rendezvous
         cuda = dims.device.type == "cuda"
+        index = dims.device.index if dims.device.index is not None else (torch.cuda.current_device() if cuda else 0)
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=dims.device if cuda else None)
+                                device_id=torch.device("cuda", index) if cuda else None)
     mesh = init_device_mesh(dims.device.type, (dims.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.layers):
@@ -153,10 +154,11 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 
 def reshard_after_error(model: nn.Module) -> None:
-    """Free gathered FSDP2 parameters and reset per-iteration state after a forward/backward raised.
+    """Free gathered FSDP2 parameters, partial gradients and per-iteration state after a forward/backward raised.
 
-    ``reshard`` is public; the state reset touches FSDP2 internals that the end-of-backward
-    callback would have cleared (best effort, each attribute checked, as names move between releases).
+    ``reshard`` is public; the rest touches FSDP2 internals that the end-of-backward callback would
+    have cleared, and the unsharded gradients it accumulates while gradient sync is off (micro-batches
+    before the last): best effort, each attribute checked, as names move between releases.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -170,6 +172,10 @@ def reshard_after_error(model: nn.Module) -> None:
             groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
         for group in groups:
             group._training_state = type(group._training_state).IDLE
+            for param in getattr(group, "fsdp_params", []):  # gradients kept unsharded while sync was off
+                param.unsharded_accumulated_grad = None
+                if getattr(param, "_unsharded_param", None) is not None:
+                    param._unsharded_param.grad = None
         if hasattr(state, "_training_state"):
             state._training_state = type(state._training_state).IDLE
         getattr(state, "_modules_to_run_forward", set()).clear()

@@ -18,6 +18,8 @@ Schedules:
 - ``power``: Power Scheduler (Shen et al. 2024, arXiv 2408.13359; laws.md section 2),
   f(n) = min(peak, beta * a * n^b), n tokens, beta the batch in SEQUENCES; warmup to f(n_warmup);
   exponential anneal over the last ``power_decay_fraction`` (IBM dolomite-engine's formula).
+- ``multistep``: DeepSeek LLM's schedule (arXiv 2401.02954, section 2.3; laws.md 4a): warmup, peak
+  until 80% of tokens, 31.6% of peak until 90%, then 10% of peak.
 - ``constant``: warmup, then peak.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("cosine", "wsd", "power", "constant")
+SCHEDULES = ("cosine", "wsd", "power", "multistep", "constant")
 DECAY_SHAPES = ("1-sqrt", "linear")
 
 
@@ -83,7 +85,14 @@ def lr_at(tokens_seen: int, cfg: ScheduleConfig) -> float:
         progress = min((n - start) / max(cfg.total_tokens - start, 1), 1.0)
         keep = 1.0 - math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else 1.0 - progress
         return cfg.min_lr + (cfg.peak_lr - cfg.min_lr) * keep
+    if cfg.name == "multistep":
+        return cfg.peak_lr * _multistep_factor(n / cfg.total_tokens)
     return cfg.peak_lr  # constant
+
+
+def _multistep_factor(progress: float) -> float:
+    """DeepSeek LLM: x1 until 80% of training tokens, x0.316 until 90%, x0.1 after (laws.md 4a)."""
+    return 1.0 if progress < 0.8 else 0.316 if progress < 0.9 else 0.1
 
 
 def power_curve(tokens: float, cfg: ScheduleConfig) -> float:

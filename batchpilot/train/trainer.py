@@ -128,8 +128,11 @@ class TrainState:
 def config_from_plan(plan: dict[str, Any], **overrides: Any) -> TrainConfig:
     """A TrainConfig that executes a plan as fixed: the trainer never re-derives these values."""
     model = plan.get("model")
+    if isinstance(model, dict) and overrides.get("model") is None:
+        raise ValueError("this plan was made for a model shape, not a preset: pass --model with its HF directory "
+                         "or config.json")
     fixed = dict(
-        model=model if isinstance(model, str) else overrides.pop("model", "tiny"),
+        model=model if isinstance(model, str) else overrides.pop("model"),
         seq_len=plan["seq_len"], global_batch_tokens=plan["global_batch_tokens"],
         micro_batch_size=plan["micro_batch_size"], max_steps=plan["total_steps"], lr=plan["peak_lr"],
         min_lr=plan.get("min_lr", 0.0), warmup_tokens=plan["warmup_steps"] * plan["global_batch_tokens"],
@@ -233,7 +236,9 @@ def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchCon
             ramp.append((int(float(tokens)), int(float(batch))))
     return BatchController(BatchConfig(
         policy=cfg.batch_policy, initial_batch_tokens=cfg.global_batch_tokens,
-        quantum_tokens=cfg.micro_batch_size * cfg.seq_len * dims.world_size, ramp=ramp,
+        # adaptive growth moves in whole micro-batches; fixed and ramp batches only need whole rows per rank
+        quantum_tokens=cfg.seq_len * dims.world_size * (cfg.micro_batch_size if cfg.batch_policy == "adaptive" else 1),
+        ramp=ramp,
         max_batch_tokens=cfg.max_global_batch_tokens, min_interval_steps=cfg.adaptive_min_interval_steps,
         min_measurements=cfg.adaptive_warmup_steps,
         target_multiplier=cfg.adaptive_target_multiplier,

@@ -26,13 +26,14 @@ def test_job_end_to_end_bad_line_chat_and_resume(model_dir, tmp_path):
         _line("c", {"messages": [{"role": "user", "content": "light"}], "max_tokens": 4}, "/v1/chat/completions"),
         _line("d", {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0.7, "seed": 3}),
         _line("e", {"prompt": "x", "max_tokens": 5000}),
+        _line("f", {"prompt": "the earth", "max_tokens": 6, "temperature": 1.0}),
     ])
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--model", str(model_dir), "--input", str(job), "--output", str(out), "--no-progress",
             "--ignore-eos"]
     assert main(argv) == 0
     recs = {r["custom_id"]: r for r in _records(out)}
-    assert set(recs) == {"a", "line-2", "c", "d", "e"}
+    assert set(recs) == {"a", "line-2", "c", "d", "e", "f"}
     assert recs["line-2"]["error"] and recs["line-2"]["response"] is None
     assert "exceeds" in recs["e"]["error"]["message"]
     body = recs["a"]["response"]["body"]
@@ -40,14 +41,16 @@ def test_job_end_to_end_bad_line_chat_and_resume(model_dir, tmp_path):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
     assert recs["c"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
     assert recs["d"]["response"]["body"]["usage"]["prompt_tokens"] == 3
-    # resume: nothing new; a lost record (and a torn last line) is redone alone
-    assert main(argv) == 0 and len(_records(out)) == 5
-    kept = [r for r in out.read_text().splitlines() if json.loads(r)["custom_id"] != "a"]
+    # resume: nothing new; lost records (and a torn last line) are redone, with the same (seeded) text
+    assert main(argv) == 0 and len(_records(out)) == 6
+    kept = [r for r in out.read_text().splitlines() if json.loads(r)["custom_id"] not in ("a", "f")]
     out.write_text("\n".join(kept) + "\n" + '{"custom_id": "tor')
     assert main(argv) == 0
-    again = _records(out)
-    assert [r["custom_id"] for r in again[-1:]] == ["a"] and len(again) == 5
-    assert again[-1]["response"]["body"]["choices"][0]["text"] == body["choices"][0]["text"]
+    again = {r["custom_id"]: r for r in _records(out)}
+    assert len(again) == 6 and list(again)[-2:] in (["a", "f"], ["f", "a"])
+    for cid in ("a", "f"):
+        text = again[cid]["response"]["body"]["choices"][0]["text"]
+        assert text == recs[cid]["response"]["body"]["choices"][0]["text"]
 
 
 def test_text_file_input(model_dir, tmp_path):

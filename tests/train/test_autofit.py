@@ -79,24 +79,47 @@ def test_prediction_from_the_planner_memory_model():
     assert predict_micro_batch_size(estimate, rows_per_rank=64, capacity_bytes=1 * GIB) == 1
 
 
-ROWS_PER_RANK, TOO_BIG, SEQ_LEN = 4, 2, 32  # rank 1 "runs out of memory" above 2 rows per pass
+ROWS_PER_RANK, SEQ_LEN = 4, 32
+# (run name, first micro-batch, where the simulated OOM strikes, largest micro-batch that "fits")
+RUNS = [("one_rank", 4, "rank1_after_step", 2), ("one_rank_ref", 2, None, 2),
+        ("mid_step", 2, "all_ranks_second_micro_batch", 1), ("mid_step_ref", 1, None, 1)]
+
+
+class FlakyLoader:
+    """PackedLoader that raises a simulated OOM when a step's second micro-batch is too big (every rank)."""
+
+    def __init__(self, loader: PackedLoader, fits: int) -> None:
+        self.loader, self.fits, self.calls = loader, fits, 0
+
+    def take(self, num_rows: int, *, rank: int, world_size: int):
+        self.calls += 1
+        if self.calls == 2 and num_rows // world_size > self.fits:
+            raise torch.OutOfMemoryError("simulated")  # after micro-batch 1's backward: gradients half-accumulated
+        return self.loader.take(num_rows, rank=rank, world_size=world_size)
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.loader.load_state_dict(state)
 
 
 def _fit_worker(data: str, out: str) -> None:
-    """Two runs of 3 steps on FSDP2: starting at 4 rows (rank 1 OOMs) and starting at 2 rows."""
+    """3 steps on FSDP2 per run: each OOM scenario next to a run that starts at the size that fits."""
     dims = parallel.init_distributed("cpu")
     result = {}
-    for name, start in (("fitted", ROWS_PER_RANK), ("reference", TOO_BIG)):
+    for name, start, oom, fits in RUNS:
         config = get_preset("tiny").with_(num_layers=2)
         model = parallel.parallelize(build_model(config, seed=0), dims)
         optimizer = build_optimizer(model, OptimConfig(lr=3e-3))
-        loader = PackedLoader(data, "train", SEQ_LEN, seed=0)
+        loader = FlakyLoader(PackedLoader(data, "train", SEQ_LEN, seed=0), fits if oom else ROWS_PER_RANK)
         fitter = MicroBatchFitter(rows_per_rank=ROWS_PER_RANK, micro_batch_limit=start)
         losses, sizes = [], []
         for _ in range(3):
             loss, _ = run_step_with_oom_retry(
-                lambda mb: _accumulate(model, loader, mb, dims), lambda: _update(model, optimizer),
-                fitter=fitter, loader=loader, model=model, optimizer=optimizer, dims=dims)
+                lambda mb: _accumulate(model, loader, mb, dims, oom == "rank1_after_step" and mb > fits),
+                lambda: _update(model, optimizer), fitter=fitter, loader=loader, model=model, optimizer=optimizer,
+                dims=dims)
             losses.append(parallel.mean_across_ranks(loss, dims))
             sizes.append(fitter.micro_batch_size)
         result[name] = dict(losses=losses, sizes=sizes, largest_failed=fitter.largest_failed,
@@ -104,11 +127,12 @@ def _fit_worker(data: str, out: str) -> None:
     Path(out, f"rank{dims.rank}.json").write_text(json.dumps(result))
 
 
-def _accumulate(model, loader, micro_batch_size: int, dims) -> float:
-    """The trainer's gradient accumulation; the simulated OOM comes after the step's last collective."""
+def _accumulate(model, loader: FlakyLoader, micro_batch_size: int, dims, oom_on_rank1: bool) -> float:
+    """The trainer's gradient accumulation, then (one scenario) an OOM on rank 1 after the step's last collective."""
+    loader.calls = 0
     loss, _ = accumulate_gradients(model, loader, global_batch_tokens=ROWS_PER_RANK * dims.world_size * SEQ_LEN,
                                    seq_len=SEQ_LEN, micro_batch_size=micro_batch_size, dims=dims)
-    if dims.rank == 1 and micro_batch_size > TOO_BIG:
+    if dims.rank == 1 and oom_on_rank1:
         raise torch.OutOfMemoryError("simulated")
     return loss
 
@@ -120,12 +144,17 @@ def _update(model, optimizer) -> float:
     return norm
 
 
-def test_simulated_oom_on_one_rank_backs_off_everywhere(tmp_path):
+def test_simulated_oom_backs_off_on_every_rank_and_redoes_the_step(tmp_path):
+    """OOM on rank 1 only (after the step's collectives), and on all ranks in the middle of gradient
+    accumulation (FSDP2 holds unsharded partial gradients then): both back off together, no deadlock,
+    and the losses equal a run that started at the smaller micro-batch."""
     data = make_dataset(tmp_path)
-    run_ranks(_fit_worker, data, str(tmp_path), timeout=60)
+    run_ranks(_fit_worker, data, str(tmp_path), timeout=90)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
-        assert r["fitted"]["sizes"] == [TOO_BIG] * 3 and r["fitted"]["largest_failed"] == ROWS_PER_RANK
-        assert r["fitted"]["losses"] == pytest.approx(r["reference"]["losses"], rel=1e-5, abs=1e-6)
-        assert r["fitted"]["loader"] == r["reference"]["loader"]  # the failed attempt consumed no data
-    assert ranks[0]["fitted"] == ranks[1]["fitted"]
+        for name, start, _, fits in RUNS[::2]:
+            fitted, ref = r[name], r[name + "_ref"]
+            assert fitted["sizes"] == [fits] * 3 and fitted["largest_failed"] == start
+            assert fitted["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
+            assert fitted["loader"] == ref["loader"]  # the failed attempt consumed no data
+    assert ranks[0] == ranks[1]
