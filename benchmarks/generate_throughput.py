@@ -142,18 +142,27 @@ def main() -> None:
         if name == "a":
             modes["no_sharing"] = EngineConfig(**base, prefix_sharing=False)
         for mode, cfg in modes.items():
-            row = run_engine(model, prompts, new, cfg)
+            row = _guarded(run_engine, model, prompts, new, cfg)
             rows.append({"workload": name, "system": "batchpilot", "mode": mode, **row})
             print(json.dumps(rows[-1]), flush=True)
         if name == "a" and args.hf_batch > 0:
-            rows.append({"workload": "a", "system": "hf_generate", "mode": f"batch{args.hf_batch}",
-                         **run_hf(model, prompts, new, args.hf_batch)})
+            row = _guarded(run_hf, model, prompts, new, args.hf_batch)
+            rows.append({"workload": "a", "system": "hf_generate", "mode": f"batch{args.hf_batch}", **row})
             print(json.dumps(rows[-1]), flush=True)
     write(args, rows)
 
 
+def _guarded(fn, *args) -> dict:
+    """One failing row (OOM, a transformers version mismatch) is recorded, and the other rows still run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- a benchmark reports failures instead of losing the run
+        _free()
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
 def _find(rows: list[dict], workload: str, system: str, mode: str | None = None) -> dict | None:
-    return next((r for r in rows if r["workload"] == workload and r["system"] == system
+    return next((r for r in rows if r["workload"] == workload and r["system"] == system and "error" not in r
                  and (mode is None or r["mode"] == mode)), None)
 
 

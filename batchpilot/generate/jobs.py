@@ -137,12 +137,15 @@ def done_ids(path: Path) -> set[str]:
     return {json.loads(line)["custom_id"] for line in data.decode().splitlines() if line.strip()}
 
 
-def result_record(item: JobItem, c: Completion, model: str) -> dict[str, Any]:
+def result_record(item: JobItem, c: Completion, model: str, *, token_ids: bool = False) -> dict[str, Any]:
+    """An OpenAI Batch output line; ``token_ids`` adds the generated ids (jobs without a tokenizer)."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": c.finish_reason}
     if item.kind == "chat":
         choice["message"] = {"role": "assistant", "content": c.text}
     else:
         choice["text"] = c.text
+    if token_ids:
+        choice["token_ids"] = c.output_ids
     n_in, n_out = len(c.prompt_ids), len(c.output_ids)
     body = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion" if item.kind == "chat" else
             "text_completion", "created": int(time.time()), "model": model, "choices": [choice],
@@ -208,7 +211,7 @@ def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, done: s
     try:
         with _progress(progress and rank == 0, len(requests)) as update:
             for c in engine.run(requests, rank=rank, world_size=world_size):
-                writer.write(result_record(by_index[c.index], c, model))
+                writer.write(result_record(by_index[c.index], c, model, token_ids=engine.tokenizer is None))
                 n_out, n_done = n_out + len(c.output_ids), n_done + 1
                 lengths.append((len(c.prompt_ids), len(c.output_ids)))
                 update(n_done, n_out / max(1e-9, time.perf_counter() - start))

@@ -37,6 +37,7 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, K, Qn, E) over k/v (K, B, L, E) where valid (B, L); softmax in fp32 -> (B, K, Qn, E), lse (B, K, Qn)."""
     qk = q.transpose(0, 1)  # (K, B, Qn, E)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # an fp32 q makes an fp32 reference (no-op otherwise)
     scores = (qk @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))  # (K, B, Qn, L)
     scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
     lse = scores.logsumexp(dim=-1)

@@ -141,12 +141,12 @@ class Runner:
         if self.use_triton:
             try:
                 out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size)
-                if not self.triton_verified:
-                    ref = paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
-                    err = max((out[0].float() - ref[0].float()).abs().max().item(),
-                              (out[1] - ref[1]).abs().max().item())
-                    if err > 3e-2:
-                        raise RuntimeError(f"differs from the torch path by {err:.3g}")
+                if not self.triton_verified:  # once: against an fp32 torch reference on a few rows
+                    ref = paged_attention_torch(q[:8].float(), kc, vc, tables[:8], lens[:8], self.block_size)
+                    for got, want in zip(out, ref):
+                        if not torch.allclose(got[:8].float(), want, atol=2e-2, rtol=2e-2):
+                            err = (got[:8].float() - want).abs().max().item()
+                            raise RuntimeError(f"differs from the torch reference by {err:.3g}")
                     self.triton_verified = True
                 return out
             except Exception as e:  # compile/launch errors come in many types: any of them -> torch path

@@ -195,7 +195,9 @@ def run_step_with_oom_retry(grads_fn: Callable[[int], T], update_fn: Callable[[]
     On an OOM on any rank, all ranks drop the partial gradients, rewind ``loader`` to where the step
     began, halve the micro-batch and redo the step; ``update_fn`` runs only once every rank has its
     gradients. Afterwards the fitter sees the step's peak memory and may pick a larger micro-batch
-    for the next step. Returns (grads_fn's result, update_fn's result).
+    for the next step. Returns (grads_fn's result, update_fn's result). An OOM inside ``update_fn``
+    (the optimizer allocating its state at the first step) is not retried: some ranks would have
+    stepped and others not.
     """
     start = loader.state_dict()
     while True:
@@ -219,11 +221,7 @@ def run_step_with_oom_retry(grads_fn: Callable[[int], T], update_fn: Callable[[]
 
 
 def release_memory_after_oom(model: nn.Module, optimizer: torch.optim.Optimizer, dims: parallel.ParallelDims) -> None:
-    """Drop partial gradients (FSDP2's unsharded ones too) and gathered parameters, then empty the CUDA cache.
-
-    An OOM inside ``update_fn`` (the optimizer allocating its state on the first step) is not retried: it
-    would leave some ranks stepped and others not.
-    """
+    """Drop partial gradients (FSDP2's unsharded ones too) and gathered parameters, then empty the CUDA cache."""
     optimizer.zero_grad(set_to_none=True)
     parallel.reshard_after_error(model)
     gc.collect()  # the OOM traceback's frames held activations

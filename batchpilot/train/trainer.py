@@ -25,7 +25,7 @@ from batchpilot.metrics import MetricsWriter, estimate_flops_per_token, print0, 
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.hf import load_model, read_config, save_model
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
-from batchpilot.train import parallel
+from batchpilot.train import autofit, parallel
 from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, default_coupling,
                                        grad_sq_norm)
 from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -46,6 +46,7 @@ class TrainConfig:
     seq_len: int = 256
     global_batch_tokens: int = 8192
     micro_batch_size: int = 16  # rows per rank per micro-step
+    auto_micro_batch: bool = False  # fit the micro-batch to GPU memory, back off on OOM (train/autofit.py)
     max_steps: int | None = None
     max_tokens: int | None = None  # one of max_steps / max_tokens sets the horizon
     lr: float = 3e-3  # peak
@@ -182,6 +183,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
     measure = cfg.measure_noise if cfg.measure_noise is not None else cfg.batch_policy == "adaptive"
     flops_per_token = _flops_per_token(model.config, cfg.seq_len)
     val_loss = None
+    fitter = _fitter(cfg, model, state, dims) if cfg.auto_micro_batch else None
     with _progress(cfg, dims) as progress:
         task = progress.add_task("train", total=cfg.total_tokens, completed=state.tokens, loss=float("nan"), lr=0.0,
                                  tps=0.0, step=state.step)
@@ -195,7 +197,8 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
                 group["lr"] = lr
             loss, grad_norm, measurement = train_step(
                 model, optimizer, train_loader, global_batch_tokens=batch_tokens, seq_len=cfg.seq_len,
-                micro_batch_size=cfg.micro_batch_size, dims=dims, grad_clip=cfg.grad_clip, measure_noise=measure)
+                micro_batch_size=cfg.micro_batch_size, dims=dims, grad_clip=cfg.grad_clip, measure_noise=measure,
+                fitter=fitter)
             loss = parallel.mean_across_ranks(loss, dims)
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss} at step {state.step + 1}; "
@@ -209,6 +212,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
             state.global_batch_tokens, state.lr_scale = decision.global_batch_tokens, decision.lr_scale
             record = _step_record(cfg, state, batch_tokens, loss, lr, grad_norm, seconds, flops_per_token, dims)
             record.update(decision.metrics)
+            record["micro_batch_size"] = fitter.micro_batch_size if fitter else cfg.micro_batch_size
             if decision.changed:
                 record["batch_change"] = decision.reason
                 print0(decision.reason, rank=dims.rank)
@@ -226,6 +230,14 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
                 state.rng = torch.get_rng_state().tolist()
                 save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims)
     return state, val_loss
+
+
+def _fitter(cfg: TrainConfig, model: Llama, state: TrainState,
+            dims: parallel.ParallelDims) -> autofit.MicroBatchFitter:
+    rows_per_rank = state.global_batch_tokens // cfg.seq_len // dims.world_size
+    return autofit.build_fitter(model.config, dims, rows_per_rank=rows_per_rank, seq_len=cfg.seq_len,
+                                fallback_micro_batch_size=cfg.micro_batch_size, sharded=parallel.is_sharded(model),
+                                checkpointing=cfg.activation_checkpointing == "full")
 
 
 def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchController:
@@ -247,13 +259,28 @@ def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchCon
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedLoader, *,
                global_batch_tokens: int, seq_len: int, micro_batch_size: int, dims: parallel.ParallelDims,
-               grad_clip: float, measure_noise: bool = False) -> tuple[float, float, Measurement | None]:
-    """One optimizer step over exactly ``global_batch_tokens`` tokens: (mean loss, grad norm, noise measurement)."""
-    loss, measurement = accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
-                                             micro_batch_size=micro_batch_size, dims=dims, measure_noise=measure_noise)
-    grad_norm = parallel.clip_grad_norm(model, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+               grad_clip: float, measure_noise: bool = False,
+               fitter: autofit.MicroBatchFitter | None = None) -> tuple[float, float, Measurement | None]:
+    """One optimizer step over exactly ``global_batch_tokens`` tokens: (mean loss, grad norm, noise measurement).
+
+    With a ``fitter`` the micro-batch is the fitter's, and an OOM on any rank redoes the step smaller.
+    """
+    def grads(rows: int) -> tuple[float, Measurement | None]:
+        return accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
+                                    micro_batch_size=rows, dims=dims, measure_noise=measure_noise)
+
+    def update() -> float:
+        grad_norm = parallel.clip_grad_norm(model, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    if fitter is None:
+        (loss, measurement), grad_norm = grads(micro_batch_size), update()
+    else:
+        fitter.rows_per_rank = global_batch_tokens // seq_len // dims.world_size
+        (loss, measurement), grad_norm = autofit.run_step_with_oom_retry(
+            grads, update, fitter=fitter, loader=loader, model=model, optimizer=optimizer, dims=dims)
     return loss, grad_norm, measurement
 
 
@@ -393,6 +420,7 @@ def _open_run_dir(cfg: TrainConfig, dims: parallel.ParallelDims) -> Path:
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run directory {run_dir} exists and is not empty; pass --resume to continue it "
                               f"or choose another --out")
+    parallel.barrier(dims)  # every rank checks the directory before rank 0 creates it
     if dims.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
@@ -468,4 +496,4 @@ def _export(model: Llama, loader: PackedLoader, run_dir: Path, dims: parallel.Pa
     plain = build_model(model.config, device="cpu")
     plain.load_state_dict(state)
     save_model(plain, run_dir / "model")
-    loader.tokenizer.save(str(run_dir / "model" / "tokenizer.json"))
+    loader.tokenizer.save(run_dir / "model")

@@ -18,17 +18,27 @@ def _hf_config(arch: str):
     return LlamaConfig(**kw) if arch == "llama" else Qwen2Config(**kw)
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2"])
-def hf_pair(request, tmp_path_factory):
-    """(transformers model, batchpilot model) with the same random fp32 weights, plus the model dir."""
+def _pair(arch: str, tmp_path_factory):
     from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cls = LlamaForCausalLM if request.param == "llama" else Qwen2ForCausalLM
-    hf = cls(_hf_config(request.param)).eval()
-    path = tmp_path_factory.mktemp(request.param)
+    cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
+    hf = cls(_hf_config(arch)).eval()
+    path = tmp_path_factory.mktemp(arch)
     hf.save_pretrained(path)
     return hf, batchpilot.load_model(path), path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def hf_pair(request, tmp_path_factory):
+    """(transformers model, batchpilot model) with the same random fp32 weights, plus the model dir."""
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory):
+    """The Llama one of ``hf_pair``, for tests where the architecture does not matter."""
+    return _pair("llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -50,8 +50,8 @@ def test_greedy_matches_transformers(hf_pair, hf_reference, variant):
     assert engine.pool.num_free == engine.pool.num_blocks - 1  # everything freed but the trash block
 
 
-def test_prefix_is_prefilled_once(hf_pair):
-    _, model, _ = hf_pair
+def test_prefix_is_prefilled_once(llama_pair):
+    _, model, _ = llama_pair
     prompts = _prompts()
     shared = Engine(model, None, EngineConfig(min_prefix_len=1))
     shared.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
@@ -81,8 +81,8 @@ def test_cascade_merge_equals_plain_attention():
     torch.testing.assert_close(full, sdpa)
 
 
-def test_seeded_sampling_is_reproducible_and_batch_independent(hf_pair):
-    _, model, _ = hf_pair
+def test_seeded_sampling_is_reproducible_and_batch_independent(llama_pair):
+    _, model, _ = llama_pair
     prompts = _prompts()
     params = [SamplingParams(max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7 + i, ignore_eos=True)
               for i in range(len(prompts))]
@@ -146,9 +146,9 @@ def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade):
     assert {groups for _, groups in graphs.graphs} == ({1} if cascade else {0})
 
 
-def test_one_token_prefix_and_suffix(hf_pair):
+def test_one_token_prefix_and_suffix(llama_pair):
     """A 1-token group prefix and 1-token suffixes run through the decode path: same tokens as no sharing."""
-    _, model, _ = hf_pair
+    _, model, _ = llama_pair
     prompts = [[5, 6, 7], [5, 8, 9], [5, 8], [11, 12, 13, 14], [11, 12, 13, 15]]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     plain = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, params)
@@ -176,3 +176,18 @@ def test_gpu_fast_paths_agree_with_the_torch_path(hf_pair):
     assert fast.runner.graphs.graphs, "no CUDA graph was captured"
     same = sum(a == b for r, f in zip(ref, out) for a, b in zip(r.output_ids, f.output_ids))
     assert same >= 0.95 * sum(len(r.output_ids) for r in ref)
+
+
+def test_static_decode_buffers_with_several_groups(llama_pair):
+    from batchpilot.generate.graphs import DecodeGraphs
+
+    _, model, _ = llama_pair
+    g = torch.Generator().manual_seed(5)
+    heads = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (9, 17, 5)]
+    prompts = [h + torch.randint(0, 320, (k,), generator=g).tolist() for h in heads for k in (1, 4, 7)]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    plain = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, params)
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, max_num_seqs=12))
+    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=12, capture=False)
+    assert [r.output_ids for r in engine.generate(prompts, params)] == [r.output_ids for r in plain]
+    assert graphs.enabled and (12, 4) in graphs.graphs  # 3 groups padded to 4, 9 rows padded to 12
