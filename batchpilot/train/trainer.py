@@ -25,7 +25,7 @@ from batchpilot.metrics import MetricsWriter, estimate_flops_per_token, print0, 
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.hf import load_model, read_config, save_model
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
-from batchpilot.train import autofit, parallel
+from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, default_coupling,
                                        grad_sq_norm)
 from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -148,22 +148,23 @@ def config_from_plan(plan: dict[str, Any], **overrides: Any) -> TrainConfig:
 def train(cfg: TrainConfig) -> TrainResult:
     dims = parallel.init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    run_dir = _open_run_dir(cfg, dims)
-    model_config = _model_config(cfg)
-    train_loader, val_loader = _build_data(cfg, model_config, run_dir, dims)
-    model = _build_model(cfg, model_config, dims)
+    run_dir = run.open_run_dir(cfg, dims)
+    model_config = run.model_config(cfg)
+    train_loader, val_loader = run.build_data(cfg, model_config, run_dir, dims)
+    model = run.build_run_model(cfg, model_config, dims)
     optimizer = build_optimizer(model, OptimConfig(name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                    beta1=cfg.beta1, beta2=cfg.beta2))
     state = TrainState()
     if cfg.resume:
-        state = _resume(run_dir, model, optimizer, train_loader)
+        saved = run.resume(run_dir, model, optimizer, train_loader)
+        state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
         print0(f"resumed from step {state.step} ({state.tokens:,} tokens)", rank=dims.rank)
     writer = MetricsWriter(run_dir if dims.rank == 0 else None, tensorboard=cfg.tensorboard)
     try:
         state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer)
     finally:
         writer.close()
-    _export(model, train_loader, run_dir, dims)
+    run.export_model(model, train_loader, run_dir, dims)
     result = TrainResult(run_dir=str(run_dir), steps=state.step, tokens=state.tokens,
                          final_loss=state.smooth_loss or float("nan"), val_loss=val_loss,
                          wall_seconds=state.wall_seconds)
@@ -409,91 +410,3 @@ def _progress(cfg: TrainConfig, dims: parallel.ParallelDims):
              "{task.fields[tps]:,.0f} tok/s"
     return Progress(TextColumn("[bold]train"), BarColumn(), TextColumn(fields), TimeRemainingColumn(),
                     disable=not cfg.progress or dims.rank != 0)
-
-
-def _open_run_dir(cfg: TrainConfig, dims: parallel.ParallelDims) -> Path:
-    """Create the run directory; never overwrite one silently; write config.json and plan.json."""
-    run_dir = Path(cfg.out_dir)
-    has_run = (run_dir / "config.json").exists()
-    if cfg.resume and not has_run:
-        raise ValueError(f"nothing to resume in {run_dir} (no config.json)")
-    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} exists and is not empty; pass --resume to continue it "
-                              f"or choose another --out")
-    parallel.barrier(dims)  # every rank checks the directory before rank 0 creates it
-    if dims.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            _check_same_run(cfg, run_dir)
-        write_json_atomic(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "plan"})
-        if cfg.plan is not None:
-            write_json_atomic(run_dir / "plan.json", cfg.plan)
-    parallel.barrier(dims)
-    return run_dir
-
-
-def _check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
-    import json
-
-    saved = json.loads((run_dir / "config.json").read_text())
-    keys = ("model", "seq_len", "global_batch_tokens", "optimizer", "schedule", "lr", "seed", "data")
-    changed = [f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"cannot resume {run_dir} with a different {', '.join(changed)}")
-
-
-def _model_config(cfg: TrainConfig) -> LlamaConfig:
-    return get_preset(cfg.model) if cfg.model in PRESETS else read_config(cfg.model)
-
-
-def _build_model(cfg: TrainConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> Llama:
-    has_weights = Path(cfg.model).is_dir() and any(Path(cfg.model).glob("model.safetensors*"))
-    model = load_model(cfg.model, device=dims.device) if has_weights else build_model(config, device=dims.device,
-                                                                                          seed=cfg.seed)
-    param_dtype = torch.bfloat16 if dims.device.type == "cuda" else None
-    return parallel.parallelize(model, dims, activation_checkpointing=cfg.activation_checkpointing,
-                                compile=cfg.compile, param_dtype=param_dtype)
-
-
-def _build_data(cfg: TrainConfig, model_config: LlamaConfig, run_dir: Path,
-                dims: parallel.ParallelDims) -> tuple[PackedLoader, PackedLoader]:
-    data_dir = Path(cfg.data)
-    if not (data_dir / "meta.json").is_file():
-        data_dir = run_dir / "data"
-        tokenizer = str(Path(cfg.model)) if Path(cfg.model, "tokenizer.json").is_file() else None
-        if dims.rank == 0:
-            prepare(PrepareConfig(sources=[cfg.data], out_dir=str(data_dir), tokenizer=tokenizer,
-                                  vocab_size=model_config.vocab_size, text_field=cfg.text_field, seed=cfg.seed))
-        parallel.barrier(dims)
-    train_loader = PackedLoader(data_dir, "train", cfg.seq_len, seed=cfg.seed)
-    if train_loader.tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"tokenizer has {train_loader.tokenizer.vocab_size} tokens but the model only "
-                         f"{model_config.vocab_size}")
-    val_loader = PackedLoader(data_dir, "val", cfg.seq_len, seed=cfg.seed)
-    if val_loader.num_rows < dims.world_size:
-        raise ValueError(f"validation split has {val_loader.num_rows} rows of {cfg.seq_len} tokens, fewer than the "
-                         f"{dims.world_size} ranks; raise --val-fraction when preparing or lower --seq-len")
-    return train_loader, val_loader
-
-
-def _resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader: PackedLoader) -> TrainState:
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise ValueError(f"no checkpoint to resume in {run_dir}/checkpoints")
-    saved = load_checkpoint(path, model, optimizer)
-    state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
-    loader.load_state_dict(state.loader)
-    if state.rng:
-        torch.set_rng_state(torch.tensor(state.rng, dtype=torch.uint8))
-    return state
-
-
-def _export(model: Llama, loader: PackedLoader, run_dir: Path, dims: parallel.ParallelDims) -> None:
-    """Write the final weights in HF format (plus tokenizer.json) to run_dir/model for sample/generate."""
-    state = full_model_state(model)  # a collective under FSDP2: every rank takes part
-    if dims.rank != 0:
-        return
-    plain = build_model(model.config, device="cpu")
-    plain.load_state_dict(state)
-    save_model(plain, run_dir / "model")
-    loader.tokenizer.save(run_dir / "model")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parallel import _order_run_dir_checks, losses, make_dataset, run_ranks, tiny_run
+from test_parallel import losses, make_dataset, run_ranks, tiny_run
 
 from batchpilot.model.llama import build_model
 from batchpilot.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -32,7 +32,6 @@ def rewind_copy(run_dir: Path, dest: Path, step: int) -> Path:
 
 
 def _two_rank_worker(full: dict, resumed: dict) -> None:
-    _order_run_dir_checks()
     train(TrainConfig(**full))
     train(TrainConfig(**resumed))
 

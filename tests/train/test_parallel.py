@@ -83,31 +83,7 @@ def run_ranks(fn: Callable, *args, world_size: int = 2, timeout: float = 60.0) -
 
 
 def _train_worker(cfg_dict: dict) -> None:
-    _order_run_dir_checks()
     train(TrainConfig(**cfg_dict))
-
-
-def _order_run_dir_checks() -> None:
-    """Test shim for a race in ``trainer._open_run_dir``: rank 0 may create the run directory before rank 1
-    checks that it is empty. One extra barrier (before on rank 0, after on the others) orders them; it stays
-    harmless once the trainer puts a barrier between its checks and its writes.
-    """
-    from batchpilot.train import trainer
-
-    original = trainer._open_run_dir
-    if getattr(original, "is_ordered", False):
-        return
-
-    def ordered(cfg, dims):
-        if dims.rank == 0:
-            parallel.barrier(dims)
-            return original(cfg, dims)
-        run_dir = original(cfg, dims)
-        parallel.barrier(dims)
-        return run_dir
-
-    ordered.is_ordered = True
-    trainer._open_run_dir = ordered
 
 
 @pytest.fixture(scope="module")
