@@ -50,7 +50,10 @@ def main() -> None:
     p.add_argument("--tokens", type=float, default=None, help="token budget (default: 95%% of the train split)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--small-batch-tokens", type=int, default=16384)
-    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=16, help="rows per micro-batch (at most half a step)")
+    p.add_argument("--fixed-multiples", default="1,2,4,8", help="fixed batches as multiples of the small one")
+    p.add_argument("--lr-coupling", default="sqrt", help="adaptive run's LR coupling: sqrt | linear | none")
+    p.add_argument("--target-multiplier", type=float, default=1.0, help="adaptive: grow toward this x B_simple")
     p.add_argument("--parallel", type=int, default=5, help="runs at a time on the GPU")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
     args = p.parse_args()
@@ -65,8 +68,9 @@ def main() -> None:
     base_lr = laws.step_law_peak_lr(n, budget)
     work = Path(tempfile.mkdtemp(prefix="adaptive_"))
     (work / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+    multiples = [int(m) for m in args.fixed_multiples.split(",")]
     runs = {f"fixed_{m}x": run_args(args, work, budget, small * m, base_lr * math.sqrt(m), "fixed")
-            for m in (1, 2, 4, 8)}
+            for m in multiples}
     runs["adaptive"] = run_args(args, work, budget, small, base_lr, "adaptive", max_batch=small * 16)
     started = time.time()
     launch_all(runs, args.parallel)
@@ -82,12 +86,15 @@ def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, 
     steps = max(1, budget // batch)
     cmd = [sys.executable, "-m", "batchpilot", "train", "--model", str(work / "config.json"), "--data", args.data,
            "--seq-len", str(args.seq_len), "--global-batch-tokens", str(batch),
-           "--micro-batch-size", str(args.micro_batch_size), "--max-tokens", str(budget), "--lr", f"{lr:.6g}",
+           # at least two micro-batches per step, so the adaptive run can measure the noise scale
+           "--micro-batch-size", str(min(args.micro_batch_size, batch // args.seq_len // 2)),
+           "--max-tokens", str(budget), "--lr", f"{lr:.6g}",
            "--min-lr", f"{lr / 10:.6g}", "--warmup-tokens", str(budget // 20), "--batch-policy", policy,
            "--eval-every", str(max(1, steps // 20)), "--eval-batches", "16", "--save-every", "1000000",
            "--adaptive-min-interval-steps", "20", "--adaptive-warmup-steps", "20", "--no-progress"]
     if max_batch:
-        cmd += ["--max-global-batch-tokens", str(max_batch)]
+        cmd += ["--max-global-batch-tokens", str(max_batch), "--lr-coupling", args.lr_coupling,
+                "--adaptive-target-multiplier", str(args.target_multiplier)]
     return cmd
 
 
@@ -131,6 +138,8 @@ def steps_to_reach(row: dict, target: float) -> float | None:
 
 
 def compare(rows: list[dict]) -> dict:
+    """The issue's two numbers: the adaptive final loss relative to the best fixed run, and the fraction of
+    optimizer steps saved against the smallest fixed batch whose validation curve reaches the adaptive loss."""
     adaptive = next(r for r in rows if r["name"] == "adaptive")
     fixed = [r for r in rows if r["name"] != "adaptive"]
     best = min(fixed, key=lambda r: r["final_val_loss"])
