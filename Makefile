@@ -24,4 +24,5 @@ demo: setup
 	@echo "run directory: $(RUN)  (metrics.jsonl, config.json, checkpoints/, model/)"
 
 test: setup
+	$(VENV)/bin/ruff check batchpilot tests benchmarks
 	$(PY) -m pytest -q

@@ -70,12 +70,3 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
-
-
-def estimate_flops_per_token(num_params_matmul: int, num_layers: int, hidden_q: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params + 6 x n_layers x d_q x seq (causal attention, fwd+bwd).
-
-    The 6N rule (Kaplan et al. 2020) counts forward (2N) + backward (4N); causal attention adds
-    12 * L * d * s / 2 because only half of the QK^T and PV products are needed.
-    """
-    return 6.0 * num_params_matmul + 6.0 * num_layers * hidden_q * seq_len

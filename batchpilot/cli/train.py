@@ -59,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(out_dir=args.out_dir, model=args.model or "tiny", **overrides)
     if not sys.stdout.isatty():
         cfg.progress = False  # no live bar in logs and CI: the trainer prints a line every 10% instead
-    from batchpilot.train.trainer import train
+    from batchpilot.train.trainer import TrainingDiverged, train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingDiverged as e:  # a clear one-line stop, exit 2; the last good checkpoint is intact
+        raise ValueError(str(e)) from None
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"done: {result.steps} steps, {result.tokens:,} tokens, loss {result.final_loss:.4f}, val loss {val}, "
           f"{result.wall_seconds:.0f} s")

@@ -207,7 +207,7 @@ class Runner:
 
         Padding rows attend to one token of the trash block and write their K/V there.
         """
-        reqs, bs = [c.request for c in dec], self.block_size
+        reqs = [c.request for c in dec]
         D = len(reqs)
         rows = max(rows, D)
         inline = not self.cascade and any(r.prefix_len > 0 for r in reqs)  # each row holds its prefix too

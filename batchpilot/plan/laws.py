@@ -47,8 +47,8 @@ def training_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """6 x matmul parameters + 6 L (H E) T: forward + backward (Kaplan et al. 2020; PaLM appendix B).
 
     Matmul parameters = N + the LM head (V x D); the embedding lookup is not a matmul. Causal attention
-    needs half of the 12 L (H E) T score and value FLOPs. Same convention as ``metrics.estimate_flops_per_token``,
-    so MFU read from a run's metrics.jsonl means the same thing here.
+    needs half of the 12 L (H E) T score and value FLOPs. The trainer computes its MFU with
+    this same function, so MFU read from a run's metrics.jsonl means the same thing here.
     """
     matmul_params = non_vocab_params(config) + config.vocab_size * config.hidden_size
     return 6 * matmul_params + 6 * config.num_layers * config.num_heads * config.head_dim * seq_len

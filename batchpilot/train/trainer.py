@@ -20,15 +20,14 @@ from typing import Any
 import torch
 
 from batchpilot.data.packing import Batch, PackedLoader
-from batchpilot.data.prepare import PrepareConfig, prepare
-from batchpilot.metrics import MetricsWriter, estimate_flops_per_token, print0, write_json_atomic
+from batchpilot.metrics import MetricsWriter, print0, write_json_atomic
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
-from batchpilot.model.hf import load_model, read_config, save_model
-from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
+from batchpilot.model.llama import PRESETS, Llama
+from batchpilot.plan.laws import training_flops_per_token
 from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, default_coupling,
                                        grad_sq_norm)
-from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
 from batchpilot.train.optim import OptimConfig, build_optimizer
 from batchpilot.train.schedule import ScheduleConfig, lr_at
 
@@ -182,7 +181,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
         controller.load_state_dict(state.controller)
     state.global_batch_tokens = state.global_batch_tokens or cfg.global_batch_tokens
     measure = cfg.measure_noise if cfg.measure_noise is not None else cfg.batch_policy == "adaptive"
-    flops_per_token = _flops_per_token(model.config, cfg.seq_len)
+    flops_per_token = training_flops_per_token(model.config, cfg.seq_len)  # the planner's convention
     val_loss = None
     fitter = _fitter(cfg, model, state, dims) if cfg.auto_micro_batch else None
     with _progress(cfg, dims) as progress:
@@ -393,13 +392,6 @@ def _step_record(cfg: TrainConfig, state: TrainState, batch_tokens: int, loss: f
         record.update(tflops_per_gpu=tflops, mfu=tflops / cfg.peak_tflops,
                       peak_memory_bytes=torch.cuda.max_memory_allocated(dims.device))
     return record
-
-
-def _flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    matmul_params = L * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * config.vocab_size
-    return estimate_flops_per_token(matmul_params, L, q, seq_len)
 
 
 def _progress(cfg: TrainConfig, dims: parallel.ParallelDims):

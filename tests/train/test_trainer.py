@@ -9,7 +9,7 @@ from batchpilot.data.packing import PackedLoader
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train.parallel import ParallelDims
-from batchpilot.train.trainer import TrainConfig, TrainingDiverged, forward_loss, micro_batch_sizes, train, accumulate_gradients
+from batchpilot.train.trainer import TrainConfig, TrainingDiverged, micro_batch_sizes, train, accumulate_gradients
 
 TINY = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    tie_word_embeddings=True)
