@@ -21,7 +21,8 @@ demo: setup
 	$(VENV)/bin/batchpilot train --preset tiny --data default --max-steps $(STEPS) --out $(RUN)
 	$(VENV)/bin/batchpilot sample --model $(RUN)/model --prompt "And God said" --prompt "In the beginning" \
 		--max-tokens 48 --temperature 0.8 --seed 0
-	@echo "run directory: $(RUN)  (metrics.jsonl, config.json, checkpoints/, model/)"
+	$(VENV)/bin/batchpilot report $(RUN)
+	@echo "run directory: $(RUN)  (metrics.jsonl, config.json, checkpoints/, model/, report/report.html)"
 
 test: setup
 	$(VENV)/bin/ruff check batchpilot tests benchmarks
