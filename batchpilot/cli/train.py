@@ -13,6 +13,35 @@ from batchpilot.train.trainer import TrainConfig, config_from_plan
 
 _SKIP = {"plan", "out_dir", "model"}
 
+HELP = {
+    "data": "'default' (embedded KJV corpus), a prepared directory, or .txt/.jsonl/.parquet files or a directory",
+    "text_field": "JSONL field / Parquet column holding the text",
+    "seq_len": "tokens per row", "global_batch_tokens": "tokens per optimizer step (a multiple of seq_len)",
+    "micro_batch_size": "rows per GPU per micro-step (accumulation reaches the global batch)",
+    "auto_micro_batch": "fit the micro-batch to GPU memory and back off on OOM, keeping the global batch",
+    "max_steps": "optimizer steps (or give --max-tokens)", "max_tokens": "token budget (e.g. 2e9)",
+    "lr": "peak learning rate", "min_lr": "learning-rate floor at the end of the schedule",
+    "warmup_tokens": "linear warmup length in tokens (default 5%% of the budget)",
+    "schedule": "cosine | wsd | power | multistep | constant (all counted in tokens)",
+    "optimizer": "adamw | lamb | lars | sgd", "grad_clip": "clip the global grad norm (0: off)",
+    "eval_every": "steps between validation passes", "eval_batches": "validation micro-batches per pass",
+    "save_every": "steps between checkpoints", "log_every": "steps between metrics.jsonl records",
+    "device": "auto | cpu | cuda", "compile": "torch.compile each block",
+    "activation_checkpointing": "none | full | selective", "peak_tflops": "per-GPU peak for MFU",
+    "batch_policy": "fixed | ramp | adaptive (grow the batch toward the gradient noise scale)",
+    "batch_ramp": "ramp policy thresholds: TOKENS:BATCH,... e.g. 1e9:1048576,4e9:2097152",
+    "max_global_batch_tokens": "cap of the adaptive policy",
+    "adaptive_min_interval_steps": "steps between adaptive batch changes",
+    "adaptive_warmup_steps": "noise measurements before the first adaptive change",
+    "adaptive_target_multiplier": "grow toward this multiple of the measured B_simple",
+    "lr_coupling": "sqrt | linear | none when the batch changes (default: sqrt for Adam-family, linear for SGD/LARS)",
+    "measure_noise": "log the gradient noise scale every step (default: with the adaptive policy)",
+    "resume": "continue the run in --out from its latest checkpoint",
+    "stop_at_step": "stop (checkpointed) at this step while the schedule spans the whole budget",
+    "tensorboard": "also write TensorBoard scalars (needs the tensorboard package)",
+    "progress": "live progress bar (off when stdout is not a terminal)",
+}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (from a preset, an HF directory, or a plan)",
@@ -27,10 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
+        default = "" if f.default is None or f.default is dataclasses.MISSING else f" (default: {f.default})"
+        help_text = (HELP.get(f.name, "") + default).replace("%%", "%").replace("%", "%%")
         if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=f.name, type=_parse_number if kind is int else kind, default=None)
+            p.add_argument(flag, dest=f.name, type=_parse_number if kind is int else kind, default=None,
+                           help=help_text)
     p.set_defaults(func=run)
 
 

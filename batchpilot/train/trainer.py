@@ -25,11 +25,11 @@ from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import PRESETS, Llama
 from batchpilot.plan.laws import training_flops_per_token
 from batchpilot.train import autofit, parallel, run
-from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, default_coupling,
+from batchpilot.train.adaptive import (POLICIES, BatchConfig, BatchController, Measurement, default_coupling,
                                        grad_sq_norm)
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
 from batchpilot.train.optim import OptimConfig, build_optimizer
-from batchpilot.train.schedule import ScheduleConfig, lr_at
+from batchpilot.train.schedule import SCHEDULES, ScheduleConfig, lr_at
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,7 +51,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak
     min_lr: float = 3e-4
     warmup_tokens: int | None = None  # default: 5% of the horizon
-    schedule: str = "cosine"  # cosine | wsd | power | constant
+    schedule: str = "cosine"  # cosine | wsd | power | multistep | constant
     optimizer: str = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -92,6 +92,11 @@ class TrainConfig:
             raise ValueError("max_steps / max_tokens must be positive")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (got lr={self.lr}, min_lr={self.min_lr})")
+        choices = {"schedule": SCHEDULES, "optimizer": ("adamw", "lamb", "lars", "sgd"), "batch_policy": POLICIES,
+                   "activation_checkpointing": ("none", "full", "selective"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.model not in PRESETS and not Path(self.model).exists():
             raise ValueError(f"--model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
 
