@@ -41,8 +41,7 @@ def open_run_dir(cfg: "TrainConfig", dims: parallel.ParallelDims) -> Path:
         if cfg.resume:
             check_same_run(cfg, run_dir)
         write_json_atomic(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "plan"})
-        if cfg.plan is not None:
-            write_json_atomic(run_dir / "plan.json", cfg.plan)
+        write_json_atomic(run_dir / "plan.json", cfg.plan if cfg.plan is not None else executed_plan(cfg, dims))
     parallel.barrier(dims)
     return run_dir
 
@@ -110,3 +109,15 @@ def export_model(model: Llama, loader: PackedLoader, run_dir: Path, dims: parall
     plain.load_state_dict(state)
     save_model(plain, run_dir / "model")
     loader.tokenizer.save(run_dir / "model")
+
+
+def executed_plan(cfg: "TrainConfig", dims: parallel.ParallelDims) -> dict[str, Any]:
+    """What a run without ``--plan`` executes, in plan.json's keys, so every run directory records its layout."""
+    rows_per_rank = cfg.global_batch_tokens // cfg.seq_len // dims.world_size
+    return {"source": "flags (no planner law)", "model": cfg.model, "seq_len": cfg.seq_len,
+            "global_batch_tokens": cfg.global_batch_tokens, "micro_batch_size": cfg.micro_batch_size,
+            "grad_accum_steps": -(-rows_per_rank // cfg.micro_batch_size), "num_gpus": dims.world_size,
+            "peak_lr": cfg.lr, "min_lr": cfg.min_lr, "schedule": cfg.schedule,
+            "warmup_tokens": cfg.resolved_warmup_tokens,
+            "total_tokens": cfg.total_tokens, "total_steps": -(-cfg.total_tokens // cfg.global_batch_tokens),
+            "batch_policy": cfg.batch_policy, "activation_checkpointing": cfg.activation_checkpointing}

@@ -104,6 +104,10 @@ class TrainConfig:
     def total_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else self.max_steps * self.global_batch_tokens
 
+    @property
+    def resolved_warmup_tokens(self) -> int:
+        return self.warmup_tokens if self.warmup_tokens is not None else self.total_tokens // 20
+
 
 @dataclass(kw_only=True, slots=True)
 class TrainResult:
@@ -381,9 +385,9 @@ def _autocast(dims: parallel.ParallelDims):
 
 
 def _schedule_config(cfg: TrainConfig) -> ScheduleConfig:
-    warmup = cfg.warmup_tokens if cfg.warmup_tokens is not None else cfg.total_tokens // 20
-    return ScheduleConfig(name=cfg.schedule, peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_tokens=warmup,
-                          total_tokens=cfg.total_tokens, power_batch_sequences=cfg.global_batch_tokens // cfg.seq_len)
+    return ScheduleConfig(name=cfg.schedule, peak_lr=cfg.lr, min_lr=cfg.min_lr,
+                          warmup_tokens=cfg.resolved_warmup_tokens, total_tokens=cfg.total_tokens,
+                          power_batch_sequences=cfg.global_batch_tokens // cfg.seq_len)
 
 
 def _step_record(cfg: TrainConfig, state: TrainState, batch_tokens: int, loss: float, lr: float, grad_norm: float,

@@ -118,3 +118,10 @@ def test_adaptive_batch_grows_logs_noise_and_survives_resume(tmp_path, tiny_data
     resumed = train(_cfg(tmp_path / "b", tiny_data, resume=True, **adaptive))
     assert [r["loss"] for r in _metrics(resumed.run_dir)] == [r["loss"] for r in records]
     assert resumed.tokens == full.tokens
+
+
+def test_every_run_records_its_layout_in_plan_json(tmp_path, tiny_data):
+    result = train(_cfg(tmp_path, tiny_data, max_steps=1))
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["global_batch_tokens"] == 256 and plan["micro_batch_size"] == 4 and plan["grad_accum_steps"] == 2
+    assert plan["total_steps"] == 1 and result.steps == 1
