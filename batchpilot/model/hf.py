@@ -125,7 +125,8 @@ def load_model(path_or_preset: str | os.PathLike, *, device: str | torch.device 
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"{path}: weights do not match the config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return _cast(model.to(device), dtype)
 
 

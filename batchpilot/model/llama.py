@@ -180,7 +180,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attn_meta is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+            gqa = self.num_kv_heads != self.num_heads
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = attn_meta.attend(q, k, v, self.layer_idx)  # (B, H, T, E)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*E) -> (B, T, D)
@@ -241,7 +242,8 @@ def llama3_scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> to
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B, 1, T, E), computed in fp32 then cast (as HF does)."""
     freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, E/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, E)

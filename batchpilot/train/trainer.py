@@ -96,7 +96,8 @@ class TrainConfig:
                    "activation_checkpointing": ("none", "full", "selective"), "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.model not in PRESETS and not Path(self.model).exists():
             raise ValueError(f"--model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
 

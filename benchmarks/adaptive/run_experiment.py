@@ -161,7 +161,8 @@ def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat() + ("_smoke" if args.smoke else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "adaptive_batch", "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"benchmark": "adaptive_batch", "gpu": gpu,
               "torch": torch.__version__, "commit": commit or None,
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "command": " ".join(map(shlex.quote, sys.argv)), "setup": setup, "summary": summary, "rows": rows}

@@ -106,7 +106,8 @@ def test_packed_documents_do_not_see_each_other():
 
 def test_adaptive_batch_grows_logs_noise_and_survives_resume(tmp_path, tiny_data):
     adaptive = dict(batch_policy="adaptive", global_batch_tokens=512, micro_batch_size=4, max_steps=10,
-                    adaptive_min_interval_steps=2, adaptive_warmup_steps=3, adaptive_target_multiplier=30, max_global_batch_tokens=2048, save_every=4)
+                    adaptive_min_interval_steps=2, adaptive_warmup_steps=3, adaptive_target_multiplier=30,
+                    max_global_batch_tokens=2048, save_every=4)
     full = train(_cfg(tmp_path / "a", tiny_data, **adaptive))
     records = _metrics(full.run_dir)
     assert all("b_simple" in r for r in records[1:])  # measured every step (EMA needs one update first)
