@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import Tensor
 
 from batchpilot.train.optim import full_sq_norms
@@ -40,8 +41,13 @@ TARGETS = ("gns", "norm_test")
 
 def grad_sq_norm(params: Iterable[Tensor]) -> float:
     """Squared L2 norm of all gradients together, full across FSDP2 shards (one all-reduce per mesh)."""
+    return float(grad_sq_norm_tensor(params))
+
+
+def grad_sq_norm_tensor(params: Iterable[Tensor]) -> Tensor:
+    """``grad_sq_norm`` as a 0-d float32 tensor on the device: no host sync, so the trainer can read it later."""
     grads = [p.grad for p in params if p.grad is not None]
-    return full_sq_norms(grads).sum().item() if grads else 0.0
+    return full_sq_norms(grads).sum() if grads else torch.zeros(())
 
 
 def two_batch_estimates(small_sq_norm: float, small_tokens: float, big_sq_norm: float,

@@ -26,7 +26,7 @@ from batchpilot.model.llama import PRESETS, Llama
 from batchpilot.plan.laws import training_flops_per_token
 from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import (POLICIES, BatchConfig, BatchController, Measurement, default_coupling,
-                                       grad_sq_norm)
+                                       grad_sq_norm_tensor)
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
 from batchpilot.train.optim import OptimConfig, build_optimizer
 from batchpilot.train.schedule import SCHEDULES, ScheduleConfig, lr_at
@@ -310,7 +310,7 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
     sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
     measure_noise = measure_noise and len(sizes) > 1  # one micro-batch gives no second batch size
     loss_sum = torch.zeros((), device=dims.device)
-    small_sq_norm = 0.0
+    small_sq_norm = torch.zeros(())
     for i, rows in enumerate(sizes):
         batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
         weight = rows / rows_per_rank  # each micro-batch weighted by its share of the step's tokens
@@ -319,13 +319,15 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
             loss = forward_loss(model, batch, dims.device)
         (loss * weight).backward()
         loss_sum += loss.detach() * weight
-        if measure_noise and i == 0:
-            small_sq_norm = grad_sq_norm(model.parameters()) / weight**2
+        if measure_noise and i == 0:  # kept on the device: read once, with the loss, after the last micro-batch
+            small_sq_norm = grad_sq_norm_tensor(model.parameters()) / weight**2
     if not measure_noise:
         return loss_sum.item(), None
-    measurement = Measurement(small_sq_norm=small_sq_norm, small_batch_tokens=sizes[0] * dims.world_size * seq_len,
-                              big_sq_norm=grad_sq_norm(model.parameters()), big_batch_tokens=global_batch_tokens)
-    return loss_sum.item(), measurement
+    big_sq_norm = grad_sq_norm_tensor(model.parameters())
+    loss, small, big = torch.stack([loss_sum.float(), small_sq_norm.to(loss_sum.device),
+                                    big_sq_norm.to(loss_sum.device)]).tolist()
+    return loss, Measurement(small_sq_norm=small, small_batch_tokens=sizes[0] * dims.world_size * seq_len,
+                             big_sq_norm=big, big_batch_tokens=global_batch_tokens)
 
 
 def _is_report_step(tokens: int, batch_tokens: int, cfg: TrainConfig) -> bool:
