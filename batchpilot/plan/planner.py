@@ -277,4 +277,5 @@ def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, mod
 def compare(budget: Budget) -> dict[str, Plan]:
     """What each built-in law (and the budget's own law file, if any) recommends for the same budget."""
     names = list(laws.LAWS) + ([budget.law] if budget.law not in laws.LAWS else [])
-    return {name: make_plan(replace(budget, law=name, schedule=None)) for name in names}
+    plans = {name: make_plan(replace(budget, law=name, schedule=None)) for name in names}
+    return {plan.law["name"]: plan for plan in plans.values()}  # a law file is shown by its own name
