@@ -363,21 +363,34 @@ def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: PackedLoader, cfg: TrainConfig, dims: parallel.ParallelDims) -> float:
-    """Mean loss over the first ``eval_batches`` global micro-batches of the validation split (deterministic)."""
+    """Mean loss over the first ``eval_batches x micro_batch_size`` rows of the validation split.
+
+    The rows are the same whatever the number of ranks (``eval_row_ranges``), so the validation loss of a
+    run does not change when it is resumed on another number of GPUs.
+    """
     model.eval()
-    rows_per_rank = min(cfg.micro_batch_size, loader.num_rows // dims.world_size)
-    rows = rows_per_rank * dims.world_size
-    losses = []
-    for batch in loader.eval_batches(rows, cfg.eval_batches):
-        if batch.input_ids.shape[0] < rows:
-            break  # a short last batch would leave some ranks without rows
-        lo, hi = dims.rank * rows_per_rank, (dims.rank + 1) * rows_per_rank
+    ranges = eval_row_ranges(loader.num_rows, eval_batches=cfg.eval_batches, micro_batch_size=cfg.micro_batch_size,
+                             world_size=dims.world_size)
+    loss_sum, row_count = 0.0, 0
+    for batch, (start, stop) in zip(loader.eval_batches(ranges[0][1] - ranges[0][0], len(ranges)), ranges):
+        rows = (stop - start) // dims.world_size
+        lo, hi = dims.rank * rows, (dims.rank + 1) * rows
         local = Batch(input_ids=batch.input_ids[lo:hi], targets=batch.targets[lo:hi],
                       position_ids=batch.position_ids[lo:hi])
         with _autocast(dims):
-            losses.append(forward_loss(model, local, dims.device).item())
+            loss_sum += forward_loss(model, local, dims.device).item() * rows
+        row_count += rows
     model.train()
-    return parallel.mean_across_ranks(sum(losses) / max(len(losses), 1), dims)
+    return parallel.mean_across_ranks(loss_sum, dims) / parallel.mean_across_ranks(row_count, dims)
+
+
+def eval_row_ranges(num_rows: int, *, eval_batches: int, micro_batch_size: int,
+                    world_size: int) -> list[tuple[int, int]]:
+    """Global validation batches as row ranges [start, stop): together always the first
+    ``eval_batches x micro_batch_size`` rows (a multiple of the ranks), each batch split evenly over ranks."""
+    total = min(eval_batches * micro_batch_size, num_rows) // world_size * world_size
+    per_batch = min(micro_batch_size * world_size, total)
+    return [(start, min(start + per_batch, total)) for start in range(0, total, per_batch)]
 
 
 def _autocast(dims: parallel.ParallelDims):

@@ -9,7 +9,8 @@ from batchpilot.data.packing import PackedLoader
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train.parallel import ParallelDims
-from batchpilot.train.trainer import TrainConfig, TrainingDiverged, micro_batch_sizes, train, accumulate_gradients
+from batchpilot.train.trainer import (TrainConfig, TrainingDiverged, accumulate_gradients, eval_row_ranges,
+                                      micro_batch_sizes, train)
 
 TINY = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    tie_word_embeddings=True)
@@ -126,3 +127,18 @@ def test_every_run_records_its_layout_in_plan_json(tmp_path, tiny_data):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["global_batch_tokens"] == 256 and plan["micro_batch_size"] == 4 and plan["grad_accum_steps"] == 2
     assert plan["total_steps"] == 1 and result.steps == 1
+
+
+def test_validation_rows_do_not_depend_on_the_number_of_ranks():
+    """Ranks split each validation batch evenly, and together they cover the same rows as one process."""
+    for micro, batches, num_rows in [(4, 3, 100), (4, 4, 100), (16, 4, 30), (3, 5, 7)]:
+        one = eval_row_ranges(num_rows, eval_batches=batches, micro_batch_size=micro, world_size=1)
+        rows_one = [r for lo, hi in one for r in range(lo, hi)]
+        for world in (2, 4):
+            many = eval_row_ranges(num_rows, eval_batches=batches, micro_batch_size=micro, world_size=world)
+            assert all((hi - lo) % world == 0 for lo, hi in many)
+            rows_many = [r for lo, hi in many for r in range(lo, hi)]
+            assert rows_many == list(range(len(rows_many)))
+            # the same rows whenever the total is already a multiple of the ranks
+            if len(rows_one) % world == 0:
+                assert rows_many == rows_one
