@@ -24,28 +24,31 @@ class DocumentMask:
     document_ids: torch.Tensor  # (B, T) int, non-decreasing along T
     _cache: dict = field(default_factory=dict)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        gqa = q.shape[1] != k.shape[1]
-        if q.is_cuda and _flex_attention() is not None:
-            return self._flex(q, k, v, gqa)
-        if "dense" not in self._cache:
-            T = self.document_ids.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            same_doc = self.document_ids[:, :, None] == self.document_ids[:, None, :]  # (B, T, T)
-            self._cache["dense"] = (same_doc & causal)[:, None]  # (B, 1, T, T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._cache["dense"], enable_gqa=gqa)
-
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-        flex_attention, create_block_mask = _flex_attention()
-        if "block" not in self._cache:
+    def __post_init__(self) -> None:
+        # Build the block mask here, in eager code before the model runs: inside a compiled block it would be
+        # traced (and its cache lookups guarded) once per micro-batch.
+        flex = _flex_attention() if self.document_ids.is_cuda else None
+        if flex is not None:
+            flex_attention, create_block_mask = flex
             docs = self.document_ids
 
             def mask_mod(b, h, q_idx, kv_idx):
                 return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
 
             B, T = docs.shape
-            self._cache["block"] = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
-        return flex_attention(q, k, v, block_mask=self._cache["block"], enable_gqa=gqa)
+            self._cache["flex"] = flex_attention
+            self._cache["block"] = create_block_mask(mask_mod, B, None, T, T, device=docs.device, _compile=True)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if "block" in self._cache:
+            return self._cache["flex"](q, k, v, block_mask=self._cache["block"], enable_gqa=gqa)
+        if "dense" not in self._cache:
+            T = self.document_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            same_doc = self.document_ids[:, :, None] == self.document_ids[:, None, :]  # (B, T, T)
+            self._cache["dense"] = (same_doc & causal)[:, None]  # (B, 1, T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._cache["dense"], enable_gqa=gqa)
 
 
 @functools.cache
