@@ -83,3 +83,13 @@ def test_checkpoint_from_another_shape_is_refused(tmp_path, tiny_text_dir):
     (run / "config.json").write_text(json.dumps(config))  # someone points the run at another model
     assert main(["train", "--data", str(tiny_text_dir), "--max-steps", "4", "--seq-len", "32",
                  "--global-batch-tokens", "128", "--micro-batch-size", "4", "--out", str(run), "--resume"]) == 2
+
+
+def test_read_metrics_drops_a_torn_last_line_only(tmp_path):
+    from batchpilot.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{broken\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        read_metrics(tmp_path)

@@ -57,34 +57,13 @@ def balanced_micro_batch(rows: int, limit: int) -> int:
 
 def build_memory_estimate(config: LlamaConfig, *, seq_len: int, num_gpus: int, sharded: bool,
                           checkpointing: bool, optimizer: str = "adamw") -> EstimateBytes:
-    """Peak bytes per GPU as a function of the micro-batch: ``plan/memory.py`` when present, else a rough model."""
-    try:
-        from batchpilot.plan.memory import estimate_peak_bytes
-    except ImportError:
-        return _fallback_estimate(config, seq_len=seq_len, num_gpus=num_gpus if sharded else 1,
-                                  checkpointing=checkpointing)
+    """Peak bytes per GPU as a function of the micro-batch, from the planner's memory model (``plan/memory.py``)."""
+    from batchpilot.plan.memory import estimate_peak_bytes  # the planner's model, validated on an H200
 
     def estimate(micro_batch_size: int) -> float:
         return estimate_peak_bytes(config, micro_batch_size=micro_batch_size, seq_len=seq_len,
                                    optimizer=optimizer, num_gpus=num_gpus, sharding="fsdp" if sharded else "none",
                                    checkpointing=checkpointing).total_bytes
-    return estimate
-
-
-def _fallback_estimate(config: LlamaConfig, *, seq_len: int, num_gpus: int, checkpointing: bool) -> EstimateBytes:
-    """16 bytes/param of state (fp32 params, grads, Adam m and v) sharded over the GPUs, plus activations.
-
-    Activations: ~34 D bytes per token per block (Korthikanti et al. 2022 without the attention
-    matrix, which flash attention never stores), one block's worth plus each block's input (2 D)
-    under checkpointing; the loss adds its chunk buffers (about 2 GiB at a 128k vocabulary).
-    """
-    d, L = config.hidden_size, config.num_layers
-    params = L * (4 * d * d + 3 * d * config.intermediate_size) + config.vocab_size * d
-    state = 16 * params / num_gpus
-    per_token = (2 * d * L + 34 * d) if checkpointing else 34 * d * L
-
-    def estimate(micro_batch_size: int) -> float:
-        return state + per_token * micro_batch_size * seq_len + 2 * (1 << 30)
     return estimate
 
 
