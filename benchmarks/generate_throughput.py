@@ -18,13 +18,12 @@ import datetime
 import gc
 import json
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 import batchpilot
 from batchpilot.generate.engine import Engine, EngineConfig
@@ -60,6 +59,7 @@ def run_engine(model: torch.nn.Module, prompts: list[list[int]], new: int, cfg: 
            "seconds": round(seconds, 3), "out_tok_s": round(out / seconds, 1), "cold_seconds": round(cold, 3),
            "triton": engine.runner.use_triton,
            "cuda_graphs": bool(engine.runner.graphs and engine.runner.graphs.enabled),
+           "cuda_graphs_off_reason": engine.runner.graphs and engine.runner.graphs.off_reason,
            **engine.stats.to_dict()}
     row["roofline"] = roofline_share(model, engine.stats, lengths, seconds)
     del engine
@@ -174,15 +174,8 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "prefix_sharing_gain_a": ours_a and plain_a and round(ours_a["out_tok_s"] / plain_a["out_tok_s"], 2),
         "roofline_share_c": ours_c and ours_c["roofline"] and round(ours_c["roofline"].get("decode_share", 0), 3),
     }
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
     now = datetime.datetime.now(datetime.timezone.utc)
-    result = {"rows": rows, "summary": summary, "date": now.isoformat(timespec="seconds"),
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "torch": torch.__version__, "git_commit": commit or "uncommitted",
-              "command": " ".join([sys.executable, *sys.argv])}
+    result = {"benchmark": "generate_throughput", **provenance(), "summary": summary, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"generate_throughput_{now:%Y%m%d_%H%M%S}{'_smoke' if args.smoke else ''}.json"

@@ -19,13 +19,11 @@ import datetime as dt
 import gc
 import json
 import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 from torch.utils.checkpoint import checkpoint
 
 from batchpilot.model.llama import Llama, build_model, get_preset, rope_cos_sin
@@ -154,13 +152,6 @@ def row(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, d
     return out
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, no measurement")
@@ -182,9 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
         parallel.shutdown_distributed()
         return args.out
     now = dt.datetime.now(dt.timezone.utc)
-    result = {"date": now.isoformat(timespec="seconds"), "command": shlex.join([sys.executable, *sys.argv]),
-              "gpu": torch.cuda.get_device_name() if device != "cpu" else None, "torch": torch.__version__,
-              "git_commit": git_commit(), "context_bytes": context_bytes() if device != "cpu" else None,
+    result = {**provenance(), "context_bytes": context_bytes() if device != "cpu" else None,
               "block_saved_bytes_per_token": {p: block_saved_bytes_per_token(p, seq_len, device)
                                               for p in sorted({c[0] for c in configs})} if dims is None else None,
               "rows": rows}

@@ -28,15 +28,14 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from batchpilot.cli import main as cli_main
 from batchpilot.plan.laws import STEP_LAW, Law, load_law, non_vocab_params
@@ -103,7 +102,7 @@ def main() -> None:
         "loss_at_steplaw": large.get("steplaw", {}).get("val_loss"),
         "train_loss_at_fitted": large.get("fitted", {}).get("smooth_loss"),
         "train_loss_at_steplaw": large.get("steplaw", {}).get("smooth_loss"), "fit_ok": fit_rc == 0}
-    report.update(environment(), plots=sorted(str(p) for p in results.glob("*.png")), results_dir=str(results))
+    report.update(provenance(), plots=sorted(str(p) for p in results.glob("*.png")), results_dir=str(results))
     out = args.out / f"{stem}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report["summary"], indent=2))
@@ -135,13 +134,6 @@ def train_large(grid: GridSpec, work: Path, law: Law, shape: dict) -> dict:
         rows = {k: f.result() for k, f in futures.items()}
     return {k: {**rows[k], "params": n, "tokens": d, "lr": specs[k].lr, "batch_tokens": specs[k].batch_tokens}
             for k in rows}
-
-
-def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-            "commit": commit or None, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(map(shlex.quote, sys.argv))}
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from provenance import provenance  # noqa: E402
+
 from batchpilot.data.packing import Batch  # noqa: E402
 from batchpilot.model.llama import LlamaConfig, build_model, get_preset  # noqa: E402
 from batchpilot.train import parallel, trainer  # noqa: E402
@@ -301,23 +303,13 @@ def summarize(rows: list[dict], seqs: tuple[int, int]) -> dict:
 
 
 def environment() -> dict:
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO, timeout=10)
-            return out.stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
     versions = {}
     for name in ("transformers", "liger_kernel", "triton"):
         try:
             versions[name] = __import__(name).__version__
         except Exception as e:  # noqa: BLE001  (missing or broken: recorded)
             versions[name] = f"unavailable ({type(e).__name__})"
-    return dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join([sys.executable, *sys.argv]), torch=torch.__version__, **versions,
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain")))
+    return {**provenance(), **versions}
 
 
 def write_result(result: dict, out_dir: str | None, name: str) -> Path:

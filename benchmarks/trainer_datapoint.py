@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from provenance import provenance
 
 # anchors.md, first run: HF LlamaForCausalLM (SDPA, eager) on the 1.24B model, seq 2048, one H200.
 HF_ANCHOR = {"model": "llama-1b", "seq_len": 2048, "micro_batch_size": 16, "tokens_per_s": 51691, "mfu": 0.430,
@@ -37,11 +36,7 @@ def main() -> None:
     rows = []
     for compile_ in ([False, True] if args.compile else [False]):
         rows.append(run_trainer(args, compile_))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "trainer_datapoint", "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else
-              "cpu", "torch": torch.__version__, "commit": commit or None,
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "command": " ".join(map(shlex.quote, sys.argv)), "rows": rows, "hf_anchor": HF_ANCHOR}
+    result = {"benchmark": "trainer_datapoint", **provenance(), "rows": rows, "hf_anchor": HF_ANCHOR}
     out = Path(args.out) / f"trainer_datapoint_{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -38,6 +38,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}  # (rows, groups) -> graph
         self.pool = None
         self.enabled = True
+        self.off_reason: str | None = None  # why graphs switched themselves off (reported by benchmarks)
 
     def begin_job(self, max_tokens: int) -> None:
         width = -(-max_tokens // self.runner.block_size) + 1
@@ -68,16 +69,19 @@ class DecodeGraphs:
             g.replay()
             tokens = g.tokens[:len(dec)].tolist()
         except Exception as e:  # capture/replay errors come in many types: any of them -> eager from now on
-            warnings.warn(f"CUDA graphs disabled: {e}", stacklevel=2)
-            self.enabled = False
+            self._switch_off(f"{type(e).__name__}: {e}")
             return eager()
         if fresh:  # first use of this graph: the eager step is the reference (and rewrites the same KV)
             ref = eager()
-            if np.mean(np.array(ref) == np.array(tokens)) < 0.95:  # exact ties may flip, real bugs do not
-                warnings.warn(f"CUDA graphs disabled: {rows}-row graph disagrees with the eager step", stacklevel=2)
-                self.enabled = False
+            agree = float(np.mean(np.array(ref) == np.array(tokens)))
+            if agree < 0.95:  # exact ties may flip, real bugs do not
+                self._switch_off(f"{rows}-row graph agrees with the eager step on {agree:.1%} of tokens")
             return ref
         return tokens
+
+    def _switch_off(self, reason: str) -> None:
+        warnings.warn(f"CUDA graphs disabled: {reason}", stacklevel=3)
+        self.enabled, self.off_reason = False, reason
 
     def _arrays(self, dec: list[Chunk], rows: int, groups: int) -> dict[str, np.ndarray]:
         r = self.runner

@@ -61,7 +61,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           lens: torch.Tensor, block_size: int, *, block_n: int = 64, num_warps: int = 4,
+                           num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     B, K, Qn, E = q.shape
     q = q.contiguous()
     tables = tables.to(torch.int32).contiguous()
@@ -73,7 +74,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, tables, lens, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
-        Qn, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=64)
+        Qn, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
