@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import random
@@ -27,7 +28,7 @@ from provenance import provenance
 
 import batchpilot
 from batchpilot.generate.engine import Engine, EngineConfig
-from batchpilot.generate.roofline import roofline_share
+from batchpilot.generate.roofline import measure_copy_bandwidth, roofline_share
 from batchpilot.generate.request import SamplingParams
 
 
@@ -61,10 +62,17 @@ def run_engine(model: torch.nn.Module, prompts: list[list[int]], new: int, cfg: 
            "cuda_graphs": bool(engine.runner.graphs and engine.runner.graphs.enabled),
            "cuda_graphs_off_reason": engine.runner.graphs and engine.runner.graphs.off_reason,
            **engine.stats.to_dict()}
-    row["roofline"] = roofline_share(model, engine.stats, lengths, seconds)
+    row["roofline"] = roofline_share(model, engine.stats, lengths, seconds, bandwidth=_bandwidth(engine.runner.device))
+    row["roofline_datasheet"] = roofline_share(model, engine.stats, lengths, seconds)
     del engine
     _free()
     return row
+
+
+@functools.cache
+def _bandwidth(device: torch.device) -> float | None:
+    """Measured HBM bandwidth (device-to-device copy): the issue's roofline is bytes / measured bandwidth."""
+    return measure_copy_bandwidth(device) if device.type == "cuda" else None
 
 
 def _timed(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list]:
@@ -122,6 +130,8 @@ def main() -> None:
     p.add_argument("--no-cascade", action="store_true", help="disable shared-prefix decode attention")
     p.add_argument("--no-triton", action="store_true", help="torch paged attention instead of the Triton kernel")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--decode-steps", type=int, default=EngineConfig().decode_steps,
+                   help="graph decode steps per host round trip")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     n = 16 if args.smoke else 1024
@@ -133,7 +143,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = batchpilot.load_model(args.model or ("tiny" if args.smoke else "llama-1b"), device=device, dtype=dtype)
     base = dict(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, cascade=not args.no_cascade,
-                triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs)
+                triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps)
     rows = []
     for name, (prompts, new) in workloads(args, model.config.vocab_size).items():
         if name not in args.workloads.split(","):
@@ -141,6 +151,8 @@ def main() -> None:
         modes = {"shared": EngineConfig(**base)}
         if name == "a":
             modes["no_sharing"] = EngineConfig(**base, prefix_sharing=False)
+        if name == "c" and args.decode_steps > 1:  # ablation: one host round trip per decode step
+            modes["one_step_per_round_trip"] = EngineConfig(**{**base, "decode_steps": 1})
         for mode, cfg in modes.items():
             row = _guarded(run_engine, model, prompts, new, cfg)
             rows.append({"workload": name, "system": "batchpilot", "mode": mode, **row})
@@ -173,6 +185,9 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "speedup_vs_hf_a": ours_a and hf_a and round(ours_a["out_tok_s"] / hf_a["out_tok_s"], 2),
         "prefix_sharing_gain_a": ours_a and plain_a and round(ours_a["out_tok_s"] / plain_a["out_tok_s"], 2),
         "roofline_share_c": ours_c and ours_c["roofline"] and round(ours_c["roofline"].get("decode_share", 0), 3),
+        "roofline_share_c_datasheet_bandwidth": ours_c and ours_c["roofline_datasheet"]
+        and round(ours_c["roofline_datasheet"].get("decode_share", 0), 3),
+        "hbm_bandwidth_measured_gb_s": torch.cuda.is_available() and round(_bandwidth(torch.device("cuda")) / 1e9),
     }
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {"benchmark": "generate_throughput", **provenance(), "summary": summary, "rows": rows}

@@ -77,14 +77,17 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     workers = args.workers or (12 if on_gpu else 2)
 
+    gpus = torch.cuda.device_count() if on_gpu else 0
     start = time.perf_counter()
     swept = sweep(grid, work, workers=workers, progress=sys.stdout.isatty())
     sweep_seconds = time.perf_counter() - start
+    earlier = add_gpu_seconds(work, sweep_seconds * gpus)  # an interrupted sweep's earlier sessions count too
     shutil.copy(swept.csv_path, results / "runs.csv")
     law_path = results / "law.json"
     fit_rc = cli_main(["fit", str(swept.csv_path), "--out", str(law_path), "--bootstrap", str(args.bootstrap),
                        "--plots", str(results), "--name", stem, "--col-loss", "val_loss"])
-    report = {"benchmark": "sweep_experiment", "grid": {**(SMOKE_GRID if args.smoke else FULL_GRID), "data": args.data},
+    report = {"benchmark": "sweep_experiment", "gpu_seconds_by_session": json.loads(
+                  (work / "gpu_seconds.json").read_text())["sessions"], "grid": {**(SMOKE_GRID if args.smoke else FULL_GRID), "data": args.data},
               "workers": workers, "sweep": {"runs": swept.finished, "failed": swept.failed,
                                             "minutes": sweep_seconds / 60}}
     final_seconds = 0.0
@@ -92,10 +95,9 @@ def main() -> None:
         start = time.perf_counter()
         report["large"] = train_large(grid, work, load_law(law_path), SMOKE_LARGE if args.smoke else LARGE)
         final_seconds = time.perf_counter() - start
-    gpus = torch.cuda.device_count() if on_gpu else 0
     large = report.get("large", {})
     report["summary"] = {
-        "runs": swept.finished, "gpu_minutes": (sweep_seconds + final_seconds) * gpus / 60,
+        "runs": swept.finished, "gpu_minutes": (earlier + (sweep_seconds + final_seconds) * gpus) / 60,
         "wall_minutes": (sweep_seconds + final_seconds) / 60,
         "loss": "validation loss of the larger model (train_loss_*: its smoothed training loss)",
         "loss_at_fitted": large.get("fitted", {}).get("val_loss"),
@@ -107,6 +109,18 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report["summary"], indent=2))
     print(f"wrote {out}")
+
+
+def add_gpu_seconds(work: Path, seconds: float) -> float:
+    """Add this session's sweep GPU-seconds to WORK/gpu_seconds.json; return the earlier sessions' total."""
+    path = work / "gpu_seconds.json"
+    sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []
+    earlier = sum(s["gpu_seconds"] for s in sessions)
+    sessions.append({"gpu_seconds": seconds, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sessions": sessions}, indent=1))
+    tmp.replace(path)
+    return earlier
 
 
 def large_run(name: str, shape: dict, model: Path, tokens: int, lr: float, batch: float, seq_len: int) -> RunSpec:

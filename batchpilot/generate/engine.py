@@ -38,19 +38,21 @@ class EngineConfig:
     cascade: bool = True  # read a group's prefix KV once per decode step (needs prefix_sharing)
     triton: bool = True  # Triton paged-attention kernel on CUDA (checked against the torch path first)
     cuda_graphs: bool = True  # capture greedy decode-only steps per batch-size bucket (CUDA + Triton only)
+    decode_steps: int = 8  # graph decode steps per host round trip once nothing waits (1 = one per step)
     output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
     seed: int = 0  # seeds requests that have none (request seed = f(seed, index))
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.max_batch_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("block_size, max_batch_tokens and max_num_seqs must be >= 1")
+        if min(self.block_size, self.max_batch_tokens, self.max_num_seqs, self.decode_steps) < 1:
+            raise ValueError("block_size, max_batch_tokens, max_num_seqs and decode_steps must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(slots=True)
 class EngineStats:
-    steps: int = 0
+    steps: int = 0  # model steps (a multi-step decode counts each of its steps)
+    round_trips: int = 0  # host round trips: schedule, run, read tokens back
     prefill_tokens: int = 0  # prompt tokens computed (recompute after preemption included)
     output_tokens: int = 0
     preemptions: int = 0
@@ -123,18 +125,31 @@ class Engine:
         start = time.perf_counter()
         plan = scheduler.schedule()
         assert plan.chunks, "scheduler made no progress (KV cache too small for one request?)"
-        tokens = self.runner.step(plan.chunks, seed=self.config.seed)
+        steps = self._decode_steps(plan, scheduler)
+        outputs = self.runner.step(plan.chunks, seed=self.config.seed, steps=steps)
         scheduler.advance(plan)
-        done = []
-        for chunk, token in zip([c for c in plan.chunks if c.sample], tokens, strict=True):
+        done, new_tokens = [], 0
+        for chunk, tokens in zip([c for c in plan.chunks if c.sample], outputs, strict=True):
             r = chunk.request
-            r.output_ids.append(token)
-            reason = self._finish_reason(r)
-            if reason is not None:
-                scheduler.finish(r, reason)
-                done.append(Completion.of(r))
-        self._record(plan, time.perf_counter() - start)
+            for k, token in enumerate(tokens):
+                r.num_computed += k > 0  # step k computed the KV of the token step k-1 produced
+                r.output_ids.append(token)
+                new_tokens += 1
+                reason = self._finish_reason(r)
+                if reason is not None:  # later tokens of a multi-step run are dropped
+                    scheduler.finish(r, reason)
+                    done.append(Completion.of(r))
+                    break
+        self._record(plan, time.perf_counter() - start, new_tokens, max(map(len, outputs), default=1))
         return done
+
+    def _decode_steps(self, plan: StepPlan, scheduler: Scheduler) -> int:
+        """Decode steps to run on this plan: several once every request decodes greedily and nothing waits."""
+        n = self.config.decode_steps
+        if n == 1 or scheduler.waiting or not self.runner.graphs_usable(plan.chunks):
+            return 1
+        n = min(n, max(c.request.params.max_tokens - len(c.request.output_ids) for c in plan.chunks))
+        return n if n > 1 and scheduler.reserve_steps(plan, n) else 1
 
     def _plan(self, requests: list[Request], rank: int, world_size: int) -> list[Request]:
         """Requests (and group prefix pseudo-requests) in run order for this rank."""
@@ -188,18 +203,20 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _record(self, plan: StepPlan, seconds: float) -> None:
+    def _record(self, plan: StepPlan, seconds: float, new_tokens: int, steps: int) -> None:
         s = self.stats
-        s.steps += 1
+        s.steps += steps
+        s.round_trips += 1
         s.seconds += seconds
         s.preemptions += len(plan.preempted)
-        s.output_tokens += sum(c.sample for c in plan.chunks)
+        s.output_tokens += new_tokens
         s.prefill_tokens += sum(c.num_tokens for c in plan.chunks if not c.decode)
         if all(c.decode for c in plan.chunks):
-            s.decode_steps += 1
+            s.decode_steps += steps
             s.decode_seconds += seconds
-            s.decode_batch_sum += len(plan.chunks)
-            s.decode_bytes += roofline.decode_step_bytes(self.cost, self._kv_tokens_read(plan))
+            s.decode_batch_sum += len(plan.chunks) * steps
+            kv = self._kv_tokens_read(plan)  # each further step reads one more token per row
+            s.decode_bytes += sum(roofline.decode_step_bytes(self.cost, kv + k * len(plan.chunks)) for k in range(steps))
 
     def _kv_tokens_read(self, plan: StepPlan) -> int:
         """KV tokens a decode step must read: own tokens, plus each group prefix once (cascade) or per member."""

@@ -61,15 +61,31 @@ def job_bound_s(cost: ModelCost, lengths: list[tuple[int, int]], spec: tuple[flo
     return max(total_flops / flops, total_bytes / bandwidth)
 
 
+def measure_copy_bandwidth(device: torch.device, num_bytes: int = 2 * 2**30, repeats: int = 10) -> float:
+    """HBM bandwidth in bytes/s from a device-to-device copy (bytes read + written over the time)."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * num_bytes * repeats / (start.elapsed_time(end) / 1e3)
+
+
 def roofline_share(model: torch.nn.Module, stats: Any, lengths: list[tuple[int, int]],
-                   seconds: float) -> dict[str, float] | None:
+                   seconds: float, *, bandwidth: float | None = None) -> dict[str, float] | None:
     """A job's time against its bytes/FLOPs bound, and its decode-only steps against their bytes bound.
 
-    ``stats`` is the engine's ``EngineStats``; None off GPU (no known ceilings).
+    ``stats`` is the engine's ``EngineStats``; None off GPU (no known ceilings). ``bandwidth``
+    (bytes/s, e.g. from ``measure_copy_bandwidth``) replaces the datasheet's HBM figure.
     """
     spec = gpu_spec(next(model.parameters()).device)
     if spec is None or seconds <= 0:
         return None
+    spec = (bandwidth or spec[0], spec[1])
     batch = stats.decode_batch_sum / max(1, stats.decode_steps)
     bound = job_bound_s(model_cost(model), lengths, spec, batch=max(1, round(batch)))
     out = {"job_bound_s": bound, "job_share": bound / seconds, "mean_decode_batch": batch}

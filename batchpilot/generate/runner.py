@@ -154,12 +154,19 @@ class Runner:
                 self.use_triton = False
         return paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
 
+    def graphs_usable(self, chunks: list[Chunk]) -> bool:
+        return self.graphs is not None and all(c.decode for c in chunks) and self.graphs.usable(chunks)
+
     @torch.inference_mode()
-    def step(self, chunks: list[Chunk], *, seed: int) -> list[int]:
-        """Run the chunks; return the sampled token of each chunk with ``sample`` set, in chunk order."""
-        if self.graphs is not None and all(c.decode for c in chunks) and self.graphs.usable(chunks):
-            return self.graphs.run(chunks, lambda: self._eager_step(chunks, seed))
-        return self._eager_step(chunks, seed)
+    def step(self, chunks: list[Chunk], *, seed: int, steps: int = 1) -> list[list[int]]:
+        """Run the chunks; the sampled tokens of each chunk with ``sample`` set, in chunk order.
+
+        ``steps`` > 1 (greedy decode-only batches on CUDA graphs, blocks reserved by the caller): that
+        many consecutive decode steps, so each list holds up to ``steps`` tokens.
+        """
+        if self.graphs_usable(chunks):
+            return self.graphs.run(chunks, lambda: self._eager_step(chunks, seed), steps=steps)
+        return [[t] for t in self._eager_step(chunks, seed)]
 
     def _eager_step(self, chunks: list[Chunk], seed: int) -> list[int]:
         dec = [c for c in chunks if c.num_tokens == 1]
@@ -284,6 +291,8 @@ class Runner:
     def _sample(self, logits: torch.Tensor, reqs: list[Request], seed: int) -> torch.Tensor:
         ps = [r.params for r in reqs]
         any_random = any(p.temperature > 0 for p in ps)
+        if not any_random:  # all greedy: skip building the per-request parameter tensors
+            return logits.argmax(dim=-1)
         return sample(
             logits,
             temperature=self._tensor([p.temperature for p in ps], np.float32),

@@ -146,6 +146,18 @@ class Scheduler:
                 self.running.remove(r)
                 r.status = Status.FINISHED
 
+    def reserve_steps(self, plan: StepPlan, steps: int) -> bool:
+        """Blocks for ``steps`` decode tokens of every chunk (never past a request's last token); False if short.
+
+        Tokens past a request's end are computed but dropped; their KV goes to the trash block.
+        """
+        for c in plan.chunks:
+            r = c.request
+            last = len(r.prompt_ids) - r.prefix_len + r.params.max_tokens  # own tokens at its longest
+            if not self.pool.grow(r.blocks, min(r.num_computed + steps, last)):
+                return False
+        return True
+
     def finish(self, r: Request, reason: str) -> None:
         r.finish_reason, r.status = reason, Status.FINISHED  # leaves self.running at the next schedule()
         self._release(r)

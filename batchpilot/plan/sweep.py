@@ -233,8 +233,12 @@ def _init_worker(counter: Any, num_gpus: int, threads: int) -> None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(num_gpus)))).split(",")
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[index % num_gpus]
     import torch
+    import torch._dynamo
 
     torch.set_num_threads(threads)
+    # A worker trains many shapes in turn, and compiled flex_attention gets a new graph for each (shape, grad
+    # mode): past dynamo's default of 8 it silently falls back to eager flex_attention (slow, T^2 memory).
+    torch._dynamo.config.recompile_limit = 256
 
 
 def sweep(grid: GridSpec, sweep_dir: str | Path, *, workers: int = 1, progress: bool = True) -> SweepResult:

@@ -13,7 +13,8 @@ Numerator and denominator are averaged separately (EMA, bias-corrected) because 
 is biased; gpt-neox's ``gradient_noise_scale.py`` does the same with beta 0.99.
 
 Critical batch: B_crit ~ B_noise ~ B_simple = tr(Sigma) / |G|^2 (McCandlish, section 2.2); we report B_simple
-as the estimate. Growth follows AdaptDL/AdAdaGrad: the batch only grows, at most ``max_growth``x per change,
+as the estimate. The batch follows a lower confidence bound of it (``confidence_z``), not the point estimate:
+below the noise scale the |G|^2 estimate is noisy and near zero, and the ratio then overshoots. Growth follows AdaptDL/AdAdaGrad: the batch only grows, at most ``max_growth``x per change,
 no more often than ``min_interval_steps``, and only when the gain clears ``min_relative_change`` (AdaptDL
 needed a 5 % threshold to stop batch flapping, petuum/adaptdl#27).
 
@@ -71,26 +72,55 @@ class Measurement:
 
 @dataclass(kw_only=True, slots=True)
 class NoiseScaleEstimator:
-    """EMA of |G|^2 and tr(Sigma) separately, with Adam-style bias correction."""
+    """EMA of |G|^2 and tr(Sigma) separately, with Adam-style bias correction.
+
+    It also keeps the EMA of (|G|^2 estimate)^2, so the controller knows how sure the signal estimate is. Far
+    below the noise scale, |G|^2 is a small difference of two large noisy norms: the run that started at 4k
+    tokens (benchmarks/results/adaptive_2026-11-28_start4k.json) had a negative |G|^2 EMA for ~270 steps and
+    then a barely positive one, which made B_simple read 630k tokens and drove the batch 4k -> 64k in four
+    changes. ``b_simple_lower`` divides by an upper confidence bound of |G|^2 instead.
+    """
 
     beta: float = 0.99  # gpt-neox gradient_noise_scale.py
     ema_g_sq: float = 0.0
     ema_trace: float = 0.0
+    ema_g_sq_sq: float = 0.0  # second moment of the per-step |G|^2 estimate
     count: int = 0
 
     def update(self, m: Measurement) -> None:
         g_sq, trace = two_batch_estimates(m.small_sq_norm, m.small_batch_tokens, m.big_sq_norm, m.big_batch_tokens)
         self.ema_g_sq = self.beta * self.ema_g_sq + (1 - self.beta) * g_sq
         self.ema_trace = self.beta * self.ema_trace + (1 - self.beta) * trace
+        self.ema_g_sq_sq = self.beta * self.ema_g_sq_sq + (1 - self.beta) * g_sq * g_sq
         self.count += 1
+
+    def _corrected(self, ema: float) -> float:
+        return ema / (1 - self.beta**self.count) if self.count else math.nan
 
     @property
     def g_sq(self) -> float:
-        return self.ema_g_sq / (1 - self.beta**self.count) if self.count else math.nan
+        return self._corrected(self.ema_g_sq)
 
     @property
     def trace(self) -> float:
-        return self.ema_trace / (1 - self.beta**self.count) if self.count else math.nan
+        return self._corrected(self.ema_trace)
+
+    @property
+    def effective_count(self) -> float:
+        """Kish effective sample size of the bias-corrected EMA weights: (sum w)^2 / sum w^2 (n for few samples,
+        (1 + beta) / (1 - beta) in the long run)."""
+        if not self.count:
+            return 0.0
+        b, n = self.beta, self.count
+        return (1 - b**n) ** 2 / (1 - b) ** 2 * (1 - b * b) / (1 - b ** (2 * n))
+
+    @property
+    def g_sq_stderr(self) -> float:
+        """Standard error of the |G|^2 EMA from the spread of the per-step estimates (treated as independent)."""
+        if self.count < 2:
+            return math.inf
+        variance = max(self._corrected(self.ema_g_sq_sq) - self.g_sq**2, 0.0)
+        return math.sqrt(variance / self.effective_count)
 
     @property
     def b_simple(self) -> float | None:
@@ -98,6 +128,13 @@ class NoiseScaleEstimator:
         if not self.count or self.g_sq <= 0:
             return None
         return max(self.trace, 0.0) / self.g_sq
+
+    def b_simple_lower(self, z: float) -> float | None:
+        """Conservative B_simple: tr(Sigma) / (|G|^2 + z x its standard error); None while that is undefined."""
+        bound = self.g_sq + z * self.g_sq_stderr if z else self.g_sq
+        if not self.count or not math.isfinite(bound) or bound <= 0:
+            return None
+        return max(self.trace, 0.0) / bound
 
 
 # ---- adaptive sampling tests (AdAdaGrad, laws.md section 6) -------------------------------------------------------
@@ -144,6 +181,11 @@ class BatchConfig:
     lr_coupling: str = "sqrt"  # sqrt | linear | none; see default_coupling
     target: str = "gns"  # adaptive target: gns (B_simple) | norm_test (B_simple / eta^2, laws.md notes)
     target_multiplier: float = 1.0  # aim at multiplier x target
+    # growth is irreversible, so it follows a lower confidence bound of B_simple (0: the plain point estimate).
+    # z = 3, not 2, because the bound is looked at every step: on simulated gradients 16x below the noise scale
+    # (tests/train/test_adaptive.py) the worst bound over 600 steps x 20 seeds overshot B_simple 35-50x at z = 2
+    # and at most 1.7x at z = 3, while the point estimate reached 1e6x
+    confidence_z: float = 3.0
     norm_test_eta: float = 0.1  # AdAdaGrad default
     ema_beta: float = 0.99
     min_measurements: int = 20  # let the EMA settle before the first change
@@ -165,8 +207,8 @@ class BatchConfig:
             raise ValueError("the ramp policy needs ramp=[(tokens_threshold, global_batch_tokens), ...]")
         if self.max_batch_tokens is not None and self.max_batch_tokens < self.initial_batch_tokens:
             raise ValueError("max_batch_tokens must be >= initial_batch_tokens")
-        if self.max_growth <= 1 or self.min_interval_steps < 1 or not 0 < self.ema_beta < 1:
-            raise ValueError("need max_growth > 1, min_interval_steps >= 1 and 0 < ema_beta < 1")
+        if self.max_growth <= 1 or self.min_interval_steps < 1 or not 0 < self.ema_beta < 1 or self.confidence_z < 0:
+            raise ValueError("need max_growth > 1, min_interval_steps >= 1, 0 < ema_beta < 1 and confidence_z >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +263,7 @@ class BatchController:
         return new, f"{self.cfg.target} target {target:.3g} tokens"
 
     def target_tokens(self) -> float | None:
-        b_simple = self.estimator.b_simple
+        b_simple = self.estimator.b_simple_lower(self.cfg.confidence_z)
         if b_simple is None:
             return None
         # the norm test asks for b >= tr(Sigma) / (eta^2 |G|^2) = B_simple / eta^2 (laws.md cross-cutting notes)
@@ -232,8 +274,11 @@ class BatchController:
         b_simple = self.estimator.b_simple
         if b_simple is None:
             return {}
+        lower = self.estimator.b_simple_lower(self.cfg.confidence_z)
         return {"b_simple": b_simple, "grad_noise_scale": b_simple, "critical_batch_tokens": b_simple,
-                "grad_sq_norm_est": self.estimator.g_sq, "grad_trace_est": self.estimator.trace}
+                "grad_sq_norm_est": self.estimator.g_sq, "grad_trace_est": self.estimator.trace,
+                **({"grad_sq_norm_stderr": self.estimator.g_sq_stderr} if self.estimator.count > 1 else {}),
+                **({"b_simple_lower": lower} if lower is not None else {})}
 
     def state_dict(self) -> dict:
         return {"batch_tokens": self.batch_tokens, "last_change_step": self.last_change_step,

@@ -258,8 +258,9 @@ def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchCon
             ramp.append((int(float(tokens)), int(float(batch))))
     return BatchController(BatchConfig(
         policy=cfg.batch_policy, initial_batch_tokens=cfg.global_batch_tokens,
-        # adaptive growth moves in whole micro-batches; fixed and ramp batches only need whole rows per rank
-        quantum_tokens=cfg.seq_len * dims.world_size * (cfg.micro_batch_size if cfg.batch_policy == "adaptive" else 1),
+        # adaptive growth moves in pairs of rows per rank, so a measured step splits into two equal halves
+        # (accumulate_gradients); fixed and ramp batches only need whole rows per rank
+        quantum_tokens=cfg.seq_len * dims.world_size * (2 if cfg.batch_policy == "adaptive" else 1),
         ramp=ramp,
         max_batch_tokens=cfg.max_global_batch_tokens, min_interval_steps=cfg.adaptive_min_interval_steps,
         min_measurements=cfg.adaptive_warmup_steps,
@@ -299,6 +300,7 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
                          measure_noise: bool = False) -> tuple[float, Measurement | None]:
     """Backward over the step's micro-batches into ``.grad``; returns this rank's mean loss and, if asked, the
     two-batch gradient-noise measurement (laws.md 4c): |g|^2 of the first micro-batch against the full batch.
+    When measuring, a step that would be one micro-batch is run as two halves (the only extra cost is launches).
 
     Under FSDP2 the first micro-batch is reduce-scattered too when measuring, so its gradient averages
     ``world_size`` micro-batches: B_small = micro-batch rows x world x seq_len tokens.
@@ -307,6 +309,8 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
     if rows_per_step % dims.world_size:
         raise ValueError(f"global batch of {rows_per_step} rows does not split over {dims.world_size} ranks")
     rows_per_rank = rows_per_step // dims.world_size
+    if measure_noise:  # at least two micro-batches: a step that fits one is split in halves to measure
+        micro_batch_size = min(micro_batch_size, max(1, (rows_per_rank + 1) // 2))
     sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
     measure_noise = measure_noise and len(sizes) > 1  # one micro-batch gives no second batch size
     loss_sum = torch.zeros((), device=dims.device)

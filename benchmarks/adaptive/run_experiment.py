@@ -1,17 +1,29 @@
 """Adaptive global batch vs fixed batches at a fixed token budget (issue 5 experiment).
 
-Every run trains the same model on the same prepared corpus for the same number of tokens, with
-no token repeated (one pass over less than the training split). Fixed runs use global batches
-of 1x, 2x, 4x and 8x the smallest; the adaptive run starts at the smallest and grows toward the
-measured gradient noise scale (B_simple, laws.md 4c). All runs share one LR rule: the Step Law
-peak LR for (N, D) at the smallest batch, rescaled by sqrt(B / B_smallest) (Adam-family rule,
-laws.md 5) both for the fixed batches and, step by step, for the adaptive one. The runs go in
-parallel processes on one GPU (the model is small; each is launch-bound, not compute-bound).
+Every run trains the same model on the same prepared corpus for the same number of tokens, with no token
+repeated (one pass over less than the training split). Fixed runs: the PLANNED batch (Step Law B_opt(D),
+laws.md 1), a SMALL one well below it and a LARGE one (4x planned). The adaptive run starts at the small batch
+and grows toward ``--target-multiplier`` x a lower confidence bound of the measured gradient noise scale
+(B_simple, laws.md 4c), capped at the large batch. All runs share one LR rule: the Step Law peak LR for (N, D)
+at the planned batch, rescaled by sqrt(B / B_planned) (Adam-family rule, laws.md 5), for the fixed batches and,
+step by step, for the adaptive one.
+
+Why this setup (the 2026-11-28 runs got it wrong): they started at 16k tokens, above both the Step Law optimum
+(6.7k for 13M tokens) and the measured B_simple (4-5k over the first 2.5M tokens), where any growth costs loss,
+and they anchored the LR at that small batch, so every larger batch also ran above the law's LR. The default
+multiplier 0.25 keeps the adaptive batch at the ratio B / B_simple that the small batch has early in training
+(1024 tokens against the ~4k measured then, adaptive_2026-11-28*.json): it grows only as B_simple grows, so
+its statistical efficiency 1 / (1 + B / B_noise) (McCandlish et al. 2018) never drops below where it started.
+
+All runs use the same micro-batch rows, so validation covers the same rows (the whole validation split by
+default); fixed runs take one micro-batch per step (the GPU is launch-bound at this size), the adaptive run
+two, to measure the noise scale. The runs go in parallel processes on one GPU.
 
 Outputs (in --out): adaptive_<date>.json with rows and `summary` {step_reduction, final_loss_gap},
 adaptive_loss_<date>.png and adaptive_batch_<date>.png.
 
     python benchmarks/adaptive/run_experiment.py --data data/adaptive --out benchmarks/results
+    python benchmarks/adaptive/run_experiment.py --data data/adaptive --out /tmp/smoke --smoke   # CPU
 """
 
 from __future__ import annotations
@@ -47,54 +59,75 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True, help="prepared corpus (batchpilot prepare)")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--tokens", type=float, default=None, help="token budget (default: 95%% of the train split)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--small-batch-tokens", type=int, default=16384)
-    p.add_argument("--micro-batch-size", type=int, default=16, help="rows per micro-batch (at most half a step)")
-    p.add_argument("--fixed-multiples", default="1,2,4,8", help="fixed batches as multiples of the small one")
+    p.add_argument("--tokens", type=float, default=3e6,
+                   help="token budget; 3M keeps the small-batch run near 3k steps (7 GPU minutes in all)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--small-batch-tokens", type=int, default=1024)
+    p.add_argument("--planned-batch-tokens", type=int, default=None, help="default: Step Law B_opt(tokens)")
+    p.add_argument("--large-multiple", type=int, default=4, help="large fixed batch = this x planned")
+    p.add_argument("--micro-batch-size", type=int, default=64, help="rows per micro-batch, the same in all runs")
     p.add_argument("--lr-coupling", default="sqrt", help="adaptive run's LR coupling: sqrt | linear | none")
-    p.add_argument("--target-multiplier", type=float, default=1.0, help="adaptive: grow toward this x B_simple")
-    p.add_argument("--parallel", type=int, default=5, help="runs at a time on the GPU")
+    p.add_argument("--target-multiplier", type=float, default=0.25,
+                   help="adaptive: grow toward this x B_simple (lower bound); see the module docstring")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: the whole split)")
+    p.add_argument("--measure-fixed", action="store_true", help="log B_simple in the fixed runs too (2x launches)")
+    p.add_argument("--parallel", type=int, default=4, help="runs at a time on the GPU")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
     args = p.parse_args()
     meta = load_meta(args.data)
     train_tokens = meta["tokens"]["train"]
-    budget = int(args.tokens or 0.95 * train_tokens)
+    budget = int(args.tokens)
     if budget > train_tokens:
         raise SystemExit(f"budget {budget} exceeds the train split ({train_tokens} tokens): tokens would repeat")
     cfg = model_config(meta["vocab_size"], args.smoke)
     n = laws.non_vocab_params(cfg)
+    seq = args.seq_len
     small = args.small_batch_tokens
-    base_lr = laws.step_law_peak_lr(n, budget)
+    law_batch = laws.step_law_batch_tokens(budget)
+    planned = args.planned_batch_tokens or max(1, round(law_batch / seq)) * seq
+    large = planned * args.large_multiple
+    if small % (2 * seq) or not small < planned < large:
+        raise SystemExit(f"need small ({small}) a multiple of 2 x seq_len and small < planned ({planned}) < large")
+    plan_lr = laws.step_law_peak_lr(n, budget)  # the law's LR, at the law's batch
+
+    def lr(batch: int) -> float:
+        return plan_lr * math.sqrt(batch / planned)
+
+    val_rows = min(meta["tokens"]["val"], args.eval_tokens or math.inf) // seq
     work = Path(tempfile.mkdtemp(prefix="adaptive_"))
     (work / "config.json").write_text(json.dumps(config_to_hf(cfg)))
-    multiples = [int(m) for m in args.fixed_multiples.split(",")]
-    runs = {f"fixed_{m}x": run_args(args, work, budget, small * m, base_lr * math.sqrt(m), "fixed")
-            for m in multiples}
-    runs["adaptive"] = run_args(args, work, budget, small, base_lr, "adaptive", max_batch=small * 16)
+    runs = {name: run_args(args, work, budget, batch, lr(batch), "fixed", val_rows)
+            for name, batch in (("fixed_small", small), ("fixed_planned", planned), ("fixed_large", large))}
+    runs["adaptive"] = run_args(args, work, budget, small, lr(small), "adaptive", val_rows, max_batch=large)
     started = time.time()
     launch_all(runs, args.parallel)
     gpu_minutes = (time.time() - started) / 60
     rows = [summarise(name, work / name) for name in runs]
     summary = compare(rows)
-    write_outputs(args, rows, summary, dict(non_vocab_params=n, tokens=budget, train_split_tokens=train_tokens,
-                                             base_lr=base_lr, small_batch_tokens=small, gpu_minutes=gpu_minutes,
-                                             model=config_to_hf(cfg)))
+    write_outputs(args, rows, summary, dict(
+        non_vocab_params=n, tokens=budget, train_split_tokens=train_tokens, seq_len=seq,
+        step_law_batch_tokens=law_batch, step_law_lr=plan_lr, lr_rule="step_law_lr * sqrt(B / planned)",
+        small_batch_tokens=small, planned_batch_tokens=planned, large_batch_tokens=large,
+        eval_tokens=val_rows * seq, target_multiplier=args.target_multiplier, gpu_minutes=gpu_minutes, model=config_to_hf(cfg)))
 
 
-def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, max_batch: int | None = None) -> list:
+def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, val_rows: int,
+             max_batch: int | None = None) -> list:
     steps = max(1, budget // batch)
+    micro = args.micro_batch_size
     cmd = [sys.executable, "-m", "batchpilot", "train", "--model", str(work / "config.json"), "--data", args.data,
-           "--seq-len", str(args.seq_len), "--global-batch-tokens", str(batch),
-           # at least two micro-batches per step, so the adaptive run can measure the noise scale
-           "--micro-batch-size", str(min(args.micro_batch_size, batch // args.seq_len // 2)),
+           "--seq-len", str(args.seq_len), "--global-batch-tokens", str(batch), "--micro-batch-size", str(micro),
            "--max-tokens", str(budget), "--lr", f"{lr:.6g}",
            "--min-lr", f"{lr / 10:.6g}", "--warmup-tokens", str(budget // 20), "--batch-policy", policy,
-           "--eval-every", str(max(1, steps // 20)), "--eval-batches", "16", "--save-every", "1000000",
-           "--adaptive-min-interval-steps", "20", "--adaptive-warmup-steps", "20", "--no-progress"]
+           # the same micro-batch everywhere and enough batches for the whole split: every run sees the same rows
+           "--eval-every", str(max(1, steps // 20)), "--eval-batches", str(math.ceil(val_rows / micro)),
+           "--save-every", "1000000", "--adaptive-min-interval-steps", "20", "--adaptive-warmup-steps", "20",
+           "--no-progress"]
     if max_batch:
         cmd += ["--max-global-batch-tokens", str(max_batch), "--lr-coupling", args.lr_coupling,
                 "--adaptive-target-multiplier", str(args.target_multiplier)]
+    elif args.measure_fixed:
+        cmd += ["--measure-noise"]
     return cmd
 
 
@@ -117,11 +150,14 @@ def launch_all(runs: dict[str, list], parallel: int) -> None:
 def summarise(name: str, run_dir: Path) -> dict:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [(m["step"], m["tokens"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    return {"name": name, "steps": metrics[-1]["step"], "tokens": metrics[-1]["tokens"],
+    return {"name": name, "initial_batch_tokens": metrics[0]["global_batch_tokens"],
+            "peak_lr": max(m["lr"] for m in metrics), "steps": metrics[-1]["step"], "tokens": metrics[-1]["tokens"],
             "final_val_loss": evals[-1][2], "final_batch_tokens": metrics[-1]["global_batch_tokens"],
             "wall_seconds": metrics[-1]["wall_seconds"], "val_curve": evals,
             "batch_curve": [(m["tokens"], m["global_batch_tokens"]) for m in metrics],
-            "b_simple_curve": [(m["tokens"], m["b_simple"]) for m in metrics if "b_simple" in m]}
+            "b_simple_curve": [(m["tokens"], m["b_simple"]) for m in metrics if "b_simple" in m],
+            "b_simple_lower_curve": [(m["tokens"], m["b_simple_lower"]) for m in metrics if "b_simple_lower" in m],
+            "batch_changes": [m["batch_change"] for m in metrics if "batch_change" in m]}
 
 
 def steps_to_reach(row: dict, target: float) -> float | None:
@@ -146,12 +182,13 @@ def compare(rows: list[dict]) -> dict:
     gap = (adaptive["final_val_loss"] - best["final_val_loss"]) / best["final_val_loss"]
     reaching = [(r, steps_to_reach(r, adaptive["final_val_loss"])) for r in fixed]
     reaching = [(r, s) for r, s in reaching if s is not None]
-    smallest = min(reaching, key=lambda rs: int(rs[0]["name"].split("_")[1][:-1])) if reaching else None
+    smallest = min(reaching, key=lambda rs: rs[0]["initial_batch_tokens"]) if reaching else None
     reduction = 1 - adaptive["steps"] / smallest[1] if smallest else None
     return {"final_loss_gap": gap, "best_fixed": best["name"], "best_fixed_val_loss": best["final_val_loss"],
             "adaptive_val_loss": adaptive["final_val_loss"], "adaptive_steps": adaptive["steps"],
             "smallest_fixed_reaching_adaptive_loss": smallest[0]["name"] if smallest else None,
             "its_steps_to_that_loss": smallest[1] if smallest else None, "step_reduction": reduction,
+            "steps_to_adaptive_loss": {r["name"]: steps_to_reach(r, adaptive["final_val_loss"]) for r in fixed},
             "targets": {"final_loss_gap_max": 0.005, "step_reduction_min": 0.30},
             "met": bool(reduction is not None and reduction >= 0.30 and gap <= 0.005)}
 
@@ -170,7 +207,7 @@ def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
     plot(rows, out, stamp)
     print(json.dumps(summary, indent=2))
     for r in rows:
-        print(f"{r['name']:>10}: steps {r['steps']:>6}  final val {r['final_val_loss']:.4f}  "
+        print(f"{r['name']:>13}: steps {r['steps']:>6}  final val {r['final_val_loss']:.4f}  "
               f"final batch {r['final_batch_tokens']:>7}  {r['wall_seconds']:.0f} s")
 
 
@@ -191,8 +228,9 @@ def plot(rows: list[dict], out: Path, stamp: str) -> None:
     adaptive = next(r for r in rows if r["name"] == "adaptive")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(*zip(*adaptive["batch_curve"]), label="global batch (tokens)")
-    if adaptive["b_simple_curve"]:
-        ax.plot(*zip(*adaptive["b_simple_curve"]), label="B_simple estimate (tokens)", alpha=0.7)
+    for key, label in (("b_simple_curve", "B_simple estimate"), ("b_simple_lower_curve", "B_simple lower bound")):
+        if adaptive[key]:
+            ax.plot(*zip(*adaptive[key]), label=f"{label} (tokens)", alpha=0.7)
     ax.set(xlabel="tokens", ylabel="tokens", yscale="log", title="Adaptive run: batch follows the noise scale")
     ax.legend()
     fig.tight_layout()

@@ -132,18 +132,46 @@ def test_triton_kernel_matches_torch_path():
         torch.testing.assert_close(l2, l1, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("decode_steps", [1, 4])
 @pytest.mark.parametrize("cascade", [True, False])
-def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade):
-    """The CUDA-graph path (padded rows, tables and groups; trash block) run eagerly on CPU."""
+def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade, decode_steps):
+    """The CUDA-graph path (padded rows, tables and groups; trash block; multi-step decode advancing its
+    inputs on the device) run eagerly on CPU."""
     from batchpilot.generate.graphs import DecodeGraphs
 
     _, model, _ = hf_pair
-    engine = Engine(model, None, EngineConfig(min_prefix_len=1, cascade=cascade, prefix_sharing=cascade))
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, cascade=cascade, prefix_sharing=cascade,
+                                              decode_steps=decode_steps))
     graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False)
     results = engine.generate(_prompts(), SamplingParams(max_tokens=N, ignore_eos=True))
     assert [r.output_ids for r in results] == hf_reference
     assert graphs.enabled and {rows for rows, _ in graphs.graphs} >= {8}
     assert {groups for _, groups in graphs.graphs} == ({1} if cascade else {0})
+    assert engine.stats.output_tokens == len(results) * N
+    assert (engine.stats.steps > engine.stats.round_trips) == (decode_steps > 1)
+    assert engine.pool.num_free == engine.pool.num_blocks - 1  # every block back but the trash block
+
+
+def test_multi_step_decode_stops_at_eos_and_max_tokens(llama_pair):
+    """Tokens past a request's end (EOS mid-run, short max_tokens) are dropped: same outputs as one step at a time."""
+    from batchpilot.generate.graphs import DecodeGraphs
+
+    _, model, _ = llama_pair
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 320, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (9,))]
+    params = [SamplingParams(max_tokens=m, ignore_eos=False) for m in (1, 2, 3, 5, 7, 9, 12, 17, 30)]
+    free_run = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, SamplingParams(max_tokens=30))
+    eos = free_run[-1].output_ids[3]  # a token the longest request emits mid-run: EOS ends it (and maybe others) early
+    outputs = {}
+    for steps in (1, 8):
+        engine = Engine(model, None, EngineConfig(prefix_sharing=False, decode_steps=steps))
+        engine.eos_ids = {eos}
+        engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=16, capture=False)
+        outputs[steps] = [(r.output_ids, r.finish_reason) for r in engine.generate(prompts, params)]
+        assert engine.pool.num_free == engine.pool.num_blocks - 1
+        assert (engine.stats.steps > engine.stats.round_trips) == (steps > 1)
+    assert outputs[8] == outputs[1]
+    assert any(reason == "stop" for _, reason in outputs[1]) and any(reason == "length" for _, reason in outputs[1])
 
 
 def test_one_token_prefix_and_suffix(llama_pair):

@@ -90,8 +90,9 @@ def test_ramp_thresholds():
 
 
 def adaptive(**overrides) -> BatchController:
+    # policy arithmetic on the point estimate; the confidence bound is tested on its own below
     cfg = dict(policy="adaptive", initial_batch_tokens=128, quantum_tokens=64, min_measurements=1,
-               min_interval_steps=1, max_batch_tokens=2048)
+               min_interval_steps=1, max_batch_tokens=2048, confidence_z=0.0)
     return BatchController(BatchConfig(**{**cfg, **overrides}))
 
 
@@ -158,3 +159,54 @@ def test_grad_sq_norm_plain():
     layer(torch.ones(4, 3)).sum().backward()
     expected = sum(p.grad.square().sum().item() for p in layer.parameters())
     assert grad_sq_norm(layer.parameters()) == pytest.approx(expected)
+
+
+def _far_below_noise_scale(seed: int, dims: int, steps: int = 600) -> list[Measurement]:
+    """Two-batch measurements with B_big = 16 samples and B_small = 8 against B_simple = 256 (|G|^2 = 1),
+    the regime of a run started well below the critical batch; few noise dimensions give heavy tails."""
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.zeros(dims, dtype=torch.float64)
+    grad[0] = 1.0
+    samples = grad + torch.randn(steps, 16, dims, generator=gen, dtype=torch.float64) * math.sqrt(256 / dims)
+    small_sq, big_sq = samples[:, :8].mean(1).square().sum(-1), samples.mean(1).square().sum(-1)
+    return [Measurement(s, 8, b, 16) for s, b in zip(small_sq.tolist(), big_sq.tolist())]
+
+
+def test_effective_count_and_stderr_oracle():
+    est = NoiseScaleEstimator(beta=0.5)
+    for s, b in ((2.0, 0.6), (3.0, 1.6)):  # |G|^2 estimates 0.4 and 1.4 (see the EMA test)
+        est.update(Measurement(small_sq_norm=s, small_batch_tokens=32, big_sq_norm=b, big_batch_tokens=256))
+    w = torch.tensor([0.5 * 0.5, 0.5], dtype=torch.float64)  # EMA weights before bias correction
+    assert est.effective_count == pytest.approx(float(w.sum() ** 2 / w.square().sum()))  # Kish: 1.8
+    x = torch.tensor([0.4, 1.4], dtype=torch.float64)
+    mean, second = float((w * x).sum() / w.sum()), float((w * x * x).sum() / w.sum())
+    assert est.g_sq == pytest.approx(mean)
+    assert est.g_sq_stderr == pytest.approx(math.sqrt((second - mean**2) / 1.8))
+    long_run = NoiseScaleEstimator(beta=0.99, count=100_000)
+    assert long_run.effective_count == pytest.approx(199.0)  # (1 + beta) / (1 - beta)
+
+
+def test_lower_bound_does_not_overshoot_far_below_noise_scale():
+    # what the start-4k GPU run hit: the |G|^2 EMA near zero makes the point estimate explode; the bound the
+    # controller follows stays within 2x of the true 256 over every step after the 20-measurement warmup
+    worst_point, worst_lower = 0.0, 0.0
+    for seed in range(5):
+        for dims in (4, 16, 64):
+            est = NoiseScaleEstimator()
+            for i, m in enumerate(_far_below_noise_scale(seed, dims)):
+                est.update(m)
+                if i >= 20:
+                    worst_point = max(worst_point, est.b_simple or math.inf)
+                    worst_lower = max(worst_lower, est.b_simple_lower(3.0) or 0.0)
+    assert worst_point > 10 * 256  # the failure is real
+    assert 0 < worst_lower < 2 * 256
+
+
+def test_controller_follows_lower_bound():
+    cfg = dict(policy="adaptive", initial_batch_tokens=16, quantum_tokens=16, max_batch_tokens=4096,
+               min_measurements=20, min_interval_steps=1, max_growth=64.0)
+    plain, bounded = BatchController(BatchConfig(**cfg, confidence_z=0.0)), BatchController(BatchConfig(**cfg))
+    for step, m in enumerate(_far_below_noise_scale(seed=2, dims=4), start=1):
+        plain.decide(step, step * 16, m)
+        bounded.decide(step, step * 16, m)
+    assert bounded.batch_tokens <= 512 < plain.batch_tokens  # true B_simple is 256
