@@ -131,6 +131,15 @@ class Engine:
         done, new_tokens = [], 0
         for chunk, tokens in zip([c for c in plan.chunks if c.sample], outputs, strict=True):
             r = chunk.request
+            if len(tokens) > 1 and self._only_length_ends(r, tokens):  # the common bulk case, without a loop
+                tokens = tokens[:r.params.max_tokens - len(r.output_ids)]
+                r.output_ids += tokens
+                r.num_computed += len(tokens) - 1
+                new_tokens += len(tokens)
+                if len(r.output_ids) >= r.params.max_tokens:
+                    scheduler.finish(r, self._finish_reason(r))
+                    done.append(Completion.of(r))
+                continue
             for k, token in enumerate(tokens):
                 r.num_computed += k > 0  # step k computed the KV of the token step k-1 produced
                 r.output_ids.append(token)
@@ -183,6 +192,10 @@ class Engine:
         if need + 3 * self.pool.block_size > self.pool.capacity_tokens:  # partial blocks + the trash block
             raise ValueError(f"request {r.index}: {need} tokens do not fit the KV cache "
                              f"({self.pool.capacity_tokens} tokens)")
+
+    def _only_length_ends(self, r: Request, tokens: list[int]) -> bool:
+        """True if nothing but max_tokens can end r within ``tokens`` (no stop strings, no EOS among them)."""
+        return not r.params.stop and (r.params.ignore_eos or self.eos_ids.isdisjoint(tokens))
 
     def _finish_reason(self, r: Request) -> str | None:
         p, last = r.params, r.output_ids[-1]

@@ -166,9 +166,10 @@ class Runner:
         """
         if self.graphs_usable(chunks):
             return self.graphs.run(chunks, lambda: self._eager_step(chunks, seed), steps=steps)
-        return [[t] for t in self._eager_step(chunks, seed)]
+        return [[t] for t in self._eager_step(chunks, seed)[0]]
 
-    def _eager_step(self, chunks: list[Chunk], seed: int) -> list[int]:
+    def _eager_step(self, chunks: list[Chunk], seed: int) -> tuple[list[int], torch.Tensor | None]:
+        """Sampled tokens in chunk order, and the (sampled chunks, V) logits they came from."""
         dec = [c for c in chunks if c.num_tokens == 1]
         pre = [c for c in chunks if c.num_tokens > 1]
         ids, pos, slots, last = self._flatten(dec + pre)
@@ -176,13 +177,11 @@ class Runner:
                              self._prefill_meta(pre) if pre else None)
         hidden = self.model.hidden_states(self._tensor(ids)[None], position_ids=self._tensor(pos)[None],
                                           attn_meta=meta)  # (1, N, D)
-        sampled = [c for c in dec + pre if c.sample]
+        sampled = [c for c in chunks if c.sample]
         if not sampled:
-            return []
+            return [], None
         logits = self.model.lm_head(hidden[0, self._tensor([last[id(c)] for c in sampled])])  # (R, V)
-        tokens = self._sample(logits, [c.request for c in sampled], seed).tolist()
-        by_chunk = {id(c): t for c, t in zip(sampled, tokens)}
-        return [by_chunk[id(c)] for c in chunks if c.sample]
+        return self._sample(logits, [c.request for c in sampled], seed).tolist(), logits
 
     def _tensor(self, values: list, dtype: type = np.int64) -> torch.Tensor:
         """Host list -> device tensor (through numpy: several times faster than torch.tensor on lists)."""
