@@ -1,7 +1,8 @@
 """What every benchmark result records about where it ran: GPU, torch, commit, date, exact command.
 
-The GPU machines receive a copy of the working tree without ``.git``; there the commit comes from
-``BATCHPILOT_COMMIT`` (set it in the command: ``BATCHPILOT_COMMIT=$(git rev-parse HEAD)`` expanded here).
+The GPU machines receive a copy of the working tree whose ``.git`` may be older than the tree (seen: the
+session-start snapshot), so ``BATCHPILOT_COMMIT``, when set, wins over git: set it in the command to
+``$(git rev-parse HEAD)`` expanded here, after committing.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ def _git(*args: str) -> str | None:
 
 
 def provenance() -> dict:
-    commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain")) if commit else None
+    commit = os.environ.get("BATCHPILOT_COMMIT") or _git("rev-parse", "HEAD")
+    dirty = None if "BATCHPILOT_COMMIT" in os.environ or not commit else bool(_git("status", "--porcelain"))
     return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_count": torch.cuda.device_count(), "torch": torch.__version__,
-            "commit": commit or os.environ.get("BATCHPILOT_COMMIT") or "unknown", "dirty": dirty,
+            "commit": commit or "unknown", "dirty": dirty,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": shlex.join([Path(sys.executable).name, *sys.argv])}

@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: provenance
+from provenance import provenance  # noqa: E402
 
 from batchpilot.data.prepare import PrepareConfig, prepare
 from batchpilot.data.packing import PackedLoader
@@ -75,14 +76,10 @@ def main() -> None:
     norms = norm_seconds(model, loader, tokens, args, dims)
     summary = {"step_seconds_without": base, "step_seconds_with": measured, "overhead": measured / base - 1,
                "norm_seconds": norms, "direct_overhead": norms / base, "target_max_overhead": 0.03}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "adaptive_noise_overhead", "device": torch.cuda.get_device_name() if
-              dims.device.type == "cuda" else "cpu", "torch": torch.__version__, "commit": commit or None,
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "command": " ".join(map(shlex.quote, sys.argv)), "preset": args.preset, "seq_len": args.seq_len,
+    result = {"benchmark": "adaptive_noise_overhead", **provenance(), "preset": args.preset, "seq_len": args.seq_len,
               "micro_batch_size": args.micro_batch_size, "accum": args.accum, "summary": summary, "times": times}
     if dims.rank == 0:
-        out = Path(args.out) / f"adaptive_overhead_{result['device'].replace(' ', '_')}_{datetime.date.today()}.json"
+        out = Path(args.out) / f"adaptive_overhead_{result['gpu'].replace(' ', '_')}_{datetime.date.today()}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(json.dumps(summary, indent=2))

@@ -32,14 +32,15 @@ import argparse
 import datetime
 import json
 import math
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: provenance
+from provenance import provenance  # noqa: E402
 
 from batchpilot.data.prepare import load_meta
 from batchpilot.model.hf import config_to_hf
@@ -72,8 +73,11 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: the whole split)")
     p.add_argument("--measure-fixed", action="store_true", help="log B_simple in the fixed runs too (2x launches)")
     p.add_argument("--parallel", type=int, default=4, help="runs at a time on the GPU")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU run of the whole pipeline (overrides tokens, seq len, batches and eval size)")
     args = p.parse_args()
+    if args.smoke:  # a few minutes on 2 CPU cores: checks the pipeline, measures nothing
+        args.tokens, args.seq_len, args.small_batch_tokens, args.micro_batch_size, args.eval_tokens = 6e4, 64, 128, 16, 4096
     meta = load_meta(args.data)
     train_tokens = meta["tokens"]["train"]
     budget = int(args.tokens)
@@ -197,12 +201,7 @@ def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat() + ("_smoke" if args.smoke else "")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"benchmark": "adaptive_batch", "gpu": gpu,
-              "torch": torch.__version__, "commit": commit or None,
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "command": " ".join(map(shlex.quote, sys.argv)), "setup": setup, "summary": summary, "rows": rows}
+    result = {"benchmark": "adaptive_batch", **provenance(), "setup": setup, "summary": summary, "rows": rows}
     (out / f"adaptive_{stamp}.json").write_text(json.dumps(result, indent=2))
     plot(rows, out, stamp)
     print(json.dumps(summary, indent=2))

@@ -29,8 +29,10 @@ def test_job_end_to_end_bad_line_chat_and_resume(model_dir, tmp_path):
         _line("f", {"prompt": "the earth", "max_tokens": 6, "temperature": 1.0}),
     ])
     out = tmp_path / "out.jsonl"
+    # fp32 also on a GPU machine: a resumed job batches the redone requests differently, and in bf16 different
+    # batch shapes round differently, so greedy picks can flip where logits nearly tie
     argv = ["generate", "--model", str(model_dir), "--input", str(job), "--output", str(out), "--no-progress",
-            "--ignore-eos"]
+            "--ignore-eos", "--dtype", "float32"]
     assert main(argv) == 0
     recs = {r["custom_id"]: r for r in _records(out)}
     assert set(recs) == {"a", "line-2", "c", "d", "e", "f"}

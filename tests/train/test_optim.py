@@ -4,6 +4,7 @@ import socket
 
 import pytest
 import torch
+from test_parallel import exit_now
 from torch import nn
 
 from batchpilot.train.optim import (AGVM, Lamb, Lars, OptimConfig, agvm_factors, build_optimizer, full_norm,
@@ -208,6 +209,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "fsdp.pt"))
     dist.destroy_process_group()
+    exit_now()
 
 
 def test_fsdp2_matches_single_process(tmp_path):
