@@ -202,7 +202,7 @@ def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat() + ("_smoke" if args.smoke else "")
     result = {"benchmark": "adaptive_batch", **provenance(), "setup": setup, "summary": summary, "rows": rows}
-    (out / f"adaptive_{stamp}.json").write_text(json.dumps(result, indent=2))
+    (out / f"adaptive_{stamp}.json").write_text(json.dumps(result, separators=(",", ":")))  # long curves: compact
     plot(rows, out, stamp)
     print(json.dumps(summary, indent=2))
     for r in rows:
