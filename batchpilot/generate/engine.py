@@ -131,24 +131,12 @@ class Engine:
         done, new_tokens = [], 0
         for chunk, tokens in zip([c for c in plan.chunks if c.sample], outputs, strict=True):
             r = chunk.request
-            if len(tokens) > 1 and self._only_length_ends(r, tokens):  # the common bulk case, without a loop
-                tokens = tokens[:r.params.max_tokens - len(r.output_ids)]
-                r.output_ids += tokens
-                r.num_computed += len(tokens) - 1
-                new_tokens += len(tokens)
-                if len(r.output_ids) >= r.params.max_tokens:
-                    scheduler.finish(r, self._finish_reason(r))
-                    done.append(Completion.of(r))
-                continue
-            for k, token in enumerate(tokens):
-                r.num_computed += k > 0  # step k computed the KV of the token step k-1 produced
-                r.output_ids.append(token)
-                new_tokens += 1
-                reason = self._finish_reason(r)
-                if reason is not None:  # later tokens of a multi-step run are dropped
-                    scheduler.finish(r, reason)
-                    done.append(Completion.of(r))
-                    break
+            kept, reason = self._accept(r, tokens)
+            r.num_computed += kept - 1  # step k of a multi-step run computed the KV of step k-1's token
+            new_tokens += kept
+            if reason is not None:
+                scheduler.finish(r, reason)
+                done.append(Completion.of(r))
         self._record(plan, time.perf_counter() - start, new_tokens, max(map(len, outputs), default=1))
         return done
 
@@ -193,9 +181,17 @@ class Engine:
             raise ValueError(f"request {r.index}: {need} tokens do not fit the KV cache "
                              f"({self.pool.capacity_tokens} tokens)")
 
-    def _only_length_ends(self, r: Request, tokens: list[int]) -> bool:
-        """True if nothing but max_tokens can end r within ``tokens`` (no stop strings, no EOS among them)."""
-        return not r.params.stop and (r.params.ignore_eos or self.eos_ids.isdisjoint(tokens))
+    def _accept(self, r: Request, tokens: list[int]) -> tuple[int, str | None]:
+        """Append r's new tokens up to its end (later ones of a multi-step run are dropped): (kept, finish reason)."""
+        tokens = tokens[:r.params.max_tokens - len(r.output_ids)]
+        if not r.params.stop and (r.params.ignore_eos or self.eos_ids.isdisjoint(tokens)):  # only length can end it
+            r.output_ids += tokens
+            return len(tokens), self._finish_reason(r)
+        for k, token in enumerate(tokens, start=1):
+            r.output_ids.append(token)
+            if (reason := self._finish_reason(r)) is not None:
+                return k, reason
+        return len(tokens), None
 
     def _finish_reason(self, r: Request) -> str | None:
         p, last = r.params, r.output_ids[-1]
