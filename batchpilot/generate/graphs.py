@@ -79,14 +79,13 @@ class DecodeGraphs:
                 self.graphs[key] = self._build(rows, groups)
             g = self.graphs[key]
             arrays = self._arrays(dec, rows, groups)
-            prefix_blocks = arrays.pop("prefix_blocks")
             for name, array in arrays.items():
                 g.inputs[name].copy_(torch.from_numpy(array))
             steps = 1 if fresh else steps
             history = torch.empty(steps, rows, dtype=torch.long, device=self.runner.device)
             for k in range(steps):
                 if k:
-                    self._advance(g, prefix_blocks)
+                    self._advance(g)
                 g.replay()
                 history[k].copy_(g.out["tokens"])
             tokens = history[:, :len(dec)].T.tolist()  # the one host sync
@@ -113,14 +112,16 @@ class DecodeGraphs:
             self._switch_off(f"{len(ref)}-row graph differs from the eager step on {bad} tokens that are not "
                              f"near ties ({agree:.1%} agree)")
 
-    def _advance(self, g: _Graph, prefix_blocks: int) -> None:
-        """Inputs of the next decode step from this one's, on the device (rows past their blocks hit the trash)."""
+    def _advance(self, g: _Graph) -> None:
+        """Inputs of the next decode step from this one's, on the device (rows past their blocks hit the trash).
+
+        Tables hold own blocks only: graphs take no rows with their group prefix inline (``usable``)."""
         bs, i = self.runner.block_size, g.inputs
         i["ids"].copy_(g.out["tokens"])
         i["pos"].add_(1)
         i["own_lens"].add_(1)
         j = i["own_lens"] - 1  # own index of the new token
-        block = i["tables"].gather(1, (prefix_blocks + j // bs).clamp_max(self.width - 1)[:, None])[:, 0]
+        block = i["tables"].gather(1, (j // bs).clamp_max(self.width - 1)[:, None])[:, 0]
         i["slots"].copy_(block * bs + j % bs)
 
     def _switch_off(self, reason: str) -> None:
@@ -135,6 +136,7 @@ class DecodeGraphs:
         a["ids"] = np.asarray(ids + [0] * pad, dtype=np.int64)
         a["pos"] = np.asarray(pos + [0] * pad, dtype=np.int64)
         a["slots"] = np.asarray(slots + [r.trash_block * r.block_size] * pad, dtype=np.int64)
+        del a["prefix_blocks"]  # 0: no inline prefixes in graphs (usable), as the captured DecodeMeta assumes
         return a
 
     def _build(self, rows: int, groups: int) -> _Graph:
