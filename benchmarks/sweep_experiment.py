@@ -38,6 +38,7 @@ import torch
 from provenance import provenance
 
 from batchpilot.cli import main as cli_main
+from batchpilot.metrics import write_json_atomic
 from batchpilot.plan.laws import STEP_LAW, Law, load_law, non_vocab_params
 from batchpilot.plan.sweep import GridSpec, RunSpec, model_config, prepare_data, run_one, sweep
 
@@ -117,9 +118,7 @@ def add_gpu_seconds(work: Path, seconds: float) -> float:
     sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []
     earlier = sum(s["gpu_seconds"] for s in sessions)
     sessions.append({"gpu_seconds": seconds, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sessions": sessions}, indent=1))
-    tmp.replace(path)
+    write_json_atomic(path, {"sessions": sessions})
     return earlier
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: pro
 from provenance import provenance  # noqa: E402
 
 from batchpilot.data.prepare import load_meta
+from batchpilot.metrics import read_metrics
 from batchpilot.model.hf import config_to_hf
 from batchpilot.model.llama import LlamaConfig
 from batchpilot.plan import laws
@@ -152,7 +153,7 @@ def launch_all(runs: dict[str, list], parallel: int) -> None:
 
 
 def summarise(name: str, run_dir: Path) -> dict:
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     evals = [(m["step"], m["tokens"], m["val_loss"]) for m in metrics if "val_loss" in m]
     return {"name": name, "initial_batch_tokens": metrics[0]["global_batch_tokens"],
             "peak_lr": max(m["lr"] for m in metrics), "steps": metrics[-1]["step"], "tokens": metrics[-1]["tokens"],
@@ -184,15 +185,15 @@ def compare(rows: list[dict]) -> dict:
     fixed = [r for r in rows if r["name"] != "adaptive"]
     best = min(fixed, key=lambda r: r["final_val_loss"])
     gap = (adaptive["final_val_loss"] - best["final_val_loss"]) / best["final_val_loss"]
-    reaching = [(r, steps_to_reach(r, adaptive["final_val_loss"])) for r in fixed]
-    reaching = [(r, s) for r, s in reaching if s is not None]
+    to_reach = {r["name"]: steps_to_reach(r, adaptive["final_val_loss"]) for r in fixed}
+    reaching = [(r, to_reach[r["name"]]) for r in fixed if to_reach[r["name"]] is not None]
     smallest = min(reaching, key=lambda rs: rs[0]["initial_batch_tokens"]) if reaching else None
     reduction = 1 - adaptive["steps"] / smallest[1] if smallest else None
     return {"final_loss_gap": gap, "best_fixed": best["name"], "best_fixed_val_loss": best["final_val_loss"],
             "adaptive_val_loss": adaptive["final_val_loss"], "adaptive_steps": adaptive["steps"],
             "smallest_fixed_reaching_adaptive_loss": smallest[0]["name"] if smallest else None,
             "its_steps_to_that_loss": smallest[1] if smallest else None, "step_reduction": reduction,
-            "steps_to_adaptive_loss": {r["name"]: steps_to_reach(r, adaptive["final_val_loss"]) for r in fixed},
+            "steps_to_adaptive_loss": to_reach,
             "targets": {"final_loss_gap_max": 0.005, "step_reduction_min": 0.30},
             "met": bool(reduction is not None and reduction >= 0.30 and gap <= 0.005)}
 
