@@ -130,6 +130,7 @@ def main() -> None:
     p.add_argument("--no-cascade", action="store_true", help="disable shared-prefix decode attention")
     p.add_argument("--no-triton", action="store_true", help="torch paged attention instead of the Triton kernel")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-compile", action="store_true", help="capture the eager decode forward")
     p.add_argument("--decode-steps", type=int, default=EngineConfig().decode_steps,
                    help="graph decode steps per host round trip")
     p.add_argument("--out", default="benchmarks/results")
@@ -143,7 +144,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = batchpilot.load_model(args.model or ("tiny" if args.smoke else "llama-1b"), device=device, dtype=dtype)
     base = dict(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, cascade=not args.no_cascade,
-                triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps)
+                triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
+                decode_steps=args.decode_steps)
     rows = []
     for name, (prompts, new) in workloads(args, model.config.vocab_size).items():
         if name not in args.workloads.split(","):
@@ -153,6 +155,8 @@ def main() -> None:
             modes["no_sharing"] = EngineConfig(**base, prefix_sharing=False)
         if name == "c" and args.decode_steps > 1:  # ablation: one host round trip per decode step
             modes["one_step_per_round_trip"] = EngineConfig(**{**base, "decode_steps": 1})
+        if name == "c" and not args.no_compile and not args.no_cuda_graphs:  # ablation: unfused decode graphs
+            modes["no_compile"] = EngineConfig(**{**base, "compile": False})
         for mode, cfg in modes.items():
             row = _guarded(run_engine, model, prompts, new, cfg)
             rows.append({"workload": name, "system": "batchpilot", "mode": mode, **row})

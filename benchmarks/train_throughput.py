@@ -227,6 +227,7 @@ def largest_micro_batch(system: str, config: LlamaConfig, dims: parallel.Paralle
             release_memory_after_oom(runner.model, runner.optimizer, dims)
         peak = torch.cuda.max_memory_allocated(dims.device) / 2**30 if dims.device.type == "cuda" else None
         probes.append(dict(micro_batch=mb, fits=ok, peak_gib=peak and round(peak, 2)))
+        print("PROBE " + json.dumps(probes[-1]), flush=True)  # the parent keeps these if the search times out
         return ok
 
     lo, hi, mb = 0, None, args.fit_start
@@ -262,8 +263,15 @@ def run_child(spec: dict, argv: list[str], timeout: float) -> list[dict]:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return [dict(system=spec["system"], error=f"timed out after {timeout} s")]
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        probes = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("PROBE ")]
+        row = dict(system=spec["system"], error=f"timed out after {timeout} s")
+        if probes:  # a partial search still bounds the largest micro-batch from below
+            row |= dict(probes=probes, largest_fitting_so_far=max((p["micro_batch"] for p in probes if p["fits"]),
+                                                                  default=0))
+        print(json.dumps(row), flush=True)
+        return [row]
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not rows:
         rows.append(dict(system=spec["system"], error=f"exit {proc.returncode}: {proc.stderr[-1500:]}"))

@@ -38,6 +38,7 @@ class EngineConfig:
     cascade: bool = True  # read a group's prefix KV once per decode step (needs prefix_sharing)
     triton: bool = True  # Triton paged-attention kernel on CUDA (checked against the torch path first)
     cuda_graphs: bool = True  # capture greedy decode-only steps per batch-size bucket (CUDA + Triton only)
+    compile: bool = True  # torch.compile the captured decode forward (fuses its elementwise work; CUDA graphs only)
     decode_steps: int = 8  # graph decode steps per host round trip once nothing waits (1 = one per step)
     output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
     seed: int = 0  # seeds requests that have none (request seed = f(seed, index))
@@ -78,7 +79,8 @@ class Engine:
         trash = self.pool.allocate(1)[0]  # never freed: padding rows of CUDA-graph batches write here
         self.runner = Runner(model, num_blocks=num_blocks, block_size=cfg.block_size,
                              cascade=cfg.cascade and cfg.prefix_sharing, use_triton=cfg.triton,
-                             cuda_graphs=cfg.cuda_graphs, max_num_seqs=cfg.max_num_seqs, trash_block=trash)
+                             cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, max_num_seqs=cfg.max_num_seqs,
+                             trash_block=trash)
         self.eos_ids = {i for i in (getattr(tokenizer, "eos_id", None), model.config.eos_token_id) if i is not None}
         self.stats = EngineStats()
 

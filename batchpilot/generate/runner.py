@@ -64,6 +64,7 @@ class StepAttention:
                  prefill: PrefillMeta | None) -> None:
         self.runner, self.slot_mapping, self.decode, self.prefill = runner, slot_mapping, decode, prefill
 
+    @torch.compiler.disable  # a compiled decode graph fuses around this; the Triton launch and its check are Python
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
         kc, vc = self.runner.k_cache[layer_idx], self.runner.v_cache[layer_idx]  # (K, S, E)
         kc[:, self.slot_mapping] = k[0]  # (K, N, E)
@@ -116,7 +117,7 @@ class StepAttention:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cascade: bool = True,
-                 use_triton: bool = True, cuda_graphs: bool = True, max_num_seqs: int = 1024,
+                 use_triton: bool = True, cuda_graphs: bool = True, compile: bool = True, max_num_seqs: int = 1024,
                  trash_block: int = 0) -> None:
         cfg = model.config
         self.model, self.block_size, self.cascade = model, block_size, cascade
@@ -128,7 +129,8 @@ class Runner:
         self.use_triton = use_triton and triton is not None and p.device.type == "cuda"
         self.triton_verified = False
         self.trash_block = trash_block  # padding rows of a decode batch write their K/V here
-        self.graphs = DecodeGraphs(self, max_rows=max_num_seqs) if cuda_graphs and self.use_triton else None
+        self.graphs = (DecodeGraphs(self, max_rows=max_num_seqs, compile=compile)
+                       if cuda_graphs and self.use_triton else None)
 
     def begin_job(self, max_tokens: int) -> None:
         """Size static decode buffers for a job whose longest request holds ``max_tokens`` tokens."""

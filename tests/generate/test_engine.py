@@ -152,6 +152,20 @@ def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade, decod
     assert engine.pool.num_free == engine.pool.num_blocks - 1  # every block back but the trash block
 
 
+def test_compiled_decode_graphs_match_eager(hf_pair, hf_reference):
+    """torch.compile'd decode forward (fused around the opaque paged attention), several buckets: HF's tokens."""
+    from batchpilot.generate.graphs import DecodeGraphs
+
+    _, model, _ = hf_pair
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=4))
+    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False,
+                                                 compile=True)
+    lengths = (N, N, 3, 5, N, 2)  # requests end at different steps: batches of 6, 4, 3 rows (buckets 8, 4)
+    results = engine.generate(_prompts(), [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [r.output_ids for r in results] == [ref[:n] for ref, n in zip(hf_reference, lengths)]
+    assert graphs.enabled and len({rows for rows, _ in graphs.graphs}) >= 2
+
+
 def test_multi_step_decode_stops_at_eos_and_max_tokens(llama_pair):
     """Tokens past a request's end (EOS mid-run, short max_tokens) are dropped: same outputs as one step at a time."""
     from batchpilot.generate.graphs import DecodeGraphs
