@@ -28,6 +28,7 @@ from provenance import provenance
 
 import batchpilot
 from batchpilot.generate.engine import Engine, EngineConfig
+from batchpilot.generate.graphs import greedy_tokens
 from batchpilot.generate.roofline import measure_copy_bandwidth, roofline_share
 from batchpilot.generate.request import SamplingParams
 
@@ -61,6 +62,8 @@ def run_engine(model: torch.nn.Module, prompts: list[list[int]], new: int, cfg: 
            "triton": engine.runner.use_triton,
            "cuda_graphs": bool(engine.runner.graphs and engine.runner.graphs.enabled),
            "cuda_graphs_off_reason": engine.runner.graphs and engine.runner.graphs.off_reason,
+           "compiled_graphs": bool(engine.runner.graphs and engine.runner.graphs.tokens is not greedy_tokens),
+           "compile_off_reason": engine.runner.graphs and engine.runner.graphs.compile_off_reason,
            **engine.stats.to_dict()}
     row["roofline"] = roofline_share(model, engine.stats, lengths, seconds, bandwidth=_bandwidth(engine.runner.device))
     row["roofline_datasheet"] = roofline_share(model, engine.stats, lengths, seconds)

@@ -204,11 +204,14 @@ def time_case(system: str, config: LlamaConfig, dims: parallel.ParallelDims, cas
 
 
 def largest_micro_batch(system: str, config: LlamaConfig, dims: parallel.ParallelDims, args) -> dict:
-    """Largest micro-batch at seq ``args.fit_seq`` with full checkpointing, eager (no compile: no recompiles
-    per size): double until an OOM, then bisect. One step (forward, backward, optimizer) per probe."""
+    """Largest micro-batch at seq ``args.fit_seq`` with full checkpointing: double until an OOM, then bisect.
+    One step (forward, backward, optimizer) per probe. Each system runs as it trains: batchpilot's blocks
+    compiled (the second size recompiles once with a dynamic batch; the fused graphs also save fewer
+    activations for the recompute), HF + Liger eager (compiling it is slower, anchors.md)."""
     seq, cap = (128, 16) if args.smoke else (args.fit_seq, args.fit_max)
+    compile = system.startswith("batchpilot") and not args.smoke
     if system.startswith("batchpilot"):
-        runner = BatchpilotRunner(config, dims, ac="full", compile=False, bf16_params=system == "batchpilot_bf16")
+        runner = BatchpilotRunner(config, dims, ac="full", compile=compile, bf16_params=system == "batchpilot_bf16")
     else:
         runner = HFRunner(config, dims.device, ac="full", compile=False, liger=system == "liger")
     loader = RandomRows(config.vocab_size, seq)
@@ -239,7 +242,7 @@ def largest_micro_batch(system: str, config: LlamaConfig, dims: parallel.Paralle
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     runner.close()
     fit_peak = max((p["peak_gib"] or 0 for p in probes if p["fits"] and p["micro_batch"] == lo), default=None)
-    return dict(system=system, seq=seq, ac="full", compile=False, largest_micro_batch=lo,
+    return dict(system=system, seq=seq, ac="full", compile=compile, largest_micro_batch=lo,
                 first_oom=hi, capped=hi is None, probes=probes, peak_gib_at_largest=fit_peak)
 
 

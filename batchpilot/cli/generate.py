@@ -37,9 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--no-compile", action="store_true",
                    help="capture the eager decode forward (no torch.compile fusion; no compile time)")
-    p.add_argument("--decode-steps", type=int, default=8,
-                   help="greedy graph decode steps per host round trip once the queue is empty; more amortizes "
-                        "host work, but tokens after an EOS inside the run are computed and dropped")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="greedy graph decode steps per host round trip once the queue is empty (default 32); more "
+                        "amortizes host work, but tokens after an EOS inside the run are computed and dropped")
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
                           prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
                           triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs,
-                          compile=not args.no_compile, decode_steps=args.decode_steps, seed=args.seed)
+                          compile=not args.no_compile, seed=args.seed,
+                          **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}))
     defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)

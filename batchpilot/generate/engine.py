@@ -39,7 +39,9 @@ class EngineConfig:
     triton: bool = True  # Triton paged-attention kernel on CUDA (checked against the torch path first)
     cuda_graphs: bool = True  # capture greedy decode-only steps per batch-size bucket (CUDA + Triton only)
     compile: bool = True  # torch.compile the captured decode forward (fuses its elementwise work; CUDA graphs only)
-    decode_steps: int = 8  # graph decode steps per host round trip once nothing waits (1 = one per step)
+    # graph decode steps per host round trip (1 = one per step). Multi-step runs only once nothing waits, so a
+    # larger n costs only the rows that ended (EOS) inside a run; 32 vs 8: 55% vs 45% of the decode roofline
+    decode_steps: int = 32
     output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
     seed: int = 0  # seeds requests that have none (request seed = f(seed, index))
 

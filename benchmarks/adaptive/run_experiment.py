@@ -10,10 +10,10 @@ fixed batches and, step by step, for the adaptive ones.
 
 The variants: ``planned:1`` (reported first) plans, then adapts: it starts at the law's batch and grows toward
 B_simple itself, the critical batch of McCandlish et al. (2018), where steps and tokens trade off evenly.
-``small:0.25`` starts well below the law and keeps B / B_simple at about the ratio the small batch has early in
+``small:0.25`` starts well below the law and keeps B / B_simple at about the ratio a small batch had early in
 training (1024 tokens against the ~4k measured then, adaptive_2026-11-28*.json), so its statistical efficiency
 1 / (1 + B / B_noise) never drops below where it started. ``planned:0.25`` is the same slow growth from the
-law's batch. The 2026-11-28 runs started at 16k tokens, above both the Step Law optimum (6.7k for 13M tokens)
+law's batch, and ``small:1`` the fast growth from the small one. The 2026-11-28 runs started at 16k tokens, above both the Step Law optimum (6.7k for 13M tokens)
 and the measured B_simple (4-5k over the first 2.5M tokens), where any growth costs loss, and anchored the LR at
 that small batch; this setup replaces them.
 
@@ -34,6 +34,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,32 +52,37 @@ from batchpilot.model.llama import LlamaConfig
 from batchpilot.plan import laws
 
 
-def model_config(vocab_size: int, smoke: bool) -> LlamaConfig:
-    if smoke:
+def model_config(vocab_size: int, args: argparse.Namespace) -> LlamaConfig:
+    if args.smoke:
         return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                            num_kv_heads=2, tie_word_embeddings=True)
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4,
-                       num_kv_heads=4, tie_word_embeddings=True, max_position_embeddings=1024)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=args.width, intermediate_size=3 * args.width,
+                       num_layers=args.depth, num_heads=args.width // 64 or 1, num_kv_heads=args.width // 64 or 1,
+                       tie_word_embeddings=True, max_position_embeddings=1024)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True, help="prepared corpus (batchpilot prepare)")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--tokens", type=float, default=3e6,
-                   help="token budget; 3M keeps the small-batch run near 3k steps (7 GPU minutes in all)")
+    p.add_argument("--tokens", type=float, default=13e6,
+                   help="token budget: the default is one pass over nearly all of the embedded corpus's train split")
+    p.add_argument("--width", type=int, default=128, help="hidden size (intermediate 3x, heads of 64)")
+    p.add_argument("--depth", type=int, default=3,
+                   help="layers; 128 x 3 is 0.64M non-vocabulary parameters, 20 tokens each at 13M tokens")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--small-batch-tokens", type=int, default=1024)
+    p.add_argument("--small-batch-tokens", type=int, default=2048)
     p.add_argument("--planned-batch-tokens", type=int, default=None, help="default: Step Law B_opt(tokens)")
     p.add_argument("--large-multiple", type=int, default=4, help="large fixed batch = this x planned")
     p.add_argument("--micro-batch-size", type=int, default=64, help="rows per micro-batch, the same in all runs")
     p.add_argument("--lr-coupling", default="sqrt", help="adaptive run's LR coupling: sqrt | linear | none")
-    p.add_argument("--adaptive", default="planned:1,small:0.25,planned:0.25",
+    p.add_argument("--adaptive", default="planned:1,small:0.25,planned:0.25,small:1",
                    help="adaptive runs, START:MULTIPLIER,...: start at the small or planned batch, grow toward "
                         "MULTIPLIER x B_simple (lower bound). The first is the one the summary reports")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: the whole split)")
     p.add_argument("--measure-fixed", action="store_true", help="log B_simple in the fixed runs too (2x launches)")
-    p.add_argument("--parallel", type=int, default=4, help="runs at a time on the GPU")
+    p.add_argument("--parallel", type=int, default=4, help="runs at a time")
+    p.add_argument("--gpus", default=None, help="GPU ids to spread the runs over, e.g. 0,1,2 (round robin)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny CPU run of the whole pipeline (overrides tokens, seq len, batches and eval size)")
     args = p.parse_args()
@@ -87,7 +93,7 @@ def main() -> None:
     budget = int(args.tokens)
     if budget > train_tokens:
         raise SystemExit(f"budget {budget} exceeds the train split ({train_tokens} tokens): tokens would repeat")
-    cfg = model_config(meta["vocab_size"], args.smoke)
+    cfg = model_config(meta["vocab_size"], args)
     n = laws.non_vocab_params(cfg)
     seq = args.seq_len
     small = args.small_batch_tokens
@@ -114,7 +120,7 @@ def main() -> None:
         runs[name] = run_args(args, work, budget, start, lr(start), "adaptive", val_rows, max_batch=large,
                               multiplier=multiplier)
     started = time.time()
-    launch_all(runs, args.parallel)
+    launch_all(runs, args.parallel, args.gpus.split(",") if args.gpus else [])
     gpu_minutes = (time.time() - started) / 60
     rows = [summarise(name, work / name) for name in runs]
     summary = compare(rows, [name for name, _, _ in variants])
@@ -153,14 +159,17 @@ def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, 
     return cmd
 
 
-def launch_all(runs: dict[str, list], parallel: int) -> None:
+def launch_all(runs: dict[str, list], parallel: int, gpus: list[str]) -> None:
     pending, active = list(runs.items()), []
     while pending or active:
         while pending and len(active) < parallel:
             name, cmd = pending.pop(0)
             out_dir = Path(cmd[cmd.index("--model") + 1]).parent / name
             log = open(out_dir.parent / f"{name}.log", "w")
-            active.append((name, subprocess.Popen(cmd + ["--out", str(out_dir)], stdout=log, stderr=subprocess.STDOUT)))
+            launched = len(runs) - len(pending) - 1
+            env = os.environ | ({"CUDA_VISIBLE_DEVICES": gpus[launched % len(gpus)]} if gpus else {})
+            active.append((name, subprocess.Popen(cmd + ["--out", str(out_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env)))
         for item in list(active):
             if item[1].poll() is not None:
                 active.remove(item)

@@ -166,6 +166,21 @@ def test_compiled_decode_graphs_match_eager(hf_pair, hf_reference):
     assert graphs.enabled and len({rows for rows, _ in graphs.graphs}) >= 2
 
 
+def test_mismatching_compiled_graphs_fall_back_to_eager_graphs(hf_pair, hf_reference):
+    """A compiled forward that fails the self-check is replaced by the eager one; graphs stay on, outputs exact."""
+    from batchpilot.generate.graphs import DecodeGraphs, greedy_tokens
+
+    _, model, _ = hf_pair
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=4))
+    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False)
+    graphs.tokens = lambda *args: (greedy_tokens(*args) + 1) % model.config.vocab_size  # a miscompiled forward
+    results = engine.generate(_prompts(), SamplingParams(max_tokens=N, ignore_eos=True))
+    assert [r.output_ids for r in results] == hf_reference
+    assert graphs.enabled and graphs.graphs and graphs.tokens is greedy_tokens
+    assert "not near ties" in graphs.compile_off_reason
+    assert engine.stats.steps > engine.stats.round_trips  # multi-step graph decode ran after the fallback
+
+
 def test_multi_step_decode_stops_at_eos_and_max_tokens(llama_pair):
     """Tokens past a request's end (EOS mid-run, short max_tokens) are dropped: same outputs as one step at a time."""
     from batchpilot.generate.graphs import DecodeGraphs
