@@ -81,6 +81,7 @@ def main() -> None:
                         "MULTIPLIER x B_simple (lower bound). The first is the one the summary reports")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: the whole split)")
     p.add_argument("--measure-fixed", action="store_true", help="log B_simple in the fixed runs too (2x launches)")
+    p.add_argument("--seed", type=int, default=0, help="model init and data order of every run")
     p.add_argument("--parallel", type=int, default=4, help="runs at a time")
     p.add_argument("--gpus", default=None, help="GPU ids to spread the runs over, e.g. 0,1,2 (round robin)")
     p.add_argument("--smoke", action="store_true",
@@ -128,7 +129,7 @@ def main() -> None:
         non_vocab_params=n, tokens=budget, train_split_tokens=train_tokens, seq_len=seq,
         step_law_batch_tokens=law_batch, step_law_lr=plan_lr, lr_rule="step_law_lr * sqrt(B / planned)",
         small_batch_tokens=small, planned_batch_tokens=planned, large_batch_tokens=large,
-        eval_tokens=val_rows * seq, adaptive_variants=args.adaptive, gpu_minutes=gpu_minutes, model=config_to_hf(cfg)))
+        eval_tokens=val_rows * seq, adaptive_variants=args.adaptive, seed=args.seed, gpu_minutes=gpu_minutes, model=config_to_hf(cfg)))
 
 
 def adaptive_variant(spec: str, starts: dict[str, int]) -> tuple[str, int, float]:
@@ -150,7 +151,7 @@ def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, 
            # the same micro-batch everywhere and enough batches for the whole split: every run sees the same rows
            "--eval-every", str(max(1, steps // 20)), "--eval-batches", str(math.ceil(val_rows / micro)),
            "--save-every", "1000000", "--adaptive-min-interval-steps", "20", "--adaptive-warmup-steps", "20",
-           "--no-progress"]
+           "--seed", str(args.seed), "--no-progress"]
     if max_batch:
         cmd += ["--max-global-batch-tokens", str(max_batch), "--lr-coupling", args.lr_coupling,
                 "--adaptive-target-multiplier", str(multiplier)]
@@ -239,7 +240,7 @@ def compare(rows: list[dict], adaptive_names: list[str]) -> dict:
 def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.date.today().isoformat() + ("_smoke" if args.smoke else "")
+    stamp = datetime.date.today().isoformat() + (f"_seed{args.seed}" if args.seed else "") + ("_smoke" if args.smoke else "")
     result = {"benchmark": "adaptive_batch", **provenance(), "setup": setup, "summary": summary, "rows": rows}
     (out / f"adaptive_{stamp}.json").write_text(json.dumps(result, separators=(",", ":")))  # long curves: compact
     plot(rows, out, stamp)
