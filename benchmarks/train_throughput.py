@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -320,7 +321,7 @@ def environment() -> dict:
             versions[name] = __import__(name).__version__
         except Exception as e:  # noqa: BLE001  (missing or broken: recorded)
             versions[name] = f"unavailable ({type(e).__name__})"
-    return {**provenance(), **versions}
+    return {**provenance(), **versions, "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
 
 def write_result(result: dict, out_dir: str | None, name: str) -> Path:
@@ -433,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main() -> None:
     args, passthrough = parse_args()
+    # every system's process (children inherit it) gets the allocator setting `batchpilot train` uses
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.run_one is not None:

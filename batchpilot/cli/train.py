@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -91,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(out_dir=args.out_dir, model=args.model or "tiny", **overrides)
     if not sys.stdout.isatty():
         cfg.progress = False  # no live bar in logs and CI: the trainer prints a line every 10% instead
+    # Before the first CUDA allocation: segments that grow in place instead of one cudaMalloc per size, so
+    # the varying sizes of micro-batch fitting and packed rows do not fragment the cache (torchtitan does the
+    # same). A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from batchpilot.train.trainer import TrainingDiverged, train
 
     try:
