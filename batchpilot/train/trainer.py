@@ -65,6 +65,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
     activation_checkpointing: str = "none"  # none | full | selective
+    # one device: FSDP2 mixed precision (bf16 compute copies over fp32 masters, what every rank runs under torchrun)
+    # instead of autocast over fp32 parameters; bf16 residual stream and saved activations (docs/scale.md)
+    fsdp_one_device: bool = False
     peak_tflops: float = 989.0  # per GPU, for MFU (H100/H200 dense bf16)
     batch_policy: str = "fixed"  # fixed | ramp | adaptive (train/adaptive.py)
     batch_ramp: str | None = None  # ramp policy: "TOKENS:BATCH,..." e.g. "1e6:16384,4e6:32768"

@@ -1,6 +1,8 @@
 """Trainer equivalences: accumulation == one big batch, resume == uninterrupted, packing isolation, NaN stop."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,6 +65,28 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, tiny_data):
     losses_full = [r["loss"] for r in _metrics(full.run_dir)]
     losses_resumed = [r["loss"] for r in _metrics(resumed.run_dir)]
     assert losses_resumed == losses_full  # bit-identical on CPU
+
+
+def test_one_device_fsdp_matches_plain_training_and_resumes(tmp_path, tiny_data):
+    """``--fsdp-one-device`` (FSDP2 on an in-process one-rank group; fp32 on CPU) gives plain training's losses,
+    and a stopped and resumed run continues them (DCP checkpoint). CLI subprocesses: the group is per process."""
+    plain = train(_cfg(tmp_path / "a", tiny_data))
+    flags = ["--model", _model_dir(tmp_path), "--data", str(tiny_data), "--seq-len", "32", "--global-batch-tokens",
+             "256", "--micro-batch-size", "4", "--max-steps", "6", "--lr", "1e-2", "--min-lr", "1e-3",
+             "--eval-every", "3", "--eval-batches", "2", "--save-every", "3", "--device", "cpu", "--fsdp-one-device",
+             "--no-progress"]
+
+    def cli(out, *extra):
+        subprocess.run([sys.executable, "-m", "batchpilot", "train", *flags, "--out", str(out), *extra], check=True,
+                       capture_output=True, text=True, timeout=300)
+
+    cli(tmp_path / "full")
+    cli(tmp_path / "resumed", "--stop-at-step", "3")
+    cli(tmp_path / "resumed", "--resume")
+    want = [r["loss"] for r in _metrics(plain.run_dir)]
+    for run in ("full", "resumed"):
+        got = [r["loss"] for r in _metrics(tmp_path / run)]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), run
 
 
 def _metrics(run_dir):
