@@ -82,13 +82,14 @@ def main() -> None:
     start = time.perf_counter()
     swept = sweep(grid, work, workers=workers, progress=sys.stdout.isatty())
     sweep_seconds = time.perf_counter() - start
-    earlier = add_gpu_seconds(work, sweep_seconds * gpus)  # an interrupted sweep's earlier sessions count too
+    sessions = add_gpu_seconds(work, sweep_seconds * gpus)  # an interrupted sweep's earlier sessions count too
+    earlier = sum(s["gpu_seconds"] for s in sessions[:-1])
     shutil.copy(swept.csv_path, results / "runs.csv")
     law_path = results / "law.json"
     fit_rc = cli_main(["fit", str(swept.csv_path), "--out", str(law_path), "--bootstrap", str(args.bootstrap),
                        "--plots", str(results), "--name", stem, "--col-loss", "val_loss"])
-    report = {"benchmark": "sweep_experiment", "gpu_seconds_by_session": json.loads(
-                  (work / "gpu_seconds.json").read_text())["sessions"], "grid": {**(SMOKE_GRID if args.smoke else FULL_GRID), "data": args.data},
+    report = {"benchmark": "sweep_experiment", "gpu_seconds_by_session": sessions,
+              "grid": {**(SMOKE_GRID if args.smoke else FULL_GRID), "data": args.data},
               "workers": workers, "sweep": {"runs": swept.finished, "failed": swept.failed,
                                             "minutes": sweep_seconds / 60}}
     final_seconds = 0.0
@@ -112,14 +113,13 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def add_gpu_seconds(work: Path, seconds: float) -> float:
-    """Add this session's sweep GPU-seconds to WORK/gpu_seconds.json; return the earlier sessions' total."""
+def add_gpu_seconds(work: Path, seconds: float) -> list[dict]:
+    """Add this session's sweep GPU-seconds to WORK/gpu_seconds.json; return all sessions, this one last."""
     path = work / "gpu_seconds.json"
     sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []
-    earlier = sum(s["gpu_seconds"] for s in sessions)
     sessions.append({"gpu_seconds": seconds, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     write_json_atomic(path, {"sessions": sessions})
-    return earlier
+    return sessions
 
 
 def large_run(name: str, shape: dict, model: Path, tokens: int, lr: float, batch: float, seq_len: int) -> RunSpec:

@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
               f"{' on rank 0' if world_size > 1 else ''}, {summary['seconds']:.1f} s")
         share = roofline_share(model, engine.stats, summary["lengths"], summary["seconds"])
         if share:
-            decode = f", decode steps {share['decode_share']:.0%} of the bandwidth bound" if "decode_share" in share else ""
-            print(f"roofline: job {share['job_share']:.0%} of the bytes/FLOPs bound ({share['job_bound_s']:.2f} s){decode}")
+            decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"
+                      if "decode_share" in share else "")
+            print(f"roofline: job {share['job_share']:.0%} of the bytes/FLOPs bound "
+                  f"({share['job_bound_s']:.2f} s){decode}")
     return 0
 
 

@@ -229,7 +229,8 @@ class Engine:
             s.decode_seconds += seconds
             s.decode_batch_sum += len(plan.chunks) * steps
             kv = self._kv_tokens_read(plan)  # each further step reads one more token per row
-            s.decode_bytes += sum(roofline.decode_step_bytes(self.cost, kv + k * len(plan.chunks)) for k in range(steps))
+            s.decode_bytes += sum(roofline.decode_step_bytes(self.cost, kv + k * len(plan.chunks))
+                                  for k in range(steps))
 
     def _kv_tokens_read(self, plan: StepPlan) -> int:
         """KV tokens a decode step must read: own tokens, plus each group prefix once (cascade) or per member."""

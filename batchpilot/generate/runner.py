@@ -291,8 +291,7 @@ class Runner:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], seed: int) -> torch.Tensor:
         ps = [r.params for r in reqs]
-        any_random = any(p.temperature > 0 for p in ps)
-        if not any_random:  # all greedy: skip building the per-request parameter tensors
+        if all(p.temperature == 0 for p in ps):  # all greedy: skip building the per-request parameter tensors
             return logits.argmax(dim=-1)
         return sample(
             logits,
@@ -301,8 +300,8 @@ class Runner:
             top_p=self._tensor([p.top_p for p in ps], np.float32),
             seeds=self._tensor([seed * 1_000_003 + r.index if p.seed is None else p.seed for p, r in zip(ps, reqs)]),
             steps=self._tensor([len(r.output_ids) for r in reqs]),
-            any_random=any_random,
-            any_filter=any_random and any(p.top_k > 0 or p.top_p < 1 for p in ps),
+            any_random=True,
+            any_filter=any(p.top_k > 0 or p.top_p < 1 for p in ps),
         )
 
 

@@ -14,9 +14,10 @@ is biased; gpt-neox's ``gradient_noise_scale.py`` does the same with beta 0.99.
 
 Critical batch: B_crit ~ B_noise ~ B_simple = tr(Sigma) / |G|^2 (McCandlish, section 2.2); we report B_simple
 as the estimate. The batch follows a lower confidence bound of it (``confidence_z``), not the point estimate:
-below the noise scale the |G|^2 estimate is noisy and near zero, and the ratio then overshoots. Growth follows AdaptDL/AdAdaGrad: the batch only grows, at most ``max_growth``x per change,
-no more often than ``min_interval_steps``, and only when the gain clears ``min_relative_change`` (AdaptDL
-needed a 5 % threshold to stop batch flapping, petuum/adaptdl#27).
+below the noise scale the |G|^2 estimate is noisy and near zero, and the ratio then overshoots. Growth follows
+AdaptDL/AdAdaGrad: the batch only grows, at most ``max_growth``x per change, no more often than
+``min_interval_steps``, and only when the gain clears ``min_relative_change`` (AdaptDL needed a 5 % threshold
+to stop batch flapping, petuum/adaptdl#27).
 
 LR coupling at each change (laws.md section 5, Granziol et al. 2020): sqrt(B/B0) for Adam-family (adamw,
 lamb), B/B0 for SGD and LARS; returned as ``lr_scale`` relative to the initial batch.

@@ -1,10 +1,10 @@
 """Cost of measuring the gradient noise scale: the trainer's own step with and without the measurement.
 
 Runs `train_step` side by side on the same model and device, in pairs that see the same rows (step
-cost depends on how many documents a row packs), in ABBA order so that drift hits both modes, and reports the median step time of each and the
-overhead ratio (issue target: at most 3% of step time). The measurement is two full gradient
-norms per step (after the first micro-batch and after the last); under FSDP2 it also turns on the
-reduce-scatter of the first micro-batch.
+cost depends on how many documents a row packs), in ABBA order so that drift hits both modes, and reports
+the median step time of each and the overhead ratio (issue target: at most 3% of step time). The
+measurement is two full gradient norms per step (after the first micro-batch and after the last); under
+FSDP2 it also turns on the reduce-scatter of the first micro-batch.
 
     python benchmarks/adaptive/overhead.py --preset llama-125m --seq-len 2048 --micro-batch-size 8 --accum 4
     python benchmarks/adaptive/overhead.py --smoke            # CPU, tiny preset

@@ -93,7 +93,8 @@ def main() -> None:
                    help="tiny CPU run of the whole pipeline (overrides tokens, seq len, batches and eval size)")
     args = p.parse_args()
     if args.smoke:  # a few minutes on 2 CPU cores: checks the pipeline, measures nothing
-        args.tokens, args.seq_len, args.small_batch_tokens, args.micro_batch_size, args.eval_tokens = 6e4, 64, 128, 16, 4096
+        args.tokens, args.seq_len, args.small_batch_tokens = 6e4, 64, 128
+        args.micro_batch_size, args.eval_tokens = 16, 4096
     meta = load_meta(args.data)
     train_tokens = meta["tokens"]["train"]
     budget = int(args.tokens)
@@ -134,7 +135,8 @@ def main() -> None:
         non_vocab_params=n, tokens=budget, train_split_tokens=train_tokens, seq_len=seq,
         step_law_batch_tokens=law_batch, step_law_lr=plan_lr, lr_rule="step_law_lr * sqrt(B / planned)",
         small_batch_tokens=small, planned_batch_tokens=planned, large_batch_tokens=large,
-        eval_tokens=val_rows * seq, adaptive_variants=args.adaptive, seed=args.seed, gpu_minutes=gpu_minutes, model=config_to_hf(cfg)))
+        eval_tokens=val_rows * seq, adaptive_variants=args.adaptive, seed=args.seed, gpu_minutes=gpu_minutes,
+        model=config_to_hf(cfg)))
 
 
 def adaptive_variant(spec: str, starts: dict[str, int]) -> tuple[str, int, float]:
@@ -245,7 +247,8 @@ def compare(rows: list[dict], adaptive_names: list[str]) -> dict:
 def write_outputs(args, rows: list[dict], summary: dict, setup: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.date.today().isoformat() + (f"_seed{args.seed}" if args.seed else "") + ("_smoke" if args.smoke else "")
+    stamp = (datetime.date.today().isoformat() + (f"_seed{args.seed}" if args.seed else "")
+             + ("_smoke" if args.smoke else ""))
     result = {"benchmark": "adaptive_batch", **provenance(), "setup": setup, "summary": summary, "rows": rows}
     (out / f"adaptive_{stamp}.json").write_text(json.dumps(result, separators=(",", ":")))  # long curves: compact
     plot(rows, out, stamp)
