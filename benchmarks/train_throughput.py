@@ -10,6 +10,9 @@ same tokens per step and bf16 compute:
   batchpilot_bf16  the same with ``parallelize(..., param_dtype=bf16, fsdp_one_device=True)``: FSDP2's
               mixed precision on one GPU (bf16 compute copies, fp32 masters), so activations and the
               residual stream are bf16 as on several GPUs; a candidate default for the trainer
+  batchpilot_float8, batchpilot_bf16_float8  the two batchpilot paths with ``--float8`` (torchao, recipe
+              ``--float8-recipe``, default tensorwise): float8 matmuls in the blocks. Not the baselines'
+              precision, so summarised apart (``float8_*`` keys), never in ``speedup_vs_hf_liger_*``
 HF baselines use gradient checkpointing where the micro-batch needs it (as in the anchors), do no
 gradient clipping (as in the anchors) and accumulate when the micro-batch is smaller than the step.
 
@@ -64,7 +67,8 @@ def plan_cases(args: argparse.Namespace) -> dict[str, list[dict]]:
                 "liger": [dict(seq=s1, rows=rows1, mb=4, ac="none")],
                 "hf_compile": [],
                 "batchpilot": [dict(seq=s1, rows=rows1, mb=4, ac="none"), dict(seq=s2, rows=rows2, mb=1, ac="full")],
-                "batchpilot_bf16": [dict(seq=s1, rows=rows1, mb=4, ac="none")]}
+                "batchpilot_bf16": [dict(seq=s1, rows=rows1, mb=4, ac="none")],
+                "batchpilot_float8": [], "batchpilot_bf16_float8": []}  # CPU float8 matmuls: far too slow
     r1, r2 = args.rows_seq2048, args.rows_seq8192
     return {  # micro-batches from anchors.md (largest or fastest that fit an H200)
         "hf": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=8, ac="full")],
@@ -73,6 +77,9 @@ def plan_cases(args: argparse.Namespace) -> dict[str, list[dict]]:
         "batchpilot": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none")],
         "batchpilot_bf16": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none"),
                             dict(seq=8192, rows=r2, mb=8, ac="selective")],
+        "batchpilot_float8": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none")],
+        "batchpilot_bf16_float8": [dict(seq=2048, rows=r1, mb=16, ac="none"),
+                                   dict(seq=8192, rows=r2, mb=4, ac="none")],
     }
 
 
@@ -100,13 +107,13 @@ class RandomRows:
 
 class BatchpilotRunner:
     def __init__(self, config: LlamaConfig, dims: parallel.ParallelDims, *, ac: str, compile: bool,
-                 bf16_params: bool = False) -> None:
+                 bf16_params: bool = False, float8: str | None = None) -> None:
         self.config, self.dims = config, dims
         model = build_model(config, device=dims.device, seed=0)
         # as the trainer: bf16 compute copies under FSDP2 on CUDA (and on one device when asked)
         param_dtype = torch.bfloat16 if bf16_params or (dims.is_distributed and dims.device.type == "cuda") else None
         self.model = parallel.parallelize(model, dims, activation_checkpointing=ac, compile=compile,
-                                          param_dtype=param_dtype, fsdp_one_device=bf16_params)
+                                          param_dtype=param_dtype, fsdp_one_device=bf16_params, float8=float8)
         self.optimizer = build_optimizer(self.model, OptimConfig(lr=1e-4))
 
     def step(self, loader: RandomRows, *, rows: int, seq: int, mb: int) -> None:
@@ -151,10 +158,11 @@ class HFRunner:
         self.model = self.forward = self.optimizer = None
 
 
-def build_runner(system: str, config: LlamaConfig, dims: parallel.ParallelDims, ac: str, smoke: bool):
-    compile_ok = not smoke  # compiling on CPU takes minutes: the smoke test checks the code path only
+def build_runner(system: str, config: LlamaConfig, dims: parallel.ParallelDims, ac: str, args):
+    compile_ok = not args.smoke  # compiling on CPU takes minutes: the smoke test checks the code path only
     if system.startswith("batchpilot"):
-        return BatchpilotRunner(config, dims, ac=ac, compile=compile_ok, bf16_params=system == "batchpilot_bf16")
+        return BatchpilotRunner(config, dims, ac=ac, compile=compile_ok, bf16_params=system.startswith("batchpilot_bf16"),
+                                float8=args.float8_recipe if system.endswith("_float8") else None)
     return HFRunner(config, dims.device, ac=ac, compile=system == "hf_compile" and compile_ok,
                     liger=system == "liger")
 
@@ -169,7 +177,7 @@ def time_case(system: str, config: LlamaConfig, dims: parallel.ParallelDims, cas
     row: dict[str, Any] = dict(system=system, **case)
     runner = None
     try:
-        runner = build_runner(system, config, dims, case["ac"], args.smoke)
+        runner = build_runner(system, config, dims, case["ac"], args)
         loader = RandomRows(config.vocab_size, case["seq"], seed=dims.rank)
         if dims.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dims.device)
@@ -290,8 +298,9 @@ def best(rows: list[dict], system: str, seq: int) -> dict | None:
     return max(ok, key=lambda r: r["tokens_per_s"], default=None)
 
 
-def summarize(rows: list[dict], seqs: tuple[int, int]) -> dict:
-    summary: dict[str, Any] = {}
+def summarize(rows: list[dict], seqs: tuple[int, int], float8_recipe: str) -> dict:
+    """Speedups at the baselines' precision (bf16 matmuls); the float8 systems under their own keys."""
+    summary: dict[str, Any] = {"float8_recipe": float8_recipe}
     for seq in seqs:
         key = f"seq{seq}" if seq in (2048, 8192) else f"seq{seq}_smoke"
         trainer_path, bf16 = best(rows, "batchpilot", seq), best(rows, "batchpilot_bf16", seq)
@@ -308,6 +317,15 @@ def summarize(rows: list[dict], seqs: tuple[int, int]) -> dict:
             base = best(rows, other, seq)
             summary[f"speedup_vs_{other}_{key}"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 3) \
                 if ours and base else None
+        float8 = max((r for r in (best(rows, "batchpilot_float8", seq), best(rows, "batchpilot_bf16_float8", seq))
+                      if r), key=lambda r: r["tokens_per_s"], default=None)
+        summary[f"float8_tokens_per_s_{key}"] = float8 and float8["tokens_per_s"]
+        summary[f"float8_best_config_{key}"] = float8 and {k: float8[k] for k in ("system", "mb", "ac")}
+        summary[f"float8_mfu_against_bf16_peak_{key}"] = float8 and float8["mfu"]
+        summary[f"float8_speedup_vs_hf_liger_{key}"] = round(float8["tokens_per_s"] / liger["tokens_per_s"], 3) \
+            if float8 and liger else None
+        summary[f"float8_speedup_vs_batchpilot_bf16_matmuls_{key}"] = \
+            round(float8["tokens_per_s"] / ours["tokens_per_s"], 3) if float8 and ours else None
     fit = {r["system"]: r for r in rows if "largest_micro_batch" in r}
     if fit:
         summary["largest_micro_batch_fit_seq"] = {k: v["largest_micro_batch"] for k, v in fit.items()}
@@ -316,7 +334,7 @@ def summarize(rows: list[dict], seqs: tuple[int, int]) -> dict:
 
 def environment() -> dict:
     versions = {}
-    for name in ("transformers", "liger_kernel", "triton"):
+    for name in ("transformers", "liger_kernel", "triton", "torchao"):
         try:
             versions[name] = __import__(name).__version__
         except Exception as e:  # noqa: BLE001  (missing or broken: recorded)
@@ -336,7 +354,8 @@ def write_result(result: dict, out_dir: str | None, name: str) -> Path:
 def main_single(args, passthrough: list[str]) -> None:
     cases = plan_cases(args)
     skip = {"hf": args.skip_hf, "liger": args.skip_liger, "hf_compile": args.skip_hf_compile,
-            "batchpilot": args.skip_batchpilot, "batchpilot_bf16": args.skip_batchpilot_bf16}
+            "batchpilot": args.skip_batchpilot, "batchpilot_bf16": args.skip_batchpilot_bf16,
+            "batchpilot_float8": args.skip_float8, "batchpilot_bf16_float8": args.skip_float8}
     rows, skipped = [], {}
     for system, system_cases in cases.items():
         if args.only_fit_search:
@@ -345,6 +364,9 @@ def main_single(args, passthrough: list[str]) -> None:
             skipped[system] = "skipped by flag" if skip[system] else "no cases in this mode"
             continue
         if system == "liger" and (reason := _liger_missing()):
+            skipped[system] = reason
+            continue
+        if system.endswith("_float8") and (reason := _float8_missing()):
             skipped[system] = reason
             continue
         rows += run_child(dict(system=system, cases=system_cases), passthrough, args.child_timeout)
@@ -358,7 +380,7 @@ def main_single(args, passthrough: list[str]) -> None:
                   attention="trainer.forward_loss: rows are single documents, so causal SDPA (flash)",
                   flops_formula="6*N_matmul + 12*L*d_q*seq (PaLM/anchors); "
                   "mfu_causal: 6*N_matmul + 6*L*d_q*seq", **environment(), skipped=skipped,
-                  rows=rows, summary=summarize(rows, seqs))
+                  rows=rows, summary=summarize(rows, seqs, args.float8_recipe))
     print(json.dumps(result["summary"], indent=1))
     write_result(result, args.out, "train_throughput")
 
@@ -387,6 +409,16 @@ def main_fsdp(args) -> None:
     parallel.shutdown_distributed()
 
 
+def _float8_missing() -> str | None:
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"torchao.float8 not importable ({type(e).__name__}: {str(e)[:120]})"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        return "float8 matmuls need a GPU of compute capability 8.9+"
+    return None
+
+
 def _liger_missing() -> str | None:
     try:
         import liger_kernel.transformers  # noqa: F401
@@ -411,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--skip-hf-compile", action="store_true")
     p.add_argument("--skip-batchpilot", action="store_true", help="the trainer's one-GPU path (autocast)")
     p.add_argument("--skip-batchpilot-bf16", action="store_true", help="one-GPU FSDP2 mixed precision")
+    p.add_argument("--skip-float8", action="store_true", help="the two float8 batchpilot systems")
+    p.add_argument("--float8-recipe", default="tensorwise", choices=parallel.FLOAT8_RECIPES)
     p.add_argument("--skip-fit-search", action="store_true", help="skip the largest-micro-batch search")
     p.add_argument("--only-fit-search", action="store_true", help="run only the largest-micro-batch search")
     p.add_argument("--fit-seq", type=int, default=8192)

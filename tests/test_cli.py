@@ -44,6 +44,7 @@ def test_plan_flags_cannot_override_the_plan(tmp_path):
     (["train", "--data", "/no/such/path", "--max-steps", "1"], "/no/such/path"),
     (["train", "--max-steps", "1", "--seq-len", "100", "--global-batch-tokens", "150"], "multiple of seq_len"),
     (["train"], "--max-steps"),
+    (["train", "--max-steps", "1", "--float8", "fp4"], "--float8 'fp4': choose one of tensorwise, rowwise"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli(*args, "--out", str(tmp_path / "run"))

@@ -31,6 +31,8 @@ HELP = {
     "activation_checkpointing": "none | full | selective", "peak_tflops": "per-GPU peak for MFU",
     "fsdp_one_device": "one GPU: FSDP2 mixed precision (bf16 compute over fp32 masters, as under torchrun) "
                        "instead of autocast; about 1.5x the micro-batch at long sequences",
+    "float8": "tensorwise | rowwise: float8 matmuls in the blocks (needs torchao and an H100/H200-class GPU; "
+              "on CPU torch runs them in software, for tests); MFU stays against the bf16 peak",
     "batch_policy": "fixed | ramp | adaptive (grow the batch toward the gradient noise scale)",
     "batch_ramp": "ramp policy thresholds: TOKENS:BATCH,... e.g. 1e9:1048576,4e9:2097152",
     "max_global_batch_tokens": "cap of the adaptive policy",

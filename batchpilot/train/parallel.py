@@ -1,7 +1,8 @@
 """Parallelism as a transform of the single-device model, applied in one fixed order.
 
-``parallelize`` applies activation checkpointing, then ``torch.compile`` (per block), then FSDP2
-(``fully_shard`` on every block, then the root) to a model built by ``model/llama.py``. This file
+``parallelize`` applies float8 matmuls (optional, torchao), then activation checkpointing, then
+``torch.compile`` (per block), then FSDP2 (``fully_shard`` on every block, then the root) to a model
+built by ``model/llama.py``. This file
 and ``checkpoint.py`` are the only users of ``torch.distributed``; the few collectives the rest of
 the code needs are exported here.
 """
@@ -47,6 +48,39 @@ def init_distributed(device: str = "auto") -> ParallelDims:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+
+
+def apply_float8(model: nn.Module, recipe: str | None, device: torch.device) -> None:
+    """Swap the blocks' linear layers for torchao's ``Float8Linear`` (float8 matmuls, dynamic scaling).
+
+    ``tensorwise`` scales each tensor by one amax (the fastest on H100/H200, what torchtitan enables with
+    ``--float8``); ``rowwise`` scales per row (more accurate, slower). Weights, optimizer states and
+    checkpoints keep their dtype and names: only the matmuls' inputs are cast to float8 on the fly, so a
+    float8 run resumes without it and exports the same HF weights. The LM head stays in the compute dtype,
+    as torchtitan keeps its output layer: its matmul is the fused loss's (``model/loss.py``). Under FSDP2
+    the all-gather stays in bf16 (torchao's float8 all-gather is not wired in).
+    """
+    if recipe is None:
+        return
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"--float8 {recipe!r}: choose one of {', '.join(FLOAT8_RECIPES)}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(f"--float8 needs float8 tensor cores (compute capability 8.9+: H100, H200, L4, ...); "
+                           f"{name} has {torch.cuda.get_device_capability(device)}")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as err:
+        raise RuntimeError("--float8 needs torchao: pip install 'batchpilot[float8]'") from err
+
+    def in_blocks(module: nn.Module, fqn: str) -> bool:
+        # float8 matmuls (torch._scaled_mm) need both dimensions divisible by 16
+        return fqn.startswith("layers.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=in_blocks, config=Float8LinearConfig.from_recipe_name(recipe))
 
 
 def apply_ac(model: nn.Module, mode: str) -> None:
@@ -95,13 +129,14 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointing: str = "none",
                 compile: bool = False, param_dtype: torch.dtype | None = None,
-                fsdp_one_device: bool = False) -> nn.Module:
-    """The one place where parallelism is applied, in a fixed order: AC, compile, FSDP2.
+                fsdp_one_device: bool = False, float8: str | None = None) -> nn.Module:
+    """The one place where parallelism is applied, in a fixed order: float8, AC, compile, FSDP2.
 
     FSDP2 runs with several ranks, and on one device when ``fsdp_one_device`` is set (with a
     ``param_dtype``): bf16 parameters in compute keep the residual stream and the saved activations in
     bf16, where autocast over fp32 parameters keeps them fp32 (twice the bytes per saved block input).
     """
+    apply_float8(model, float8, dims.device)
     apply_ac(model, activation_checkpointing)
     if compile:
         apply_compile(model)

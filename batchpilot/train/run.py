@@ -65,7 +65,8 @@ def build_run_model(cfg: "TrainConfig", config: LlamaConfig, dims: parallel.Para
     # bf16 compute copies on GPU; on CPU, a one-device FSDP2 run keeps fp32 (the path the CPU tests check)
     param_dtype = torch.bfloat16 if dims.device.type == "cuda" else (torch.float32 if cfg.fsdp_one_device else None)
     return parallel.parallelize(model, dims, activation_checkpointing=cfg.activation_checkpointing,
-                                compile=cfg.compile, param_dtype=param_dtype, fsdp_one_device=cfg.fsdp_one_device)
+                                compile=cfg.compile, param_dtype=param_dtype, fsdp_one_device=cfg.fsdp_one_device,
+                                float8=cfg.float8)
 
 
 def build_data(cfg: "TrainConfig", model_config: LlamaConfig, run_dir: Path,

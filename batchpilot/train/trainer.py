@@ -68,6 +68,7 @@ class TrainConfig:
     # one device: FSDP2 mixed precision (bf16 compute copies over fp32 masters, what every rank runs under torchrun)
     # instead of autocast over fp32 parameters; bf16 residual stream and saved activations (docs/scale.md)
     fsdp_one_device: bool = False
+    float8: str | None = None  # tensorwise | rowwise: float8 matmuls in the blocks (torchao; parallel.apply_float8)
     peak_tflops: float = 989.0  # per GPU, for MFU (H100/H200 dense bf16)
     batch_policy: str = "fixed"  # fixed | ramp | adaptive (train/adaptive.py)
     batch_ramp: str | None = None  # ramp policy: "TOKENS:BATCH,..." e.g. "1e6:16384,4e6:32768"
@@ -89,6 +90,8 @@ class TrainConfig:
         if self.global_batch_tokens % self.seq_len:
             raise ValueError(f"global batch ({self.global_batch_tokens} tokens) must be a multiple of "
                              f"seq_len ({self.seq_len})")
+        if self.float8 is not None and self.float8 not in parallel.FLOAT8_RECIPES:
+            raise ValueError(f"--float8 {self.float8!r}: choose one of {', '.join(parallel.FLOAT8_RECIPES)}")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ValueError("give exactly one of max_steps or max_tokens")
         if (self.max_steps or 1) <= 0 or (self.max_tokens or 1) <= 0:
