@@ -8,7 +8,8 @@ losses and tokens/s, and the differences.
     python benchmarks/float8_parity.py --data data/adaptive                 # one GPU, both runs in turn
     python benchmarks/float8_parity.py --data data/adaptive --gpus 0,1      # both at once on two GPUs
 
-``--data`` is a prepared directory (``batchpilot prepare``). Results: ``benchmarks/results/float8_parity_<date>.json``.
+``--data`` is a prepared directory (``batchpilot prepare``). Results:
+``benchmarks/results/float8_parity_<recipe>_lr<lr>_<date>.json``.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main() -> None:
     print(json.dumps(result["summary"], indent=1))
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"float8_parity_{dt.date.today().isoformat()}.json"
+    path = out / f"float8_parity_{args.recipe}_lr{args.lr:g}_{dt.date.today().isoformat()}.json"
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(json.dumps(result, indent=1))
     tmp_path.replace(path)
