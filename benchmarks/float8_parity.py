@@ -7,6 +7,10 @@ losses and tokens/s, and the differences.
 
     python benchmarks/float8_parity.py --data data/adaptive                 # one GPU, both runs in turn
     python benchmarks/float8_parity.py --data data/adaptive --gpus 0,1      # both at once on two GPUs
+    python benchmarks/float8_parity.py --data data/adaptive --control       # bf16 seed 0 vs bf16 seed 1
+
+``--control`` replaces the float8 run by a bf16 run with another seed (initialisation and data order): the
+same differences between two equally good runs are the noise floor to read the float8 differences against.
 
 ``--data`` is a prepared directory (``batchpilot prepare``). Results:
 ``benchmarks/results/float8_parity_<recipe>_lr<lr>_<date>.json``.
@@ -46,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--min-lr", type=float, default=6e-5)
+    p.add_argument("--warmup-tokens", type=int, default=None, help="default: the trainer's (5%% of the run)")
+    p.add_argument("--control", action="store_true", help="second run: bf16 with seed 1 instead of float8")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile the blocks")
@@ -58,13 +64,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def train_command(args: argparse.Namespace, model_config: Path, out: Path, float8: str | None) -> list[str]:
+def train_command(args: argparse.Namespace, model_config: Path, out: Path, float8: str | None,
+                  seed: int) -> list[str]:
     cmd = [sys.executable, "-m", "batchpilot", "train", "--model", str(model_config), "--data", args.data,
            "--seq-len", str(args.seq_len), "--global-batch-tokens", str(args.global_batch_tokens),
            "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.max_steps),
            "--lr", str(args.lr), "--min-lr", str(args.min_lr), "--eval-every", str(args.eval_every),
            "--eval-batches", str(args.eval_batches), "--save-every", str(args.max_steps),
-           "--compile" if args.compile else "--no-compile", "--seed", "0", "--no-progress", "--out", str(out)]
+           "--compile" if args.compile else "--no-compile", "--seed", str(seed), "--no-progress", "--out", str(out)]
+    if args.warmup_tokens is not None:
+        cmd += ["--warmup-tokens", str(args.warmup_tokens)]
     return cmd + (["--float8", float8] if float8 else [])
 
 
@@ -73,13 +82,14 @@ def run_both(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     vocab_size = json.loads((Path(args.data) / "meta.json").read_text())["vocab_size"]
     model_config = work / "config.json"
     model_config.write_text(json.dumps(config_to_hf(config.with_(vocab_size=vocab_size))))
-    runs = {"bf16": None, "float8": args.recipe}
+    runs = {"bf16": (None, 0), "bf16_seed1": (None, 1)} if args.control else {"bf16": (None, 0),
+                                                                                 "float8": (args.recipe, 0)}
     gpus = args.gpus.split(",") if args.gpus else None
     procs = {}
-    for i, (name, float8) in enumerate(runs.items()):
+    for i, (name, (float8, seed)) in enumerate(runs.items()):
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}))
         log = open(work / f"{name}.log", "w")
-        procs[name] = subprocess.Popen(train_command(args, model_config, work / name, float8), env=env, cwd=REPO,
+        procs[name] = subprocess.Popen(train_command(args, model_config, work / name, float8, seed), env=env, cwd=REPO,
                                        stdout=log, stderr=subprocess.STDOUT)
         if not gpus:
             procs[name].wait()
@@ -100,20 +110,22 @@ def curve(run_dir: Path) -> dict:
                 peak_memory_gib=max((r.get("peak_memory_bytes", 0) for r in steps), default=0) / 2**30)
 
 
-def compare(bf16: dict, float8: dict) -> dict:
+def compare(bf16: dict, other: dict, name: str) -> dict:
+    """The second run (``name``) against the bf16 run: final validation loss, the last 20 training losses,
+    the largest gap between 10-step means along the run, and the speed ratio."""
     def mean_last(losses: list[float], n: int = 20) -> float:
-        return statistics.fmean(losses[-n:])
+        return round(statistics.fmean(losses[-n:]), 5)
 
-    windows = range(0, min(len(bf16["loss"]), len(float8["loss"])) - 9, 10)  # 10-step means along the run
-    gaps = [statistics.fmean(float8["loss"][i:i + 10]) - statistics.fmean(bf16["loss"][i:i + 10]) for i in windows]
-    last_val = max(set(bf16["val_loss"]) & set(float8["val_loss"]))
-    return dict(
-        final_val_loss_bf16=bf16["val_loss"][last_val], final_val_loss_float8=float8["val_loss"][last_val],
-        final_val_loss_rel_diff=round(float8["val_loss"][last_val] / bf16["val_loss"][last_val] - 1, 5),
-        train_loss_last20_bf16=round(mean_last(bf16["loss"]), 5),
-        train_loss_last20_float8=round(mean_last(float8["loss"]), 5),
-        largest_10step_mean_gap=round(max(gaps, key=abs), 5) if gaps else None,
-        tokens_per_s_ratio=round(float8["tokens_per_s_median_second_half"] / bf16["tokens_per_s_median_second_half"], 3))
+    windows = range(0, min(len(bf16["loss"]), len(other["loss"])) - 9, 10)
+    gaps = [statistics.fmean(other["loss"][i:i + 10]) - statistics.fmean(bf16["loss"][i:i + 10]) for i in windows]
+    last_val = max(set(bf16["val_loss"]) & set(other["val_loss"]))
+    speed = other["tokens_per_s_median_second_half"] / bf16["tokens_per_s_median_second_half"]
+    return {"compared": f"{name} vs bf16", "final_val_loss_bf16": bf16["val_loss"][last_val],
+            f"final_val_loss_{name}": other["val_loss"][last_val],
+            "final_val_loss_rel_diff": round(other["val_loss"][last_val] / bf16["val_loss"][last_val] - 1, 5),
+            "train_loss_last20_bf16": mean_last(bf16["loss"]), f"train_loss_last20_{name}": mean_last(other["loss"]),
+            "largest_10step_mean_gap": round(max(gaps, key=abs), 5) if gaps else None,
+            "tokens_per_s_ratio": round(speed, 3)}
 
 
 def main() -> None:
@@ -121,13 +133,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         dirs = run_both(args, Path(tmp))
         curves = {name: curve(run_dir) for name, run_dir in dirs.items()}
-        setup = json.loads((dirs["float8"] / "config.json").read_text())
-    result = dict(benchmark="float8_parity", preset=args.preset, recipe=args.recipe, **provenance(),
-                  train_config_float8_run=setup, runs=curves, summary=compare(curves["bf16"], curves["float8"]))
+        (bf16, _), (name, other) = curves.items()
+        setup = json.loads((dirs[name] / "config.json").read_text())
+    result = dict(benchmark="float8_parity", preset=args.preset, recipe=None if args.control else args.recipe,
+                  **provenance(), train_config_second_run=setup, runs=curves,
+                  summary=compare(curves["bf16"], other, name))
     print(json.dumps(result["summary"], indent=1))
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"float8_parity_{args.recipe}_lr{args.lr:g}_{dt.date.today().isoformat()}.json"
+    label = "control" if args.control else args.recipe
+    warmup = f"_warmup{args.warmup_tokens}" if args.warmup_tokens is not None else ""
+    path = out / f"float8_parity_{label}_lr{args.lr:g}{warmup}_{dt.date.today().isoformat()}.json"
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(json.dumps(result, indent=1))
     tmp_path.replace(path)
