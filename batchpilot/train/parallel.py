@@ -226,10 +226,11 @@ def reshard_after_error(model: nn.Module) -> None:
                 comm.reduce_scatter_state = None
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip to ``max_norm`` (0 disables clipping) and return the total norm, full across shards."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` (0 disables clipping) and return the total norm, full across shards, as a 0-d
+    tensor on the device: reading it is a host sync, which the trainer does once per step, with the loss."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return norm.item()
+    return norm

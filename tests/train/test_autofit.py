@@ -134,14 +134,14 @@ def _accumulate(model, loader: FlakyLoader, micro_batch_size: int, dims, oom_on_
                                    seq_len=SEQ_LEN, micro_batch_size=micro_batch_size, dims=dims)
     if dims.rank == 1 and oom_on_rank1:
         raise torch.OutOfMemoryError("simulated")
-    return loss
+    return loss.item()
 
 
 def _update(model, optimizer) -> float:
     norm = parallel.clip_grad_norm(model, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm.item()
 
 
 def test_simulated_oom_backs_off_on_every_rank_and_redoes_the_step(tmp_path):

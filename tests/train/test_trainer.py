@@ -49,7 +49,7 @@ def test_accumulation_equals_one_big_batch(tiny_data):
         loader = PackedLoader(tiny_data, "train", 32, seed=0)
         loss, _ = accumulate_gradients(model, loader, global_batch_tokens=8 * 32, seq_len=32, micro_batch_size=micro,
                                        dims=dims)
-        grads.append((loss, [p.grad.clone() for p in model.parameters()]))
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     for loss, g in grads[1:]:
         assert loss == pytest.approx(grads[0][0], abs=1e-5)
         for a, b in zip(g, grads[0][1]):
