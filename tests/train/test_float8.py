@@ -21,6 +21,8 @@ from batchpilot.train.trainer import TrainConfig, train
 
 pytest.importorskip("torchao.float8")
 
+from test_parallel import losses, run_ranks  # noqa: E402  (tests/train is on sys.path under pytest)
+
 MICRO = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     tie_word_embeddings=True)
 
@@ -77,26 +79,40 @@ def test_float8_training_tracks_plain_training(recipe):
     assert float8[-1] < float8[0] - 0.5
 
 
-def test_float8_run_resumes_to_the_uninterrupted_losses(tmp_path, tiny_data):
+def _micro_run(tmp_path, data, out: str, **kw) -> TrainConfig:
+    """MICRO shape, 4 rows of 32 tokens per step in micro-batches of 2, float8 tensorwise, on CPU."""
     model_dir = tmp_path / "micro"
-    model_dir.mkdir()
+    model_dir.mkdir(exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config_to_hf(MICRO)))
+    base = dict(out_dir=str(tmp_path / out), model=str(model_dir), data=str(data), seq_len=32,
+                global_batch_tokens=128, micro_batch_size=2, max_steps=4, lr=1e-2, min_lr=1e-3, eval_every=2,
+                eval_batches=1, save_every=2, progress=False, device="cpu", float8="tensorwise")
+    return TrainConfig(**{**base, **kw})
 
-    def cfg(out: str, **kw) -> TrainConfig:
-        base = dict(out_dir=str(tmp_path / out), model=str(model_dir), data=str(tiny_data), seq_len=32,
-                    global_batch_tokens=128, micro_batch_size=2, max_steps=4, lr=1e-2, min_lr=1e-3, eval_every=2,
-                    eval_batches=1, save_every=2, progress=False, device="cpu", float8="tensorwise")
-        return TrainConfig(**{**base, **kw})
 
-    full = train(cfg("full"))
-    train(cfg("resumed", stop_at_step=2))
-    resumed = train(cfg("resumed", resume=True))
+def test_float8_run_resumes_to_the_uninterrupted_losses(tmp_path, tiny_data):
+    full = train(_micro_run(tmp_path, tiny_data, "full"))
+    train(_micro_run(tmp_path, tiny_data, "resumed", stop_at_step=2))
+    resumed = train(_micro_run(tmp_path, tiny_data, "resumed", resume=True))
     assert resumed.steps == 4
-    want, got = ([r["loss"] for r in map(json.loads, open(f"{run}/metrics.jsonl")) if "loss" in r]
-                 for run in (full.run_dir, resumed.run_dir))
-    assert got == want  # bit-identical on CPU
+    assert losses(resumed.run_dir) == losses(full.run_dir)  # bit-identical on CPU
     saved = json.loads((tmp_path / "full" / "config.json").read_text())
     assert saved["float8"] == "tensorwise"
+
+
+def _train_worker(cfg_dict: dict) -> None:
+    train(TrainConfig(**cfg_dict))
+
+
+def test_float8_under_fsdp2_matches_single_process(tmp_path, tiny_data):
+    """2 ranks (gloo): float8 casts of all-gathered weights and per-rank micro-batches give the single process's
+    losses (each rank's micro-batch is one of the single process's, so the activation scales are the same)."""
+    single = train(_micro_run(tmp_path, tiny_data, "single"))
+    cfg = _micro_run(tmp_path, tiny_data, "fsdp")
+    run_ranks(_train_worker, {f: getattr(cfg, f) for f in cfg.__slots__})
+    want, got = losses(single.run_dir), losses(tmp_path / "fsdp")
+    assert len(got) == len(want) == 4
+    assert got == pytest.approx(want, rel=1e-4), (want, got)
 
 
 @pytest.mark.gpu
