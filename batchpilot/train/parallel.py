@@ -2,9 +2,8 @@
 
 ``parallelize`` applies float8 matmuls (optional, torchao), then activation checkpointing, then
 ``torch.compile`` (per block), then FSDP2 (``fully_shard`` on every block, then the root) to a model
-built by ``model/llama.py``. This file
-and ``checkpoint.py`` are the only users of ``torch.distributed``; the few collectives the rest of
-the code needs are exported here.
+built by ``model/llama.py``. This file and ``checkpoint.py`` are the only users of
+``torch.distributed``; the few collectives the rest of the code needs are exported here.
 """
 
 from __future__ import annotations
