@@ -21,19 +21,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks" / "adaptive"))  # run_experiment: launch_all
 
 from provenance import provenance  # noqa: E402
+from run_experiment import launch_all  # noqa: E402
 
-from batchpilot.metrics import read_metrics  # noqa: E402
+from batchpilot.metrics import read_metrics, write_json_atomic  # noqa: E402
 from batchpilot.model.hf import config_to_hf  # noqa: E402
 from batchpilot.model.llama import get_preset  # noqa: E402
 from batchpilot.train.parallel import FLOAT8_RECIPES  # noqa: E402
@@ -64,14 +64,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def train_command(args: argparse.Namespace, model_config: Path, out: Path, float8: str | None,
-                  seed: int) -> list[str]:
+def train_command(args: argparse.Namespace, model_config: Path, float8: str | None, seed: int) -> list[str]:
     cmd = [sys.executable, "-m", "batchpilot", "train", "--model", str(model_config), "--data", args.data,
            "--seq-len", str(args.seq_len), "--global-batch-tokens", str(args.global_batch_tokens),
            "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.max_steps),
            "--lr", str(args.lr), "--min-lr", str(args.min_lr), "--eval-every", str(args.eval_every),
            "--eval-batches", str(args.eval_batches), "--save-every", str(args.max_steps),
-           "--compile" if args.compile else "--no-compile", "--seed", str(seed), "--no-progress", "--out", str(out)]
+           "--compile" if args.compile else "--no-compile", "--seed", str(seed), "--no-progress"]
     if args.warmup_tokens is not None:
         cmd += ["--warmup-tokens", str(args.warmup_tokens)]
     return cmd + (["--float8", float8] if float8 else [])
@@ -84,19 +83,9 @@ def run_both(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     model_config.write_text(json.dumps(config_to_hf(config.with_(vocab_size=vocab_size))))
     runs = {"bf16": (None, 0), "bf16_seed1": (None, 1)} if args.control else {"bf16": (None, 0),
                                                                                  "float8": (args.recipe, 0)}
-    gpus = args.gpus.split(",") if args.gpus else None
-    procs = {}
-    for i, (name, (float8, seed)) in enumerate(runs.items()):
-        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}))
-        log = open(work / f"{name}.log", "w")
-        procs[name] = subprocess.Popen(train_command(args, model_config, work / name, float8, seed), env=env, cwd=REPO,
-                                       stdout=log, stderr=subprocess.STDOUT)
-        if not gpus:
-            procs[name].wait()
-    for name, proc in procs.items():
-        if proc.wait() != 0:
-            tail = (work / f"{name}.log").read_text()[-2000:]
-            raise SystemExit(f"the {name} run failed (exit {proc.returncode}):\n{tail}")
+    gpus = args.gpus.split(",") if args.gpus else []
+    launch_all({name: train_command(args, model_config, float8, seed) for name, (float8, seed) in runs.items()},
+               parallel=len(gpus) or 1, gpus=gpus)  # each run goes to work/<name>
     return {name: work / name for name in runs}
 
 
@@ -144,9 +133,7 @@ def main() -> None:
     label = "control" if args.control else args.recipe
     warmup = f"_warmup{args.warmup_tokens}" if args.warmup_tokens is not None else ""
     path = out / f"float8_parity_{label}_lr{args.lr:g}{warmup}_{dt.date.today().isoformat()}.json"
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(result, indent=1))
-    tmp_path.replace(path)
+    write_json_atomic(path, result)
     print(f"wrote {path}")
 
 

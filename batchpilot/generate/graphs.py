@@ -96,8 +96,7 @@ class DecodeGraphs:
             if fresh:
                 self.graphs[key] = self._build(rows, groups)
             g = self.graphs[key]
-            arrays = self._arrays(dec, rows, groups)
-            for name, array in arrays.items():
+            for name, array in self._arrays(dec, rows, groups).items():
                 g.inputs[name].copy_(torch.from_numpy(array))
             steps = 1 if fresh else steps
             history = torch.empty(steps, rows, dtype=torch.long, device=self.runner.device)

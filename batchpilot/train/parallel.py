@@ -52,6 +52,11 @@ def shutdown_distributed() -> None:
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 
 
+def check_float8_recipe(recipe: str | None) -> None:
+    if recipe is not None and recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"--float8 {recipe!r}: choose one of {', '.join(FLOAT8_RECIPES)}")
+
+
 def apply_float8(model: nn.Module, recipe: str | None, device: torch.device) -> None:
     """Swap the blocks' linear layers for torchao's ``Float8Linear`` (float8 matmuls, dynamic scaling).
 
@@ -62,10 +67,9 @@ def apply_float8(model: nn.Module, recipe: str | None, device: torch.device) -> 
     as torchtitan keeps its output layer: its matmul is the fused loss's (``model/loss.py``). Under FSDP2
     the all-gather stays in bf16 (torchao's float8 all-gather is not wired in).
     """
+    check_float8_recipe(recipe)
     if recipe is None:
         return
-    if recipe not in FLOAT8_RECIPES:
-        raise ValueError(f"--float8 {recipe!r}: choose one of {', '.join(FLOAT8_RECIPES)}")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
         raise RuntimeError(f"--float8 needs float8 tensor cores (compute capability 8.9+: H100, H200, L4, ...); "

@@ -90,8 +90,7 @@ class TrainConfig:
         if self.global_batch_tokens % self.seq_len:
             raise ValueError(f"global batch ({self.global_batch_tokens} tokens) must be a multiple of "
                              f"seq_len ({self.seq_len})")
-        if self.float8 is not None and self.float8 not in parallel.FLOAT8_RECIPES:
-            raise ValueError(f"--float8 {self.float8!r}: choose one of {', '.join(parallel.FLOAT8_RECIPES)}")
+        parallel.check_float8_recipe(self.float8)
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ValueError("give exactly one of max_steps or max_tokens")
         if (self.max_steps or 1) <= 0 or (self.max_tokens or 1) <= 0:

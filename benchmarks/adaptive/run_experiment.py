@@ -168,21 +168,25 @@ def run_args(args, work: Path, budget: int, batch: int, lr: float, policy: str, 
 
 
 def launch_all(runs: dict[str, list], parallel: int, gpus: list[str]) -> None:
+    """Run the ``batchpilot train`` commands, ``parallel`` at a time (round robin over ``gpus``); each writes
+    to ``<its --model's directory>/<name>``, its output to ``<name>.log`` beside it."""
     pending, active = list(runs.items()), []
     while pending or active:
         while pending and len(active) < parallel:
             name, cmd = pending.pop(0)
             out_dir = Path(cmd[cmd.index("--model") + 1]).parent / name
-            log = open(out_dir.parent / f"{name}.log", "w")
+            log_path = out_dir.parent / f"{name}.log"
             launched = len(runs) - len(pending) - 1
             env = os.environ | ({"CUDA_VISIBLE_DEVICES": gpus[launched % len(gpus)]} if gpus else {})
-            active.append((name, subprocess.Popen(cmd + ["--out", str(out_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                                  env=env)))
+            with open(log_path, "w") as log:  # the child keeps its own handle
+                proc = subprocess.Popen(cmd + ["--out", str(out_dir)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            active.append((name, proc, log_path))
         for item in list(active):
-            if item[1].poll() is not None:
+            name, proc, log_path = item
+            if proc.poll() is not None:
                 active.remove(item)
-                if item[1].returncode:
-                    raise SystemExit(f"run {item[0]} failed; see its log")
+                if proc.returncode:
+                    raise SystemExit(f"run {name} failed (exit {proc.returncode}):\n{log_path.read_text()[-2000:]}")
         time.sleep(1)
 
 
