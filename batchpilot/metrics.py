@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from batchpilot.io import read_jsonl
+
 
 def print0(*args: Any, rank: int = 0, **kwargs: Any) -> None:
     if rank == 0:
@@ -59,23 +61,4 @@ def _jsonable(value: Any) -> Any:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl; a torn last line (a run killed mid-write) is dropped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1}: not a JSON object") from None
-    return records
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file beside ``path`` then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

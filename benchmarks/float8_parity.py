@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "benchmarks" / "adaptive"))  # run_experiment: lau
 from provenance import provenance  # noqa: E402
 from run_experiment import launch_all  # noqa: E402
 
-from batchpilot.metrics import read_metrics, write_json_atomic  # noqa: E402
+from batchpilot.io import write_json_atomic  # noqa: E402
+from batchpilot.metrics import read_metrics  # noqa: E402
 from batchpilot.model.hf import config_to_hf  # noqa: E402
 from batchpilot.model.llama import get_preset  # noqa: E402
 from batchpilot.train.parallel import FLOAT8_RECIPES  # noqa: E402

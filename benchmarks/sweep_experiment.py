@@ -38,8 +38,9 @@ import torch
 from provenance import provenance
 
 from batchpilot.cli import main as cli_main
-from batchpilot.metrics import write_json_atomic
-from batchpilot.plan.laws import STEP_LAW, Law, load_law, non_vocab_params
+from batchpilot.io import write_json_atomic
+from batchpilot.model.counting import non_vocab_params
+from batchpilot.plan.laws import STEP_LAW, Law, load_law
 from batchpilot.plan.sweep import GridSpec, RunSpec, model_config, prepare_data, run_one, sweep
 
 # Shapes (vocab 4096, head_dim 64 where it divides): N = non-vocabulary parameters.

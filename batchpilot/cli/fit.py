@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchpilot.metrics import write_json_atomic
+from batchpilot.io import write_json_atomic
 from batchpilot.plan.fit import (DEFAULT_COLUMNS, OPTIONAL_COLUMNS, CriticalBatchFit, LawFit, Runs, StepLawFit,
                                  best_on_grid_edge, fit_critical_batch, fit_steplaw, law_to_dict, read_runs)
 

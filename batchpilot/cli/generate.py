@@ -70,7 +70,8 @@ def load(args: argparse.Namespace, device: torch.device):
 def run(args: argparse.Namespace) -> int:
     from batchpilot.generate.engine import Engine, EngineConfig
     from batchpilot.generate.roofline import roofline_share
-    from batchpilot.generate.jobs import answered_ids, chat_template_of, merge_parts, read_job, run_job
+    from batchpilot.data.chat_template import chat_template_of
+    from batchpilot.generate.jobs import answered_ids, merge_parts, read_job, run_job
     from batchpilot.generate.request import SamplingParams
 
     rank, world_size, barrier = _distributed()

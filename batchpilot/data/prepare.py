@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import chain, compress
@@ -34,6 +33,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from batchpilot.io import make_temp_dir
 from batchpilot.data.corpus import default_documents, read_documents
 from batchpilot.data.tokenizer import Tokenizer
 
@@ -69,8 +69,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     is_val = _split_mask(cfg)
     tokenizer = _build_tokenizer(cfg, is_val)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.tmp-")
     try:
         stats = _write_shards(cfg, tokenizer, is_val, tmp)
         tokenizer.save(tmp)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from batchpilot.data.chat_template import render_chat
+from batchpilot.io import write_text_atomic
 from batchpilot.generate.request import Completion, Request, SamplingParams
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -87,39 +89,6 @@ def body_params(body: dict[str, Any], defaults: SamplingParams) -> SamplingParam
     )
 
 
-def render_chat(messages: Any, template: str, special_tokens: dict[str, str]) -> str:
-    """The chat template rendered in jinja2's immutable sandbox (templates come from model files)."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError("body.messages must be a list of {role, content} objects")
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
-    except TemplateError as e:
-        raise ValueError(f"chat template: {e}") from None
-
-
-def chat_template_of(model_dir: str | os.PathLike | None) -> tuple[str | None, dict[str, str]]:
-    """(chat_template, {bos_token, eos_token}) from a model directory's tokenizer_config.json."""
-    file = Path(model_dir) / "tokenizer_config.json" if model_dir else None
-    if file is None or not file.is_file():
-        return None, {}
-    cfg = json.loads(file.read_text())
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-    tokens = {k: (v.get("content") if isinstance(v, dict) else v) for k in ("bos_token", "eos_token")
-              if (v := cfg.get(k)) is not None}
-    return template, tokens
-
-
 def _is_token_list(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
@@ -185,9 +154,7 @@ def merge_parts(out: Path, world_size: int, order: dict[str, int]) -> None:
         if f.is_file():
             records += [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
     records.sort(key=lambda rec: order.get(rec["custom_id"], len(order)))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for r in range(world_size):
         part_path(out, r).unlink(missing_ok=True)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from batchpilot.io import make_temp_dir
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -149,7 +149,7 @@ def save_model(model: Llama, path: str | os.PathLike, *, dtype: torch.dtype | No
         state.pop("lm_head.weight", None)
     hf_config = config_to_hf(model.config)
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     if path.exists():

@@ -1,9 +1,9 @@
 """Hyperparameter scaling laws as pure functions: each cites its source and carries units in its names.
 
-Counting conventions, exactly as the laws define them (reference: docs/plan.md, laws.md sections 1, 4, 5):
-- ``non_vocab_params`` (N) = attention (q, k, v, o; GQA-sized k/v) + SwiGLU MLP of every layer. No
-  embeddings, LM head or norms. q/k/v biases (Qwen2) *are* counted: they are attention parameters, and
-  the Step Law grid (no biases) cannot tell either way; they are < 0.1% of N.
+Counting conventions, exactly as the laws define them (``model/counting.py`` counts; docs/plan.md):
+- N = ``counting.non_vocab_params``: attention + SwiGLU MLP of every layer, no embeddings, LM head or norms.
+  q/k/v biases (Qwen2) *are* counted: they are attention parameters, and the Step Law grid (no biases)
+  cannot tell either way; they are < 0.1% of N.
 - tokens (D) are training tokens; batch sizes are in tokens per optimizer step; compute in FLOPs.
 
 Design choice: a law is a small frozen ``Law`` value (name, source, fitted range, assumed schedule) plus
@@ -19,40 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from batchpilot.model.llama import LlamaConfig
 
 LrScalingRule = Literal["sqrt", "linear"]
-
-# --- counting -----------------------------------------------------------------------------------------
-
-
-def non_vocab_params(config: LlamaConfig) -> int:
-    """Attention (incl. GQA k/v and q/k/v biases) + SwiGLU MLP parameters of all layers (Step Law's N)."""
-    d, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    attention = d * q_dim + 2 * d * kv_dim + q_dim * d
-    if config.attention_bias:
-        attention += q_dim + 2 * kv_dim
-    mlp = 3 * d * config.intermediate_size
-    return config.num_layers * (attention + mlp)
-
-
-def total_params(config: LlamaConfig) -> int:
-    """Every parameter of ``Llama(config)``: N + embeddings (+ untied head) + RMSNorm weights."""
-    vocab = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    norms = (2 * config.num_layers + 1) * config.hidden_size
-    return non_vocab_params(config) + vocab + norms
-
-
-def training_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """6 x matmul parameters + 6 L (H E) T: forward + backward (Kaplan et al. 2020; PaLM appendix B).
-
-    Matmul parameters = N + the LM head (V x D); the embedding lookup is not a matmul. Causal attention
-    needs half of the 12 L (H E) T score and value FLOPs. The trainer computes its MFU with
-    this same function, so MFU read from a run's metrics.jsonl means the same thing here.
-    """
-    matmul_params = non_vocab_params(config) + config.vocab_size * config.hidden_size
-    return 6 * matmul_params + 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
-
 
 # --- fitted ranges ---------------------------------------------------------------------------------------
 

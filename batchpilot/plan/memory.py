@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from batchpilot.model.llama import LlamaConfig
-from batchpilot.plan.laws import non_vocab_params, total_params
+from batchpilot.model.counting import block_params, non_vocab_params, total_params
 
 Sharding = Literal["none", "fsdp"]
 Precision = Literal["fp32", "bf16_fp32_master"]
@@ -100,15 +100,6 @@ def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> 
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     norms_and_inputs = 26 * d if param_bytes == 4 else 16 * d
     return norms_and_inputs + 4 * q + 4 * kv + 4 * config.num_heads + 8 * i
-
-
-def kv_bytes_per_token(config: LlamaConfig, *, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes per generated or prompt token: k and v, every layer, K heads of E."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
-
-
-def _block_params(config: LlamaConfig) -> float:
-    return non_vocab_params(config) / config.num_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +159,7 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     pbytes = 2 if fsdp else 4  # residual stream / compute dtype of params
     d, v, tokens = config.hidden_size, config.vocab_size, micro_batch_size * seq_len
     state = estimate_model_state_bytes(total_params(config), optimizer=optimizer, num_shards=n)
-    block = _block_params(config)
+    block = block_params(config)
 
     per_layer = activation_bytes_per_token(config, param_bytes=pbytes) * tokens
     kept_per_layer = pbytes * d * tokens if checkpointing else per_layer  # checkpointing keeps block inputs only

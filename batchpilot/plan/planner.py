@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from batchpilot.model.hf import read_config
+from batchpilot.io import write_json_atomic
+from batchpilot.model import counting
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
 from batchpilot.plan.memory import GIB, MICRO_BATCH_GRID, MemoryFit, fit_micro_batch
@@ -117,13 +118,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically: a temp file in the same directory, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -155,7 +150,7 @@ def resolve_model(budget: Budget) -> tuple[LlamaConfig, str | dict[str, Any], st
         return config, asdict(config), f"model: HF config {budget.hf_config}"
     config = derive_shape(budget.params)  # type: ignore[arg-type]
     line = (f"model: derived from N = {budget.params:.4g}: {config.num_layers} layers, d {config.hidden_size}, "
-            f"MLP {config.intermediate_size}, vocab {config.vocab_size} (shape N = {laws.non_vocab_params(config):,}; "
+            f"MLP {config.intermediate_size}, vocab {config.vocab_size} (shape N = {counting.non_vocab_params(config):,}; "
             f"the laws use N as given)")
     return config, asdict(config), line
 
@@ -201,8 +196,8 @@ def schedule_and_min_lr(law: laws.Law, budget: Budget, peak_lr: float) -> tuple[
 def make_plan(budget: Budget) -> Plan:
     config, model_ref, model_line = resolve_model(budget)
     law = laws.get_law(budget.law)
-    n = budget.params if budget.params is not None else laws.non_vocab_params(config)
-    fpt = laws.training_flops_per_token(config, budget.seq_len)
+    n = budget.params if budget.params is not None else counting.non_vocab_params(config)
+    fpt = counting.training_flops_per_token(config, budget.seq_len)
     mfu = read_mean_mfu(budget.mfu_from) if budget.mfu_from else budget.mfu
     tokens, tokens_line = training_tokens(budget, fpt, mfu)
     point = law_point(law, config, n, tokens, budget.seq_len)
@@ -220,7 +215,7 @@ def make_plan(budget: Budget) -> Plan:
     schedule, min_lr = schedule_and_min_lr(law, budget, peak_lr)
     recompute = 4 / 3 if fit.checkpointing else 1.0  # checkpointing re-runs the forward: 8N instead of 6N
     step_s = fpt * global_tokens * recompute / (budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu)
-    total = laws.total_params(config)
+    total = counting.total_params(config)
     plan = Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
                 num_gpus=budget.num_gpus, global_batch_tokens=global_tokens, micro_batch_size=fit.micro_batch_size,
                 grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, total_steps=total_steps,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
-from batchpilot.plan.laws import non_vocab_params  # Step Law's N: attention + MLP, no embeddings
+from batchpilot.model.counting import non_vocab_params  # Step Law's N: attention + MLP, no embeddings
 
 RUN_COLUMNS = ("run_id", "preset", "N", "D", "lr", "batch_tokens", "steps", "final_loss", "smooth_loss", "val_loss",
                "wall_seconds", "seq_len")

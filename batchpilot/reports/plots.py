@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchpilot.io import read_jsonl, write_bytes_atomic
+
 # (file stem, title, y label, log y, [(metric key, legend label), ...]); keys as the trainer logs them
 PLOTS: list[tuple[str, str, str, bool, list[tuple[str, str]]]] = [
     ("loss", "Loss", "loss (nats)", False, [("loss", "train"), ("val_loss", "validation")]),
@@ -59,16 +61,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     """One JSON object per line; keys like ``train/loss`` are read as ``loss``; a torn LAST line (a run still
     writing) is dropped, a bad line elsewhere is an error."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1}: not a JSON object") from None
-        records.append({key.rsplit("/", 1)[-1]: value for key, value in record.items()})
+    records = [{key.rsplit("/", 1)[-1]: value for key, value in record.items()} for record in read_jsonl(path)]
     if not records:
         raise ValueError(f"{path} holds no metrics")
     return records
@@ -134,7 +127,7 @@ def plot_run(run: Run, out_dir: Path) -> list[tuple[str, Path]]:
         fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         path = out_dir / f"{stem}.png"
-        _write_atomic(path, buffer.getvalue())
+        write_bytes_atomic(path, buffer.getvalue())
         written.append((title, path))
     return written
 
@@ -145,7 +138,7 @@ def build_report(run: Run) -> Path:
     out_dir.mkdir(exist_ok=True)
     plots = plot_run(run, out_dir)
     page = out_dir / "report.html"
-    _write_atomic(page, render_html(run, summarize(run), plots).encode())
+    write_bytes_atomic(page, render_html(run, summarize(run), plots).encode())
     return page
 
 
@@ -173,9 +166,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return html.escape(str(value))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

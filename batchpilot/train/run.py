@@ -16,7 +16,7 @@ import torch
 
 from batchpilot.data.packing import PackedLoader
 from batchpilot.data.prepare import PrepareConfig, prepare
-from batchpilot.metrics import write_json_atomic
+from batchpilot.io import write_json_atomic
 from batchpilot.model.hf import load_model, read_config, save_model
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 from batchpilot.train import parallel

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from batchpilot.data.packing import Batch, PackedLoader
-from batchpilot.metrics import MetricsWriter, print0, write_json_atomic
+from batchpilot.io import write_json_atomic
+from batchpilot.metrics import MetricsWriter, print0
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import PRESETS, Llama
-from batchpilot.plan.laws import training_flops_per_token
+from batchpilot.model.counting import training_flops_per_token
 from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import (POLICIES, BatchConfig, BatchController, Measurement, default_coupling,
                                        grad_sq_norm_tensor)

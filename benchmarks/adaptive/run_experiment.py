@@ -54,6 +54,7 @@ from batchpilot.data.prepare import load_meta
 from batchpilot.metrics import read_metrics
 from batchpilot.model.hf import config_to_hf
 from batchpilot.model.llama import LlamaConfig
+from batchpilot.model import counting
 from batchpilot.plan import laws
 
 
@@ -101,7 +102,7 @@ def main() -> None:
     if budget > train_tokens:
         raise SystemExit(f"budget {budget} exceeds the train split ({train_tokens} tokens): tokens would repeat")
     cfg = model_config(meta["vocab_size"], args)
-    n = laws.non_vocab_params(cfg)
+    n = counting.non_vocab_params(cfg)
     seq = args.seq_len
     small = args.small_batch_tokens
     law_batch = laws.step_law_batch_tokens(budget)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # provenance
 from provenance import provenance  # noqa: E402
 from run_experiment import compare  # noqa: E402
 
-from batchpilot.metrics import write_json_atomic  # noqa: E402
+from batchpilot.io import write_json_atomic  # noqa: E402
 
 
 def summarize(results: list[dict], report: str) -> dict:

@@ -1,7 +1,8 @@
 import json
 
 from batchpilot.cli import main
-from batchpilot.generate.jobs import merge_parts, part_path, read_job, render_chat
+from batchpilot.data.chat_template import render_chat
+from batchpilot.generate.jobs import merge_parts, part_path, read_job
 from batchpilot.generate.request import SamplingParams
 from conftest import CHAT_TEMPLATE
 

@@ -15,11 +15,9 @@ from batchpilot.plan.fit import (Runs, best_on_grid_edge, fit_critical_batch, fi
                                  steps_to_reach)
 from batchpilot.plan.laws import load_law
 
-STEPLAW_DIR = Path(__file__).resolve().parents[3] / "shared/data/steplaw"
+STEPLAW_DIR = Path(__file__).resolve().parents[2] / "examples/steplaw"
 STEPLAW_RUNS = STEPLAW_DIR / "dense_lr_bs_loss_under1B.csv"
 AUTHORS_FITS = STEPLAW_DIR / "fitted_lr_bs_scaling_model_parameters.csv"
-needs_steplaw = pytest.mark.skipif(not STEPLAW_RUNS.exists(), reason=f"Step Law data not found at {STEPLAW_DIR} "
-                                   "(the shared folder beside the repo)")
 SWEEP_COLUMNS = ["run_id", "preset", "N", "D", "lr", "batch_tokens", "steps", "final_loss", "smooth_loss",
                  "val_loss", "wall_seconds", "seq_len"]
 
@@ -47,7 +45,6 @@ def steplaw_law(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@needs_steplaw
 def test_steplaw_table_law_json(steplaw_law: dict) -> None:
     law = steplaw_law
     assert law["form"] == "steplaw" and law["source"] == STEPLAW_RUNS.name and law["seq_len"] == 2048
@@ -59,7 +56,6 @@ def test_steplaw_table_law_json(steplaw_law: dict) -> None:
             assert lo < law[name][key] < hi
 
 
-@needs_steplaw
 def test_steplaw_fit_is_deterministic(tmp_path: Path) -> None:
     laws = []
     for i in range(2):
@@ -70,7 +66,6 @@ def test_steplaw_fit_is_deterministic(tmp_path: Path) -> None:
     assert laws[0] == laws[1]
 
 
-@needs_steplaw
 def test_steplaw_refit_matches_derived_note(steplaw_law: dict) -> None:
     """laws.md section 1: an OLS refit of the released runs gives about 78 N^-0.77 D^0.20 and 0.21 D^0.61.
 
@@ -87,7 +82,6 @@ def test_steplaw_refit_matches_derived_note(steplaw_law: dict) -> None:
     assert lo < 0.21 < hi
 
 
-@needs_steplaw
 def test_steplaw_refit_against_authors_bootstrap(steplaw_law: dict) -> None:
     """Where our exponents land in the spread of the authors' 1000 bootstrap fits (made on more runs)."""
     with AUTHORS_FITS.open(newline="") as f:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from batchpilot.model.llama import LlamaConfig, build_model, count_params, get_preset
+from batchpilot.model import counting
 from batchpilot.plan import laws
 
 
@@ -72,17 +73,17 @@ def test_non_vocab_params_match_the_model(name):
                          **{"tie_word_embeddings": True, **SHAPES[name]})
     model = build_model(config, device="meta")
     attn_mlp = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
-    assert laws.non_vocab_params(config) == attn_mlp
-    assert laws.total_params(config) == count_params(model)
+    assert counting.non_vocab_params(config) == attn_mlp
+    assert counting.total_params(config) == count_params(model)
 
 
 def test_step_law_grid_shape_and_presets():
     # laws.md: h=960, ffnh=9368, numl=7 (MHA) -> N = 214,663,680
     config = LlamaConfig(vocab_size=65536, hidden_size=960, intermediate_size=9368, num_layers=7, num_heads=15,
                          num_kv_heads=15)
-    assert laws.non_vocab_params(config) == 214_663_680
+    assert counting.non_vocab_params(config) == 214_663_680
     for preset in ("llama-1b", "qwen2-0.5b"):
-        assert laws.total_params(get_preset(preset)) == count_params(build_model(get_preset(preset), device="meta"))
+        assert counting.total_params(get_preset(preset)) == count_params(build_model(get_preset(preset), device="meta"))
 
 
 def test_extrapolation_ranges():

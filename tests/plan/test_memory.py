@@ -3,6 +3,7 @@
 import pytest
 
 from batchpilot.model.llama import get_preset
+from batchpilot.model import counting
 from batchpilot.plan import memory
 
 
@@ -25,7 +26,7 @@ def test_block_activation_formula():
 
 def test_kv_bytes_per_token():
     c = get_preset("llama-8b")  # 32 layers, 8 KV heads of 128
-    assert memory.kv_bytes_per_token(c) == 2 * 32 * 8 * 128 * 2 == 131072
+    assert counting.kv_bytes_per_token(c) == 2 * 32 * 8 * 128 * 2 == 131072
 
 
 def test_optimizer_states_and_precision():

@@ -8,6 +8,7 @@ import pytest
 
 from batchpilot.model.hf import config_to_hf
 from batchpilot.model.llama import LlamaConfig, get_preset
+from batchpilot.model import counting
 from batchpilot.plan import laws
 from batchpilot.plan.memory import GIB, estimate_peak_bytes
 from batchpilot.plan.memory import MICRO_BATCH_GRID
@@ -39,7 +40,7 @@ def test_rounding_and_lr_rule(budget):
 
 def test_step_law_values_and_schedule():
     plan = make_plan(BUDGETS[0])
-    assert plan.law["non_vocab_params"] == laws.non_vocab_params(get_preset("llama-1b"))
+    assert plan.law["non_vocab_params"] == counting.non_vocab_params(get_preset("llama-1b"))
     assert plan.law["batch_tokens"] == pytest.approx(laws.step_law_batch_tokens(1e11))
     assert (plan.schedule, plan.min_lr) == ("cosine", 1e-5)
     assert not plan.warnings  # N 9.7e8 and D 1e11 are inside the grid
@@ -86,7 +87,7 @@ def test_round_trip(tmp_path):
 
 def test_compute_hours_and_mfu_from(tmp_path):
     config = get_preset("llama-1b")
-    fpt = laws.training_flops_per_token(config, 2048)
+    fpt = counting.training_flops_per_token(config, 2048)
     plan = make_plan(Budget(preset="llama-1b", compute_flops=1e20))
     assert plan.law["tokens"] == pytest.approx(1e20 / fpt)
     metrics = tmp_path / "metrics.jsonl"
@@ -99,7 +100,7 @@ def test_compute_hours_and_mfu_from(tmp_path):
 
 def test_params_only_derives_a_shape():
     config = derive_shape(1e9)
-    assert laws.non_vocab_params(config) == pytest.approx(1e9, rel=0.02)
+    assert counting.non_vocab_params(config) == pytest.approx(1e9, rel=0.02)
     plan = make_plan(Budget(params=1e9, tokens=2e10))
     assert plan.law["non_vocab_params"] == 1e9 and LlamaConfig(**plan.model) == config
 
