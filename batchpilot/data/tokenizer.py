@@ -74,6 +74,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model expects it: with the special tokens the tokenizer's post-processor adds (the BOS
+        of Llama 3 / Mistral tokenizers). The one owner of the BOS policy for prompts; training data uses
+        ``encode`` (documents separated by EOS, no BOS)."""
+        return self.inner.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.inner.encode_batch(texts, add_special_tokens=False)]
 

@@ -106,8 +106,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (pass token ids, or --tokenizer)")
-            inner = getattr(self.tokenizer, "inner", None)  # HF post-processor adds BOS where the model expects it
-            return inner.encode(prompt).ids if inner is not None else self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_prompt(prompt)
         return list(prompt)
 
     def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1) -> Iterator[Completion]:
