@@ -10,6 +10,8 @@ same tokens per step and bf16 compute:
   batchpilot_bf16  the same with ``parallelize(..., param_dtype=bf16, fsdp_one_device=True)``: FSDP2's
               mixed precision on one GPU (bf16 compute copies, fp32 masters), so activations and the
               residual stream are bf16 as on several GPUs; a candidate default for the trainer
+  torchtitan, torchtitan_float8  torchtitan's own Trainer on the same shape (benchmarks/torchtitan_runner.py):
+              its compile (model and loss), no checkpointing, float8 through its converter
   batchpilot_float8, batchpilot_bf16_float8  the two batchpilot paths with ``--float8`` (torchao, recipe
               ``--float8-recipe``, default tensorwise): float8 matmuls in the blocks. Not the baselines'
               precision, so summarised apart (``float8_*`` keys), never in ``speedup_vs_hf_liger_*``
@@ -68,7 +70,8 @@ def plan_cases(args: argparse.Namespace) -> dict[str, list[dict]]:
                 "hf_compile": [],
                 "batchpilot": [dict(seq=s1, rows=rows1, mb=4, ac="none"), dict(seq=s2, rows=rows2, mb=1, ac="full")],
                 "batchpilot_bf16": [dict(seq=s1, rows=rows1, mb=4, ac="none")],
-                "batchpilot_float8": [], "batchpilot_bf16_float8": []}  # CPU float8 matmuls: far too slow
+                "batchpilot_float8": [], "batchpilot_bf16_float8": [],  # CPU float8 matmuls: far too slow
+                "torchtitan": [], "torchtitan_float8": []}  # torchtitan imports triton: GPU only
     r1, r2 = args.rows_seq2048, args.rows_seq8192
     return {  # micro-batches from anchors.md (largest or fastest that fit an H200)
         "hf": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=8, ac="full")],
@@ -80,6 +83,9 @@ def plan_cases(args: argparse.Namespace) -> dict[str, list[dict]]:
         "batchpilot_float8": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none")],
         "batchpilot_bf16_float8": [dict(seq=2048, rows=r1, mb=16, ac="none"),
                                    dict(seq=8192, rows=r2, mb=4, ac="none")],
+        # torchtitan's own trainer (benchmarks/torchtitan_runner.py): compile of model and loss, no checkpointing
+        "torchtitan": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none")],
+        "torchtitan_float8": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none")],
     }
 
 
@@ -266,7 +272,26 @@ def run_one(spec: dict, args) -> None:
         print("ROW " + json.dumps(largest_micro_batch(spec["system"], config, dims, args)), flush=True)
         return
     for case in spec["cases"]:
-        print("ROW " + json.dumps(time_case(spec["system"], config, dims, case, args)), flush=True)
+        run = time_torchtitan_case if spec["system"].startswith("torchtitan") else time_case
+        print("ROW " + json.dumps(run(spec["system"], config, dims, case, args)), flush=True)
+
+
+def time_torchtitan_case(system: str, config: LlamaConfig, dims: parallel.ParallelDims, case: dict, args) -> dict:
+    """torchtitan's Trainer on the same shape, tokens per step and micro-batch (one case per child process)."""
+    from torchtitan_runner import time_torchtitan
+
+    row: dict[str, Any] = dict(system=system, **case)
+    try:
+        row |= time_torchtitan(case, config, warmup=args.warmup, steps=args.steps, compile=not args.smoke,
+                               float8=args.float8_recipe if system.endswith("_float8") else None,
+                               peak_tflops=args.peak_tflops, flops_per_token=flops_per_token(config, case["seq"]))
+        row["mfu_causal"] = round(row["tokens_per_s"] * flops_per_token(config, case["seq"], causal=True)
+                                  / (args.peak_tflops * 1e12), 4)
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    except Exception as e:  # recorded, not fatal: the other systems still run
+        row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+    return row
 
 
 # ------------------------------------------------------------------------------------ driving
@@ -326,6 +351,13 @@ def summarize(rows: list[dict], seqs: tuple[int, int], float8_recipe: str) -> di
             if float8 and liger else None
         summary[f"float8_speedup_vs_batchpilot_bf16_matmuls_{key}"] = \
             round(float8["tokens_per_s"] / ours["tokens_per_s"], 3) if float8 and ours else None
+        titan, titan8 = best(rows, "torchtitan", seq), best(rows, "torchtitan_float8", seq)
+        summary[f"torchtitan_tokens_per_s_{key}"] = titan and titan["tokens_per_s"]
+        summary[f"torchtitan_float8_tokens_per_s_{key}"] = titan8 and titan8["tokens_per_s"]
+        summary[f"speedup_vs_torchtitan_{key}"] = round(ours["tokens_per_s"] / titan["tokens_per_s"], 3) \
+            if ours and titan else None
+        summary[f"float8_speedup_vs_torchtitan_{key}"] = round(float8["tokens_per_s"] / titan8["tokens_per_s"], 3) \
+            if float8 and titan8 else None
     fit = {r["system"]: r for r in rows if "largest_micro_batch" in r}
     if fit:
         summary["largest_micro_batch_fit_seq"] = {k: v["largest_micro_batch"] for k, v in fit.items()}
@@ -334,7 +366,7 @@ def summarize(rows: list[dict], seqs: tuple[int, int], float8_recipe: str) -> di
 
 def environment() -> dict:
     versions = {}
-    for name in ("transformers", "liger_kernel", "triton", "torchao"):
+    for name in ("transformers", "liger_kernel", "triton", "torchao", "torchtitan"):
         try:
             versions[name] = __import__(name).__version__
         except Exception as e:  # noqa: BLE001  (missing or broken: recorded)
@@ -352,10 +384,12 @@ def write_result(result: dict, out_dir: str | None, name: str) -> Path:
 
 
 def main_single(args, passthrough: list[str]) -> None:
-    cases = plan_cases(args)
+    cases = {system: [c for c in system_cases if args.only_seq is None or c["seq"] == args.only_seq]
+             for system, system_cases in plan_cases(args).items()}
     skip = {"hf": args.skip_hf, "liger": args.skip_liger, "hf_compile": args.skip_hf_compile,
             "batchpilot": args.skip_batchpilot, "batchpilot_bf16": args.skip_batchpilot_bf16,
-            "batchpilot_float8": args.skip_float8, "batchpilot_bf16_float8": args.skip_float8}
+            "batchpilot_float8": args.skip_float8, "batchpilot_bf16_float8": args.skip_float8,
+            "torchtitan": args.skip_torchtitan, "torchtitan_float8": args.skip_torchtitan or args.skip_float8}
     rows, skipped = [], {}
     for system, system_cases in cases.items():
         if args.only_fit_search:
@@ -368,6 +402,13 @@ def main_single(args, passthrough: list[str]) -> None:
             continue
         if system.endswith("_float8") and (reason := _float8_missing()):
             skipped[system] = reason
+            continue
+        if system.startswith("torchtitan") and (reason := _torchtitan_missing()):
+            skipped[system] = reason
+            continue
+        if system.startswith("torchtitan"):  # one child per case: torchtitan's process group is set up per trainer
+            for case in system_cases:
+                rows += run_child(dict(system=system, cases=[case]), passthrough, args.child_timeout)
             continue
         rows += run_child(dict(system=system, cases=system_cases), passthrough, args.child_timeout)
     if not args.skip_fit_search:
@@ -419,6 +460,16 @@ def _float8_missing() -> str | None:
     return None
 
 
+def _torchtitan_missing() -> str | None:
+    try:
+        import torchtitan.train  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"torchtitan not importable ({type(e).__name__}: {str(e)[:160]})"
+    if not torch.cuda.is_available():
+        return "torchtitan's trainer needs CUDA here"
+    return None
+
+
 def _liger_missing() -> str | None:
     try:
         import liger_kernel.transformers  # noqa: F401
@@ -438,12 +489,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--rows-seq2048", type=int, default=16, help="rows per step at seq 2048 (32k tokens)")
     p.add_argument("--rows-seq8192", type=int, default=8, help="rows per step at seq 8192 (64k tokens)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--only-seq", type=int, default=None, help="run only the cases at this sequence length")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-liger", action="store_true")
     p.add_argument("--skip-hf-compile", action="store_true")
     p.add_argument("--skip-batchpilot", action="store_true", help="the trainer's one-GPU path (autocast)")
     p.add_argument("--skip-batchpilot-bf16", action="store_true", help="one-GPU FSDP2 mixed precision")
-    p.add_argument("--skip-float8", action="store_true", help="the two float8 batchpilot systems")
+    p.add_argument("--skip-float8", action="store_true", help="the float8 systems (batchpilot and torchtitan)")
+    p.add_argument("--skip-torchtitan", action="store_true", help="torchtitan's trainer (bf16 and float8)")
     p.add_argument("--float8-recipe", default="tensorwise", choices=parallel.FLOAT8_RECIPES)
     p.add_argument("--skip-fit-search", action="store_true", help="skip the largest-micro-batch search")
     p.add_argument("--only-fit-search", action="store_true", help="run only the largest-micro-batch search")
