@@ -88,7 +88,7 @@ def job_args(name: str, case: dict, *, steps: int, float8: str | None, dump_fold
             "--training.max_norm", "1.0", "--optimizer.lr", "1e-4", "--lr_scheduler.warmup_steps", "1",
             "--metrics.log_freq", "100000", "--activation_checkpoint.mode", case["ac"]]
     if compile:
-        argv += ["--compile.enable", "--compile.components", "model", "loss"]
+        argv += ["--compile.enable", "--compile.components", "model,loss"]  # torchtitan parses lists comma-separated
     if float8:
         argv += ["--model.converters", "float8", "--quantize.linear.float8.recipe_name", float8]
     return argv
