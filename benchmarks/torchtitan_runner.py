@@ -90,7 +90,9 @@ def job_args(name: str, case: dict, *, steps: int, float8: str | None, dump_fold
     if compile:
         argv += ["--compile.enable", "--compile.components", "model,loss"]  # torchtitan parses lists comma-separated
     if float8:
-        argv += ["--model.converters", "float8", "--quantize.linear.float8.recipe_name", float8]
+        # torchtitan's float8 converter; the output layer stays bf16 as in its llama3 float8 recipes (and as ours)
+        argv += ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.recipe_name", float8,
+                 "--quantize.linear.float8.filter_fqns", "output"]
     return argv
 
 
