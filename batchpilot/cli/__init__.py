@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("plan", "prepare", "train", "sample", "generate", "sweep", "fit", "report")
+COMMANDS = ("plan", "prepare", "train", "sample", "generate", "serve", "sweep", "fit", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

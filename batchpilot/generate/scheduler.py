@@ -1,12 +1,17 @@
 """Policy: who runs in the next step, under one token budget. Pure Python over requests and blocks.
 
-Each step (Sarathi-Serve, stall-free, laws.md section 16): every running request in decode gets one
+Each step (Sarathi-Serve, Agrawal et al., OSDI 2024, arXiv 2403.02310, section 4: stall-free batching): every
+running request in decode gets one
 token first; running requests still in prefill get the next chunk of what is left of the budget;
 then waiting requests are admitted first come first served (the queue is in prefix-group order),
 each with a first chunk, until one does not fit. Admission asks whether the *future peak* of KV
-memory still fits (Past-Future / LightLLM, laws.md section 15): remaining output lengths are
+memory still fits (Past-Future, LightLLM's router: the peak of the running batch over its future): remaining
+output lengths are
 estimated from this job's own finished requests (an EMA), so admission is neither greedy nor
-reserving ``max_tokens`` for everyone. If the estimate was wrong and a decode cannot get a block,
+reserving ``max_tokens`` for everyone. ``admission`` selects the policy, so that a server can compare them:
+``past_future`` (above; Gong et al., "Past-Future Scheduler for LLM Serving under SLA Guarantees", ASPLOS 2025,
+arXiv 2507.10150), ``aggressive`` (admit while blocks for the first chunk are free and preempt on exhaustion, as
+vLLM does) and ``conservative`` (reserve every request's ``max_tokens``). If the estimate was wrong and a decode cannot get a block,
 the most recently admitted request is preempted without loss: its blocks are freed, it goes back
 to the front of the queue and its prompt + output are recomputed later (same tokens out).
 
@@ -23,6 +28,7 @@ from batchpilot.generate.kv_cache import BlockPool
 from batchpilot.generate.request import Request, Status
 
 OUTPUT_MARGIN = 6  # tokens added to every remaining-length estimate (LightLLM's ADDED_OUTPUT_LEN)
+ADMISSIONS = ("past_future", "aggressive", "conservative")
 
 
 @dataclass(slots=True)
@@ -69,7 +75,8 @@ class OutputLengthEMA:
 
 
 def pack_worst_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Prepacking's bin packing (laws.md section 13): longest first, each into the least-loaded bin it fits."""
+    """Prepacking's bin packing (Zhao et al. 2024, arXiv 2404.09529): worst-fit decreasing, longest first, each
+    into the least-loaded bin it fits."""
     bins: list[list[int]] = []
     loads: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -84,9 +91,47 @@ def pack_worst_fit_decreasing(lengths: list[int], capacity: int) -> list[list[in
     return bins
 
 
+class StepTimeModel:
+    """Step seconds ~ fixed + per_token x tokens in the step, fitted online by least squares over recent steps.
+
+    Sarathi-Serve sizes the token budget of a step so that the decodes in it meet the time-between-tokens SLO
+    (arXiv 2403.02310, section 4.3: the budget is set from profiling the deployment); here the profile is the
+    server's own recent steps, so the budget follows the model, the GPU and the context lengths in use.
+    """
+
+    def __init__(self, *, window: int = 256, min_budget: int = 16, max_budget: int = 8192) -> None:
+        self.window, self.min_budget, self.max_budget = window, min_budget, max_budget
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self.samples.append((num_tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None until the steps span at least two sizes."""
+        n = len(self.samples)
+        xs = [x for x, _ in self.samples]
+        if n < 4 or max(xs) == min(xs):
+            return None
+        mx, my = sum(xs) / n, sum(y for _, y in self.samples) / n
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in self.samples) / sxx
+        return max(0.0, my - slope * mx), max(slope, 1e-9)
+
+    def budget(self, tpot_slo_s: float, default: int) -> int:
+        """The largest step (tokens) whose predicted time stays within the SLO; ``default`` until fitted."""
+        fitted = self.fit()
+        if fitted is None:
+            return default
+        fixed, per_token = fitted
+        return int(min(self.max_budget, max(self.min_budget, (tpot_slo_s - fixed) / per_token)))
+
+
 class Scheduler:
     def __init__(self, pool: BlockPool, *, max_batch_tokens: int, max_num_seqs: int,
-                 output_len_prior: int = 2048) -> None:
+                 output_len_prior: int = 2048, admission: str = "past_future") -> None:
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission {admission!r}: choose one of {', '.join(ADMISSIONS)}")
+        self.admission = admission
         self.pool = pool
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -158,6 +203,15 @@ class Scheduler:
                 return False
         return True
 
+    def abort(self, r: Request) -> None:
+        """Drop a request that has not finished (a client went away): its blocks are freed at once."""
+        if r.status is Status.WAITING:
+            self.waiting.remove(r)
+            r.status = Status.FINISHED
+        elif r.status is Status.RUNNING:
+            r.finish_reason, r.status = "abort", Status.FINISHED
+            self._release(r)
+
     def finish(self, r: Request, reason: str) -> None:
         r.finish_reason, r.status = reason, Status.FINISHED  # leaves self.running at the next schedule()
         self._release(r)
@@ -211,7 +265,8 @@ class Scheduler:
     def _future(self, r: Request) -> tuple[int, int]:
         """(a, r): KV tokens held once its prompt is in, and estimated tokens still to generate."""
         generated, limit = len(r.output_ids), r.params.max_tokens
-        estimate = limit if r.params.ignore_eos else min(limit, max(int(1.1 * generated), self.history.value))
+        reserve_all = r.params.ignore_eos or self.admission == "conservative"
+        estimate = limit if reserve_all else min(limit, max(int(1.1 * generated), self.history.value))
         return r.num_own_tokens + self.pool.block_size, max(0, estimate - generated - 1) + OUTPUT_MARGIN
 
     def _fits(self, cand: Request, future: list[tuple[int, int]], upper: int) -> bool:
@@ -219,7 +274,7 @@ class Scheduler:
         free = self.pool.capacity_tokens - self.frozen_tokens
         if cand.is_prefix:
             return len(cand.prompt_ids) <= free
-        if not future:  # nothing running will free memory: waiting would never help
+        if not future or self.admission == "aggressive":  # aggressive: only the first chunk's blocks must exist
             return True
         a, r = self._future(cand)
         return upper + a + r <= free or estimate_peak(future + [(a, r)]) <= free

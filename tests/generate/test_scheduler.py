@@ -1,6 +1,9 @@
 from batchpilot.generate.kv_cache import BlockPool
 from batchpilot.generate.request import Request, SamplingParams, Status
-from batchpilot.generate.scheduler import OutputLengthEMA, Scheduler, estimate_peak, pack_worst_fit_decreasing
+import pytest
+
+from batchpilot.generate.scheduler import (OutputLengthEMA, Scheduler, StepTimeModel, estimate_peak,
+                                            pack_worst_fit_decreasing)
 
 
 def _running(s: Scheduler, r: Request, computed: int) -> Request:
@@ -11,7 +14,7 @@ def _running(s: Scheduler, r: Request, computed: int) -> Request:
 
 
 def test_sarathi_oracle_decode_first_then_one_chunk_no_admission():
-    """laws.md 16: tau 512, 100 decodes + a prefill with 1000 left -> 100 + 412, nobody admitted."""
+    """Sarathi-Serve (arXiv 2403.02310) scheduler oracle: tau 512, 100 decodes + a prefill with 1000 left -> 100 + 412, nobody admitted."""
     s = Scheduler(BlockPool(10_000, 16), max_batch_tokens=512, max_num_seqs=1024)
     for i in range(100):
         r = Request(i, [1] * 10, SamplingParams(max_tokens=50), output_ids=[7])
@@ -24,7 +27,7 @@ def test_sarathi_oracle_decode_first_then_one_chunk_no_admission():
 
 
 def test_past_future_peak_and_ema_oracles():
-    """laws.md 15: peak 365; EMA 2048 -> 1074 -> 684 -> 497."""
+    """LightLLM Past-Future peak oracle (arXiv 2507.10150): peak 365; EMA 2048 -> 1074 -> 684 -> 497."""
     assert estimate_peak([(100, 10), (50, 30), (200, 5)]) == 365
     ema, seen = OutputLengthEMA(), []
     for _ in range(3):
@@ -56,3 +59,49 @@ def test_worst_fit_decreasing_oracles():
     """laws.md 13: binpacking.to_constant_volume results."""
     assert pack_worst_fit_decreasing([5, 3, 2, 7], 7) == [[3], [0], [1, 2]]
     assert pack_worst_fit_decreasing([10, 4, 6, 3, 9, 2], 10) == [[0], [4], [2, 1], [3, 5]]
+
+
+def _admitted(admission: str) -> int:
+    """Requests of 100 prompt tokens and max_tokens 300 admitted into 1024 KV tokens, with a history that says
+    outputs are short (50 tokens)."""
+    s = Scheduler(BlockPool(64, 16), max_batch_tokens=4096, max_num_seqs=64, admission=admission)
+    for _ in range(10):
+        s.history.update(50)
+    s.add([Request(i, [1] * 100, SamplingParams(max_tokens=300)) for i in range(8)])
+    return len(s.schedule().chunks)
+
+
+def test_admission_policies_order_aggressive_past_future_conservative():
+    # aggressive: first chunks while blocks are free (8 x 7 blocks > 64: stops at the pool); conservative reserves
+    # 100 + 16 + 305 per request (2 fit); past-future uses the short history (64 tokens out): more than conservative
+    aggressive, past_future, conservative = (_admitted(a) for a in ("aggressive", "past_future", "conservative"))
+    assert aggressive == 8 and conservative == 2
+    assert conservative < past_future <= aggressive
+
+
+def test_unknown_admission_is_a_one_line_error():
+    with pytest.raises(ValueError, match="admission 'greedy'"):
+        Scheduler(BlockPool(4, 16), max_batch_tokens=16, max_num_seqs=4, admission="greedy")
+
+
+def test_abort_frees_blocks_of_running_and_removes_waiting():
+    s = Scheduler(BlockPool(64, 16), max_batch_tokens=4096, max_num_seqs=64)
+    a, b = Request(0, [1] * 40), Request(1, [1] * 40)
+    s.add([a])
+    s.schedule()
+    s.add([b])
+    free_before = s.pool.num_free
+    s.abort(a)
+    assert s.pool.num_free == free_before + 3 and a.finish_reason == "abort"
+    s.abort(b)
+    assert not s.waiting and not s.has_work()
+
+
+def test_step_time_model_budget_meets_the_slo():
+    m = StepTimeModel()
+    assert m.budget(0.05, default=512) == 512  # not fitted yet
+    for tokens in (64, 128, 256, 512, 1024):
+        m.observe(tokens, 0.010 + 2e-5 * tokens)  # 10 ms fixed + 20 us per token
+    fixed, per_token = m.fit()
+    assert fixed == pytest.approx(0.010) and per_token == pytest.approx(2e-5)
+    assert m.budget(0.030, default=512) in (999, 1000)  # (30 - 10) ms / 20 us, floored

@@ -1,0 +1,215 @@
+"""The engine loop of the server: one thread runs the engine; HTTP handlers talk to it through queues.
+
+Design: the engine and its scheduler are single-threaded Python over GPU work, so exactly one thread owns them.
+HTTP handlers (asyncio) ``submit`` and ``cancel`` through a thread-safe inbox; after every engine step the loop
+pushes each request's new text to its handler's ``asyncio.Queue`` with ``call_soon_threadsafe``. Between steps the
+loop sets the step's token budget from the measured step-time model so that the decodes of a step meet the TPOT SLO
+(Sarathi-Serve, arXiv 2403.02310, section 4.3) and admission follows the scheduler's policy (Past-Future by default,
+arXiv 2507.10150). Cost: one host thread, and text deltas are decoded from all output ids each step (cheap next to a
+model step; stop strings hold back that many characters so a stop string is never streamed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from batchpilot.generate.engine import Engine
+from batchpilot.generate.request import Completion, Request, SamplingParams, Status
+from batchpilot.generate.scheduler import Scheduler, StepTimeModel
+
+EventKind = Literal["delta", "done", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: EventKind
+    text: str = ""  # delta text ("delta"), the whole output ("done"), or the message ("error")
+    completion: Completion | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Stream:
+    """One request in the server: the engine's Request and the queue its HTTP handler reads."""
+
+    request: Request
+    events: asyncio.Queue[Event]
+    arrival_s: float
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    sent_chars: int = 0
+    finished: bool = False
+    token_gaps_s: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStats:
+    waiting: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    preemptions: int
+    steps: int
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, *, admission: str, tpot_slo_s: float | None,
+                 event_loop: asyncio.AbstractEventLoop,
+                 on_first_token: Callable[[float], None] | None = None,
+                 on_token_gap: Callable[[float], None] | None = None) -> None:
+        self.engine, self.tpot_slo_s, self.event_loop = engine, tpot_slo_s, event_loop
+        cfg = engine.config
+        self.scheduler = Scheduler(engine.pool, max_batch_tokens=cfg.max_batch_tokens, max_num_seqs=cfg.max_num_seqs,
+                                   output_len_prior=cfg.output_len_prior, admission=admission)
+        self.step_time = StepTimeModel()
+        self.inbox: queue.SimpleQueue[tuple[str, Stream]] = queue.SimpleQueue()
+        self.streams: dict[int, Stream] = {}  # request index -> stream
+        self._indices = itertools.count()
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._on_first_token, self._on_token_gap = on_first_token, on_token_gap
+        # graphs size their block tables for the longest request the server can take
+        engine.runner.begin_job(min(engine.model.config.max_position_embeddings, engine.pool.capacity_tokens))
+        self.thread = threading.Thread(target=self._run, name="batchpilot-engine", daemon=True)
+
+    # --- called from the HTTP side (any thread) ---
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
+        """A new request; ValueError (prompt too long for the model or the KV cache) before it is queued."""
+        r = Request(next(self._indices), list(prompt_ids), params)
+        self.engine.check(r)
+        stream = Stream(r, asyncio.Queue(), time.perf_counter())
+        self.inbox.put(("add", stream))
+        self._wake.set()
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        self.inbox.put(("cancel", stream))
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(not s.finished for s in list(self.streams.values())) + self.inbox.qsize()
+
+    def stats(self) -> LoopStats:
+        pool = self.engine.pool
+        return LoopStats(waiting=len(self.scheduler.waiting),
+                         running=sum(r.status is Status.RUNNING for r in self.scheduler.running),
+                         kv_blocks_used=pool.num_blocks - pool.num_free, kv_blocks_total=pool.num_blocks,
+                         preemptions=self.engine.stats.preemptions, steps=self.engine.stats.steps)
+
+    def stop(self, *, drain_timeout_s: float) -> None:
+        """Finish running requests for up to ``drain_timeout_s``, cancel the rest, stop the thread."""
+        deadline = time.perf_counter() + drain_timeout_s
+        while self.in_flight and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        for stream in list(self.streams.values()):
+            self.cancel(stream)
+        self._stop.set()
+        self._wake.set()
+        self.thread.join(timeout=30)
+
+    # --- the engine thread ---
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 -- a failed step fails its requests, never the server
+                self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, stream = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.streams[stream.request.index] = stream
+                self.scheduler.add([stream.request])
+            elif not stream.finished:
+                self.scheduler.abort(stream.request)
+                self._close(stream, Event("error", "cancelled"))
+
+    def _step(self) -> None:
+        stats = self.engine.stats
+        if self.tpot_slo_s:
+            self.scheduler.max_batch_tokens = self.step_time.budget(self.tpot_slo_s,
+                                                                    default=self.engine.config.max_batch_tokens)
+        tokens0, prefill0, steps0 = stats.output_tokens, stats.prefill_tokens, stats.steps
+        t0 = time.perf_counter()
+        done = self.engine.step(self.scheduler)
+        seconds = time.perf_counter() - t0
+        steps = max(1, stats.steps - steps0)
+        self.step_time.observe((stats.output_tokens - tokens0 + stats.prefill_tokens - prefill0) // steps,
+                               seconds / steps)
+        now = time.perf_counter()
+        finished = {c.index: c for c in done}
+        for index, stream in list(self.streams.items()):
+            if index in finished:
+                self._finish(stream, finished[index], now)
+            elif stream.request.status is Status.RUNNING:
+                self._push_delta(stream, now)
+
+    def _push_delta(self, stream: Stream, now: float) -> None:
+        r = stream.request
+        if not r.output_ids:
+            return
+        self._mark_tokens(stream, now)
+        if self.engine.tokenizer is None:  # token-id prompts without a tokenizer: an empty chunk per step, for timing
+            self._send(stream, Event("delta", ""))
+            return
+        text = self.engine.tokenizer.decode(r.output_ids)
+        hold = max((len(s) for s in r.params.stop), default=0)  # never stream the start of a stop string
+        visible = len(text) - hold
+        while visible > stream.sent_chars and text[visible - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+            visible -= 1
+        if visible > stream.sent_chars:
+            self._send(stream, Event("delta", text[stream.sent_chars:visible]))
+            stream.sent_chars = visible
+
+    def _finish(self, stream: Stream, completion: Completion, now: float) -> None:
+        self._mark_tokens(stream, now)
+        if len(completion.text) > stream.sent_chars:
+            self._send(stream, Event("delta", completion.text[stream.sent_chars:]))
+        self._close(stream, Event("done", completion.text, completion))
+
+    def _mark_tokens(self, stream: Stream, now: float) -> None:
+        if stream.first_token_s is None:
+            stream.first_token_s = now
+            if self._on_first_token:
+                self._on_first_token(now - stream.arrival_s)
+        elif stream.last_token_s is not None and now > stream.last_token_s:
+            gap = now - stream.last_token_s
+            stream.token_gaps_s.append(gap)
+            if self._on_token_gap:
+                self._on_token_gap(gap)
+        stream.last_token_s = now
+
+    def _close(self, stream: Stream, event: Event) -> None:
+        stream.finished = True
+        self.streams.pop(stream.request.index, None)
+        self._send(stream, event)
+
+    def _send(self, stream: Stream, event: Event) -> None:
+        self.event_loop.call_soon_threadsafe(stream.events.put_nowait, event)
+
+    def _fail_all(self, message: str) -> None:
+        for stream in list(self.streams.values()):
+            self.scheduler.abort(stream.request)
+            self._close(stream, Event("error", message))
+        self.scheduler = Scheduler(self.engine.pool, max_batch_tokens=self.scheduler.max_batch_tokens,
+                                   max_num_seqs=self.scheduler.max_num_seqs, admission=self.scheduler.admission)

@@ -1,0 +1,69 @@
+"""``/metrics`` in the Prometheus text format, through ``prometheus_client`` with a registry per server.
+
+Gauges are read from the engine loop when scraped (queue length, running requests, KV blocks in use,
+preemptions), so nothing is mirrored by hand; latency histograms and counters are updated as requests finish.
+A request counts toward goodput when it met both SLOs that are set (its first token within ``ttft_slo_s`` and
+every gap between its tokens within ``tpot_slo_s`` on average).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from batchpilot.serve.app import ServeConfig
+    from batchpilot.serve.loop import EngineLoop, Stream
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class _LoopCollector:
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.loop.stats()
+        yield GaugeMetricFamily("batchpilot_requests_waiting", "requests queued for admission", value=s.waiting)
+        yield GaugeMetricFamily("batchpilot_requests_running", "requests admitted and not finished", value=s.running)
+        yield GaugeMetricFamily("batchpilot_kv_cache_usage_ratio", "share of KV blocks in use",
+                                value=s.kv_blocks_used / max(1, s.kv_blocks_total))
+        yield CounterMetricFamily("batchpilot_preemptions", "requests preempted (recomputed later)", value=s.preemptions)
+        yield CounterMetricFamily("batchpilot_engine_steps", "model steps run", value=s.steps)
+
+
+class ServeMetrics:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram("batchpilot_time_to_first_token_seconds", "arrival to first output token",
+                              buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.tpot = Histogram("batchpilot_time_per_output_token_seconds", "gap between consecutive output tokens",
+                              buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.finished = Counter("batchpilot_requests_finished", "requests answered", registry=self.registry)
+        self.good = Counter("batchpilot_requests_within_slo", "requests that met every SLO set (goodput)",
+                            registry=self.registry)
+        self.rejected = Counter("batchpilot_requests_rejected", "requests refused with 429", registry=self.registry)
+
+    def bind(self, loop: EngineLoop) -> None:
+        self.registry.register(_LoopCollector(loop))
+
+    def finish(self, stream: Stream) -> None:
+        self.finished.inc()
+        if meets_slo(stream, ttft_slo_s=self.cfg.ttft_slo_s, tpot_slo_s=self.cfg.tpot_slo_s):
+            self.good.inc()
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+def meets_slo(stream: Stream, *, ttft_slo_s: float | None, tpot_slo_s: float | None) -> bool:
+    if stream.first_token_s is None:
+        return False
+    if ttft_slo_s is not None and stream.first_token_s - stream.arrival_s > ttft_slo_s:
+        return False
+    gaps = stream.token_gaps_s
+    return tpot_slo_s is None or not gaps or sum(gaps) / len(gaps) <= tpot_slo_s

@@ -1,0 +1,278 @@
+"""Goodput of ``batchpilot serve`` under latency SLOs, per admission policy, with an open-loop Poisson client.
+
+For each admission policy (past_future, aggressive, conservative) the benchmark starts the product itself,
+``python -m batchpilot serve`` (a subprocess: the client does not share its interpreter), warms it up, then replays
+each workload at a sweep of request rates: arrivals are Poisson (open loop: a slow server does not slow the
+arrivals), every request streams, and the client records its time to first token (TTFT) and mean time per output
+token after the first (TPOT). Goodput = requests per second that met both SLOs.
+
+Workloads (token counts; prompts are random token ids, the model has random weights):
+  chat       prompt lognormal(median 256, sigma 0.6), output mean 200, cap 1024
+  summarize  prompt lognormal(median 1536, sigma 0.4), output mean 96, cap 512
+  code       prompt lognormal(median 512, sigma 0.7), output mean 320, cap 1024
+Output lengths are not known to the server: each request asks for ``max_tokens`` = the cap, samples at temperature
+1, and carries an OpenAI ``logit_bias`` on the EOS id that makes EOS come after a geometric number of tokens with the
+drawn mean (a random-weight model's logits are near uniform over V tokens, so a bias b gives P(EOS) ~ e^b / V per
+step). That is what a real model does to a scheduler: the lengths follow a distribution it can learn (Past-Future)
+but not know (conservative reserves the cap). With ``--lengths exact`` requests instead carry ignore_eos and
+max_tokens = the drawn length (then conservative admission knows every length; use it when logit_bias is missing).
+
+Also measured, in-process on the same GPU after the servers: the offline engine on the same requests (throughput at
+saturation against it), and one request's prefill and decode-step time (low-load TTFT / TPOT against them).
+Result: ``serve_goodput_*.json`` with summary keys ``goodput_vs_aggressive``, ``goodput_vs_conservative`` (the worse
+workload, at the rate where the aggressive policy's goodput peaks), ``saturation_vs_offline``.
+
+Usage (one H200): python benchmarks/serve_goodput.py
+CPU smoke:        python benchmarks/serve_goodput.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from provenance import provenance  # noqa: E402
+
+WORKLOADS = {"chat": (256, 0.6, 200, 1024), "summarize": (1536, 0.4, 96, 512), "code": (512, 0.7, 320, 1024)}
+POLICIES = ("past_future", "aggressive", "conservative")
+EOS_ID = 2
+
+
+def make_requests(workload: str, n: int, *, vocab: int, seed: int, scale: float, lengths: str) -> list[dict]:
+    median, sigma, mean_out, cap = WORKLOADS[workload]
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        prompt_len = max(4, min(int(4 * median * scale), int(rng.lognormvariate(math.log(median * scale), sigma))))
+        target = max(2.0, rng.expovariate(1 / (mean_out * scale)))  # drawn mean of this request's geometric length
+        body: dict[str, Any] = {"model": "m", "prompt": [rng.randrange(3, vocab) for _ in range(prompt_len)],
+                                "stream": True, "stream_options": {"include_usage": True}}
+        if lengths == "exact":
+            body |= {"max_tokens": int(min(target, cap * scale)), "ignore_eos": True, "temperature": 0}
+        else:  # P(EOS) per step ~ e^b / (V + e^b) = 1 / target
+            body |= {"max_tokens": int(cap * scale), "temperature": 1.0, "seed": rng.randrange(2**31),
+                     "logit_bias": {str(EOS_ID): round(math.log(vocab / max(target - 1, 1.0)), 3)}}
+        reqs.append(body)
+    return reqs
+
+
+async def one_request(client: Any, body: dict, start: float, at: float) -> dict:
+    await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+    sent, first, tokens, error = time.perf_counter(), None, 0, None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"status": r.status_code, "sent": sent - start}
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                elif chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif first is None:
+                    first = time.perf_counter()
+    except Exception as e:  # noqa: BLE001 -- a failed request is a result (not good), not a crash
+        error = f"{type(e).__name__}: {e}"
+    end = time.perf_counter()
+    ttft = (first - sent) if first else None
+    tpot = (end - first) / (tokens - 1) if first and tokens > 1 else None
+    return {"status": 200 if error is None else 500, "sent": sent - start, "ttft": ttft, "tpot": tpot,
+            "tokens": tokens, "error": error}
+
+
+async def run_rate(base_url: str, reqs: list[dict], rate: float, seed: int) -> list[dict]:
+    import httpx
+
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in reqs:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        return list(await asyncio.gather(*(one_request(client, b, start, a) for b, a in zip(reqs, arrivals))))
+
+
+def summarize_rate(rows: list[dict], rate: float, *, ttft_slo: float, tpot_slo: float) -> dict:
+    span = max((r["sent"] for r in rows), default=0.0) or 1.0
+    ok = [r for r in rows if r["status"] == 200 and r.get("ttft") is not None]
+    good = [r for r in ok if r["ttft"] <= ttft_slo and (r["tpot"] is None or r["tpot"] <= tpot_slo)]
+    pct = (lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs[0] if xs else None))
+    ttfts, tpots = [r["ttft"] for r in ok], [r["tpot"] for r in ok if r["tpot"] is not None]
+    return {"rate": rate, "requests": len(rows), "answered": len(ok), "good": len(good),
+            "goodput_rps": len(good) / span, "throughput_tokens_per_s": sum(r["tokens"] for r in ok) / span,
+            "rejected": sum(r["status"] == 429 for r in rows), "errors": sum(r["status"] == 500 for r in rows),
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "tpot_p50": pct(tpots, 50),
+            "tpot_p99": pct(tpots, 99)}
+
+
+def start_server(model_dir: Path, policy: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "batchpilot", "serve", "--model", str(model_dir), "--port", str(port),
+           "--admission", policy, "--tpot-slo", str(args.tpot_slo), "--ttft-slo", str(args.ttft_slo),
+           "--max-queue", "100000", "--max-num-seqs", str(args.max_num_seqs)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import httpx
+
+    deadline = time.time() + args.start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+def build_model_dir(args: argparse.Namespace) -> Path:
+    import torch
+
+    from batchpilot import build_model, save_model
+    from batchpilot.model.llama import get_preset
+
+    config = get_preset(args.preset).with_(eos_token_id=EOS_ID)
+    model = build_model(config, device="cuda" if torch.cuda.is_available() else "cpu", seed=0)
+    path = Path(tempfile.mkdtemp(prefix="serve_model_")) / "model"
+    save_model(model, path, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
+    return path
+
+
+def offline_reference(model_dir: Path, workloads: dict[str, list[dict]]) -> dict:
+    """The offline engine on the same requests (tokens/s), and one request's prefill and decode-step time."""
+    import torch
+
+    from batchpilot import load_model
+    from batchpilot.generate import Engine, EngineConfig, SamplingParams
+    from batchpilot.generate.jobs import body_params
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    engine = Engine(model, None, EngineConfig(prefix_sharing=False))
+    out: dict[str, Any] = {}
+    for name, reqs in workloads.items():
+        prompts = [b["prompt"] for b in reqs]
+        params = [body_params({k: v for k, v in b.items() if k not in ("stream", "stream_options", "model")},
+                              SamplingParams()) for b in reqs]
+        engine.generate(prompts[:8], params[:8])  # warm-up (graphs, compile)
+        t0 = time.perf_counter()
+        done = engine.generate(prompts, params)
+        seconds = time.perf_counter() - t0
+        out[name] = {"output_tokens_per_s": sum(len(c.output_ids) for c in done) / seconds, "seconds": seconds}
+        one = prompts[0]
+        t0 = time.perf_counter()
+        engine.generate([one], SamplingParams(max_tokens=1))
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.generate([one], SamplingParams(max_tokens=65, ignore_eos=True))
+        out[name] |= {"prefill_s": prefill, "decode_step_s": (time.perf_counter() - t0 - prefill) / 64}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, a few requests")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--workloads", default="chat,summarize")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--rates", default=None, help="requests/s, comma-separated (default per mode)")
+    p.add_argument("--requests-per-rate", type=int, default=None)
+    p.add_argument("--ttft-slo", type=float, default=None)
+    p.add_argument("--tpot-slo", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--lengths", choices=("geometric", "exact"), default="geometric")
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--port", type=int, default=18431)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    smoke = args.smoke
+    args.preset = args.preset or ("tiny" if smoke else "llama-1b")
+    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "8,16,32,64")).split(",")]
+    n = args.requests_per_rate or (6 if smoke else 400)
+    args.ttft_slo = args.ttft_slo or (5.0 if smoke else 1.0)
+    args.tpot_slo = args.tpot_slo or (1.0 if smoke else 0.05)
+    scale = 0.05 if smoke else 1.0
+    from batchpilot.model.llama import get_preset
+
+    vocab = get_preset(args.preset).vocab_size
+    model_dir = build_model_dir(args)
+    workloads = {w: make_requests(w, n, vocab=vocab, seed=i, scale=scale, lengths=args.lengths)
+                 for i, w in enumerate(args.workloads.split(","))}
+    results: dict[str, Any] = {}
+    for policy in args.policies.split(","):
+        server = start_server(model_dir, policy, args.port, args)
+        try:
+            base = f"http://127.0.0.1:{args.port}"
+            asyncio.run(run_rate(base, next(iter(workloads.values()))[:16], 100.0, seed=99))  # warm-up
+            for name, reqs in workloads.items():
+                for rate in rates:
+                    rows = asyncio.run(run_rate(base, reqs, rate, seed=int(rate)))
+                    summary = summarize_rate(rows, rate, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
+                    results.setdefault(policy, {}).setdefault(name, []).append(summary)
+                    print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+    offline = offline_reference(model_dir, workloads)
+    print(json.dumps({"offline": offline}), flush=True)
+    result = {"benchmark": "serve_goodput", "preset": args.preset, "workloads": {w: WORKLOADS[w] for w in workloads},
+              "lengths": args.lengths, "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "rates": rates,
+              "requests_per_rate": n, **provenance(), "results": results, "offline": offline,
+              "summary": summarize(results, offline)}
+    print(json.dumps(result["summary"], indent=1))
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve_goodput_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+def summarize(results: dict, offline: dict) -> dict:
+    """Per workload: goodputs at the rate where aggressive peaks; the worse workload's ratios are the summary."""
+    per: dict[str, Any] = {}
+    for name in offline:
+        agg = results.get("aggressive", {}).get(name, [])
+        if not agg:
+            continue
+        peak = max(agg, key=lambda r: r["goodput_rps"])
+        at = {p: next((r for r in results.get(p, {}).get(name, []) if r["rate"] == peak["rate"]), None)
+              for p in POLICIES}
+        pf = at["past_future"]
+        ratio = (lambda o: pf["goodput_rps"] / o["goodput_rps"] if pf and o and o["goodput_rps"] else None)
+        best = max((r["throughput_tokens_per_s"] for p in results for r in results[p].get(name, [])), default=None)
+        low = results.get("past_future", {}).get(name, [{}])[0]
+        per[name] = {"rate": peak["rate"], "goodput": {p: r and r["goodput_rps"] for p, r in at.items()},
+                     "goodput_vs_aggressive": ratio(at["aggressive"]),
+                     "goodput_vs_conservative": ratio(at["conservative"]),
+                     "saturation_vs_offline": best / offline[name]["output_tokens_per_s"] if best else None,
+                     "low_load_ttft_vs_prefill": (low.get("ttft_p50") or math.nan) / offline[name]["prefill_s"],
+                     "low_load_tpot_vs_decode_step": (low.get("tpot_p50") or math.nan) / offline[name]["decode_step_s"]}
+    worst = (lambda key: min((v[key] for v in per.values() if v[key] is not None), default=None))
+    return {"goodput_vs_aggressive": worst("goodput_vs_aggressive"),
+            "goodput_vs_conservative": worst("goodput_vs_conservative"),
+            "saturation_vs_offline": worst("saturation_vs_offline"), "per_workload": per}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

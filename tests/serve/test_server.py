@@ -1,0 +1,125 @@
+"""The server against the official ``openai`` client on localhost (CPU, tiny random model)."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from conftest import LiveServer  # noqa: E402
+
+
+def _client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_completion_and_chat_with_the_openai_client(live_server):
+    client = _client(live_server)
+    out = client.completions.create(model="m", prompt="In the beginning", max_tokens=8, temperature=0)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert out.usage.completion_tokens == 8 and out.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "light"}], max_tokens=6)
+    assert chat.id.startswith("chatcmpl-") and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 6
+    models = client.models.list()
+    assert [m.id for m in models.data] == [live_server.cfg.served_model_name]
+
+
+def test_streamed_chunks_reassemble_to_the_non_streamed_text(live_server):
+    client = _client(live_server)
+    kw = dict(model="m", prompt="And God said", max_tokens=20, temperature=0)
+    whole = client.completions.create(**kw).choices[0].text
+    parts = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole
+    assert parts[-2].choices[0].finish_reason == "length" and parts[-1].usage.completion_tokens == 20
+    chat_kw = dict(model="m", messages=[{"role": "user", "content": "earth"}], max_tokens=12, temperature=0)
+    chat_whole = client.chat.completions.create(**chat_kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **chat_kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat_whole
+
+
+def test_cancelled_stream_frees_its_kv_blocks(live_server):
+    pool = live_server.app.state.server.engine.pool
+    free_before = pool.num_free
+    with httpx.Client(base_url=live_server.base_url, timeout=60) as http:
+        body = {"model": "m", "prompt": "In the beginning", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    break  # the first chunk arrived: disconnect mid-generation
+    deadline = time.time() + 20
+    while (pool.num_free != free_before or live_server.loop.in_flight) and time.time() < deadline:
+        time.sleep(0.05)
+    assert pool.num_free == free_before and live_server.loop.in_flight == 0
+
+
+def test_overload_answers_429_with_retry_after(serve_model_dir):
+    with LiveServer(serve_model_dir, "--max-queue", "1") as server, httpx.Client(base_url=server.base_url,
+                                                                                timeout=60) as http:
+        body = {"model": "m", "prompt": "In the beginning", "max_tokens": 300, "ignore_eos": True}
+        first = threading.Thread(target=http.post, args=("/v1/completions",), kwargs={"json": body})
+        first.start()
+        deadline = time.time() + 20
+        while server.loop.in_flight == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        second = http.post("/v1/completions", json={**body, "max_tokens": 2})
+        first.join()
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert second.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_requests_are_400_with_openai_error_shape(live_server):
+    with httpx.Client(base_url=live_server.base_url, timeout=30) as http:
+        for body in ({"prompt": 5}, {"prompt": "x", "stream": "yes"}, [1, 2], {"prompt": "x", "max_tokens": -3}):
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 400, body
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        too_long = http.post("/v1/completions", json={"prompt": "light " * 2000, "max_tokens": 4})
+        assert too_long.status_code == 400
+
+
+def test_metrics_parse_as_prometheus_text(live_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _client(live_server).completions.create(model="m", prompt="In", max_tokens=4)
+    with httpx.Client(base_url=live_server.base_url, timeout=30) as http:
+        text = http.get("/metrics").text
+        assert http.get("/health").json() == {"status": "ok"}
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"batchpilot_requests_waiting", "batchpilot_requests_running", "batchpilot_kv_cache_usage_ratio",
+            "batchpilot_time_to_first_token_seconds", "batchpilot_time_per_output_token_seconds",
+            "batchpilot_preemptions", "batchpilot_requests_finished"} <= names
+
+
+def test_soak_nothing_lost_and_no_kv_leak(live_server):
+    """A bounded, self-stopping soak: 200 requests from 8 threads, mixed streaming, all answered, pool back to full."""
+    pool = live_server.app.state.server.engine.pool
+    free_before = pool.num_free
+    results, errors = [], []
+
+    def worker(k: int) -> None:
+        client = _client(live_server)
+        for i in range(25):
+            try:
+                kw = dict(model="m", prompt=f"light {k} {i}", max_tokens=1 + (i * 7 + k) % 24, temperature=0.7,
+                          seed=i)
+                if i % 3 == 0:
+                    text = "".join(p.choices[0].text for p in client.completions.create(stream=True, **kw))
+                else:
+                    text = client.completions.create(**kw).choices[0].text
+                results.append(text)
+            except Exception as e:  # noqa: BLE001 -- collected and asserted below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 200
+    deadline = time.time() + 10
+    while pool.num_free != free_before and time.time() < deadline:
+        time.sleep(0.05)
+    assert pool.num_free == free_before and live_server.loop.in_flight == 0
