@@ -298,3 +298,22 @@ def test_model_export_has_plain_modes(tmp_path, tiny_config):
 
 def test_llama_config_fixture_is_small(tiny_config):
     assert isinstance(tiny_config, LlamaConfig)
+
+
+def test_metrics_write_on_a_full_disk_names_the_file(tmp_path):
+    from batchpilot.metrics import MetricsWriter
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            pass
+
+    writer = MetricsWriter(tmp_path)
+    writer._file.close()
+    writer._file = FullDisk()
+    with pytest.raises(OSError) as info:
+        writer.log({"step": 1, "loss": 2.0})
+    message, code = describe(info.value)
+    assert message == f"{tmp_path / 'metrics.jsonl'}: no space left on device" and code == 2
