@@ -27,18 +27,24 @@ class MetricsWriter:
         self._tb = None
         if run_dir is None:
             return
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        self.path = Path(run_dir) / "metrics.jsonl"
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
         clean = {k: _jsonable(v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as e:  # ENOSPC on write carries no path: name the file
+            raise type(e)(e.errno, e.strerror, str(self.path)) from e
         if self._tb is not None:
             for key, value in clean.items():
                 if isinstance(value, (int, float)) and key != "step":

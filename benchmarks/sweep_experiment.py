@@ -3,7 +3,7 @@
     python benchmarks/sweep_experiment.py                # one H200: 3 shapes x 2 budgets x 5 LRs x 4 batches
     python benchmarks/sweep_experiment.py --smoke        # CPU, a tiny grid of a few steps per run
 
-Steps: (1) ``batchpilot.plan.sweep`` trains the grid, many runs at once on one GPU (each run is small);
+Steps: (1) ``batchpilot.train.sweep`` trains the grid, many runs at once on one GPU (each run is small);
 (2) ``batchpilot fit`` fits lr(N, D) and batch(D) to the runs table (law.json and plots); (3) one larger model
 (about 4x the largest proxy) is trained twice, in parallel, at the same token budget: at the fitted optimum and
 at the built-in Step Law's (lr, batch) (``batchpilot.plan.laws.STEP_LAW``, fitted on 2e8-1e9 parameters, so
@@ -41,7 +41,7 @@ from batchpilot.cli import main as cli_main
 from batchpilot.io import write_json_atomic
 from batchpilot.model.counting import non_vocab_params
 from batchpilot.plan.laws import STEP_LAW, Law, load_law
-from batchpilot.plan.sweep import GridSpec, RunSpec, model_config, prepare_data, run_one, sweep
+from batchpilot.train.sweep import GridSpec, RunSpec, model_config, prepare_data, run_one, sweep
 
 # Shapes (vocab 4096, head_dim 64 where it divides): N = non-vocabulary parameters.
 SHAPES = [

@@ -2,7 +2,7 @@
 
 Systems, all on the same model shape (``--preset``, default llama-1b: 1.24B, tied, 128k vocab), the
 same tokens per step and bf16 compute:
-  hf          transformers LlamaForCausalLM, SDPA, bf16 weights, fused AdamW (anchors.md section 1)
+  hf          transformers LlamaForCausalLM, SDPA, bf16 weights, fused AdamW (the baseline recipe most users run)
   liger       hf + ``apply_liger_kernel_to_llama`` (fused linear-CE, RMSNorm, RoPE, SwiGLU)
   hf_compile  hf + ``torch.compile(model)``
   batchpilot  the trainer's ``train_step`` (fp32 master weights, bf16 autocast, fused AdamW, grad clipping,
@@ -15,13 +15,13 @@ same tokens per step and bf16 compute:
   batchpilot_float8, batchpilot_bf16_float8  the two batchpilot paths with ``--float8`` (torchao, recipe
               ``--float8-recipe``, default tensorwise): float8 matmuls in the blocks. Not the baselines'
               precision, so summarised apart (``float8_*`` keys), never in ``speedup_vs_hf_liger_*``
-HF baselines use gradient checkpointing where the micro-batch needs it (as in the anchors), do no
-gradient clipping (as in the anchors) and accumulate when the micro-batch is smaller than the step.
+HF baselines use gradient checkpointing where the micro-batch needs it (as such users do) and do no
+gradient clipping and accumulate when the micro-batch is smaller than the step.
 
 Each system runs in its own subprocess (an OOM or compile state cannot leak into the next one).
 Per case: ``--warmup`` steps, then ``--steps`` timed steps (synchronize + perf_counter); tokens/s from the
 median step. MFU against ``--peak-tflops`` (989, H100/H200 dense bf16) with the PaLM convention
-used by anchors.md: FLOPs/token = 6 N + 12 L d_q s, N = matmul parameters (blocks + LM head, the
+(Chowdhery et al. 2022, arXiv 2204.02311, appendix B): FLOPs/token = 6 N + 12 L d_q s, N = matmul parameters (blocks + LM head, the
 embedding lookup is free), L layers, d_q = heads x head_dim, s = seq_len (attention counted as if
 not causal). ``mfu_causal`` halves the attention term (what causal kernels execute; the trainer's
 metrics use that one).
@@ -73,10 +73,10 @@ def plan_cases(args: argparse.Namespace) -> dict[str, list[dict]]:
                 "batchpilot_float8": [], "batchpilot_bf16_float8": [],  # CPU float8 matmuls: far too slow
                 "torchtitan": [], "torchtitan_float8": []}  # torchtitan imports triton: GPU only
     r1, r2 = args.rows_seq2048, args.rows_seq8192
-    return {  # micro-batches from anchors.md (largest or fastest that fit an H200)
+    return {  # micro-batches measured as the largest or fastest that fit an H200
         "hf": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=8, ac="full")],
         "liger": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=8, ac="full")],
-        "hf_compile": [dict(seq=2048, rows=r1, mb=8, ac="none")],  # as anchors.md (seq 8192 + ckpt: slow compile)
+        "hf_compile": [dict(seq=2048, rows=r1, mb=8, ac="none")],  # seq 8192 + checkpointing: compile is too slow there
         "batchpilot": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none")],
         "batchpilot_bf16": [dict(seq=2048, rows=r1, mb=16, ac="none"), dict(seq=8192, rows=r2, mb=4, ac="none"),
                             dict(seq=8192, rows=r2, mb=8, ac="selective")],
@@ -222,7 +222,7 @@ def largest_micro_batch(system: str, config: LlamaConfig, dims: parallel.Paralle
     """Largest micro-batch at seq ``args.fit_seq`` with full checkpointing: double until an OOM, then bisect.
     One step (forward, backward, optimizer) per probe. Each system runs as it trains: batchpilot's blocks
     compiled (the second size recompiles once with a dynamic batch; the fused graphs also save fewer
-    activations for the recompute), HF + Liger eager (compiling it is slower, anchors.md)."""
+    activations for the recompute), HF + Liger eager (compiling it was measured slower)."""
     seq, cap = (128, 16) if args.smoke else (args.fit_seq, args.fit_max)
     compile = system.startswith("batchpilot") and not args.smoke
     if system.startswith("batchpilot"):

@@ -1,7 +1,7 @@
 """End-to-end data point: `batchpilot train` (the real CLI, data pipeline and loop) on one GPU.
 
 Runs the trainer for a few steps on the embedded corpus and records tokens/s, MFU and peak memory
-from its own metrics.jsonl, next to the HF baseline measured in anchors.md (same model, same seq).
+from its own metrics.jsonl, next to an HF baseline measured earlier on the same model and seq (``HF_ANCHOR``).
 
     python benchmarks/trainer_datapoint.py --preset llama-1b --seq-len 2048 --micro-batch-size 16 --steps 12
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from provenance import provenance
 
-# anchors.md, first run: HF LlamaForCausalLM (SDPA, eager) on the 1.24B model, seq 2048, one H200.
+# A baseline measured once before (not by this script): HF LlamaForCausalLM (SDPA, eager) on the 1.24B model, seq 2048, one H200.
 HF_ANCHOR = {"model": "llama-1b", "seq_len": 2048, "micro_batch_size": 16, "tokens_per_s": 51691, "mfu": 0.430,
-             "peak_gib": 115.3, "source": "anchors.md first run (not re-measured in this invocation)"}
+             "peak_gib": 115.3, "source": "HF baseline, earlier measurement (not re-measured in this invocation)"}
 
 
 def main() -> None:

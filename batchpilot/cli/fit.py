@@ -150,11 +150,11 @@ def _plot_lines(plt, runs: Runs, fit: StepLawFit, path: Path) -> Path:
     d = np.geomspace(runs.tokens.min(), runs.tokens.max(), 50)
     for n in np.unique(runs.params):
         kept = fit.kept & (runs.params == n)
-        line = ax_lr.plot(d, fit.lr.law(n, d), label=f"N={n:.3g}")[0]
+        line = ax_lr.plot(d, [fit.lr.law(n, float(x)) for x in d], label=f"N={n:.3g}")[0]
         ax_lr.scatter(runs.tokens[kept], runs.lr[kept], s=10, color=line.get_color())
         ax_bs.scatter(runs.tokens[kept], runs.batch_tokens[kept], s=10, color=line.get_color())
         if fit.batch.law.exp_params != 0.0 or n == runs.params.min():
-            ax_bs.plot(d, fit.batch.law(n, d), color=line.get_color() if fit.batch.law.exp_params else "k")
+            ax_bs.plot(d, [fit.batch.law(n, float(x)) for x in d], color=line.get_color() if fit.batch.law.exp_params else "k")
     for ax, label in ((ax_lr, "optimal lr"), (ax_bs, "optimal batch (tokens)")):
         ax.set(xscale="log", yscale="log", xlabel="D (tokens)", ylabel=label)
     ax_lr.legend(fontsize=6)

@@ -9,14 +9,17 @@ model directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from batchpilot.io import make_temp_dir
+from batchpilot.model.counting import total_params
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -70,6 +73,35 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
     return hf
 
 
+# HF config.json keys that must hold a positive integer / a number / a bool when present (a crafted config.json
+# is refused with one line before anything is allocated).
+_POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "max_position_embeddings")
+_NUMBER_KEYS = ("rope_theta", "rms_norm_eps", "initializer_range")
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_hf_config(hf: object, file: Path) -> dict[str, Any]:
+    """The config.json object, refused with a one-line ValueError if it is not one or its sizes are malformed."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: a JSON {type(hf).__name__}, not an HF model config object")
+    missing = [key for key in _REQUIRED_KEYS if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"{file}: not a valid HF model config (missing {', '.join(missing)})")
+    for key in _POSITIVE_INT_KEYS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{file}: {key} must be a positive integer, got {value!r}")
+    for key in _NUMBER_KEYS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{file}: {key} must be a number, got {value!r}")
+    archs = hf.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{file}: architectures must be a non-empty list of class names, got {archs!r}")
+    return hf
+
+
 def read_config(path: str | os.PathLike) -> LlamaConfig:
     """A LlamaConfig from a model directory's config.json (or the file itself)."""
     path = Path(path)
@@ -77,32 +109,78 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
     if not file.is_file():
         raise ValueError(f"no config.json in {path}")
     try:
-        return config_from_hf(json.loads(file.read_text()))
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{file}: not a valid HF model config ({e})") from None
+        hf = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    try:
+        return config_from_hf(_check_hf_config(hf, file))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{file}: not a valid HF model config ({type(e).__name__}: {e})") from None
+
+
+def _read_index(index: Path) -> list[str]:
+    """The shard file names of a model.safetensors.index.json."""
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
+    return sorted(set(weight_map.values()))
+
+
+def _shard_numel(file: Path) -> int:
+    """Elements stored in a safetensors file, read from its header only (nothing is allocated)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (an Exception) for a bad header
+        raise ValueError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _load_shard(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as e:  # a truncated file or a bad header: SafetensorError
+        raise ValueError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def shard_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards a model.safetensors.index.json names (confined to ``path``)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        return [_confined(path, name) for name in _read_index(index)]
+    raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Our-named tensors from model.safetensors or a sharded model.safetensors.index.json."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [_confined(path, name) for name in shard_names]
-    else:
-        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update({our_name(k): v for k, v in load_file(f).items()})
+    for f in shard_files(path):
+        state.update({our_name(k): v for k, v in _load_shard(f).items()})
     return state
 
 
 def _confined(root: Path, name: str) -> Path:
-    """A shard path from an index file, refused if it points outside the model directory."""
-    candidate = (root / name).resolve()
-    if candidate.parent != root.resolve() or not candidate.is_file():
-        raise ValueError(f"{root}: index names an invalid shard file {name!r}")
+    """A shard path from an index file, refused if its NAME leaves the model directory.
+
+    The name must be a plain relative path inside ``root`` (no absolute path, no ``..``); the file itself may be
+    a symlink to elsewhere, as in the Hugging Face cache, where ``snapshots/REV/x.safetensors`` points into
+    ``../../blobs/``.
+    """
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"{root}: index names a shard outside the model directory: {name!r}")
+    candidate = root / relative
+    if not candidate.is_file():
+        raise ValueError(f"{root}: index names a missing shard file {name!r}")
     return candidate
 
 
@@ -118,6 +196,12 @@ def load_model(path_or_preset: str | os.PathLike, *, device: str | torch.device 
             return _cast(build_model(get_preset(str(path_or_preset)), device=device, seed=seed), dtype)
         raise ValueError(f"{path_or_preset!r} is neither a model directory nor a preset ({', '.join(PRESETS)})")
     config = read_config(path)
+    files = shard_files(path)
+    # A config whose sizes the files cannot hold is refused before the model is allocated (a crafted config.json
+    # with hidden_size 10**9 would otherwise exhaust memory); a tied model may also store the LM head.
+    stored, expected = sum(_shard_numel(f) for f in files), total_params(config)
+    if stored < expected:
+        raise ValueError(f"{path}: the config describes {expected:,} parameters but the weight files hold {stored:,}")
     state = load_state_dict(path)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -179,10 +179,10 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
         "backward end": (0.0, copies if fsdp else 0.0, 4 * v * d + (2 * v * d if fsdp else 0), state.grads),
     }
     name = max(moments, key=lambda k: sum(moments[k]))
-    acts, cps, loss, grads = moments[name]
+    acts, cps, loss_at_peak, grads = moments[name]
     overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0)
     return MemoryEstimate(params=state.params, grads=grads, optimizer=state.optimizer, activations=acts,
-                          compute_copies=cps, loss=loss, overhead_bytes=overhead, peak_moment=name)
+                          compute_copies=cps, loss=loss_at_peak, overhead_bytes=overhead, peak_moment=name)
 
 
 # --- fitting a micro-batch ---------------------------------------------------------------------------------

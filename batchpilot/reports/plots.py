@@ -55,7 +55,16 @@ def read_run(run_dir: str | os.PathLike) -> Run:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run's config.json / plan.json ({} when absent); anything but a JSON object is a one-line error."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

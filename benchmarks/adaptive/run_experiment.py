@@ -2,10 +2,10 @@
 
 Every run trains the same model on the same prepared corpus for the same number of tokens, with no token
 repeated (one pass over less than the training split). Fixed runs: the PLANNED batch (Step Law B_opt(D),
-laws.md 1), a SMALL one well below it and a LARGE one (4x planned). Each adaptive run (``--adaptive``) starts
+Li et al. 2025, arXiv 2503.04715), a SMALL one well below it and a LARGE one (4x planned). Each adaptive run (``--adaptive``) starts
 at the small or the planned batch and grows toward a multiplier x a lower confidence bound of the measured
-gradient noise scale (B_simple, laws.md 4c), capped at the large batch. All runs share one LR rule: the Step Law
-peak LR for (N, D) at the planned batch, rescaled by sqrt(B / B_planned) (Adam-family rule, laws.md 5), for the
+gradient noise scale (B_simple, McCandlish et al. 2018, arXiv 1812.06162, appendix A), capped at the large batch. All runs share one LR rule: the Step Law
+peak LR for (N, D) at the planned batch, rescaled by sqrt(B / B_planned) (Adam-family rule, Granziol et al., arXiv 2006.09092), for the
 fixed batches and, step by step, for the adaptive ones.
 
 The variants: ``small:1`` (reported first) is the trainer's default adaptive policy started well below the

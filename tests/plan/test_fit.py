@@ -67,7 +67,7 @@ def test_steplaw_fit_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_steplaw_refit_matches_derived_note(steplaw_law: dict) -> None:
-    """laws.md section 1: an OLS refit of the released runs gives about 78 N^-0.77 D^0.20 and 0.21 D^0.61.
+    """Step Law (arXiv 2503.04715), released runs: an OLS refit of the released runs gives about 78 N^-0.77 D^0.20 and 0.21 D^0.61.
 
     The note counted 129 kept runs on the full release; this table keeps only the models under 1B (110 kept), so
     the batch law differs a little more (0.157 D^0.626), well inside its bootstrap interval.
@@ -86,7 +86,7 @@ def test_steplaw_refit_against_authors_bootstrap(steplaw_law: dict) -> None:
     """Where our exponents land in the spread of the authors' 1000 bootstrap fits (made on more runs)."""
     with AUTHORS_FITS.open(newline="") as f:
         fits = {k: np.array([float(r[k]) for r in rows]) for rows in [list(csv.DictReader(f))] for k in rows[0]}
-    # their means are the published constants (laws.md oracle 1)
+    # their means are the published constants (arXiv 2503.04715: lr 1.79 N^-0.713 D^0.307, batch 0.58 D^0.571)
     assert math.exp(fits["lr_intercept"].mean()) == pytest.approx(1.797, abs=0.001)
     assert fits["lr_coefN"].mean() == pytest.approx(-0.7129, abs=1e-4)
     assert math.exp(fits["bs_intercept"].mean()) == pytest.approx(0.5807, abs=0.001)
@@ -141,9 +141,9 @@ def test_synthetic_steplaw_recovery(tmp_path: Path, batch_exp_params: float) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Critical batch: self-consistency oracle of laws.md section 3
+# Critical batch: self-consistency oracle from Kaplan et al. 2020 (arXiv 2001.08361, section 5.1)
 
-B_STAR, ALPHA_B, L_INF, S_C, ALPHA_S = 2e8, 0.21, 2.0, 2.1e3, 0.76  # Kaplan-like constants (laws.md 4b)
+B_STAR, ALPHA_B, L_INF, S_C, ALPHA_S = 2e8, 0.21, 2.0, 2.1e3, 0.76  # Kaplan-like constants (arXiv 2001.08361, eq. 5.5)
 
 
 def loss_after(steps: np.ndarray, batch: np.ndarray) -> np.ndarray:

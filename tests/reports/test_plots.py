@@ -73,3 +73,17 @@ def test_bad_metrics_line_is_an_error(tmp_path):
     (path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=":2:"):
         read_run(path)
+
+
+def test_report_files_have_plain_modes(tmp_path):
+    """Under umask 022 the report is readable by others: 0755 directory, 0644 files (atomic writes included)."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        page = build_report(read_run(write_run(tmp_path / "run")))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(page.parent.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in page.parent.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
