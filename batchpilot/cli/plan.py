@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from batchpilot.plan import laws
 from batchpilot.plan.memory import GIB
 from batchpilot.plan.planner import Budget, compare, make_plan
 
@@ -24,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--law", default="step", help="step | deepseek | path to a law.json (batchpilot fit)")
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "lamb", "lars", "sgd"))
-    p.add_argument("--schedule", choices=("cosine", "wsd"), help="default: the schedule the law was fitted with")
+    p.add_argument("--optimizer", default="adamw", choices=laws.OPTIMIZERS)
+    p.add_argument("--schedule", choices=laws.SCHEDULES, help="default: the schedule the law was fitted with")
     p.add_argument("--gpu-peak-tflops", type=float, default=989.0)
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")

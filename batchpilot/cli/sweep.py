@@ -1,6 +1,6 @@
 """``batchpilot sweep GRID.json --out SWEEP_DIR``: run a grid of proxy trainings into SWEEP_DIR/runs.csv.
 
-The grid format and the resume rules are in ``batchpilot.plan.sweep``; ``batchpilot fit SWEEP_DIR/runs.csv``
+The grid format and the resume rules are in ``batchpilot.train.sweep``; ``batchpilot fit SWEEP_DIR/runs.csv``
 then fits laws to the table with no column flags.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from batchpilot.plan.sweep import GridSpec, sweep
+from batchpilot.train.sweep import GridSpec, sweep
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

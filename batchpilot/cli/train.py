@@ -1,101 +1,114 @@
-"""``batchpilot train``: flags map one-to-one onto ``TrainConfig`` fields (``--seq-len`` -> ``seq_len``)."""
+"""``batchpilot train``: one ``--component.field`` flag per field of ``TrainConfig``'s components, or a config file.
+
+``--config run.toml|run.yaml|run.json`` gives the run as a file (a run directory's config.json is one), and flags
+override it; ``--plan plan.json`` executes a plan as fixed. The flat flags of the previous release (``--lr``,
+``--max-steps``, ...) still work and print a one-line note naming the new flag.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-import typing
-from pathlib import Path
 
-from batchpilot.train.trainer import TrainConfig, config_from_plan
-
-_SKIP = {"plan", "out_dir", "model"}
+from batchpilot.cli.config import (add_field_flags, add_legacy_flags, given_fields, load_config_file,
+                                   merged_tree)
+from batchpilot.plan.planner import Plan
+from batchpilot.train.config import COMPONENTS, LEGACY_NAMES, TrainConfig, field_types, plan_settings
 
 HELP = {
-    "data": "'default' (embedded KJV corpus), a prepared directory, or .txt/.jsonl/.parquet files or a directory",
-    "text_field": "JSONL field / Parquet column holding the text",
-    "seq_len": "tokens per row", "global_batch_tokens": "tokens per optimizer step (a multiple of seq_len)",
-    "micro_batch_size": "rows per GPU per micro-step (accumulation reaches the global batch)",
-    "auto_micro_batch": "fit the micro-batch to GPU memory and back off on OOM, keeping the global batch",
-    "max_steps": "optimizer steps (or give --max-tokens)", "max_tokens": "token budget (e.g. 2e9)",
-    "lr": "peak learning rate", "min_lr": "learning-rate floor at the end of the schedule",
-    "warmup_tokens": "linear warmup length in tokens (default 5%% of the budget)",
-    "schedule": "cosine | wsd | power | multistep | constant (all counted in tokens)",
-    "optimizer": "adamw | lamb | lars | sgd", "grad_clip": "clip the global grad norm (0: off)",
-    "eval_every": "steps between validation passes", "eval_batches": "validation micro-batches per pass",
-    "save_every": "steps between checkpoints", "log_every": "steps between metrics.jsonl records",
-    "device": "auto | cpu | cuda", "compile": "torch.compile each block",
-    "activation_checkpointing": "none | full | selective", "peak_tflops": "per-GPU peak for MFU",
-    "fsdp_one_device": "one GPU: FSDP2 mixed precision (bf16 compute over fp32 masters, as under torchrun) "
-                       "instead of autocast; about 1.5x the micro-batch at long sequences",
-    "float8": "tensorwise | rowwise: float8 matmuls in the blocks (needs torchao and an H100/H200-class GPU; "
-              "on CPU torch runs them in software, for tests); MFU stays against the bf16 peak",
-    "batch_policy": "fixed | ramp | adaptive (grow the batch toward the gradient noise scale)",
-    "batch_ramp": "ramp policy thresholds: TOKENS:BATCH,... e.g. 1e9:1048576,4e9:2097152",
-    "max_global_batch_tokens": "cap of the adaptive policy",
-    "adaptive_min_interval_steps": "steps between adaptive batch changes",
-    "adaptive_warmup_steps": "noise measurements before the first adaptive change",
-    "adaptive_target_multiplier": "grow toward this multiple of the measured B_simple",
-    "lr_coupling": "sqrt | linear | none when the batch changes (default: sqrt for Adam-family, linear for SGD/LARS)",
-    "measure_noise": "log the gradient noise scale every step (default: with the adaptive policy)",
-    "resume": "continue the run in --out from its latest checkpoint",
-    "stop_at_step": "stop (checkpointed) at this step while the schedule spans the whole budget",
-    "tensorboard": "also write TensorBoard scalars (needs the tensorboard package)",
-    "progress": "live progress bar (off when stdout is not a terminal)",
+    "model.name": "preset name, HF model directory (fine-tune from its weights) or config.json",
+    "model.seed": "seed of the initial weights",
+    "data.path": "'default' (embedded KJV corpus), a prepared directory, or .txt/.jsonl/.parquet files or a directory",
+    "data.text_field": "JSONL field / Parquet column holding the text", "data.seq_len": "tokens per row",
+    "data.seed": "seed of the data order (and of the tokenizer trained for raw sources)",
+    "optim.name": "adamw | lamb | lars | sgd", "optim.lr": "peak learning rate",
+    "optim.grad_clip": "clip the global grad norm (0: off)", "optim.fused": "adamw: fused kernel (default on CUDA)",
+    "optim.momentum": "sgd and lars momentum", "optim.trust_coefficient": "LARS trust coefficient eta",
+    "schedule.name": "cosine | wsd | power | multistep | constant (all counted in tokens)",
+    "schedule.min_lr": "learning-rate floor at the end of the schedule",
+    "schedule.warmup_tokens": "linear warmup length in tokens (default 5% of the budget)",
+    "schedule.max_steps": "optimizer steps (or give --schedule.max_tokens)",
+    "schedule.max_tokens": "token budget (e.g. 2e9)",
+    "schedule.stop_at_step": "stop (checkpointed) at this step while the schedule spans the whole budget",
+    "schedule.decay_fraction": "wsd: share of the tokens spent decaying",
+    "schedule.decay_shape": "wsd tail: 1-sqrt | linear",
+    "batch.global_batch_tokens": "tokens per optimizer step (a multiple of seq_len)",
+    "batch.micro_batch_size": "rows per GPU per micro-step (accumulation reaches the global batch)",
+    "batch.auto_micro_batch": "fit the micro-batch to GPU memory and back off on OOM, keeping the global batch",
+    "batch.policy": "fixed | ramp | adaptive (grow the batch toward the gradient noise scale)",
+    "batch.ramp": "ramp policy thresholds: TOKENS:BATCH,... e.g. 1e9:1048576,4e9:2097152",
+    "batch.max_batch_tokens": "cap of the adaptive policy",
+    "batch.lr_coupling": "sqrt | linear | none when the batch changes (default: the optimizer's rule)",
+    "batch.measure_noise": "log the gradient noise scale every step (default: with the adaptive policy)",
+    "batch.target": "adaptive target: gns (B_simple) | norm_test (AdAdaGrad's norm test, B_simple / eta^2)",
+    "batch.min_interval_steps": "steps between adaptive batch changes",
+    "batch.min_measurements": "noise measurements before the first adaptive change",
+    "batch.target_multiplier": "grow toward this multiple of the target",
+    "parallel.device": "auto | cpu | cuda", "parallel.compile": "torch.compile each block",
+    "parallel.activation_checkpointing": "none | full | selective",
+    "parallel.fsdp_one_device": "one GPU: FSDP2 mixed precision (bf16 compute over fp32 masters, as under "
+                                "torchrun) instead of autocast; about 1.5x the micro-batch at long sequences",
+    "parallel.float8": "tensorwise | rowwise: float8 matmuls in the blocks (needs torchao and an H100/H200-class "
+                       "GPU; on CPU torch runs them in software, for tests); MFU stays against the bf16 peak",
+    "checkpoint.save_every": "steps between checkpoints", "checkpoint.resume": "continue the run in --out",
+    "logging.log_every": "steps between metrics.jsonl records",
+    "logging.eval_every": "steps between validation passes (0: only at the end)",
+    "logging.eval_batches": "validation micro-batches per pass", "logging.peak_tflops": "per-GPU peak for MFU",
+    "logging.tensorboard": "also write TensorBoard scalars (needs the tensorboard package)",
+    "logging.progress": "live progress bar (off when stdout is not a terminal)",
 }
 
 
+def _defaults() -> dict[str, object]:
+    out = {}
+    for name, kind in COMPONENTS.items():
+        for f in dataclasses.fields(kind):
+            if f.default is not dataclasses.MISSING:
+                out[f"{name}.{f.name}"] = f.default
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (from a preset, an HF directory, or a plan)",
-                       description="Train a Llama-family model. Every flag is a TrainConfig field.")
+    p = sub.add_parser("train", help="train a model (from a preset, an HF directory, a config file or a plan)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", dest="out_dir", required=True, help="run directory (never overwritten; use --resume)")
-    p.add_argument("--preset", "--model", dest="model", default=None,
-                   help="preset name, HF model directory or config.json (default: tiny, or the plan's model)")
+    p.add_argument("--config", default=None,
+                   help="run configuration: .toml, .json (e.g. a run's config.json) or .yaml; flags override it")
     p.add_argument("--plan", default=None, help="plan.json from `batchpilot plan --out`: executes it as fixed")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in _SKIP:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        default = "" if f.default is None or f.default is dataclasses.MISSING else f" (default: {f.default})"
-        help_text = (HELP.get(f.name, "") + default).replace("%%", "%").replace("%", "%%")
-        if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            p.add_argument(flag, dest=f.name, type=_parse_number if kind is int else kind, default=None,
-                           help=help_text)
+    p.add_argument("--preset", dest="legacy:model", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    fields = field_types()
+    add_field_flags(p, fields, _defaults(), HELP)
+    add_legacy_flags(p, LEGACY_NAMES, fields)
     p.set_defaults(func=run)
 
 
-def _base_type(hint: typing.Any) -> type:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def _parse_number(text: str) -> int:
-    """Integers with optional scientific notation or underscores: 1e6, 2_000_000."""
-    value = float(text.replace("_", ""))
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    return int(value)
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """File, then flags (new and deprecated), then the plan's fixed settings; one TrainConfig."""
+    given = given_fields(args, LEGACY_NAMES, command="train")
+    tree = load_config_file(args.config) if args.config else {}
+    plan = None
+    if args.plan:
+        plan = Plan.load(args.plan)
+        fixed = plan_settings(plan)
+        clash = sorted(k for k in fixed if k in given)
+        if clash:
+            raise ValueError(f"the plan fixes {', '.join('--' + k for k in clash)}; drop those flags or make a "
+                             f"new plan")
+        if isinstance(plan.model, dict) and "model.name" not in given and "name" not in tree.get("model", {}):
+            raise ValueError("this plan was made for a model shape, not a preset: pass --model.name with its HF "
+                             "directory or config.json")
+        given = {**given, **fixed}
+    tree = merged_tree(tree, given)
+    tree["out_dir"] = args.out_dir
+    return TrainConfig.from_dict(tree, plan=plan, source=args.config or "flags")
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name not in _SKIP and getattr(args, f.name) is not None}
-    if args.plan:
-        plan = json.loads(Path(args.plan).read_text())
-        cfg = config_from_plan(plan, out_dir=args.out_dir, model=args.model, **overrides)
-    else:
-        if overrides.get("max_steps") is None and overrides.get("max_tokens") is None:
-            raise ValueError("give --max-steps or --max-tokens (or --plan)")
-        cfg = TrainConfig(out_dir=args.out_dir, model=args.model or "tiny", **overrides)
+    cfg = build_config(args)
     if not sys.stdout.isatty():
-        cfg.progress = False  # no live bar in logs and CI: the trainer prints a line every 10% instead
+        cfg.logging.progress = False  # no live bar in logs and CI: the trainer prints a line every 10% instead
     # Before the first CUDA allocation: segments that grow in place instead of one cudaMalloc per size, so
     # the varying sizes of micro-batch fitting and packed rows do not fragment the cache (torchtitan does the
     # same). A user's own setting wins.

@@ -42,7 +42,7 @@ class FittedRange:
         return out
 
 
-# --- Step Law (Li et al., StepFun, arXiv 2503.04715; laws.md section 1) ------------------------------------
+# --- Step Law (Li et al. 2025, "Predictable Scale: Part I", arXiv 2503.04715, section 3 and fig. 1) ---------
 # eta_opt = 1.79 N^-0.713 D^0.307, B_opt = 0.58 D^0.571 (tokens). Constants from the project's web tool
 # (step-law.github.io, tool.js); the means of the 1000 released bootstrap fits agree (1.797/-0.7129/0.3075,
 # 0.5807/0.5709).
@@ -61,14 +61,22 @@ def step_law_batch_tokens(tokens: float) -> float:
     return STEP_LAW_BATCH_COEF * tokens**STEP_LAW_BATCH_EXP_TOKENS
 
 
-# --- DeepSeek LLM (arXiv 2401.02954, section 3.1; laws.md 4a) ------------------------------------------------
+# --- DeepSeek LLM (Bi et al. 2024, arXiv 2401.02954, section 3.1, eq. 1) ------------------------------------
 # eta_opt = 0.3118 C^-0.1250, B_opt = 0.2920 C^0.3271 (tokens), C = M x D with M the non-embedding FLOPs per
 # token 72 n_layer d^2 + 12 n_layer d l_seq. Fitted on C in 1e17..2e19, validated at 1e20.
 DEEPSEEK_LR_COEF, DEEPSEEK_LR_EXP = 0.3118, -0.1250
 DEEPSEEK_BATCH_COEF, DEEPSEEK_BATCH_EXP = 0.2920, 0.3271
 DEEPSEEK_RANGE = FittedRange(compute_flops=(1e17, 2e19))
-# Multi-step schedule: 2000 warmup steps, x0.316 after 80% of tokens, x0.1 after 90%.
+# Multi-step schedule (section 2.3): 2000 warmup steps, x0.316 after 80% of tokens, x0.1 after 90%.
 DEEPSEEK_STEPS = ((0.8, 0.316), (0.9, 0.1))
+
+
+def deepseek_multistep_factor(progress: float) -> float:
+    """The share of peak LR after ``progress`` (0..1) of the training tokens (DeepSeek LLM, section 2.3)."""
+    factor = 1.0
+    for threshold, level in DEEPSEEK_STEPS:
+        factor = level if progress >= threshold else factor
+    return factor
 
 
 def deepseek_flops_per_token(num_layers: int, hidden_size: int, seq_len: int) -> float:
@@ -84,19 +92,13 @@ def deepseek_batch_tokens(compute_flops: float) -> float:
     return DEEPSEEK_BATCH_COEF * compute_flops**DEEPSEEK_BATCH_EXP
 
 
-# --- Kaplan et al. 2020 critical batch (eq. 5.5 [SECONDARY]; laws.md 4b) ----------------------------------
-KAPLAN_B_STAR_TOKENS, KAPLAN_ALPHA_B = 2e8, 0.21
-
-
-def kaplan_critical_batch_tokens(loss_nats: float, *, b_star_tokens: float = KAPLAN_B_STAR_TOKENS,
-                                 alpha_b: float = KAPLAN_ALPHA_B) -> float:
-    """B_crit(L) = B_* / L^(1/alpha_B), tokens; roughly doubles for every 13% drop in loss."""
-    return b_star_tokens / loss_nats ** (1 / alpha_b)
-
-
-# --- LR rescaling with batch (Granziol et al., arXiv 2006.09092; laws.md 5) --------------------------------
+# --- LR rescaling with batch (Granziol et al. 2020, "Learning Rates as a Function of Batch Size", ---------
+# arXiv 2006.09092, sections 5-6: square root for adaptive optimizers, linear for SGD). This table is the one
+# list of optimizer names: train/optim.py builds exactly these.
 _RULES: dict[str, LrScalingRule] = {"adamw": "sqrt", "lamb": "sqrt", "sgd": "linear", "lars": "linear"}
 OPTIMIZERS = tuple(_RULES)
+# The one list of schedule names (train/schedule.py implements each; the planner may pick any).
+SCHEDULES = ("cosine", "wsd", "power", "multistep", "constant")
 
 
 def lr_scaling_rule(optimizer: str) -> LrScalingRule:
@@ -107,18 +109,23 @@ def lr_scaling_rule(optimizer: str) -> LrScalingRule:
 
 
 def rescale_lr(lr: float, *, from_batch: float, to_batch: float, rule: LrScalingRule) -> float:
+    """The LR at ``to_batch`` given ``lr`` at ``from_batch``; the planner's rounding and the adaptive batch
+    controller's coupling both use it."""
     ratio = to_batch / from_batch
     return lr * (math.sqrt(ratio) if rule == "sqrt" else ratio)
 
 
-# --- Power scheduler (Shen et al., IBM, arXiv 2408.13359; laws.md 2) -----------------------------------------
+# --- Power scheduler (Shen et al. 2024, "Power Scheduler", arXiv 2408.13359, eq. 6 and section 4) ----------
 # lr(n) = min(eta_max, beta a n^b), n tokens seen, beta batch in SEQUENCES; a = 4, b = -0.51, eta_max = 0.02
-# (dolomite-engine configs). muP base learning rates: not valid under standard parametrization.
+# (the released dolomite-engine configs). muP base learning rates: not valid under standard parametrization.
+# train/schedule.py's ``power`` schedule evaluates this function.
 POWER_A, POWER_B, POWER_MAX_LR = 4.0, -0.51, 0.02
 
 
 def power_scheduler_lr(tokens_seen: float, *, batch_sequences: float, a: float = POWER_A, b: float = POWER_B,
                        max_lr: float = POWER_MAX_LR) -> float:
+    if tokens_seen <= 0:
+        return max_lr  # n^b -> infinity as n -> 0 (b < 0), so the cap binds
     return min(max_lr, batch_sequences * a * tokens_seen**b)
 
 

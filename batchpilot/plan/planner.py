@@ -3,7 +3,9 @@
 Derivation order (``Plan.explain`` prints it with numbers): model shape -> N, FLOPs per token -> tokens D ->
 the law's peak LR and batch (tokens) -> micro-batch and checkpointing that fit in memory -> global batch
 rounded to micro-batch x accumulation x GPUs x sequence length -> LR rescaled for the rounding -> warmup,
-steps, schedule -> time. The trainer reads plan.json and never re-derives any of it.
+steps, schedule -> time. ``batchpilot train --plan`` loads the ``Plan`` (``Plan.load``) and the trainer executes
+it without re-deriving any of it; a run without a plan records the same type in its plan.json with the law
+fields empty (``law`` and the predictions None). plan.json carries ``schema_version``.
 
 Design choice: the law's batch is rounded to the nearest whole number of accumulation steps (not to a
 power of two), so the global batch stays within half a micro-step of the law; the LR follows the
@@ -25,10 +27,12 @@ from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
 from batchpilot.plan.memory import GIB, MICRO_BATCH_GRID, MemoryFit, fit_micro_batch
 
-# Warmup: 2000 steps in both DeepSeek LLM (section 2.3) and the Step Law recipe (laws.md section 1, secondary),
-# capped at 10% of the run (our rule) so short runs do not spend most of their steps warming up.
+# Warmup: 2000 steps in both DeepSeek LLM (arXiv 2401.02954, section 2.3) and the Step Law recipe (arXiv
+# 2503.04715, section 2), capped at 10% of the run (our rule) so short runs do not spend most of their steps
+# warming up.
 WARMUP_STEPS, WARMUP_MAX_FRACTION = 2000, 0.1
-SCHEDULES = ("cosine", "wsd", "multistep")
+SCHEDULES = laws.SCHEDULES
+PLAN_SCHEMA_VERSION = 1
 # Shape derived from --params: depth L from N = 12 L d^2 with d = 64 L (the llama-125m aspect ratio, nanochat's
 # dim = 64 x depth), head_dim 64, MHA, SwiGLU width solving N exactly (multiple of 64), Llama-2 vocabulary.
 DERIVED_ASPECT, DERIVED_HEAD_DIM, DERIVED_VOCAB = 64, 64, 32000
@@ -74,7 +78,11 @@ class Budget:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
-    model: str | dict[str, Any]  # preset name, or LlamaConfig fields
+    """What a run executes. Made by ``make_plan`` from a law, or recorded by the trainer for a run without one
+    (then ``law`` and the predicted_* / memory / MFU fields are None)."""
+
+    schema_version: int = PLAN_SCHEMA_VERSION
+    model: str | dict[str, Any]  # preset name, HF directory / config.json path, or LlamaConfig fields
     num_params: int
     non_vocab_params: int
     seq_len: int
@@ -85,20 +93,22 @@ class Plan:
     peak_lr: float
     min_lr: float
     warmup_steps: int
+    warmup_tokens: int
     total_steps: int
     total_tokens: int
     schedule: str
     optimizer: str
     activation_checkpointing: str  # "none" | "full" (train/parallel.py modes)
     sharding: str  # "none" | "fsdp"
-    predicted_peak_memory_bytes: int
-    gpu_memory_bytes: int
-    predicted_step_seconds: float
-    predicted_total_seconds: float
+    batch_policy: str = "fixed"  # train/adaptive.py policies; a planned batch is fixed
+    predicted_peak_memory_bytes: int | None
+    gpu_memory_bytes: int | None
+    predicted_step_seconds: float | None
+    predicted_total_seconds: float | None
     flops_per_token: float
-    mfu: float
+    mfu: float | None
     tokens_per_param: float
-    law: dict[str, Any]  # name, source, non_vocab_params, tokens, compute_flops, batch_tokens, peak_lr (raw)
+    law: dict[str, Any] | None  # name, source, non_vocab_params, tokens, compute_flops, batch_tokens, peak_lr (raw)
     warnings: tuple[str, ...] = ()
     derivation: tuple[str, ...] = ()
 
@@ -108,13 +118,23 @@ class Plan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
+    def from_dict(cls, d: dict[str, Any], *, source: str = "plan") -> Plan:
+        """A Plan from plan.json's object; a wrong ``schema_version`` or missing keys is a one-line error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
+        if d.get("schema_version") != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"{source}: schema_version {d.get('schema_version')!r}, this batchpilot reads "
+                             f"{PLAN_SCHEMA_VERSION}; make the plan again with `batchpilot plan --out`")
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"warnings", "derivation"}
+        missing = names - set(d) - {"warnings", "derivation", "batch_policy"}
         if missing:
-            raise ValueError(f"plan is missing {', '.join(sorted(missing))}")
+            raise ValueError(f"{source} is missing {', '.join(sorted(missing))}")
         kept = {k: v for k, v in d.items() if k in names}
-        return cls(**{**kept, "warnings": tuple(d.get("warnings", ())), "derivation": tuple(d.get("derivation", ()))})
+        try:
+            return cls(**{**kept, "warnings": tuple(d.get("warnings", ())),
+                          "derivation": tuple(d.get("derivation", ()))})
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically: a temp file in the same directory, then rename."""
@@ -122,7 +142,14 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file {path} not found")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"plan file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, source=str(path))
 
     def explain(self) -> str:
         lines = [f"{i}. {line}" for i, line in enumerate(self.derivation, 1)]
@@ -213,13 +240,14 @@ def make_plan(budget: Budget) -> Plan:
     peak_lr = laws.rescale_lr(point["peak_lr"], from_batch=point["batch_tokens"], to_batch=global_tokens, rule=rule)
     total_steps = max(1, round(tokens / global_tokens))
     schedule, min_lr = schedule_and_min_lr(law, budget, peak_lr)
+    warmup_steps = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps))
     recompute = 4 / 3 if fit.checkpointing else 1.0  # checkpointing re-runs the forward: 8N instead of 6N
     step_s = fpt * global_tokens * recompute / (budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu)
     total = counting.total_params(config)
     plan = Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
                 num_gpus=budget.num_gpus, global_batch_tokens=global_tokens, micro_batch_size=fit.micro_batch_size,
                 grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, total_steps=total_steps,
-                warmup_steps=min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps)),
+                warmup_steps=warmup_steps, warmup_tokens=warmup_steps * global_tokens,
                 total_tokens=total_steps * global_tokens, schedule=schedule, optimizer=budget.optimizer,
                 activation_checkpointing="full" if fit.checkpointing else "none", sharding=fit.sharding,
                 predicted_peak_memory_bytes=int(fit.estimate.total_bytes),

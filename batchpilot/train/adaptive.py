@@ -4,7 +4,7 @@ Design choice: the controller only DECIDES (``BatchController.decide``) at step 
 the data loader and the accumulation count. Everything here is plain floats and ints, so it is unit-tested
 without a model and its state is a JSON dict saved with the checkpoint.
 
-Measurement: the two-batch estimator of McCandlish et al. 2018 (arXiv 1812.06162, appendix A; laws.md 4c),
+Measurement: the two-batch estimator of McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", arXiv 1812.06162, appendix A),
 the cheap route AdaptDL took under DDP. The trainer supplies the squared norm of a SMALL-batch gradient (e.g.
 the first micro-step's gradient, times grad_accum_steps^2 to undo the 1/accum loss scaling) and of the BIG
 (accumulated, global) gradient, both as FULL norms across FSDP2 shards (``grad_sq_norm``). Under FSDP2 the
@@ -19,19 +19,26 @@ AdaptDL/AdAdaGrad: the batch only grows, at most ``max_growth``x per change, no 
 ``min_interval_steps``, and only when the gain clears ``min_relative_change`` (AdaptDL needed a 5 % threshold
 to stop batch flapping, petuum/adaptdl#27).
 
-LR coupling at each change (laws.md section 5, Granziol et al. 2020): sqrt(B/B0) for Adam-family (adamw,
-lamb), B/B0 for SGD and LARS; returned as ``lr_scale`` relative to the initial batch.
+LR coupling at each change (Granziol et al. 2020, arXiv 2006.09092): sqrt(B/B0) for Adam-family (adamw,
+lamb), B/B0 for SGD and LARS, by ``plan.laws.rescale_lr`` (the planner's rule too); returned as ``lr_scale``
+relative to the initial batch.
+
+Targets: ``gns`` follows B_simple; ``norm_test`` follows the batch the norm test of AdAdaGrad asks for (Lau et
+al. 2024, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods", arXiv 2402.11215, with
+Byrd et al. 2012's test): b >= tr(Sigma) / (eta^2 |G|^2) = B_simple / eta^2, from the same two-batch estimates.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from batchpilot.plan import laws
 from batchpilot.train.optim import full_sq_norms
 
 POLICIES = ("fixed", "ramp", "adaptive")
@@ -138,49 +145,34 @@ class NoiseScaleEstimator:
         return max(self.trace, 0.0) / bound
 
 
-# ---- adaptive sampling tests (AdAdaGrad, laws.md section 6) -------------------------------------------------------
-
-def norm_test_batch(samples: Tensor, eta: float, current_batch: int) -> int:
-    """Norm test (Byrd et al. 2012): max(b, ceil(sum_coords Var(g_i) / (eta^2 ||gbar||^2))).
-
-    ``samples`` is (n, ...) with one gradient per row; the answer counts samples, so with micro-batch
-    gradients as samples it counts micro-batches (multiply by micro-batch tokens for tokens).
-    """
-    g = samples.reshape(samples.shape[0], -1).double()  # (n, d)
-    mean = g.mean(0)
-    variance = g.var(0, correction=1).sum().item()
-    return max(current_batch, math.ceil(variance / (eta**2 * mean.square().sum().item())))
-
-
-def inner_product_test_batch(samples: Tensor, theta: float, current_batch: int) -> int:
-    """Inner-product test (Bollapragada et al. 2018): max(b, ceil(Var_i(<g_i, gbar>) / (theta^2 ||gbar||^4)))."""
-    g = samples.reshape(samples.shape[0], -1).double()  # (n, d)
-    mean = g.mean(0)
-    variance = (g @ mean).var(correction=1).item()
-    return max(current_batch, math.ceil(variance / (theta**2 * mean.square().sum().item() ** 2)))
-
-
 # ---- policy -----------------------------------------------------------------------------------------------------
 
 def lr_scale(batch_tokens: int, initial_batch_tokens: int, coupling: str) -> float:
-    """sqrt rule (Adam-family) or linear rule (SGD/LARS) relative to the initial batch (laws.md section 5)."""
-    ratio = batch_tokens / initial_batch_tokens
-    return {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[coupling]
+    """The LR multiplier relative to the initial batch: ``plan.laws.rescale_lr`` of 1.0 (``none``: 1.0)."""
+    if coupling == "none":
+        return 1.0
+    return laws.rescale_lr(1.0, from_batch=initial_batch_tokens, to_batch=batch_tokens,
+                           rule="sqrt" if coupling == "sqrt" else "linear")
 
 
 def default_coupling(optimizer_name: str) -> str:
-    return "linear" if optimizer_name in ("sgd", "lars") else "sqrt"
+    """The optimizer's own rule (``plan.laws.lr_scaling_rule``): sqrt for Adam-family, linear for SGD/LARS."""
+    return laws.lr_scaling_rule(optimizer_name)
 
 
 @dataclass(kw_only=True, slots=True)
 class BatchConfig:
+    """The batch of a run and its policy; the trainer gives the controller the quantum (rows x ranks)."""
+
+    global_batch_tokens: int = 8192  # tokens per optimizer step (the initial one under ramp / adaptive)
+    micro_batch_size: int = 16  # rows per rank per micro-step; accumulation reaches the global batch
+    auto_micro_batch: bool = False  # fit the micro-batch to GPU memory, back off on OOM (train/autofit.py)
     policy: str = "fixed"  # fixed | ramp | adaptive
-    initial_batch_tokens: int
-    quantum_tokens: int  # micro_batch_rows * seq_len * world: every batch is a multiple of it
-    ramp: list[tuple[int, int]] = field(default_factory=list)  # (tokens_threshold, global_batch_tokens), Megatron
+    ramp: str = ""  # ramp policy: "TOKENS:BATCH,..." thresholds (Megatron's rampup), e.g. "1e6:16384,4e6:32768"
     max_batch_tokens: int | None = None  # adaptive cap (None: no cap)
-    lr_coupling: str = "sqrt"  # sqrt | linear | none; see default_coupling
-    target: str = "gns"  # adaptive target: gns (B_simple) | norm_test (B_simple / eta^2, laws.md notes)
+    lr_coupling: str | None = None  # sqrt | linear | none; None: the optimizer's rule (plan.laws.lr_scaling_rule)
+    measure_noise: bool | None = None  # gradient noise scale every step; None: on for the adaptive policy
+    target: str = "gns"  # adaptive target: gns (B_simple) | norm_test (B_simple / norm_test_eta^2, AdAdaGrad)
     target_multiplier: float = 1.0  # aim at multiplier x target
     # growth is irreversible, so it follows a lower confidence bound of B_simple (0: the plain point estimate).
     # z = 3, not 2, because the bound is looked at every step: on simulated gradients 16x below the noise scale
@@ -195,21 +187,43 @@ class BatchConfig:
     min_relative_change: float = 0.05  # AdaptDL's 5 % threshold
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES or self.lr_coupling not in COUPLINGS or self.target not in TARGETS:
-            raise ValueError(f"policy in {POLICIES}, lr_coupling in {COUPLINGS}, target in {TARGETS}; got "
-                             f"{self.policy!r}, {self.lr_coupling!r}, {self.target!r}")
-        if self.quantum_tokens <= 0 or self.initial_batch_tokens <= 0:
-            raise ValueError("quantum_tokens and initial_batch_tokens must be > 0")
-        self.ramp = sorted((int(t), int(b)) for t, b in self.ramp)
-        for b in [self.initial_batch_tokens, *(b for _, b in self.ramp)]:
-            if b <= 0 or b % self.quantum_tokens:
-                raise ValueError(f"batch {b} tokens is not a positive multiple of the quantum {self.quantum_tokens}")
-        if self.policy == "ramp" and not self.ramp:
-            raise ValueError("the ramp policy needs ramp=[(tokens_threshold, global_batch_tokens), ...]")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < self.initial_batch_tokens:
-            raise ValueError("max_batch_tokens must be >= initial_batch_tokens")
+        for name, value, allowed in (("policy", self.policy, POLICIES), ("target", self.target, TARGETS),
+                                     ("lr_coupling", self.lr_coupling, (*COUPLINGS, None))):
+            if value not in allowed:
+                raise ValueError(f"--batch.{name} {value!r}: choose one of "
+                                 f"{', '.join(a for a in allowed if a is not None)}")
+        if self.global_batch_tokens <= 0 or self.micro_batch_size <= 0:
+            raise ValueError("--batch.global_batch_tokens and --batch.micro_batch_size must be positive")
+        points = self.ramp_points()
+        if any(t < 0 or b <= 0 for t, b in points):
+            raise ValueError(f"--batch.ramp {self.ramp!r}: thresholds must be >= 0 and batches > 0")
+        if self.policy == "ramp" and not points:
+            raise ValueError("the ramp policy needs --batch.ramp TOKENS:BATCH,...")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < self.global_batch_tokens:
+            raise ValueError("--batch.max_batch_tokens must be >= --batch.global_batch_tokens")
         if self.max_growth <= 1 or self.min_interval_steps < 1 or not 0 < self.ema_beta < 1 or self.confidence_z < 0:
-            raise ValueError("need max_growth > 1, min_interval_steps >= 1, 0 < ema_beta < 1 and confidence_z >= 0")
+            raise ValueError("need batch.max_growth > 1, batch.min_interval_steps >= 1, 0 < batch.ema_beta < 1 and "
+                             "batch.confidence_z >= 0")
+        if self.norm_test_eta <= 0 or self.target_multiplier <= 0 or self.min_measurements < 0:
+            raise ValueError("need batch.norm_test_eta > 0, batch.target_multiplier > 0, batch.min_measurements >= 0")
+
+    def ramp_points(self) -> list[tuple[int, int]]:
+        """``ramp`` as sorted (tokens threshold, global batch tokens) pairs."""
+        points = []
+        for item in self.ramp.split(","):
+            if item.strip():
+                tokens, sep, batch = item.partition(":")
+                try:
+                    points.append((int(float(tokens)), int(float(batch))))
+                except ValueError:
+                    raise ValueError(f"--batch.ramp {self.ramp!r}: write TOKENS:BATCH,... e.g. "
+                                     f"1e6:16384,4e6:32768") from None
+                if not sep:
+                    raise ValueError(f"--batch.ramp {self.ramp!r}: write TOKENS:BATCH,...")
+        return sorted(points)
+
+    def wants_noise(self) -> bool:
+        return self.measure_noise if self.measure_noise is not None else self.policy == "adaptive"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +238,18 @@ class Decision:
 class BatchController:
     """Decides the global batch for the next step; call ``decide`` once per step, after the optimizer step."""
 
-    def __init__(self, cfg: BatchConfig) -> None:
-        self.cfg = cfg
-        self.batch_tokens = cfg.initial_batch_tokens
+    def __init__(self, cfg: BatchConfig, *, quantum_tokens: int, lr_coupling: str) -> None:
+        """``quantum_tokens``: every batch is a multiple of it (micro-batch rows x seq_len x ranks);
+        ``lr_coupling``: the resolved rule (``cfg.lr_coupling`` or the optimizer's)."""
+        if quantum_tokens <= 0 or lr_coupling not in COUPLINGS:
+            raise ValueError(f"need quantum_tokens > 0 and lr_coupling in {COUPLINGS}")
+        self.ramp = cfg.ramp_points()
+        for b in [cfg.global_batch_tokens, *(b for _, b in self.ramp)]:
+            if b % quantum_tokens:
+                raise ValueError(f"batch {b} tokens is not a multiple of the quantum {quantum_tokens} "
+                                 f"(seq_len x ranks{' x 2 for the adaptive policy' if cfg.policy == 'adaptive' else ''})")
+        self.cfg, self.quantum_tokens, self.lr_coupling = cfg, quantum_tokens, lr_coupling
+        self.batch_tokens = cfg.global_batch_tokens
         self.last_change_step = 0
         self.estimator = NoiseScaleEstimator(beta=cfg.ema_beta)
 
@@ -238,15 +261,15 @@ class BatchController:
         if changed:
             reason = f"step {step}: global batch {self.batch_tokens} -> {new} tokens ({reason})"
             self.batch_tokens, self.last_change_step = new, step
-        scale = lr_scale(self.batch_tokens, self.cfg.initial_batch_tokens, self.cfg.lr_coupling)
+        scale = lr_scale(self.batch_tokens, self.cfg.global_batch_tokens, self.lr_coupling)
         return Decision(self.batch_tokens, scale, reason, changed, self._metrics())
 
     def _propose(self, step: int, tokens_seen: int) -> tuple[int, str]:
         if self.cfg.policy == "fixed":
             return self.batch_tokens, "fixed"
         if self.cfg.policy == "ramp":
-            batch = self.cfg.initial_batch_tokens
-            for threshold, b in self.cfg.ramp:
+            batch = self.cfg.global_batch_tokens
+            for threshold, b in self.ramp:
                 batch = b if tokens_seen >= threshold else batch
             return batch, f"ramp at {tokens_seen} tokens"
         return self._adaptive(step)
@@ -258,7 +281,7 @@ class BatchController:
         if step - self.last_change_step < self.cfg.min_interval_steps:
             return self.batch_tokens, "minimum interval"
         goal = min(target, self.batch_tokens * self.cfg.max_growth, self.cfg.max_batch_tokens or math.inf)
-        new = int(goal // self.cfg.quantum_tokens) * self.cfg.quantum_tokens
+        new = int(goal // self.quantum_tokens) * self.quantum_tokens
         if new < self.batch_tokens * (1 + self.cfg.min_relative_change):
             return self.batch_tokens, f"target {target:.3g} tokens: no worthwhile growth"
         return new, f"{self.cfg.target} target {target:.3g} tokens"
@@ -267,7 +290,7 @@ class BatchController:
         b_simple = self.estimator.b_simple_lower(self.cfg.confidence_z)
         if b_simple is None:
             return None
-        # the norm test asks for b >= tr(Sigma) / (eta^2 |G|^2) = B_simple / eta^2 (laws.md cross-cutting notes)
+        # the norm test asks for b >= tr(Sigma) / (eta^2 |G|^2) = B_simple / eta^2 (AdAdaGrad, arXiv 2402.11215)
         base = b_simple / self.cfg.norm_test_eta**2 if self.cfg.target == "norm_test" else b_simple
         return base * self.cfg.target_multiplier
 
@@ -281,18 +304,12 @@ class BatchController:
                 **({"grad_sq_norm_stderr": self.estimator.g_sq_stderr} if self.estimator.count > 1 else {}),
                 **({"b_simple_lower": lower} if lower is not None else {})}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"batch_tokens": self.batch_tokens, "last_change_step": self.last_change_step,
                 "estimator": asdict(self.estimator)}
 
-    def load_state_dict(self, state: dict) -> None:
-        q = self.cfg.quantum_tokens  # a resume at another world size may change the quantum: round up to it
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        q = self.quantum_tokens  # a resume at another world size may change the quantum: round up to it
         self.batch_tokens = max(q, math.ceil(state["batch_tokens"] / q) * q)
         self.last_change_step = state["last_change_step"]
         self.estimator = NoiseScaleEstimator(**state["estimator"])
-
-
-def measurement_from_norms(micro_sq_norms: Sequence[float], micro_batch_tokens: int, big_sq_norm: float,
-                           big_batch_tokens: int) -> Measurement:
-    """Average several small-batch squared norms of the same size into one Measurement."""
-    return Measurement(sum(micro_sq_norms) / len(micro_sq_norms), micro_batch_tokens, big_sq_norm, big_batch_tokens)

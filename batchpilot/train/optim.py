@@ -12,13 +12,11 @@ checkpoints them as it does torch's AdamW states.
 Memory: like apex's FusedLAMB, LAMB writes its update direction into ``p.grad`` (the gradient is not
 needed after the step), so it needs no buffer beyond m and v. After ``step()`` the grads hold updates.
 
-AGVM (laws.md section 8, Xue et al. 2022) is an option (``OptimConfig.agvm``); see ``AGVM`` for what is
-approximated.
+The optimizer names are ``batchpilot.plan.laws.OPTIMIZERS``, the one list that also holds each one's LR-batch rule.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,57 +24,53 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
+from batchpilot.plan.laws import OPTIMIZERS
 
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lamb | lars | sgd
-    lr: float = 3e-4  # the peak LR; schedules scale it each step
+    name: str = "adamw"  # one of plan.laws.OPTIMIZERS: adamw | lamb | lars | sgd
+    lr: float = 3e-3  # the peak LR; schedules scale it each step
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8  # LAMB's TF-addons reference uses 1e-6
     fused: bool | None = None  # adamw: None means fused on CUDA
     momentum: float = 0.9  # sgd and lars
-    trust_coefficient: float = 0.001  # LARS eta (You, Gitman, Ginsburg 2017 default; laws.md section 7)
-    agvm: bool = False  # AGVM per-module LR modulation (laws.md section 8)
-    agvm_momentum: float = 0.97  # EMA of the AGVM factor (Sense-X/AGVM default)
-    agvm_interval: int = 10  # steps between AGVM measurements (AGVM configs: 10)
-    agvm_reference: str = "layers"  # the module whose gradient variance the others are matched to
+    # LARS eta: You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks", arXiv 1708.03888, eq. 6
+    trust_coefficient: float = 0.001
+    grad_clip: float = 1.0  # clip the global gradient norm to this before each step (0: off)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0 or self.trust_coefficient <= 0:
-            raise ValueError("lr, eps and trust_coefficient must be > 0 and weight_decay >= 0")
+            raise ValueError("optim.lr, optim.eps and optim.trust_coefficient must be > 0 and optim.weight_decay >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.momentum < 1):
-            raise ValueError("beta1, beta2 and momentum must be in [0, 1)")
-        if self.agvm_interval < 1 or not 0 <= self.agvm_momentum < 1:
-            raise ValueError("agvm_interval must be >= 1 and agvm_momentum in [0, 1)")
+            raise ValueError("optim.beta1, optim.beta2 and optim.momentum must be in [0, 1)")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, by_module: bool = False) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; never norms, biases or 1-D params (and embeddings count as matrices, as in GPT-2/Llama).
 
     1-D params also get no trust ratio (``trust_ratio: False``), the usual LAMB/LARS exclusion of norms and
-    biases. With ``by_module`` the groups are split further by top-level child (``embed_tokens``, ``layers``,
-    ``norm``, ``lm_head``) and carry a ``module`` key, for AGVM.
+    biases.
     """
-    groups: dict[tuple[str, bool], dict] = {}
-    for name, p in model.named_parameters():
+    groups: dict[bool, dict] = {}
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         matrix = p.dim() >= 2
-        module = name.split(".")[0] if by_module else "all"
-        group = groups.setdefault((module, matrix), {"params": [], "weight_decay": weight_decay if matrix else 0.0,
-                                                     "trust_ratio": matrix, "module": module})
+        group = groups.setdefault(matrix, {"params": [], "weight_decay": weight_decay if matrix else 0.0,
+                                           "trust_ratio": matrix})
         group["params"].append(p)
     return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, by_module=cfg.agvm)
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
         fused = cfg.fused if cfg.fused is not None else next(model.parameters()).is_cuda
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -87,9 +81,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         opt = Lars(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.agvm:
-        opt.agvm = AGVM(opt, reference=cfg.agvm_reference, momentum=cfg.agvm_momentum,  # type: ignore[attr-defined]
-                        interval=cfg.agvm_interval)
     return opt
 
 
@@ -129,7 +120,7 @@ def full_norm(tensor: Tensor) -> Tensor:
 
 
 def trust_ratios(weight_norms: Tensor, update_norms: Tensor, coefficient: float = 1.0) -> Tensor:
-    """phi = coefficient * ||w|| / ||u||, and 1 where either norm is 0 (LAMB/LARS convention, laws.md section 7)."""
+    """phi = coefficient * ||w|| / ||u||, and 1 where either norm is 0 (LAMB, arXiv 1904.00962, algorithm 2; LARS, arXiv 1708.03888)."""
     ok = (weight_norms > 0) & (update_norms > 0)
     return torch.where(ok, coefficient * weight_norms / update_norms.clamp_min(1e-30), torch.ones_like(weight_norms))
 
@@ -223,89 +214,3 @@ def _run_closure(closure: Callable[[], float] | None) -> float | None:
         return None
     with torch.enable_grad():
         return closure()
-
-
-# ---- AGVM ----------------------------------------------------------------------------------------------------
-
-# Sense-X/AGVM: raw factor clamp, and the 1e-6 that keeps the variance ratio finite (laws.md section 8).
-AGVM_CLAMP = (0.5, 10.0)
-AGVM_EPS = 1e-6
-
-
-def agvm_factors(variances: Sequence[float], reference: int) -> list[float]:
-    """mu_k = sqrt(clamp((v_ref + 1e-6) / (v_k + 1e-6), 0.5, 10)), v_k = 1 - cos(g_A,k, g_B,k)."""
-    lo, hi = AGVM_CLAMP
-    ref = variances[reference] + AGVM_EPS
-    return [math.sqrt(min(max(ref / (v + AGVM_EPS), lo), hi)) for v in variances]
-
-
-class AGVM:
-    """Per-module LR modulation from two independent half-batch gradients (Xue et al., NeurIPS 2022).
-
-    AGVM splits the data-parallel workers into two halves; we split gradient ACCUMULATION instead, so it works
-    on one device and under FSDP2: the trainer calls ``snapshot()`` after the first half of the micro-batches
-    (grads then hold half the sum), the second half is the full gradient minus the snapshot. Hence it needs
-    grad_accum_steps >= 2 and costs one gradient copy on measured steps. For Adam-family optimizers both
-    halves are preconditioned with the PREVIOUS step's second moment (AGVM uses the updated one). The factor
-    s_k (EMA, stored in each group's ``agvm_scale`` and hence in the optimizer state dict) multiplies the
-    group's LR for the optimizer step only, through step pre/post hooks.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, reference: str, momentum: float, interval: int) -> None:
-        modules = [g["module"] for g in optimizer.param_groups]
-        if reference not in modules:
-            raise ValueError(f"AGVM reference module {reference!r} not among {sorted(set(modules))}")
-        self.optimizer, self.modules = optimizer, list(dict.fromkeys(modules))
-        self.reference, self.momentum, self.interval = self.modules.index(reference), momentum, interval
-        self.calls = 0
-        self.half: dict[int, Tensor] = {}  # id(param) -> its half-accumulated grad
-        for group in optimizer.param_groups:
-            group.setdefault("agvm_scale", 1.0)
-        optimizer.register_step_pre_hook(lambda *_: self._scale_lrs())
-        optimizer.register_step_post_hook(lambda *_: self._restore_lrs())
-
-    def snapshot(self) -> bool:
-        """Copy the half-accumulated grads every ``interval`` calls; returns whether it did."""
-        self.calls += 1
-        if (self.calls - 1) % self.interval:
-            return False
-        self.half = {id(p): p.grad.detach().clone() for g in self.optimizer.param_groups for p in g["params"]
-                     if p.grad is not None}
-        return True
-
-    def _scale_lrs(self) -> None:
-        if self.half:
-            self._update_scales(self._variances())
-            self.half = {}
-        for group in self.optimizer.param_groups:
-            group["lr_before_agvm"] = group["lr"]
-            group["lr"] = group["lr"] * group["agvm_scale"]
-
-    def _restore_lrs(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.pop("lr_before_agvm")
-
-    def _variances(self) -> list[float]:
-        """1 - cosine(first half, second half) per module, with dot products summed over all shards."""
-        values, like, owner = [], [], []
-        for group in self.optimizer.param_groups:
-            for p in (p for p in group["params"] if id(p) in self.half):
-                a = local(self.half[id(p)])
-                b = local(p.grad) - a
-                v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
-                if v is not None:  # Adam-family: precondition as the step will
-                    denom = local(v).sqrt() + group.get("eps", 1e-8)
-                    a, b = a / denom, b / denom
-                values += [(a * b).sum(), (a * a).sum(), (b * b).sum()]
-                like += [p, p, p]
-                owner.append(self.modules.index(group["module"]))
-        sums = sum_over_shards(values, like).view(-1, 3)  # (num_params, [dot, |a|^2, |b|^2])
-        per_module = torch.zeros(len(self.modules), 3).index_add_(0, torch.tensor(owner), sums.cpu())
-        cos = per_module[:, 0] / (per_module[:, 1] * per_module[:, 2]).sqrt().clamp_min(1e-30)
-        return (1.0 - cos).tolist()
-
-    def _update_scales(self, variances: list[float]) -> None:
-        mu = agvm_factors(variances, self.reference)
-        for group in self.optimizer.param_groups:
-            k = self.modules.index(group["module"])
-            group["agvm_scale"] = self.momentum * group["agvm_scale"] + (1 - self.momentum) * mu[k]

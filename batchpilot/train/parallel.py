@@ -29,10 +29,36 @@ class ParallelDims:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cpu", "cuda")
+AC_MODES = ("none", "full", "selective")
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the single-device model is run: device, compile, activation checkpointing, float8, FSDP2 on one GPU."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: str = "none"  # none | full | selective
+    # one device: FSDP2 mixed precision (bf16 compute copies over fp32 masters, what every rank runs under torchrun)
+    # instead of autocast over fp32 parameters; bf16 residual stream and saved activations (docs/scale.md)
+    fsdp_one_device: bool = False
+    float8: str | None = None  # tensorwise | rowwise: float8 matmuls in the blocks (torchao; apply_float8)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("device", DEVICES), ("activation_checkpointing", AC_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--parallel.{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        check_float8_recipe(self.float8)
+
+
 def init_distributed(device: str = "auto") -> ParallelDims:
     """Read torchrun's environment; start the process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--parallel.device {device}: no CUDA GPU is visible (use cpu or auto)")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -49,12 +75,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-FLOAT8_RECIPES = ("tensorwise", "rowwise")
-
-
 def check_float8_recipe(recipe: str | None) -> None:
     if recipe is not None and recipe not in FLOAT8_RECIPES:
-        raise ValueError(f"--float8 {recipe!r}: choose one of {', '.join(FLOAT8_RECIPES)}")
+        raise ValueError(f"--parallel.float8 {recipe!r}: choose one of {', '.join(FLOAT8_RECIPES)}")
 
 
 def apply_float8(model: nn.Module, recipe: str | None, device: torch.device) -> None:

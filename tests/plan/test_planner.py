@@ -81,8 +81,14 @@ def test_round_trip(tmp_path):
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     path = plan.save(tmp_path / "sub" / "plan.json")
     assert Plan.load(path) == plan and not list(path.parent.glob(".*tmp"))
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="is missing min_lr, model"):
+        Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("model", "min_lr")})
+    with pytest.raises(ValueError, match="schema_version 0, this batchpilot reads 1"):
+        Plan.from_dict({**plan.to_dict(), "schema_version": 0})
+    with pytest.raises(ValueError, match="schema_version None"):
         Plan.from_dict({"peak_lr": 1.0})
+    with pytest.raises(ValueError, match="a plan is a JSON object"):
+        Plan.from_dict([1, 2])  # type: ignore[arg-type]
 
 
 def test_compute_hours_and_mfu_from(tmp_path):

@@ -5,15 +5,22 @@ import pytest
 import torch
 from torch import nn
 
+from batchpilot.plan import laws
 from batchpilot.train.adaptive import (BatchConfig, BatchController, Measurement, NoiseScaleEstimator,
-                                       default_coupling, grad_sq_norm, inner_product_test_batch, lr_scale,
-                                       norm_test_batch, two_batch_estimates)
+                                       default_coupling, grad_sq_norm, lr_scale, two_batch_estimates)
+
+
+def controller(*, initial_batch_tokens: int, quantum_tokens: int, lr_coupling: str = "sqrt",
+               **batch: object) -> BatchController:
+    return BatchController(BatchConfig(global_batch_tokens=initial_batch_tokens, **batch),
+                           quantum_tokens=quantum_tokens, lr_coupling=lr_coupling)
+
 
 ORACLE = Measurement(small_sq_norm=2.0, small_batch_tokens=32, big_sq_norm=0.6, big_batch_tokens=256)
 
 
 def test_two_batch_oracle():
-    # laws.md 4c: B_small=32, |G_small|^2=2.0; B_big=256, |G_big|^2=0.6 -> |G|^2=0.4, tr(Sigma)=51.2, B_simple=128
+    # McCandlish et al. 2018 (arXiv 1812.06162) appendix A: B_small=32, |G_small|^2=2.0; B_big=256, |G_big|^2=0.6 -> |G|^2=0.4, tr(Sigma)=51.2, B_simple=128
     g_sq, trace = two_batch_estimates(2.0, 32, 0.6, 256)
     assert (g_sq, trace) == pytest.approx((0.4, 51.2))
     est = NoiseScaleEstimator()
@@ -41,13 +48,6 @@ def test_b_simple_none_until_signal_positive():
     assert est.b_simple is None  # |G|^2 estimate < 0
 
 
-def test_adadagrad_oracles():
-    samples = torch.tensor([1.0, 3.0, 5.0, 7.0]).reshape(4, 1)  # laws.md section 6: b=4, eta 0.1 -> 42
-    assert norm_test_batch(samples, 0.1, 4) == 42
-    assert inner_product_test_batch(samples, 0.1, 4) == 42
-    assert norm_test_batch(samples, 10.0, 4) == 4  # never shrinks
-
-
 def test_statistical_recovery_of_b_simple():
     # g_i = G + noise, |G|^2 = 1, tr(Sigma) = 64 -> B_simple = 64; small batch is a subset of the big one
     gen = torch.Generator().manual_seed(0)
@@ -67,23 +67,24 @@ def test_statistical_recovery_of_b_simple():
 
 
 def test_lr_coupling():
-    assert lr_scale(1024, 256, "sqrt") == pytest.approx(2.0)  # laws.md 5: Adam 3e-4 -> 6e-4
+    assert lr_scale(1024, 256, "sqrt") == pytest.approx(2.0)  # Granziol et al. 2020: Adam 3e-4 -> 6e-4
     assert lr_scale(1024, 256, "linear") == pytest.approx(4.0)  # SGD 0.1 -> 0.4
     assert lr_scale(1024, 256, "none") == 1.0
     assert [default_coupling(n) for n in ("adamw", "lamb", "lars", "sgd")] == ["sqrt", "sqrt", "linear", "linear"]
+    # the planner's rule is the same function
+    assert lr_scale(1024, 256, "sqrt") == laws.rescale_lr(1.0, from_batch=256, to_batch=1024, rule="sqrt")
 
 
 def test_fixed_policy_still_reports_metrics():
-    ctl = BatchController(BatchConfig(initial_batch_tokens=256, quantum_tokens=64))
+    ctl = controller(initial_batch_tokens=256, quantum_tokens=64)
     d = ctl.decide(1, 256, ORACLE)
     assert (d.global_batch_tokens, d.lr_scale, d.changed) == (256, 1.0, False)
     assert d.metrics["b_simple"] == pytest.approx(128.0) == d.metrics["critical_batch_tokens"]
 
 
 def test_ramp_thresholds():
-    cfg = BatchConfig(policy="ramp", initial_batch_tokens=64, quantum_tokens=64, lr_coupling="linear",
-                      ramp=[(1000, 256), (0, 128), (5000, 512)])
-    ctl = BatchController(cfg)
+    ctl = controller(policy="ramp", initial_batch_tokens=64, quantum_tokens=64, lr_coupling="linear",
+                     ramp="1000:256,0:128,5e3:512")
     got = [(ctl.decide(i, t).global_batch_tokens) for i, t in enumerate([0, 999, 1000, 4999, 5000, 10**6])]
     assert got == [128, 128, 256, 256, 512, 512]
     assert ctl.decide(7, 10**6).lr_scale == pytest.approx(8.0)
@@ -93,7 +94,7 @@ def adaptive(**overrides) -> BatchController:
     # policy arithmetic on the point estimate; the confidence bound is tested on its own below
     cfg = dict(policy="adaptive", initial_batch_tokens=128, quantum_tokens=64, min_measurements=1,
                min_interval_steps=1, max_batch_tokens=2048, confidence_z=0.0)
-    return BatchController(BatchConfig(**{**cfg, **overrides}))
+    return controller(**{**cfg, **overrides})
 
 
 def measured(b_simple: float) -> Measurement:
@@ -146,12 +147,14 @@ def test_state_round_trip_json():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError):
-        BatchConfig(initial_batch_tokens=100, quantum_tokens=64)
-    with pytest.raises(ValueError):
-        BatchConfig(policy="ramp", initial_batch_tokens=64, quantum_tokens=64)
-    with pytest.raises(ValueError):
-        BatchConfig(policy="grow", initial_batch_tokens=64, quantum_tokens=64)
+    with pytest.raises(ValueError, match="quantum"):
+        controller(initial_batch_tokens=100, quantum_tokens=64)
+    with pytest.raises(ValueError, match="ramp"):
+        BatchConfig(policy="ramp", global_batch_tokens=64)
+    with pytest.raises(ValueError, match="--batch.policy 'grow'"):
+        BatchConfig(policy="grow", global_batch_tokens=64)
+    with pytest.raises(ValueError, match="TOKENS:BATCH"):
+        BatchConfig(policy="ramp", ramp="1e6-128")
 
 
 def test_grad_sq_norm_plain():
@@ -205,7 +208,7 @@ def test_lower_bound_does_not_overshoot_far_below_noise_scale():
 def test_controller_follows_lower_bound():
     cfg = dict(policy="adaptive", initial_batch_tokens=16, quantum_tokens=16, max_batch_tokens=4096,
                min_measurements=20, min_interval_steps=1, max_growth=64.0)
-    plain, bounded = BatchController(BatchConfig(**cfg, confidence_z=0.0)), BatchController(BatchConfig(**cfg))
+    plain, bounded = controller(**cfg, confidence_z=0.0), controller(**cfg)
     for step, m in enumerate(_far_below_noise_scale(seed=2, dims=4), start=1):
         plain.decide(step, step * 16, m)
         bounded.decide(step, step * 16, m)

@@ -17,7 +17,8 @@ from batchpilot.model.hf import config_to_hf
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train import parallel
 from batchpilot.train.optim import OptimConfig, build_optimizer
-from batchpilot.train.trainer import TrainConfig, train
+from batchpilot.train.config import TrainConfig, config_from_legacy
+from batchpilot.train.trainer import train
 
 pytest.importorskip("torchao.float8")
 
@@ -97,10 +98,10 @@ def _micro_run(tmp_path, data, out: str, **kw) -> TrainConfig:
     model_dir = tmp_path / "micro"
     model_dir.mkdir(exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config_to_hf(MICRO)))
-    base = dict(out_dir=str(tmp_path / out), model=str(model_dir), data=str(data), seq_len=32,
+    base = dict(model=str(model_dir), data=str(data), seq_len=32,
                 global_batch_tokens=128, micro_batch_size=2, max_steps=4, lr=1e-2, min_lr=1e-3, eval_every=2,
                 eval_batches=1, save_every=2, progress=False, device="cpu", float8="tensorwise")
-    return TrainConfig(**{**base, **kw})
+    return config_from_legacy(str(tmp_path / out), **{**base, **kw})
 
 
 def test_float8_run_resumes_to_the_uninterrupted_losses(tmp_path, tiny_data):
@@ -110,7 +111,7 @@ def test_float8_run_resumes_to_the_uninterrupted_losses(tmp_path, tiny_data):
     assert resumed.steps == 4
     assert losses(resumed.run_dir) == losses(full.run_dir)  # bit-identical on CPU
     saved = json.loads((tmp_path / "full" / "config.json").read_text())
-    assert saved["float8"] == "tensorwise"
+    assert saved["parallel"]["float8"] == "tensorwise"
     # the checkpoint does not depend on float8: a run can resume without it
     assert train(_micro_run(tmp_path, tiny_data, "resumed", resume=True, max_steps=6, float8=None)).steps == 6
 

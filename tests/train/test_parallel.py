@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 from batchpilot.data.prepare import PrepareConfig, prepare
 from batchpilot.metrics import read_metrics
 from batchpilot.train import parallel
-from batchpilot.train.trainer import TrainConfig, train
+from batchpilot.train.config import TrainConfig, config_from_legacy
+from batchpilot.train.trainer import train
 
 WORDS = "in the beginning god created heaven and earth was without form void darkness upon face of deep".split()
 
@@ -39,10 +40,10 @@ def make_dataset(root: Path) -> str:
 
 def tiny_run(out_dir: Path, data: str, **overrides) -> TrainConfig:
     """2 layers of the tiny preset's width; 8 rows of 32 tokens per step (4 per rank at 2 ranks), 2 micro-batches."""
-    base = dict(out_dir=str(out_dir), data=data, model="tiny", seq_len=32, global_batch_tokens=256,
+    base = dict(data=data, model="tiny", seq_len=32, global_batch_tokens=256,
                 micro_batch_size=2, max_steps=3, lr=3e-3, schedule="constant", warmup_tokens=0, eval_every=1000,
                 eval_batches=1, save_every=1000, progress=False, device="cpu")
-    return TrainConfig(**{**base, **overrides})
+    return config_from_legacy(str(out_dir), **{**base, **overrides})
 
 
 def losses(run_dir: str | Path) -> list[float]:

@@ -11,19 +11,19 @@ from batchpilot.data.packing import PackedLoader
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train.parallel import ParallelDims
-from batchpilot.train.trainer import (TrainConfig, TrainingDiverged, accumulate_gradients, eval_row_ranges,
-                                      micro_batch_sizes, train)
+from batchpilot.train.config import config_from_legacy
+from batchpilot.train.trainer import TrainingDiverged, accumulate_gradients, eval_row_ranges, micro_batch_sizes, train
 
 TINY = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    tie_word_embeddings=True)
 
 
 def _cfg(tmp_path, data, **kw):
-    base = dict(out_dir=str(tmp_path / "run"), model=_model_dir(tmp_path), data=str(data), seq_len=32,
+    base = dict(model=_model_dir(tmp_path), data=str(data), seq_len=32,
                 global_batch_tokens=256, micro_batch_size=4, max_steps=6, lr=1e-2, min_lr=1e-3, eval_every=3,
                 eval_batches=2, save_every=3, progress=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return config_from_legacy(str(tmp_path / "run"), **base)
 
 
 def _model_dir(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchpilot.cli import main
-from batchpilot.plan.sweep import (RUN_COLUMNS, GridSpec, append_row, finished_ids, grid_runs, micro_batch_size,
-                                   prepare_data, run_one, train_config)
+from batchpilot.train.sweep import (RUN_COLUMNS, GridSpec, append_row, finished_ids, grid_runs, micro_batch_size,
+                                    prepare_data, run_one, train_config)
 
 MICRO = {"name": "micro", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
          "num_heads": 2, "num_kv_heads": 1}
@@ -63,7 +63,7 @@ def test_half_finished_runs_resume_or_restart(tmp_path: Path) -> None:
     spec = grid_runs(grid, sweep_dir)[0]
     run_dir = sweep_dir / "runs" / spec.run_id
     killed = train_config(spec, grid, data_dir, run_dir, resume=False)
-    killed.stop_at_step, killed.save_every = 3, 1  # a sweep killed after step 3 (checkpointed)
+    killed.schedule.stop_at_step, killed.checkpoint.save_every = 3, 1  # a sweep killed after step 3 (checkpointed)
     train(killed)
     row = run_one(spec, grid, data_dir, sweep_dir)
     assert row["steps"] == 8 and row["run_id"] == spec.run_id

@@ -12,7 +12,7 @@ Design choices and their costs:
   runs.csv; a half-finished run directory resumes from its last checkpoint, or restarts from scratch when it
   has none. Checkpoints and exported weights are deleted when a run finishes (``keep_checkpoints`` keeps them).
 - A run that diverges is a result (its LR is too high): its row has NaN losses, which ``fit`` drops.
-- This module executes the trainer, so ``plan`` imports ``train`` here (the one exception to the layering).
+- It lives in ``train/`` because it executes the trainer (``plan`` never imports ``train``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
+from batchpilot.data.prepare import PrepareConfig, prepare
+from batchpilot.metrics import read_metrics
 from batchpilot.model.counting import non_vocab_params  # Step Law's N: attention + MLP, no embeddings
+from batchpilot.model.hf import config_to_hf
+from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
+from batchpilot.train.checkpoint import latest_checkpoint
+from batchpilot.train.config import TrainConfig, field_types, set_dotted
+from batchpilot.train.trainer import TrainingDiverged, train
 
 RUN_COLUMNS = ("run_id", "preset", "N", "D", "lr", "batch_tokens", "steps", "final_loss", "smooth_loss", "val_loss",
                "wall_seconds", "seq_len")
@@ -48,7 +54,7 @@ class GridSpec:
     batch_tokens: list[int]
     seq_len: int = 256
     schedule: str = "cosine"
-    min_lr: float = 1e-5  # Step Law's recipe: cosine to a fixed 1e-5 (laws.md section 1)
+    min_lr: float = 1e-5  # Step Law's recipe (arXiv 2503.04715): cosine to a fixed 1e-5
     data: str = "default"  # a prepared directory, or sources that are prepared once into SWEEP_DIR/data
     vocab_size: int = 4096  # of the tokenizer trained when ``data`` is not prepared
     micro_batch_size: int = 32
@@ -56,18 +62,21 @@ class GridSpec:
     seed: int = 0
     device: str = "auto"
     keep_checkpoints: bool = False
-    train: dict[str, Any] = field(default_factory=dict)  # any further TrainConfig fields (weight_decay, ...)
+    # any further TrainConfig fields by dotted name ({"optim.weight_decay": 0.1, ...})
+    train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from batchpilot.train.trainer import TrainConfig
-
         for name in ("models", "tokens", "lrs", "batch_tokens"):
             if not getattr(self, name):
                 raise ValueError(f"the grid needs at least one value in {name!r}")
         self.tokens, self.batch_tokens = [int(t) for t in self.tokens], [int(b) for b in self.batch_tokens]
-        unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+        if not isinstance(self.train, dict):
+            raise ValueError("the grid's 'train' is an object of dotted TrainConfig fields, e.g. "
+                             "{\"optim.weight_decay\": 0.1}")
+        unknown = sorted(set(self.train) - set(field_types()))
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields in the grid's 'train': {unknown}")
+            raise ValueError(f"unknown TrainConfig fields in the grid's 'train': {unknown} (dotted names such as "
+                             f"optim.weight_decay)")
         bad = [b for b in self.batch_tokens if b % self.seq_len]
         if bad:
             raise ValueError(f"batch sizes {bad} (tokens) are not multiples of seq_len {self.seq_len}")
@@ -77,7 +86,12 @@ class GridSpec:
 
     @classmethod
     def from_json(cls, path: str | Path) -> GridSpec:
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a grid is a JSON object, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown grid keys {unknown}; known: {[f.name for f in fields(cls)]}")
@@ -116,8 +130,6 @@ def model_config(model: str | dict[str, Any]) -> LlamaConfig:
 
 def grid_runs(grid: GridSpec, sweep_dir: Path) -> list[RunSpec]:
     """Every run of the grid; explicit shapes get a config.json under SWEEP_DIR/models/<name>/."""
-    from batchpilot.model.hf import config_to_hf
-
     runs = []
     for model in grid.models:
         name, config = model_name(model), model_config(model)
@@ -161,8 +173,6 @@ def prepare_data(grid: GridSpec, sweep_dir: Path) -> Path:
     """The prepared dataset all runs share (prepared once, reused by later invocations)."""
     if (Path(grid.data) / "meta.json").is_file():
         return Path(grid.data)
-    from batchpilot.data.prepare import PrepareConfig, prepare
-
     vocab = min([grid.vocab_size] + [model_config(m).vocab_size for m in grid.models])
     return prepare(PrepareConfig(sources=[grid.data], out_dir=str(sweep_dir / "data"), vocab_size=vocab,
                                  seed=grid.seed))
@@ -174,33 +184,32 @@ def micro_batch_size(rows_per_step: int, cap: int) -> int:
     return max(m for m in range(1, min(rows_per_step, cap) + 1) if rows_per_step % m == 0)
 
 
-def train_config(spec: RunSpec, grid: GridSpec, data_dir: Path, run_dir: Path, *, resume: bool):
-    from batchpilot.train.trainer import TrainConfig
-
+def train_config(spec: RunSpec, grid: GridSpec, data_dir: Path, run_dir: Path, *, resume: bool) -> TrainConfig:
     steps = max(1, round(spec.tokens / spec.batch_tokens))
     micro = micro_batch_size(spec.batch_tokens // grid.seq_len, grid.micro_batch_size)
-    return TrainConfig(out_dir=str(run_dir), model=spec.model, data=str(data_dir), seq_len=grid.seq_len,
-                       global_batch_tokens=spec.batch_tokens, micro_batch_size=micro,
-                       max_steps=steps, lr=spec.lr, min_lr=min(grid.min_lr, spec.lr), schedule=grid.schedule,
-                       eval_every=steps, eval_batches=grid.eval_batches, save_every=max(1, steps // 4),
-                       log_every=1, seed=grid.seed, device=grid.device, resume=resume, progress=False,
-                       **grid.train)
+    tree: dict[str, Any] = {
+        "out_dir": str(run_dir), "model": {"name": spec.model, "seed": grid.seed},
+        "data": {"path": str(data_dir), "seq_len": grid.seq_len, "seed": grid.seed},
+        "batch": {"global_batch_tokens": spec.batch_tokens, "micro_batch_size": micro},
+        "optim": {"lr": spec.lr}, "schedule": {"max_steps": steps, "min_lr": min(grid.min_lr, spec.lr),
+                                               "name": grid.schedule},
+        "logging": {"eval_every": steps, "eval_batches": grid.eval_batches, "log_every": 1, "progress": False},
+        "checkpoint": {"save_every": max(1, steps // 4), "resume": resume}, "parallel": {"device": grid.device}}
+    for dotted, value in grid.train.items():
+        set_dotted(tree, dotted, value)
+    return TrainConfig.from_dict(tree, source="grid")
 
 
 def run_one(spec: RunSpec, grid: GridSpec, data_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     """Train one run (resuming a half-finished directory) and return its runs.csv row. Runs in a worker."""
-    from batchpilot.metrics import read_metrics
-    from batchpilot.train.checkpoint import latest_checkpoint
-    from batchpilot.train.trainer import TrainingDiverged, train
-
     run_dir = sweep_dir / "runs" / spec.run_id
     cfg = train_config(spec, grid, data_dir, run_dir, resume=latest_checkpoint(run_dir) is not None)
     result_file = run_dir / "result.json"
     if result_file.is_file():
         done = json.loads(result_file.read_text())
-        if done["steps"] >= cfg.max_steps:  # finished, but the sweep was killed before its row was written
+        if done["steps"] >= cfg.schedule.max_steps:  # finished, but the sweep was killed before its row was written
             return _row(spec, grid, done, read_metrics(run_dir))
-    if run_dir.exists() and not cfg.resume:
+    if run_dir.exists() and not cfg.checkpoint.resume:
         shutil.rmtree(run_dir)  # nothing to resume from: restart cleanly
     log = sweep_dir / "logs" / f"{spec.run_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +217,7 @@ def run_one(spec: RunSpec, grid: GridSpec, data_dir: Path, sweep_dir: Path) -> d
         try:
             result = asdict(train(cfg))
         except TrainingDiverged:
-            result = {"steps": cfg.max_steps, "final_loss": math.nan, "val_loss": None, "wall_seconds": math.nan}
+            result = {"steps": cfg.schedule.max_steps, "final_loss": math.nan, "val_loss": None, "wall_seconds": math.nan}
     if not grid.keep_checkpoints:
         for sub in ("checkpoints", "model"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)

@@ -1,0 +1,218 @@
+"""A training run's configuration: one ``TrainConfig`` made of the component configs, and its file form.
+
+Each component owns its dataclass and validates it where it is defined: ``OptimConfig`` (optim.py),
+``ScheduleConfig`` (schedule.py), ``BatchConfig`` (adaptive.py), ``ParallelConfig`` (parallel.py); the model,
+data, checkpoint and logging components are small enough to live here. ``TrainConfig`` only checks what spans
+two components (the batch is a multiple of seq_len, min_lr <= lr, the run has a horizon).
+
+The file form is a nested mapping ``{component: {field: value}}`` (``to_dict`` / ``from_dict``): the run
+directory's config.json, and what ``batchpilot train --config run.toml|run.yaml|run.json`` reads. Dotted names
+(``optim.lr``) address one field; they are the command line's flags (``--optim.lr``) too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchpilot.model.llama import PRESETS
+from batchpilot.plan.planner import Plan
+from batchpilot.train.adaptive import BatchConfig
+from batchpilot.train.optim import OptimConfig
+from batchpilot.train.parallel import ParallelConfig
+from batchpilot.train.schedule import ScheduleConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "tiny"  # preset name, HF model directory (fine-tune from its weights) or config.json
+    seed: int = 0  # initial weights (and torch's global RNG)
+
+    def __post_init__(self) -> None:
+        if self.name not in PRESETS and not Path(self.name).exists():
+            raise ValueError(f"--model.name {self.name!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = "default"  # "default" (embedded corpus), a prepared directory, or raw .txt/.jsonl/.parquet/dir
+    text_field: str = "text"  # JSONL field / Parquet column holding the text
+    seq_len: int = 256  # tokens per row
+    seed: int = 0  # data order and the tokenizer trained for raw sources
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"--data.seq_len must be positive, got {self.seq_len}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1:
+            raise ValueError(f"--checkpoint.save_every must be >= 1 step, got {self.save_every}")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    log_every: int = 1  # steps between metrics.jsonl records
+    eval_every: int = 50  # steps between validation passes; 0: only at the end of the run
+    eval_batches: int = 4  # validation micro-batches per pass
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
+    progress: bool = True  # live progress bar (off when stdout is not a terminal)
+    peak_tflops: float = 989.0  # per GPU, for MFU (H100/H200 dense bf16)
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 1 or self.peak_tflops <= 0:
+            raise ValueError("need --logging.log_every >= 1, --logging.eval_every >= 0 (0: only at the end), "
+                             "--logging.eval_batches >= 1 and --logging.peak_tflops > 0")
+
+
+# component name -> its config type; the order of TrainConfig's fields, of config.json and of --help
+COMPONENTS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                               "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
+                               "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    out_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: Plan | None = field(default=None, repr=False)  # the plan this run executes, saved as plan.json
+
+    def __post_init__(self) -> None:
+        for name, kind in COMPONENTS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}")
+        if self.batch.global_batch_tokens % self.data.seq_len:
+            raise ValueError(f"global batch ({self.batch.global_batch_tokens} tokens) must be a multiple of "
+                             f"seq_len ({self.data.seq_len})")
+        if self.schedule.max_steps is None and self.schedule.max_tokens is None:
+            raise ValueError("give --schedule.max_steps (--max-steps) or --schedule.max_tokens (or --plan)")
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"need --schedule.min_lr <= --optim.lr (got lr={self.optim.lr}, "
+                             f"min_lr={self.schedule.min_lr})")
+
+    @property
+    def total_tokens(self) -> int:
+        s = self.schedule
+        return s.max_tokens if s.max_tokens is not None else s.max_steps * self.batch.global_batch_tokens
+
+    @property
+    def warmup_tokens(self) -> int:
+        """The schedule's warmup; default 5% of the horizon."""
+        w = self.schedule.warmup_tokens
+        return w if w is not None else self.total_tokens // 20
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file form (config.json): ``out_dir`` and one mapping per component; the plan is in plan.json."""
+        return {"out_dir": self.out_dir, **{name: dataclasses.asdict(getattr(self, name)) for name in COMPONENTS}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, plan: Plan | None = None, source: str = "config") -> TrainConfig:
+        """The inverse of ``to_dict``; unknown components or fields are a one-line error naming them."""
+        unknown = sorted(set(d) - {"out_dir", *COMPONENTS})
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {', '.join(unknown)}; known: out_dir, {', '.join(COMPONENTS)}")
+        if "out_dir" not in d:
+            raise ValueError(f"{source}: no out_dir (pass --out)")
+        parts = {}
+        for name, kind in COMPONENTS.items():
+            values = d.get(name) or {}
+            if not isinstance(values, Mapping):
+                raise ValueError(f"{source}: {name} must be a table of fields, got {type(values).__name__}")
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ValueError(f"{source}: unknown field{'s' if len(bad) > 1 else ''} "
+                                 f"{', '.join(f'{name}.{b}' for b in bad)}")
+            parts[name] = kind(**values)
+        return cls(out_dir=str(d["out_dir"]), plan=plan, **parts)
+
+
+def field_types() -> dict[str, type]:
+    """Every dotted field name (``optim.lr``) and its dataclass field, for flags and config files."""
+    import typing
+
+    out = {}
+    for name, kind in COMPONENTS.items():
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            out[f"{name}.{f.name}"] = hints[f.name]
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: object) -> None:
+    """``tree["optim"]["lr"] = value`` for ``dotted = "optim.lr"``."""
+    component, _, name = dotted.partition(".")
+    tree.setdefault(component, {})[name] = value
+
+
+# The settings a plan fixes, as dotted fields; ``plan_settings`` is how the trainer's config takes a Plan.
+PLAN_FIELDS = ("model.name", "data.seq_len", "batch.global_batch_tokens", "batch.micro_batch_size",
+               "batch.policy", "schedule.max_steps", "schedule.name", "schedule.min_lr", "schedule.warmup_tokens",
+               "optim.lr", "optim.name", "parallel.activation_checkpointing")
+
+
+def plan_settings(plan: Plan) -> dict[str, object]:
+    """The dotted fields a plan fixes (``PLAN_FIELDS``), with the plan's values; a plan made for a model shape
+    (``model`` a dict) leaves ``model.name`` to the caller (its HF directory or config.json)."""
+    settings: dict[str, object] = {
+        "data.seq_len": plan.seq_len, "batch.global_batch_tokens": plan.global_batch_tokens,
+        "batch.micro_batch_size": plan.micro_batch_size, "batch.policy": plan.batch_policy,
+        "schedule.max_steps": plan.total_steps, "schedule.name": plan.schedule, "schedule.min_lr": plan.min_lr,
+        "schedule.warmup_tokens": plan.warmup_tokens, "optim.lr": plan.peak_lr, "optim.name": plan.optimizer,
+        "parallel.activation_checkpointing": plan.activation_checkpointing}
+    if isinstance(plan.model, str):
+        settings["model.name"] = plan.model
+    return settings
+
+
+# Flat names of the release before the components: each is now the dotted field(s) on the right. The CLI
+# keeps them as deprecated flags for one release; tests and old scripts may build a config from them.
+LEGACY_NAMES: dict[str, tuple[str, ...]] = {
+    "model": ("model.name",), "data": ("data.path",), "text_field": ("data.text_field",),
+    "seq_len": ("data.seq_len",), "seed": ("model.seed", "data.seed"),
+    "global_batch_tokens": ("batch.global_batch_tokens",), "micro_batch_size": ("batch.micro_batch_size",),
+    "auto_micro_batch": ("batch.auto_micro_batch",), "batch_policy": ("batch.policy",),
+    "batch_ramp": ("batch.ramp",), "max_global_batch_tokens": ("batch.max_batch_tokens",),
+    "adaptive_min_interval_steps": ("batch.min_interval_steps",),
+    "adaptive_warmup_steps": ("batch.min_measurements",),
+    "adaptive_target_multiplier": ("batch.target_multiplier",), "lr_coupling": ("batch.lr_coupling",),
+    "measure_noise": ("batch.measure_noise",),
+    "max_steps": ("schedule.max_steps",), "max_tokens": ("schedule.max_tokens",),
+    "stop_at_step": ("schedule.stop_at_step",), "min_lr": ("schedule.min_lr",),
+    "warmup_tokens": ("schedule.warmup_tokens",), "schedule": ("schedule.name",),
+    "lr": ("optim.lr",), "optimizer": ("optim.name",), "weight_decay": ("optim.weight_decay",),
+    "beta1": ("optim.beta1",), "beta2": ("optim.beta2",), "grad_clip": ("optim.grad_clip",),
+    "eval_every": ("logging.eval_every",), "eval_batches": ("logging.eval_batches",),
+    "log_every": ("logging.log_every",), "tensorboard": ("logging.tensorboard",),
+    "progress": ("logging.progress",), "peak_tflops": ("logging.peak_tflops",),
+    "save_every": ("checkpoint.save_every",), "resume": ("checkpoint.resume",),
+    "device": ("parallel.device",), "compile": ("parallel.compile",),
+    "activation_checkpointing": ("parallel.activation_checkpointing",),
+    "fsdp_one_device": ("parallel.fsdp_one_device",), "float8": ("parallel.float8",),
+}
+
+
+def config_from_legacy(out_dir: str, **flat: object) -> TrainConfig:
+    """A TrainConfig from the flat names of ``LEGACY_NAMES`` (``lr=1e-2, max_steps=6``)."""
+    tree: dict[str, Any] = {"out_dir": out_dir}
+    for name, value in flat.items():
+        if name not in LEGACY_NAMES:
+            raise ValueError(f"unknown flat name {name!r}")
+        for dotted in LEGACY_NAMES[name]:
+            set_dotted(tree, dotted, value)
+    return TrainConfig.from_dict(tree)
