@@ -326,8 +326,9 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         try:
             obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn} refused: {str(e)[:200]}") from None
+        except pickle.UnpicklingError:
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn} refused: it is not plain data "
+                             "(torch.load weights_only)") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
