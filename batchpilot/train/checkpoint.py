@@ -236,14 +236,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         tmp.mkdir(parents=True)
     barrier(dims)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # DCP warns when it runs in a single process, which is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        with warnings.catch_warnings():  # DCP warns when it runs in a single process, which is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # a BaseException wrapping each rank's error: re-raise the first one
+        if dims.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save only takes space (disk full)
+        raise _rank_failure(e) from None
     barrier(dims)
     if dims.rank == 0:
         _fault_point("after_shards", step)
-        write_json_atomic(tmp / "trainer_state.json", trainer_state)
-        _write_manifest(tmp)  # last: a directory with a valid manifest is a complete checkpoint
+        try:
+            write_json_atomic(tmp / "trainer_state.json", trainer_state)
+            _write_manifest(tmp)  # last: a directory with a valid manifest is a complete checkpoint
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _fault_point("after_manifest", step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -254,6 +263,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         _prune(root, keep, newest=final)
     barrier(dims)
     return final
+
+
+def _rank_failure(e: CheckpointException) -> Exception:
+    """The first rank's own exception (an OSError such as ENOSPC stays one), else a one-line RuntimeError."""
+    for exc, _trace in e.failures.values():
+        if isinstance(exc, Exception):
+            return exc
+    return RuntimeError(f"checkpoint write failed on ranks {sorted(e.failures)}")
 
 
 def _prune(root: Path, keep: int, *, newest: Path) -> None:
@@ -355,8 +372,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner())
     except CheckpointException as e:  # DCP wraps each rank's failure; report the first one
-        failures = list(e.failures.values())
-        first = failures[0][0] if failures else e
+        first = _rank_failure(e)
         raise ValueError(f"checkpoint {path} does not load into this model/optimizer ({_first_line(first)})") from None
     except (RuntimeError, ValueError, KeyError, AssertionError, OSError) as e:
         raise ValueError(f"checkpoint {path} does not load into this model/optimizer ({_first_line(e)})") from None
