@@ -227,7 +227,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                     trainer_state: dict[str, Any], dims: ParallelDims, *, keep: int = 2) -> Path:
     """Write checkpoint ``step`` (every rank calls it), point ``latest`` at it, keep the newest ``keep``."""
     if keep < 1:
-        raise ValueError(f"--checkpoint.keep must be at least 1, got {keep}")
+        raise ValueError(f"checkpoints to keep (keep) must be at least 1, got {keep}")
     root = _ckpt_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
