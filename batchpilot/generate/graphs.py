@@ -33,7 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batchpilot.generate.batch import decode_arrays, flatten
 from batchpilot.generate.scheduler import Chunk
+from batchpilot.generate.step_attention import DecodeMeta, KVCache, PagedAttention, StepAttention
+from batchpilot.model.llama import Llama
 
 # padded batch sizes: fine steps above 256 rows, where a decode step's matmuls cost in proportion to rows
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, *range(256, 1024, 32), *range(1024, 2049, 128))
@@ -46,19 +49,26 @@ class _Graph:
     out: dict[str, torch.Tensor]  # "tokens": (rows,) greedy tokens, rewritten by every replay
 
 
-def greedy_tokens(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, attn) -> torch.Tensor:
+def greedy_tokens(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: StepAttention) -> torch.Tensor:
     """(rows,) token ids at (rows,) positions -> (rows,) greedy next tokens: the forward every graph captures."""
     hidden = model.hidden_states(ids[None], position_ids=pos[None], attn_meta=attn)  # (1, rows, D)
     return model.lm_head(hidden[0]).argmax(dim=-1)
 
 
 class DecodeGraphs:
-    def __init__(self, runner, *, max_rows: int, max_groups: int = 16, capture: bool = True,
+    """Static decode graphs over one KV cache; everything they read is passed in (the runner owns the cache)."""
+
+    def __init__(self, model: Llama, kv: KVCache, paged_attention: PagedAttention, *, trash_block: int,
+                 cascade: bool, max_rows: int, max_groups: int = 16, capture: bool = True,
                  compile: bool = False) -> None:
-        self.runner, self.max_groups, self.capture = runner, max_groups, capture
+        self.model, self.kv, self.paged_attention = model, kv, paged_attention
+        self.block_size, self.trash_block, self.cascade = kv.block_size, trash_block, cascade
+        self.device = kv.k.device
+        self.dtype = next(model.parameters()).dtype
+        self.max_groups, self.capture = max_groups, capture
         self.tokens = torch.compile(greedy_tokens, dynamic=True) if compile else greedy_tokens
         # dynamo compiles each layer's code after the attention break once per layer index (a guard on it)
-        self.recompile_limit = 8 + 4 * runner.model.config.num_layers
+        self.recompile_limit = 8 + 4 * model.config.num_layers
         self.compile_off_reason: str | None = None  # why compiled graphs fell back to eager ones
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.width = 0  # block-table columns of every graph
@@ -68,18 +78,18 @@ class DecodeGraphs:
         self.off_reason: str | None = None  # why graphs switched themselves off (reported by benchmarks)
 
     def begin_job(self, max_tokens: int) -> None:
-        width = -(-max_tokens // self.runner.block_size) + 1
+        width = -(-max_tokens // self.block_size) + 1
         if width > self.width:
             self.width = width
             self.graphs.clear()
 
-    def usable(self, dec: list[Chunk]) -> bool:
-        r = self.runner
-        if not (self.enabled and (r.triton_verified or not self.capture)) or len(dec) > self.buckets[-1]:
+    def fits(self, dec: list[Chunk]) -> bool:
+        """The batch fits the static sizes: rows, cascade groups, block-table width."""
+        if len(dec) > self.buckets[-1]:
             return False
         groups = {id(c.request.group) for c in dec if c.request.prefix_len > 0}
-        return (all(c.request.params.temperature == 0 for c in dec) and len(groups) <= self.max_groups
-                and (r.cascade or not groups) and max(len(c.request.blocks) for c in dec) <= self.width)
+        return (len(groups) <= self.max_groups and (self.cascade or not groups)
+                and max(len(c.request.blocks) for c in dec) <= self.width)
 
     def run(self, dec: list[Chunk], eager: Callable[[], tuple[list[int], torch.Tensor]],
             steps: int = 1) -> list[list[int]]:
@@ -88,7 +98,7 @@ class DecodeGraphs:
         ``eager`` runs the same step without the graph and returns its tokens and (rows, V) logits.
         """
         rows = next(b for b in self.buckets if b >= len(dec))
-        n = len({id(c.request.group) for c in dec if c.request.prefix_len > 0}) if self.runner.cascade else 0
+        n = len({id(c.request.group) for c in dec if c.request.prefix_len > 0}) if self.cascade else 0
         groups = 1 << (n - 1).bit_length() if n else 0  # padded to a power of two: few graphs, little waste
         key = (rows, groups)
         fresh = key not in self.graphs
@@ -99,7 +109,7 @@ class DecodeGraphs:
             for name, array in self._arrays(dec, rows, groups).items():
                 g.inputs[name].copy_(torch.from_numpy(array))
             steps = 1 if fresh else steps
-            history = torch.empty(steps, rows, dtype=torch.long, device=self.runner.device)
+            history = torch.empty(steps, rows, dtype=torch.long, device=self.device)
             for k in range(steps):
                 if k:
                     self._advance(g)
@@ -122,7 +132,7 @@ class DecodeGraphs:
         rows = torch.arange(len(ref), device=logits.device)
         logits = logits.float()
         margin = logits[rows, ref_t] - logits[rows, got]  # >= 0: the eager pick is the eager maximum
-        tol = 4 * torch.finfo(self.runner.dtype).eps * logits.abs().amax(dim=-1)  # a few roundings of a logit
+        tol = 4 * torch.finfo(self.dtype).eps * logits.abs().amax(dim=-1)  # a few roundings of a logit
         bad = int((margin > tol).sum())
         if not bad:
             return
@@ -141,7 +151,7 @@ class DecodeGraphs:
         """Inputs of the next decode step from this one's, on the device (rows past their blocks hit the trash).
 
         Tables hold own blocks only: graphs take no rows with their group prefix inline (``usable``)."""
-        bs, i = self.runner.block_size, g.inputs
+        bs, i = self.block_size, g.inputs
         i["ids"].copy_(g.out["tokens"])
         i["pos"].add_(1)
         i["own_lens"].add_(1)
@@ -154,24 +164,22 @@ class DecodeGraphs:
         self.enabled, self.off_reason = False, reason
 
     def _arrays(self, dec: list[Chunk], rows: int, groups: int) -> dict[str, np.ndarray]:
-        r = self.runner
-        a = r.decode_arrays(dec, rows=rows, width=self.width, groups=groups)
-        ids, pos, slots, _ = r._flatten(dec)
-        pad = rows - len(dec)
-        a["ids"] = np.asarray(ids + [0] * pad, dtype=np.int64)
-        a["pos"] = np.asarray(pos + [0] * pad, dtype=np.int64)
-        a["slots"] = np.asarray(slots + [r.trash_block * r.block_size] * pad, dtype=np.int64)
-        del a["prefix_blocks"]  # 0: no inline prefixes in graphs (usable), as the captured DecodeMeta assumes
-        return a
+        bs, pad = self.block_size, rows - len(dec)
+        a = decode_arrays(dec, block_size=bs, cascade=self.cascade, trash_block=self.trash_block, rows=rows,
+                          width=self.width, groups=groups)
+        assert a.prefix_blocks == 0  # no inline prefixes in graphs (fits), as the captured DecodeMeta assumes
+        flat = flatten(dec, bs)
+        named = a.named()
+        named["ids"] = np.asarray(flat.ids + [0] * pad, dtype=np.int64)
+        named["pos"] = np.asarray(flat.pos + [0] * pad, dtype=np.int64)
+        named["slots"] = np.asarray(flat.slots + [self.trash_block * bs] * pad, dtype=np.int64)
+        return named
 
     def _build(self, rows: int, groups: int) -> _Graph:
-        from batchpilot.generate.runner import DecodeMeta, StepAttention
-
-        r, dev, G = self.runner, self.runner.device, groups
-        t = r.trash_block
+        dev, G, t = self.device, groups, self.trash_block
         inputs = {"ids": torch.zeros(rows, dtype=torch.long, device=dev),
                   "pos": torch.zeros(rows, dtype=torch.long, device=dev),
-                  "slots": torch.full((rows,), t * r.block_size, dtype=torch.long, device=dev),
+                  "slots": torch.full((rows,), t * self.block_size, dtype=torch.long, device=dev),
                   "tables": torch.full((rows, self.width), t, dtype=torch.long, device=dev),
                   "prefix_lens": torch.zeros(rows, dtype=torch.long, device=dev),
                   "own_lens": torch.ones(rows, dtype=torch.long, device=dev)}
@@ -180,15 +188,16 @@ class DecodeGraphs:
                        "group_lens": torch.zeros(G, dtype=torch.long, device=dev),
                        "group_rows": torch.full((G, rows), rows, dtype=torch.long, device=dev),
                        "row_pos": torch.full((rows,), G * rows, dtype=torch.long, device=dev)}
-        groups = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in inputs}
-        meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **groups)
-        attn = StepAttention(r, inputs["slots"], meta, None)
+        group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in inputs}
+        meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **group_inputs)
+        attn = StepAttention(self.kv, self.paged_attention, inputs["slots"], meta, None)
+        model = self.model
 
         def forward() -> dict[str, torch.Tensor]:
             # emulate_precision_casts: round to bf16 where eager does, so the self-check compares like with like
             with (torch._dynamo.config.patch(recompile_limit=self.recompile_limit),
                   torch._inductor.config.patch(emulate_precision_casts=True)):
-                return {"tokens": self.tokens(r.model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
+                return {"tokens": self.tokens(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
 
         if not self.capture:  # CPU tests: the same static buffers, run eagerly
             out = forward()
