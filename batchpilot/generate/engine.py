@@ -161,7 +161,7 @@ class Engine:
             if reason is not None:
                 scheduler.finish(r, reason)
                 done.append(Completion.of(r))
-        self._record(plan, time.perf_counter() - start, new_tokens, max((len(o.tokens) for o in outputs), default=1))
+        self._record(plan, time.perf_counter() - start, new_tokens, max(1, *(len(o.tokens) for o in outputs)))
         return done
 
     def _samples(self, requests: list[Request]) -> list[Request]:
@@ -178,7 +178,7 @@ class Engine:
         return out
 
     def _decode_steps(self, plan: StepPlan, scheduler: Scheduler) -> int:
-        """Decode steps to run on this plan: several once every request decodes greedily and nothing waits."""
+        """Decode steps to run on this plan: several once the batch runs on a decode graph and nothing waits."""
         n = self.config.decode_steps
         if n == 1 or scheduler.waiting or not self.runner.graphs_usable(plan.chunks):
             return 1

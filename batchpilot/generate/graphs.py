@@ -2,15 +2,20 @@
 
 A decode step's shapes become static by padding: rows to a bucket (padding rows attend to, and
 write, one token of a reserved trash block), block tables to the job's longest request, cascade
-groups to a power of two up to ``max_groups``. The graph runs the model and a greedy argmax; steps that sample, contain
-prefill chunks, or exceed the static sizes run eagerly. Every new graph is checked once against
-the eager step; graphs switch off (with a warning) on an error, or on a token that differs where
-the top two logits were not a near tie (bf16 rounding differs between padded and unpadded matmuls,
-and a random-weight model's logits tie often). Cost: the padded rows' FLOPs, and graph memory (one
+groups to a power of two up to ``max_groups``. The graph runs the model and then a greedy argmax,
+or, when some row samples, ``sampling.sample`` with the rows' temperature, top-k, top-p, seed and
+step as static device tensors (a graph kind per greedy / sampled / filtered). The sampler's noise
+is a counter-based hash of (seed, step, token), so a row's draws do not depend on its neighbours
+or on the steps per round trip. Steps with prefill chunks, logprobs or logit processing
+(penalties, bias, min_tokens), or beyond the static sizes, run eagerly. Every new graph is checked
+once against the eager step; graphs switch off (with a warning) on an error, or on a greedy token
+that differs where the top two logits were not a near tie (bf16 rounding differs between padded
+and unpadded matmuls, and a random-weight model's logits tie often), or on sampled rows that
+differ from the eager draws on more than a tenth of them. Cost: the padded rows' FLOPs, and graph memory (one
 shared pool, a few hundred MB for a 1B model at 1024 rows).
 
 Multi-step decode (``run(..., steps=n)``): the graph is replayed n times back to back and the inputs
-are advanced on the device in between (token ids from the last argmax, positions, lengths, cache
+are advanced on the device in between (token ids from the last draw, positions, sampling steps, lengths, cache
 slots from the block tables), with one host sync at the end. The host work of a step (scheduling,
 building arrays, reading tokens back) is then paid once per n tokens. The caller reserves KV blocks
 for the n tokens and discards tokens after a request's end (EOS, stop string, max_tokens).
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from batchpilot.generate.batch import decode_arrays, flatten
+from batchpilot.generate.sampling import sample
 from batchpilot.generate.scheduler import Chunk
 from batchpilot.generate.step_attention import DecodeMeta, KVCache, PagedAttention, StepAttention
 from batchpilot.model.llama import Llama
@@ -55,6 +61,22 @@ def greedy_tokens(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: Step
     return model.lm_head(hidden[0]).argmax(dim=-1)
 
 
+def decode_logits(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: StepAttention) -> torch.Tensor:
+    """(rows,) token ids at (rows,) positions -> (rows, V) logits: the forward of sampling graphs."""
+    hidden = model.hidden_states(ids[None], position_ids=pos[None], attn_meta=attn)  # (1, rows, D)
+    return model.lm_head(hidden[0])
+
+
+GREEDY, SAMPLE, SAMPLE_FILTERED = 0, 1, 2  # graph kinds: argmax; Gumbel sampling; + top-k / top-p
+
+
+def sampling_kind(dec: list[Chunk]) -> int:
+    ps = [c.request.params for c in dec]
+    if all(p.temperature == 0 for p in ps):
+        return GREEDY
+    return SAMPLE_FILTERED if any(p.top_k > 0 or p.top_p < 1 for p in ps) else SAMPLE
+
+
 class DecodeGraphs:
     """Static decode graphs over one KV cache; everything they read is passed in (the runner owns the cache)."""
 
@@ -67,12 +89,13 @@ class DecodeGraphs:
         self.dtype = next(model.parameters()).dtype
         self.max_groups, self.capture = max_groups, capture
         self.tokens = torch.compile(greedy_tokens, dynamic=True) if compile else greedy_tokens
+        self.logits = torch.compile(decode_logits, dynamic=True) if compile else decode_logits
         # dynamo compiles each layer's code after the attention break once per layer index (a guard on it)
         self.recompile_limit = 8 + 4 * model.config.num_layers
         self.compile_off_reason: str | None = None  # why compiled graphs fell back to eager ones
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.width = 0  # block-table columns of every graph
-        self.graphs: dict[tuple[int, int], _Graph] = {}  # (rows, groups) -> graph
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (rows, groups, sampling kind) -> graph
         self.pool = None
         self.enabled = True
         self.off_reason: str | None = None  # why graphs switched themselves off (reported by benchmarks)
@@ -100,11 +123,11 @@ class DecodeGraphs:
         rows = next(b for b in self.buckets if b >= len(dec))
         n = len({id(c.request.group) for c in dec if c.request.prefix_len > 0}) if self.cascade else 0
         groups = 1 << (n - 1).bit_length() if n else 0  # padded to a power of two: few graphs, little waste
-        key = (rows, groups)
+        key = (rows, groups, sampling_kind(dec))
         fresh = key not in self.graphs
         try:
             if fresh:
-                self.graphs[key] = self._build(rows, groups)
+                self.graphs[key] = self._build(*key)
             g = self.graphs[key]
             for name, array in self._arrays(dec, rows, groups).items():
                 g.inputs[name].copy_(torch.from_numpy(array))
@@ -121,19 +144,24 @@ class DecodeGraphs:
             return [[t] for t in eager()[0]]
         if fresh:  # first use of this graph: the eager step is the reference (and rewrites the same KV)
             ref, logits = eager()
-            self._check(ref, g.out["tokens"][:len(dec)], logits)
+            self._check(ref, g.out["tokens"][:len(dec)], logits,
+                        torch.tensor([c.request.params.temperature > 0 for c in dec], device=logits.device))
             return [[t] for t in ref]
         return tokens
 
-    def _check(self, ref: list[int], got: torch.Tensor, logits: torch.Tensor) -> None:
+    def _check(self, ref: list[int], got: torch.Tensor, logits: torch.Tensor, sampled: torch.Tensor) -> None:
         """Switch off unless the graph's token is, under the eager logits, within rounding of the eager maximum
-        everywhere (a different pick is then a near tie, not a bug)."""
+        on every greedy row (a different pick is then a near tie, not a bug), and equals the eager draw on at
+        least 90% of the sampled rows (the same noise; rounding moves only near-tied draws)."""
         ref_t = torch.tensor(ref, device=logits.device)
         rows = torch.arange(len(ref), device=logits.device)
         logits = logits.float()
         margin = logits[rows, ref_t] - logits[rows, got]  # >= 0: the eager pick is the eager maximum
         tol = 4 * torch.finfo(self.dtype).eps * logits.abs().amax(dim=-1)  # a few roundings of a logit
-        bad = int((margin > tol).sum())
+        bad = int(((margin > tol) & ~sampled).sum())
+        differ = int(((got != ref_t) & sampled).sum())
+        if differ > 0.1 * int(sampled.sum()):
+            bad += differ
         if not bad:
             return
         agree = float((got == ref_t).float().mean())
@@ -144,7 +172,7 @@ class DecodeGraphs:
             return
         # compiled: retry with eager graphs first (fused kernels round differently; a bug would fail again)
         warnings.warn(f"compiled decode graphs disabled, capturing eager ones: {reason}", stacklevel=3)
-        self.tokens, self.compile_off_reason = greedy_tokens, reason
+        self.tokens, self.logits, self.compile_off_reason = greedy_tokens, decode_logits, reason
         self.graphs.clear()
 
     def _advance(self, g: _Graph) -> None:
@@ -155,6 +183,8 @@ class DecodeGraphs:
         i["ids"].copy_(g.out["tokens"])
         i["pos"].add_(1)
         i["own_lens"].add_(1)
+        if "steps" in i:  # sampling graphs: the next draw of each row's (seed, step) stream
+            i["steps"].add_(1)
         j = i["own_lens"] - 1  # own index of the new token
         block = i["tables"].gather(1, (j // bs).clamp_max(self.width - 1)[:, None])[:, 0]
         i["slots"].copy_(block * bs + j % bs)
@@ -173,9 +203,16 @@ class DecodeGraphs:
         named["ids"] = np.asarray(flat.ids + [0] * pad, dtype=np.int64)
         named["pos"] = np.asarray(flat.pos + [0] * pad, dtype=np.int64)
         named["slots"] = np.asarray(flat.slots + [self.trash_block * bs] * pad, dtype=np.int64)
+        if sampling_kind(dec) != GREEDY:  # padding rows: greedy
+            ps = [c.request.params for c in dec]
+            named["temperature"] = np.asarray([p.temperature for p in ps] + [0.0] * pad, dtype=np.float32)
+            named["top_k"] = np.asarray([p.top_k for p in ps] + [0] * pad, dtype=np.int64)
+            named["top_p"] = np.asarray([p.top_p for p in ps] + [1.0] * pad, dtype=np.float32)
+            named["seeds"] = np.asarray([c.request.seed for c in dec] + [0] * pad, dtype=np.int64)
+            named["steps"] = np.asarray([len(c.request.output_ids) for c in dec] + [0] * pad, dtype=np.int64)
         return named
 
-    def _build(self, rows: int, groups: int) -> _Graph:
+    def _build(self, rows: int, groups: int, kind: int) -> _Graph:
         dev, G, t = self.device, groups, self.trash_block
         inputs = {"ids": torch.zeros(rows, dtype=torch.long, device=dev),
                   "pos": torch.zeros(rows, dtype=torch.long, device=dev),
@@ -191,13 +228,25 @@ class DecodeGraphs:
         group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in inputs}
         meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **group_inputs)
         attn = StepAttention(self.kv, self.paged_attention, inputs["slots"], meta, None)
+        if kind != GREEDY:  # per-request sampling parameters: static device tensors of the graph
+            inputs |= {"temperature": torch.zeros(rows, dtype=torch.float32, device=dev),
+                       "top_k": torch.zeros(rows, dtype=torch.long, device=dev),
+                       "top_p": torch.ones(rows, dtype=torch.float32, device=dev),
+                       "seeds": torch.zeros(rows, dtype=torch.long, device=dev),
+                       "steps": torch.zeros(rows, dtype=torch.long, device=dev)}
         model = self.model
 
         def forward() -> dict[str, torch.Tensor]:
             # emulate_precision_casts: round to bf16 where eager does, so the self-check compares like with like
             with (torch._dynamo.config.patch(recompile_limit=self.recompile_limit),
                   torch._inductor.config.patch(emulate_precision_casts=True)):
-                return {"tokens": self.tokens(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
+                if kind == GREEDY:
+                    return {"tokens": self.tokens(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
+                logits = self.logits(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)
+            # the sampler itself stays out of torch.compile (its int64 hash relies on wrapping multiplies)
+            return {"tokens": sample(logits, temperature=inputs["temperature"], top_k=inputs["top_k"],
+                                     top_p=inputs["top_p"], seeds=inputs["seeds"], steps=inputs["steps"],
+                                     any_random=True, any_filter=kind == SAMPLE_FILTERED)}
 
         if not self.capture:  # CPU tests: the same static buffers, run eagerly
             out = forward()

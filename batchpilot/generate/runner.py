@@ -218,9 +218,9 @@ class Runner:
 
 
 def _plain(r: Request) -> bool:
-    """Sampled by a decode graph: greedy, no logprobs, no logit processing."""
+    """Sampled by a decode graph (greedy or temperature / top-k / top-p / seed): no logprobs, no logit processing."""
     p = r.params
-    return p.temperature == 0 and p.logprobs is None and not p.penalised
+    return p.logprobs is None and not p.penalised
 
 
 def _scatter_index(per_row: list[list[int]]) -> tuple[list[int], list[int]]:

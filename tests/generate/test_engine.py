@@ -144,8 +144,8 @@ def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade, decod
     graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False)
     results = engine.generate(_prompts(), SamplingParams(max_tokens=N, ignore_eos=True))
     assert [r.output_ids for r in results] == hf_reference
-    assert graphs.enabled and {rows for rows, _ in graphs.graphs} >= {8}
-    assert {groups for _, groups in graphs.graphs} == ({1} if cascade else {0})
+    assert graphs.enabled and {rows for rows, *_ in graphs.graphs} >= {8}
+    assert {groups for _, groups, _ in graphs.graphs} == ({1} if cascade else {0})
     assert engine.stats.output_tokens == len(results) * N
     assert (engine.stats.steps > engine.stats.round_trips) == (decode_steps > 1)
     assert engine.pool.num_free == engine.pool.num_blocks - 1  # every block back but the trash block
@@ -161,7 +161,7 @@ def test_compiled_decode_graphs_match_eager(hf_pair, hf_reference):
     lengths = (N, N, 3, 5, N, 2)  # requests end at different steps: batches of 6, 4, 3 rows (buckets 8, 4)
     results = engine.generate(_prompts(), [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
     assert [r.output_ids for r in results] == [ref[:n] for ref, n in zip(hf_reference, lengths)]
-    assert graphs.enabled and len({rows for rows, _ in graphs.graphs}) >= 2
+    assert graphs.enabled and len({rows for rows, *_ in graphs.graphs}) >= 2
 
 
 def test_mismatching_compiled_graphs_fall_back_to_eager_graphs(hf_pair, hf_reference):
@@ -243,4 +243,4 @@ def test_static_decode_buffers_with_several_groups(llama_pair):
     engine = Engine(model, None, EngineConfig(min_prefix_len=1, max_num_seqs=12))
     graphs = engine.runner.attach_graphs(max_rows=12, capture=False)
     assert [r.output_ids for r in engine.generate(prompts, params)] == [r.output_ids for r in plain]
-    assert graphs.enabled and (12, 4) in graphs.graphs  # 3 groups padded to 4, 9 rows padded to 12
+    assert graphs.enabled and (12, 4, 0) in graphs.graphs  # 3 groups padded to 4, 9 rows padded to 12

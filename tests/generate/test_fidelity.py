@@ -106,12 +106,12 @@ def test_n_samples_share_the_prompt_and_have_their_own_seed_streams(llama_pair):
     assert plain.stats.prefill_tokens - shared.stats.prefill_tokens >= 2 * 2 * 19  # 2 extra samples x 2 prompts
 
 
-def test_repetition_penalty_equals_transformers(hf_pair):
-    hf, model, _ = hf_pair
+def test_repetition_penalty_equals_transformers(llama_pair):
+    hf, model, _ = llama_pair
     engine = Engine(model, None, EngineConfig(min_prefix_len=1))
     engine.eos_ids = set()
     for penalty in (1.3, 0.7):
-        out = engine.generate(_prompts(), SamplingParams(max_tokens=8, repetition_penalty=penalty))
+        out = engine.generate(_prompts()[2:], SamplingParams(max_tokens=8, repetition_penalty=penalty))
         for c in out:
             ids = torch.tensor([c.prompt_ids])
             gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
@@ -176,3 +176,25 @@ def test_llm_api_matches_the_engine(model_dir):
     assert s == want and len(s.logprobs) == len(tok.encode(" Let there be"))
     with pytest.raises(ValueError, match="dtype"):
         LLM(model_dir, dtype="int8")
+
+
+@pytest.mark.parametrize("config", [dict(min_prefix_len=1, decode_steps=1), dict(min_prefix_len=1, decode_steps=4),
+                                    dict(prefix_sharing=False, decode_steps=8), dict(min_prefix_len=1, cascade=False)])
+def test_sampling_in_decode_graphs_is_batch_sharing_and_step_independent(llama_pair, config):
+    """Issue 15: temperature / top-k / top-p / seeds inside the decode graphs (run eagerly on CPU, fp32): a
+    request's tokens depend on its seed and step only, not on neighbours, sharing or steps per round trip."""
+    _, model, _ = llama_pair
+    prompts = _prompts() * 2
+    params = [SamplingParams(max_tokens=9, temperature=0.8 if i % 4 else 0.0, top_p=0.95 if i % 2 else 1.0,
+                             top_k=20 if i % 3 == 0 else 0, seed=40 + i, ignore_eos=True) for i in range(len(prompts))]
+    ref = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, params)  # eager, no graphs
+    engine = Engine(model, None, EngineConfig(**config))
+    graphs = engine.runner.attach_graphs(max_rows=16, capture=False)
+    out = engine.generate(prompts, params)
+    assert [c.output_ids for c in out] == [c.output_ids for c in ref]
+    assert graphs.enabled and any(kind > 0 for *_, kind in graphs.graphs) == config.get("cascade", True)
+    multi_step = config.get("decode_steps", 32) > 1 and config.get("cascade", True)  # no graphs for inline prefixes
+    assert (engine.stats.steps > engine.stats.round_trips) == multi_step
+    alone = Engine(model, None, EngineConfig())
+    alone.runner.attach_graphs(max_rows=16, capture=False)
+    assert alone.generate(prompts[5:6], params[5:6])[0].output_ids == ref[5].output_ids
