@@ -6,8 +6,9 @@ groups to a power of two up to ``max_groups``. The graph runs the model and then
 or, when some row samples, ``sampling.sample`` with the rows' temperature, top-k, top-p, seed and
 step as static device tensors (a graph kind per greedy / sampled / filtered). The sampler's noise
 is a counter-based hash of (seed, step, token), so a row's draws do not depend on its neighbours
-or on the steps per round trip. Steps with prefill chunks, logprobs or logit processing
-(penalties, bias, min_tokens), or beyond the static sizes, run eagerly. Every new graph is checked
+or on the steps per round trip. Penalties, logit_bias and min_tokens run in the graph too (output
+counts, seen tokens and bias as static (rows, V) buffers, advanced on the device between steps).
+Steps with prefill chunks or logprobs, or beyond the static sizes, run eagerly. Every new graph is checked
 once against the eager step; graphs switch off (with a warning) on an error, or on a greedy token
 that differs where the top two logits were not a near tie (bf16 rounding differs between padded
 and unpadded matmuls, and a random-weight model's logits tie often), or on sampled rows that
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from batchpilot.generate.batch import decode_arrays, flatten
-from batchpilot.generate.sampling import sample
+from batchpilot.generate.sampling import penalise, sample
 from batchpilot.generate.scheduler import Chunk
 from batchpilot.generate.step_attention import DecodeMeta, KVCache, PagedAttention, StepAttention
 from batchpilot.model.llama import Llama
@@ -67,14 +68,16 @@ def decode_logits(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: Step
     return model.lm_head(hidden[0])
 
 
-GREEDY, SAMPLE, SAMPLE_FILTERED = 0, 1, 2  # graph kinds: argmax; Gumbel sampling; + top-k / top-p
+# graph kinds: argmax; Gumbel sampling; + top-k / top-p; a flag: + penalties / logit_bias / min_tokens
+GREEDY, SAMPLE, SAMPLE_FILTERED, PENALISED = 0, 1, 2, 4
 
 
 def sampling_kind(dec: list[Chunk]) -> int:
     ps = [c.request.params for c in dec]
+    flag = PENALISED if any(p.penalised for p in ps) else 0
     if all(p.temperature == 0 for p in ps):
-        return GREEDY
-    return SAMPLE_FILTERED if any(p.top_k > 0 or p.top_p < 1 for p in ps) else SAMPLE
+        return GREEDY | flag
+    return (SAMPLE_FILTERED if any(p.top_k > 0 or p.top_p < 1 for p in ps) else SAMPLE) | flag
 
 
 class DecodeGraphs:
@@ -115,7 +118,7 @@ class DecodeGraphs:
                 and max(len(c.request.blocks) for c in dec) <= self.width)
 
     def run(self, dec: list[Chunk], eager: Callable[[], tuple[list[int], torch.Tensor]],
-            steps: int = 1) -> list[list[int]]:
+            steps: int = 1, eos_ids: frozenset[int] = frozenset()) -> list[list[int]]:
         """Greedy tokens of each row for ``steps`` consecutive decode steps (one step on a graph's first use).
 
         ``eager`` runs the same step without the graph and returns its tokens and (rows, V) logits.
@@ -131,6 +134,8 @@ class DecodeGraphs:
             g = self.graphs[key]
             for name, array in self._arrays(dec, rows, groups).items():
                 g.inputs[name].copy_(torch.from_numpy(array))
+            if key[2] & PENALISED:
+                self._fill_penalties(g, dec, eos_ids)
             steps = 1 if fresh else steps
             history = torch.empty(steps, rows, dtype=torch.long, device=self.device)
             for k in range(steps):
@@ -185,9 +190,36 @@ class DecodeGraphs:
         i["own_lens"].add_(1)
         if "steps" in i:  # sampling graphs: the next draw of each row's (seed, step) stream
             i["steps"].add_(1)
+        if "counts" in i:  # penalised graphs: the new token joins each row's output counts and seen set
+            new = g.out["tokens"][:, None]
+            i["counts"].scatter_add_(1, new, torch.ones_like(new, dtype=i["counts"].dtype))
+            i["seen"].scatter_(1, new, True)
+            i["ban_left"].sub_(1)
+
         j = i["own_lens"] - 1  # own index of the new token
         block = i["tables"].gather(1, (j // bs).clamp_max(self.width - 1)[:, None])[:, 0]
         i["slots"].copy_(block * bs + j % bs)
+
+    def _fill_penalties(self, g: _Graph, dec: list[Chunk], eos_ids: frozenset[int]) -> None:
+        """(rows, V) output counts, seen tokens (prompt + output) and logit_bias of the batch, built on the device."""
+        i, dev = g.inputs, self.device
+        reqs = [c.request for c in dec]
+
+        def index(per_row: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = [r for r, toks in enumerate(per_row) for _ in toks]
+            return (torch.tensor(rows, dtype=torch.long, device=dev),
+                    torch.tensor([t for toks in per_row for t in toks], dtype=torch.long, device=dev))
+
+        i["counts"].zero_()
+        i["counts"].index_put_(index([r.output_ids for r in reqs]),
+                               torch.ones(sum(len(r.output_ids) for r in reqs), device=dev), accumulate=True)
+        i["seen"].zero_()
+        i["seen"][index([r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1 else [] for r in reqs])] = True
+        i["bias"].zero_()
+        i["bias"][index([[t for t, _ in r.params.logit_bias] for r in reqs])] = torch.tensor(
+            [b for r in reqs for _, b in r.params.logit_bias], dtype=torch.float32, device=dev)
+        i["eos"].zero_()
+        i["eos"][torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)] = True
 
     def _switch_off(self, reason: str) -> None:
         warnings.warn(f"CUDA graphs disabled: {reason}", stacklevel=3)
@@ -203,13 +235,20 @@ class DecodeGraphs:
         named["ids"] = np.asarray(flat.ids + [0] * pad, dtype=np.int64)
         named["pos"] = np.asarray(flat.pos + [0] * pad, dtype=np.int64)
         named["slots"] = np.asarray(flat.slots + [self.trash_block * bs] * pad, dtype=np.int64)
-        if sampling_kind(dec) != GREEDY:  # padding rows: greedy
+        if sampling_kind(dec) & ~PENALISED != GREEDY:  # padding rows: greedy
             ps = [c.request.params for c in dec]
             named["temperature"] = np.asarray([p.temperature for p in ps] + [0.0] * pad, dtype=np.float32)
             named["top_k"] = np.asarray([p.top_k for p in ps] + [0] * pad, dtype=np.int64)
             named["top_p"] = np.asarray([p.top_p for p in ps] + [1.0] * pad, dtype=np.float32)
             named["seeds"] = np.asarray([c.request.seed for c in dec] + [0] * pad, dtype=np.int64)
             named["steps"] = np.asarray([len(c.request.output_ids) for c in dec] + [0] * pad, dtype=np.int64)
+        if sampling_kind(dec) & PENALISED:  # padding rows: neutral
+            ps, rs = [c.request.params for c in dec], [c.request for c in dec]
+            named["presence"] = np.asarray([p.presence_penalty for p in ps] + [0.0] * pad, dtype=np.float32)
+            named["frequency"] = np.asarray([p.frequency_penalty for p in ps] + [0.0] * pad, dtype=np.float32)
+            named["repetition"] = np.asarray([p.repetition_penalty for p in ps] + [1.0] * pad, dtype=np.float32)
+            named["ban_left"] = np.asarray([0 if r.params.ignore_eos else r.params.min_tokens - len(r.output_ids)
+                                            for r in rs] + [0] * pad, dtype=np.int64)
         return named
 
     def _build(self, rows: int, groups: int, kind: int) -> _Graph:
@@ -228,12 +267,20 @@ class DecodeGraphs:
         group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in inputs}
         meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **group_inputs)
         attn = StepAttention(self.kv, self.paged_attention, inputs["slots"], meta, None)
-        if kind != GREEDY:  # per-request sampling parameters: static device tensors of the graph
+        if kind & ~PENALISED != GREEDY:  # per-request sampling parameters: static device tensors of the graph
             inputs |= {"temperature": torch.zeros(rows, dtype=torch.float32, device=dev),
                        "top_k": torch.zeros(rows, dtype=torch.long, device=dev),
                        "top_p": torch.ones(rows, dtype=torch.float32, device=dev),
                        "seeds": torch.zeros(rows, dtype=torch.long, device=dev),
                        "steps": torch.zeros(rows, dtype=torch.long, device=dev)}
+        if kind & PENALISED:
+            V = self.model.config.vocab_size
+            inputs |= {"presence": torch.zeros(rows, device=dev), "frequency": torch.zeros(rows, device=dev),
+                       "repetition": torch.ones(rows, device=dev),
+                       "ban_left": torch.zeros(rows, dtype=torch.long, device=dev),
+                       "counts": torch.zeros(rows, V, device=dev),
+                       "seen": torch.zeros(rows, V, dtype=torch.bool, device=dev),
+                       "bias": torch.zeros(rows, V, device=dev), "eos": torch.zeros(V, dtype=torch.bool, device=dev)}
         model = self.model
 
         def forward() -> dict[str, torch.Tensor]:
@@ -243,10 +290,17 @@ class DecodeGraphs:
                 if kind == GREEDY:
                     return {"tokens": self.tokens(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
                 logits = self.logits(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)
-            # the sampler itself stays out of torch.compile (its int64 hash relies on wrapping multiplies)
+            # logit processing and the sampler stay out of torch.compile (the hash relies on wrapping multiplies)
+            if kind & PENALISED:
+                logits = penalise(logits, output_counts=inputs["counts"], seen=inputs["seen"],
+                                  presence=inputs["presence"], frequency=inputs["frequency"],
+                                  repetition=inputs["repetition"], bias=inputs["bias"],
+                                  banned=inputs["eos"][None] & (inputs["ban_left"] > 0)[:, None])
+                if kind & ~PENALISED == GREEDY:
+                    return {"tokens": logits.argmax(dim=-1)}
             return {"tokens": sample(logits, temperature=inputs["temperature"], top_k=inputs["top_k"],
                                      top_p=inputs["top_p"], seeds=inputs["seeds"], steps=inputs["steps"],
-                                     any_random=True, any_filter=kind == SAMPLE_FILTERED)}
+                                     any_random=True, any_filter=kind & ~PENALISED == SAMPLE_FILTERED)}
 
         if not self.capture:  # CPU tests: the same static buffers, run eagerly
             out = forward()

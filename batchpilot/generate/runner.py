@@ -106,12 +106,12 @@ class Runner:
             def eager() -> tuple[list[int], torch.Tensor]:
                 outs, logits = self._forward(chunks, eos_ids)
                 return [o.tokens[0] for o in outs], logits
-            return [ChunkOutput(t) for t in self.graphs.run(chunks, eager, steps=steps)]
+            return [ChunkOutput(t) for t in self.graphs.run(chunks, eager, steps=steps, eos_ids=eos_ids)]
         return self._forward(chunks, eos_ids)[0]
 
     def _forward(self, chunks: list[Chunk], eos_ids: frozenset[int]) -> tuple[list[ChunkOutput], torch.Tensor | None]:
-        """One eager step: outputs in chunk order, and the (sampled chunks, V) logits the tokens came from
-        (decode chunks first; for a decode-only step that is chunk order)."""
+        """One eager step: outputs in chunk order, and the (sampled chunks, V) processed logits the tokens came
+        from (decode chunks first; for a decode-only step that is chunk order)."""
         dec = [c for c in chunks if c.num_tokens == 1]
         pre = [c for c in chunks if c.num_tokens > 1]
         order = dec + pre
@@ -129,10 +129,10 @@ class Runner:
             return [outs[id(c)] for c in chunks], None
         logits = self.model.lm_head(hidden[self._tensor([flat.last[i] for i, _ in sampled])])  # (R, V)
         reqs = [c.request for _, c in sampled]
-        tokens, logprobs = self._sample(logits, reqs, eos_ids)
+        tokens, logprobs, processed = self._sample(logits, reqs, eos_ids)
         for (_, c), t, lp in zip(sampled, tokens, logprobs, strict=True):
             outs[id(c)].tokens, outs[id(c)].logprobs = [t], lp
-        return [outs[id(c)] for c in chunks], logits
+        return [outs[id(c)] for c in chunks], processed
 
     def _prompt_logprobs(self, c: Chunk, hidden: torch.Tensor, first: int, out: ChunkOutput) -> None:
         """Logprobs of the prompt tokens this chunk predicts: position p's logits give token p + 1's."""
@@ -168,7 +168,8 @@ class Runner:
         return PrefillMeta(self._tensor(a.q_index), self._tensor(a.q_gather), self._tensor(a.k_slots), mask[:, None])
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request],
-                eos_ids: frozenset[int]) -> tuple[list[int], list[list[TokenLogprob] | None]]:
+                eos_ids: frozenset[int]) -> tuple[list[int], list[list[TokenLogprob] | None], torch.Tensor]:
+        """Tokens, their logprobs where asked, and the processed logits they were drawn from."""
         ps = [r.params for r in reqs]
         x = self._penalise(logits, reqs, eos_ids) if any(p.penalised for p in ps) else logits
         if all(p.temperature == 0 for p in ps):  # all greedy: skip building the per-request parameter tensors
@@ -181,11 +182,11 @@ class Runner:
                             steps=self._tensor([len(r.output_ids) for r in reqs]), any_random=True,
                             any_filter=any(p.top_k > 0 or p.top_p < 1 for p in ps))
         if all(p.logprobs is None for p in ps):
-            return tokens.tolist(), [None] * len(reqs)
+            return tokens.tolist(), [None] * len(reqs), x
         chosen, top_v, top_i = token_logprobs(x, tokens, max(p.logprobs or 0 for p in ps))
         lps = _token_logprobs(tokens, chosen, top_v, top_i)
         return tokens.tolist(), [None if p.logprobs is None else [t.truncated(p.logprobs)]
-                                 for p, t in zip(ps, lps, strict=True)]
+                                 for p, t in zip(ps, lps, strict=True)], x
 
     def _penalise(self, logits: torch.Tensor, reqs: list[Request], eos_ids: frozenset[int]) -> torch.Tensor:
         """Per-request penalty tensors built on the host from the requests' tokens, applied on the device."""
@@ -218,9 +219,8 @@ class Runner:
 
 
 def _plain(r: Request) -> bool:
-    """Sampled by a decode graph (greedy or temperature / top-k / top-p / seed): no logprobs, no logit processing."""
-    p = r.params
-    return p.logprobs is None and not p.penalised
+    """Sampled by a decode graph (greedy, sampled, penalised): anything but logprobs."""
+    return r.params.logprobs is None
 
 
 def _scatter_index(per_row: list[list[int]]) -> tuple[list[int], list[int]]:

@@ -185,10 +185,16 @@ def test_sampling_in_decode_graphs_is_batch_sharing_and_step_independent(llama_p
     request's tokens depend on its seed and step only, not on neighbours, sharing or steps per round trip."""
     _, model, _ = llama_pair
     prompts = _prompts() * 2
+    penalties = dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2, logit_bias=((3, 2.0),),
+                     min_tokens=6, ignore_eos=False)
     params = [SamplingParams(max_tokens=9, temperature=0.8 if i % 4 else 0.0, top_p=0.95 if i % 2 else 1.0,
-                             top_k=20 if i % 3 == 0 else 0, seed=40 + i, ignore_eos=True) for i in range(len(prompts))]
-    ref = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, params)  # eager, no graphs
+                             top_k=20 if i % 3 == 0 else 0, seed=40 + i,
+                             **(penalties if i % 5 == 1 else dict(ignore_eos=True))) for i in range(len(prompts))]
+    ref = Engine(model, None, EngineConfig(prefix_sharing=False))  # eager, no graphs
+    ref.eos_ids = {7, 300}
+    ref = ref.generate(prompts, params)
     engine = Engine(model, None, EngineConfig(**config))
+    engine.eos_ids = {7, 300}
     graphs = engine.runner.attach_graphs(max_rows=16, capture=False)
     out = engine.generate(prompts, params)
     assert [c.output_ids for c in out] == [c.output_ids for c in ref]
@@ -197,4 +203,6 @@ def test_sampling_in_decode_graphs_is_batch_sharing_and_step_independent(llama_p
     assert (engine.stats.steps > engine.stats.round_trips) == multi_step
     alone = Engine(model, None, EngineConfig())
     alone.runner.attach_graphs(max_rows=16, capture=False)
-    assert alone.generate(prompts[5:6], params[5:6])[0].output_ids == ref[5].output_ids
+    alone.eos_ids = {7, 300}
+    assert [c.output_ids for c in alone.generate(prompts[5:7], params[5:7])] == [c.output_ids for c in ref[5:7]]
+    assert any(kind & 4 for *_, kind in graphs.graphs) == config.get("cascade", True)  # penalised graphs ran
