@@ -6,6 +6,10 @@ finish`` until the queue is empty. ``run`` yields completions in completion orde
 output); ``generate`` returns them in input order. Data parallelism: every rank plans the same
 groups and runs every ``world_size``-th one (``rank``/``world_size`` of ``run``); the process group
 itself lives in ``cli/generate.py`` only (the one place in generate that touches torch.distributed).
+
+Fidelity features ride on the same machinery: ``n`` samples are n requests with one prompt (the
+prefix groups share its KV); prompt logprobs and ``score`` come from prefill logits of the positions
+asked for; penalties, logit_bias and min_tokens are applied to the logits on the device.
 """
 
 from __future__ import annotations
@@ -121,7 +125,9 @@ class Engine:
         return list(prompt)
 
     def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1) -> Iterator[Completion]:
-        """Completions in completion order; with world_size > 1 only this rank's share of the groups."""
+        """Completions in completion order, one per sample (n of them for a request with ``n`` > 1, told apart by
+        ``sample_index``); with world_size > 1 only this rank's share of the groups. Requests without a seed
+        get ``request_seed(config.seed, str(index))``; sample j of a request gets ``sample_seed(seed, j)``."""
         for r in requests:
             self.check(r)
         requests = self._samples(requests)
