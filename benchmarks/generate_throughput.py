@@ -7,7 +7,7 @@ Workloads (fixed output lengths, EOS ignored): (a) N prompts of 512 tokens shari
 128 new; (b) N prompts over 8 distinct 1k-token prefixes + 64-token suffixes, 256 new; (c) no
 sharing, prompt lengths 128-1024, 256 new. HF ``generate`` (batched, left-padded, same weights) runs
 on (a) only. Every row reports output tokens/s and the share of the bytes/FLOPs roofline
-(anchors.md 3.3). Each engine row runs its job twice and reports the warm run (``cold_seconds``:
+(Pope et al. 2022, arXiv 2211.05102, section 2). Each engine row runs its job twice and reports the warm run (``cold_seconds``:
 the first, with Triton compiles and CUDA-graph captures). Writes ``<out>/generate_throughput_<date>.json``.
 """
 

@@ -6,6 +6,10 @@ finish`` until the queue is empty. ``run`` yields completions in completion orde
 output); ``generate`` returns them in input order. Data parallelism: every rank plans the same
 groups and runs every ``world_size``-th one (``rank``/``world_size`` of ``run``); the process group
 itself lives in ``cli/generate.py`` only (the one place in generate that touches torch.distributed).
+
+Fidelity features ride on the same machinery: ``n`` samples are n requests with one prompt (the
+prefix groups share its KV); prompt logprobs and ``score`` come from prefill logits of the positions
+asked for; penalties, logit_bias and min_tokens are applied to the logits on the device.
 """
 
 from __future__ import annotations
@@ -13,16 +17,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.generate import roofline
 from batchpilot.generate.kv_cache import BlockPool
 from batchpilot.generate.prefix_tree import PrefixGroup, build_groups, order_groups, split_for_rank
-from batchpilot.generate.request import Completion, Group, Request, SamplingParams
-from batchpilot.generate.runner import Runner
+from batchpilot.generate.request import (Completion, Group, Request, SamplingParams, Score, TokenLogprob,
+                                         request_seed, sample_seed)
+from batchpilot.generate.runner import ChunkOutput, Runner
 from batchpilot.generate.scheduler import Scheduler, StepPlan
+from batchpilot.generate.stats import EngineStats
+from batchpilot.model.llama import Llama
+
+__all__ = ["Engine", "EngineConfig", "EngineStats"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,7 +52,7 @@ class EngineConfig:
     # larger n costs only the rows that ended (EOS) inside a run; 32 vs 8: 55% vs 45% of the decode roofline
     decode_steps: int = 32
     output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
-    seed: int = 0  # seeds requests that have none (request seed = f(seed, index))
+    seed: int = 0  # seeds requests that have none (request_seed(seed, str(index)))
 
     def __post_init__(self) -> None:
         if min(self.block_size, self.max_batch_tokens, self.max_num_seqs, self.decode_steps) < 1:
@@ -52,25 +61,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-@dataclass(slots=True)
-class EngineStats:
-    steps: int = 0  # model steps (a multi-step decode counts each of its steps)
-    round_trips: int = 0  # host round trips: schedule, run, read tokens back
-    prefill_tokens: int = 0  # prompt tokens computed (recompute after preemption included)
-    output_tokens: int = 0
-    preemptions: int = 0
-    seconds: float = 0.0
-    decode_steps: int = 0  # steps with decode tokens only
-    decode_seconds: float = 0.0
-    decode_bytes: float = 0.0  # bytes bound of those steps (weights + KV read)
-    decode_batch_sum: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
@@ -83,18 +75,41 @@ class Engine:
                              cascade=cfg.cascade and cfg.prefix_sharing, use_triton=cfg.triton,
                              cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, max_num_seqs=cfg.max_num_seqs,
                              trash_block=trash)
-        self.eos_ids = {i for i in (getattr(tokenizer, "eos_id", None), model.config.eos_token_id) if i is not None}
+        eos = (tokenizer.eos_id if tokenizer is not None else None, model.config.eos_token_id)
+        self.eos_ids = {i for i in eos if i is not None}
         self.stats = EngineStats()
 
     def generate(self, prompts: Sequence[str | list[int]] | Sequence[Request],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
-        """Completions in input order. Prompts are text (needs a tokenizer), token ids, or ``Request``s."""
+        """Completions in input order (a request with ``n`` > 1: its n samples in sample order).
+
+        Prompts are text (needs a tokenizer), token ids, or ``Request``s.
+        """
         if prompts and all(isinstance(p, Request) for p in prompts):
             requests = [Request(i, r.prompt_ids, r.params) for i, r in enumerate(prompts)]  # fresh state
         else:
             requests = self.make_requests(prompts, params)
+        done = {(c.index, c.sample_index): c for c in self.run(requests)}
+        return [done[r.index, j] for r in requests for j in range(r.params.n)]
+
+    def score(self, contexts: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[Score]:
+        """log p(continuation | context) per continuation token, from prefill only (no decoding).
+
+        Contexts that share a prefix share its KV through the prefix groups. An empty context needs a
+        continuation of >= 2 tokens; its first token is then not scored (the caller puts a BOS/EOS first).
+        """
+        requests = []
+        for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
+            if len(cont) < (1 if ctx else 2):
+                raise ValueError(f"score {i}: need a non-empty continuation (>= 2 tokens with an empty context)")
+            requests.append(Request(i, [*ctx, *cont], SamplingParams(max_tokens=0, prompt_logprobs=1)))
         done = {c.index: c for c in self.run(requests)}
-        return [done[r.index] for r in requests]
+        scores = []
+        for i, ctx in enumerate(contexts):
+            c = done[i]
+            lps = [lp for lp in c.prompt_logprobs[max(1, len(ctx)):] if lp is not None]
+            scores.append(Score([lp.logprob for lp in lps], all(lp.top[0][0] == lp.token_id for lp in lps)))
+        return scores
 
     def make_requests(self, prompts: Sequence[str | list[int]],
                       params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
@@ -110,17 +125,20 @@ class Engine:
         return list(prompt)
 
     def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1) -> Iterator[Completion]:
-        """Completions in completion order; with world_size > 1 only this rank's share of the groups."""
+        """Completions in completion order, one per sample (n of them for a request with ``n`` > 1, told apart by
+        ``sample_index``); with world_size > 1 only this rank's share of the groups. Requests without a seed
+        get ``request_seed(config.seed, str(index))``; sample j of a request gets ``sample_seed(seed, j)``."""
         for r in requests:
             self.check(r)
+        requests = self._samples(requests)
         self.runner.begin_job(max((r.num_tokens + r.params.max_tokens for r in requests), default=0))
         scheduler = Scheduler(self.pool, max_batch_tokens=self.config.max_batch_tokens,
                               max_num_seqs=self.config.max_num_seqs, output_len_prior=self.config.output_len_prior)
         for r in requests:
-            if r.params.max_tokens == 0 and r.index % world_size == rank:
+            if _nothing_to_compute(r) and r.index % world_size == rank:
                 r.finish_reason = "length"
                 yield Completion.of(r)
-        scheduler.add(self._plan([r for r in requests if r.params.max_tokens > 0], rank, world_size))
+        scheduler.add(self._plan([r for r in requests if not _nothing_to_compute(r)], rank, world_size))
         while scheduler.has_work():
             yield from self.step(scheduler)
 
@@ -129,22 +147,44 @@ class Engine:
         plan = scheduler.schedule()
         assert plan.chunks, "scheduler made no progress (KV cache too small for one request?)"
         steps = self._decode_steps(plan, scheduler)
-        outputs = self.runner.step(plan.chunks, seed=self.config.seed, steps=steps)
+        outputs = self.runner.step(plan.chunks, steps=steps, eos_ids=frozenset(self.eos_ids))
         scheduler.advance(plan)
         done, new_tokens = [], 0
-        for chunk, tokens in zip([c for c in plan.chunks if c.sample], outputs, strict=True):
+        for chunk, out in zip(plan.chunks, outputs, strict=True):
             r = chunk.request
-            kept, reason = self._accept(r, tokens)
+            _keep_prompt_logprobs(r, out)
+            if not chunk.sample:
+                continue
+            if r.params.max_tokens == 0:  # prefill only (prompt logprobs, scoring): the sampled token is dropped
+                scheduler.finish(r, "length")
+                done.append(Completion.of(r))
+                continue
+            kept, reason = self._accept(r, out.tokens)
+            if out.logprobs is not None:
+                r.logprobs += out.logprobs[:kept]
             r.num_computed += kept - 1  # step k of a multi-step run computed the KV of step k-1's token
             new_tokens += kept
             if reason is not None:
                 scheduler.finish(r, reason)
                 done.append(Completion.of(r))
-        self._record(plan, time.perf_counter() - start, new_tokens, max(map(len, outputs), default=1))
+        self._record(plan, time.perf_counter() - start, new_tokens, max(1, *(len(o.tokens) for o in outputs)))
         return done
 
+    def _samples(self, requests: list[Request]) -> list[Request]:
+        """Resolve every request's seed; a request with n > 1 becomes n requests (sample j: its own seed stream).
+
+        The n copies have the same prompt, so the prefix groups share its KV (all but its last token)."""
+        out = []
+        for r in requests:
+            base = r.params.seed if r.params.seed is not None else request_seed(self.config.seed, str(r.index))
+            r.seed = base
+            out.append(r)
+            out += [Request(r.index, r.prompt_ids, r.params, sample_index=j, seed=sample_seed(base, j))
+                    for j in range(1, r.params.n)]
+        return out
+
     def _decode_steps(self, plan: StepPlan, scheduler: Scheduler) -> int:
-        """Decode steps to run on this plan: several once every request decodes greedily and nothing waits."""
+        """Decode steps to run on this plan: several once the batch runs on a decode graph and nothing waits."""
         n = self.config.decode_steps
         if n == 1 or scheduler.waiting or not self.runner.graphs_usable(plan.chunks):
             return 1
@@ -164,7 +204,9 @@ class Engine:
             if g.prefix_len == 0:
                 queue += members
                 continue
-            prefix = Request(-1, members[0].prompt_ids[:g.prefix_len], SamplingParams(max_tokens=0), is_prefix=True)
+            ks = [m.params.prompt_logprobs for m in members if m.params.prompt_logprobs is not None]
+            prefix = Request(-1, members[0].prompt_ids[:g.prefix_len],
+                             SamplingParams(max_tokens=0, prompt_logprobs=max(ks) if ks else None), is_prefix=True)
             group = Group(prefix, members, num_unfinished=len(members))
             prefix.group = group
             for m in members:
@@ -198,6 +240,8 @@ class Engine:
 
     def _finish_reason(self, r: Request) -> str | None:
         p, last = r.params, r.output_ids[-1]
+        if len(r.output_ids) < p.min_tokens:  # EOS is masked on the device before min_tokens; stops wait too
+            return None
         if not p.ignore_eos and last in self.eos_ids:
             r.text = self._decode(r.output_ids[:-1])
             return "stop"
@@ -253,3 +297,23 @@ class Engine:
         return int(budget // block_bytes)
 
 
+
+
+def _nothing_to_compute(r: Request) -> bool:
+    return r.params.max_tokens == 0 and r.params.prompt_logprobs is None
+
+
+def _keep_prompt_logprobs(r: Request, out: ChunkOutput) -> None:
+    """Store a chunk's prompt logprobs on its request; a group prefix's last row serves every member."""
+    if out.prompt_logprobs:
+        r.prompt_logprobs.update(out.prompt_logprobs)
+    if out.last_logprobs is not None and r.group is not None:
+        r.group.last_logprobs = out.last_logprobs
+    k, p = r.params.prompt_logprobs, r.prefix_len
+    if k is None or r.is_prefix or p == 0 or p in r.prompt_logprobs:
+        return
+    # a member: the prefix's positions (cut to its own k), and its first own token from the prefix's last row
+    r.prompt_logprobs.update({i: t.truncated(k) for i, t in r.group.prefix.prompt_logprobs.items()})
+    last, token = r.group.last_logprobs, r.prompt_ids[p]
+    top_v, top_i = last.topk(k) if k else (last[:0], last[:0])
+    r.prompt_logprobs[p] = TokenLogprob(token, float(last[token]), tuple(zip(top_i.tolist(), top_v.tolist())))

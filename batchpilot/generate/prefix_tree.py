@@ -1,4 +1,4 @@
-"""Global prefix grouping of a whole job before it runs (BatchLLM, laws.md section 14).
+"""Global prefix grouping of a whole job before it runs (BatchLLM, Zheng et al. 2024, arXiv 2412.03594, section 4).
 
 The prompts (each without its last token, so every member keeps at least one token of its own to
 produce logits from) are sorted; the longest common prefixes of neighbours define the compressed

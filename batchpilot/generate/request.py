@@ -9,24 +9,94 @@ back to 0 and keeps ``output_ids``, so recomputation rebuilds exactly the same c
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
+
+import torch
+
+
+def request_seed(engine_seed: int, key: str) -> int:
+    """The seed of a request that names none: a stable 63-bit hash of (engine seed, key).
+
+    The one owner of seed derivation. Key by something that survives a resume (a job's ``custom_id``;
+    the engine uses ``str(index)`` for requests without one), never by a position that can shift.
+    """
+    digest = hashlib.blake2b(f"{engine_seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """Seed of sample j of a request with ``n`` > 1: sample 0 keeps the request's seed (n = 1 is unchanged)."""
+    return seed if sample_index == 0 else request_seed(seed, f"sample-{sample_index}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class SamplingParams:
+    """One request's sampling options. Ranges follow OpenAI's API reference (completions / chat)."""
+
     max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop strings are ignored before this many tokens
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
-    seed: int | None = None  # None: derived from the engine seed and the request index
+    seed: int | None = None  # None: request_seed(engine seed, request key)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # samples per prompt; they share the prompt's KV through the prefix machinery
+    logprobs: int | None = None  # None: none; k >= 0: each output token's logprob plus the top-k alternatives
+    prompt_logprobs: int | None = None  # echo: the prompt tokens' logprobs (plus top-k), from prefill
+    presence_penalty: float = 0.0  # OpenAI: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = 0.0  # counts over the output tokens so far
+    repetition_penalty: float = 1.0  # HF/vLLM over prompt + output tokens: logit / p if logit > 0 else logit * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to the logit), sorted by id
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        ids = [t for t, _ in self.logit_bias]
+        if ids != sorted(set(ids)) or any(t < 0 for t in ids):
+            raise ValueError("logit_bias must hold distinct non-negative token ids, sorted")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+
+    @property
+    def penalised(self) -> bool:
+        """Some logit processing before sampling (penalties, bias, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # log-softmax of the (penalised, biased, temperature-1) logits; prompt tokens: of the model's
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top-k, best first
+
+    def truncated(self, k: int) -> TokenLogprob:
+        """The same with only the best k alternatives (a batch computes the largest k any row asked for)."""
+        return self if len(self.top) <= k else TokenLogprob(self.token_id, self.logprob, self.top[:k])
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    logprobs: list[float]  # log p(continuation[i] | context + continuation[:i]) for each scored continuation token
+    is_greedy: bool  # every scored continuation token is the argmax at its position
 
 
 class Status(enum.Enum):
@@ -45,6 +115,8 @@ class Group:
     prefix: Request
     members: list[Request]
     num_unfinished: int = 0
+    # prompt_logprobs: (V,) log-probs at the prefix's last position, which predict each member's first own token
+    last_logprobs: torch.Tensor | None = None
 
     @property
     def ready(self) -> bool:
@@ -66,6 +138,10 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     num_preemptions: int = 0
+    sample_index: int = 0  # 0..n-1 of a request with n > 1
+    seed: int = 0  # the sampling seed (resolved by the engine from params.seed or request_seed)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt position -> its logprob
 
     @property
     def num_tokens(self) -> int:
@@ -93,14 +169,23 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    index: int
+    index: int  # the request's index in the job
     prompt_ids: list[int]
     output_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     num_preemptions: int = 0
+    sample_index: int = 0  # 0..n-1 for n > 1
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per output token when asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # one per prompt token (first: None)
 
     @classmethod
     def of(cls, r: Request) -> Completion:
         assert r.finish_reason is not None
-        return cls(r.index, r.prompt_ids, r.output_ids, r.text, r.finish_reason, r.num_preemptions)
+        p = r.params
+        logprobs = tuple(r.logprobs[:len(r.output_ids)]) if p.logprobs is not None else None
+        prompt = None
+        if p.prompt_logprobs is not None:
+            prompt = (None, *(r.prompt_logprobs.get(i) for i in range(1, len(r.prompt_ids))))
+        return cls(r.index, r.prompt_ids, r.output_ids, r.text, r.finish_reason, r.num_preemptions,
+                   r.sample_index, logprobs, prompt)

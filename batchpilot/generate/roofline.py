@@ -1,20 +1,24 @@
-"""Physical bounds for a generation job (anchors.md section 3.3): bytes and FLOPs, no overheads.
+"""Physical bounds for a generation job: bytes and FLOPs, no overheads (the roofline model, Williams et al. 2009).
 
     decode step bytes  = W + kappa * (KV tokens read)          (prefix read once per group with cascade)
     request FLOPs      = 2 * P_mm * (I + O) + 2 * layers * d_q * (I + O)^2
     request bytes      = O * W / B + kappa * (I * O + O^2 / 2)
     T_job             >= max(sum FLOPs / F, sum bytes / BW)
 
-W weight bytes, P_mm matmul parameters, kappa KV bytes per token, B decode batch. Datasheet
-ceilings (bf16 dense); a share of 1.0 is the unreachable physical limit.
+W weight bytes, P_mm matmul parameters, kappa KV bytes per token, B decode batch (the decode
+accounting of "Efficiently Scaling Transformer Inference", Pope et al. 2022, arXiv 2211.05102,
+section 2). P_mm and kappa are counted by ``batchpilot.model.counting``. Datasheet ceilings (bf16
+dense); a share of 1.0 is the unreachable physical limit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
+
+from batchpilot.generate.stats import EngineStats
+from batchpilot.model import counting
+from batchpilot.model.llama import Llama
 
 # name fragment -> (HBM bytes/s, dense bf16 FLOP/s), datasheet values
 GPU_SPECS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}
@@ -29,15 +33,12 @@ class ModelCost:
     q_width: int  # d_q = num_heads * head_dim
 
 
-def model_cost(model: torch.nn.Module) -> ModelCost:
+def model_cost(model: Llama) -> ModelCost:
     c = model.config
-    params = list({id(p): p for p in model.parameters()}.values())
+    params = list({id(p): p for p in model.parameters()}.values())  # tied weights once
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    esize = params[0].element_size()
-    embedding = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size  # a lookup, not a matmul
-    matmul = sum(p.numel() for p in params if p.dim() == 2) - embedding
-    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * esize
-    return ModelCost(weight_bytes, matmul, kv, c.num_layers, c.num_heads * c.head_dim)
+    kv = counting.kv_bytes_per_token(c, dtype_bytes=params[0].element_size())  # the cache has the weights' dtype
+    return ModelCost(weight_bytes, counting.matmul_params(c), kv, c.num_layers, c.num_heads * c.head_dim)
 
 
 def gpu_spec(device: torch.device) -> tuple[float, float] | None:
@@ -52,7 +53,7 @@ def decode_step_bytes(cost: ModelCost, kv_tokens_read: int) -> float:
 
 
 def job_bound_s(cost: ModelCost, lengths: list[tuple[int, int]], spec: tuple[float, float], *, batch: int) -> float:
-    """Lower bound on job time from (prompt, output) lengths, without prefix reuse (anchors 3.4)."""
+    """Lower bound on job time from (prompt, output) lengths, without prefix reuse."""
     bandwidth, flops = spec
     total_flops = sum(2 * cost.matmul_params * (i + o) + 2 * cost.num_layers * cost.q_width * (i + o) ** 2
                       for i, o in lengths)
@@ -75,7 +76,7 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int = 2 * 2**30, rep
     return 2 * num_bytes * repeats / (start.elapsed_time(end) / 1e3)
 
 
-def roofline_share(model: torch.nn.Module, stats: Any, lengths: list[tuple[int, int]],
+def roofline_share(model: Llama, stats: EngineStats, lengths: list[tuple[int, int]],
                    seconds: float, *, bandwidth: float | None = None) -> dict[str, float] | None:
     """A job's time against its bytes/FLOPs bound, and its decode-only steps against their bytes bound.
 

@@ -1,23 +1,17 @@
-"""Mechanism: a step's chunks -> one packed forward over the paged KV cache -> sampled tokens.
+"""Mechanism: a step's chunks -> one packed forward over the paged KV cache -> sampled tokens (and logprobs).
 
-Tensor code of ``generate`` lives here and in ``kernels.py`` / ``graphs.py``. Every step runs ONE
-forward over the flat concatenation of all scheduled tokens (decode tokens first, then prefill
-chunks): no padding in the projections and MLPs (the bulk of the FLOPs). Attention goes through the
-model's ``attn_meta`` protocol (``StepAttention.attend``), which first writes the step's new K/V
-into their cache slots, then:
+The runner owns the KV tensors. Every step runs ONE forward over the flat concatenation of all
+scheduled tokens (decode tokens first, then prefill chunks): no padding in the projections and MLPs
+(the bulk of the FLOPs). The step's arrays come from ``batch.py`` (host-side assembly), its
+attention from ``step_attention.py``; greedy decode-only steps can replay a CUDA graph
+(``graphs.py``), to which the runner hands what it needs explicitly (the model, the KV tensors, the
+paged-attention function).
 
-- decode rows (one query each, the G query heads of a kv head together) attend over their own
-  blocks with ``paged_attention`` (Triton on CUDA, reading KV in place; torch gather elsewhere),
-  which returns a log-sum-exp. With cascade on, a group's shared prefix is not in the rows: all of
-  the group's decoding queries attend to the prefix KV in one call, reading it once per step
-  (Hydragen), and the two partial results are merged with their log-sum-exps;
-- prefill chunks are bin-packed into rows (Prepacking's worst-fit decreasing on context length),
-  each row a block-diagonal causal mask over its chunks' contexts, and run through SDPA. The keys
-  are gathered from the cache (a copy; prefill is compute-bound, so it costs little).
-
-Greedy decode-only steps can replay a CUDA graph (``graphs.py``). KV layout: (layers, K, S, E).
-Shape legend: N step tokens, D decode rows, H heads, K kv heads, G = H/K, E head dim, L context,
-S cache slots (= num_blocks * block_size), R rows, Q queries per row.
+Logits are computed only where they are used: the last token of a chunk that samples, and every
+position of a chunk whose request asked for prompt logprobs (never (T, V) for a whole prompt
+otherwise). Sampled tokens come from processed logits (penalties, logit_bias, min_tokens; see
+``sampling.penalise``); output logprobs are the log-softmax of those processed logits at temperature 1
+(vLLM's "processed logprobs"), prompt logprobs the log-softmax of the model's own logits.
 """
 
 from __future__ import annotations
@@ -27,96 +21,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from batchpilot.generate.batch import decode_arrays, flatten, prefill_arrays
 from batchpilot.generate.graphs import DecodeGraphs
-from batchpilot.generate.kernels import (attend_with_lse, gather_blocks, merge_lse, paged_attention_torch,
-                                         paged_attention_triton, triton)
-from batchpilot.generate.request import Request
-from batchpilot.generate.sampling import sample
-from batchpilot.generate.scheduler import Chunk, pack_worst_fit_decreasing
+from batchpilot.generate.kernels import paged_attention_torch, paged_attention_triton, triton
+from batchpilot.generate.request import Request, TokenLogprob
+from batchpilot.generate.sampling import penalise, sample, token_logprobs
+from batchpilot.generate.scheduler import Chunk
+from batchpilot.generate.step_attention import DecodeMeta, KVCache, PrefillMeta, StepAttention
+from batchpilot.model.llama import Llama
 
 
 @dataclass(slots=True)
-class DecodeMeta:
-    tables: torch.Tensor  # (D, Pb + Ob) block ids: [prefix region | own region], padded with 0
-    prefix_lens: torch.Tensor  # (D,) prefix tokens in the row's own table (0 with cascade)
-    own_lens: torch.Tensor  # (D,)
-    prefix_blocks: int  # Pb
-    group_tables: torch.Tensor | None = None  # (Gn, Gb) cascade: each group's prefix blocks
-    group_lens: torch.Tensor | None = None  # (Gn,)
-    group_rows: torch.Tensor | None = None  # (Gn, M) decode row of each member, D = padding
-    row_pos: torch.Tensor | None = None  # (D,) flat (Gn * M) index of each row's group result, Gn * M = none
-
-
-@dataclass(slots=True)
-class PrefillMeta:
-    q_index: torch.Tensor  # (R, Q) index into the step's prefill queries, Np = padding
-    q_gather: torch.Tensor  # (Np,) flat (R * Q) position of each prefill query
-    k_slots: torch.Tensor  # (R, Lk) cache slots of the keys, 0 = padding
-    mask: torch.Tensor  # (R, 1, Q, Lk) bool
-
-
-class StepAttention:
-    """``attn_meta`` for one step: write new K/V to the cache, then paged attention (decode + prefill)."""
-
-    def __init__(self, runner: Runner, slot_mapping: torch.Tensor, decode: DecodeMeta | None,
-                 prefill: PrefillMeta | None) -> None:
-        self.runner, self.slot_mapping, self.decode, self.prefill = runner, slot_mapping, decode, prefill
-
-    @torch.compiler.disable  # a compiled decode graph fuses around this; the Triton launch and its check are Python
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        kc, vc = self.runner.k_cache[layer_idx], self.runner.v_cache[layer_idx]  # (K, S, E)
-        kc[:, self.slot_mapping] = k[0]  # (K, N, E)
-        vc[:, self.slot_mapping] = v[0]
-        q = q[0].transpose(0, 1)  # (N, H, E)
-        parts = []
-        num_decode = 0
-        if self.decode is not None:
-            num_decode = self.decode.own_lens.shape[0]
-            parts.append(self._decode(q[:num_decode], kc, vc, self.decode))
-        if self.prefill is not None:
-            parts.append(self._prefill(q[num_decode:], kc, vc, self.prefill))
-        return torch.cat(parts).transpose(0, 1)[None]  # (1, H, N, E)
-
-    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, m: DecodeMeta) -> torch.Tensor:
-        D, H, E = q.shape
-        K = kc.shape[0]
-        qk = q.view(D, K, H // K, E)  # query heads grouped by the kv head they share
-        if m.prefix_blocks == 0:
-            out, lse = self.runner.paged_attention(qk, kc, vc, m.tables, m.own_lens)  # (D, K, G, E), (D, K, G)
-        else:  # no cascade: [prefix region | own region] per row, torch path
-            bs = self.runner.block_size
-            k, v = gather_blocks(kc, m.tables, bs), gather_blocks(vc, m.tables, bs)  # (K, D, L, E)
-            idx = torch.arange(k.shape[2], device=q.device)[None]  # (1, L)
-            pre_end = m.prefix_blocks * bs
-            valid = torch.where(idx < pre_end, idx < m.prefix_lens[:, None], idx - pre_end < m.own_lens[:, None])
-            out, lse = attend_with_lse(qk, k, v, valid)
-        if m.group_tables is None:
-            return out.reshape(D, H, E)
-        Gn, M = m.group_rows.shape
-        qg = torch.cat([qk, qk.new_zeros(1, K, H // K, E)])[m.group_rows]  # (Gn, M, K, G, E)
-        qg = qg.transpose(1, 2).reshape(Gn, K, M * (H // K), E)  # all members' queries per kv head
-        out_p, lse_p = self.runner.paged_attention(qg, kc, vc, m.group_tables, m.group_lens)
-        out_p = out_p.view(Gn, K, M, H // K, E).transpose(1, 2).reshape(Gn * M, K, H // K, E)
-        lse_p = lse_p.view(Gn, K, M, H // K).transpose(1, 2).reshape(Gn * M, K, H // K)
-        out_p = torch.cat([out_p, out_p.new_zeros(1, K, H // K, E)])  # + "no group": weight exp(-inf) = 0
-        lse_p = torch.cat([lse_p, lse_p.new_full((1, K, H // K), float("-inf"))])
-        out, _ = merge_lse(out, lse, out_p[m.row_pos], lse_p[m.row_pos])
-        return out.reshape(D, H, E)
-
-    def _prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, m: PrefillMeta) -> torch.Tensor:
-        Np, H, E = q.shape
-        qr = torch.cat([q, q.new_zeros(1, H, E)])[m.q_index].transpose(1, 2)  # (R, H, Q, E)
-        G = H // kc.shape[0]  # kv heads repeated: SDPA's fused kernels take a mask but not always GQA
-        kr = kc[:, m.k_slots].transpose(0, 1).repeat_interleave(G, dim=1)  # (R, H, Lk, E)
-        vr = vc[:, m.k_slots].transpose(0, 1).repeat_interleave(G, dim=1)
-        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=m.mask)
-        return out.transpose(1, 2).reshape(-1, H, E)[m.q_gather]  # (Np, H, E); padded rows dropped
+class ChunkOutput:
+    tokens: list[int]  # sampled tokens (several on a multi-step decode); empty unless the chunk samples
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
+    prompt_logprobs: dict[int, TokenLogprob] | None = None  # prompt position -> logprob of its token
+    last_logprobs: torch.Tensor | None = None  # a group prefix's (V,) log-probs at its last position
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cascade: bool = True,
+    def __init__(self, model: Llama, *, num_blocks: int, block_size: int, cascade: bool = True,
                  use_triton: bool = True, cuda_graphs: bool = True, compile: bool = True, max_num_seqs: int = 1024,
                  trash_block: int = 0) -> None:
         cfg = model.config
@@ -124,13 +49,22 @@ class Runner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)  # (layers, K, S, E)
-        self.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.kv = KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device),  # (layers, K, S, E)
+                          torch.zeros(shape, dtype=p.dtype, device=p.device), block_size)
         self.use_triton = use_triton and triton is not None and p.device.type == "cuda"
         self.triton_verified = False
         self.trash_block = trash_block  # padding rows of a decode batch write their K/V here
-        self.graphs = (DecodeGraphs(self, max_rows=max_num_seqs, compile=compile)
-                       if cuda_graphs and self.use_triton else None)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.use_triton:
+            self.attach_graphs(max_rows=max_num_seqs, compile=compile)
+
+    def attach_graphs(self, *, max_rows: int, max_groups: int = 16, capture: bool = True,
+                      compile: bool = False) -> DecodeGraphs:
+        """Decode graphs over this runner's cache (``capture=False``: the same static buffers run eagerly, CPU)."""
+        self.graphs = DecodeGraphs(self.model, self.kv, self.paged_attention, trash_block=self.trash_block,
+                                   cascade=self.cascade, max_rows=max_rows, max_groups=max_groups,
+                                   capture=capture, compile=compile)
+        return self.graphs
 
     def begin_job(self, max_tokens: int) -> None:
         """Size static decode buffers for a job whose longest request holds ``max_tokens`` tokens."""
@@ -157,162 +91,146 @@ class Runner:
         return paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
 
     def graphs_usable(self, chunks: list[Chunk]) -> bool:
-        return self.graphs is not None and all(c.decode for c in chunks) and self.graphs.usable(chunks)
+        g = self.graphs
+        return (g is not None and g.enabled and (self.triton_verified or not g.capture)
+                and all(c.decode and _plain(c.request) for c in chunks) and g.fits(chunks))
 
     @torch.inference_mode()
-    def step(self, chunks: list[Chunk], *, seed: int, steps: int = 1) -> list[list[int]]:
-        """Run the chunks; the sampled tokens of each chunk with ``sample`` set, in chunk order.
+    def step(self, chunks: list[Chunk], *, steps: int = 1, eos_ids: frozenset[int] = frozenset()) -> list[ChunkOutput]:
+        """Run the chunks; one output per chunk, in chunk order (tokens only for chunks with ``sample`` set).
 
         ``steps`` > 1 (greedy decode-only batches on CUDA graphs, blocks reserved by the caller): that
-        many consecutive decode steps, so each list holds up to ``steps`` tokens.
+        many consecutive decode steps, so each token list holds up to ``steps`` tokens.
         """
         if self.graphs_usable(chunks):
-            return self.graphs.run(chunks, lambda: self._eager_step(chunks, seed), steps=steps)
-        return [[t] for t in self._eager_step(chunks, seed)[0]]
+            def eager() -> tuple[list[int], torch.Tensor]:
+                outs, logits = self._forward(chunks, eos_ids)
+                return [o.tokens[0] for o in outs], logits
+            return [ChunkOutput(t) for t in self.graphs.run(chunks, eager, steps=steps, eos_ids=eos_ids)]
+        return self._forward(chunks, eos_ids)[0]
 
-    def _eager_step(self, chunks: list[Chunk], seed: int) -> tuple[list[int], torch.Tensor | None]:
-        """Sampled tokens in chunk order, and the (sampled chunks, V) logits they came from."""
+    def _forward(self, chunks: list[Chunk], eos_ids: frozenset[int]) -> tuple[list[ChunkOutput], torch.Tensor | None]:
+        """One eager step: outputs in chunk order, and the (sampled chunks, V) processed logits the tokens came
+        from (decode chunks first; for a decode-only step that is chunk order)."""
         dec = [c for c in chunks if c.num_tokens == 1]
         pre = [c for c in chunks if c.num_tokens > 1]
-        ids, pos, slots, last = self._flatten(dec + pre)
-        meta = StepAttention(self, self._tensor(slots), self._decode_meta(dec) if dec else None,
-                             self._prefill_meta(pre) if pre else None)
-        hidden = self.model.hidden_states(self._tensor(ids)[None], position_ids=self._tensor(pos)[None],
-                                          attn_meta=meta)  # (1, N, D)
-        sampled = [c for c in chunks if c.sample]
+        order = dec + pre
+        flat = flatten(order, self.block_size)
+        meta = StepAttention(self.kv, self.paged_attention, self._tensor(flat.slots),
+                             self._decode_meta(dec) if dec else None, self._prefill_meta(pre) if pre else None)
+        hidden = self.model.hidden_states(self._tensor(flat.ids)[None], position_ids=self._tensor(flat.pos)[None],
+                                          attn_meta=meta)[0]  # (N, D)
+        outs = {id(c): ChunkOutput([]) for c in chunks}
+        for i, c in enumerate(order):
+            if c.request.params.prompt_logprobs is not None:
+                self._prompt_logprobs(c, hidden, flat.first[i], outs[id(c)])
+        sampled = [(i, c) for i, c in enumerate(order) if c.sample]
         if not sampled:
-            return [], None
-        logits = self.model.lm_head(hidden[0, self._tensor([last[id(c)] for c in sampled])])  # (R, V)
-        return self._sample(logits, [c.request for c in sampled], seed).tolist(), logits
+            return [outs[id(c)] for c in chunks], None
+        logits = self.model.lm_head(hidden[self._tensor([flat.last[i] for i, _ in sampled])])  # (R, V)
+        reqs = [c.request for _, c in sampled]
+        tokens, logprobs, processed = self._sample(logits, reqs, eos_ids)
+        for (_, c), t, lp in zip(sampled, tokens, logprobs, strict=True):
+            outs[id(c)].tokens, outs[id(c)].logprobs = [t], lp
+        return [outs[id(c)] for c in chunks], processed
 
-    def _tensor(self, values: list, dtype: type = np.int64) -> torch.Tensor:
+    def _prompt_logprobs(self, c: Chunk, hidden: torch.Tensor, first: int, out: ChunkOutput) -> None:
+        """Logprobs of the prompt tokens this chunk predicts: position p's logits give token p + 1's."""
+        r, k = c.request, c.request.params.prompt_logprobs
+        lo = r.prefix_len + c.start  # position of the chunk's first token
+        m = max(0, min(c.num_tokens, len(r.prompt_ids) - 1 - lo))  # positions whose next token is a prompt token
+        keep_last = r.is_prefix and lo + c.num_tokens == len(r.prompt_ids)  # predicts each member's first own token
+        rows = m + keep_last
+        if rows == 0:
+            return
+        lp = self.model.lm_head(hidden[first:first + rows]).float().log_softmax(dim=-1)  # (rows, V)
+        if keep_last:
+            out.last_logprobs = lp[-1]
+        if m == 0:
+            return
+        targets = self._tensor(r.prompt_ids[lo + 1:lo + 1 + m])
+        chosen, top_v, top_i = token_logprobs(lp[:m], targets, k)
+        out.prompt_logprobs = {lo + 1 + j: t for j, t in enumerate(_token_logprobs(targets, chosen, top_v, top_i))}
+
+    def _tensor(self, values: list | np.ndarray, dtype: type = np.int64) -> torch.Tensor:
         """Host list -> device tensor (through numpy: several times faster than torch.tensor on lists)."""
         return torch.from_numpy(np.asarray(values, dtype=dtype)).to(self.device, non_blocking=True)
 
-    def _flatten(self, chunks: list[Chunk]) -> tuple[list[int], list[int], list[int], dict[int, int]]:
-        """Token ids, positions, cache slots of the step's tokens; flat index of each chunk's last token."""
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        last: dict[int, int] = {}
-        for c in chunks:
-            r, j = c.request, c.start
-            lo = r.prefix_len + j
-            if c.num_tokens == 1:  # decode: the common case, kept cheap
-                ids.append(r.token_at(j))
-                pos.append(lo)
-                slots.append(r.blocks[j // bs] * bs + j % bs)
-            else:
-                ids += (r.prompt_ids + r.output_ids)[lo:lo + c.num_tokens]
-                pos += range(lo, lo + c.num_tokens)
-                slots += [r.blocks[i // bs] * bs + i % bs for i in range(j, j + c.num_tokens)]
-            last[id(c)] = len(ids) - 1
-        return ids, pos, slots, last
-
-    def decode_arrays(self, dec: list[Chunk], *, rows: int = 0, width: int = 0, groups: int = 0) -> dict:
-        """Host arrays of a decode batch, optionally padded to ``rows`` x ``width`` blocks and ``groups``.
-
-        Padding rows attend to one token of the trash block and write their K/V there.
-        """
-        reqs = [c.request for c in dec]
-        D = len(reqs)
-        rows = max(rows, D)
-        inline = not self.cascade and any(r.prefix_len > 0 for r in reqs)  # each row holds its prefix too
-        pre = [r.group.prefix.blocks if r.prefix_len > 0 else [] for r in reqs] if inline else []
-        pb = max(map(len, pre)) if inline else 0
-        width = max(width, pb + max(len(r.blocks) for r in reqs))
-        a = {"tables": np.full((rows, width), self.trash_block, dtype=np.int64), "prefix_blocks": pb,
-             "prefix_lens": np.zeros(rows, dtype=np.int64), "own_lens": np.ones(rows, dtype=np.int64)}
-        for i, r in enumerate(reqs):
-            a["tables"][i, pb:pb + len(r.blocks)] = r.blocks
-            a["own_lens"][i] = dec[i].start + 1
-            if inline and pre[i]:
-                a["tables"][i, :len(pre[i])] = pre[i]
-                a["prefix_lens"][i] = r.prefix_len
-        if self.cascade and (groups or any(r.prefix_len > 0 for r in reqs)):
-            self._group_arrays(a, reqs, rows, groups)
-        return a
-
-    def _group_arrays(self, a: dict, reqs: list[Request], rows: int, groups: int) -> None:
-        """Cascade: each group's prefix blocks and member rows; ``row_pos`` = row -> flat (group, member) index."""
-        members: dict[int, list[int]] = {}
-        by_id = {}
-        for i, r in enumerate(reqs):
-            if r.prefix_len > 0:
-                members.setdefault(id(r.group), []).append(i)
-                by_id[id(r.group)] = r.group
-        Gn = max(groups, len(members))
-        M = rows if groups else max(map(len, members.values()))
-        width = max([len(g.prefix.blocks) for g in by_id.values()] + [a["tables"].shape[1] if groups else 1])
-        a["group_tables"] = np.full((Gn, width), self.trash_block, dtype=np.int64)
-        a["group_lens"] = np.zeros(Gn, dtype=np.int64)
-        a["group_rows"] = np.full((Gn, M), rows, dtype=np.int64)  # `rows` indexes the zero query
-        a["row_pos"] = np.full(rows, Gn * M, dtype=np.int64)  # Gn * M indexes the empty partial result
-        for gi, (key, rs) in enumerate(members.items()):
-            g = by_id[key]
-            a["group_tables"][gi, :len(g.prefix.blocks)] = g.prefix.blocks
-            a["group_lens"][gi] = len(g.prefix.prompt_ids)
-            a["group_rows"][gi, :len(rs)] = rs
-            a["row_pos"][rs] = gi * M + np.arange(len(rs))
-
     def _decode_meta(self, dec: list[Chunk]) -> DecodeMeta:
-        a = self.decode_arrays(dec)
-        groups = {k: self._tensor(a[k]) for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in a}
-        return DecodeMeta(self._tensor(a["tables"]), self._tensor(a["prefix_lens"]), self._tensor(a["own_lens"]),
-                          a["prefix_blocks"], **groups)
+        a = decode_arrays(dec, block_size=self.block_size, cascade=self.cascade, trash_block=self.trash_block)
+        t = {k: self._tensor(v) for k, v in a.named().items()}
+        return DecodeMeta(prefix_blocks=a.prefix_blocks, **t)
 
     def _prefill_meta(self, pre: list[Chunk]) -> PrefillMeta:
-        """Chunks bin-packed into rows by context length; each row is a block-diagonal causal mask."""
-        bs = self.block_size
-        ctx = [c.request.prefix_len + c.start + c.num_tokens for c in pre]
-        rows = pack_worst_fit_decreasing(ctx, max(ctx))
-        q_off = np.cumsum([0] + [c.num_tokens for c in pre])
-        Np, R = int(q_off[-1]), len(rows)
-        Q = max(sum(pre[ci].num_tokens for ci in row) for row in rows)
-        Lk = -(-max(sum(ctx[ci] for ci in row) for row in rows) // 16) * 16  # aligned mask rows for fused SDPA
-        q_index, gather = np.full((R, Q), Np), np.zeros(Np, dtype=np.int64)
-        qd, qp = np.full((R, Q), -1), np.zeros((R, Q), dtype=np.int64)  # chunk id / position of each query
-        kd, kp = np.full((R, Lk), -2), np.zeros((R, Lk), dtype=np.int64)  # ... and of each key
-        k_slots = np.zeros((R, Lk), dtype=np.int64)
-        for ri, row in enumerate(rows):
-            qo = ko = 0
-            for ci in row:
-                n, L, q0 = pre[ci].num_tokens, ctx[ci], int(q_off[ci])
-                q_index[ri, qo:qo + n] = np.arange(q0, q0 + n)
-                gather[q0:q0 + n] = ri * Q + qo + np.arange(n)
-                qd[ri, qo:qo + n], qp[ri, qo:qo + n] = ci, np.arange(L - n, L)
-                kd[ri, ko:ko + L], kp[ri, ko:ko + L] = ci, np.arange(L)
-                k_slots[ri, ko:ko + L] = _context_slots(pre[ci].request, L, bs)
-                qo, ko = qo + n, ko + L
-        qd_t, kd_t, qp_t, kp_t = (self._tensor(x) for x in (qd, kd, qp, kp))
-        mask = (qd_t[:, :, None] == kd_t[:, None, :]) & (kp_t[:, None, :] <= qp_t[:, :, None])  # (R, Q, Lk)
-        return PrefillMeta(self._tensor(q_index), self._tensor(gather), self._tensor(k_slots), mask[:, None])
+        a = prefill_arrays(pre, self.block_size)
+        qd, kd, qp, kp = (self._tensor(x) for x in (a.q_chunk, a.k_chunk, a.q_pos, a.k_pos))
+        mask = (qd[:, :, None] == kd[:, None, :]) & (kp[:, None, :] <= qp[:, :, None])  # (R, Q, Lk)
+        return PrefillMeta(self._tensor(a.q_index), self._tensor(a.q_gather), self._tensor(a.k_slots), mask[:, None])
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request], seed: int) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request],
+                eos_ids: frozenset[int]) -> tuple[list[int], list[list[TokenLogprob] | None], torch.Tensor]:
+        """Tokens, their logprobs where asked, and the processed logits they were drawn from."""
         ps = [r.params for r in reqs]
+        x = self._penalise(logits, reqs, eos_ids) if any(p.penalised for p in ps) else logits
         if all(p.temperature == 0 for p in ps):  # all greedy: skip building the per-request parameter tensors
-            return logits.argmax(dim=-1)
-        return sample(
-            logits,
-            temperature=self._tensor([p.temperature for p in ps], np.float32),
-            top_k=self._tensor([p.top_k for p in ps]),
-            top_p=self._tensor([p.top_p for p in ps], np.float32),
-            seeds=self._tensor([seed * 1_000_003 + r.index if p.seed is None else p.seed for p, r in zip(ps, reqs)]),
-            steps=self._tensor([len(r.output_ids) for r in reqs]),
-            any_random=True,
-            any_filter=any(p.top_k > 0 or p.top_p < 1 for p in ps),
-        )
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = sample(x, temperature=self._tensor([p.temperature for p in ps], np.float32),
+                            top_k=self._tensor([p.top_k for p in ps]),
+                            top_p=self._tensor([p.top_p for p in ps], np.float32),
+                            seeds=self._tensor([r.seed for r in reqs]),
+                            steps=self._tensor([len(r.output_ids) for r in reqs]), any_random=True,
+                            any_filter=any(p.top_k > 0 or p.top_p < 1 for p in ps))
+        if all(p.logprobs is None for p in ps):
+            return tokens.tolist(), [None] * len(reqs), x
+        chosen, top_v, top_i = token_logprobs(x, tokens, max(p.logprobs or 0 for p in ps))
+        lps = _token_logprobs(tokens, chosen, top_v, top_i)
+        return tokens.tolist(), [None if p.logprobs is None else [t.truncated(p.logprobs)]
+                                 for p, t in zip(ps, lps, strict=True)], x
+
+    def _penalise(self, logits: torch.Tensor, reqs: list[Request], eos_ids: frozenset[int]) -> torch.Tensor:
+        """Per-request penalty tensors built on the host from the requests' tokens, applied on the device."""
+        ps, (R, V) = [r.params for r in reqs], logits.shape
+        counts = seen = bias = banned = None
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            rows, toks = _scatter_index([r.output_ids for r in reqs])
+            counts = torch.zeros(R, V, device=self.device).index_put_(
+                (self._tensor(rows), self._tensor(toks)), torch.ones(len(toks), device=self.device), accumulate=True)
+        if any(p.repetition_penalty != 1 for p in ps):
+            rows, toks = _scatter_index([r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1 else []
+                                         for r in reqs])
+            seen = torch.zeros(R, V, dtype=torch.bool, device=self.device)
+            seen[self._tensor(rows), self._tensor(toks)] = True
+        if any(p.logit_bias for p in ps):
+            rows, toks = _scatter_index([[t for t, _ in p.logit_bias] for p in ps])
+            bias = torch.zeros(R, V, device=self.device)
+            bias[self._tensor(rows), self._tensor(toks)] = self._tensor([b for p in ps for _, b in p.logit_bias],
+                                                                        np.float32)
+        ban = [sorted(eos_ids) if not r.params.ignore_eos and len(r.output_ids) < r.params.min_tokens else []
+               for r in reqs]
+        if any(ban):
+            rows, toks = _scatter_index(ban)
+            banned = torch.zeros(R, V, dtype=torch.bool, device=self.device)
+            banned[self._tensor(rows), self._tensor(toks)] = True
+        return penalise(logits, output_counts=counts, seen=seen, banned=banned, bias=bias,
+                        presence=self._tensor([p.presence_penalty for p in ps], np.float32),
+                        frequency=self._tensor([p.frequency_penalty for p in ps], np.float32),
+                        repetition=self._tensor([p.repetition_penalty for p in ps], np.float32))
 
 
-def _context_slots(r: Request, n: int, bs: int) -> np.ndarray:
-    """Cache slots of r's first n tokens: the group prefix blocks, then its own blocks."""
-    p = r.prefix_len
-    own = _block_slots(r.blocks, bs)[:n - p]
-    if p == 0:
-        return own
-    return np.concatenate([_block_slots(r.group.prefix.blocks, bs)[:min(p, n)], own])
+def _plain(r: Request) -> bool:
+    """Sampled by a decode graph (greedy, sampled, penalised): anything but logprobs."""
+    return r.params.logprobs is None
 
 
-def _block_slots(blocks: list[int], bs: int) -> np.ndarray:
-    return (np.asarray(blocks, dtype=np.int64)[:, None] * bs + np.arange(bs)).ravel()
+def _scatter_index(per_row: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Row and column indices of every (row, token) pair."""
+    rows = [i for i, toks in enumerate(per_row) for _ in toks]
+    return rows, [t for toks in per_row for t in toks]
+
+
+def _token_logprobs(tokens: torch.Tensor, chosen: torch.Tensor, top_v: torch.Tensor,
+                    top_i: torch.Tensor) -> list[TokenLogprob]:
+    """Device results -> one ``TokenLogprob`` per row (one host transfer for each tensor)."""
+    t, c, v, i = tokens.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()
+    return [TokenLogprob(t[r], c[r], tuple(zip(i[r], v[r]))) for r in range(len(t))]

@@ -61,3 +61,38 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
     else:
         drawn = (scaled + gumbel).argmax(dim=-1)
     return torch.where(temperature > 0, drawn, greedy)
+
+
+def penalise(logits: torch.Tensor, *, output_counts: torch.Tensor | None, seen: torch.Tensor | None,
+             presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor,
+             bias: torch.Tensor | None, banned: torch.Tensor | None) -> torch.Tensor:
+    """Processed (R, V) fp32 logits: repetition, then presence/frequency, then logit_bias, then bans.
+
+    - repetition (CTRL, Keskar et al. 2019, arXiv 1909.05858, section 4.1; HF's
+      ``RepetitionPenaltyLogitsProcessor``): over tokens ``seen`` in prompt + output,
+      logit / p where logit > 0, logit * p otherwise;
+    - OpenAI's presence/frequency penalties over the output tokens so far:
+      logit - presence * (count > 0) - frequency * count;
+    - ``bias`` (R, V) added (OpenAI's logit_bias); ``banned`` (R, V) set to -inf (EOS before min_tokens).
+    A ``None`` tensor skips its stage; the (R,) parameter tensors are neutral (1, 0, 0) for rows without it.
+    """
+    x = logits.float()
+    if seen is not None:
+        p = repetition[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
+    if output_counts is not None:
+        x = x - presence[:, None] * (output_counts > 0) - frequency[:, None] * output_counts
+    if bias is not None:
+        x = x + bias
+    if banned is not None:
+        x = x.masked_fill(banned, float("-inf"))
+    return x
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """log-softmax of (R, V) logits at temperature 1: (R,) logprob of ``tokens``, (R, k) top-k values and ids."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    top = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])
+    return chosen, top[0], top[1]

@@ -32,3 +32,27 @@ def greedy_reference(model: torch.nn.Module, prompt: list[int], max_tokens: int)
         out.append(token)
         ids, pos = torch.tensor([[token]]), pos[:, -1:] + 1
     return out
+
+
+@torch.no_grad()
+def processed_greedy_reference(model: torch.nn.Module, prompt: list[int], max_tokens: int, *, presence: float = 0.0,
+                               frequency: float = 0.0, bias: dict[int, float] | None = None, banned: int | None = None,
+                               min_tokens: int = 0) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy over hand-processed logits, one full forward per token (no cache): OpenAI's penalty formula
+    (logit - presence * [count > 0] - frequency * count over the output so far), then logit_bias, then
+    ``banned`` at -inf while fewer than ``min_tokens`` are out. Returns the tokens and each step's
+    log-softmax of the processed logits."""
+    out, lps = [], []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([prompt + out]))[0, -1].float()
+        counts = torch.zeros_like(logits)
+        for t in out:
+            counts[t] += 1
+        logits = logits - presence * (counts > 0).float() - frequency * counts
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        if banned is not None and len(out) < min_tokens:
+            logits[banned] = float("-inf")
+        lps.append(logits.log_softmax(-1))
+        out.append(int(logits.argmax()))
+    return out, lps

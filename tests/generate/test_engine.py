@@ -137,16 +137,15 @@ def test_triton_kernel_matches_torch_path():
 def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade, decode_steps):
     """The CUDA-graph path (padded rows, tables and groups; trash block; multi-step decode advancing its
     inputs on the device) run eagerly on CPU."""
-    from batchpilot.generate.graphs import DecodeGraphs
 
     _, model, _ = hf_pair
     engine = Engine(model, None, EngineConfig(min_prefix_len=1, cascade=cascade, prefix_sharing=cascade,
                                               decode_steps=decode_steps))
-    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False)
+    graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False)
     results = engine.generate(_prompts(), SamplingParams(max_tokens=N, ignore_eos=True))
     assert [r.output_ids for r in results] == hf_reference
-    assert graphs.enabled and {rows for rows, _ in graphs.graphs} >= {8}
-    assert {groups for _, groups in graphs.graphs} == ({1} if cascade else {0})
+    assert graphs.enabled and {rows for rows, *_ in graphs.graphs} >= {8}
+    assert {groups for _, groups, _ in graphs.graphs} == ({1} if cascade else {0})
     assert engine.stats.output_tokens == len(results) * N
     assert (engine.stats.steps > engine.stats.round_trips) == (decode_steps > 1)
     assert engine.pool.num_free == engine.pool.num_blocks - 1  # every block back but the trash block
@@ -154,25 +153,24 @@ def test_static_decode_buffers_match_eager(hf_pair, hf_reference, cascade, decod
 
 def test_compiled_decode_graphs_match_eager(hf_pair, hf_reference):
     """torch.compile'd decode forward (fused around the opaque paged attention), several buckets: HF's tokens."""
-    from batchpilot.generate.graphs import DecodeGraphs
 
     _, model, _ = hf_pair
     engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=4))
-    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False,
+    graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False,
                                                  compile=True)
     lengths = (N, N, 3, 5, N, 2)  # requests end at different steps: batches of 6, 4, 3 rows (buckets 8, 4)
     results = engine.generate(_prompts(), [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
     assert [r.output_ids for r in results] == [ref[:n] for ref, n in zip(hf_reference, lengths)]
-    assert graphs.enabled and len({rows for rows, _ in graphs.graphs}) >= 2
+    assert graphs.enabled and len({rows for rows, *_ in graphs.graphs}) >= 2
 
 
 def test_mismatching_compiled_graphs_fall_back_to_eager_graphs(hf_pair, hf_reference):
     """A compiled forward that fails the self-check is replaced by the eager one; graphs stay on, outputs exact."""
-    from batchpilot.generate.graphs import DecodeGraphs, greedy_tokens
+    from batchpilot.generate.graphs import greedy_tokens
 
     _, model, _ = hf_pair
     engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=4))
-    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=8, max_groups=2, capture=False)
+    graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False)
     graphs.tokens = lambda *args: (greedy_tokens(*args) + 1) % model.config.vocab_size  # a miscompiled forward
     results = engine.generate(_prompts(), SamplingParams(max_tokens=N, ignore_eos=True))
     assert [r.output_ids for r in results] == hf_reference
@@ -183,7 +181,6 @@ def test_mismatching_compiled_graphs_fall_back_to_eager_graphs(hf_pair, hf_refer
 
 def test_multi_step_decode_stops_at_eos_and_max_tokens(llama_pair):
     """Tokens past a request's end (EOS mid-run, short max_tokens) are dropped: same outputs as one step at a time."""
-    from batchpilot.generate.graphs import DecodeGraphs
 
     _, model, _ = llama_pair
     g = torch.Generator().manual_seed(11)
@@ -195,7 +192,7 @@ def test_multi_step_decode_stops_at_eos_and_max_tokens(llama_pair):
     for steps in (1, 8):
         engine = Engine(model, None, EngineConfig(prefix_sharing=False, decode_steps=steps))
         engine.eos_ids = {eos}
-        engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=16, capture=False)
+        engine.runner.attach_graphs(max_rows=16, capture=False)
         outputs[steps] = [(r.output_ids, r.finish_reason) for r in engine.generate(prompts, params)]
         assert engine.pool.num_free == engine.pool.num_blocks - 1
         assert (engine.stats.steps > engine.stats.round_trips) == (steps > 1)
@@ -236,7 +233,6 @@ def test_gpu_fast_paths_agree_with_the_torch_path(hf_pair):
 
 
 def test_static_decode_buffers_with_several_groups(llama_pair):
-    from batchpilot.generate.graphs import DecodeGraphs
 
     _, model, _ = llama_pair
     g = torch.Generator().manual_seed(5)
@@ -245,6 +241,6 @@ def test_static_decode_buffers_with_several_groups(llama_pair):
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     plain = Engine(model, None, EngineConfig(prefix_sharing=False)).generate(prompts, params)
     engine = Engine(model, None, EngineConfig(min_prefix_len=1, max_num_seqs=12))
-    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, max_rows=12, capture=False)
+    graphs = engine.runner.attach_graphs(max_rows=12, capture=False)
     assert [r.output_ids for r in engine.generate(prompts, params)] == [r.output_ids for r in plain]
-    assert graphs.enabled and (12, 4) in graphs.graphs  # 3 groups padded to 4, 9 rows padded to 12
+    assert graphs.enabled and (12, 4, 0) in graphs.graphs  # 3 groups padded to 4, 9 rows padded to 12

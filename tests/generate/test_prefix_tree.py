@@ -18,7 +18,7 @@ def _synthetic(seed=0):
 
 
 def test_explicit_grouping_attains_the_theoretical_saving():
-    """laws.md 14: token saving = sum over groups of (members - 1) * prefix_len."""
+    """BatchLLM (arXiv 2412.03594): token saving = sum over groups of (members - 1) * prefix_len."""
     prompts, prefixes = _synthetic()
     groups = build_groups(prompts)
     shared = sorted((g.prefix_len, len(g.members)) for g in groups if g.prefix_len)

@@ -1,0 +1,232 @@
+"""The product path of generation: ``batchpilot generate`` on realistic OpenAI Batch files, next to the warm engine.
+
+    python benchmarks/generate_job.py                        # llama-1b shape, random bf16 weights, one GPU
+    python benchmarks/generate_job.py --model qwen2-0.5b     # any preset, or a real HF directory (--tokenizer)
+    python benchmarks/generate_job.py --smoke                # tiny preset, a few lines; runs on CPU
+
+The benchmark writes its own jobs: shared system prompts and few-shot prefixes of varied lengths,
+chat (``/v1/chat/completions``) and completion lines, output lengths from a long-tailed (log-normal)
+distribution with EOS and stop strings active, greedy and sampled lines mixed. For random-weight
+presets it trains a small BPE tokenizer with a chat template (model ids outside its vocabulary
+decode to nothing, so EOS and stops end few lines: the long tail is max_tokens' own).
+
+Rows: the CLI as a fresh process on 8,000 and 1,000 lines (wall clock from process start to the last
+output byte: cold start, load, tokenization, compile and all); the warm engine on the same requests
+in this process (second run of the job); greedy vs sampled (temperature 0.8, top-p 0.95) decode on
+the same requests with fixed lengths; a long-output job (64 x 32k tokens, sampled) with its decode
+steps' share of the bytes bound (Pope et al. 2022, arXiv 2211.05102, section 2). Writes
+``<out>/generate_job_<date>.json`` with ``summary`` keys ``cli_vs_warm_8000``, ``cli_vs_warm_1000``,
+``sampled_vs_greedy``, ``long_output_bytes_share``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from provenance import provenance
+
+import batchpilot
+from batchpilot.data.tokenizer import Tokenizer
+from batchpilot.generate.engine import Engine, EngineConfig
+from batchpilot.generate.request import Request, SamplingParams, request_seed
+from batchpilot.generate.roofline import roofline_share
+
+WORDS = ("the model reads a batch of requests and writes every answer to a file in order while the cache holds "
+         "shared prefixes once so that decode steps stay fast under a token budget with chunked prefill").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+STOPS = ("\n\n", "###", "Question:")
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def write_job(path: Path, lines: int, *, seed: int, scale: float, max_tokens_cap: int) -> None:
+    """An OpenAI Batch file: 8 system prompts (20-400 words), 6 few-shot blocks (50-800 words), long-tailed
+    output lengths (log-normal, median ~100 tokens x scale), 1/3 chat, 1/3 sampled lines, stops on half."""
+    rng = random.Random(seed)
+    systems = [_text(rng, max(2, int(rng.randint(20, 400) * scale))) for _ in range(8)]
+    shots = [_text(rng, max(2, int(rng.randint(50, 800) * scale))) for _ in range(6)]
+    with path.open("w") as f:
+        for i in range(lines):
+            question = _text(rng, max(1, int(rng.randint(5, 60) * scale)))
+            max_tokens = max(1, min(max_tokens_cap, int(rng.lognormvariate(math.log(100 * scale), 1.0))))
+            body: dict = {"max_tokens": max_tokens, "seed": i}
+            if rng.random() < 1 / 3:
+                body |= {"temperature": 0.8, "top_p": 0.95}
+            if rng.random() < 0.5:
+                body["stop"] = list(rng.sample(STOPS, 2))
+            if rng.random() < 1 / 3:
+                url = "/v1/chat/completions"
+                body["messages"] = [{"role": "system", "content": rng.choice(systems)},
+                                    {"role": "user", "content": question}]
+            else:
+                url = "/v1/completions"
+                body["prompt"] = f"{rng.choice(systems)}\n{rng.choice(shots)}\nQuestion: {question}\nAnswer:"
+            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}) + "\n")
+
+
+def make_tokenizer(path: Path, vocab_size: int) -> Path:
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4 + list(STOPS) * 8
+    tok = Tokenizer.train_bpe(texts, min(vocab_size, 2048), special_tokens=("<|endoftext|>", "<|assistant|>"))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save(path)
+    return path
+
+
+def run_cli(args: argparse.Namespace, job: Path, out: Path, tokenizer: Path) -> dict:
+    """``batchpilot generate`` as a fresh process: wall clock from its start to its last output byte."""
+    cmd = [sys.executable, "-c", "import sys; from batchpilot.cli import main; sys.exit(main())", "generate",
+           "--model", args.model, "--tokenizer", str(tokenizer), "--input", str(job), "--output", str(out),
+           "--no-progress", "--max-batch-tokens", str(args.max_batch_tokens), *args.cli_flags.split()]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    end = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    records = [json.loads(t) for t in out.read_text().splitlines() if t.strip()]
+    tokens = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in records
+                 if (r.get("response") or {}).get("body", {}).get("usage"))
+    last_byte = out.stat().st_mtime - start
+    return {"lines": len(records), "output_tokens": tokens, "process_seconds": round(end - start, 3),
+            "wall_seconds_to_last_byte": round(last_byte, 3), "out_tok_s": round(tokens / last_byte, 1),
+            "stdout_tail": proc.stdout[-400:]}
+
+
+def job_requests(engine: Engine, job: Path, template_dir: Path) -> list[Request]:
+    """The job's requests as the CLI builds them (same prompts, params and custom_id-keyed seeds)."""
+    from batchpilot.data.chat_template import chat_template_of
+    from batchpilot.generate.jobs import read_job
+
+    template, special = chat_template_of(template_dir)
+    items = read_job(job, SamplingParams(max_tokens=128), chat_template=template, special_tokens=special)
+    reqs = []
+    for it in items:
+        if it.error is not None:
+            continue
+        ids = engine.tokenizer.encode(it.prompt) if it.kind == "chat" else engine.encode(it.prompt)
+        params = it.params if it.params.seed is not None else replace(
+            it.params, seed=request_seed(engine.config.seed, it.custom_id))
+        reqs.append(Request(len(reqs), ids, params))
+    return reqs
+
+
+def run_warm(engine: Engine, requests: list[Request], repeats: int = 2) -> dict:
+    """The requests on a warm engine: the last of ``repeats`` runs (the first compiles and captures)."""
+    for _ in range(repeats):
+        engine.stats = type(engine.stats)()
+        fresh = [Request(r.index, r.prompt_ids, r.params) for r in requests]
+        _sync()
+        start = time.perf_counter()
+        done = list(engine.run(fresh))
+        _sync()
+        seconds = time.perf_counter() - start
+    lengths = [(len(c.prompt_ids), len(c.output_ids)) for c in done]
+    tokens = sum(o for _, o in lengths)
+    return {"requests": len(done), "output_tokens": tokens, "seconds": round(seconds, 3),
+            "out_tok_s": round(tokens / seconds, 1), "steps": engine.stats.steps,
+            "round_trips": engine.stats.round_trips,
+            "roofline": roofline_share(engine.model, engine.stats, lengths, seconds)}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _ratio(a: dict | None, b: dict | None, key: str = "out_tok_s") -> float | None:
+    return round(a[key] / b[key], 3) if a and b and "error" not in a and "error" not in b and b[key] else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny preset, a few short lines; runs on CPU")
+    p.add_argument("--model", default=None, help="preset or HF directory (default llama-1b; tiny with --smoke)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: a small BPE trained here)")
+    p.add_argument("--lines", default=None, help="comma-separated job sizes (default 8000,1000)")
+    p.add_argument("--long-requests", type=int, default=None, help="long-output job: requests (default 64)")
+    p.add_argument("--long-tokens", type=int, default=None, help="long-output job: tokens each (default 32768)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--cli-flags", default="", help="extra flags for the CLI and the warm engine, e.g. --no-compile")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    args.model = args.model or ("tiny" if args.smoke else "llama-1b")
+    sizes = [int(n) for n in (args.lines or ("12,6" if args.smoke else "8000,1000")).split(",")]
+    long_n, long_t = args.long_requests or (2 if args.smoke else 64), args.long_tokens or (48 if args.smoke else 32768)
+    scale = 0.05 if args.smoke else 1.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = batchpilot.load_model(args.model, device=device, dtype=dtype)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok_dir = Path(args.tokenizer) if args.tokenizer else make_tokenizer(tmp / "tok", model.config.vocab_size)
+        flags = args.cli_flags.split()
+        cfg = EngineConfig(max_batch_tokens=args.max_batch_tokens, compile="--no-compile" not in flags,
+                           cuda_graphs="--no-cuda-graphs" not in flags)
+        engine = Engine(model, Tokenizer.from_path(tok_dir), cfg)
+        for n in sizes:
+            job = tmp / f"job_{n}.jsonl"
+            write_job(job, n, seed=n, scale=scale, max_tokens_cap=2048)
+            rows.append({"row": f"cli_{n}", **_guarded(run_cli, args, job, tmp / f"out_{n}.jsonl", tok_dir)})
+            print(json.dumps(rows[-1]), flush=True)
+            reqs = job_requests(engine, job, tok_dir)
+            rows.append({"row": f"warm_{n}", **_guarded(run_warm, engine, reqs)})
+            print(json.dumps(rows[-1]), flush=True)
+        reqs = job_requests(engine, tmp / f"job_{sizes[-1]}.jsonl", tok_dir)
+        fixed = max(8, int(128 * scale * 4))
+        for mode, extra in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_p=0.95))):
+            same = [Request(r.index, r.prompt_ids, replace(r.params, max_tokens=fixed, ignore_eos=True, stop=(),
+                                                           **extra)) for r in reqs]
+            rows.append({"row": f"decode_{mode}", **_guarded(run_warm, engine, same)})
+            print(json.dumps(rows[-1]), flush=True)
+        rng = random.Random(1)
+        long_reqs = [Request(i, [rng.randrange(model.config.vocab_size) for _ in range(64)],
+                             SamplingParams(max_tokens=long_t, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True))
+                     for i in range(long_n)]
+        long_engine = Engine(model, engine.tokenizer, replace(cfg, output_len_prior=long_t))
+        rows.append({"row": "long_output", **_guarded(run_warm, long_engine, long_reqs, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    by = {r["row"]: r for r in rows}
+    long_row = by.get("long_output") or {}
+    summary = {
+        "cli_vs_warm_8000": _ratio(by.get("cli_8000"), by.get("warm_8000")),
+        "cli_vs_warm_1000": _ratio(by.get("cli_1000"), by.get("warm_1000")),
+        "sampled_vs_greedy": _ratio(by.get("decode_sampled"), by.get("decode_greedy")),
+        "long_output_bytes_share": (long_row.get("roofline") or {}).get("decode_share"),
+    }
+    if args.smoke:  # the smoke sizes have their own keys, so a smoke file is never read as the real one
+        summary |= {f"cli_vs_warm_{n}": _ratio(by.get(f"cli_{n}"), by.get(f"warm_{n}")) for n in sizes}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {"benchmark": "generate_job", **provenance(), "model": args.model, "smoke": args.smoke,
+              "summary": summary, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"generate_job_{'smoke_' if args.smoke else ''}{now:%Y%m%d_%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary))
+    print(f"wrote {path}")
+
+
+def _guarded(fn, *args) -> dict:
+    """A failing row is recorded and the other rows still run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- a benchmark reports failures instead of losing the run
+        return {"error": f"{type(e).__name__}: {e}"[:800]}
+
+
+if __name__ == "__main__":
+    main()
