@@ -18,10 +18,7 @@ from batchpilot.model.moe import (
     z_loss,
 )
 
-transformers = pytest.importorskip("transformers")
-
-from batchpilot import load_model, save_model  # noqa: E402
-from batchpilot.model.hf import read_config  # noqa: E402
+from batchpilot.model.hf import load_model, read_config, save_model
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, rms_norm_eps=1e-6)
@@ -38,7 +35,13 @@ HF_CASES = {
 }
 
 
-def hf_model(family: str, overrides: dict):
+@pytest.fixture
+def transformers():
+    """Imported per test, not per module: the spawned gloo ranks below import this module too."""
+    return pytest.importorskip("transformers")
+
+
+def hf_model(transformers, family: str, overrides: dict):
     if family == "mixtral":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**COMMON, **overrides))
     else:
@@ -53,9 +56,9 @@ def hf_model(family: str, overrides: dict):
 
 
 @pytest.mark.parametrize("case", HF_CASES)
-def test_load_hf_moe_matches_logits(case, tmp_path):
+def test_load_hf_moe_matches_logits(case, tmp_path, transformers):
     torch.manual_seed(0)
-    hf = hf_model(*HF_CASES[case])
+    hf = hf_model(transformers, *HF_CASES[case])
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path).eval()
     assert ours.config.architecture == HF_CASES[case][0] and ours.config.num_experts > 0
@@ -67,9 +70,9 @@ def test_load_hf_moe_matches_logits(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", HF_CASES)
-def test_save_moe_then_transformers_loads(case, tmp_path):
+def test_save_moe_then_transformers_loads(case, tmp_path, transformers):
     torch.manual_seed(1)
-    hf = hf_model(*HF_CASES[case])
+    hf = hf_model(transformers, *HF_CASES[case])
     hf.save_pretrained(tmp_path / "src")
     ours = load_model(tmp_path / "src").eval()
     save_model(ours, tmp_path / "out")
@@ -81,7 +84,7 @@ def test_save_moe_then_transformers_loads(case, tmp_path):
     assert read_config(tmp_path / "out") == ours.config
 
 
-def test_preset_round_trips_through_transformers(tmp_path):
+def test_preset_round_trips_through_transformers(tmp_path, transformers):
     ours = build_model(get_preset("tiny-moe"), seed=0).eval()
     save_model(ours, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -338,3 +341,68 @@ def test_dense_counts_unchanged():
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=4)
     assert counting.non_vocab_params(cfg) == counting.activated_non_vocab_params(cfg) == 2 * (4 * 32 * 32 + 3 * 32 * 64)
+
+
+# --- two real gloo ranks -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, port: int, out: str) -> None:
+    """One rank: its half of the batch, global LBL with a real all-reduce, the router gradient averaged."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, ids = moe_batch()
+        record = RoutingRecord()
+        model(ids.chunk(2)[rank], routing=record)
+
+        def all_reduce(counts: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(counts)
+            return counts
+
+        loss = BalanceAccumulator("global", 8, all_reduce=all_reduce).loss(record)
+        (grad,) = torch.autograd.grad(loss, model.layers[0].mlp.gate.weight)
+        both = torch.stack([loss.detach(), torch.zeros(())])
+        dist.all_reduce(both)
+        dist.all_reduce(grad)
+        if rank == 0:
+            torch.save({"loss": both[0] / 2, "grad": grad / 2}, out)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter finalization (gloo worker threads can abort it; pytorch/pytorch#179291)
+
+
+def test_global_lbl_on_two_gloo_ranks_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx, port, out = mp.get_context("spawn"), _free_port(), str(tmp_path / "rank0.pt")
+    procs = [ctx.Process(target=_gloo_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive and [p.exitcode for p in procs] == [0, 0]
+    model, ids = moe_batch()
+    record = RoutingRecord()
+    model(ids, routing=record)
+    single = BalanceAccumulator("micro", 8).loss(record)
+    (g_single,) = torch.autograd.grad(single, model.layers[0].mlp.gate.weight)
+    got = torch.load(out)
+    torch.testing.assert_close(got["loss"], single.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["grad"], g_single, rtol=1e-4, atol=1e-7)
