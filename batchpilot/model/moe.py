@@ -99,15 +99,21 @@ class Experts(nn.Module):
         return x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
     def forward_loop(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """The reference: one expert at a time over the tokens that chose it (host syncs; CPU and tests)."""
+        """The reference: one expert at a time over the tokens that chose it (host syncs; CPU and tests).
+
+        Gathers use ``index_select``: its backward is an index_add, far cheaper on CPU than the accumulating
+        index_put that ``x[token]`` backpropagates through.
+        """
         out = torch.zeros_like(x)
+        flat_w = top_w.reshape(-1)  # (N*K,)
         for e in range(self.num_experts):
             token, slot = torch.where(top_idx == e)
             if token.numel() == 0:
                 continue
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I) each
+            gate, up = F.linear(x.index_select(0, token), self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I)
             y = F.linear(F.silu(gate) * up, self.down_proj[e])  # (n_e, D)
-            out.index_add_(0, token, (y * top_w[token, slot, None]).to(out.dtype))
+            weight = flat_w.index_select(0, token * top_idx.shape[1] + slot)  # (n_e,)
+            out.index_add_(0, token, (y * weight[:, None]).to(out.dtype))
         return out
 
     def forward_grouped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
@@ -121,11 +127,11 @@ class Experts(nn.Module):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end of each expert's rows
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):  # _grouped_mm has no autocast rule: cast here
-            xs = x[token_of_slot].to(dtype)  # (N*K, D)
+            xs = x.index_select(0, token_of_slot).to(dtype)  # (N*K, D)
             gate_up = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets)
             gate, up = gate_up.chunk(2, dim=-1)  # (N*K, I) each
             y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets)
-            y = y * top_w.reshape(-1)[order, None].to(dtype)  # (N*K, D)
+            y = y * top_w.reshape(-1).index_select(0, order)[:, None].to(dtype)  # (N*K, D)
             out = torch.zeros(num_tokens, x.shape[-1], dtype=dtype, device=x.device)
             return out.index_add_(0, token_of_slot, y)
 
