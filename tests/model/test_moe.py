@@ -406,3 +406,18 @@ def test_global_lbl_on_two_gloo_ranks_equals_single_process(tmp_path):
     got = torch.load(out)
     torch.testing.assert_close(got["loss"], single.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["grad"], g_single, rtol=1e-4, atol=1e-7)
+
+
+def test_grouped_model_matches_loop_model_on_cpu():
+    """The whole model with grouped experts (fp32 forward on CPU) equals the per-expert loop model."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    loop = build_model(get_preset("tiny-moe").with_(moe_impl="loop"), seed=0).eval()
+    grouped = build_model(get_preset("tiny-moe").with_(moe_impl="grouped"), seed=0).eval()
+    ids = torch.randint(0, 4096, (2, 16))
+    with torch.no_grad():
+        try:
+            got = grouped(ids)
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"_grouped_mm not available on CPU here: {e}")
+        torch.testing.assert_close(got, loop(ids), rtol=1e-5, atol=1e-5)
