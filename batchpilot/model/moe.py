@@ -186,8 +186,8 @@ class SparseMoE(nn.Module):
 
 
 def capacity_mask(top_idx: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
-    """(N, K) bool: slot kept if it is among the first ceil(cf * N K / E) slots of its expert (GShard order:
-    by token, then by k). Switch Transformer (Fedus et al., arXiv 2101.03961, section 2.2) capacity."""
+    """(N, K) bool: slot kept if it is among the first ceil(cf * N K / E) slots of its expert, in slot order
+    (token, then k). Expert capacity as in Switch Transformer (Fedus et al., arXiv 2101.03961, section 2.2)."""
     num_tokens, top_k = top_idx.shape
     capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
     onehot = F.one_hot(top_idx.reshape(-1), num_experts)  # (N*K, E)
@@ -213,7 +213,7 @@ def balance_loss(counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: int 
     f_i = counts_i / sum_j counts_j: the share of routed token slots going to expert i (= c_i / (K T) for
     top-K routing; no gradient). P_i = prob_sums_i / num_tokens: the mean router probability of expert i.
     Perfectly balanced routing gives 1. (Fedus et al., arXiv 2101.03961, eq. 4-6; Qiu et al., arXiv
-    2501.11873, eq. 1, where f is normalised so that uniform routing gives 1.)
+    2501.11873, its LBL definition, where f is normalised so that uniform routing gives 1.)
     """
     f = counts.detach() / counts.detach().sum(dim=-1, keepdim=True).clamp(min=1)
     p = prob_sums / num_tokens
@@ -230,13 +230,15 @@ def z_loss(routing: list[LayerRouting]) -> torch.Tensor:
 class BalanceAccumulator:
     """The load-balancing loss of each micro-batch at one of three granularities (Qiu et al., arXiv 2501.11873).
 
-    - ``micro``: f and P from the micro-batch on this rank alone (what frameworks do; section 2).
+    - ``micro``: f and P from the micro-batch on this rank alone (what frameworks do).
     - ``sequence``: f and P per sequence, averaged over the sequences (the stricter baseline).
     - ``global``: f from the expert counts summed over all data-parallel ranks (``all_reduce``, a callable that
-      sums a tensor over the ranks: the paper's extra communication step, section 3.1) and over the step's
-      micro-batches so far (the paper's buffer for gradient accumulation, section 3.1: the counts of each
-      micro-batch are added to a buffer and the loss of micro-batch j uses the buffer after adding j, so the
-      last micro-batch sees the whole global batch); P stays local. Call ``step()`` after the optimizer step.
+      sums a tensor over the ranks: the paper's extra communication step that synchronises f_i) and over the
+      step's micro-batches so far (the paper's buffer for micro-batches processed one by one under gradient
+      accumulation). Which micro-batches an early micro-batch's loss sees is our reading, not the paper's
+      words: each micro-batch adds its counts to the buffer and its loss uses the buffer after adding them, so
+      micro-batch j sees micro-batches 1..j and the last one sees the whole global batch. P stays local.
+      Call ``step()`` after the optimizer step.
     The loss is averaged over MoE layers, so its coefficient does not depend on depth. f carries no gradient.
     """
 
