@@ -9,6 +9,13 @@ Conventions:
   arXiv 2503.04715: every released dense run has N = L (4 d^2 + 3 d d_ffn) exactly for MHA).
 - ``training_flops_per_token`` = 6 x matmul parameters + 6 L (H E) T: forward + backward (Kaplan et al. 2020,
   arXiv 2001.08361, section 2.1; PaLM, arXiv 2204.02311, appendix B), with the causal half of attention.
+- MoE: ``non_vocab_params`` counts every expert (TOTAL N); ``activated_non_vocab_params`` counts the K routed
+  experts a token goes through (plus router and shared expert), and FLOPs per token use the activated count.
+  Step Law's MoE convention: its released MoE grid (``data/moe_lr_bs_loss.csv`` of the Step Law release, Li
+  et al., arXiv 2503.04715) lists both the total and the activated non-vocabulary N; recomputing the law's
+  learning rate on its 16 MoE (config, D) groups puts the grid-best LR at 0.41-1.67x the prediction with
+  total N but 0.87-9.5x with activated N (2-10x off for the 1-of-89 / 2-of-88 / 1-of-8 sparse configs). So
+  the planner feeds Step Law the TOTAL non-vocabulary N for MoE; the paper text does not settle it.
 """
 
 from __future__ import annotations
@@ -17,13 +24,34 @@ from batchpilot.model.llama import LlamaConfig
 
 
 def non_vocab_params(config: LlamaConfig) -> int:
-    """Attention (incl. GQA k/v and q/k/v biases) + SwiGLU MLP parameters of all layers (Step Law's N)."""
+    """Attention (incl. GQA k/v and q/k/v biases) + MLP parameters of all layers, every expert counted (Step
+    Law's N, total for MoE)."""
+    return sum(_attention_params(config) + _mlp_params(config, i, activated=False) for i in range(config.num_layers))
+
+
+def activated_non_vocab_params(config: LlamaConfig) -> int:
+    """Non-vocabulary parameters one token goes through: the K routed experts, router and shared expert of
+    each MoE layer (equal to ``non_vocab_params`` for a dense model)."""
+    return sum(_attention_params(config) + _mlp_params(config, i, activated=True) for i in range(config.num_layers))
+
+
+def _attention_params(config: LlamaConfig) -> int:
     d, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     attention = d * q_dim + 2 * d * kv_dim + q_dim * d
     if config.attention_bias:
         attention += q_dim + 2 * kv_dim
-    mlp = 3 * d * config.intermediate_size
-    return config.num_layers * (attention + mlp)
+    return attention
+
+
+def _mlp_params(config: LlamaConfig, layer_idx: int, *, activated: bool) -> int:
+    d = config.hidden_size
+    if not config.is_moe_layer(layer_idx):
+        return 3 * d * config.intermediate_size
+    experts = config.num_experts_per_tok if activated else config.num_experts
+    params = experts * 3 * d * config.moe_intermediate_size + d * config.num_experts  # experts + router
+    if config.shared_expert_intermediate_size:
+        params += 3 * d * config.shared_expert_intermediate_size + (d if config.shared_expert_gate else 0)
+    return params
 
 
 def total_params(config: LlamaConfig) -> int:
@@ -34,12 +62,13 @@ def total_params(config: LlamaConfig) -> int:
 
 
 def matmul_params(config: LlamaConfig) -> int:
-    """Parameters a token goes through in matmuls: N + the LM head (the embedding lookup is not a matmul)."""
-    return non_vocab_params(config) + config.vocab_size * config.hidden_size
+    """Parameters a token goes through in matmuls: activated N + the LM head (the embedding lookup is not a
+    matmul). For MoE this is what the FLOPs (and MFU) count, not the total."""
+    return activated_non_vocab_params(config) + config.vocab_size * config.hidden_size
 
 
 def block_params(config: LlamaConfig) -> float:
-    """Matmul parameters of one transformer block."""
+    """Matmul parameters of one transformer block (mean over blocks; every expert counted for MoE)."""
     return non_vocab_params(config) / config.num_layers
 
 

@@ -22,7 +22,8 @@ from batchpilot.io import make_temp_dir
 from batchpilot.model.counting import total_params
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                           "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe"}
 _HF_CLASS = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
 # HF config.json key -> LlamaConfig field
@@ -35,6 +36,23 @@ _CONFIG_MAP = {
 }
 
 
+# MoE config.json keys -> LlamaConfig fields, per family (Mixtral's intermediate_size is the expert's size).
+_MOE_CONFIG_MAP = {
+    "mixtral": {"num_local_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+                "intermediate_size": "moe_intermediate_size", "router_aux_loss_coef": "router_aux_loss_coef"},
+    "qwen2_moe": {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+                  "moe_intermediate_size": "moe_intermediate_size",
+                  "shared_expert_intermediate_size": "shared_expert_intermediate_size",
+                  "norm_topk_prob": "norm_topk_prob", "decoder_sparse_step": "decoder_sparse_step",
+                  "mlp_only_layers": "mlp_only_layers", "router_aux_loss_coef": "router_aux_loss_coef"},
+}
+# Per-expert tensor names on disk, as transformers' save_pretrained writes them (transformers 5 fuses them in
+# memory into experts.gate_up_proj (E, 2I, D) and experts.down_proj (E, D, I), our layout; we read both).
+# family -> (MoE module name, gate, up, down)
+_EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+                 "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
+
 def hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
@@ -45,7 +63,7 @@ def our_name(name: str) -> str:
 
 def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
-    arch = SUPPORTED_ARCHITECTURES.get(archs[0]) or {"llama": "llama", "qwen2": "qwen2"}.get(archs[0])
+    arch = SUPPORTED_ARCHITECTURES.get(archs[0]) or {a: a for a in SUPPORTED_ARCHITECTURES.values()}.get(archs[0])
     if arch is None:
         raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     kwargs: dict[str, Any] = {ours: hf[key] for key, ours in _CONFIG_MAP.items() if hf.get(key) is not None}
@@ -59,7 +77,79 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
         kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
     # Qwen2 always has q/k/v bias; Llama has it only when attention_bias is set.
     kwargs["attention_bias"] = arch == "qwen2" or bool(hf.get("attention_bias", False))
+    if arch in _MOE_CONFIG_MAP:
+        kwargs.update(_moe_config_from_hf(hf, arch))
     return LlamaConfig(architecture=arch, **kwargs)
+
+
+def _moe_config_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    if hf.get("sliding_window") and (arch == "mixtral" or hf.get("use_sliding_window")):
+        raise ValueError(f"{arch}: sliding-window attention is not supported (sliding_window={hf['sliding_window']})")
+    kwargs = {ours: hf[key] for key, ours in _MOE_CONFIG_MAP[arch].items() if hf.get(key) is not None}
+    if arch == "mixtral":  # Mixtral: every layer sparse, top-k weights renormalised, no shared expert, no bias
+        kwargs.update(norm_topk_prob=True, attention_bias=False)
+    else:  # Qwen2-MoE: q/k/v bias unless qkv_bias is false; a sigmoid-gated shared expert
+        kwargs.update(attention_bias=bool(hf.get("qkv_bias", True)), shared_expert_gate=True)
+    return kwargs
+
+
+def _moe_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """The MoE keys of config.json; refuses shapes the HF class cannot express."""
+    if config.architecture not in _MOE_CONFIG_MAP:
+        return {}
+    if config.architecture == "mixtral" and (config.shared_expert_intermediate_size or not config.norm_topk_prob
+                                             or config.num_moe_layers != config.num_layers or config.attention_bias):
+        raise ValueError("mixtral export needs every layer sparse, norm_topk_prob, no shared expert, no bias")
+    if config.architecture == "qwen2_moe" and not (config.shared_expert_intermediate_size
+                                                   and config.shared_expert_gate):
+        raise ValueError("qwen2_moe export needs a shared expert with its sigmoid gate")
+    hf: dict[str, Any] = {key: getattr(config, ours) for key, ours in _MOE_CONFIG_MAP[config.architecture].items()}
+    if config.architecture == "mixtral":
+        hf["sliding_window"] = None
+    else:
+        hf.update(intermediate_size=config.intermediate_size, mlp_only_layers=list(config.mlp_only_layers),
+                  qkv_bias=config.attention_bias, use_sliding_window=False)
+    return hf
+
+
+def fuse_experts(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint tensors (our-named, ``model.`` stripped) -> our 3-D expert tensors, in place."""
+    if config.architecture not in _EXPERT_NAMES:
+        return state
+    module, gate, up, down = _EXPERT_NAMES[config.architecture]
+    for i in (i for i in range(config.num_layers) if config.is_moe_layer(i)):
+        src, dst = f"layers.{i}.{module}", f"layers.{i}.mlp"
+        if f"{src}.gate.weight" in state:
+            state[f"{dst}.gate.weight"] = state.pop(f"{src}.gate.weight")
+        if f"{dst}.experts.gate_up_proj" in state:  # already fused (a transformers-5 in-memory layout)
+            continue
+        experts = range(config.num_experts)
+        try:
+            gate_up = [torch.cat([state.pop(f"{src}.experts.{e}.{gate}.weight"),
+                                  state.pop(f"{src}.experts.{e}.{up}.weight")]) for e in experts]  # (2I, D) each
+            downs = [state.pop(f"{src}.experts.{e}.{down}.weight") for e in experts]  # (D, I) each
+        except KeyError as e:
+            raise ValueError(f"layer {i}: expert weight {e.args[0]} missing from the checkpoint") from None
+        state[f"{dst}.experts.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, D)
+        state[f"{dst}.experts.down_proj"] = torch.stack(downs)  # (E, D, I)
+    return state
+
+
+def split_experts(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The inverse of ``fuse_experts``: our 3-D expert tensors -> the per-expert names save_pretrained writes."""
+    if config.architecture not in _EXPERT_NAMES:
+        return state
+    module, gate, up, down = _EXPERT_NAMES[config.architecture]
+    for i in (i for i in range(config.num_layers) if config.is_moe_layer(i)):
+        src, dst = f"layers.{i}.mlp", f"layers.{i}.{module}"
+        state[f"{dst}.gate.weight"] = state.pop(f"{src}.gate.weight")
+        gate_up, downs = state.pop(f"{src}.experts.gate_up_proj"), state.pop(f"{src}.experts.down_proj")
+        for e in range(config.num_experts):
+            g, u = gate_up[e].chunk(2, dim=0)  # (I, D) each
+            state[f"{dst}.experts.{e}.{gate}.weight"] = g.contiguous()
+            state[f"{dst}.experts.{e}.{up}.weight"] = u.contiguous()
+            state[f"{dst}.experts.{e}.{down}.weight"] = downs[e].contiguous()
+    return state
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
@@ -67,6 +157,7 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
                           "hidden_act": "silu", "torch_dtype": "float32", "use_cache": True}
     for key, ours in _CONFIG_MAP.items():
         hf[key] = getattr(config, ours)
+    hf.update(_moe_config_to_hf(config))
     if config.architecture == "llama":
         hf["attention_bias"] = config.attention_bias
         hf["mlp_bias"] = False
@@ -186,7 +277,7 @@ def _confined(root: Path, name: str) -> Path:
 
 def load_model(path_or_preset: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, seed: int = 0) -> Llama:
-    """A model from an HF directory (Llama/Qwen2, safetensors), a batchpilot checkpoint dir, or a preset name.
+    """A model from an HF directory (Llama/Qwen2/Mixtral/Qwen2-MoE, safetensors), a batchpilot checkpoint dir, or a preset name.
 
     A preset gives random weights (seeded).
     """
@@ -202,7 +293,7 @@ def load_model(path_or_preset: str | os.PathLike, *, device: str | torch.device 
     stored, expected = sum(_shard_numel(f) for f in files), total_params(config)
     if stored < expected:
         raise ValueError(f"{path}: the config describes {expected:,} parameters but the weight files hold {stored:,}")
-    state = load_state_dict(path)
+    state = fuse_experts(load_state_dict(path), config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model = build_model(config, device="cpu")
@@ -228,7 +319,8 @@ def save_model(model: Llama, path: str | os.PathLike, *, dtype: torch.dtype | No
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {hf_name(k): v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    ours = split_experts(dict(model.state_dict()), model.config)
+    state = {hf_name(k): v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in ours.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     hf_config = config_to_hf(model.config)

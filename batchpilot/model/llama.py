@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Qwen2) for a single device, read top to bottom.
+"""A Llama-family decoder (Llama 2/3, Qwen2; Mixtral and Qwen2-MoE sparse MLPs) for one device, read top to bottom.
 
 Parameter names are Hugging Face's (minus the ``model.`` prefix) so that ``hf.py`` is a near
 identity map. RoPE uses HF's rotate-half convention, so no q/k permutation is needed on load.
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchpilot.model.loss import chunked_cross_entropy
+from batchpilot.model.moe import EXPERT_IMPLS, RoutingRecord, SparseMoE
+
+ARCHITECTURES = ("llama", "qwen2", "mixtral", "qwen2_moe")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,19 +38,53 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
     max_position_embeddings: int = 2048
-    architecture: str = "llama"  # "llama" or "qwen2": decides the HF class on export
+    architecture: str = "llama"  # one of ARCHITECTURES: decides the HF class on export
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # HF config keys we carry but do not use
+    # Mixture-of-Experts (num_experts == 0: dense). Names and layer pattern as in HF's Qwen2-MoE config:
+    # layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0  # 0 means intermediate_size
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = True  # sigmoid gate on the shared expert (Qwen2-MoE); False: DeepSeekMoE-style
+    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1 (Mixtral always does)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001  # the load-balancing loss coefficient the trainer applies
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss coefficient (arXiv 2202.08906); 0: off
+    moe_capacity_factor: float = 0.0  # 0: dropless; > 0: slots beyond ceil(cf N K / E) per expert are dropped
+    moe_impl: str = "auto"  # experts as a per-expert loop, grouped GEMMs, or auto (grouped for bf16 on CUDA)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.architecture not in ("llama", "qwen2"):
-            raise ValueError(f"unknown architecture {self.architecture!r}; supported: llama, qwen2")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+        if self.moe_intermediate_size == 0:
+            self.moe_intermediate_size = self.intermediate_size
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                             f"({self.num_experts})")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        if self.moe_impl not in EXPERT_IMPLS:
+            raise ValueError(f"moe_impl must be one of {', '.join(EXPERT_IMPLS)}, got {self.moe_impl!r}")
+        if self.moe_capacity_factor < 0:
+            raise ValueError(f"moe_capacity_factor must be >= 0, got {self.moe_capacity_factor}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     def with_(self, **changes: Any) -> LlamaConfig:
         return replace(self, **changes)
@@ -77,6 +114,18 @@ PRESETS: dict[str, LlamaConfig] = {
                               num_heads=14, num_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
                               tie_word_embeddings=True, attention_bias=True, architecture="qwen2",
                               max_position_embeddings=32768),
+    # CPU MoE for tests and the balance experiment: 8 experts, top-2, a gated shared expert, layer 0 dense.
+    "tiny-moe": LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                            num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=1024,
+                            architecture="qwen2_moe", attention_bias=True, num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=96, shared_expert_intermediate_size=96, mlp_only_layers=(0,)),
+    # GPU MoE: 1.06B total non-vocabulary parameters, 0.26B activated (16 layers, d 1024, 32 experts of
+    # I 576, top-4, a gated shared expert of 2048); Llama-3 vocabulary. Counts: counting.py.
+    "moe-1b": LlamaConfig(vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_layers=16,
+                          num_heads=16, num_kv_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
+                          max_position_embeddings=8192, architecture="qwen2_moe", attention_bias=True,
+                          num_experts=32, num_experts_per_tok=4, moe_intermediate_size=576,
+                          shared_expert_intermediate_size=2048),
 }
 
 
@@ -113,24 +162,27 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, attn_meta: AttnMeta | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, attn_meta: AttnMeta | None = None,
+                routing: RoutingRecord | None = None) -> torch.Tensor:
         """Logits (B, T, V), or, when ``targets`` is given, the mean cross-entropy over targets != -100.
 
-        The loss path never materialises the full fp32 logits (``chunked_cross_entropy``).
+        The loss path never materialises the full fp32 logits (``chunked_cross_entropy``). MoE layers write
+        their routing statistics into ``routing`` when one is given (the load-balancing loss is formed from
+        it by ``moe.BalanceAccumulator``; the returned loss is the LM loss only).
         """
-        hidden = self.hidden_states(input_ids, position_ids=position_ids, attn_meta=attn_meta)
+        hidden = self.hidden_states(input_ids, position_ids=position_ids, attn_meta=attn_meta, routing=routing)
         if targets is None:
             return self.lm_head(hidden)
         return chunked_cross_entropy(hidden, self.lm_head.weight, targets)
 
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                      attn_meta: AttnMeta | None = None) -> torch.Tensor:
+                      attn_meta: AttnMeta | None = None, routing: RoutingRecord | None = None) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_meta)
+            x = layer(x, cos, sin, attn_meta, routing)
         return self.norm(x)
 
     @torch.no_grad()
@@ -140,7 +192,7 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.config.num_layers))
             else:
                 nn.init.normal_(p, std=std)
@@ -153,12 +205,23 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = sparse_moe(config, layer_idx) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_meta: AttnMeta | None) -> torch.Tensor:
+                attn_meta: AttnMeta | None, routing: RoutingRecord | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_meta)
+        if isinstance(self.mlp, SparseMoE):
+            return x + self.mlp(self.post_attention_layernorm(x), routing)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def sparse_moe(config: LlamaConfig, layer_idx: int) -> SparseMoE:
+    return SparseMoE(hidden_size=config.hidden_size, num_experts=config.num_experts,
+                     top_k=config.num_experts_per_tok, expert_intermediate_size=config.moe_intermediate_size,
+                     norm_topk_prob=config.norm_topk_prob,
+                     shared_intermediate_size=config.shared_expert_intermediate_size,
+                     shared_expert_gate=config.shared_expert_gate, capacity_factor=config.moe_capacity_factor,
+                     impl=config.moe_impl, layer_idx=layer_idx)
 
 
 class Attention(nn.Module):

@@ -97,3 +97,25 @@ def test_cuda_compiled_path_matches_reference_under_autocast():
     torch.testing.assert_close(loss, ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(gh, rh, rtol=3e-2, atol=2e-5)
     torch.testing.assert_close(gw, rw, rtol=3e-2, atol=2e-5)
+
+
+def test_moe_forward_with_routing_record_returns_the_same_lm_loss():
+    """Passing a RoutingRecord only reports routing: the LM loss and its gradients are unchanged; the
+    balance loss reaches the routers and, through the routing weights, nothing else."""
+    from batchpilot.model.llama import build_model, get_preset
+    from batchpilot.model.moe import BalanceAccumulator, RoutingRecord
+
+    model = build_model(get_preset("tiny-moe").with_(num_layers=2), seed=0)
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    plain = model(ids[:, :-1], targets=ids[:, 1:])
+    record = RoutingRecord()
+    with_record = model(ids[:, :-1], targets=ids[:, 1:], routing=record)
+    assert torch.equal(plain, with_record) and sorted(record.by_layer) == [1]
+    lbl = BalanceAccumulator("micro", 8).loss(record)
+    grads = torch.autograd.grad(lbl, list(model.parameters()), allow_unused=True)
+    touched = {n for (n, _), g in zip(model.named_parameters(), grads) if g is not None and g.abs().max() > 0}
+    assert "layers.1.mlp.gate.weight" in touched
+    # everything after the router gets no gradient from it: experts, shared expert, final norm, head
+    after_router = [n for n in touched if n == "norm.weight" or n.startswith("lm_head")
+                    or (n.startswith("layers.1.mlp.") and n != "layers.1.mlp.gate.weight")]
+    assert not after_router

@@ -1,0 +1,287 @@
+"""Sparse Mixture-of-Experts for the Llama family, and the load-balancing loss at three granularities.
+
+Read top to bottom: ``Router`` (softmax over experts, top-k, optional renormalisation of the top-k weights),
+``Experts`` (SwiGLU experts stored as two 3-D tensors, the layout transformers 5 keeps in memory), ``SparseMoE``
+(router + routed experts + optional shared expert), then the routing statistics a forward pass reports and the
+losses formed from them (``balance_loss``, ``z_loss``, ``BalanceAccumulator``).
+
+Two expert paths compute the same function. ``loop`` walks the experts one by one (the CPU path and the
+reference the tests compare with). ``grouped`` sorts the token slots by expert and runs two grouped matrix
+products (``torch._grouped_mm``, cuBLAS grouped GEMM on Hopper for bf16); the permutation uses argsort and a
+scatter-add histogram, so no host synchronisation is needed (no ``nonzero``, no ``.item()``).
+
+Routing statistics leave the model through an object the caller passes in (``RoutingRecord``), keyed by layer
+index, so activation checkpointing's recomputation overwrites an entry instead of appending a second one and
+there is no module-level state. model/ stays free of torch.distributed: the data-parallel all-reduce of the
+expert counts is a callable handed to ``BalanceAccumulator``.
+
+Shape legend: N tokens (B*T flattened), D hidden, E experts, K experts per token, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_IMPLS = ("auto", "loop", "grouped")
+GRANULARITIES = ("micro", "global", "sequence")
+
+
+@dataclass(kw_only=True, slots=True)
+class LayerRouting:
+    """What one MoE layer's router decided in one forward pass, per sequence.
+
+    ``counts`` (B, E): routed token slots per expert (no gradient; K slots per token, dropped slots included:
+    they are the router's choice). ``prob_sums`` (B, E): router probabilities summed over the sequence's tokens
+    (differentiable: the balance loss's gradient flows through them). ``z_sum``: sum over tokens of
+    logsumexp(router logits)^2 (differentiable). ``dropped``: slots over capacity (0 without a capacity factor).
+    """
+
+    counts: torch.Tensor
+    prob_sums: torch.Tensor
+    tokens_per_seq: int
+    z_sum: torch.Tensor
+    dropped: torch.Tensor
+
+
+@dataclass(kw_only=True, slots=True)
+class RoutingRecord:
+    """Passed into ``Llama.forward(..., routing=record)``; each MoE layer writes its ``LayerRouting`` here."""
+
+    by_layer: dict[int, LayerRouting] = field(default_factory=dict)
+
+    def layers(self) -> list[LayerRouting]:
+        return [self.by_layer[i] for i in sorted(self.by_layer)]
+
+
+class Router(nn.Module):
+    """Softmax top-k router; probabilities in fp32 as in Mixtral / Qwen2-MoE (transformers)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> logits (N, E), top-k weights (N, K) in x's dtype, top-k expert ids (N, K)."""
+        logits = F.linear(x, self.weight)  # (N, E)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
+        if self.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return logits, top_w.to(x.dtype), top_idx
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts: ``gate_up_proj`` (E, 2I, D) holds gate then up rows, ``down_proj`` (E, D, I)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, impl: str) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.num_experts, self.impl = num_experts, impl
+
+    def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """x (N, D), expert ids (N, K), weights (N, K) -> sum_k w_k expert_k(x), (N, D)."""
+        if self.use_grouped(x):
+            return self.forward_grouped(x, top_idx, top_w)
+        return self.forward_loop(x, top_idx, top_w)
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl != "auto":
+            return self.impl == "grouped"
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        return x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+    def forward_loop(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """The reference: one expert at a time over the tokens that chose it (host syncs; CPU and tests).
+
+        Gathers use ``index_select``: its backward is an index_add, far cheaper on CPU than the accumulating
+        index_put that ``x[token]`` backpropagates through.
+        """
+        out = torch.zeros_like(x)
+        flat_w = top_w.reshape(-1)  # (N*K,)
+        for e in range(self.num_experts):
+            token, slot = torch.where(top_idx == e)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x.index_select(0, token), self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # (n_e, D)
+            weight = flat_w.index_select(0, token * top_idx.shape[1] + slot)  # (n_e,)
+            out.index_add_(0, token, (y * weight[:, None]).to(out.dtype))
+        return out
+
+    def forward_grouped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """Sort the N*K slots by expert, two grouped GEMMs, weight, scatter back. No host sync."""
+        num_tokens, top_k = top_idx.shape
+        flat_expert = top_idx.reshape(-1)  # (N*K,)
+        order = torch.argsort(flat_expert, stable=True)  # slots grouped by expert
+        token_of_slot = order // top_k  # (N*K,)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_expert.to(torch.int32), torch.ones_like(flat_expert, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end of each expert's rows
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # _grouped_mm has no autocast rule: cast here
+            xs = x.index_select(0, token_of_slot).to(dtype)  # (N*K, D)
+            gate_up = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets)
+            gate, up = gate_up.chunk(2, dim=-1)  # (N*K, I) each
+            y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets)
+            y = y * top_w.reshape(-1).index_select(0, order)[:, None].to(dtype)  # (N*K, D)
+            out = torch.zeros(num_tokens, x.shape[-1], dtype=dtype, device=x.device)
+            return out.index_add_(0, token_of_slot, y)
+
+
+class SharedExpert(nn.Module):
+    """A dense SwiGLU every token goes through; with a sigmoid gate (Qwen2-MoE) or without (DeepSeekMoE)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Router + routed experts (+ shared expert): the MLP of an MoE layer. Names follow Qwen2-MoE's."""
+
+    def __init__(self, *, hidden_size: int, num_experts: int, top_k: int, expert_intermediate_size: int,
+                 norm_topk_prob: bool, shared_intermediate_size: int, shared_expert_gate: bool,
+                 capacity_factor: float, impl: str, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx, self.num_experts, self.top_k = layer_idx, num_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.gate = Router(hidden_size, num_experts, top_k, norm_topk_prob)
+        self.experts = Experts(hidden_size, expert_intermediate_size, num_experts, impl)
+        self.shared_expert = SharedExpert(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False)
+                                   if shared_intermediate_size and shared_expert_gate else None)
+
+    def forward(self, x: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)  # (N, D)
+        logits, top_w, top_idx = self.gate(flat)
+        dropped = torch.zeros((), device=x.device)
+        if self.capacity_factor > 0:
+            keep = capacity_mask(top_idx, self.num_experts, self.capacity_factor)
+            dropped = (~keep).sum().float()
+            top_w = top_w * keep.to(top_w.dtype)  # dropped slots pass through the residual only
+        out = self.experts(flat, top_idx, top_w)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        if routing is not None:
+            routing.by_layer[self.layer_idx] = layer_routing(logits.view(B, T, -1), top_idx.view(B, T, -1),
+                                                             dropped)
+        return out.view(B, T, D).to(x.dtype)
+
+
+def capacity_mask(top_idx: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """(N, K) bool: slot kept if it is among the first ceil(cf * N K / E) slots of its expert, in slot order
+    (token, then k). Expert capacity as in Switch Transformer (Fedus et al., arXiv 2101.03961, section 2.2)."""
+    num_tokens, top_k = top_idx.shape
+    capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    onehot = F.one_hot(top_idx.reshape(-1), num_experts)  # (N*K, E)
+    position = (torch.cumsum(onehot, dim=0) * onehot).sum(-1) - 1  # rank of the slot within its expert
+    return (position < capacity).view(num_tokens, top_k)
+
+
+def layer_routing(logits: torch.Tensor, top_idx: torch.Tensor, dropped: torch.Tensor) -> LayerRouting:
+    """Per-sequence counts and probability sums from logits (B, T, E) and expert ids (B, T, K)."""
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        counts = F.one_hot(top_idx, num_experts).sum(dim=(1, 2)).float()  # (B, E)
+    z = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
+    return LayerRouting(counts=counts, prob_sums=probs.sum(dim=1), tokens_per_seq=logits.shape[1],
+                        z_sum=z.pow(2).sum(), dropped=dropped)
+
+
+def balance_loss(counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: int | torch.Tensor,
+                 num_experts: int) -> torch.Tensor:
+    """Switch/GShard load-balancing loss E * sum_i f_i P_i, averaged over any leading dimensions.
+
+    f_i = counts_i / sum_j counts_j: the share of routed token slots going to expert i (= c_i / (K T) for
+    top-K routing; no gradient). P_i = prob_sums_i / num_tokens: the mean router probability of expert i.
+    Perfectly balanced routing gives 1. (Fedus et al., arXiv 2101.03961, eq. 4-6; Qiu et al., arXiv
+    2501.11873, its LBL definition, where f is normalised so that uniform routing gives 1.)
+    """
+    f = counts.detach() / counts.detach().sum(dim=-1, keepdim=True).clamp(min=1)
+    p = prob_sums / num_tokens
+    return (num_experts * (f * p).sum(dim=-1)).mean()
+
+
+def z_loss(routing: list[LayerRouting]) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al., arXiv 2202.08906, eq. 5): mean over tokens of logsumexp(x)^2,
+    averaged over MoE layers."""
+    per_layer = [r.z_sum / (r.counts.shape[0] * r.tokens_per_seq) for r in routing]
+    return torch.stack(per_layer).mean()
+
+
+class BalanceAccumulator:
+    """The load-balancing loss of each micro-batch at one of three granularities (Qiu et al., arXiv 2501.11873).
+
+    - ``micro``: f and P from the micro-batch on this rank alone (what frameworks do).
+    - ``sequence``: f and P per sequence, averaged over the sequences (the stricter baseline).
+    - ``global``: f from the expert counts summed over all data-parallel ranks (``all_reduce``, a callable that
+      sums a tensor over the ranks: the paper's extra communication step that synchronises f_i) and over the
+      step's micro-batches so far (the paper's buffer for micro-batches processed one by one under gradient
+      accumulation). Which micro-batches an early micro-batch's loss sees is our reading, not the paper's
+      words: each micro-batch adds its counts to the buffer and its loss uses the buffer after adding them, so
+      micro-batch j sees micro-batches 1..j and the last one sees the whole global batch. P stays local.
+      Call ``step()`` after the optimizer step.
+    The loss is averaged over MoE layers, so its coefficient does not depend on depth. f carries no gradient.
+    """
+
+    def __init__(self, granularity: str, num_experts: int, *,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"--moe.balance must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        self.granularity, self.num_experts = granularity, num_experts
+        self.all_reduce = all_reduce
+        self.buffer: dict[int, torch.Tensor] = {}  # layer -> (E,) counts of this step so far, all ranks
+
+    def loss(self, record: RoutingRecord) -> torch.Tensor:
+        losses = [self.layer_loss(layer, r) for layer, r in sorted(record.by_layer.items())]
+        return torch.stack(losses).mean()
+
+    def layer_loss(self, layer: int, r: LayerRouting) -> torch.Tensor:
+        num_tokens = r.counts.shape[0] * r.tokens_per_seq
+        if self.granularity == "sequence":
+            return balance_loss(r.counts, r.prob_sums, r.tokens_per_seq, self.num_experts)
+        if self.granularity == "micro":
+            return balance_loss(r.counts.sum(0), r.prob_sums.sum(0), num_tokens, self.num_experts)
+        counts = r.counts.sum(0)  # (E,)
+        if self.all_reduce is not None:
+            counts = self.all_reduce(counts.clone())
+        self.buffer[layer] = self.buffer[layer] + counts if layer in self.buffer else counts
+        return balance_loss(self.buffer[layer], r.prob_sums.sum(0), num_tokens, self.num_experts)
+
+    def step(self) -> None:
+        """Forget the counts of the finished optimizer step."""
+        self.buffer.clear()
+
+
+def routing_metrics(record: RoutingRecord, num_experts: int) -> dict[str, float]:
+    """What the trainer logs per micro-batch: LBL at each granularity (local), expert load, dropped slots.
+
+    ``max_load``/``min_load`` are the busiest/idlest expert's share of slots times E (1 = balanced), the
+    worst over layers.
+    """
+    layers = record.layers()
+    with torch.no_grad():
+        out = {f"lbl_{g}": BalanceAccumulator(g, num_experts).loss(record).item() for g in ("micro", "sequence")}
+        loads = torch.stack([r.counts.sum(0) / r.counts.sum() * num_experts for r in layers])  # (L, E)
+        out["max_load"] = loads.max().item()
+        out["min_load"] = loads.min().item()
+        out["dropped_slots"] = float(sum(r.dropped.item() for r in layers))
+    return out
