@@ -137,14 +137,16 @@ class _StreamBlock(torch.autograd.Function):
                 block: StreamingBlock, *params: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.attn_meta, ctx.block = attn_meta, block
-        ctx.save_for_backward(x, cos, sin, *params)
+        # Parameters are held as references, not saved tensors: FSDP2 frees and refills their storage between
+        # forward and backward (an all-gather), which a saved tensor's version check would reject.
+        ctx.attn_meta, ctx.block, ctx.params = attn_meta, block, params
+        ctx.save_for_backward(x, cos, sin)
         return _forward_chunked(block, x, cos, sin, attn_meta)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, cos, sin, *params = ctx.saved_tensors
-        block, attn_meta = ctx.block, ctx.attn_meta
+        x, cos, sin = ctx.saved_tensors
+        block, attn_meta, params = ctx.block, ctx.attn_meta, ctx.params
         enabled, dtype = ctx.autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             grad_x, param_grads = _backward(block, x, cos, sin, attn_meta, grad_out, params)
@@ -153,7 +155,7 @@ class _StreamBlock(torch.autograd.Function):
 
 def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               attn_meta: DocumentMask | None, grad_out: torch.Tensor,
-              params: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+              params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     with torch.no_grad():
         k_all, v_all = _all_keys_values(block, x, cos, sin, block.chunk_tokens)  # (B, K, T, E), kept
     grad_k = torch.zeros(k_all.shape, dtype=torch.float32, device=x.device)  # accumulated over later chunks
