@@ -114,7 +114,9 @@ def predict_stream_peak_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens
     """Predicted ``max_memory_allocated`` of a streamed step (one GPU, fp32 params + autocast, micro-batch 1).
 
     The moments of ``plan/memory.py``'s ``estimate_peak_bytes`` with checkpointing, the first block's
-    recomputation replaced by the streamed block's working set (``stream_backward_working_bytes``).
+    recomputation replaced by the streamed block's working set (``stream_backward_working_bytes``, which
+    includes its own cached weight casts: autocast's forward copies of all blocks live only until the
+    forward's autocast region ends, so they count at the loss, not in backward).
     """
     d, v, tokens, layers = config.hidden_size, config.vocab_size, seq_len, config.num_layers
     state = estimate_model_state_bytes(total_params(config), optimizer="adamw")
@@ -123,7 +125,7 @@ def predict_stream_peak_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=False)
     working = stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens)
     moments = {"loss forward": saved + copies + loss.forward_peak,
-               "first block backward": saved + working + copies + loss.saved + 4 * d * tokens,
+               "first block backward": saved + working + loss.saved + 4 * d * tokens,
                "backward end": 4 * v * d + state.grads}
     return state.params + state.optimizer + max(moments.values())
 

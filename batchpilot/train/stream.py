@@ -202,7 +202,9 @@ def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_to
       grad_x (residual dtype)                                                 p D N
       the chunk's graph: what a plain block saves per token, for C tokens    (plain block) C
       parameter gradients: the accumulated sum and one chunk's               2 x 4 x block params
-    (The incoming grad_out and the saved input are counted by the caller, as for checkpointing.)
+      autocast's bf16 weight copies (cached across the chunks; autocast only) 2 x block params
+    (The incoming grad_out and the saved input are counted by the caller, as for checkpointing. The forward's
+    weight copies are gone by then: a streamed block saves none of them.)
     """
     tokens = micro_batch_size * seq_len
     chunk = micro_batch_size * min(chunk_tokens, seq_len)
@@ -211,7 +213,8 @@ def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_to
     grad_x = param_bytes * config.hidden_size * tokens
     graph = activation_bytes_per_token(config, param_bytes=param_bytes) * chunk
     grads = 2 * 4 * block_params(config)
-    return kv_bytes + grad_x + graph + grads
+    weight_copies = 2 * block_params(config) if param_bytes == 4 else 0
+    return kv_bytes + grad_x + graph + grads + weight_copies
 
 
 def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
