@@ -22,7 +22,8 @@ Summary keys: ``max_seq_ratio_vs_liger`` (stream's longest / hf_liger's), ``stre
 tokens/s / checkpointing's at the longest length both fit), ``stream_memory_prediction_error``
 (predicted / measured - 1, at the largest length timed for streaming).
 
-Usage (one H200):  BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/long_context.py
+Usage (one H200):  BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/long_context.py [--bf16-params]
+                   (``--bf16-params``: bf16 block inputs, half of autocast's fp32 ones; what HF's bf16 model keeps)
 CPU smoke test:    python benchmarks/long_context.py --smoke
 """
 
@@ -55,7 +56,8 @@ SYSTEMS = ("batchpilot_ckpt", "batchpilot_stream", "hf_liger")
 
 # ------------------------------------------------------------------------------------------- runners
 class OursRunner:
-    def __init__(self, config: LlamaConfig, device: torch.device, *, stream_chunk: int | None) -> None:
+    def __init__(self, config: LlamaConfig, device: torch.device, *, stream_chunk: int | None,
+                 bf16_params: bool) -> None:
         from torch.distributed._composable import checkpoint
 
         self.model = build_model(config, device=device, seed=0)
@@ -64,15 +66,34 @@ class OursRunner:
                 checkpoint(block)
         else:
             apply_streaming(self.model, stream_chunk)
+        if bf16_params:
+            one_device_fsdp_bf16(self.model, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        self.device = device
+        self.device, self.autocast = device, device.type == "cuda" and not bf16_params
 
     def step(self, ids: torch.Tensor, targets: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(ids, targets=targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def one_device_fsdp_bf16(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 on a one-rank mesh with bf16 compute over fp32 masters (the trainer's ``fsdp_one_device``):
+    the residual stream and the saved block inputs are bf16, half the bytes of autocast's fp32 ones."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None)
+    mesh = init_device_mesh(device.type, (1,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 class HFRunner:
@@ -103,9 +124,9 @@ class HFRunner:
 
 def build_runner(system: str, config: LlamaConfig, device: torch.device, args):
     if system == "batchpilot_ckpt":
-        return OursRunner(config, device, stream_chunk=None)
+        return OursRunner(config, device, stream_chunk=None, bf16_params=args.bf16_params)
     if system == "batchpilot_stream":
-        return OursRunner(config, device, stream_chunk=args.stream_chunk)
+        return OursRunner(config, device, stream_chunk=args.stream_chunk, bf16_params=args.bf16_params)
     return HFRunner(config, device, liger=system == "hf_liger")
 
 
@@ -164,7 +185,7 @@ def run_probe(spec: dict, args) -> dict:
             row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     except torch.OutOfMemoryError:
         row.update(fits=False)
-    if system == "batchpilot_stream":
+    if system == "batchpilot_stream" and not args.bf16_params:  # the prediction models the autocast path
         row["predicted_peak_allocated_bytes"] = predict_stream_peak_bytes(config, seq_len=seq,
                                                                           chunk_tokens=args.stream_chunk)
     return row
@@ -247,6 +268,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--child-timeout", type=float, default=900.0)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--bf16-params", action="store_true",
+                   help="batchpilot systems: bf16 compute over fp32 masters via one-device FSDP2 (no autocast)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, short sequences")
     p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -274,11 +297,14 @@ def main(argv: list[str]) -> None:
             if longest_seq.get(system) and seq <= longest_seq[system]:
                 timed.append(probe(system, seq, True, passthrough, args.child_timeout))
     result = {"benchmark": "long_context", **provenance(), "preset": args.preset, "micro_batch_size": 1,
+              "batchpilot_precision": "bf16 params (FSDP2, fp32 masters)" if args.bf16_params else
+              "fp32 params + bf16 autocast",
               "stream_chunk": args.stream_chunk, "predicted_cuda_context_bytes": CUDA_CONTEXT_BYTES,
               "skipped": skipped, "search": search, "timed": timed, "summary": summarize(longest_seq, timed)}
     out = Path(args.out_dir) if args.out_dir else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if args.smoke else ""
+    suffix += "_bf16" if args.bf16_params else ""
     path = out / f"long_context{suffix}_{dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))
