@@ -1,5 +1,8 @@
 """Attention for packed training rows: causal within each document, nothing across documents.
 
+``attend_rows`` is the chunk-aware variant used by streaming backprop (``train/stream.py``): the
+queries of rows [q_start, q_start + C) against all T keys of the sequence, with the same mask.
+
 A packed row holds several documents back to back; ``document_ids`` (B, T) numbers them. On CPU
 (and whenever FlexAttention is unavailable) this builds a boolean (B, 1, T, T) mask for SDPA,
 which costs T^2 memory per row: fine for tests and the CPU demo. On CUDA it uses FlexAttention
@@ -49,6 +52,47 @@ class DocumentMask:
             same_doc = self.document_ids[:, :, None] == self.document_ids[:, None, :]  # (B, T, T)
             self._cache["dense"] = (same_doc & causal)[:, None]  # (B, 1, T, T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._cache["dense"], enable_gqa=gqa)
+
+    def attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int,
+                    q_start: int) -> torch.Tensor:
+        """Queries of rows [q_start, q_start + C) (B, H, C, E) against all keys (B, K, T, E) of the rows."""
+        return attend_rows(q, k, v, q_start=q_start, document_ids=self.document_ids)
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of the query rows [q_start, q_start + C) over keys [0, T), within documents if given.
+
+    Key j is visible to query i when j <= i (and both lie in one document). Keys past the chunk are
+    masked, so callers may pass the whole sequence's keys (one shape for every chunk). On CUDA with
+    FlexAttention the mask is block-sparse (fully masked tiles are skipped: the cost is that of the
+    visible keys only); elsewhere a dense (B or 1, 1, C, T) boolean mask for SDPA.
+    """
+    C, T = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    flex = _flex_attention() if q.is_cuda else None
+    if flex is not None:
+        flex_attention, create_block_mask = flex
+        offset = torch.tensor(q_start, device=q.device)  # a tensor, so the mask compiles once for all chunks
+        if document_ids is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx + offset >= kv_idx
+            batch = None
+        else:
+            docs = document_ids
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (q_idx + offset >= kv_idx) & (docs[b, q_idx + offset] == docs[b, kv_idx])
+            batch = docs.shape[0]
+        block = create_block_mask(mask_mod, batch, None, C, T, device=q.device, _compile=True)
+        return flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
+    rows = torch.arange(q_start, q_start + C, device=q.device)
+    mask = rows[:, None] >= torch.arange(T, device=q.device)[None, :]  # (C, T)
+    if document_ids is not None:
+        same_doc = document_ids[:, q_start:q_start + C, None] == document_ids[:, None, :T]  # (B, C, T)
+        mask = mask & same_doc
+    mask = mask[:, None] if mask.dim() == 3 else mask  # (B, 1, C, T) or (C, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 @functools.cache

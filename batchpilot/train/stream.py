@@ -1,0 +1,229 @@
+"""Streaming backpropagation: exact gradients of the transformer blocks, computed one chunk of the sequence at a time.
+
+StreamBP (Luo et al. 2025, "StreamBP: Memory-Efficient Exact Backpropagation for Long Sequence Training of
+LLMs", arXiv 2506.03077, Section 3): a block's output at row i depends on the input rows <= i only through
+the keys and values, so its backward decomposes along the sequence. Here, per block:
+
+- forward (no graph kept): K and V of the whole sequence, then, chunk by chunk, the chunk's queries,
+  attention over all keys (causal, within documents), o_proj and the MLP; only the block input is saved
+  (as activation checkpointing does);
+- backward: K and V recomputed without a graph (kept, as the paper keeps earlier chunks' keys and values),
+  then the chunks from last to first. Chunk c's graph holds its own K/V projections and its queries; its
+  keys are spliced into the sequence's keys, so one ``autograd.grad`` call gives the chunk's input
+  gradient (residual, query and its own key/value paths), the gradient of the earlier rows' keys/values
+  (accumulated in fp32), and the parameter gradients. Going backwards in the sequence, the key/value
+  gradients of a chunk are complete (later queries all came first) when its own graph runs: they enter
+  as extra output gradients of its K/V projections.
+
+Activation memory: the saved block inputs, plus for the block being differentiated one chunk's graph and
+O(T) keys/values (``estimate_stream_activation_bytes``). The LM head and the loss already work by chunks
+(``model/loss.py``: the logits never exist in full), so a streamed model's backward never holds a
+T x V or T x I tensor. Cost: a second forward of every block in backward, like full checkpointing, plus
+the K/V projections once more.
+
+Shape legend: B batch, T sequence, C chunk, D hidden, H heads, K kv heads, E head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from batchpilot.model.attention import DocumentMask, attend_rows
+from batchpilot.model.counting import block_params
+from batchpilot.model.llama import LlamaConfig, apply_rope
+from batchpilot.plan.memory import activation_bytes_per_token
+
+
+@dataclass(kw_only=True, slots=True)
+class StreamConfig:
+    chunk_tokens: int = 4096  # --stream-chunk: rows of the sequence per backward chunk
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ValueError(f"--stream-chunk must be >= 1, got {self.chunk_tokens}")
+
+
+class StreamingBlock(nn.Module):
+    """A ``Block`` whose forward keeps only its input and whose backward streams over the sequence.
+
+    It adopts the block's submodules under their names, so parameter names (checkpoints, HF export, FSDP2
+    wrapping) are those of the plain block.
+    """
+
+    def __init__(self, block: nn.Module, chunk_tokens: int) -> None:
+        super().__init__()
+        self.chunk_tokens = StreamConfig(chunk_tokens=chunk_tokens).chunk_tokens
+        self.input_layernorm = block.input_layernorm
+        self.self_attn = block.self_attn
+        self.post_attention_layernorm = block.post_attention_layernorm
+        self.mlp = block.mlp
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_meta: DocumentMask | None) -> torch.Tensor:
+        if attn_meta is not None and not isinstance(attn_meta, DocumentMask):
+            raise ValueError(f"streaming backprop supports causal or document-masked attention, "
+                             f"not {type(attn_meta).__name__}")
+        if not torch.is_grad_enabled():  # evaluation: the same chunked forward, no Function needed
+            return _forward_chunked(self, x, cos, sin, attn_meta)
+        params = tuple(self.parameters())
+        return _StreamBlock.apply(x, cos, sin, attn_meta, self, *params)
+
+
+def apply_streaming(model: nn.Module, chunk_tokens: int) -> None:
+    """Stream the backward of every block of a built ``Llama`` in chunks of ``chunk_tokens`` rows (in place).
+
+    Applied where activation checkpointing would be (``--activation-checkpointing stream``), instead of it,
+    before compile and FSDP2. Blocks are not compiled under streaming (the chunk loop runs in Python).
+    """
+    for i, block in enumerate(model.layers):
+        if not isinstance(block, StreamingBlock):
+            model.layers[i] = StreamingBlock(block, chunk_tokens)
+
+
+# --- the block, by chunks ------------------------------------------------------------------------------------
+
+
+def _chunks(seq_len: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_tokens, seq_len)) for s in range(0, seq_len, chunk_tokens)]
+
+
+def _keys_values(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE'd keys and values of rows x (B, C, D) -> (B, K, C, E) each."""
+    attn = block.self_attn
+    B, C, _ = x.shape
+    h = block.input_layernorm(x)
+    k = attn.k_proj(h).view(B, C, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(B, C, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    return apply_rope(k, cos, sin), v
+
+
+def _chunk_output(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, q_start: int, attn_meta: DocumentMask | None) -> torch.Tensor:
+    """Block output of rows [q_start, q_start + C): x (B, C, D) the rows' input; k, v (B, K, T, E) all keys."""
+    attn = block.self_attn
+    B, C, _ = x.shape
+    h = block.input_layernorm(x)
+    q = attn.q_proj(h).view(B, C, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, C, E)
+    q = apply_rope(q, cos, sin)
+    docs = None if attn_meta is None else attn_meta.document_ids
+    out = attend_rows(q, k, v, q_start=q_start, document_ids=docs)  # (B, H, C, E)
+    y = x + attn.o_proj(out.transpose(1, 2).reshape(B, C, -1))  # (B, C, H*E) -> (B, C, D)
+    return y + block.mlp(block.post_attention_layernorm(y))
+
+
+def _all_keys_values(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V (B, K, T, E) of the whole sequence, computed chunk by chunk (no T x D temporaries)."""
+    parts = [_keys_values(block, x[:, s:e], cos[:, :, s:e], sin[:, :, s:e]) for s, e in _chunks(x.shape[1],
+                                                                                            chunk_tokens)]
+    return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+
+def _forward_chunked(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     attn_meta: DocumentMask | None) -> torch.Tensor:
+    k, v = _all_keys_values(block, x, cos, sin, block.chunk_tokens)
+    rows = [_chunk_output(block, x[:, s:e], cos[:, :, s:e], sin[:, :, s:e], k, v, s, attn_meta)
+            for s, e in _chunks(x.shape[1], block.chunk_tokens)]
+    return torch.cat(rows, dim=1)
+
+
+class _StreamBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_meta: DocumentMask | None,
+                block: StreamingBlock, *params: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # Parameters are held as references, not saved tensors: FSDP2 frees and refills their storage between
+        # forward and backward (an all-gather), which a saved tensor's version check would reject.
+        ctx.attn_meta, ctx.block, ctx.params = attn_meta, block, params
+        ctx.save_for_backward(x, cos, sin)
+        return _forward_chunked(block, x, cos, sin, attn_meta)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, cos, sin = ctx.saved_tensors
+        block, attn_meta, params = ctx.block, ctx.attn_meta, ctx.params
+        enabled, dtype = ctx.autocast
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            grad_x, param_grads = _backward(block, x, cos, sin, attn_meta, grad_out, params)
+        return grad_x, None, None, None, None, *param_grads
+
+
+def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              attn_meta: DocumentMask | None, grad_out: torch.Tensor,
+              params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    with torch.no_grad():
+        k_all, v_all = _all_keys_values(block, x, cos, sin, block.chunk_tokens)  # (B, K, T, E), kept
+    grad_k = torch.zeros(k_all.shape, dtype=torch.float32, device=x.device)  # accumulated over later chunks
+    grad_v = torch.zeros(v_all.shape, dtype=torch.float32, device=x.device)
+    grad_x = torch.empty_like(x)
+    param_grads: list[torch.Tensor | None] = [None] * len(params)
+    for s, e in reversed(_chunks(x.shape[1], block.chunk_tokens)):
+        with torch.enable_grad():
+            x_c = x[:, s:e].detach().requires_grad_()
+            cos_c, sin_c = cos[:, :, s:e], sin[:, :, s:e]
+            k_c, v_c = _keys_values(block, x_c, cos_c, sin_c)  # this chunk's keys, with their graph
+            k_pre = k_all[:, :, :s].detach().requires_grad_()  # earlier rows: leaves, their grads accumulate
+            v_pre = v_all[:, :, :s].detach().requires_grad_()
+            k = torch.cat([k_pre, k_c, k_all[:, :, e:]], dim=2)  # later rows are masked out: no gradient
+            v = torch.cat([v_pre, v_c, v_all[:, :, e:]], dim=2)
+            y = _chunk_output(block, x_c, cos_c, sin_c, k, v, s, attn_meta)
+            inputs = (x_c, k_pre, v_pre, *params)
+            outputs = (y, k_c, v_c)
+            # the later chunks' gradients of this chunk's keys/values are complete now (causality)
+            out_grads = (grad_out[:, s:e], grad_k[:, :, s:e].to(k_c.dtype), grad_v[:, :, s:e].to(v_c.dtype))
+            grads = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True, materialize_grads=True)
+        grad_x[:, s:e] = grads[0]
+        if s > 0:
+            grad_k[:, :, :s] += grads[1]
+            grad_v[:, :, :s] += grads[2]
+        for i, g in enumerate(grads[3:]):
+            param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
+    return grad_x, param_grads
+
+
+# --- memory, for the planner ---------------------------------------------------------------------------------
+
+
+def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                                  micro_batch_size: int = 1, param_bytes: int = 4) -> float:
+    """Bytes one streamed block holds on top of the saved block inputs while it is differentiated.
+
+    Counted op by op from ``_backward`` (N = B T tokens, C = B x chunk rows; Q = H E, KV = K E; compute
+    dtype 2 bytes: autocast bf16 over fp32 parameters, ``param_bytes`` 4, or bf16 parameters, 2):
+      K, V of the sequence (no graph, compute dtype)                          4 KV N
+      their fp32 gradient accumulators                                        8 KV N
+      the chunk's spliced K, V (``torch.cat``, compute dtype)                 4 KV N
+      attention backward's dK, dV of all keys, then the prefix grads          4 KV N
+      grad_x (residual dtype)                                                 p D N
+      the chunk's graph: what a plain block saves per token, for C tokens    (plain block) C
+      parameter gradients: the accumulated sum and one chunk's               2 x 4 x block params
+      autocast's bf16 weight copies (cached across the chunks; autocast only) 2 x block params
+    (The incoming grad_out and the saved input are counted by the caller, as for checkpointing. The forward's
+    weight copies are gone by then: a streamed block saves none of them.)
+    """
+    tokens = micro_batch_size * seq_len
+    chunk = micro_batch_size * min(chunk_tokens, seq_len)
+    kv = config.num_kv_heads * config.head_dim
+    kv_bytes = (4 + 8 + 4 + 4) * kv * tokens
+    grad_x = param_bytes * config.hidden_size * tokens
+    graph = activation_bytes_per_token(config, param_bytes=param_bytes) * chunk
+    grads = 2 * 4 * block_params(config)
+    weight_copies = 2 * block_params(config) if param_bytes == 4 else 0
+    return kv_bytes + grad_x + graph + grads + weight_copies
+
+
+def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                                     micro_batch_size: int = 1, param_bytes: int = 4) -> float:
+    """Activation bytes at the first streamed block's backward: every block's saved input plus its working set.
+
+    The planner's ``estimate_peak_bytes`` uses this in place of checkpointing's ``kept x L + recompute``.
+    """
+    saved_inputs = param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
+    return saved_inputs + stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens,
+                                                        micro_batch_size=micro_batch_size,
+                                                        param_bytes=param_bytes)
