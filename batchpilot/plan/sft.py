@@ -124,7 +124,7 @@ def large_batch_lr(batch_examples: int) -> float:
     """[ours] TULU's 2e-5 at batch <= 128, log-linear in the batch down to 1e-5 at >= 3,840 (paper (i): lower)."""
     lo, hi = math.log(TULU_BATCH_EXAMPLES), math.log(PAPER_LARGE_BATCH_EXAMPLES)
     frac = min(1.0, max(0.0, (math.log(batch_examples) - lo) / (hi - lo)))
-    return math.exp(math.log(TULU_LR) + frac * (math.log(LARGE_BATCH_LR) - math.log(TULU_LR)))
+    return float(f"{math.exp(math.log(TULU_LR) + frac * (math.log(LARGE_BATCH_LR) - math.log(TULU_LR))):.3g}")
 
 
 def _fit(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, int, str]:
