@@ -102,3 +102,66 @@ def test_config_errors():
         LoraConfig(rank=0)
     with pytest.raises(ValueError, match="target-modules"):
         LoraConfig(target_modules=("lm_head",))
+
+
+def _fsdp_lora_steps(model, batches, rank: int, world_size: int) -> list[float]:
+    """AdamW steps on the adapters; each rank takes its contiguous share of every batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    out = []
+    for inputs, targets in batches:
+        per_rank = len(inputs) // world_size
+        lo, hi = rank * per_rank, (rank + 1) * per_rank
+        loss = model(inputs[lo:hi], targets=targets[lo:hi])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.detach())
+    return out
+
+
+def _tiny_lora_model():
+    from batchpilot.model.llama import LlamaConfig, build_model
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, tie_word_embeddings=True)
+    return apply_lora(build_model(config, seed=0), LORA)
+
+
+def _fsdp_worker(out_file: str) -> None:
+    import torch.distributed as dist
+
+    from batchpilot.train import parallel
+
+    dims = parallel.init_distributed("cpu")
+    model = _tiny_lora_model()
+    parallel.apply_fsdp(model, dims, param_dtype=None)
+    inputs, targets = data(4)
+    losses = _fsdp_lora_steps(model, list(zip(inputs, targets)), dims.rank, dims.world_size)
+    mean = torch.stack(losses)
+    dist.all_reduce(mean)
+    if dims.rank == 0:
+        with open(out_file, "w") as f:
+            f.write(" ".join(str(x) for x in (mean / dims.world_size).tolist()))
+
+
+def test_fsdp2_lora_on_two_ranks_matches_one_process(tmp_path):
+    from tests.train.test_parallel import run_ranks
+
+    run_ranks(_fsdp_worker, str(tmp_path / "losses.txt"))
+    got = [float(x) for x in (tmp_path / "losses.txt").read_text().split()]
+    inputs, targets = data(4)
+    model = _tiny_lora_model()
+    expected = []
+    for step, (x, y) in enumerate(zip(inputs, targets)):  # the mean of the two halves' losses, one process
+        params = [p for p in model.parameters() if p.requires_grad]
+        if step == 0:
+            opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        halves = [model(x[:1], targets=y[:1]), model(x[1:], targets=y[1:])]
+        loss = (halves[0] + halves[1]) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    assert expected[-1] < expected[0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=1e-5)
