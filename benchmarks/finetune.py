@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from provenance import provenance  # noqa: E402
 
@@ -127,8 +128,6 @@ def run_batchpilot(config: LlamaConfig, lora: bool, data: list[Batch], args, dev
 
 def run_hf_trainer(config: LlamaConfig, lora: bool, data: list[Batch], args, device: torch.device,
                    out_dir: Path) -> tuple[list[float], bool]:
-    import transformers
-
     hf_cfg = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "torch_dtype")}
     cls = transformers.Qwen2ForCausalLM if config.architecture == "qwen2" else transformers.LlamaForCausalLM
     cfg_cls = transformers.Qwen2Config if config.architecture == "qwen2" else transformers.LlamaConfig
@@ -173,13 +172,7 @@ def _stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _step_timer_base():
-    import transformers
-
-    return transformers.TrainerCallback
-
-
-class _StepTimer(_step_timer_base()):
+class _StepTimer(transformers.TrainerCallback):
     """Wall time of each optimizer step of HF's Trainer (synchronized at both ends)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -252,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4, help="rows per forward/backward")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--conversations", type=int, default=6000, help="synthetic chat examples written")
+    p.add_argument("--conversations", type=int, default=1500, help="synthetic chat examples written")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not compile batchpilot's blocks")
     p.add_argument("--cases", default="full_ft,lora")
     p.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")

@@ -11,8 +11,8 @@ so the model learns to stop. Templates that rewrite earlier turns (a later rende
 earlier one) are refused with a clear error rather than masked wrongly.
 
 The text is encoded segment by segment (prompt parts, assistant parts), as generation sees it: the prompt is
-encoded alone and the answer's tokens follow. The cost is ``2 x assistant turns`` renders per conversation
-(quadratic in turns; a renderer option returning the assistant character spans would make it linear).
+encoded alone and the answer's tokens follow. The cost is ``assistant turns + 1`` renders per conversation
+(quadratic in turns; a renderer option returning the assistant character spans would make it one).
 
 A token's flags (one ``uint8`` per token, stored beside the token shards): bit 0 ``LOSS`` = the token is a
 training target, bit 1 ``START`` = the token opens a conversation (positions restart at 0 there).
@@ -102,18 +102,20 @@ def render_segments(messages: list[Message], template: str, special_tokens: dict
     ``closing_tokens`` are the special-token strings that may close a turn; the first one right after an
     assistant message's content belongs to the turn.
     """
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError("a conversation has no assistant message (nothing to learn from)")
+    # render(messages[:k]) for each assistant turn k, then the whole conversation up to the last one: the
+    # turn k is read in the next render, which extends it (one render per turn, plus one).
+    renders = [render_chat(messages[:k], template, special_tokens) for k in (*turns, turns[-1] + 1)]
     segments: list[tuple[str, bool]] = []
     done, rendered_so_far = 0, ""  # the conversation's text emitted so far
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_chat(messages[:k], template, special_tokens)
-        rendered = render_chat(messages[:k + 1], template, special_tokens)
+    for k, before, rendered in zip(turns, renders, renders[1:]):
         if not rendered.startswith(before) or not rendered.startswith(rendered_so_far):
             raise ValueError(f"chat template does not render message {k} as an extension of the messages before it "
                              "(a template that rewrites earlier turns cannot be masked by prefixes)")
         start = len(before)
-        content = message["content"].strip() or message["content"]  # templates may trim the content
+        content = messages[k]["content"].strip() or messages[k]["content"]  # templates may trim the content
         content_at = rendered.find(content, start)
         if content_at < 0:
             raise ValueError(f"chat template does not render assistant message {k}'s content verbatim")
