@@ -23,9 +23,11 @@ def test_large_dataset_gets_the_papers_large_batch_and_low_lr():
 
 
 def test_small_dataset_caps_the_batch_and_raises_the_lr():
-    plan = plan_sft(SftBudget(config=get_preset("qwen2-0.5b"), examples=2_000, tokens_per_example=300))
-    assert plan.epochs == 3 and plan.batch_examples == 2_000 * 3 // 50 and plan.steps >= 50
+    plan = plan_sft(SftBudget(config=get_preset("qwen2-0.5b"), examples=20_000, tokens_per_example=300))
+    assert plan.epochs == 2 and plan.batch_examples == 20_000 * 2 // 50 and plan.steps >= 50
     assert LARGE_BATCH_LR < plan.peak_lr < TULU_LR
+    tiny = plan_sft(SftBudget(config=get_preset("qwen2-0.5b"), examples=2_000, tokens_per_example=300))
+    assert tiny.epochs == 3 and tiny.batch_examples == 2_000 * 3 // 50 and tiny.peak_lr == TULU_LR
     assert any("outside the paper's 3B-7B" in line for line in plan.explanation)
 
 
