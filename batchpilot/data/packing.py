@@ -9,6 +9,14 @@ start of each row); the attention mask is built from them. The cost of cutting b
 start of a row may be the middle of a document, seen without its beginning, and the EOS token's
 target is the first token of the next document, which is not predictable from its context.
 
+Chat data (prepared with ``--format chat``) carries one flag byte per token (``chat.py``): targets whose
+token is not a loss target become -100 (the model's loss ignores them) and positions restart at each
+conversation start instead of after EOS (end-of-turn tokens inside a conversation may be the EOS).
+``pack="chunk"`` cuts such a stream blindly as above; ``pack="conversation"`` never splits a conversation:
+rows are filled greedily with whole conversations in data order (one longer than ``seq_len`` is truncated
+and fills a row alone) and the rest of a row is padding (EOS inputs, -100 targets, its own positions).
+Either way a row is a contiguous range of the stream, so the sampler below is the same for both.
+
 Sampling: each epoch is a permutation of all rows from ``numpy.random.default_rng((seed, epoch))``.
 The state is just ``(epoch, position)`` in that permutation, so resuming is exact and cheap.
 ``take`` advances the *global* position by the whole global batch and returns one rank's slice, so
@@ -27,10 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from batchpilot.data.chat import LOSS, START
 from batchpilot.data.prepare import load_meta
 from batchpilot.data.tokenizer import Tokenizer
+from batchpilot.model.loss import IGNORE_INDEX
 
 SPLIT_NAMES = {"train": "training", "val": "validation"}
+PACK_MODES = ("chunk", "conversation")
 
 
 @dataclass(slots=True)
@@ -44,21 +55,32 @@ class Batch:
 
 
 class PackedLoader:
-    def __init__(self, data_dir: str | Path, split: str, seq_len: int, *, seed: int = 0) -> None:
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, *, seed: int = 0, pack: str = "chunk") -> None:
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
-        self.data_dir, self.split, self.seq_len, self.seed = Path(data_dir), split, seq_len, seed
+        if pack not in PACK_MODES:
+            raise ValueError(f"pack must be one of {', '.join(PACK_MODES)}, got {pack!r}")
+        self.data_dir, self.split, self.seq_len, self.seed, self.pack = Path(data_dir), split, seq_len, seed, pack
         meta = load_meta(data_dir)
         self.eos_id: int = meta["eos_id"]
+        self.format: str = meta.get("format", "text")
+        if pack == "conversation" and self.format != "chat":
+            raise ValueError(f"{data_dir}: pack='conversation' needs a dataset prepared with --format chat")
         self._shards = [np.memmap(self.data_dir / f, dtype=meta["dtype"], mode="r") for f in meta["shards"][split]]
         self._offsets = np.cumsum([0] + [len(s) for s in self._shards])  # shard i covers [offsets[i], offsets[i+1])
+        self._flags = ([np.memmap(self.data_dir / f, dtype=np.uint8, mode="r") for f in meta["mask_shards"][split]]
+                       if self.format == "chat" else None)
         num_tokens = int(self._offsets[-1])
         if num_tokens < seq_len + 1:
             raise ValueError(f"{SPLIT_NAMES[split]} split has {num_tokens} tokens, needs at least seq_len+1 = "
                              f"{seq_len + 1}; lower --seq-len or add data")
-        self.num_rows = (num_tokens - 1) // seq_len
+        if pack == "conversation":
+            self._row_starts, self._row_lengths = self._pack_conversations(num_tokens)
+            self.num_rows = len(self._row_starts)
+        else:
+            self.num_rows = (num_tokens - 1) // seq_len
         self.epoch = self.position = 0
         self._order = self._permutation(0)
 
@@ -80,13 +102,18 @@ class PackedLoader:
         for start in range(0, stop, num_rows_per_batch):
             yield self._batch(np.arange(start, min(start + num_rows_per_batch, stop)))
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len}
+    def state_dict(self) -> dict[str, int | str]:
+        state: dict[str, int | str] = {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                                       "seq_len": self.seq_len}
+        if self.pack != "chunk":  # chunk states keep their original keys (checkpoints written before packing modes)
+            state["pack"] = self.pack
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if (state["seed"], state["seq_len"]) != (self.seed, self.seq_len):
-            raise ValueError(f"loader state is for seed={state['seed']}, seq_len={state['seq_len']}; "
-                             f"this loader has seed={self.seed}, seq_len={self.seq_len}")
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        theirs = (state["seed"], state["seq_len"], state.get("pack", "chunk"))
+        if theirs != (self.seed, self.seq_len, self.pack):
+            raise ValueError(f"loader state is for seed={theirs[0]}, seq_len={theirs[1]}, pack={theirs[2]}; "
+                             f"this loader has seed={self.seed}, seq_len={self.seq_len}, pack={self.pack}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
 
@@ -105,19 +132,56 @@ class PackedLoader:
             num_rows -= n
         return np.concatenate(parts)
 
+    def _pack_conversations(self, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start, length) in the stream of each row: whole conversations, greedily, in data order."""
+        starts = np.flatnonzero(self._read(0, num_tokens, self._flags) & START)
+        lengths = np.diff(np.append(starts, num_tokens))
+        row_starts, row_lengths = [], []
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            if row_lengths and row_lengths[-1] + length <= self.seq_len:
+                row_lengths[-1] += length
+            else:
+                row_starts.append(start)
+                row_lengths.append(min(length, self.seq_len))  # a conversation longer than a row is truncated
+        return np.array(row_starts, dtype=np.int64), np.array(row_lengths, dtype=np.int64)
+
     def _batch(self, rows: np.ndarray) -> Batch:
+        if self._flags is not None:
+            return self._chat_batch(rows)
         windows = np.stack([self._read(int(r) * self.seq_len, self.seq_len + 1) for r in rows])  # (B, T+1)
         windows = torch.from_numpy(windows.astype(np.int64))
         input_ids, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         return Batch(input_ids, targets, _position_ids(input_ids, self.eos_id))
 
-    def _read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) of the split, across shard boundaries."""
+    def _chat_batch(self, rows: np.ndarray) -> Batch:
+        """Rows of chat data: targets -100 where the target token is no loss target, positions per conversation."""
+        T, num_tokens = self.seq_len, int(self._offsets[-1])
+        input_ids = torch.full((len(rows), T), self.eos_id, dtype=torch.int64)
+        targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.int64)
+        is_start = torch.zeros((len(rows), T), dtype=torch.bool)
+        for b, r in enumerate(rows.tolist()):
+            start, length = ((int(self._row_starts[r]), int(self._row_lengths[r])) if self.pack == "conversation"
+                             else (r * T, T))
+            span = min(length + 1, num_tokens - start)  # the row's tokens and the one after (the last target)
+            tokens = torch.from_numpy(self._read(start, span).astype(np.int64))
+            flags = torch.from_numpy(self._read(start, span, self._flags).astype(np.int64))
+            input_ids[b, :length] = tokens[:length]
+            is_start[b, :length] = (flags[:length] & int(START)) > 0
+            is_start[b, length:length + 1] = True  # padding is its own document
+            next_tokens, next_flags = tokens[1:], flags[1:]
+            targets[b, :len(next_tokens)] = torch.where((next_flags & int(LOSS)) > 0, next_tokens, IGNORE_INDEX)
+        idx = torch.arange(T).expand_as(input_ids)
+        is_start[:, 0] = True
+        return Batch(input_ids, targets, idx - torch.where(is_start, idx, 0).cummax(dim=1).values)
+
+    def _read(self, start: int, length: int, shards: list[np.memmap] | None = None) -> np.ndarray:
+        """Tokens (or, given the flag shards, flags) [start, start+length) of the split, across shard boundaries."""
+        shards = self._shards if shards is None else shards
         parts, stop = [], start + length
         shard = int(np.searchsorted(self._offsets, start, side="right")) - 1
         while start < stop:
             begin = start - int(self._offsets[shard])
-            piece = self._shards[shard][begin:begin + stop - start]
+            piece = shards[shard][begin:begin + stop - start]
             parts.append(piece)
             start += len(piece)
             shard += 1

@@ -1,0 +1,200 @@
+"""The SFT recipe as a pure planner: batch, learning rate, epochs, warmup and schedule for supervised fine-tuning,
+and the early signals that rank configurations before they finish.
+
+Source: "Unveiling the Secret Recipe: A Guide For Supervised Fine-Tuning Small LLMs" (Pareja et al., arXiv
+2412.13337), 3B-7B models, four model families, instruction data spanning knowledge and skills. What the paper
+states (abstract and sections on batch size, learning rate, warmup/schedule, stacked vs phased training):
+  (i)   larger batches paired with LOWER learning rates give better MMLU / MT-Bench / Open LLM Leaderboard
+        scores; its large batches are ~3,840 and ~7,680 samples, against TULU's 128 (Wang et al., arXiv
+        2306.04751, who fine-tune at batch 128, LR 2e-5);
+  (ii)  early training dynamics predict the final model: LOWER gradient norms and HIGHER loss early on go with
+        better final models, so sub-optimal runs can be stopped early;
+  (iii) omitting warmup and using a constant learning rate does not hurt;
+  (iv)  stacked training (all data at once) matches phased training and is more sample efficient.
+What is OUR choice, not the paper's (its exact learning-rate grid is not restated here): the learning rate
+values (TULU's 2e-5 at batch 128, falling log-linearly to 1e-5 at the paper's 3,840), the minimum number of
+optimizer steps that caps the batch on small datasets, the epoch counts, and a short warmup kept as cheap
+insurance. Each number of a plan carries a line saying which it is.
+
+Memory: the micro-batch comes from ``memory.fit_micro_batch`` (full fine-tuning, AdamW); when the model does
+not fit even at micro-batch 1 the plan says so and proposes CPU offload instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from batchpilot.model.counting import total_params
+from batchpilot.model.llama import LlamaConfig
+from batchpilot.plan.memory import fit_micro_batch
+
+PAPER = "Pareja et al., arXiv 2412.13337"
+TULU = "Wang et al., arXiv 2306.04751"
+PAPER_LARGE_BATCH_EXAMPLES = 3840  # [paper] the smaller of its two large batches (~3,840 and ~7,680 samples)
+TULU_BATCH_EXAMPLES, TULU_LR = 128, 2e-5  # [TULU] the small-batch baseline the paper argues against
+LARGE_BATCH_LR = 1e-5  # [ours] "lower LR with the large batch": half of TULU's, at the paper's 3,840
+MIN_OPTIMIZER_STEPS = 50  # [ours] a run needs enough updates for the early signals and the LR to matter
+MIN_BATCH_EXAMPLES = 16  # [ours]
+PAPER_PARAMS_RANGE = (3e9, 7.5e9)  # [paper] the model sizes it studies
+WARMUP_STEPS_MAX, WARMUP_FRACTION = 25, 0.05  # [ours] the paper finds warmup does not matter; keep it short
+
+
+@dataclass(kw_only=True, slots=True)
+class SftBudget:
+    config: LlamaConfig  # the model's shape (read from the model directory's config.json)
+    examples: int  # N: conversations / instruction pairs in the training set
+    tokens_per_example: int  # T: mean tokens of one (rendered) example
+    num_gpus: int = 1
+    gpu_memory_gib: float = 80.0
+    seq_len: int = 0  # packed row length; 0: the smallest power of two >= max(2048, T)
+    headroom: float = 0.1
+    epochs: int = 0  # 0: the recipe's choice
+
+    def __post_init__(self) -> None:
+        if self.examples < 1:
+            raise ValueError(f"--examples must be positive, got {self.examples}")
+        if self.tokens_per_example < 1:
+            raise ValueError(f"--tokens-per-example must be positive, got {self.tokens_per_example}")
+        if self.num_gpus < 1 or self.gpu_memory_gib <= 0:
+            raise ValueError("--gpus and --gpu-memory-gib must be positive")
+        if self.seq_len < 0 or self.epochs < 0:
+            raise ValueError("--seq-len and --epochs must be >= 0 (0: the recipe's choice)")
+        if self.seq_len == 0:
+            self.seq_len = 2 ** math.ceil(math.log2(max(2048, self.tokens_per_example)))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SftPlan:
+    batch_examples: int  # examples per optimizer step (global)
+    batch_tokens: int  # tokens per optimizer step, ~ batch_examples * T
+    peak_lr: float
+    schedule: str  # "constant": the paper finds constant as good as cosine
+    warmup_steps: int
+    epochs: int
+    steps: int  # optimizer steps over all epochs
+    seq_len: int
+    rows_per_step: int  # packed rows of seq_len per optimizer step (global)
+    micro_batch_rows: int  # rows per GPU per forward/backward; 0 when offload is needed
+    grad_accum_steps: int
+    offload: str  # "none" or "cpu" (the model does not fit the GPUs even at micro-batch 1)
+    explanation: list[str] = field(default_factory=list)  # one line per number: the rule and its source
+
+
+def plan_sft(budget: SftBudget) -> SftPlan:
+    """The SFT recipe for ``budget`` (see the module docstring for what comes from the paper)."""
+    n, t = budget.examples, budget.tokens_per_example
+    lines: list[str] = []
+    epochs = budget.epochs or (3 if n < 10_000 else 2)
+    lines.append(f"epochs {epochs}: " + ("given" if budget.epochs else
+                 f"[ours] 3 below 10k examples, else 2 (TULU trains 2, {TULU}); all data stacked in one mix, "
+                 f"no phases [paper (iv): stacked matches phased and is more sample efficient, {PAPER}]"))
+
+    cap = max(MIN_BATCH_EXAMPLES, n * epochs // MIN_OPTIMIZER_STEPS)
+    batch = min(PAPER_LARGE_BATCH_EXAMPLES, cap, n)
+    lines.append(f"batch {batch} examples: [paper (i)] large batches (~3,840 / ~7,680 samples vs TULU's 128) "
+                 f"fine-tune better, {PAPER}" + ("" if batch == PAPER_LARGE_BATCH_EXAMPLES else
+                 f"; capped [ours] to keep >= {MIN_OPTIMIZER_STEPS} optimizer steps on {n:,} examples x {epochs}"))
+
+    lr = large_batch_lr(batch)
+    lines.append(f"peak LR {lr:.2g}: [paper (i)] lower LR with the larger batch; the values are [ours]: TULU's "
+                 f"{TULU_LR:g} at batch {TULU_BATCH_EXAMPLES} ({TULU}), log-linearly down to {LARGE_BATCH_LR:g} "
+                 f"at {PAPER_LARGE_BATCH_EXAMPLES}")
+
+    steps = max(1, n * epochs // batch)
+    warmup = min(WARMUP_STEPS_MAX, int(WARMUP_FRACTION * steps))
+    lines.append(f"constant LR, {warmup} warmup steps: [paper (iii)] no warmup and a constant LR do not hurt, "
+                 f"{PAPER}; the short warmup is [ours] (cheap insurance for fresh AdamW moments)")
+
+    rows = max(1, math.ceil(batch * t / budget.seq_len))
+    micro, accum, offload = _fit(budget, rows, lines)
+    params = total_params(budget.config)
+    if not PAPER_PARAMS_RANGE[0] <= params <= PAPER_PARAMS_RANGE[1]:
+        lines.append(f"note: {params / 1e9:.2f}B parameters is outside the paper's 3B-7B models: its findings are "
+                     "extrapolated")
+    lines.append(f"early stopping: [paper (ii)] rank configurations by early gradient norm (lower is better) and "
+                 f"early loss (higher is better), {PAPER}; see early_stop_signal")
+    return SftPlan(batch_examples=batch, batch_tokens=batch * t, peak_lr=lr, schedule="constant",
+                   warmup_steps=warmup, epochs=epochs, steps=steps, seq_len=budget.seq_len, rows_per_step=rows,
+                   micro_batch_rows=micro, grad_accum_steps=accum, offload=offload, explanation=lines)
+
+
+def large_batch_lr(batch_examples: int) -> float:
+    """[ours] TULU's 2e-5 at batch <= 128, log-linear in the batch down to 1e-5 at >= 3,840 (paper (i): lower)."""
+    lo, hi = math.log(TULU_BATCH_EXAMPLES), math.log(PAPER_LARGE_BATCH_EXAMPLES)
+    frac = min(1.0, max(0.0, (math.log(batch_examples) - lo) / (hi - lo)))
+    return float(f"{math.exp(math.log(TULU_LR) + frac * (math.log(LARGE_BATCH_LR) - math.log(TULU_LR))):.3g}")
+
+
+def _fit(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, int, str]:
+    try:
+        fit = fit_micro_batch(budget.config, seq_len=budget.seq_len, optimizer="adamw", num_gpus=budget.num_gpus,
+                              gpu_memory_gib=budget.gpu_memory_gib, headroom=budget.headroom,
+                              max_micro_batch=max(1, math.ceil(rows / budget.num_gpus)))
+    except ValueError as e:
+        lines.append(f"memory: full fine-tuning does not fit ({e}); offload parameters, gradients and optimizer "
+                     "states to CPU (--offload cpu) or use LoRA")
+        return 0, 0, "cpu"
+    micro = fit.micro_batch_size
+    accum = math.ceil(rows / (micro * budget.num_gpus))
+    lines.append(f"{rows} rows of {budget.seq_len} tokens per step: micro-batch {micro} rows x {budget.num_gpus} "
+                 f"GPU(s) x {accum} accumulation steps (memory model, {fit.sharding} sharding"
+                 f"{', checkpointing' if fit.checkpointing else ''})")
+    return micro, accum, "none"
+
+
+# --- early signals (paper finding ii) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EarlyMetrics:
+    """Per-step training metrics of one run so far (optimizer steps 0, 1, ...)."""
+
+    losses: Sequence[float]
+    grad_norms: Sequence[float]
+
+
+def early_score(metrics: EarlyMetrics, *, window_steps: int) -> tuple[float, float]:
+    """(mean gradient norm, -mean loss) over the first ``window_steps`` steps: smaller is better in both
+    (paper (ii): lower early gradient norm and higher early loss go with better final models)."""
+    if window_steps < 1:
+        raise ValueError(f"window_steps must be positive, got {window_steps}")
+    if len(metrics.grad_norms) < window_steps or len(metrics.losses) < window_steps:
+        raise ValueError(f"a run has fewer than window_steps={window_steps} steps of metrics")
+    norms, losses = metrics.grad_norms[:window_steps], metrics.losses[:window_steps]
+    if not all(math.isfinite(x) for x in (*norms, *losses)):
+        return math.inf, math.inf
+    return sum(norms) / window_steps, -sum(losses) / window_steps
+
+
+def rank_by_early_signals(runs: Mapping[str, EarlyMetrics], *, window_steps: int) -> list[str]:
+    """Run names, most promising first: by early gradient norm, ties broken by the higher early loss."""
+    return sorted(runs, key=lambda name: early_score(runs[name], window_steps=window_steps))
+
+
+def early_stop_signal(metrics_so_far: EarlyMetrics, cohort: Sequence[EarlyMetrics], *, window_steps: int,
+                      keep_fraction: float = 0.5) -> bool:
+    """True when a run should stop: non-finite early metrics, or an early gradient norm outside the best
+    ``keep_fraction`` of its cohort (the other runs of the sweep, at the same window). The cut-off is [ours],
+    a successive-halving-style rule; the signal it ranks by is the paper's (ii)."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    mine = early_score(metrics_so_far, window_steps=window_steps)
+    if math.isinf(mine[0]):
+        return True
+    scores = sorted([early_score(m, window_steps=window_steps) for m in cohort] + [mine])
+    keep = max(1, math.ceil(keep_fraction * len(scores)))
+    return mine > scores[keep - 1]
+
+
+def spearman(predicted_order: Sequence[str], final_losses: Mapping[str, float]) -> float:
+    """Spearman rank correlation between a predicted order (best first) and the order of the final losses
+    (lowest first): 1.0 when the early signals ranked the runs exactly as they finished."""
+    names = list(predicted_order)
+    if len(names) < 2 or set(names) != set(final_losses):
+        raise ValueError("spearman needs >= 2 runs, the same in the prediction and the final losses")
+    actual = {name: rank for rank, name in enumerate(sorted(names, key=lambda k: final_losses[k]))}
+    n = len(names)
+    d2 = sum((rank - actual[name]) ** 2 for rank, name in enumerate(names))
+    return 1.0 - 6.0 * d2 / (n * (n * n - 1))

@@ -1,0 +1,72 @@
+"""The SFT recipe: the paper's directions hold (larger batch -> lower LR, constant schedule), small datasets cap
+the batch, memory decides micro-batch / accumulation or offload, and the early-signal ranking is what it says."""
+
+import math
+
+import pytest
+
+from batchpilot.model.llama import get_preset
+from batchpilot.plan.sft import (LARGE_BATCH_LR, PAPER_LARGE_BATCH_EXAMPLES, TULU_LR, EarlyMetrics, SftBudget,
+                                 early_stop_signal, large_batch_lr, plan_sft, rank_by_early_signals, spearman)
+
+
+def test_large_dataset_gets_the_papers_large_batch_and_low_lr():
+    plan = plan_sft(SftBudget(config=get_preset("llama-8b"), examples=300_000, tokens_per_example=600, num_gpus=8,
+                              gpu_memory_gib=80))
+    assert plan.batch_examples == PAPER_LARGE_BATCH_EXAMPLES and plan.peak_lr == pytest.approx(LARGE_BATCH_LR)
+    assert plan.schedule == "constant" and plan.epochs == 2 and plan.steps == 300_000 * 2 // 3840
+    assert plan.batch_tokens == 3840 * 600 and plan.rows_per_step == math.ceil(3840 * 600 / plan.seq_len)
+    assert plan.offload == "none"
+    assert plan.micro_batch_rows * 8 * plan.grad_accum_steps >= plan.rows_per_step
+    assert any("2412.13337" in line for line in plan.explanation)
+    assert any("[ours]" in line for line in plan.explanation)
+
+
+def test_small_dataset_caps_the_batch_and_raises_the_lr():
+    plan = plan_sft(SftBudget(config=get_preset("qwen2-0.5b"), examples=20_000, tokens_per_example=300))
+    assert plan.epochs == 2 and plan.batch_examples == 20_000 * 2 // 50 and plan.steps >= 50
+    assert LARGE_BATCH_LR < plan.peak_lr < TULU_LR
+    tiny = plan_sft(SftBudget(config=get_preset("qwen2-0.5b"), examples=2_000, tokens_per_example=300))
+    assert tiny.epochs == 3 and tiny.batch_examples == 2_000 * 3 // 50 and tiny.peak_lr == TULU_LR
+    assert any("outside the paper's 3B-7B" in line for line in plan.explanation)
+
+
+def test_lr_falls_monotonically_with_batch():
+    lrs = [large_batch_lr(b) for b in (16, 128, 512, 2048, 3840, 7680)]
+    assert lrs[0] == lrs[1] == pytest.approx(TULU_LR) and lrs[-1] == lrs[-2] == pytest.approx(LARGE_BATCH_LR)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_model_too_large_for_the_gpu_proposes_offload():
+    plan = plan_sft(SftBudget(config=get_preset("llama-8b"), examples=50_000, tokens_per_example=500,
+                              gpu_memory_gib=24))
+    assert plan.offload == "cpu" and plan.micro_batch_rows == 0
+    assert any("--offload cpu" in line for line in plan.explanation)
+
+
+def test_budget_errors():
+    with pytest.raises(ValueError, match="--examples"):
+        SftBudget(config=get_preset("tiny"), examples=0, tokens_per_example=10)
+
+
+def run(norm: float, loss: float, steps: int = 10) -> EarlyMetrics:
+    return EarlyMetrics(losses=[loss] * steps, grad_norms=[norm] * steps)
+
+
+def test_ranking_by_early_gradient_norm_then_higher_loss():
+    runs = {"a": run(2.0, 1.0), "b": run(1.0, 1.0), "c": run(1.0, 1.5), "nan": run(float("nan"), 1.0)}
+    assert rank_by_early_signals(runs, window_steps=5) == ["c", "b", "a", "nan"]
+
+
+def test_early_stop_keeps_the_best_fraction():
+    cohort = [run(1.0, 1.0), run(2.0, 1.0), run(3.0, 1.0)]
+    assert not early_stop_signal(run(0.5, 1.0), cohort, window_steps=5)
+    assert early_stop_signal(run(2.5, 1.0), cohort, window_steps=5)
+    assert early_stop_signal(run(float("inf"), 1.0), cohort, window_steps=5)
+    with pytest.raises(ValueError, match="window_steps"):
+        early_stop_signal(run(1.0, 1.0, steps=3), cohort, window_steps=5)
+
+
+def test_spearman():
+    final = {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert spearman(["a", "b", "c"], final) == 1.0 and spearman(["c", "b", "a"], final) == -1.0
