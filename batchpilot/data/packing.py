@@ -38,8 +38,11 @@ import torch
 from batchpilot.data.chat import LOSS, START
 from batchpilot.data.prepare import load_meta
 from batchpilot.data.tokenizer import Tokenizer
-from batchpilot.model.loss import IGNORE_INDEX
 
+
+# Targets the loss skips: PyTorch's cross_entropy ignore_index default, which model/loss.py uses too (data sits
+# below model in the layering, so it names the convention rather than importing it).
+IGNORE_INDEX = -100
 SPLIT_NAMES = {"train": "training", "val": "validation"}
 PACK_MODES = ("chunk", "conversation")
 
