@@ -24,7 +24,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Plan the whole job (shared-prefix groups), then generate with a paged KV cache.")
     p.add_argument("--model", required=True, help="HF model directory, batchpilot checkpoint, or preset name")
     p.add_argument("--input", required=True, help="JOB.jsonl (OpenAI Batch) or a text file, one prompt per line")
-    p.add_argument("--output", required=True, help="results JSONL; existing custom_ids are skipped (resume)")
+    p.add_argument("--output", required=True,
+                   help="results JSONL: new, or a results file of this job (lines already answered are skipped)")
+    p.add_argument("--retry-errors", action="store_true", help="re-run the lines whose record is an error")
+    p.add_argument("--ordered", action="store_true", help="rewrite the results in input order at the end")
+    p.add_argument("--served-model-name", default=None,
+                   help="the `model` of every response (default: the model directory's name)")
+    p.add_argument("--max-prompt-bytes", type=int, default=4 * 2**20,
+                   help="longer prompts (or rendered chats) get an error record")
+    p.add_argument("--template-timeout", type=float, default=2.0,
+                   help="seconds a chat template may take to render one request")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory (default: the model's)")
     add_sampling_flags(p)
     p.add_argument("--kv-block-size", type=int, default=16)
@@ -68,45 +77,92 @@ def load(args: argparse.Namespace, device: torch.device):
 
 
 def run(args: argparse.Namespace) -> int:
+    from batchpilot.data.chat_template import RenderLimits, chat_template_of
     from batchpilot.generate.engine import Engine, EngineConfig
-    from batchpilot.generate.roofline import roofline_share
-    from batchpilot.data.chat_template import chat_template_of
-    from batchpilot.generate.jobs import answered_ids, merge_parts, read_job, run_job
+    from batchpilot.generate.jobs import JobLimits, JobWriteError, answered, check_output, drop_errors, read_job
     from batchpilot.generate.request import SamplingParams
+    from batchpilot.io import FileLock, LockedError
 
+    if args.max_prompt_bytes < 1 or not args.template_timeout > 0:
+        raise ValueError("--max-prompt-bytes must be >= 1 and --template-timeout > 0")
+    inp, out = Path(args.input), Path(args.output)
+    if not inp.is_file():
+        raise FileNotFoundError(f"--input {inp}: no such file")
+    check_output(out, inp)
     rank, world_size, barrier = _distributed()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, tok_dir = load(args, device)
-    config = EngineConfig(block_size=args.kv_block_size, max_batch_tokens=args.max_batch_tokens,
-                          max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-                          prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
-                          triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs,
-                          compile=not args.no_compile, seed=args.seed,
-                          **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}))
-    defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)
-    items = read_job(args.input, defaults, chat_template=template, special_tokens=special)
-    engine = Engine(model, tokenizer, config)
-    out = Path(args.output)
-    done = answered_ids(out, world_size)
-    barrier()  # every rank has read what is done before any rank writes
-    summary = run_job(engine, items, out, model=args.model, done=done, rank=rank, world_size=world_size,
-                      progress=not args.no_progress)
+    lock = FileLock(out.with_name(f".{out.name}.lock" + (f".{rank}" if rank else "")), what=f"--output {out}")
+    try:
+        lock.acquire()
+    except LockedError as e:
+        raise ValueError(str(e)) from None
+    try:
+        defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+        limits = JobLimits(max_prompt_bytes=args.max_prompt_bytes, max_line_bytes=2 * args.max_prompt_bytes + 2**16,
+                           template=RenderLimits(max_seconds=args.template_timeout))
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, tok_dir = load(args, device)
+        template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)
+        items = read_job(inp, defaults, chat_template=template, special_tokens=special, limits=limits)
+        done = answered(out, items, world_size)  # refuses a file that is not results of this job
+        if args.retry_errors and rank == 0:
+            drop_errors(out, items)
+        todo = done.todo(items, retry_errors=args.retry_errors)
+        barrier()  # every rank has read what is done before any rank writes
+        engine = Engine(model, tokenizer, _engine_config(args, EngineConfig))
+        try:
+            summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier)
+        except JobWriteError as e:
+            raise ValueError(e.strerror) from None
+    finally:
+        lock.release()
+    if rank == 0:
+        _report(summary, model, engine, world_size)
+    return 0
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """--served-model-name, else the model directory's name (never its local path), else the preset name."""
+    if args.served_model_name:
+        return args.served_model_name
+    return Path(args.model).resolve().name if Path(args.model).exists() else args.model
+
+
+def _engine_config(args: argparse.Namespace, EngineConfig: type) -> object:
+    return EngineConfig(block_size=args.kv_block_size, max_batch_tokens=args.max_batch_tokens,
+                        max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                        prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
+                        triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs,
+                        compile=not args.no_compile, seed=args.seed,
+                        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}))
+
+
+def _run(args: argparse.Namespace, engine: object, items: list, todo: list, out: Path, model: object, rank: int,
+         world_size: int, barrier: Callable[[], None]) -> dict:
+    from batchpilot.generate.jobs import merge_parts, run_job, sort_results
+
+    summary = run_job(engine, items, out, model=served_model_name(args), todo=todo, rank=rank,
+                      world_size=world_size, progress=not args.no_progress)
     barrier()
     if world_size > 1 and rank == 0:
-        merge_parts(out, world_size, {it.custom_id: it.line for it in items})
-    if rank == 0:
-        print(f"requests {summary['requests']} (skipped {summary['skipped']}, errors {summary['errors']}), "
-              f"output tokens {summary['output_tokens']}, {summary['output_tokens_per_s']:,.0f} tok/s"
-              f"{' on rank 0' if world_size > 1 else ''}, {summary['seconds']:.1f} s")
-        share = roofline_share(model, engine.stats, summary["lengths"], summary["seconds"])
-        if share:
-            decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"
-                      if "decode_share" in share else "")
-            print(f"roofline: job {share['job_share']:.0%} of the bytes/FLOPs bound "
-                  f"({share['job_bound_s']:.2f} s){decode}")
-    return 0
+        merge_parts(out, world_size, items)
+    elif args.ordered and rank == 0:
+        sort_results(out, items)
+    return summary
+
+
+def _report(summary: dict, model: object, engine: object, world_size: int) -> None:
+    from batchpilot.generate.roofline import roofline_share
+
+    print(f"requests {summary['requests']} (skipped {summary['skipped']}, errors {summary['errors']}), "
+          f"output tokens {summary['output_tokens']}, {summary['output_tokens_per_s']:,.0f} tok/s"
+          f"{' on rank 0' if world_size > 1 else ''}, {summary['seconds']:.1f} s")
+    share = roofline_share(model, engine.stats, summary["lengths"], summary["seconds"])
+    if share:
+        decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"
+                  if "decode_share" in share else "")
+        print(f"roofline: job {share['job_share']:.0%} of the bytes/FLOPs bound "
+              f"({share['job_bound_s']:.2f} s){decode}")
 
 
 def _distributed() -> tuple[int, int, Callable[[], None]]:

@@ -29,15 +29,19 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load(args, device)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer")
+    if args.num_samples < 1 or args.max_tokens < 1:
+        raise ValueError("--num-samples and --max-tokens must be >= 1")
+    if not -2**63 <= args.seed < 2**63:
+        raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
     prompts = args.prompt or [""]
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    ids = [bos + tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    # the tokenizer owns the BOS policy; an empty prompt without a BOS starts from EOS (a document boundary)
+    ids = [tokenizer.encode_prompt(p) or [tokenizer.eos_id] for p in prompts]
     jobs = [(i, k) for i in range(len(prompts)) for k in range(args.num_samples)]
-    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed + 1_000_003 * i + k, stop=tuple(args.stop))
-              for i, k in jobs]
+    # seed=None: the engine's one seed rule gives every request (so every sample) its own seed from --seed
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     kv_tokens = len(jobs) * (max(map(len, ids)) + args.max_tokens + 64)
-    engine = Engine(model, tokenizer, EngineConfig(cpu_kv_tokens=kv_tokens))
+    engine = Engine(model, tokenizer, EngineConfig(cpu_kv_tokens=kv_tokens, seed=args.seed))
     for (i, k), c in zip(jobs, engine.generate([ids[i] for i, _ in jobs], params)):
         print(f"--- prompt {i}, sample {k} ({c.finish_reason}) ---\n{prompts[i]}{c.text}")
     return 0

@@ -3,7 +3,7 @@
 Design: the wrapper only adds what the rest of batchpilot needs on top of ``tokenizers.Tokenizer``,
 namely which ids are EOS/BOS and the chat template, because ``tokenizer.json`` alone does not say.
 They are resolved from ``tokenizer_config.json``, then ``config.json``, then well-known token
-names. ``encode`` never adds special tokens (no BOS from a post-processor): data preparation
+names; the chat template from ``chat_template.jinja`` or ``tokenizer_config.json``. ``encode`` never adds special tokens (no BOS from a post-processor): data preparation
 appends EOS itself and callers that want BOS prepend ``bos_id``. The cost: special-token strings
 that appear *inside* text (say a literal ``<|endoftext|>``) are still matched as special tokens,
 as in HF; this keeps chat-template prompts working but lets such text end a document early.
@@ -22,17 +22,23 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from batchpilot.data.chat_template import TEMPLATE_FILE, read_chat_template, read_tokenizer_config
+from batchpilot.io import write_text_atomic
+
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>")
 
 
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_id: int, bos_id: int | None = None,
-                 chat_template: str | None = None) -> None:
+                 pad_id: int | None = None, chat_template: str | None = None,
+                 model_max_length: int | None = None) -> None:
         self.inner = tokenizer
         self.eos_id = eos_id
         self.bos_id = bos_id
+        self.pad_id = pad_id
         self.chat_template = chat_template
+        self.model_max_length = model_max_length
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, *,
@@ -58,14 +64,21 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise ValueError(f"{path}: no tokenizer.json (only fast HF tokenizers are supported)")
-        tk = tokenizers.Tokenizer.from_file(str(file))
-        tokenizer_config = _read_json(file.parent / "tokenizer_config.json")
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own untyped errors
+            raise ValueError(f"{file}: not a valid tokenizer.json ({str(e)[:200]})") from None
+        tokenizer_config = read_tokenizer_config(file.parent)
         model_config = _read_json(file.parent / "config.json")
         eos_id = _special_id(tk, "eos", tokenizer_config, model_config, EOS_NAMES)
         if eos_id is None:
             raise ValueError(f"{path}: cannot tell the EOS token (set eos_token in tokenizer_config.json)")
         bos_id = _special_id(tk, "bos", tokenizer_config, model_config, BOS_NAMES)
-        return cls(tk, eos_id=eos_id, bos_id=bos_id, chat_template=tokenizer_config.get("chat_template"))
+        pad_id = _special_id(tk, "pad", tokenizer_config, model_config, ())
+        max_len = tokenizer_config.get("model_max_length")
+        return cls(tk, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+                   chat_template=read_chat_template(file.parent, tokenizer_config),
+                   model_max_length=max_len if type(max_len) is int and max_len < 2**62 else None)
 
     @property
     def vocab_size(self) -> int:
@@ -86,19 +99,27 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(ids, skip_special_tokens=False)
 
-    def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` (or ``path`` itself if it ends in .json) and ``tokenizer_config.json``
-        beside it, so that ``from_path`` recovers EOS/BOS and the chat template (HF layout)."""
+    def save(self, path: str | Path, *, model_max_length: int | None = None) -> None:
+        """Write ``tokenizer.json`` (or ``path`` itself if it ends in .json), a complete ``tokenizer_config.json``
+        (tokenizer class, special tokens, ``model_max_length``) and ``chat_template.jinja`` beside it, as
+        transformers 5 writes them, so that ``from_path`` and ``AutoTokenizer`` both recover them."""
         file = Path(path) if Path(path).suffix == ".json" else Path(path) / "tokenizer.json"
         file.parent.mkdir(parents=True, exist_ok=True)
         self.inner.save(str(file))
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+        max_len = model_max_length or self.model_max_length
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                                   "eos_token": self.inner.id_to_token(self.eos_id)}
-        if self.bos_id is not None:
-            config["bos_token"] = self.inner.id_to_token(self.bos_id)
+        for kind, token_id in (("bos", self.bos_id), ("pad", self.pad_id)):
+            if token_id is not None:
+                config[f"{kind}_token"] = self.inner.id_to_token(token_id)
+        if max_len is not None:
+            config["model_max_length"] = max_len
+        write_text_atomic(file.parent / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        template = file.parent / TEMPLATE_FILE
         if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
-        (file.parent / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_text_atomic(template, self.chat_template)
+        else:
+            template.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

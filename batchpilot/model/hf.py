@@ -312,22 +312,53 @@ def _cast(model: Llama, dtype: torch.dtype | None) -> Llama:
     return model
 
 
-def save_model(model: Llama, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
+def generation_config(config: LlamaConfig) -> dict[str, Any]:
+    """generation_config.json: the ids transformers' ``generate`` stops at and pads with (without it, and with
+    null ids in config.json, ``generate`` runs past EOS). Greedy by default, as batchpilot's ``--temperature 0``."""
+    gen: dict[str, Any] = {"do_sample": False}
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(config, key) is not None:
+            gen[key] = getattr(config, key)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = config.eos_token_id  # HF's convention for models trained without a pad token
+    if pad is not None:
+        gen["pad_token_id"] = pad
+    return gen
 
-    Written into a temporary directory beside ``path`` and renamed, so a crash leaves no half model.
+
+def save_model(model: Llama, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               bos_token_id: int | None = None, eos_token_id: int | None = None,
+               pad_token_id: int | None = None) -> None:
+    """Write config.json + generation_config.json + model.safetensors that transformers' AutoModelForCausalLM
+    loads and ``generate``s with as batchpilot does (stopping at the same EOS).
+
+    The special ids come from the tokenizer (the caller's: the model layer does not read tokenizers); given ones
+    override the model config's. Written into a temporary directory beside ``path`` and renamed, so a crash
+    leaves no half model.
     """
+    from dataclasses import replace
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ours = split_experts(dict(model.state_dict()), model.config)
     state = {hf_name(k): v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in ours.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    hf_config = config_to_hf(model.config)
+    config = model.config
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    config = replace(config, **{k: v for k, v in ids.items() if v is not None})
+    hf_config = config_to_hf(config)
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    if pad_token_id is not None:
+        hf_config["pad_token_id"] = pad_token_id
+    gen = generation_config(config)
+    if pad_token_id is not None:
+        gen["pad_token_id"] = pad_token_id
     tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if path.exists():
         for f in tmp.iterdir():
             os.replace(f, path / f.name)

@@ -2,7 +2,7 @@ import json
 
 from batchpilot.cli import main
 from batchpilot.data.chat_template import render_chat
-from batchpilot.generate.jobs import merge_parts, part_path, read_job
+from batchpilot.generate.jobs import JobItem, merge_parts, parse_line, part_path, read_job
 from batchpilot.generate.request import SamplingParams
 from conftest import CHAT_TEMPLATE
 
@@ -36,9 +36,10 @@ def test_job_end_to_end_bad_line_chat_and_resume(model_dir, tmp_path):
             "--ignore-eos", "--dtype", "float32"]
     assert main(argv) == 0
     recs = {r["custom_id"]: r for r in _records(out)}
-    assert set(recs) == {"a", "line-2", "c", "d", "e", "f"}
-    assert recs["line-2"]["error"] and recs["line-2"]["response"] is None
-    assert "exceeds" in recs["e"]["error"]["message"]
+    assert set(recs) == {"a", None, "c", "d", "e", "f"}
+    err = recs[None]["response"]["body"]["error"]
+    assert recs[None]["response"]["status_code"] == 400 and err["code"] == "missing_custom_id"
+    assert "exceeds" in recs["e"]["response"]["body"]["error"]["message"]
     body = recs["a"]["response"]["body"]
     assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
@@ -68,10 +69,9 @@ def test_chat_template_rendering_is_sandboxed():
     text = render_chat([{"role": "user", "content": "hi"}], CHAT_TEMPLATE, {"bos_token": "<s>"})
     assert text == "<s><|user|>hi\n<|assistant|>"
     evil = "{{ messages.__class__.__mro__ }}"
-    items = read_job.__globals__["parse_line"](
-        _line("x", {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions"), 0,
-        SamplingParams(), evil, {})
-    assert items.error is not None and "chat template" in items.error
+    item = parse_line(_line("x", {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions").encode(),
+                      0, SamplingParams(), evil, {})
+    assert item.error is not None and "chat template" in str(item.error) and item.error.param == "messages"
 
 
 def test_params_and_duplicates(tmp_path):
@@ -79,14 +79,20 @@ def test_params_and_duplicates(tmp_path):
                                       _line("a", {"prompt": "q"}), _line("b", {"prompt": "q", "top_p": 2})])
     a, dup, bad = read_job(job, SamplingParams(max_tokens=9))
     assert a.params == SamplingParams(max_tokens=9, stop=("x",), top_p=0.5)
-    assert "duplicate" in dup.error and "top_p" in bad.error
+    assert "duplicate" in str(dup.error) and dup.error.code == "duplicate_custom_id"
+    assert bad.error.param == "top_p"
 
 
 def test_merge_parts_in_input_order(tmp_path):
     out = tmp_path / "o.jsonl"
-    out.write_text(json.dumps({"custom_id": "b"}) + "\n")
-    part_path(out, 0).write_text(json.dumps({"custom_id": "c"}) + "\n" + json.dumps({"custom_id": "a"}) + "\n")
-    part_path(out, 1).write_text(json.dumps({"custom_id": "d"}) + "\n")
-    merge_parts(out, 2, {"a": 0, "b": 1, "c": 2, "d": 3})
+    items = [JobItem(i, c) for i, c in enumerate("abcd")]
+
+    def rec(cid):
+        return json.dumps({"id": "x", "custom_id": cid, "response": {"status_code": 200}, "error": None}) + "\n"
+
+    out.write_text(rec("b"))
+    part_path(out, 0).write_text(rec("c") + rec("a"))
+    part_path(out, 1).write_text(rec("d"))
+    merge_parts(out, 2, items)
     assert [r["custom_id"] for r in _records(out)] == ["a", "b", "c", "d"]
     assert not part_path(out, 0).exists()
