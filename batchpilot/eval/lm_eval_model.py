@@ -51,7 +51,7 @@ class BatchpilotLM(LM):
                  prefix_token_id: int | None = None,
                  **engine_kwargs: Any) -> None:
         super().__init__()
-        from batchpilot import load_model
+        from batchpilot.model.hf import load_model
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is not None and dtype not in _DTYPES:
