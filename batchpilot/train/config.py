@@ -51,7 +51,8 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     save_every: int = 100  # steps between checkpoints (and one at the end)
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (start it if it has none)
+    resume_override: str = ""  # "lr=1e-3,min_lr=1e-5,max_steps=2000": the LR / schedule changes a resume may make
 
     def __post_init__(self) -> None:
         if self.save_every < 1:

@@ -16,7 +16,7 @@ import torch
 
 from batchpilot.data.packing import PackedLoader
 from batchpilot.data.prepare import PrepareConfig, prepare
-from batchpilot.io import write_json_atomic
+from batchpilot.io import FileLock, LockedError, read_jsonl, write_json_atomic, write_text_atomic
 from batchpilot.model import counting
 from batchpilot.model.hf import load_model, read_config, save_model
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
@@ -26,44 +26,108 @@ from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, loa
 from batchpilot.train.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig
 from batchpilot.train.parallel import ParallelConfig
 
-# The fields a resume must keep (dotted names of config.json); the rest may differ.
-SAME_RUN_FIELDS = ("model.name", "data.path", "data.seq_len", "data.seed", "model.seed",
-                   "batch.global_batch_tokens", "optim.name", "optim.lr", "schedule.name")
+LOCK_NAME = ".lock"  # RUN/.lock: one train process per run directory
 
 
 def open_run_dir(out_dir: str, checkpoint: CheckpointConfig, record: dict[str, Any], plan: Plan,
-                 dims: parallel.ParallelDims) -> Path:
-    """Create the run directory; never overwrite one silently; write ``record`` as config.json and the plan."""
+                 dims: parallel.ParallelDims) -> tuple[Path, FileLock | None]:
+    """Create the run directory and lock it; never overwrite one silently; write ``record`` as config.json and the
+    plan. ``resume`` on a missing or empty directory starts the run there (one command a scheduler can re-run).
+    Returns the directory and rank 0's lock (release it when the run ends)."""
     run_dir = Path(out_dir)
     has_run = (run_dir / "config.json").exists()
-    if checkpoint.resume and not has_run:
-        raise ValueError(f"nothing to resume in {run_dir} (no config.json)")
-    if not checkpoint.resume and run_dir.exists() and any(run_dir.iterdir()):
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK_NAME] if run_dir.is_dir() else []
+    if checkpoint.resume and not has_run and contents:
+        raise ValueError(f"nothing to resume in {run_dir} (no config.json) and it is not empty; choose another --out")
+    if not checkpoint.resume and contents:
         raise FileExistsError(f"run directory {run_dir} exists and is not empty; pass --resume to continue it "
                               f"or choose another --out")
     parallel.barrier(dims)  # every rank checks the directory before rank 0 creates it
+    lock = None
     if dims.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint.resume:
-            check_same_run(record, run_dir)
-        write_json_atomic(run_dir / "config.json", record)
-        plan.save(run_dir / "plan.json")
+        try:
+            lock = FileLock(run_dir / LOCK_NAME, what=f"run directory {run_dir}").acquire()
+        except LockedError as e:
+            raise ValueError(str(e)) from None
+        try:
+            if checkpoint.resume and has_run:
+                check_same_run(record, run_dir, overrides=parse_overrides(checkpoint.resume_override))
+            write_json_atomic(run_dir / "config.json", record)
+            plan.save(run_dir / "plan.json")
+        except BaseException:
+            lock.release()
+            raise
     parallel.barrier(dims)
-    return run_dir
+    return run_dir, lock
 
 
-def check_same_run(record: dict[str, Any], run_dir: Path) -> None:
-    saved = json.loads((run_dir / "config.json").read_text())
+def parse_overrides(text: str) -> dict[str, str]:
+    """``"lr=1e-3,min_lr=1e-5"`` -> {"optim.lr": "1e-3", "schedule.min_lr": "1e-5"}: what a resume may change."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        dotted = RESUME_OVERRIDABLE.get(key.strip())
+        if not sep or dotted is None:
+            raise ValueError(f"--checkpoint.resume_override {item!r}: write KEY=VALUE with KEY one of "
+                             f"{', '.join(RESUME_OVERRIDABLE)}")
+        out[dotted] = value.strip()
+    return out
 
-    def get(tree: dict[str, Any], dotted: str) -> object:
-        component, _, name = dotted.partition(".")
-        part = tree.get(component)
-        return part.get(name) if isinstance(part, dict) else None
 
-    changed = [f"{k} ({get(saved, k)!r} -> {get(record, k)!r})" for k in SAME_RUN_FIELDS
-               if get(saved, k) != get(record, k)]
+# What ``--checkpoint.resume_override`` may change on a resume: the LR and the schedule only.
+RESUME_OVERRIDABLE = {"lr": "optim.lr", "min_lr": "schedule.min_lr", "schedule": "schedule.name",
+                      "warmup_tokens": "schedule.warmup_tokens", "max_steps": "schedule.max_steps",
+                      "max_tokens": "schedule.max_tokens", "decay_fraction": "schedule.decay_fraction",
+                      "decay_shape": "schedule.decay_shape"}
+# What a resume may change freely: how the run is executed and logged, not what it computes.
+RESUME_FREE = {"out_dir", "checkpoint.resume", "checkpoint.resume_override", "checkpoint.save_every",
+               "schedule.stop_at_step", "batch.micro_batch_size", "batch.auto_micro_batch", "parallel.device",
+               "parallel.compile", "parallel.float8", "parallel.fsdp_one_device", "logging.log_every",
+               "logging.eval_every", "logging.eval_batches", "logging.tensorboard", "logging.progress",
+               "logging.peak_tflops"}
+
+
+def _flatten(tree: dict[str, Any]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def check_same_run(record: dict[str, Any], run_dir: Path, *, overrides: dict[str, str]) -> None:
+    """A resume computes the run it continues: any difference outside ``RESUME_FREE`` is refused, naming it,
+    unless ``--checkpoint.resume_override`` names it (LR and schedule only); overrides are logged in
+    RUN/resume_overrides.jsonl."""
+    saved, new = _flatten(json.loads((run_dir / "config.json").read_text())), _flatten(record)
+    changed = sorted(k for k in set(saved) | set(new) if k not in RESUME_FREE and saved.get(k) != new.get(k))
+    refused = [k for k in changed if k not in overrides.keys()]
+    if refused:
+        hint = "; the LR and schedule may change with --checkpoint.resume_override KEY=VALUE" if any(
+            k in RESUME_OVERRIDABLE.values() for k in refused) else ""
+        raise ValueError(f"cannot resume {run_dir} with a different "
+                         f"{', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in refused)}{hint}")
+    for dotted in overrides:
+        if dotted not in changed:
+            raise ValueError(f"--checkpoint.resume_override names {dotted}, but its value is unchanged "
+                             f"({new.get(dotted)!r}); set the new value with --{dotted}")
     if changed:
-        raise ValueError(f"cannot resume {run_dir} with a different {', '.join(changed)}")
+        lines = (run_dir / "resume_overrides.jsonl").read_text() if (run_dir / "resume_overrides.jsonl").exists() \
+            else ""
+        entry = {k: {"from": saved.get(k), "to": new.get(k)} for k in changed}
+        write_text_atomic(run_dir / "resume_overrides.jsonl", lines + json.dumps(entry) + "\n")
+        print(f"resume overrides: {', '.join(f'{k} {saved.get(k)!r} -> {new.get(k)!r}' for k in changed)}")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl records past ``step`` (steps a resume re-runs are logged once) and a torn last line."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def model_config(model: ModelConfig) -> LlamaConfig:
@@ -103,11 +167,13 @@ def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, 
     return train_loader, val_loader
 
 
-def resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader: PackedLoader) -> dict[str, Any]:
-    """Load the latest checkpoint in place; restore the data position and RNG; return the trainer state."""
+def resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer,
+           loader: PackedLoader) -> dict[str, Any] | None:
+    """Load the latest checkpoint in place; restore the data position and RNG; return the trainer state
+    (None when the run has no checkpoint yet: it starts from step 0)."""
     path = latest_checkpoint(run_dir)
     if path is None:
-        raise ValueError(f"no checkpoint to resume in {run_dir}/checkpoints")
+        return None
     saved = load_checkpoint(path, model, optimizer)
     loader.load_state_dict(saved["loader"])
     if saved.get("rng"):
