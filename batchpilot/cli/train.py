@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from batchpilot.cli.config import (add_field_flags, base_type, converter, add_legacy_flags, given_fields,
                                    load_config_file, merged_tree)
@@ -54,6 +55,7 @@ HELP = {
     "parallel.float8": "tensorwise | rowwise: float8 matmuls in the blocks (needs torchao and an H100/H200-class "
                        "GPU; on CPU torch runs them in software, for tests); MFU stays against the bf16 peak",
     "checkpoint.save_every": "steps between checkpoints",
+    "checkpoint.keep": "newest checkpoints to keep (older ones are deleted after each save)",
     "checkpoint.resume": "continue the run in --out from its latest checkpoint (start it if it has none)",
     "checkpoint.resume_override": "KEY=VALUE,...: the LR / schedule changes a resume may make (lr, min_lr, schedule, "
                                   "warmup_tokens, max_steps, max_tokens, decay_fraction, decay_shape)",
@@ -117,6 +119,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(tree, plan=plan, source=args.config or "flags")
 
 
+def owns_the_process() -> bool:
+    """Whether ``train`` is this process's command (``batchpilot``, ``python -m batchpilot``, ``torchrun -m
+    batchpilot``): then its SIGTERM / SIGINT are a preemption to checkpoint. An in-process ``main([...])`` (a
+    test, a notebook, a sweep driver) keeps its caller's handlers, so the caller's own timeout still stops it."""
+    entry = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return entry.name == "batchpilot" or (entry.name == "__main__.py" and entry.parent.name == "batchpilot")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if not sys.stdout.isatty():
@@ -129,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.train.trainer import TrainingDiverged, train
 
     try:
-        result = train(cfg)
+        result = train(cfg, stop_on_signals=owns_the_process())  # preemption: a checkpointed stop, exit 0
     except TrainingDiverged as e:  # a clear one-line stop, exit 2; the last good checkpoint is intact
         raise ValueError(str(e)) from None
     shutdown_distributed()  # torchrun's group or a one-device FSDP2 group: destroyed before interpreter exit

@@ -29,6 +29,7 @@ from batchpilot.metrics import MetricsWriter, print0
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import Llama, LlamaConfig
 from batchpilot.model.counting import training_flops_per_token
+from batchpilot.plan.planner import Plan
 from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import BatchController, Measurement, default_coupling, grad_sq_norm_tensor
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
@@ -74,29 +75,38 @@ class TrainState:
     rng: list[int] = field(default_factory=list)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, stop_on_signals: bool = False) -> TrainResult:
+    """Execute ``cfg``. ``stop_on_signals`` (the CLI sets it): SIGTERM / SIGINT checkpoint at the next step
+    boundary and return early (``TrainResult.stopped_by``); off, the caller's signal handlers stay in charge."""
     dims = parallel.init_distributed(cfg.parallel.device)
     torch.manual_seed(cfg.model.seed)
     model_config = run.model_config(cfg.model)
     plan = cfg.plan if cfg.plan is not None else run.executed_plan(cfg, model_config, dims)
-    # rank 0 holds RUN/.lock until the run ends: a second `train` on the directory fails fast
-    run_dir, lock = run.open_run_dir(cfg.out_dir, cfg.checkpoint, cfg.to_dict(), plan, dims)
+    # rank 0 holds RUN/.lock until the run ends: a second `train` on the directory fails fast. Nothing else is
+    # written to the directory until model and data are validated; a failed start leaves it as it was.
+    handle = run.open_run_dir(cfg.out_dir, cfg.checkpoint, cfg.to_dict(), dims)
     try:
-        with _stop_on_signals() as stop:
-            return _train(cfg, run_dir, model_config, dims, stop)
+        with _stop_on_signals(stop_on_signals) as stop:
+            return _train(cfg, handle, plan, model_config, dims, stop)
     finally:
-        if lock is not None:
-            lock.release()
+        handle.release()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, model_config: LlamaConfig, dims: parallel.ParallelDims,
-           stop: _StopRequest) -> TrainResult:
-    train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
-    model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims)
-    optimizer = build_optimizer(model, cfg.optim)
+def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: LlamaConfig,
+           dims: parallel.ParallelDims, stop: _StopRequest) -> TrainResult:
+    run_dir = handle.path
+    try:
+        train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
+        model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims)
+        optimizer = build_optimizer(model, cfg.optim)
+        run.commit_run_dir(handle, cfg.to_dict(), plan, (train_loader, val_loader), dims)
+    except BaseException:
+        if dims.rank == 0:
+            handle.rollback()
+        raise
     state = TrainState()
     if cfg.checkpoint.resume:
-        saved = run.resume(run_dir, model, optimizer, train_loader)
+        saved = run.resume(run_dir, model, optimizer, train_loader, dims)
         if saved is None:
             print0(f"no checkpoint in {run_dir} yet: starting the run", rank=dims.rank)
         else:
@@ -123,28 +133,39 @@ def _train(cfg: TrainConfig, run_dir: Path, model_config: LlamaConfig, dims: par
 
 
 class _StopRequest:
-    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the next step boundary."""
+    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the next step boundary. A second signal while
+    the stop is pending acts as it would have without us (Ctrl-C twice aborts at once)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.previous: dict[int, Any] = {}
 
     def __call__(self, signum: int, frame: object) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            return
+        previous = self.previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.raise_signal(signum)
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[_StopRequest]:
+def _stop_on_signals(enabled: bool) -> Iterator[_StopRequest]:
     """SIGTERM (SLURM and Kubernetes preemption) and SIGINT (Ctrl-C) request a checkpointed stop; the previous
-    handlers come back afterwards. Outside the main thread (no signals there) nothing is installed."""
+    handlers come back afterwards. Only when ``enabled`` (the ``train`` command; a library caller such as a
+    sweep or a test keeps its own handlers) and in the main thread (signals are delivered there only)."""
     stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop.previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
-        for sig, handler in previous.items():
+        for sig, handler in stop.previous.items():
             signal.signal(sig, handler)
 
 
@@ -216,7 +237,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
                                            f"checkpoint: {latest_checkpoint(run_dir) or 'none'}")
                 state.loader, state.controller = train_loader.state_dict(), controller.state_dict()
                 state.rng = torch.get_rng_state().tolist()
-                save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims)
+                save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims, keep=cfg.checkpoint.keep)
             if signalled:
                 break
     return state, val_loss

@@ -14,11 +14,7 @@ from conftest import PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, one_
 
 from batchpilot.train.checkpoint import find_resumable_checkpoint
 
-NEEDS_SIGNALS = "needs H1: SIGTERM/SIGINT checkpoint at the next step boundary, exit 0 and a line saying how to resume"
-NEEDS_LOCK = "needs H1: an exclusive lock on the run directory (a second train --resume fails fast with one line)"
 
-
-@pytest.mark.xfail(strict=False, reason=NEEDS_SIGNALS)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig):
     run = tmp_path / "run"
@@ -35,7 +31,6 @@ def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig)
     harness.assert_nothing_lost(run)
 
 
-@pytest.mark.xfail(strict=False, reason=NEEDS_LOCK)
 def test_second_process_on_a_run_directory_is_refused(harness, tmp_path):
     run = tmp_path / "run"
     first = harness.start(run)

@@ -26,9 +26,9 @@ TRAIN_FLAGS = sorted("""
 --batch.global_batch_tokens --batch.lr_coupling --batch.max_batch_tokens --batch.max_growth --batch.measure_noise
 --batch.micro_batch_size --batch.min_interval_steps --batch.min_measurements --batch.min_relative_change
 --batch.norm_test_eta --batch.policy --batch.ramp --batch.target --batch.target_multiplier --beta1 --beta2
---checkpoint.resume --checkpoint.save_every --compile --config --data --data.path --data.seed --data.seq_len
---data.text_field --device --eval-batches --eval-every --float8 --fsdp-one-device --global-batch-tokens
---grad-clip --log-every --logging.eval_batches --logging.eval_every --logging.log_every --logging.peak_tflops
+--checkpoint.keep --checkpoint.resume --checkpoint.resume_override --checkpoint.save_every --compile --config --data --data.path --data.seed --data.seq_len
+--data.text_field --debug --device --eval-batches --eval-every --float8 --fsdp-one-device --global-batch-tokens
+--grad-clip --keep-checkpoints --log-every --logging.eval_batches --logging.eval_every --logging.log_every --logging.peak_tflops
 --logging.progress --logging.tensorboard --lr --lr-coupling --max-global-batch-tokens --max-steps --max-tokens
 --measure-noise --micro-batch-size --min-lr --model --model.name --model.seed --optim.beta1 --optim.beta2
 --optim.eps --optim.fused --optim.grad_clip --optim.lr --optim.momentum --optim.name --optim.trust_coefficient
