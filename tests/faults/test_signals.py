@@ -22,7 +22,7 @@ def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig)
     wait_until(lambda: logged_steps(run) >= rng.randint(1, STEPS - 2), proc)
     rc, out, err = kill_and_reap(proc, sig)
     assert rc == 0, err[-2000:]
-    assert "--resume" in out + err  # tells the user (or the scheduler's log) how to continue
+    assert "--checkpoint.resume" in out + err  # tells the user (or the scheduler's log) how to continue
     finished = max(step_losses(run))
     path, _ = find_resumable_checkpoint(run)
     assert path is not None and path.name == f"step_{finished:08d}"  # no finished step lost
@@ -32,11 +32,16 @@ def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig)
 
 
 def test_second_process_on_a_run_directory_is_refused(harness, tmp_path):
+    """The first run is frozen (SIGSTOP) while it holds the lock, so the second meets it whatever the timing."""
     run = tmp_path / "run"
     first = harness.start(run)
     wait_until(lambda: logged_steps(run) >= 1, first)
-    assert first.poll() is None, "the first run ended before the second started"
-    second = harness.train(run, resume=True)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before the second started"
+        second = harness.train(run, resume=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=PROCESS_TIMEOUT_S)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode != 0 and one_line_error(second.stderr) and "in use" in second.stderr
