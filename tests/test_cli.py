@@ -16,8 +16,8 @@ def run_cli(*args, cwd=None):
 
 def test_plan_then_train_executes_the_plan(tmp_path, tiny_text_dir):
     plan_path = tmp_path / "plan.json"
-    assert main(["plan", "--preset", "tiny", "--tokens", "24576", "--gpus", "1", "--gpu-memory-gib", "8",
-                 "--seq-len", "64", "--law", "step", "--out", str(plan_path)]) == 0
+    assert main(["plan", "--preset", "tiny", "--tokens", "6144", "--gpus", "1", "--gpu-memory-gib", "8",
+                 "--seq-len", "64", "--law", "step", "--out", str(plan_path)]) == 0  # 96 steps of 64 tokens
     plan = json.loads(plan_path.read_text())
     run = tmp_path / "run"
     assert main(["train", "--plan", str(plan_path), "--data", str(tiny_text_dir), "--out", str(run),

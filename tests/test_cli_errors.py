@@ -45,17 +45,23 @@ def model_dir(tmp_path, tiny_config) -> os.PathLike:
 
 # ---- plan ----
 
-@pytest.mark.parametrize("tokens", ["inf", "nan", "-1e9"])
+@pytest.mark.parametrize("tokens", ["inf", "nan", "-1e9", "-1", "0"])
 def test_plan_non_finite_tokens(capsys, tokens):
     rc, err = run_cli(capsys, "plan", "--preset", "tiny", f"--tokens={tokens}")
-    assert_one_line_error(rc, err, "plan")
+    assert_one_line_error(rc, err, "plan", contains="--tokens must be a finite number > 0")
+
+
+@pytest.mark.parametrize("flag", ["--compute", "--hours"])
+def test_plan_non_finite_compute_or_hours(capsys, flag):
+    rc, err = run_cli(capsys, "plan", "--preset", "tiny", f"{flag}=inf")
+    assert_one_line_error(rc, err, "plan", contains=f"{flag} must be a finite number > 0")
 
 
 def test_plan_law_file_holding_a_list(capsys, tmp_path):
     law = tmp_path / "law.json"
     law.write_text("[1, 2, 3]")
     rc, err = run_cli(capsys, "plan", "--preset", "tiny", "--tokens", "1e9", "--law", str(law))
-    assert_one_line_error(rc, err, "plan")
+    assert_one_line_error(rc, err, "plan", contains=f"{law}: a JSON list, not a law object")
 
 
 def test_plan_out_on_a_full_disk_names_the_path(capsys, tmp_path, monkeypatch):
@@ -110,7 +116,8 @@ def test_sweep_with_an_empty_grid(capsys, tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text("{}")
     rc, err = run_cli(capsys, "sweep", str(grid), "--out", str(tmp_path / "sweep"))
-    assert_one_line_error(rc, err, "sweep")
+    assert_one_line_error(rc, err, "sweep", contains="the grid needs models, tokens, lrs, batch_tokens")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_sample_seed_beyond_64_bits(capsys, model_dir, tmp_path):

@@ -34,7 +34,7 @@ def parse_int(text: str) -> int:
     return int(value)
 
 
-def _base(hint: object) -> tuple[type, bool]:
+def base_type(hint: object) -> tuple[type, bool]:
     """(the type, whether None is allowed) of ``int | None`` style annotations."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -42,7 +42,7 @@ def _base(hint: object) -> tuple[type, bool]:
     return hint, False  # type: ignore[return-value]
 
 
-def _converter(kind: type, optional: bool) -> typing.Callable[[str], object]:
+def converter(kind: type, optional: bool) -> typing.Callable[[str], object]:
     parse: typing.Callable[[str], object] = parse_int if kind is int else kind
 
     def convert(text: str) -> object:
@@ -58,7 +58,7 @@ def add_field_flags(parser: argparse.ArgumentParser, fields: Mapping[str, object
                     defaults: Mapping[str, object], help_texts: Mapping[str, str]) -> None:
     """One ``--component.field`` flag per dotted name in ``fields`` (name -> annotation)."""
     for dotted, hint in fields.items():
-        kind, optional = _base(hint)
+        kind, optional = base_type(hint)
         default = defaults.get(dotted)
         shown = f" (default: {default})" if default not in (None, "") else ""
         help_text = (help_texts.get(dotted, "") + shown).replace("%", "%%")
@@ -67,7 +67,7 @@ def add_field_flags(parser: argparse.ArgumentParser, fields: Mapping[str, object
                                default=argparse.SUPPRESS, help=help_text)
         else:
             suffix = " (none: unset)" if optional else ""
-            parser.add_argument(f"--{dotted}", dest=PREFIX + dotted, type=_converter(kind, optional),
+            parser.add_argument(f"--{dotted}", dest=PREFIX + dotted, type=converter(kind, optional),
                                default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text + suffix)
 
 
@@ -75,13 +75,13 @@ def add_legacy_flags(parser: argparse.ArgumentParser, legacy: Mapping[str, tuple
                      fields: Mapping[str, object]) -> None:
     """Hidden ``--old-name`` aliases; ``legacy`` maps the old flat name to the dotted field(s) it sets."""
     for name, targets in legacy.items():
-        kind, optional = _base(fields[targets[0]])
+        kind, optional = base_type(fields[targets[0]])
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, dest=LEGACY_PREFIX + name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=LEGACY_PREFIX + name, type=_converter(kind, optional),
+            parser.add_argument(flag, dest=LEGACY_PREFIX + name, type=converter(kind, optional),
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 

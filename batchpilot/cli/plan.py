@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from batchpilot.plan import laws
 from batchpilot.plan.memory import GIB
@@ -39,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
+    for flag in ("tokens", "compute", "hours"):  # inf, nan or <= 0 would plan nonsense (or divide by zero)
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag} must be a finite number > 0")
     return Budget(preset=args.preset, hf_config=args.hf_config, params=args.params, tokens=args.tokens,
                   compute_flops=args.compute, hours=args.hours, num_gpus=args.gpus,
                   gpu_memory_gib=args.gpu_memory_gib, seq_len=args.seq_len, law=args.law, optimizer=args.optimizer,

@@ -11,11 +11,13 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
-from batchpilot.cli.config import (add_field_flags, add_legacy_flags, given_fields, load_config_file,
-                                   merged_tree)
+from batchpilot.cli.config import (add_field_flags, base_type, converter, add_legacy_flags, given_fields,
+                                   load_config_file, merged_tree)
 from batchpilot.plan.planner import Plan
 from batchpilot.train.config import COMPONENTS, LEGACY_NAMES, TrainConfig, field_types, plan_settings
+from batchpilot.train.run import parse_overrides
 
 HELP = {
     "model.name": "preset name, HF model directory (fine-tune from its weights) or config.json",
@@ -52,7 +54,11 @@ HELP = {
                                 "torchrun) instead of autocast; about 1.5x the micro-batch at long sequences",
     "parallel.float8": "tensorwise | rowwise: float8 matmuls in the blocks (needs torchao and an H100/H200-class "
                        "GPU; on CPU torch runs them in software, for tests); MFU stays against the bf16 peak",
-    "checkpoint.save_every": "steps between checkpoints", "checkpoint.resume": "continue the run in --out",
+    "checkpoint.save_every": "steps between checkpoints",
+    "checkpoint.keep": "newest checkpoints to keep (older ones are deleted after each save)",
+    "checkpoint.resume": "continue the run in --out from its latest checkpoint (start it if it has none)",
+    "checkpoint.resume_override": "KEY=VALUE,...: the LR / schedule changes a resume may make (lr, min_lr, schedule, "
+                                  "warmup_tokens, max_steps, max_tokens, decay_fraction, decay_shape)",
     "logging.log_every": "steps between metrics.jsonl records",
     "logging.eval_every": "steps between validation passes (0: only at the end)",
     "logging.eval_batches": "validation micro-batches per pass", "logging.peak_tflops": "per-GPU peak for MFU",
@@ -100,9 +106,25 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             raise ValueError("this plan was made for a model shape, not a preset: pass --model.name with its HF "
                              "directory or config.json")
         given = {**given, **fixed}
+    override = given.get("checkpoint.resume_override", tree.get("checkpoint", {}).get("resume_override", ""))
+    fields = field_types()
+    for dotted, text in parse_overrides(str(override or "")).items():  # lr=1e-3 sets --optim.lr 1e-3
+        kind, optional = base_type(fields[dotted])
+        try:
+            given[dotted] = converter(kind, optional)(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"--checkpoint.resume_override: {dotted}={text!r} is not a {kind.__name__}") from None
     tree = merged_tree(tree, given)
     tree["out_dir"] = args.out_dir
     return TrainConfig.from_dict(tree, plan=plan, source=args.config or "flags")
+
+
+def owns_the_process() -> bool:
+    """Whether ``train`` is this process's command (``batchpilot``, ``python -m batchpilot``, ``torchrun -m
+    batchpilot``): then its SIGTERM / SIGINT are a preemption to checkpoint. An in-process ``main([...])`` (a
+    test, a notebook, a sweep driver) keeps its caller's handlers, so the caller's own timeout still stops it."""
+    entry = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return entry.name == "batchpilot" or (entry.name == "__main__.py" and entry.parent.name == "batchpilot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,10 +139,12 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.train.trainer import TrainingDiverged, train
 
     try:
-        result = train(cfg)
+        result = train(cfg, stop_on_signals=owns_the_process())  # preemption: a checkpointed stop, exit 0
     except TrainingDiverged as e:  # a clear one-line stop, exit 2; the last good checkpoint is intact
         raise ValueError(str(e)) from None
     shutdown_distributed()  # torchrun's group or a one-device FSDP2 group: destroyed before interpreter exit
+    if result.stopped_by is not None:
+        return 0  # checkpointed; the trainer printed how to resume
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"done: {result.steps} steps, {result.tokens:,} tokens, loss {result.final_loss:.4f}, val loss {val}, "
           f"{result.wall_seconds:.0f} s")

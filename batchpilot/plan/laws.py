@@ -202,6 +202,9 @@ def load_law(path: str | os.PathLike) -> Law:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"law file {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(d), "number")
+        raise ValueError(f"{path}: a JSON {kind}, not a law object")
     return law_from_dict(d, source=str(path))
 
 

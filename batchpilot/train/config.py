@@ -51,11 +51,15 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     save_every: int = 100  # steps between checkpoints (and one at the end)
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (start it if it has none)
+    resume_override: str = ""  # "lr=1e-3,min_lr=1e-5,max_steps=2000": the LR / schedule changes a resume may make
+    keep: int = 2  # newest checkpoints kept (older ones are deleted after each save)
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
             raise ValueError(f"--checkpoint.save_every must be >= 1 step, got {self.save_every}")
+        if self.keep < 1:
+            raise ValueError(f"--checkpoint.keep must be >= 1 checkpoint, got {self.keep}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -201,6 +205,7 @@ LEGACY_NAMES: dict[str, tuple[str, ...]] = {
     "log_every": ("logging.log_every",), "tensorboard": ("logging.tensorboard",),
     "progress": ("logging.progress",), "peak_tflops": ("logging.peak_tflops",),
     "save_every": ("checkpoint.save_every",), "resume": ("checkpoint.resume",),
+    "keep_checkpoints": ("checkpoint.keep",),
     "device": ("parallel.device",), "compile": ("parallel.compile",),
     "activation_checkpointing": ("parallel.activation_checkpointing",),
     "fsdp_one_device": ("parallel.fsdp_one_device",), "float8": ("parallel.float8",),

@@ -9,6 +9,10 @@ schedule and seed as the run it continues.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,54 +20,193 @@ import torch
 
 from batchpilot.data.packing import PackedLoader
 from batchpilot.data.prepare import PrepareConfig, prepare
-from batchpilot.io import write_json_atomic
+from batchpilot.io import FileLock, LockedError, read_jsonl, write_json_atomic, write_text_atomic
 from batchpilot.model import counting
 from batchpilot.model.hf import load_model, read_config, save_model
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 from batchpilot.plan.planner import Plan
 from batchpilot.train import parallel
-from batchpilot.train.checkpoint import full_model_state, latest_checkpoint, load_checkpoint
+from batchpilot.train.checkpoint import clean_leftovers, find_resumable_checkpoint, full_model_state, load_checkpoint
 from batchpilot.train.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig
 from batchpilot.train.parallel import ParallelConfig
 
-# The fields a resume must keep (dotted names of config.json); the rest may differ.
-SAME_RUN_FIELDS = ("model.name", "data.path", "data.seq_len", "data.seed", "model.seed",
-                   "batch.global_batch_tokens", "optim.name", "optim.lr", "schedule.name")
+LOCK_NAME = ".lock"  # RUN/.lock: one train process per run directory
+STAGING_NAME = ".data.staging"  # raw --data is prepared here and moved to RUN/data once the start is validated
+# What a start that failed or was killed may leave in a run directory; the "not empty" check ignores them
+LEFTOVER_PREFIXES = (LOCK_NAME, STAGING_NAME, f".{STAGING_NAME}.tmp-")
 
 
-def open_run_dir(out_dir: str, checkpoint: CheckpointConfig, record: dict[str, Any], plan: Plan,
-                 dims: parallel.ParallelDims) -> Path:
-    """Create the run directory; never overwrite one silently; write ``record`` as config.json and the plan."""
-    run_dir = Path(out_dir)
-    has_run = (run_dir / "config.json").exists()
-    if checkpoint.resume and not has_run:
-        raise ValueError(f"nothing to resume in {run_dir} (no config.json)")
-    if not checkpoint.resume and run_dir.exists() and any(run_dir.iterdir()):
+@dataclass(kw_only=True, slots=True)
+class RunDir:
+    """A locked run directory before and after its start is committed (config.json, plan.json, RUN/data)."""
+
+    path: Path
+    lock: FileLock | None  # rank 0's RUN/.lock, held until the run ends
+    created: bool  # rank 0 created the directory: a failed start removes it again
+    had_lock_file: bool  # RUN/.lock existed before this start
+    overrides: dict[str, dict[str, object]]  # resume overrides to log at commit (field -> from/to)
+
+    @property
+    def staging(self) -> Path:
+        return self.path / STAGING_NAME
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def rollback(self) -> None:
+        """Rank 0, after a failed start: leave the directory as it was before the command (lock released)."""
+        if self.lock is None:
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            _remove_leftovers(self.path)
+            if not self.had_lock_file:
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+        self.release()
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What the directory holds beyond the leftovers of a failed or killed start."""
+    if not run_dir.is_dir():
+        return []
+    return [p for p in run_dir.iterdir() if not p.name.startswith(LEFTOVER_PREFIXES)]
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """The staging directory (and prepare's own temporary) of a start that failed or was killed."""
+    for p in [*run_dir.glob(f"{STAGING_NAME}*"), *run_dir.glob(f".{STAGING_NAME}.tmp-*")]:  # prepare's own too
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _check_run_dir(run_dir: Path, checkpoint: CheckpointConfig) -> bool:
+    """Whether ``run_dir`` holds a run (config.json); refuses a directory this command may not use."""
+    has_run = (run_dir / "config.json").is_file()
+    contents = _contents(run_dir)
+    if checkpoint.resume and not has_run and contents:
+        raise ValueError(f"nothing to resume in {run_dir} (no config.json) and it is not empty; choose another --out")
+    if not checkpoint.resume and contents:
         raise FileExistsError(f"run directory {run_dir} exists and is not empty; pass --resume to continue it "
                               f"or choose another --out")
-    parallel.barrier(dims)  # every rank checks the directory before rank 0 creates it
+    return has_run
+
+
+def open_run_dir(out_dir: str, checkpoint: CheckpointConfig, record: dict[str, Any],
+                 dims: parallel.ParallelDims) -> RunDir:
+    """Check the run directory and lock it, writing nothing else: config.json, plan.json and RUN/data are written
+    by :func:`commit_run_dir` once model and data are validated, and :meth:`RunDir.rollback` undoes the lock.
+    Never overwrites a run silently; ``resume`` on a missing or empty directory, or one without checkpoints,
+    starts the run there (one command a scheduler can re-run)."""
+    run_dir = Path(out_dir)
+    _check_run_dir(run_dir, checkpoint)
+    parallel.barrier(dims)  # every rank checks the directory before rank 0 locks it
+    handle = RunDir(path=run_dir, lock=None, created=False, had_lock_file=False, overrides={})
     if dims.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint.resume:
-            check_same_run(record, run_dir)
-        write_json_atomic(run_dir / "config.json", record)
-        plan.save(run_dir / "plan.json")
+        handle.created, handle.had_lock_file = not run_dir.exists(), (run_dir / LOCK_NAME).exists()
+        try:
+            handle.lock = FileLock(run_dir / LOCK_NAME, what=f"run directory {run_dir}").acquire()
+        except LockedError as e:
+            raise ValueError(str(e)) from None
+        try:
+            has_run = _check_run_dir(run_dir, checkpoint)  # again, under the lock
+            if checkpoint.resume and has_run:
+                handle.overrides = check_same_run(record, run_dir,
+                                                  overrides=parse_overrides(checkpoint.resume_override))
+            _remove_leftovers(run_dir)
+            for name in clean_leftovers(run_dir):  # interrupted saves: safe to remove while we hold the lock
+                print(f"removed leftover checkpoints/{name}")
+        except BaseException:
+            handle.rollback()
+            raise
     parallel.barrier(dims)
-    return run_dir
+    return handle
 
 
-def check_same_run(record: dict[str, Any], run_dir: Path) -> None:
-    saved = json.loads((run_dir / "config.json").read_text())
+def commit_run_dir(handle: RunDir, record: dict[str, Any], plan: Plan, loaders: tuple[PackedLoader, ...],
+                   dims: parallel.ParallelDims) -> None:
+    """Model and data are validated: move staged data to RUN/data and write config.json and plan.json."""
+    parallel.barrier(dims)
+    if dims.rank == 0:
+        if handle.staging.is_dir():
+            os.replace(handle.staging, handle.path / "data")
+        if handle.overrides:
+            log = handle.path / "resume_overrides.jsonl"
+            lines = log.read_text() if log.is_file() else ""
+            write_text_atomic(log, lines + json.dumps(handle.overrides) + "\n")
+        write_json_atomic(handle.path / "config.json", record)
+        plan.save(handle.path / "plan.json")
+    parallel.barrier(dims)
+    for loader in loaders:
+        if loader.data_dir == handle.staging:
+            loader.data_dir = handle.path / "data"  # the shards stay open; the tokenizer is read from here
 
-    def get(tree: dict[str, Any], dotted: str) -> object:
-        component, _, name = dotted.partition(".")
-        part = tree.get(component)
-        return part.get(name) if isinstance(part, dict) else None
 
-    changed = [f"{k} ({get(saved, k)!r} -> {get(record, k)!r})" for k in SAME_RUN_FIELDS
-               if get(saved, k) != get(record, k)]
+def parse_overrides(text: str) -> dict[str, str]:
+    """``"lr=1e-3,min_lr=1e-5"`` -> {"optim.lr": "1e-3", "schedule.min_lr": "1e-5"}: what a resume may change."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        dotted = RESUME_OVERRIDABLE.get(key.strip())
+        if not sep or dotted is None:
+            raise ValueError(f"--checkpoint.resume_override {item!r}: write KEY=VALUE with KEY one of "
+                             f"{', '.join(RESUME_OVERRIDABLE)}")
+        out[dotted] = value.strip()
+    return out
+
+
+# What ``--checkpoint.resume_override`` may change on a resume: the LR and the schedule only.
+RESUME_OVERRIDABLE = {"lr": "optim.lr", "min_lr": "schedule.min_lr", "schedule": "schedule.name",
+                      "warmup_tokens": "schedule.warmup_tokens", "max_steps": "schedule.max_steps",
+                      "max_tokens": "schedule.max_tokens", "decay_fraction": "schedule.decay_fraction",
+                      "decay_shape": "schedule.decay_shape"}
+# What a resume may change freely: how the run is executed and logged, not what it computes.
+RESUME_FREE = {"out_dir", "checkpoint.resume", "checkpoint.resume_override", "checkpoint.save_every",
+               "schedule.stop_at_step", "batch.micro_batch_size", "batch.auto_micro_batch", "parallel.device",
+               "parallel.compile", "parallel.float8", "parallel.fsdp_one_device", "logging.log_every",
+               "logging.eval_every", "logging.eval_batches", "logging.tensorboard", "logging.progress",
+               "logging.peak_tflops", "checkpoint.keep"}
+
+
+def _flatten(tree: dict[str, Any]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def check_same_run(record: dict[str, Any], run_dir: Path, *,
+                   overrides: dict[str, str]) -> dict[str, dict[str, object]]:
+    """A resume computes the run it continues: any difference outside ``RESUME_FREE`` is refused, naming it,
+    unless ``--checkpoint.resume_override`` names it (LR and schedule only). Returns what changed (field ->
+    from/to), which :func:`commit_run_dir` appends to RUN/resume_overrides.jsonl. An override whose value is
+    already the run's is a no-op, so a scheduler can re-run the same command."""
+    saved, new = _flatten(json.loads((run_dir / "config.json").read_text())), _flatten(record)
+    changed = sorted(k for k in set(saved) | set(new) if k not in RESUME_FREE and saved.get(k) != new.get(k))
+    refused = [k for k in changed if k not in overrides.keys()]
+    if refused:
+        hint = "; the LR and schedule may change with --checkpoint.resume_override KEY=VALUE" if any(
+            k in RESUME_OVERRIDABLE.values() for k in refused) else ""
+        raise ValueError(f"cannot resume {run_dir} with a different "
+                         f"{', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in refused)}{hint}")
     if changed:
-        raise ValueError(f"cannot resume {run_dir} with a different {', '.join(changed)}")
+        print(f"resume overrides: {', '.join(f'{k} {saved.get(k)!r} -> {new.get(k)!r}' for k in changed)}")
+    return {k: {"from": saved.get(k), "to": new.get(k)} for k in changed}
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl records past ``step`` (steps a resume re-runs are logged once) and a torn last line."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def model_config(model: ModelConfig) -> LlamaConfig:
@@ -85,8 +228,8 @@ def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig
 def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, run_dir: Path,
                dims: parallel.ParallelDims) -> tuple[PackedLoader, PackedLoader]:
     data_dir = Path(data.path)
-    if not (data_dir / "meta.json").is_file():
-        data_dir = run_dir / "data"
+    if not (data_dir / "meta.json").is_file():  # raw text: RUN/data (a resume), else staged until the commit
+        data_dir = run_dir / "data" if (run_dir / "data" / "meta.json").is_file() else run_dir / STAGING_NAME
         tokenizer = str(Path(model.name)) if Path(model.name, "tokenizer.json").is_file() else None
         if dims.rank == 0:
             prepare(PrepareConfig(sources=[data.path], out_dir=str(data_dir), tokenizer=tokenizer,
@@ -103,12 +246,17 @@ def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, 
     return train_loader, val_loader
 
 
-def resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader: PackedLoader) -> dict[str, Any]:
-    """Load the latest checkpoint in place; restore the data position and RNG; return the trainer state."""
-    path = latest_checkpoint(run_dir)
+def resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader: PackedLoader,
+           dims: parallel.ParallelDims) -> dict[str, Any] | None:
+    """Load the latest checkpoint in place; restore the data position and RNG; return the trainer state
+    (None when the run has no checkpoint yet: it starts from step 0). ``latest`` damaged or naming a damaged
+    checkpoint: the newest intact one is used, saying so; none intact: a one-line ValueError."""
+    path, messages = find_resumable_checkpoint(run_dir)
+    for line in messages if dims.rank == 0 else ():
+        print(f"batchpilot: {line}", file=sys.stderr)
     if path is None:
-        raise ValueError(f"no checkpoint to resume in {run_dir}/checkpoints")
-    saved = load_checkpoint(path, model, optimizer)
+        return None
+    saved = load_checkpoint(path, model, optimizer, verify=False)  # find_resumable_checkpoint verified it
     loader.load_state_dict(saved["loader"])
     if saved.get("rng"):
         torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
@@ -122,8 +270,9 @@ def export_model(model: Llama, loader: PackedLoader, run_dir: Path, dims: parall
         return
     plain = build_model(model.config, device="cpu")
     plain.load_state_dict(state)
-    save_model(plain, run_dir / "model")
-    loader.tokenizer.save(run_dir / "model")
+    tok = loader.tokenizer  # EOS / BOS / PAD ids and the chat template travel with the export
+    save_model(plain, run_dir / "model", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    tok.save(run_dir / "model", model_max_length=model.config.max_position_embeddings)
 
 
 def executed_plan(cfg: TrainConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> Plan:

@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,10 @@ class GridSpec:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown grid keys {unknown}; known: {[f.name for f in fields(cls)]}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in d]
+        if missing:
+            raise ValueError(f"{path}: the grid needs {', '.join(missing)} (lists of values)")
         return cls(**d)
 
 

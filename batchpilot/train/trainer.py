@@ -12,8 +12,11 @@ names the last checkpoint, which is finite: parameters are checked before every 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,9 @@ from batchpilot.data.packing import Batch, PackedLoader
 from batchpilot.io import write_json_atomic
 from batchpilot.metrics import MetricsWriter, print0
 from batchpilot.model.attention import DocumentMask, document_ids_from_positions
-from batchpilot.model.llama import Llama
+from batchpilot.model.llama import Llama, LlamaConfig
 from batchpilot.model.counting import training_flops_per_token
+from batchpilot.plan.planner import Plan
 from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import BatchController, Measurement, default_coupling, grad_sq_norm_tensor
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
@@ -53,6 +57,7 @@ class TrainResult:
     final_loss: float  # EMA-smoothed training loss at the end
     val_loss: float | None
     wall_seconds: float
+    stopped_by: str | None = None  # SIGTERM / SIGINT: stopped early, checkpointed, not exported
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,37 +75,103 @@ class TrainState:
     rng: list[int] = field(default_factory=list)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, stop_on_signals: bool = False) -> TrainResult:
+    """Execute ``cfg``. ``stop_on_signals`` (the CLI sets it): SIGTERM / SIGINT checkpoint at the next step
+    boundary and return early (``TrainResult.stopped_by``); off, the caller's signal handlers stay in charge."""
     dims = parallel.init_distributed(cfg.parallel.device)
     torch.manual_seed(cfg.model.seed)
     model_config = run.model_config(cfg.model)
     plan = cfg.plan if cfg.plan is not None else run.executed_plan(cfg, model_config, dims)
-    run_dir = run.open_run_dir(cfg.out_dir, cfg.checkpoint, cfg.to_dict(), plan, dims)
-    train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
-    model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims)
-    optimizer = build_optimizer(model, cfg.optim)
+    # rank 0 holds RUN/.lock until the run ends: a second `train` on the directory fails fast. Nothing else is
+    # written to the directory until model and data are validated; a failed start leaves it as it was.
+    handle = run.open_run_dir(cfg.out_dir, cfg.checkpoint, cfg.to_dict(), dims)
+    try:
+        with _stop_on_signals(stop_on_signals) as stop:
+            return _train(cfg, handle, plan, model_config, dims, stop)
+    finally:
+        handle.release()
+
+
+def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: LlamaConfig,
+           dims: parallel.ParallelDims, stop: _StopRequest) -> TrainResult:
+    run_dir = handle.path
+    try:
+        train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
+        model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims)
+        optimizer = build_optimizer(model, cfg.optim)
+        run.commit_run_dir(handle, cfg.to_dict(), plan, (train_loader, val_loader), dims)
+    except BaseException:
+        if dims.rank == 0:
+            handle.rollback()
+        raise
     state = TrainState()
     if cfg.checkpoint.resume:
-        saved = run.resume(run_dir, model, optimizer, train_loader)
-        state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
-        print0(f"resumed from step {state.step} ({state.tokens:,} tokens)", rank=dims.rank)
+        saved = run.resume(run_dir, model, optimizer, train_loader, dims)
+        if saved is None:
+            print0(f"no checkpoint in {run_dir} yet: starting the run", rank=dims.rank)
+        else:
+            state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+            print0(f"resumed from step {state.step} ({state.tokens:,} tokens)", rank=dims.rank)
+        if dims.rank == 0:
+            run.truncate_metrics(run_dir, state.step)  # steps re-run from here on are logged once
     writer = MetricsWriter(run_dir if dims.rank == 0 else None, tensorboard=cfg.logging.tensorboard)
     try:
-        state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer)
+        state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer, stop)
     finally:
         writer.close()
-    run.export_model(model, train_loader, run_dir, dims)
     result = TrainResult(run_dir=str(run_dir), steps=state.step, tokens=state.tokens,
                          final_loss=state.smooth_loss or float("nan"), val_loss=val_loss,
-                         wall_seconds=state.wall_seconds)
+                         wall_seconds=state.wall_seconds, stopped_by=stop.signal_name)
+    if stop.signal_name is not None:  # preempted: the checkpoint is written, the model is not exported
+        print0(f"stopped by {stop.signal_name} at step {state.step} (checkpointed); resume with: batchpilot train "
+               f"--config {run_dir / 'config.json'} --out {run_dir} --checkpoint.resume", rank=dims.rank)
+        return result
+    run.export_model(model, train_loader, run_dir, dims)
     if dims.rank == 0:
         write_json_atomic(run_dir / "result.json", asdict(result))
     return result
 
 
+class _StopRequest:
+    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the next step boundary. A second signal while
+    the stop is pending acts as it would have without us (Ctrl-C twice aborts at once)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            return
+        previous = self.previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.raise_signal(signum)
+
+
+@contextmanager
+def _stop_on_signals(enabled: bool) -> Iterator[_StopRequest]:
+    """SIGTERM (SLURM and Kubernetes preemption) and SIGINT (Ctrl-C) request a checkpointed stop; the previous
+    handlers come back afterwards. Only when ``enabled`` (the ``train`` command; a library caller such as a
+    sweep or a test keeps its own handlers) and in the main thread (signals are delivered there only)."""
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    stop.previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in stop.previous.items():
+            signal.signal(sig, handler)
+
+
 def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, train_loader: PackedLoader,
           val_loader: PackedLoader, state: TrainState, dims: parallel.ParallelDims, run_dir: Path,
-          writer: MetricsWriter) -> tuple[TrainState, float | None]:
+          writer: MetricsWriter, stop: _StopRequest) -> tuple[TrainState, float | None]:
     sched = _schedule(cfg)
     controller = _batch_controller(cfg, dims)
     if state.controller:
@@ -145,7 +216,11 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
             if decision.changed:
                 record["batch_change"] = decision.reason
                 print0(decision.reason, rank=dims.rank)
-            done = state.tokens >= total_tokens or state.step == stop_at_step
+            # a signal on any rank stops every rank at this step boundary, checkpointed
+            signalled = parallel.any_across_ranks(stop.signal_name is not None, dims)
+            if signalled and stop.signal_name is None:
+                stop.signal_name = "a signal on another rank"
+            done = state.tokens >= total_tokens or state.step == stop_at_step or signalled
             if (log.eval_every and state.step % log.eval_every == 0) or done:
                 val_loss = record["val_loss"] = evaluate(model, val_loader, eval_batches=log.eval_batches,
                                                          micro_batch_size=micro_batch_size, dims=dims)
@@ -162,7 +237,9 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
                                            f"checkpoint: {latest_checkpoint(run_dir) or 'none'}")
                 state.loader, state.controller = train_loader.state_dict(), controller.state_dict()
                 state.rng = torch.get_rng_state().tolist()
-                save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims)
+                save_checkpoint(run_dir, state.step, model, optimizer, asdict(state), dims, keep=cfg.checkpoint.keep)
+            if signalled:
+                break
     return state, val_loss
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 from conftest import CHECKPOINT_STEPS, PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, wait_until
 
 from batchpilot.train.checkpoint import find_resumable_checkpoint, verify_checkpoint
@@ -64,7 +63,6 @@ def test_kill_at_random_points_then_resume(harness, tmp_path, rng):
     harness.assert_nothing_lost(run)
 
 
-@pytest.mark.xfail(strict=False, reason="needs H1: --resume on a run directory without a checkpoint starts the run")
 def test_kill_before_first_checkpoint_then_resume(harness, tmp_path):
     run = tmp_path / "run"
     proc = harness.start(run)

@@ -14,11 +14,7 @@ from conftest import PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, one_
 
 from batchpilot.train.checkpoint import find_resumable_checkpoint
 
-NEEDS_SIGNALS = "needs H1: SIGTERM/SIGINT checkpoint at the next step boundary, exit 0 and a line saying how to resume"
-NEEDS_LOCK = "needs H1: an exclusive lock on the run directory (a second train --resume fails fast with one line)"
 
-
-@pytest.mark.xfail(strict=False, reason=NEEDS_SIGNALS)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig):
     run = tmp_path / "run"
@@ -26,7 +22,7 @@ def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig)
     wait_until(lambda: logged_steps(run) >= rng.randint(1, STEPS - 2), proc)
     rc, out, err = kill_and_reap(proc, sig)
     assert rc == 0, err[-2000:]
-    assert "--resume" in out + err  # tells the user (or the scheduler's log) how to continue
+    assert "--checkpoint.resume" in out + err  # tells the user (or the scheduler's log) how to continue
     finished = max(step_losses(run))
     path, _ = find_resumable_checkpoint(run)
     assert path is not None and path.name == f"step_{finished:08d}"  # no finished step lost
@@ -35,13 +31,17 @@ def test_preemption_checkpoints_every_finished_step(harness, tmp_path, rng, sig)
     harness.assert_nothing_lost(run)
 
 
-@pytest.mark.xfail(strict=False, reason=NEEDS_LOCK)
 def test_second_process_on_a_run_directory_is_refused(harness, tmp_path):
+    """The first run is frozen (SIGSTOP) while it holds the lock, so the second meets it whatever the timing."""
     run = tmp_path / "run"
     first = harness.start(run)
     wait_until(lambda: logged_steps(run) >= 1, first)
-    assert first.poll() is None, "the first run ended before the second started"
-    second = harness.train(run, resume=True)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before the second started"
+        second = harness.train(run, resume=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=PROCESS_TIMEOUT_S)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode != 0 and one_line_error(second.stderr) and "in use" in second.stderr

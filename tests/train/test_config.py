@@ -26,9 +26,9 @@ TRAIN_FLAGS = sorted("""
 --batch.global_batch_tokens --batch.lr_coupling --batch.max_batch_tokens --batch.max_growth --batch.measure_noise
 --batch.micro_batch_size --batch.min_interval_steps --batch.min_measurements --batch.min_relative_change
 --batch.norm_test_eta --batch.policy --batch.ramp --batch.target --batch.target_multiplier --beta1 --beta2
---checkpoint.resume --checkpoint.save_every --compile --config --data --data.path --data.seed --data.seq_len
---data.text_field --device --eval-batches --eval-every --float8 --fsdp-one-device --global-batch-tokens
---grad-clip --log-every --logging.eval_batches --logging.eval_every --logging.log_every --logging.peak_tflops
+--checkpoint.keep --checkpoint.resume --checkpoint.resume_override --checkpoint.save_every --compile --config --data --data.path --data.seed --data.seq_len
+--data.text_field --debug --device --eval-batches --eval-every --float8 --fsdp-one-device --global-batch-tokens
+--grad-clip --keep-checkpoints --log-every --logging.eval_batches --logging.eval_every --logging.log_every --logging.peak_tflops
 --logging.progress --logging.tensorboard --lr --lr-coupling --max-global-batch-tokens --max-steps --max-tokens
 --measure-noise --micro-batch-size --min-lr --model --model.name --model.seed --optim.beta1 --optim.beta2
 --optim.eps --optim.fused --optim.grad_clip --optim.lr --optim.momentum --optim.name --optim.trust_coefficient
@@ -156,3 +156,41 @@ def test_train_step_leaves_parameters_and_optimizer_state_untouched_on_nan(tiny_
                            dims=ParallelDims(), grad_clip=1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+# ---- issue 14: a run directory a scheduler can re-run, one process per directory, preemption, resume drift ----
+
+def _run(tmp_path, data, out="run", **kw):
+    base = dict(model="tiny", data=str(data), seq_len=32, global_batch_tokens=128, micro_batch_size=2, max_steps=4,
+                save_every=2, eval_every=100, eval_batches=1, progress=False, device="cpu")
+    return config_from_legacy(str(tmp_path / out), **{**base, **kw})
+
+
+def test_resume_on_a_missing_directory_starts_the_run_and_a_locked_one_is_refused(tmp_path, tiny_data):
+    from batchpilot.io import FileLock
+
+    assert trainer.train(_run(tmp_path, tiny_data, max_steps=2, resume=True)).steps == 2
+    with FileLock(tmp_path / "run" / ".lock"):  # another train process holds the directory
+        with pytest.raises(ValueError, match="in use by another batchpilot process"):
+            trainer.train(_run(tmp_path, tiny_data, max_steps=2, resume=True))
+
+
+def test_resume_drift_is_refused_unless_overridden_and_rerun_steps_are_logged_once(tmp_path, tiny_data):
+    trainer.train(_run(tmp_path, tiny_data, out="full"))
+    trainer.train(_run(tmp_path, tiny_data, stop_at_step=3))  # checkpoints at steps 2 and 3
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002")  # killed after logging step 3, before saving
+    for change, name in [(dict(weight_decay=0.0), "optim.weight_decay"), (dict(beta2=0.9), "optim.beta2"),
+                         (dict(min_lr=1e-5), "schedule.min_lr"), (dict(max_steps=5), "schedule.max_steps")]:
+        with pytest.raises(ValueError, match=f"cannot resume .* different {name}"):
+            trainer.train(_run(tmp_path, tiny_data, resume=True, **change))
+    resumed = trainer.train(_run(tmp_path, tiny_data, resume=True))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [r["loss"] for r in records] == want
+    assert resumed.steps == 4
+    longer = _run(tmp_path, tiny_data, resume=True, max_steps=6)
+    longer.checkpoint.resume_override = "max_steps=6"
+    assert trainer.train(longer).steps == 6
+    logged = json.loads((run_dir / "resume_overrides.jsonl").read_text().splitlines()[-1])
+    assert logged == {"schedule.max_steps": {"from": 4, "to": 6}}

@@ -166,3 +166,97 @@ def test_validation_rows_do_not_depend_on_the_number_of_ranks():
             # the same rows whenever the total is already a multiple of the ranks
             if len(rows_one) % world == 0:
                 assert rows_many == rows_one
+
+
+# ---- issue 14: a failed start leaves the run directory as it was; keep N; leftovers; exports carry EOS ----
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
+def test_a_failed_start_leaves_the_run_directory_as_it_was(tmp_path, tiny_text_dir, monkeypatch, capsys):
+    from batchpilot.cli import main
+    from batchpilot.train import run as run_module
+
+    out = tmp_path / "run"
+    flags = ["train", "--model.name", _model_dir(tmp_path), "--data.seq_len", "32", "--batch.global_batch_tokens",
+             "128", "--batch.micro_batch_size", "4", "--logging.eval_every", "100", "--logging.eval_batches", "1",
+             "--no-logging.progress", "--out", str(out)]
+    assert main([*flags, "--data.path", str(tmp_path / "no_such_data"), "--schedule.max_steps", "2"]) == 2
+    assert main([*flags, "--data.path", str(tiny_text_dir), "--schedule.max_steps", "0"]) == 2
+    assert not out.exists()
+
+    def model_fails(*args, **kwargs):  # a failure after the raw text was prepared (staged) and checked
+        raise ValueError("the model does not fit")
+    monkeypatch.setattr(run_module, "build_run_model", model_fails)
+    assert main([*flags, "--data.path", str(tiny_text_dir), "--schedule.max_steps", "2"]) == 2
+    assert not out.exists()  # the staged data went with the directory this start created
+    out.mkdir()  # an existing (empty) directory: only what this start added is removed, the lock file too
+    assert main([*flags, "--data.path", str(tiny_text_dir), "--schedule.max_steps", "2", "--checkpoint.resume"]) == 2
+    assert _listing(out) == []
+    (out / ".data.staging").mkdir()  # what a start killed while preparing leaves
+    capsys.readouterr()
+    assert main([*flags, "--data.path", str(tiny_text_dir), "--schedule.max_steps", "2"]) == 2
+    assert "the model does not fit" in capsys.readouterr().err  # not refused as "not empty": a leftover, cleaned
+    assert _listing(out) == []
+    monkeypatch.undo()
+
+    # the corrected command works without --resume; the staged data is the run's own RUN/data
+    assert main([*flags, "--data.path", str(tiny_text_dir), "--schedule.max_steps", "3",
+                 "--checkpoint.save_every", "1", "--checkpoint.keep", "1"]) == 0
+    assert (out / "data" / "meta.json").is_file() and not (out / ".data.staging").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000003"]  # keep 1
+    generation = json.loads((out / "model" / "generation_config.json").read_text())
+    tok = PackedLoader(out / "data", "train", 32).tokenizer
+    assert generation["eos_token_id"] == tok.eos_id  # exports carry EOS (and the tokenizer's limits)
+    tok_config = json.loads((out / "model" / "tokenizer_config.json").read_text())
+    assert tok_config["model_max_length"] == json.loads((out / "model" / "config.json").read_text())[
+        "max_position_embeddings"]
+
+
+def test_resume_cleans_leftovers_and_falls_back_past_a_damaged_latest(tmp_path, tiny_data, capsys):
+    train(_cfg(tmp_path, tiny_data, max_steps=6, save_every=3, stop_at_step=4, keep_checkpoints=3))
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / ".tmp-step_00000005").mkdir()  # a save killed before its rename
+    (ckpts / "step_00000004" / "trainer_state.json").write_text("{}")  # damaged: fails its checksum
+    capsys.readouterr()
+    resumed = train(_cfg(tmp_path, tiny_data, max_steps=6, save_every=3, resume=True, keep_checkpoints=3))
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000004" in err and "resuming from step_00000003" in err
+    assert not (ckpts / ".tmp-step_00000005").exists()
+    assert resumed.steps == 6
+    full = train(_cfg(tmp_path / "full", tiny_data, max_steps=6, save_every=3))
+    want = {r["step"]: r["loss"] for r in _metrics(full.run_dir)}
+    assert {r["step"]: r["loss"] for r in _metrics(resumed.run_dir)} == want  # step 4 re-run, logged once
+    assert [r["step"] for r in _metrics(resumed.run_dir)] == sorted(want)
+
+
+def test_library_train_leaves_signal_handlers_alone(tmp_path, tiny_data, monkeypatch):
+    import signal
+
+    import batchpilot.train.run as run_module
+
+    before, seen = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)), []
+
+    def loader(*args, **kwargs):  # built inside the run: what handlers are installed while it trains
+        seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return PackedLoader(*args, **kwargs)
+    monkeypatch.setattr(run_module, "PackedLoader", loader)
+    train(_cfg(tmp_path, tiny_data, max_steps=1))
+    assert seen and all(s == before for s in seen)  # a sweep's or a test's own timeout still stops it
+
+
+def test_first_signal_requests_a_stop_and_a_second_acts_as_before():
+    import signal
+
+    from batchpilot.cli.train import owns_the_process
+    from batchpilot.train.trainer import _stop_on_signals
+
+    assert not owns_the_process()  # under pytest: in-process main([...]) keeps the caller's handlers
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _stop_on_signals(True) as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.signal_name == "SIGINT"  # the loop checkpoints at the next step boundary
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C twice: Python's own handler, KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is previous
