@@ -120,6 +120,19 @@ def plan_sft(budget: SftBudget) -> SftPlan:
                    micro_batch_rows=micro, grad_accum_steps=accum, offload=offload, explanation=lines)
 
 
+def sft_run_defaults(*, global_batch_tokens: int, total_tokens: int | None) -> dict[str, object]:
+    """The dotted training fields ``train --recipe sft`` sets unless the file or the flags do: a constant LR
+    [paper (iii)] at TULU's 2e-5 (the recipe's LR for a batch of <= 128 examples, ``large_batch_lr``: a run
+    without a plan does not know its examples, so it takes the small-batch end; ``plan --recipe sft`` sizes
+    both), no weight decay (TULU, Wang et al., arXiv 2306.04751), and a warmup of min(25 steps, 5%) [ours] when the horizon is known."""
+    out: dict[str, object] = {"schedule.name": "constant", "optim.lr": large_batch_lr(TULU_BATCH_EXAMPLES),
+                              "optim.weight_decay": 0.0, "schedule.min_lr": 0.0, "data.format": "chat"}
+    if total_tokens:
+        out["schedule.warmup_tokens"] = min(WARMUP_STEPS_MAX * global_batch_tokens,
+                                            int(WARMUP_FRACTION * total_tokens))
+    return out
+
+
 def large_batch_lr(batch_examples: int) -> float:
     """[ours] TULU's 2e-5 at batch <= 128, log-linear in the batch down to 1e-5 at >= 3,840 (paper (i): lower)."""
     lo, hi = math.log(TULU_BATCH_EXAMPLES), math.log(PAPER_LARGE_BATCH_EXAMPLES)

@@ -77,7 +77,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     plan = cfg.plan if cfg.plan is not None else run.executed_plan(cfg, model_config, dims)
     run_dir = run.open_run_dir(cfg.out_dir, cfg.checkpoint, cfg.to_dict(), plan, dims)
     train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
-    model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims)
+    lora = cfg.lora.adapter_config(seed=cfg.model.seed)
+    model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims, lora=lora)
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
     if cfg.checkpoint.resume:
@@ -89,7 +90,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer)
     finally:
         writer.close()
-    run.export_model(model, train_loader, run_dir, dims)
+    run.export_model(model, train_loader, run_dir, dims, lora=lora, source_dir=cfg.model.name)
     result = TrainResult(run_dir=str(run_dir), steps=state.step, tokens=state.tokens,
                          final_loss=state.smooth_loss or float("nan"), val_loss=val_loss,
                          wall_seconds=state.wall_seconds)
@@ -245,11 +246,11 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
         micro_batch_size = min(micro_batch_size, max(1, (rows_per_rank + 1) // 2))
     sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
     measure_noise = measure_noise and len(sizes) > 1  # one micro-batch gives no second batch size
+    weights = micro_batch_weights(loader, sizes, rows_per_rank=rows_per_rank, dims=dims)
     loss_sum = torch.zeros((), device=dims.device)
     small_sq_norm = torch.zeros(())
-    for i, rows in enumerate(sizes):
+    for i, (rows, weight) in enumerate(zip(sizes, weights)):
         batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
-        weight = rows / rows_per_rank  # each micro-batch weighted by its share of the step's tokens
         parallel.set_gradient_sync(model, i == len(sizes) - 1 or (measure_noise and i == 0))
         with _autocast(dims):
             loss = forward_loss(model, batch, dims.device)
@@ -263,6 +264,33 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
     small, big = torch.stack([small_sq_norm.to(loss_sum.device), big_sq_norm.to(loss_sum.device)]).tolist()
     return loss_sum, Measurement(small_sq_norm=small, small_batch_tokens=sizes[0] * dims.world_size * seq_len,
                                  big_sq_norm=big, big_batch_tokens=global_batch_tokens)
+
+
+def micro_batch_weights(loader: PackedLoader, sizes: list[int], *, rows_per_rank: int,
+                        dims: parallel.ParallelDims) -> list[float]:
+    """Each micro-batch's loss weight: its loss targets (``targets != -100``) times ``world_size`` over the
+    step's targets on all ranks, so that the accumulated gradient, averaged over ranks by the data-parallel
+    reduction, is the gradient of the per-token mean loss of the whole step (masked chat data included).
+
+    The counts come from the loader's CPU view of the step's rows before any transfer: no collective, no
+    device sync. Plain text (every target valid) gives ``rows * T * W / (rows_per_rank * W * T)``, the same
+    float as ``rows / rows_per_rank`` (Python divides integers with one correct rounding), so text runs are
+    bit-identical to row weighting. Loaders without ``peek_target_counts`` are weighted by rows.
+    """
+    peek = getattr(loader, "peek_target_counts", None)
+    if peek is None:
+        return [rows / rows_per_rank for rows in sizes]
+    world = dims.world_size
+    counts = peek(rows_per_rank * world).tolist()
+    total = sum(counts)
+    if total == 0:  # a step without a single loss target: nothing to learn, every weight is 0
+        return [0.0] * len(sizes)
+    weights, offset = [], 0
+    for rows in sizes:
+        mine = offset + dims.rank * rows
+        weights.append(sum(counts[mine:mine + rows]) * world / total)
+        offset += rows * world
+    return weights
 
 
 def _is_report_step(tokens: int, batch_tokens: int, total_tokens: int) -> bool:
