@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -14,17 +15,23 @@ from batchpilot.plan.planner import Budget, compare, make_plan
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="derive batch size, LR, micro-batch and memory from a budget",
                               description=__doc__)
-    model = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--recipe", choices=("pretrain", "sft"), default="pretrain",
+                   help="sft: the supervised fine-tuning recipe (plan/sft.py) from --examples and --tokens-per-example")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", help="sft: the HF model directory to fine-tune")
     model.add_argument("--preset", help="model preset name (batchpilot.model.llama.PRESETS)")
     model.add_argument("--hf-config", help="HF model directory or config.json")
     model.add_argument("--params", type=float, help="non-vocabulary parameters N; a Llama-like shape is derived")
-    amount = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--examples", type=int, help="sft: conversations / instruction pairs in the training set")
+    p.add_argument("--tokens-per-example", type=int, help="sft: mean tokens of one rendered example")
+    p.add_argument("--epochs", type=int, default=0, help="sft: epochs (0: the recipe's choice)")
+    amount = p.add_mutually_exclusive_group()
     amount.add_argument("--tokens", type=float, help="training tokens D")
     amount.add_argument("--compute", type=float, help="training FLOPs C (D = C / FLOPs per token)")
     amount.add_argument("--hours", type=float, help="wall-clock hours (D from GPUs x peak x MFU)")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=None, help="default 2048 (sft: max(2048, tokens per example))")
     p.add_argument("--law", default="step", help="step | deepseek | path to a law.json (batchpilot fit)")
     p.add_argument("--optimizer", default="adamw", choices=laws.OPTIMIZERS)
     p.add_argument("--schedule", choices=laws.SCHEDULES, help="default: the schedule the law was fitted with")
@@ -40,13 +47,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
+    if args.model is not None:
+        raise ValueError("--model is for --recipe sft; pretraining plans take --preset, --hf-config or --params")
+    if args.preset is None and args.hf_config is None and args.params is None:
+        raise ValueError("give the model: --preset, --hf-config or --params")
+    if args.tokens is None and args.compute is None and args.hours is None:
+        raise ValueError("give the amount of training: --tokens, --compute or --hours")
     for flag in ("tokens", "compute", "hours"):  # inf, nan or <= 0 would plan nonsense (or divide by zero)
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{flag} must be a finite number > 0")
-    return Budget(preset=args.preset, hf_config=args.hf_config, params=args.params, tokens=args.tokens,
+    return Budget(seq_len=args.seq_len or 2048, preset=args.preset, hf_config=args.hf_config, params=args.params,
+                  tokens=args.tokens,
                   compute_flops=args.compute, hours=args.hours, num_gpus=args.gpus,
-                  gpu_memory_gib=args.gpu_memory_gib, seq_len=args.seq_len, law=args.law, optimizer=args.optimizer,
+                  gpu_memory_gib=args.gpu_memory_gib, law=args.law, optimizer=args.optimizer,
                   schedule=args.schedule, gpu_peak_tflops=args.gpu_peak_tflops, mfu=args.mfu,
                   mfu_from=args.mfu_from, headroom=args.headroom)
 
@@ -90,7 +104,42 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console().print(table)
 
 
+def run_sft(args: argparse.Namespace) -> int:
+    """``plan --recipe sft``: the SFT plan (plan/sft.py) with its explanation; ``--out`` saves it for ``train --plan``."""
+    from batchpilot.model.hf import read_config
+    from batchpilot.model.llama import get_preset
+    from batchpilot.plan.sft import SftBudget, plan_sft, to_plan
+
+    model = args.model or args.hf_config or args.preset
+    if model is None or args.examples is None or args.tokens_per_example is None:
+        raise ValueError("--recipe sft needs --model HF_DIR (or --preset), --examples and --tokens-per-example")
+    config = get_preset(args.preset) if args.preset else read_config(model)
+    budget = SftBudget(config=config, examples=args.examples, tokens_per_example=args.tokens_per_example,
+                       num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib, seq_len=args.seq_len or 0,
+                       headroom=args.headroom, epochs=args.epochs, gpu_peak_tflops=args.gpu_peak_tflops,
+                       mfu=args.mfu)
+    sft = plan_sft(budget)
+    plan = to_plan(sft, budget, model)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps({"sft": dataclasses.asdict(sft), "plan": plan.to_dict()}, indent=2))
+        return 0
+    rows = [["batch", f"{sft.batch_examples:,} examples = {sft.rows_per_step} rows of {sft.seq_len} tokens"],
+            ["peak LR (schedule)", f"{sft.peak_lr:.3g} ({sft.schedule}, {sft.warmup_steps} warmup steps)"],
+            ["epochs / steps", f"{sft.epochs} / {sft.steps:,}"],
+            ["micro-batch x accum x GPUs", f"{sft.micro_batch_rows} x {sft.grad_accum_steps} x {budget.num_gpus}"],
+            ["offload", sft.offload], ["step time", f"{sft.predicted_step_seconds:.3g} s"]]
+    print_table("SFT plan", ["", ""], rows)
+    print("\n".join(f"{i}. {line}" for i, line in enumerate(sft.explanation, 1)))
+    if args.out:
+        print(f"saved {args.out} (run it: batchpilot train --plan {args.out} --recipe sft --data CHAT.jsonl --out RUN)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.recipe == "sft":
+        return run_sft(args)
     budget = budget_from_args(args)
     if args.compare:
         plans = compare(budget)

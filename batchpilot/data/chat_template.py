@@ -12,6 +12,7 @@ or from ``tokenizer_config.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -66,6 +67,14 @@ def _environment() -> Any:
     return env
 
 
+@functools.lru_cache(maxsize=64)
+def compiled_template(template: str) -> Any:
+    """The template compiled once per template string (a server renders the same few templates per request,
+    and chat data preparation renders one per assistant turn); jinja2 templates render safely from many
+    threads. A template that does not compile raises each time (exceptions are not cached)."""
+    return _environment().from_string(template)
+
+
 def render_chat(messages: Any, template: str, special_tokens: dict[str, str], *,
                 limits: RenderLimits | None = None, add_generation_prompt: bool = True) -> str:
     """The chat template rendered in jinja2's immutable sandbox, within ``limits``; ValueError on any fault."""
@@ -76,7 +85,7 @@ def render_chat(messages: Any, template: str, special_tokens: dict[str, str], *,
                                                                 for m in messages):
         raise ValueError("body.messages must be a non-empty list of {role, content} objects")
     try:
-        tmpl = _environment().from_string(template)
+        tmpl = compiled_template(template)
         with _deadline(limits.max_seconds):
             parts, size = [], 0
             for chunk in tmpl.generate(messages=messages, add_generation_prompt=add_generation_prompt,

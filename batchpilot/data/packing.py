@@ -99,6 +99,31 @@ class PackedLoader:
         per_rank = num_rows // world_size
         return self._batch(rows[rank * per_rank:(rank + 1) * per_rank])
 
+    def peek_target_counts(self, num_rows: int) -> np.ndarray:
+        """Loss targets (``targets != -100``) in each of the next ``num_rows`` global rows, without advancing:
+        what token-weighted accumulation divides by, counted on the CPU before any transfer (no device sync)."""
+        saved = self.epoch, self.position, self._order
+        try:
+            rows = self._advance(num_rows)
+        finally:
+            self.epoch, self.position, self._order = saved
+        if self._flags is None:  # plain text: every target is one
+            return np.full(len(rows), self.seq_len, dtype=np.int64)
+        return self._row_target_counts[rows]
+
+    @cached_property
+    def _row_target_counts(self) -> np.ndarray:
+        """Loss targets per row: LOSS flags of the tokens after the row's first (``_chat_batch``'s targets)."""
+        num_tokens = int(self._offsets[-1])
+        loss = np.concatenate([[0], np.cumsum(self._read(0, num_tokens, self._flags) & LOSS, dtype=np.int64)])
+        if self.pack == "conversation":
+            starts, lengths = self._row_starts, self._row_lengths
+        else:
+            starts = np.arange(self.num_rows, dtype=np.int64) * self.seq_len
+            lengths = np.full(self.num_rows, self.seq_len, dtype=np.int64)
+        stops = np.minimum(starts + lengths + 1, num_tokens)  # the row's tokens and the one after
+        return loss[stops] - loss[starts + 1]
+
     def eval_batches(self, num_rows_per_batch: int, max_batches: int | None = None) -> Iterator[Batch]:
         """Rows 0, 1, 2, ... in order (the sampler state is untouched); the last batch may be short."""
         stop = self.num_rows if max_batches is None else min(self.num_rows, num_rows_per_batch * max_batches)

@@ -26,9 +26,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from batchpilot.model.counting import total_params
+from batchpilot.model.counting import non_vocab_params, total_params, training_flops_per_token
 from batchpilot.model.llama import LlamaConfig
 from batchpilot.plan.memory import fit_micro_batch
+from batchpilot.plan.planner import PLAN_SCHEMA_VERSION, Plan
 
 PAPER = "Pareja et al., arXiv 2412.13337"
 TULU = "Wang et al., arXiv 2306.04751"
@@ -39,6 +40,17 @@ MIN_OPTIMIZER_STEPS = 50  # [ours] a run needs enough updates for the early sign
 MIN_BATCH_EXAMPLES = 16  # [ours]
 PAPER_PARAMS_RANGE = (3e9, 7.5e9)  # [paper] the model sizes it studies
 WARMUP_STEPS_MAX, WARMUP_FRACTION = 25, 0.05  # [ours] the paper finds warmup does not matter; keep it short
+# CPU offload (FSDP2 CPUOffloadPolicy: fp32 parameter shards, gradients and AdamW states live in host memory).
+# Per micro-step the parameters cross the host link twice (the forward's and the backward's all-gather; FSDP2
+# reshards after forward) and the gradients once; the AdamW step runs on the CPU and streams parameter,
+# gradient and both moments in and parameter and moments out, 7 x 4 bytes per parameter (ZeRO-Offload, Ren et
+# al., arXiv 2101.06840, sec. 4; Fuyou, Liao et al., arXiv 2403.06504, sec. 2, names the host link and the CPU
+# step as the bottlenecks). Transfers overlap compute (FSDP2 prefetches the next layer), the CPU step does not.
+OFFLOAD_BYTES_PER_PARAM = 4  # [ours] fp32 shards cross the link, cast to bf16 on the GPU
+CPU_ADAM_BYTES_PER_PARAM = 28  # [ZeRO-Offload] p, g, m, v read; p, m, v written; fp32
+PCIE_GB_S = 50.0  # [ours] effective PCIe Gen5 x16 host-to-device bandwidth (64 GB/s nominal)
+CPU_MEMORY_GB_S = 100.0  # [ours] host DRAM bandwidth one process's AdamW reaches on a 2-socket server
+GPU_PEAK_TFLOPS, ASSUMED_MFU = 989.0, 0.4  # H100/H200 dense bf16; the pretraining planner's default MFU
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,6 +63,10 @@ class SftBudget:
     seq_len: int = 0  # packed row length; 0: the smallest power of two >= max(2048, T)
     headroom: float = 0.1
     epochs: int = 0  # 0: the recipe's choice
+    pcie_gb_s: float = PCIE_GB_S  # host link, for the step time of CPU offload
+    cpu_memory_gb_s: float = CPU_MEMORY_GB_S
+    gpu_peak_tflops: float = GPU_PEAK_TFLOPS
+    mfu: float = ASSUMED_MFU
 
     def __post_init__(self) -> None:
         if self.examples < 1:
@@ -59,6 +75,8 @@ class SftBudget:
             raise ValueError(f"--tokens-per-example must be positive, got {self.tokens_per_example}")
         if self.num_gpus < 1 or self.gpu_memory_gib <= 0:
             raise ValueError("--gpus and --gpu-memory-gib must be positive")
+        if min(self.pcie_gb_s, self.cpu_memory_gb_s, self.gpu_peak_tflops, self.mfu) <= 0:
+            raise ValueError("--pcie-gb-s, --cpu-memory-gb-s, --gpu-peak-tflops and --mfu must be positive")
         if self.seq_len < 0 or self.epochs < 0:
             raise ValueError("--seq-len and --epochs must be >= 0 (0: the recipe's choice)")
         if self.seq_len == 0:
@@ -80,6 +98,8 @@ class SftPlan:
     grad_accum_steps: int
     offload: str  # "none" or "cpu" (the model does not fit the GPUs even at micro-batch 1)
     explanation: list[str] = field(default_factory=list)  # one line per number: the rule and its source
+    checkpointing: bool = False  # the memory fit needs activation checkpointing
+    predicted_step_seconds: float = 0.0  # compute at the assumed MFU; with offload, max(compute, host link) + CPU step
 
 
 def plan_sft(budget: SftBudget) -> SftPlan:
@@ -108,7 +128,13 @@ def plan_sft(budget: SftBudget) -> SftPlan:
                  f"{PAPER}; the short warmup is [ours] (cheap insurance for fresh AdamW moments)")
 
     rows = max(1, math.ceil(batch * t / budget.seq_len))
-    micro, accum, offload = _fit(budget, rows, lines)
+    micro, accum, offload, checkpointing = _fit(budget, rows, lines)
+    step_seconds = predicted_step_seconds(budget, rows, offload=offload)
+    lines.append(f"step time {step_seconds:.3g} s: " + (
+        f"compute at MFU {budget.mfu:g} of {budget.gpu_peak_tflops:g} TFLOP/s" if offload == "none" else
+        f"max(compute, parameters twice and gradients once per micro-step over a {budget.pcie_gb_s:g} GB/s host "
+        f"link) + the CPU AdamW step at {budget.cpu_memory_gb_s:g} GB/s (ZeRO-Offload, arXiv 2101.06840; Fuyou, "
+        "arXiv 2403.06504)"))
     params = total_params(budget.config)
     if not PAPER_PARAMS_RANGE[0] <= params <= PAPER_PARAMS_RANGE[1]:
         lines.append(f"note: {params / 1e9:.2f}B parameters is outside the paper's 3B-7B models: its findings are "
@@ -117,7 +143,62 @@ def plan_sft(budget: SftBudget) -> SftPlan:
                  f"early loss (higher is better), {PAPER}; see early_stop_signal")
     return SftPlan(batch_examples=batch, batch_tokens=batch * t, peak_lr=lr, schedule="constant",
                    warmup_steps=warmup, epochs=epochs, steps=steps, seq_len=budget.seq_len, rows_per_step=rows,
-                   micro_batch_rows=micro, grad_accum_steps=accum, offload=offload, explanation=lines)
+                   micro_batch_rows=micro, grad_accum_steps=accum, offload=offload, explanation=lines,
+                   checkpointing=checkpointing, predicted_step_seconds=step_seconds)
+
+
+def predicted_step_seconds(budget: SftBudget, rows: int, *, offload: str) -> float:
+    """Seconds per optimizer step: the step's FLOPs at the assumed MFU, and under CPU offload the host-link
+    traffic (overlapped with compute) and the CPU AdamW step (not overlapped); see the constants above."""
+    cfg, gpus = budget.config, budget.num_gpus
+    tokens_per_gpu = rows * budget.seq_len / gpus
+    compute = training_flops_per_token(cfg, budget.seq_len) * tokens_per_gpu / (budget.gpu_peak_tflops * 1e12
+                                                                              * budget.mfu)
+    if offload == "none":
+        return compute
+    params = total_params(cfg)
+    micro_steps = max(1, math.ceil(rows / gpus))  # offload runs at micro-batch 1
+    link = 3 * params * OFFLOAD_BYTES_PER_PARAM * micro_steps / (budget.pcie_gb_s * 1e9)  # each GPU its own link
+    cpu_step = params / gpus * CPU_ADAM_BYTES_PER_PARAM / (budget.cpu_memory_gb_s * 1e9)
+    return max(compute, link) + cpu_step
+
+
+def to_plan(sft: SftPlan, budget: SftBudget, model: str) -> Plan:
+    """The SFT plan as the trainer's ``Plan`` (plan.json) for ``train --plan PLAN --recipe sft --data ...``:
+    ``model`` is the HF directory; the explanation becomes the derivation, offload a warning."""
+    micro = max(1, sft.micro_batch_rows)
+    rows_per_gpu = math.ceil(sft.rows_per_step / budget.num_gpus)
+    batch_tokens = rows_per_gpu * budget.num_gpus * sft.seq_len  # whole rows on every GPU
+    warnings = ("the model does not fit for full fine-tuning: run with --parallel.offload cpu or --lora.rank",) \
+        if sft.offload == "cpu" else ()
+    params = total_params(budget.config)
+    flops = training_flops_per_token(budget.config, sft.seq_len)
+    return Plan(schema_version=PLAN_SCHEMA_VERSION, model=model, num_params=params,
+                non_vocab_params=non_vocab_params(budget.config),
+                seq_len=sft.seq_len, num_gpus=budget.num_gpus, global_batch_tokens=batch_tokens,
+                micro_batch_size=micro, grad_accum_steps=math.ceil(rows_per_gpu / micro), peak_lr=sft.peak_lr,
+                min_lr=0.0, warmup_steps=sft.warmup_steps, warmup_tokens=sft.warmup_steps * batch_tokens,
+                total_steps=sft.steps, total_tokens=sft.steps * batch_tokens, schedule=sft.schedule,
+                optimizer="adamw",
+                activation_checkpointing="full" if sft.checkpointing else "none", sharding="fsdp" if budget.num_gpus > 1 else "none",
+                predicted_peak_memory_bytes=None, gpu_memory_bytes=int(budget.gpu_memory_gib * 2**30),
+                predicted_step_seconds=sft.predicted_step_seconds,
+                predicted_total_seconds=sft.predicted_step_seconds * sft.steps, flops_per_token=flops,
+                mfu=budget.mfu, tokens_per_param=sft.steps * batch_tokens / params, law=None,
+                warnings=warnings, derivation=tuple(sft.explanation))
+
+
+def sft_run_defaults(*, global_batch_tokens: int, total_tokens: int | None) -> dict[str, object]:
+    """The dotted training fields ``train --recipe sft`` sets unless the file or the flags do: a constant LR
+    [paper (iii)] at TULU's 2e-5 (the recipe's LR for a batch of <= 128 examples, ``large_batch_lr``: a run
+    without a plan does not know its examples, so it takes the small-batch end; ``plan --recipe sft`` sizes
+    both), no weight decay (TULU, Wang et al., arXiv 2306.04751), and a warmup of min(25 steps, 5%) [ours] when the horizon is known."""
+    out: dict[str, object] = {"schedule.name": "constant", "optim.lr": large_batch_lr(TULU_BATCH_EXAMPLES),
+                              "optim.weight_decay": 0.0, "schedule.min_lr": 0.0, "data.format": "chat"}
+    if total_tokens:
+        out["schedule.warmup_tokens"] = min(WARMUP_STEPS_MAX * global_batch_tokens,
+                                            int(WARMUP_FRACTION * total_tokens))
+    return out
 
 
 def large_batch_lr(batch_examples: int) -> float:
@@ -127,21 +208,21 @@ def large_batch_lr(batch_examples: int) -> float:
     return float(f"{math.exp(math.log(TULU_LR) + frac * (math.log(LARGE_BATCH_LR) - math.log(TULU_LR))):.3g}")
 
 
-def _fit(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, int, str]:
+def _fit(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, int, str, bool]:
     try:
         fit = fit_micro_batch(budget.config, seq_len=budget.seq_len, optimizer="adamw", num_gpus=budget.num_gpus,
                               gpu_memory_gib=budget.gpu_memory_gib, headroom=budget.headroom,
                               max_micro_batch=max(1, math.ceil(rows / budget.num_gpus)))
     except ValueError as e:
         lines.append(f"memory: full fine-tuning does not fit ({e}); offload parameters, gradients and optimizer "
-                     "states to CPU (--offload cpu) or use LoRA")
-        return 0, 0, "cpu"
+                     "states to CPU (--parallel.offload cpu) or use LoRA (--lora.rank)")
+        return 0, 0, "cpu", False
     micro = fit.micro_batch_size
     accum = math.ceil(rows / (micro * budget.num_gpus))
     lines.append(f"{rows} rows of {budget.seq_len} tokens per step: micro-batch {micro} rows x {budget.num_gpus} "
                  f"GPU(s) x {accum} accumulation steps (memory model, {fit.sharding} sharding"
                  f"{', checkpointing' if fit.checkpointing else ''})")
-    return micro, accum, "none"
+    return micro, accum, "none", fit.checkpointing
 
 
 # --- early signals (paper finding ii) -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from batchpilot.plan.planner import Plan
 from batchpilot.train.adaptive import BatchConfig
 from batchpilot.train.optim import OptimConfig
 from batchpilot.train.parallel import ParallelConfig
+from batchpilot.train.lora import LoraRunConfig
 from batchpilot.train.schedule import ScheduleConfig
 
 
@@ -42,10 +43,19 @@ class DataConfig:
     text_field: str = "text"  # JSONL field / Parquet column holding the text
     seq_len: int = 256  # tokens per row
     seed: int = 0  # data order and the tokenizer trained for raw sources
+    format: str = "auto"  # raw sources: "text", "chat" (conversations, masked loss); auto: chat under --recipe sft
+    pack: str = "auto"  # "chunk" | "conversation" (whole conversations per row); auto: conversation for chat data
+    loss_on: str = "assistant"  # chat data: loss on "assistant" turns only, or on "all" tokens
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
             raise ValueError(f"--data.seq_len must be positive, got {self.seq_len}")
+        if self.format not in ("auto", "text", "chat"):
+            raise ValueError(f"--data.format must be auto, text or chat, got {self.format!r}")
+        if self.pack not in ("auto", "chunk", "conversation"):
+            raise ValueError(f"--data.pack must be auto, chunk or conversation, got {self.pack!r}")
+        if self.loss_on not in ("assistant", "all"):
+            raise ValueError(f"--data.loss_on must be assistant or all, got {self.loss_on!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,10 +87,23 @@ class LoggingConfig:
                              "--logging.eval_batches >= 1 and --logging.peak_tflops > 0")
 
 
+@dataclass(kw_only=True, slots=True)
+class RecipeConfig:
+    name: str = "none"  # "sft": chat data with assistant-only loss and the SFT recipe's defaults (plan/sft.py)
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.name!r}")
+
+
+RECIPES = ("none", "sft")
+
+
 # component name -> its config type; the order of TrainConfig's fields, of config.json and of --help
 COMPONENTS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                                "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
-                               "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+                               "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoraRunConfig,
+                               "recipe": RecipeConfig}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,6 +117,8 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraRunConfig = field(default_factory=LoraRunConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     plan: Plan | None = field(default=None, repr=False)  # the plan this run executes, saved as plan.json
 
     def __post_init__(self) -> None:
@@ -132,6 +157,7 @@ class TrainConfig:
             raise ValueError(f"{source}: unknown keys {', '.join(unknown)}; known: out_dir, {', '.join(COMPONENTS)}")
         if "out_dir" not in d:
             raise ValueError(f"{source}: no out_dir (pass --out)")
+        d = with_recipe_defaults(d)
         parts = {}
         for name, kind in COMPONENTS.items():
             values = d.get(name) or {}
@@ -144,6 +170,27 @@ class TrainConfig:
                                  f"{', '.join(f'{name}.{b}' for b in bad)}")
             parts[name] = kind(**values)
         return cls(out_dir=str(d["out_dir"]), plan=plan, **parts)
+
+
+def with_recipe_defaults(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``d`` with the recipe's defaults (``--recipe sft``: plan/sft.py's ``sft_run_defaults``) for the fields
+    it does not set; what the file or the flags give always wins."""
+    recipe = d.get("recipe")
+    if not isinstance(recipe, Mapping) or recipe.get("name") != "sft":
+        return d
+    from batchpilot.plan.sft import sft_run_defaults
+
+    tree = {k: dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+    batch = tree.get("batch", {}).get("global_batch_tokens", BatchConfig().global_batch_tokens)
+    schedule = tree.get("schedule", {})
+    steps = schedule.get("max_steps")
+    total = schedule.get("max_tokens") or (steps * batch if steps else None)
+    for dotted, value in sft_run_defaults(global_batch_tokens=batch, total_tokens=total).items():
+        component, _, name = dotted.partition(".")
+        part = tree.setdefault(component, {})
+        if isinstance(part, dict):
+            part.setdefault(name, value)
+    return tree
 
 
 def field_types() -> dict[str, type]:

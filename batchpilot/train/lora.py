@@ -47,6 +47,33 @@ class LoraConfig:
                              f"{', '.join(unknown) or 'none'}")
 
 
+@dataclass(kw_only=True, slots=True)
+class LoraRunConfig:
+    """The ``lora`` component of a training run (``--lora.rank`` ...); ``rank`` 0 is full fine-tuning."""
+
+    rank: int = 0  # 0: no adapters, every weight trains
+    alpha: float = 0.0  # 0: 2 x rank (the update scale alpha / rank is then 2, our choice)
+    dropout: float = 0.0
+    target_modules: str = "all"  # comma-separated among LINEAR_MODULES, or "all"
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"--lora.rank must be >= 0 (0: no LoRA), got {self.rank}")
+        if self.alpha < 0:
+            raise ValueError(f"--lora.alpha must be >= 0 (0: 2 x rank), got {self.alpha}")
+        if self.rank:
+            self.adapter_config(seed=None)  # validates dropout and the target modules where they are given
+
+    def adapter_config(self, *, seed: int | None) -> LoraConfig | None:
+        """The adapters this component asks for, or None for full fine-tuning."""
+        if not self.rank:
+            return None
+        targets = LINEAR_MODULES if self.target_modules == "all" else tuple(
+            t.strip() for t in self.target_modules.split(",") if t.strip())
+        return LoraConfig(rank=self.rank, alpha=self.alpha or 2.0 * self.rank, dropout=self.dropout,
+                          target_modules=targets, seed=seed)
+
+
 def apply_lora(model: Llama, cfg: LoraConfig) -> Llama:
     """``model`` itself with LoRA adapters in its target linear layers; only the adapters stay trainable."""
     import peft

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from batchpilot.data.packing import PackedLoader
-from batchpilot.data.prepare import PrepareConfig, prepare
+from batchpilot.data.prepare import PrepareConfig, check_tokenizer_matches, load_meta, prepare
+from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.io import FileLock, LockedError, read_jsonl, write_json_atomic, write_text_atomic
 from batchpilot.model import counting
 from batchpilot.model.hf import load_model, read_config, save_model
@@ -28,6 +29,7 @@ from batchpilot.plan.planner import Plan
 from batchpilot.train import parallel
 from batchpilot.train.checkpoint import clean_leftovers, find_resumable_checkpoint, full_model_state, load_checkpoint
 from batchpilot.train.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig
+from batchpilot.train.lora import LoraConfig, apply_lora, merge_lora
 from batchpilot.train.parallel import ParallelConfig
 
 LOCK_NAME = ".lock"  # RUN/.lock: one train process per run directory
@@ -214,10 +216,12 @@ def model_config(model: ModelConfig) -> LlamaConfig:
 
 
 def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig,
-                    dims: parallel.ParallelDims) -> Llama:
+                    dims: parallel.ParallelDims, lora: LoraConfig | None = None) -> Llama:
     has_weights = Path(model.name).is_dir() and any(Path(model.name).glob("model.safetensors*"))
     net = load_model(model.name, device=dims.device) if has_weights else build_model(config, device=dims.device,
                                                                                        seed=model.seed)
+    if lora is not None:  # after loading, before parallelize: FSDP2 shards the adapters with their layers
+        net = apply_lora(net, lora)
     # bf16 compute copies on GPU; on CPU, a one-device FSDP2 run keeps fp32 (the path the CPU tests check)
     param_dtype = torch.bfloat16 if dims.device.type == "cuda" else (torch.float32 if par.fsdp_one_device else None)
     return parallel.parallelize(net, dims, activation_checkpointing=par.activation_checkpointing,
@@ -228,18 +232,27 @@ def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig
 def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, run_dir: Path,
                dims: parallel.ParallelDims) -> tuple[PackedLoader, PackedLoader]:
     data_dir = Path(data.path)
+    model_tokenizer = str(Path(model.name)) if Path(model.name, "tokenizer.json").is_file() else None
     if not (data_dir / "meta.json").is_file():  # raw text: RUN/data (a resume), else staged until the commit
         data_dir = run_dir / "data" if (run_dir / "data" / "meta.json").is_file() else run_dir / STAGING_NAME
-        tokenizer = str(Path(model.name)) if Path(model.name, "tokenizer.json").is_file() else None
+        fmt = "text" if data.format == "auto" else data.format
+        if fmt == "chat" and model_tokenizer is None:
+            raise ValueError(f"chat data needs a --model.name directory with tokenizer.json and a chat template "
+                             f"(got {model.name!r})")
         if dims.rank == 0:
-            prepare(PrepareConfig(sources=[data.path], out_dir=str(data_dir), tokenizer=tokenizer,
-                                  vocab_size=model_config.vocab_size, text_field=data.text_field, seed=data.seed))
+            prepare(PrepareConfig(sources=[data.path], out_dir=str(data_dir), tokenizer=model_tokenizer,
+                                  vocab_size=model_config.vocab_size, text_field=data.text_field, seed=data.seed,
+                                  format=fmt, loss_on=data.loss_on))
         parallel.barrier(dims)
-    train_loader = PackedLoader(data_dir, "train", data.seq_len, seed=data.seed)
+    if model_tokenizer is not None:  # the vocabulary size alone cannot tell two tokenizers apart
+        check_tokenizer_matches(data_dir, Tokenizer.from_path(model_tokenizer))
+    pack = data.pack if data.pack != "auto" else (
+        "conversation" if load_meta(data_dir).get("format") == "chat" else "chunk")
+    train_loader = PackedLoader(data_dir, "train", data.seq_len, seed=data.seed, pack=pack)
     if train_loader.tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"tokenizer has {train_loader.tokenizer.vocab_size} tokens but the model only "
                          f"{model_config.vocab_size}")
-    val_loader = PackedLoader(data_dir, "val", data.seq_len, seed=data.seed)
+    val_loader = PackedLoader(data_dir, "val", data.seq_len, seed=data.seed, pack=pack)
     if val_loader.num_rows < dims.world_size:
         raise ValueError(f"validation split has {val_loader.num_rows} rows of {data.seq_len} tokens, fewer than the "
                          f"{dims.world_size} ranks; raise --val-fraction when preparing or lower --seq-len")
@@ -263,16 +276,28 @@ def resume(run_dir: Path, model: Llama, optimizer: torch.optim.Optimizer, loader
     return saved
 
 
-def export_model(model: Llama, loader: PackedLoader, run_dir: Path, dims: parallel.ParallelDims) -> None:
-    """Write the final weights in HF format (plus tokenizer.json) to run_dir/model for sample/generate."""
+def export_model(model: Llama, loader: PackedLoader, run_dir: Path, dims: parallel.ParallelDims, *,
+                 lora: LoraConfig | None = None, source_dir: str | None = None) -> None:
+    """Write the final weights in HF format (plus tokenizer.json) to run_dir/model for sample/generate.
+
+    LoRA runs export merged weights (an ordinary HF checkpoint); a model fine-tuned from ``source_dir`` keeps
+    its ``generation_config.json`` (the dataset's tokenizer, checked equal to the model's, carries the chat
+    template and special tokens)."""
     state = full_model_state(model)  # a collective under FSDP2: every rank takes part
     if dims.rank != 0:
         return
     plain = build_model(model.config, device="cpu")
+    if lora is not None:
+        plain = apply_lora(plain, lora)
     plain.load_state_dict(state)
+    if lora is not None:
+        plain = merge_lora(plain)
     tok = loader.tokenizer  # EOS / BOS / PAD ids and the chat template travel with the export
     save_model(plain, run_dir / "model", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     tok.save(run_dir / "model", model_max_length=model.config.max_position_embeddings)
+    generation = Path(source_dir or "", "generation_config.json")
+    if source_dir and generation.is_file():  # the source's sampling defaults and stop ids, not ours
+        shutil.copyfile(generation, run_dir / "model" / generation.name)
 
 
 def executed_plan(cfg: TrainConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> Plan:

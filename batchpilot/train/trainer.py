@@ -97,7 +97,8 @@ def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: Llama
     run_dir = handle.path
     try:
         train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
-        model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims)
+        lora = cfg.lora.adapter_config(seed=cfg.model.seed)
+        model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims, lora=lora)
         optimizer = build_optimizer(model, cfg.optim)
         run.commit_run_dir(handle, cfg.to_dict(), plan, (train_loader, val_loader), dims)
     except BaseException:
@@ -126,7 +127,7 @@ def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: Llama
         print0(f"stopped by {stop.signal_name} at step {state.step} (checkpointed); resume with: batchpilot train "
                f"--config {run_dir / 'config.json'} --out {run_dir} --checkpoint.resume", rank=dims.rank)
         return result
-    run.export_model(model, train_loader, run_dir, dims)
+    run.export_model(model, train_loader, run_dir, dims, lora=lora, source_dir=cfg.model.name)
     if dims.rank == 0:
         write_json_atomic(run_dir / "result.json", asdict(result))
     return result
@@ -322,11 +323,11 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
         micro_batch_size = min(micro_batch_size, max(1, (rows_per_rank + 1) // 2))
     sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
     measure_noise = measure_noise and len(sizes) > 1  # one micro-batch gives no second batch size
+    weights = micro_batch_weights(loader, sizes, rows_per_rank=rows_per_rank, dims=dims)
     loss_sum = torch.zeros((), device=dims.device)
     small_sq_norm = torch.zeros(())
-    for i, rows in enumerate(sizes):
+    for i, (rows, weight) in enumerate(zip(sizes, weights)):
         batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
-        weight = rows / rows_per_rank  # each micro-batch weighted by its share of the step's tokens
         parallel.set_gradient_sync(model, i == len(sizes) - 1 or (measure_noise and i == 0))
         with _autocast(dims):
             loss = forward_loss(model, batch, dims.device)
@@ -340,6 +341,33 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
     small, big = torch.stack([small_sq_norm.to(loss_sum.device), big_sq_norm.to(loss_sum.device)]).tolist()
     return loss_sum, Measurement(small_sq_norm=small, small_batch_tokens=sizes[0] * dims.world_size * seq_len,
                                  big_sq_norm=big, big_batch_tokens=global_batch_tokens)
+
+
+def micro_batch_weights(loader: PackedLoader, sizes: list[int], *, rows_per_rank: int,
+                        dims: parallel.ParallelDims) -> list[float]:
+    """Each micro-batch's loss weight: its loss targets (``targets != -100``) times ``world_size`` over the
+    step's targets on all ranks, so that the accumulated gradient, averaged over ranks by the data-parallel
+    reduction, is the gradient of the per-token mean loss of the whole step (masked chat data included).
+
+    The counts come from the loader's CPU view of the step's rows before any transfer: no collective, no
+    device sync. Plain text (every target valid) gives ``rows * T * W / (rows_per_rank * W * T)``, the same
+    float as ``rows / rows_per_rank`` (Python divides integers with one correct rounding), so text runs are
+    bit-identical to row weighting. Loaders without ``peek_target_counts`` are weighted by rows.
+    """
+    peek = getattr(loader, "peek_target_counts", None)
+    if peek is None:
+        return [rows / rows_per_rank for rows in sizes]
+    world = dims.world_size
+    counts = peek(rows_per_rank * world).tolist()
+    total = sum(counts)
+    if total == 0:  # a step without a single loss target: nothing to learn, every weight is 0
+        return [0.0] * len(sizes)
+    weights, offset = [], 0
+    for rows in sizes:
+        mine = offset + dims.rank * rows
+        weights.append(sum(counts[mine:mine + rows]) * world / total)
+        offset += rows * world
+    return weights
 
 
 def _is_report_step(tokens: int, batch_tokens: int, total_tokens: int) -> bool:

@@ -186,3 +186,15 @@ def test_conversation_pack_state_round_trip(chat_data):
     assert torch.equal(loader.take(2).input_ids, resumed.take(2).input_ids)
     with pytest.raises(ValueError, match="pack"):
         PackedLoader(data_dir, "train", 48, seed=2).load_state_dict(loader.state_dict())
+
+
+def test_compiled_templates_are_cached_and_faults_still_raise():
+    from batchpilot.data.chat_template import compiled_template, render_chat
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert compiled_template(CHATML) is compiled_template(CHATML)
+    assert render_chat(messages, CHATML, {}) == render_chat(messages, CHATML, {}) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    for _ in range(2):  # a template that does not compile is never cached as compiled
+        with pytest.raises(ValueError, match="chat template"):
+            render_chat(messages, "{% for %}", {})

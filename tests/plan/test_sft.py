@@ -41,7 +41,7 @@ def test_model_too_large_for_the_gpu_proposes_offload():
     plan = plan_sft(SftBudget(config=get_preset("llama-8b"), examples=50_000, tokens_per_example=500,
                               gpu_memory_gib=24))
     assert plan.offload == "cpu" and plan.micro_batch_rows == 0
-    assert any("--offload cpu" in line for line in plan.explanation)
+    assert any("--parallel.offload cpu" in line for line in plan.explanation)
 
 
 def test_budget_errors():
@@ -70,3 +70,50 @@ def test_early_stop_keeps_the_best_fraction():
 def test_spearman():
     final = {"a": 1.0, "b": 2.0, "c": 3.0}
     assert spearman(["a", "b", "c"], final) == 1.0 and spearman(["c", "b", "a"], final) == -1.0
+
+
+def test_offload_step_time_is_bounded_by_the_host_link_and_the_cpu_step():
+    from batchpilot.plan.sft import CPU_ADAM_BYTES_PER_PARAM, OFFLOAD_BYTES_PER_PARAM, predicted_step_seconds
+    from batchpilot.model.counting import total_params
+
+    budget = SftBudget(config=get_preset("llama-8b"), examples=50_000, tokens_per_example=500, gpu_memory_gib=24)
+    plan = plan_sft(budget)
+    compute = predicted_step_seconds(budget, plan.rows_per_step, offload="none")
+    params = total_params(budget.config)
+    link = 3 * params * OFFLOAD_BYTES_PER_PARAM * plan.rows_per_step / (budget.pcie_gb_s * 1e9)
+    cpu = params * CPU_ADAM_BYTES_PER_PARAM / (budget.cpu_memory_gb_s * 1e9)
+    assert plan.predicted_step_seconds == pytest.approx(max(compute, link) + cpu)
+    assert plan.predicted_step_seconds > compute and any("host link" in line for line in plan.explanation)
+    halved = plan_sft(SftBudget(config=get_preset("llama-8b"), examples=50_000, tokens_per_example=500,
+                                gpu_memory_gib=24, pcie_gb_s=25.0))
+    assert halved.predicted_step_seconds > plan.predicted_step_seconds
+
+
+def test_cli_plan_sft_saves_a_plan_that_train_executes(tmp_path, capsys):
+    from batchpilot.cli import main
+    from batchpilot.cli.train import build_config
+    from batchpilot.model.hf import save_model
+    from batchpilot.model.llama import build_model
+    from batchpilot.plan.planner import Plan
+
+    model_dir = tmp_path / "model"
+    save_model(build_model(get_preset("tiny"), seed=0), model_dir)
+    out = tmp_path / "sft_plan.json"
+    assert main(["plan", "--recipe", "sft", "--model", str(model_dir), "--examples", "3000",
+                 "--tokens-per-example", "200", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2412.13337" in printed and "SFT plan" in printed
+    plan = Plan.load(out)
+    assert plan.schedule == "constant" and plan.model == str(model_dir) and plan.law is None
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    from batchpilot.cli import train as train_cli
+
+    train_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--plan", str(out), "--recipe", "sft", "--data", str(tmp_path / "x.jsonl"),
+                              "--out", str(tmp_path / "run")])
+    cfg = build_config(args)
+    assert (cfg.recipe.name, cfg.schedule.name, cfg.optim.lr) == ("sft", "constant", plan.peak_lr)
+    assert cfg.schedule.max_steps == plan.total_steps and cfg.batch.global_batch_tokens == plan.global_batch_tokens
+    assert cfg.optim.weight_decay == 0.0 and cfg.data.format == "chat"  # the recipe fills what the plan leaves
