@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -411,7 +411,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     file given as --output by mistake) is refused, never truncated."""
     if not path.is_file():
         return []
-    records = []
+    records: list[dict[str, Any]] = []
     with path.open("rb") as f:
         lines = f.read().split(b"\n")
     torn = lines[-1] != b""
@@ -506,7 +506,7 @@ def response_body(item: JobItem, completions: list[Completion], model: str, *, t
     prompt_lengths = {c.index: len(c.prompt_ids) for c in completions}  # the prompt counts once, not per sample
     n_in, n_out = sum(prompt_lengths.values()), sum(len(c.output_ids) for c in completions)
     chat = item.kind == "chat"
-    body = {"id": _new_id("chatcmpl-" if chat else "cmpl-"), "object": "chat.completion" if chat else
+    body: dict[str, Any] = {"id": _new_id("chatcmpl-" if chat else "cmpl-"), "object": "chat.completion" if chat else
             "text_completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
     if chat:
@@ -610,9 +610,10 @@ def part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.name}.part{rank}")
 
 
-def sort_results(out: Path, items: list[JobItem], extra: list[Path] = ()) -> None:
+def sort_results(out: Path, items: list[JobItem], extra: Sequence[Path] = ()) -> None:
     """Rewrite ``out`` (plus ``extra`` part files) atomically with every record in input-line order."""
-    first = {it.custom_id: it.line for it in items if not it.deterministic_error and it.custom_id is not None}
+    first: dict[str | None, int] = {it.custom_id: it.line for it in items
+                                     if not it.deterministic_error and it.custom_id is not None}
     later: dict[str | None, list[int]] = {}
     for it in items:
         if it.custom_id is None or it.deterministic_error:
@@ -646,8 +647,9 @@ def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, todo: l
     steps, graph capture and compilation inside them included); the rest is planning and writing."""
     todo = answered(out, items, world_size).todo(items) if todo is None else todo
     writer = JobWriter(out if world_size == 1 else part_path(out, rank), opener)
-    start, stats = time.perf_counter(), {"requests": 0, "errors": 0, "output_tokens": 0, "lengths": []}
-    engine_s0 = engine.stats.seconds
+    stats: dict[str, Any] = {"requests": 0, "errors": 0, "output_tokens": 0, "lengths": []}
+    start = time.perf_counter()
+    engine_s0 = _engine_seconds(engine)
     skipped = len(items) - len(todo)
     show = (sys.stdout.isatty() if progress is None else progress) and rank == 0
     try:
@@ -671,8 +673,14 @@ def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, todo: l
         writer.close()
     seconds = time.perf_counter() - start
     return {**stats, "skipped": skipped, "seconds": seconds, "tokenize_seconds": tokenized - start,
-            "engine_seconds": engine.stats.seconds - engine_s0,
+            "engine_seconds": _engine_seconds(engine) - engine_s0,
             "output_tokens_per_s": stats["output_tokens"] / max(seconds, 1e-9)}
+
+
+def _engine_seconds(engine: Any) -> float:
+    """The engine's step time so far (0 for an engine-like object without ``EngineStats``)."""
+    stats = getattr(engine, "stats", None)
+    return float(stats.seconds) if stats is not None else 0.0
 
 
 def _guarded_run(engine: Any, requests: list[Request], owner: dict[int, tuple[JobItem, int]], rank: int,
@@ -681,7 +689,7 @@ def _guarded_run(engine: Any, requests: list[Request], owner: dict[int, tuple[Jo
     and every unfinished request is re-run alone, so only the request that makes the engine fail gets an error
     record (status 500) and the job goes on."""
     pending: dict[int, list[Completion]] = {}  # item line -> completions so far
-    need = {}
+    need: dict[int, int] = {}
     for r in requests:
         item, _ = owner[r.index]
         need[item.line] = need.get(item.line, 0) + r.params.n
@@ -745,7 +753,7 @@ def _requests(engine: Any, todo: list[JobItem], writer: JobWriter, write_errors:
         if it.error is None:
             param = "messages" if it.kind == "chat" else "prompt"
             try:
-                mine = []
+                mine: list[Request] = []
                 for p, ids in enumerate(encoded[it.line]):
                     if not ids:
                         raise RequestError("empty prompt", param)

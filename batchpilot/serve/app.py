@@ -89,7 +89,7 @@ class Server:
             return _error(400, str(e), param=e.param)
         except (ValueError, TypeError) as e:
             return _error(400, str(e))
-        if self.loop.in_flight + len(parsed.prompt_ids) * parsed.item.params.n > self.cfg.max_queue:
+        if self.loop.in_flight + len(parsed.prompt_ids) * parsed.n > self.cfg.max_queue:
             self.metrics.rejected.inc()
             return _error(429, f"{self.loop.in_flight} requests in flight (max {self.cfg.max_queue}); retry later",
                           headers={"Retry-After": str(self.cfg.retry_after_s)})
@@ -218,6 +218,10 @@ class _Parsed:
     prompt_ids: list[list[int]]  # per prompt
     stream: bool
     include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.item.params.n if self.item.params is not None else 1
 
 
 @dataclass(slots=True)
