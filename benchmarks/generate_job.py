@@ -39,7 +39,7 @@ from provenance import provenance
 import batchpilot
 from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.generate.engine import Engine, EngineConfig
-from batchpilot.generate.request import Request, SamplingParams, request_seed
+from batchpilot.generate.request import Request, SamplingParams
 from batchpilot.generate.roofline import roofline_share
 
 WORDS = ("the model reads a batch of requests and writes every answer to a file in order while the cache holds "
@@ -108,18 +108,17 @@ def run_cli(args: argparse.Namespace, job: Path, out: Path, tokenizer: Path) -> 
 def job_requests(engine: Engine, job: Path, template_dir: Path) -> list[Request]:
     """The job's requests as the CLI builds them (same prompts, params and custom_id-keyed seeds)."""
     from batchpilot.data.chat_template import chat_template_of
-    from batchpilot.generate.jobs import read_job
+    from batchpilot.generate.jobs import encode_job, item_seed, read_job
 
     template, special = chat_template_of(template_dir)
     items = read_job(job, SamplingParams(max_tokens=128), chat_template=template, special_tokens=special)
+    encoded = encode_job(engine, items)  # the CLI's batched tokenization and its seeds (jobs.item_seed)
     reqs = []
     for it in items:
         if it.error is not None:
             continue
-        ids = engine.tokenizer.encode(it.prompt) if it.kind == "chat" else engine.encode(it.prompt)
-        params = it.params if it.params.seed is not None else replace(
-            it.params, seed=request_seed(engine.config.seed, it.custom_id))
-        reqs.append(Request(len(reqs), ids, params))
+        for p, ids in enumerate(encoded[it.line]):
+            reqs.append(Request(len(reqs), ids, item_seed(it, p, engine.config.seed)))
     return reqs
 
 

@@ -172,8 +172,9 @@ def offline_reference(model_dir: Path, workloads: dict[str, list[dict]]) -> dict
     out: dict[str, Any] = {}
     for name, reqs in workloads.items():
         prompts = [b["prompt"] for b in reqs]
+        # the server's own rules (jobs.body_params: strict types, the same fields), so both sides sample alike
         params = [body_params({k: v for k, v in b.items() if k not in ("stream", "stream_options", "model")},
-                              SamplingParams()) for b in reqs]
+                              SamplingParams(), "completion")[0] for b in reqs]
         engine.generate(prompts[:8], params[:8])  # warm-up (graphs, compile)
         t0 = time.perf_counter()
         done = engine.generate(prompts, params)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,13 +46,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cascade", action="store_true", help="groups, but decode reads the prefix per request")
     p.add_argument("--no-triton", action="store_true", help="torch paged attention instead of the Triton kernel")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
-    p.add_argument("--no-compile", action="store_true",
-                   help="capture the eager decode forward (no torch.compile fusion; no compile time)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the decode graphs: auto = when the job's expected decode steps pay for the "
+                        "compile time (about 20 s); on / off force it")
+    p.add_argument("--compile-cost-s", type=float, default=COMPILE_COST_S,
+                   help="the compile time --compile auto weighs against the job (measure it once on your GPU)")
+    p.add_argument("--no-compile", action="store_true", help="same as --compile off")
     p.add_argument("--decode-steps", type=int, default=None,
                    help="greedy graph decode steps per host round trip once the queue is empty (default 32); more "
                         "amortizes host work, but tokens after an EOS inside the run are computed and dropped")
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is also off when stdout is not a terminal)")
     p.set_defaults(func=run)
 
 
@@ -64,16 +71,67 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens (benchmarks)")
 
 
-def load(args: argparse.Namespace, device: torch.device):
-    """(model, tokenizer or None, model directory or None) from --model/--tokenizer/--dtype."""
-    from batchpilot import load_model
+def load(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Path | None]:
+    """(model, tokenizer or None, tokenizer path or None) from --model/--tokenizer/--dtype."""
     from batchpilot.data.tokenizer import Tokenizer
 
     dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_model(args.model, device=device, dtype=dtype)
+    model = load_for_serving(args.model, device=device, dtype=dtype)
     model_dir = Path(args.model) if Path(args.model).is_dir() else None
     tok_path = args.tokenizer or (model_dir if model_dir and (model_dir / "tokenizer.json").is_file() else None)
     return model, (Tokenizer.from_path(tok_path) if tok_path else None), (Path(tok_path) if tok_path else None)
+
+
+def load_for_serving(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """A model directory's weights straight into the serving dtype on the device: the module is built on the
+    meta device and each stored tensor is cast and moved once (no fp32 copy of the model on the host, no
+    second pass over it on the device). A shape the config does not describe is refused by load_state_dict;
+    presets (random weights) go through ``load_model``."""
+    from batchpilot import load_model
+    from batchpilot.model import hf
+    from batchpilot.model.llama import Llama, rope_inv_freq
+
+    path = Path(model)
+    if not path.is_dir():
+        return load_model(model, device=device, dtype=dtype)
+    config = hf.read_config(path)
+    state = hf.fuse_experts(hf.load_state_dict(path), config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        built = Llama(config)
+    missing, unexpected = built.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    built.tie_weights()
+    built.inv_freq = rope_inv_freq(config).to(device=device, dtype=torch.float32)
+    return built.eval()
+
+
+# torch.compile of the decode graphs, decided by the job. Cost: issue 15's llama-1b job on one H200 ran 51.6 s wall
+# with compile and 31.2 s without (8,000 lines x 128 tokens), i.e. about 20 s of compilation; the gain per decode
+# step is assumed to be at most 10% of the step's bytes bound (weights read once per step, Williams et al.,
+# "Roofline", CACM 2009), since the captured graph already removes the launch overhead compile would otherwise cut.
+COMPILE_COST_S = 20.0
+COMPILE_GAIN_SHARE = 0.10
+
+
+def expected_decode_steps(max_tokens: list[int], max_num_seqs: int) -> int:
+    """Decode steps the job needs at least: the requests run in waves of ``max_num_seqs``, each wave as long as
+    its longest request (longest first, as the engine orders decode-heavy groups)."""
+    lengths = sorted(max_tokens, reverse=True)
+    return sum(lengths[i] for i in range(0, len(lengths), max(1, max_num_seqs)))
+
+
+def decide_compile(mode: str, steps: int, step_bound_s: float, compile_cost_s: float = COMPILE_COST_S) -> bool:
+    """--compile auto: compile when the job's expected decode steps times the assumed gain per step outweigh the
+    compile cost; on / off force it."""
+    if mode != "auto":
+        return mode == "on"
+    return steps * COMPILE_GAIN_SHARE * step_bound_s > compile_cost_s
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.generate.request import SamplingParams
     from batchpilot.io import FileLock, LockedError
 
+    started = time.perf_counter()
     if args.max_prompt_bytes < 1 or not args.template_timeout > 0:
         raise ValueError("--max-prompt-bytes must be >= 1 and --template-timeout > 0")
     inp, out = Path(args.input), Path(args.output)
@@ -109,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
             drop_errors(out, items)
         todo = done.todo(items, retry_errors=args.retry_errors)
         barrier()  # every rank has read what is done before any rank writes
-        engine = Engine(model, tokenizer, _engine_config(args, EngineConfig))
+        compile_on = _decide_compile(args, model, todo)
+        engine = Engine(model, tokenizer, _engine_config(args, EngineConfig, compile_on))
+        ready = time.perf_counter()
         try:
             summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier)
         except JobWriteError as e:
@@ -117,8 +178,37 @@ def run(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     if rank == 0:
+        summary["compile"] = compile_on
+        summary["setup_seconds"] = ready - started
+        summary["wall_seconds"] = time.perf_counter() - _process_start(started)
         _report(summary, model, engine, world_size)
     return 0
+
+
+def _process_start(fallback: float) -> float:
+    """perf_counter() at the process's start (imports included), from the OS; ``fallback`` where unknown."""
+    try:
+        import psutil
+
+        return time.perf_counter() - (time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - psutil missing or no /proc: time from the command's start
+        return fallback
+
+
+def _decide_compile(args: argparse.Namespace, model: Any, todo: list) -> bool:
+    from batchpilot.generate import roofline
+
+    mode = "off" if args.no_compile else args.compile
+    if mode != "auto":
+        return mode == "on"
+    spec = roofline.gpu_spec(next(model.parameters()).device)
+    if spec is None or args.no_cuda_graphs:  # compile only acts on the CUDA decode graphs
+        return False
+    lengths = [it.params.max_tokens for it in todo if it.params is not None for _ in it.prompts
+               for _ in range(it.params.n)]
+    step_bound_s = roofline.model_cost(model).weight_bytes / spec[0]
+    return decide_compile(mode, expected_decode_steps(lengths, args.max_num_seqs), step_bound_s,
+                          args.compile_cost_s)
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -128,12 +218,12 @@ def served_model_name(args: argparse.Namespace) -> str:
     return Path(args.model).resolve().name if Path(args.model).exists() else args.model
 
 
-def _engine_config(args: argparse.Namespace, EngineConfig: type) -> object:
+def _engine_config(args: argparse.Namespace, EngineConfig: type, compile_on: bool) -> Any:
     return EngineConfig(block_size=args.kv_block_size, max_batch_tokens=args.max_batch_tokens,
                         max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
                         prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
                         triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs,
-                        compile=not args.no_compile, seed=args.seed,
+                        compile=compile_on, seed=args.seed,
                         **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}))
 
 
@@ -142,7 +232,7 @@ def _run(args: argparse.Namespace, engine: object, items: list, todo: list, out:
     from batchpilot.generate.jobs import merge_parts, run_job, sort_results
 
     summary = run_job(engine, items, out, model=served_model_name(args), todo=todo, rank=rank,
-                      world_size=world_size, progress=not args.no_progress)
+                      world_size=world_size, progress=False if args.no_progress else None)
     barrier()
     if world_size > 1 and rank == 0:
         merge_parts(out, world_size, items)
@@ -151,17 +241,24 @@ def _run(args: argparse.Namespace, engine: object, items: list, todo: list, out:
     return summary
 
 
-def _report(summary: dict, model: object, engine: object, world_size: int) -> None:
+def _report(summary: dict, model: Any, engine: Any, world_size: int) -> None:
+    """The end line: lines, tokens, wall time from the process's start, the cold part (everything but the engine's
+    steps: imports, loading, reading, tokenizing, planning, writing), tokens/s over the wall time and over the
+    engine's time, and the roofline share of the part it can attribute (the engine's steps)."""
     from batchpilot.generate.roofline import roofline_share
 
-    print(f"requests {summary['requests']} (skipped {summary['skipped']}, errors {summary['errors']}), "
-          f"output tokens {summary['output_tokens']}, {summary['output_tokens_per_s']:,.0f} tok/s"
-          f"{' on rank 0' if world_size > 1 else ''}, {summary['seconds']:.1f} s")
-    share = roofline_share(model, engine.stats, summary["lengths"], summary["seconds"])
+    wall, engine_s = summary["wall_seconds"], summary["engine_seconds"]
+    tokens = summary["output_tokens"]
+    print(f"lines: done {summary['requests']}, errors {summary['errors']}, skipped {summary['skipped']}; "
+          f"output tokens {tokens}{' on rank 0' if world_size > 1 else ''}; wall {wall:.1f} s "
+          f"(cold {max(0.0, wall - engine_s):.1f} s: setup {summary['setup_seconds']:.1f} s, tokenize "
+          f"{summary['tokenize_seconds']:.1f} s; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
+          f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'}")
+    share = roofline_share(model, engine.stats, summary["lengths"], engine_s)
     if share:
         decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"
                   if "decode_share" in share else "")
-        print(f"roofline: job {share['job_share']:.0%} of the bytes/FLOPs bound "
+        print(f"roofline: engine steps {share['job_share']:.0%} of the job's bytes/FLOPs bound "
               f"({share['job_bound_s']:.2f} s){decode}")
 
 

@@ -78,7 +78,8 @@ class BatchpilotLM(LM):
         (our ``Tokenizer`` also takes a BOS from config.json, which HF tokenizers do not)."""
         if self.prefix_override is not None:
             return self.prefix_override
-        return self.tokenizer.bos_id if self.declares_bos else self.tokenizer.eos_id
+        bos = self.tokenizer.bos_id
+        return bos if self.declares_bos and bos is not None else self.tokenizer.eos_id
 
     def tok_encode(self, text: str) -> list[int]:
         return self.tokenizer.encode_prompt(text) if self.add_bos_token else self.tokenizer.encode(text)

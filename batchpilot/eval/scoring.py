@@ -1,6 +1,6 @@
-"""Log-likelihoods of continuations: the engine's ``score`` when this build has it, else one plain prefill.
+"""Log-likelihoods of continuations through ``Engine.score`` (prefill only, shared prefixes prefilled once).
 
-The fallback is the reference the engine's ``score`` is checked against: one fp32-logit forward per
+``reference_score`` is what the engine's ``score`` is checked against: one fp32-logit forward per
 (context + continuation), ``log_softmax`` at the positions that predict the continuation.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from batchpilot.generate.engine import Engine
+
 
 @dataclass(frozen=True, slots=True)
 class Score:
@@ -18,13 +20,10 @@ class Score:
     is_greedy: bool  # every continuation token is the argmax at its position
 
 
-def score(engine: object, contexts: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[Score]:
+def score(engine: Engine, contexts: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[Score]:
     """Per-token logprobs of each continuation after its context (an empty context: the first continuation
-    token is not scored, as for lm-eval's rolling windows)."""
-    engine_score = getattr(engine, "score", None)
-    if engine_score is not None:
-        return [Score(list(s.logprobs), bool(s.is_greedy)) for s in engine_score(contexts, continuations)]
-    return [reference_score(engine.model, c, x) for c, x in zip(contexts, continuations, strict=True)]
+    token is not scored, as for lm-eval's rolling windows), from ``Engine.score``."""
+    return [Score(list(s.logprobs), bool(s.is_greedy)) for s in engine.score(contexts, continuations)]
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 from pathlib import Path
 
 TASK_NAMES = ("bp_choice", "bp_until", "bp_rolling")
@@ -30,7 +31,8 @@ def write_tasks(directory: Path, words: list[str], *, num_docs: int, seed: int =
                "label": rng.randrange(4)} for _ in range(num_docs)]
     until = [{"prompt": sentence(rng.randint(3, 12)), "answer": rng.choice(words)} for _ in range(num_docs)]
     rolling = [{"text": sentence(rng.randint(5, 40))} for _ in range(num_docs)]
-    for name, rows in zip(TASK_NAMES, (choice, until, rolling), strict=True):
+    docs: tuple[list[dict[str, Any]], ...] = (choice, until, rolling)
+    for name, rows in zip(TASK_NAMES, docs, strict=True):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (directory / "bp_choice.yaml").write_text(_yaml("bp_choice", directory / "bp_choice.jsonl", (
         "output_type: multiple_choice\ndoc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_choice: \"{{choices}}\"\n"

@@ -73,7 +73,7 @@ def decode_arrays(dec: list[Chunk], *, block_size: int, cascade: bool, trash_blo
     D = len(reqs)
     rows = max(rows, D)
     inline = not cascade and any(r.prefix_len > 0 for r in reqs)  # each row holds its prefix too
-    pre = [r.group.prefix.blocks if r.prefix_len > 0 else [] for r in reqs] if inline else []
+    pre = [r.shared.prefix.blocks if r.prefix_len > 0 else [] for r in reqs] if inline else []
     pb = max(map(len, pre)) if inline else 0
     width = max(width, pb + max(len(r.blocks) for r in reqs))
     a = DecodeArrays(np.full((rows, width), trash_block, dtype=np.int64), np.zeros(rows, dtype=np.int64),
@@ -96,7 +96,7 @@ def _group_arrays(a: DecodeArrays, reqs: list[Request], rows: int, groups: int, 
     for i, r in enumerate(reqs):
         if r.prefix_len > 0:
             members.setdefault(id(r.group), []).append(i)
-            prefixes[id(r.group)] = r.group.prefix
+            prefixes[id(r.group)] = r.shared.prefix
     Gn = max(groups, len(members))
     M = rows if groups else max(map(len, members.values()))
     width = max([len(p.blocks) for p in prefixes.values()] + [a.tables.shape[1] if groups else 1])
@@ -154,7 +154,7 @@ def context_slots(r: Request, n: int, block_size: int) -> np.ndarray:
     own = _block_slots(r.blocks, block_size)[:n - p]
     if p == 0:
         return own
-    return np.concatenate([_block_slots(r.group.prefix.blocks, block_size)[:min(p, n)], own])
+    return np.concatenate([_block_slots(r.shared.prefix.blocks, block_size)[:min(p, n)], own])
 
 
 def _block_slots(blocks: list[int], block_size: int) -> np.ndarray:

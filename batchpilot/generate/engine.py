@@ -85,10 +85,11 @@ class Engine:
 
         Prompts are text (needs a tokenizer), token ids, or ``Request``s.
         """
-        if prompts and all(isinstance(p, Request) for p in prompts):
-            requests = [Request(i, r.prompt_ids, r.params) for i, r in enumerate(prompts)]  # fresh state
+        given = [p for p in prompts if isinstance(p, Request)]
+        if prompts and len(given) == len(prompts):
+            requests = [Request(i, r.prompt_ids, r.params) for i, r in enumerate(given)]  # fresh state
         else:
-            requests = self.make_requests(prompts, params)
+            requests = self.make_requests([p for p in prompts if not isinstance(p, Request)], params)
         done = {(c.index, c.sample_index): c for c in self.run(requests)}
         return [done[r.index, j] for r in requests for j in range(r.params.n)]
 
@@ -106,8 +107,9 @@ class Engine:
         done = {c.index: c for c in self.run(requests)}
         scores = []
         for i, ctx in enumerate(contexts):
-            c = done[i]
-            lps = [lp for lp in c.prompt_logprobs[max(1, len(ctx)):] if lp is not None]
+            plps = done[i].prompt_logprobs
+            assert plps is not None  # asked for above
+            lps = [lp for lp in plps[max(1, len(ctx)):] if lp is not None]
             scores.append(Score([lp.logprob for lp in lps], all(lp.top[0][0] == lp.token_id for lp in lps)))
         return scores
 
@@ -313,6 +315,7 @@ def _keep_prompt_logprobs(r: Request, out: ChunkOutput) -> None:
     if k is None or r.is_prefix or p == 0 or p in r.prompt_logprobs:
         return
     # a member: the prefix's positions (cut to its own k), and its first own token from the prefix's last row
+    assert r.group is not None and r.group.last_logprobs is not None, "a member's prefix runs first"
     r.prompt_logprobs.update({i: t.truncated(k) for i, t in r.group.prefix.prompt_logprobs.items()})
     last, token = r.group.last_logprobs, r.prompt_ids[p]
     top_v, top_i = last.topk(k) if k else (last[:0], last[:0])

@@ -33,6 +33,7 @@ reuses one compilation; the compile happens in the warm-up before the first capt
 from __future__ import annotations
 
 import warnings
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,7 +100,7 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.width = 0  # block-table columns of every graph
         self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (rows, groups, sampling kind) -> graph
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool (torch.cuda.graph_pool_handle)
         self.enabled = True
         self.off_reason: str | None = None  # why graphs switched themselves off (reported by benchmarks)
 

@@ -25,15 +25,16 @@ import errno
 import json
 import math
 import os
+import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchpilot.data.chat_template import RenderLimits, render_chat
-from batchpilot.generate.request import Completion, Request, SamplingParams
+from batchpilot.generate.request import Completion, Request, SamplingParams, request_seed
 from batchpilot.io import cut_torn_tail, write_text_atomic
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -182,19 +183,32 @@ def parse_line(data: bytes | None, line: int, defaults: SamplingParams, chat_tem
         body = obj.get("body")
         if not isinstance(body, dict):
             raise RequestError("body must be an object", "body")
-        item.params, item.echo = body_params(body, defaults, item.kind)
-        if item.kind == "chat":
-            if chat_template is None:
-                raise RequestError("chat request but the model has no chat template", "messages")
-            text = render_chat(body.get("messages"), chat_template, special_tokens, limits=limits.template)
-            item.prompts = [_text(text.encode("utf-8", "surrogatepass"), limits, "messages")]
-        else:
-            item.prompts = _prompts(body.get("prompt"), limits)
+        item.prompts, item.params, item.echo = parse_body(body, item.kind, defaults, chat_template, special_tokens,
+                                                          limits)
     except RequestError as e:
         item.error = e
-    except ValueError as e:  # the chat template's one-line errors
-        item.error = RequestError(str(e), "messages")
     return item
+
+
+def parse_body(body: dict[str, Any], kind: str, defaults: SamplingParams, chat_template: str | None,
+               special_tokens: dict[str, str], limits: JobLimits | None = None
+               ) -> tuple[list[str | list[int]], SamplingParams, bool]:
+    """(prompts, SamplingParams, echo) of a completions (``kind`` "completion") or chat ("chat") body: the one
+    owner of the per-field validation and the prompt rules, shared by offline jobs and the server. A fault is a
+    RequestError naming the field; a chat prompt is the rendered text (tokenize it without special tokens)."""
+    limits = limits or JobLimits()
+    params, echo = body_params(body, defaults, kind)
+    if kind != "chat":
+        return _prompts(body.get("prompt"), limits), params, echo
+    if chat_template is None:
+        raise RequestError("chat request but the model has no chat template", "messages")
+    try:
+        text = render_chat(body.get("messages"), chat_template, special_tokens, limits=limits.template)
+    except RequestError:
+        raise
+    except ValueError as e:  # the chat template's one-line errors
+        raise RequestError(str(e), "messages") from None
+    return [_text(text.encode("utf-8", "surrogatepass"), limits, "messages")], params, echo
 
 
 def _utf8(s: str) -> bool:
@@ -397,7 +411,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     file given as --output by mistake) is refused, never truncated."""
     if not path.is_file():
         return []
-    records = []
+    records: list[dict[str, Any]] = []
     with path.open("rb") as f:
         lines = f.read().split(b"\n")
     torn = lines[-1] != b""
@@ -480,44 +494,53 @@ def chat_logprobs(tokenizer: Any, lps: tuple[Any, ...]) -> dict[str, Any]:
                         for lp in lps], "refusal": None}
 
 
-def result_record(item: JobItem, completions: list[Completion], model: str, *, tokenizer: Any = None,
+def response_body(item: JobItem, completions: list[Completion], model: str, *, tokenizer: Any = None,
                   token_ids: bool = False) -> dict[str, Any]:
-    """An OpenAI Batch output line for ``completions`` (every sample of every prompt of ``item``, any order);
+    """An OpenAI ``Completion`` / ``ChatCompletion`` body for ``completions`` (every sample of every prompt of
+    ``item``, any order; ``c.index`` is the prompt's position in ``item.prompts``, ``c.sample_index`` the sample):
+    choice ``index`` = prompt position * n + sample, as OpenAI numbers them. Shared by jobs and the server;
     ``token_ids`` adds the generated ids (jobs without a tokenizer)."""
-    n = item.params.n if item.params is not None and hasattr(item.params, "n") else 1
-    choices = []
-    for c in completions:
-        p = c.index  # the prompt's position in item.prompts (set by _requests)
-        k = getattr(c, "sample_index", 0)
-        choice: dict[str, Any] = {"index": p * n + k, "finish_reason": c.finish_reason, "logprobs": None}
-        lps = getattr(c, "logprobs", None)
-        if item.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
-            if lps is not None:
-                choice["logprobs"] = chat_logprobs(tokenizer, lps)
-        else:
-            prompt_text = item.prompts[p] if item.echo and isinstance(item.prompts[p], str) else ""
-            if item.echo and not prompt_text:
-                prompt_text = tokenizer.decode(c.prompt_ids) if tokenizer is not None else ""
-            choice["text"] = prompt_text + c.text
-            if lps is not None:
-                pairs = [(lp, lp.token_id) for lp in lps]
-                plps = getattr(c, "prompt_logprobs", None)
-                if item.echo and plps is not None:
-                    pairs = list(zip(plps, c.prompt_ids)) + pairs
-                choice["logprobs"] = completion_logprobs(tokenizer, pairs)
-        if token_ids:
-            choice["token_ids"] = c.output_ids
-        choices.append(choice)
+    n = item.params.n if item.params is not None else 1
+    choices = [_choice(item, c, n, tokenizer, token_ids) for c in completions]
     choices.sort(key=lambda ch: ch["index"])
-    prompt_lengths = {c.index: len(c.prompt_ids) for c in completions}
+    prompt_lengths = {c.index: len(c.prompt_ids) for c in completions}  # the prompt counts once, not per sample
     n_in, n_out = sum(prompt_lengths.values()), sum(len(c.output_ids) for c in completions)
     chat = item.kind == "chat"
-    body = {"id": _new_id("chatcmpl-" if chat else "cmpl-"), "object": "chat.completion" if chat else
+    body: dict[str, Any] = {"id": _new_id("chatcmpl-" if chat else "cmpl-"), "object": "chat.completion" if chat else
             "text_completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
     if chat:
         body["system_fingerprint"] = None
+    return body
+
+
+def _choice(item: JobItem, c: Completion, n: int, tokenizer: Any, token_ids: bool) -> dict[str, Any]:
+    p = c.index
+    choice: dict[str, Any] = {"index": p * n + c.sample_index, "finish_reason": c.finish_reason, "logprobs": None}
+    if item.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
+        if c.logprobs is not None:
+            choice["logprobs"] = chat_logprobs(tokenizer, c.logprobs)
+    else:
+        prompt_text = ""
+        if item.echo:
+            prompt = item.prompts[p]
+            prompt_text = prompt if isinstance(prompt, str) else (tokenizer.decode(c.prompt_ids) if tokenizer else "")
+        choice["text"] = prompt_text + c.text
+        if c.logprobs is not None:
+            pairs: list[tuple[Any, int]] = [(lp, lp.token_id) for lp in c.logprobs]
+            if item.echo and c.prompt_logprobs is not None:
+                pairs = list(zip(c.prompt_logprobs, c.prompt_ids)) + pairs
+            choice["logprobs"] = completion_logprobs(tokenizer, pairs)
+    if token_ids:
+        choice["token_ids"] = c.output_ids
+    return choice
+
+
+def result_record(item: JobItem, completions: list[Completion], model: str, *, tokenizer: Any = None,
+                  token_ids: bool = False) -> dict[str, Any]:
+    """An OpenAI Batch output line: the envelope around ``response_body``."""
+    body = response_body(item, completions, model, tokenizer=tokenizer, token_ids=token_ids)
     return {"id": _new_id("batch_req_"), "custom_id": item.custom_id,
             "response": {"status_code": 200, "request_id": _new_id("req_"), "body": body}, "error": None}
 
@@ -587,9 +610,10 @@ def part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.name}.part{rank}")
 
 
-def sort_results(out: Path, items: list[JobItem], extra: list[Path] = ()) -> None:
+def sort_results(out: Path, items: list[JobItem], extra: Sequence[Path] = ()) -> None:
     """Rewrite ``out`` (plus ``extra`` part files) atomically with every record in input-line order."""
-    first = {it.custom_id: it.line for it in items if not it.deterministic_error and it.custom_id is not None}
+    first: dict[str | None, int] = {it.custom_id: it.line for it in items
+                                     if not it.deterministic_error and it.custom_id is not None}
     later: dict[str | None, list[int]] = {}
     for it in items:
         if it.custom_id is None or it.deterministic_error:
@@ -615,35 +639,48 @@ def merge_parts(out: Path, world_size: int, items: list[JobItem]) -> None:
 
 
 def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, todo: list[JobItem] | None = None,
-            rank: int = 0, world_size: int = 1, progress: bool = True, opener: Any = None) -> dict[str, Any]:
-    """Run ``todo`` (default: the items without a record in ``out``); write each result as it finishes."""
+            rank: int = 0, world_size: int = 1, progress: bool | None = None, opener: Any = None) -> dict[str, Any]:
+    """Run ``todo`` (default: the items without a record in ``out``); write each result as it finishes.
+
+    ``progress``: a bar counting input lines (done, errors, skipped); None = on when stdout is a terminal. The
+    summary splits the time: ``tokenize_seconds`` (the batched tokenization) and ``engine_seconds`` (the engine's
+    steps, graph capture and compilation inside them included); the rest is planning and writing."""
     todo = answered(out, items, world_size).todo(items) if todo is None else todo
     writer = JobWriter(out if world_size == 1 else part_path(out, rank), opener)
-    start, stats = time.perf_counter(), {"requests": 0, "errors": 0, "output_tokens": 0, "lengths": []}
+    stats: dict[str, Any] = {"requests": 0, "errors": 0, "output_tokens": 0, "lengths": []}
+    start = time.perf_counter()
+    engine_s0 = _engine_seconds(engine)
+    skipped = len(items) - len(todo)
+    show = (sys.stdout.isatty() if progress is None else progress) and rank == 0
     try:
         requests, owner = _requests(engine, todo, writer, write_errors=rank == 0, stats=stats)
-        with _progress(progress and rank == 0, len(owner)) as update:
+        tokenized = time.perf_counter()
+        with _progress(show, len(items), skipped) as update:
+            update(stats, 0.0)
             for item, completions in _guarded_run(engine, requests, owner, rank, world_size):
                 if isinstance(completions, RequestError):
                     item.error = completions
                     writer.write(error_record(item, status_code=500))
                     stats["errors"] += 1
-                    continue
-                writer.write(result_record(item, completions, model, tokenizer=engine.tokenizer,
-                                           token_ids=engine.tokenizer is None))
-                stats["requests"] += 1
-                stats["output_tokens"] += sum(len(c.output_ids) for c in completions)
-                stats["lengths"] += [(len(c.prompt_ids), len(c.output_ids)) for c in completions]
-                update(stats["requests"], stats["output_tokens"] / max(1e-9, time.perf_counter() - start))
+                else:
+                    writer.write(result_record(item, completions, model, tokenizer=engine.tokenizer,
+                                               token_ids=engine.tokenizer is None))
+                    stats["requests"] += 1
+                    stats["output_tokens"] += sum(len(c.output_ids) for c in completions)
+                    stats["lengths"] += [(len(c.prompt_ids), len(c.output_ids)) for c in completions]
+                update(stats, stats["output_tokens"] / max(1e-9, time.perf_counter() - start))
     finally:
         writer.close()
     seconds = time.perf_counter() - start
-    return {**stats, "skipped": len(items) - len(todo), "seconds": seconds,
+    return {**stats, "skipped": skipped, "seconds": seconds, "tokenize_seconds": tokenized - start,
+            "engine_seconds": _engine_seconds(engine) - engine_s0,
             "output_tokens_per_s": stats["output_tokens"] / max(seconds, 1e-9)}
 
 
-def _samples(params: SamplingParams) -> int:
-    return getattr(params, "n", 1)
+def _engine_seconds(engine: Any) -> float:
+    """The engine's step time so far (0 for an engine-like object without ``EngineStats``)."""
+    stats = getattr(engine, "stats", None)
+    return float(stats.seconds) if stats is not None else 0.0
 
 
 def _guarded_run(engine: Any, requests: list[Request], owner: dict[int, tuple[JobItem, int]], rank: int,
@@ -652,10 +689,10 @@ def _guarded_run(engine: Any, requests: list[Request], owner: dict[int, tuple[Jo
     and every unfinished request is re-run alone, so only the request that makes the engine fail gets an error
     record (status 500) and the job goes on."""
     pending: dict[int, list[Completion]] = {}  # item line -> completions so far
-    need = {}
+    need: dict[int, int] = {}
     for r in requests:
         item, _ = owner[r.index]
-        need[item.line] = need.get(item.line, 0) + _samples(r.params)
+        need[item.line] = need.get(item.line, 0) + r.params.n
     finished: set[int] = set()
 
     def collect(r_index: int, c: Completion) -> tuple[JobItem, list[Completion]] | None:
@@ -701,34 +738,28 @@ def _guarded_run(engine: Any, requests: list[Request], owner: dict[int, tuple[Jo
 
 def _with_index(c: Completion, prompt_pos: int) -> Completion:
     """The completion with ``index`` = the prompt's position within its item (for the choice index)."""
-    from dataclasses import replace
-
     return replace(c, index=prompt_pos)
 
 
 def _requests(engine: Any, todo: list[JobItem], writer: JobWriter, write_errors: bool,
               stats: dict[str, Any]) -> tuple[list[Request], dict[int, tuple[JobItem, int]]]:
-    """Tokenize and check every item; bad ones get an error record (on one rank only)."""
-    from dataclasses import replace
-
+    """Tokenize (the whole job in one batched call) and check every item; bad ones get an error record (on one
+    rank only)."""
     requests: list[Request] = []
     owner: dict[int, tuple[JobItem, int]] = {}
     vocab = engine.model.config.vocab_size
+    encoded = encode_job(engine, todo)
     for it in todo:
         if it.error is None:
+            param = "messages" if it.kind == "chat" else "prompt"
             try:
-                mine = []
-                for p, prompt in enumerate(it.prompts):
-                    ids = engine.tokenizer.encode(prompt) if it.kind == "chat" else engine.encode(prompt)
+                mine: list[Request] = []
+                for p, ids in enumerate(encoded[it.line]):
                     if not ids:
-                        raise RequestError("empty prompt", "messages" if it.kind == "chat" else "prompt")
+                        raise RequestError("empty prompt", param)
                     if bad := [t for t in ids if not 0 <= t < vocab]:
-                        raise RequestError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})",
-                                           "messages" if it.kind == "chat" else "prompt")
-                    params = it.params
-                    if params.seed is None:  # stable across resumes: from the job seed, custom_id and prompt
-                        params = replace(params, seed=_request_seed(engine.config.seed, it.custom_id, p))
-                    r = Request(len(requests) + len(mine), ids, params)
+                        raise RequestError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})", param)
+                    r = Request(len(requests) + len(mine), ids, item_seed(it, p, engine.config.seed))
                     engine.check(r)
                     mine.append(r)
                 for p, r in enumerate(mine):
@@ -738,37 +769,83 @@ def _requests(engine: Any, todo: list[JobItem], writer: JobWriter, write_errors:
             except RequestError as e:
                 it.error = e
             except (ValueError, TypeError, AttributeError, OverflowError) as e:
-                it.error = RequestError(str(e)[:500], "messages" if it.kind == "chat" else "prompt")
+                it.error = RequestError(str(e)[:500], param)
         if write_errors:
             writer.write(error_record(it))
             stats["errors"] += 1
     return requests, owner
 
 
-def _request_seed(job_seed: int, custom_id: str | None, prompt_pos: int) -> int:
-    """A request's seed when the body gives none: stable across resumes and ranks (not the request's index,
-    which changes when a resumed job holds fewer requests)."""
-    import zlib
+def encode_job(engine: Any, items: list[JobItem]) -> dict[int, list[list[int]]]:
+    """line -> the token ids of each prompt of every item without an error, text tokenized in two batched calls
+    (the tokenizers library encodes a batch on all cores): completions with the prompt's special tokens (BOS
+    policy, ``Tokenizer.encode_prompt``), rendered chats without (the template wrote them). An item whose text
+    cannot be encoded gets ``item.error``."""
+    out: dict[int, list[list[int]]] = {}
+    texts: dict[bool, list[tuple[JobItem, int, str]]] = {True: [], False: []}  # special tokens? -> (item, p, text)
+    for it in items:
+        if it.error is not None:
+            continue
+        out[it.line] = [list(p) if not isinstance(p, str) else [] for p in it.prompts]
+        for p, prompt in enumerate(it.prompts):
+            if isinstance(prompt, str):
+                texts[it.kind != "chat"].append((it, p, prompt))
+    for special, group in texts.items():
+        if not group:
+            continue
+        if engine.tokenizer is None:
+            for it, _, _ in group:
+                it.error = RequestError("text prompts need a tokenizer (pass token ids, or --tokenizer)",
+                                        "messages" if it.kind == "chat" else "prompt")
+            continue
+        for (it, p, _), ids in zip(group, _encode_batch(engine.tokenizer, [t for _, _, t in group], special),
+                                   strict=True):
+            out[it.line][p] = ids
+    return out
 
-    return zlib.crc32(f"{job_seed}:{custom_id}:{prompt_pos}".encode("utf-8", "surrogatepass"))
+
+def _encode_batch(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """``Tokenizer.encode_prompt`` (special=True) or ``encode`` of every text, in one parallel batched call."""
+    inner = getattr(tokenizer, "inner", None)
+    if inner is None:  # a tokenizer without the tokenizers library underneath: one call per text
+        return [tokenizer.encode_prompt(t) if special else tokenizer.encode(t) for t in texts]
+    return [e.ids for e in inner.encode_batch(texts, add_special_tokens=special)]
+
+
+def item_seed(item: JobItem, prompt_pos: int, job_seed: int) -> SamplingParams:
+    """The item's params with its seed resolved: the body's seed, else ``request_seed(job seed, custom_id)``
+    (the one owner of seed derivation; a custom_id survives resumes and ranks, a request index does not), with
+    ``#p`` appended for the later prompts of a list prompt. The n samples of a prompt then differ by
+    ``sample_seed`` in the engine."""
+    assert item.params is not None
+    if item.params.seed is not None:
+        return item.params
+    key = str(item.custom_id) if prompt_pos == 0 else f"{item.custom_id}#{prompt_pos}"
+    return replace(item.params, seed=request_seed(job_seed, key))
 
 
 class _progress:
-    """A rich progress bar (requests done, output tokens/s), or nothing when disabled."""
+    """A rich progress bar over the job's input lines (done, errors, skipped; output tokens/s), or nothing."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
+    def __init__(self, enabled: bool, total_lines: int, skipped: int) -> None:
+        self.enabled, self.total, self.skipped = enabled, total_lines, skipped
 
     def __enter__(self) -> Any:
         if not self.enabled:
-            return lambda done, tps: None
+            return lambda stats, tps: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
+        self.bar = Progress(TextColumn("lines"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                             TimeElapsedColumn())
         self.bar.__enter__()
-        task = self.bar.add_task("generate", total=self.total, tps="")
-        return lambda done, tps: self.bar.update(task, completed=done, tps=f"{tps:,.0f} tok/s")
+        task = self.bar.add_task("generate", total=self.total, info="")
+
+        def update(stats: dict[str, Any], tps: float) -> None:
+            done = stats["requests"] + stats["errors"]
+            self.bar.update(task, completed=done + self.skipped,
+                            info=f"done {stats['requests']}, errors {stats['errors']}, skipped {self.skipped}, "
+                                 f"{tps:,.0f} tok/s")
+        return update
 
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:

@@ -49,7 +49,7 @@ class LLM:
         model_dir = Path(model)
         tok = tokenizer or (model_dir if (model_dir / "tokenizer.json").is_file() else None)
         self.model = load_model(model, device=dev, dtype=torch_dtype, seed=seed)
-        self.tokenizer = Tokenizer.from_path(tok) if tok is not None else None
+        self.tokenizer = Tokenizer.from_path(Path(tok)) if tok is not None else None
         self.engine = Engine(self.model, self.tokenizer, config)
 
     def generate(self, prompts: Sequence[str | list[int]],

@@ -148,6 +148,12 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def shared(self) -> Group:
+        """The prefix group of a request with ``prefix_len`` > 0."""
+        assert self.group is not None, "a request with a shared prefix belongs to a group"
+        return self.group
+
+    @property
     def num_own_tokens(self) -> int:
         return self.num_tokens - self.prefix_len
 

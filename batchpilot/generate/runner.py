@@ -105,7 +105,9 @@ class Runner:
         if self.graphs_usable(chunks):
             def eager() -> tuple[list[int], torch.Tensor]:
                 outs, logits = self._forward(chunks, eos_ids)
+                assert logits is not None  # a decode-only step samples every chunk
                 return [o.tokens[0] for o in outs], logits
+            assert self.graphs is not None  # graphs_usable
             return [ChunkOutput(t) for t in self.graphs.run(chunks, eager, steps=steps, eos_ids=eos_ids)]
         return self._forward(chunks, eos_ids)[0]
 
@@ -137,6 +139,7 @@ class Runner:
     def _prompt_logprobs(self, c: Chunk, hidden: torch.Tensor, first: int, out: ChunkOutput) -> None:
         """Logprobs of the prompt tokens this chunk predicts: position p's logits give token p + 1's."""
         r, k = c.request, c.request.params.prompt_logprobs
+        assert k is not None  # only chunks that asked for prompt logprobs come here
         lo = r.prefix_len + c.start  # position of the chunk's first token
         m = max(0, min(c.num_tokens, len(r.prompt_ids) - 1 - lo))  # positions whose next token is a prompt token
         keep_last = r.is_prefix and lo + c.num_tokens == len(r.prompt_ids)  # predicts each member's first own token

@@ -99,6 +99,7 @@ class StepAttention:
             out, lse = attend_with_lse(qk, k, v, valid)
         if m.group_tables is None:
             return out.reshape(D, H, E)
+        assert m.group_rows is not None and m.group_lens is not None  # set with group_tables
         Gn, M = m.group_rows.shape
         qg = torch.cat([qk, qk.new_zeros(1, K, H // K, E)])[m.group_rows]  # (Gn, M, K, G, E)
         qg = qg.transpose(1, 2).reshape(Gn, K, M * (H // K), E)  # all members' queries per kv head

@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -25,10 +25,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from batchpilot.data.chat_template import render_chat
 from batchpilot.generate.engine import Engine
-from batchpilot.generate.jobs import body_params
-from batchpilot.generate.request import SamplingParams
+from batchpilot.generate.jobs import JobItem, RequestError, parse_body, response_body
+from batchpilot.generate.request import SamplingParams, request_seed
 from batchpilot.serve.config import ServeConfig
 from batchpilot.serve.loop import EngineLoop, Event, Stream
 from batchpilot.serve.metrics import ServeMetrics
@@ -84,46 +83,76 @@ class Server:
         try:
             body = json.loads(await request.body())
             if not isinstance(body, dict):
-                raise ValueError("the request body must be a JSON object")
-            prompt_ids, params, stream_mode = self._parse(body, chat=chat)
+                raise RequestError("the request body must be a JSON object")
+            parsed = self._parse(body, chat=chat)
+        except RequestError as e:
+            return _error(400, str(e), param=e.param)
         except (ValueError, TypeError) as e:
             return _error(400, str(e))
-        if self.loop.in_flight >= self.cfg.max_queue:
+        if self.loop.in_flight + len(parsed.prompt_ids) * parsed.n > self.cfg.max_queue:
             self.metrics.rejected.inc()
             return _error(429, f"{self.loop.in_flight} requests in flight (max {self.cfg.max_queue}); retry later",
                           headers={"Retry-After": str(self.cfg.retry_after_s)})
         try:
-            stream = self.loop.submit(prompt_ids, params)
+            streams = self._submit(parsed)
         except ValueError as e:
-            return _error(400, str(e))
-        ids = _Ids(chat=chat, model=self.cfg.served_model_name, include_usage=body["_include_usage"])
-        if stream_mode:
-            return StreamingResponse(self._sse(stream, ids, request), media_type="text/event-stream")
-        return await self._whole(stream, ids, request)
+            return _error(400, str(e), param="messages" if chat else "prompt")
+        ids = _Ids(chat=chat, model=self.cfg.served_model_name, include_usage=parsed.include_usage)
+        if parsed.stream:
+            return StreamingResponse(self._sse(streams[0][1], ids, request), media_type="text/event-stream")
+        return await self._whole(streams, parsed.item, ids, request)
 
-    def _parse(self, body: dict[str, Any], *, chat: bool) -> tuple[list[int], SamplingParams, bool]:
-        stream_mode = body.get("stream", False)
+    def _parse(self, body: dict[str, Any], *, chat: bool) -> _Parsed:
+        """The body with the jobs' rules (``jobs.parse_body``: the same fields, limits and prompt forms), plus the
+        server-only ``stream`` / ``stream_options``. A stream carries one choice without logprobs; a body that
+        asks for more is a 400 naming the field."""
+        body = dict(body)
+        stream_mode = body.pop("stream", False)
         if not isinstance(stream_mode, bool):
-            raise ValueError("stream must be true or false")
+            raise RequestError("stream must be true or false", "stream")
         options = body.pop("stream_options", None) or {}
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise ValueError("stream_options must be {\"include_usage\": true|false}")
-        body["_include_usage"] = bool(options.get("include_usage", False))
-        params = body_params(body, SamplingParams(max_tokens=self.cfg.max_tokens))
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+                not isinstance(options.get("include_usage", False), bool):
+            raise RequestError('stream_options must be {"include_usage": true|false}', "stream_options")
+        kind = "chat" if chat else "completion"
         tokenizer = self.engine.tokenizer
-        if chat:
-            if self.cfg.chat_template is None or tokenizer is None:
-                raise ValueError("this model has no chat template; use /v1/completions")
-            text = render_chat(body.get("messages"), self.cfg.chat_template, self.cfg.special_tokens or {})
-            return tokenizer.encode(text), params, stream_mode
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-            return list(prompt), params, stream_mode
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string or a list of token ids")
-        if tokenizer is None:
-            raise ValueError("text prompts need a tokenizer (start the server with --tokenizer)")
-        return self.engine.encode(prompt), params, stream_mode
+        if chat and tokenizer is None:
+            raise RequestError("chat requests need a tokenizer (start the server with --tokenizer)", "messages")
+        prompts, params, echo = parse_body(body, kind, SamplingParams(max_tokens=self.cfg.max_tokens),
+                                           self.cfg.chat_template, self.cfg.special_tokens or {})
+        if stream_mode:
+            for field, bad in (("n", params.n > 1), ("prompt", len(prompts) > 1), ("echo", echo),
+                               ("logprobs", params.logprobs is not None)):
+                if bad:
+                    raise RequestError(f"{field} is not supported with stream: true (send stream: false)", field)
+        prompt_ids = []
+        for prompt in prompts:
+            if isinstance(prompt, list):
+                prompt_ids.append(list(prompt))
+            elif tokenizer is None:
+                raise RequestError("text prompts need a tokenizer (start the server with --tokenizer)", "prompt")
+            else:
+                prompt_ids.append(tokenizer.encode(prompt) if chat else self.engine.encode(prompt))
+        item = JobItem(0, "server", kind=kind, prompts=prompts, params=params, echo=echo)
+        return _Parsed(item, prompt_ids, stream_mode, bool(options.get("include_usage", False)))
+
+    def _submit(self, parsed: _Parsed) -> list[tuple[int, Stream]]:
+        """One engine request per (prompt, sample): (prompt position, stream). Seeds as in jobs and the engine:
+        the body's seed, else ``request_seed(engine seed, a fresh id)``; sample j gets ``sample_seed(seed, j)``."""
+        assert self.loop is not None and parsed.item.params is not None
+        params = parsed.item.params
+        if params.seed is None:
+            params = replace(params, seed=request_seed(self.engine.config.seed, uuid.uuid4().hex))
+        streams: list[tuple[int, Stream]] = []
+        try:
+            for p, ids in enumerate(parsed.prompt_ids):
+                for j in range(params.n):
+                    streams.append((p, self.loop.submit(ids, params, sample_index=j)))
+        except ValueError:
+            for _, stream in streams:
+                self.loop.cancel(stream)
+            raise
+        return streams
 
     async def _sse(self, stream: Stream, ids: _Ids, request: HTTPRequest) -> AsyncIterator[str]:
         assert self.loop is not None
@@ -148,22 +177,32 @@ class Server:
                 self.loop.cancel(stream)
             self.metrics.finish(stream)
 
-    async def _whole(self, stream: Stream, ids: _Ids, request: HTTPRequest) -> Response:
+    async def _whole(self, streams: list[tuple[int, Stream]], item: JobItem, ids: _Ids,
+                     request: HTTPRequest) -> Response:
+        """Wait for every choice, then answer with the jobs' response body (``jobs.response_body``)."""
         assert self.loop is not None
-        waiter = asyncio.ensure_future(_final(stream))
+        waiters = [asyncio.ensure_future(_final(stream)) for _, stream in streams]
         try:
-            while not waiter.done():
-                await asyncio.wait({waiter}, timeout=0.25)
-                if not waiter.done() and await request.is_disconnected():
-                    self.loop.cancel(stream)
-            event = waiter.result()
+            while not all(w.done() for w in waiters):
+                await asyncio.wait(set(waiters), timeout=0.25, return_when=asyncio.ALL_COMPLETED)
+                if not all(w.done() for w in waiters) and await request.is_disconnected():
+                    for _, stream in streams:
+                        self.loop.cancel(stream)
+            events = [w.result() for w in waiters]
         finally:
-            self.metrics.finish(stream)
-        if event.kind == "error":
-            return _error(500 if event.text != "cancelled" else 499, event.text)
-        assert event.completion is not None
-        return JSONResponse(ids.whole(event.completion.text, event.completion.finish_reason,
-                                      len(event.completion.prompt_ids), len(event.completion.output_ids)))
+            for _, stream in streams:
+                self.metrics.finish(stream)
+        if failed := next((e for e in events if e.kind == "error"), None):
+            for _, stream in streams:
+                self.loop.cancel(stream)
+            return _error(500 if failed.text != "cancelled" else 499, failed.text)
+        completions = []
+        for (p, _), event in zip(streams, events, strict=True):
+            assert event.completion is not None
+            completions.append(replace(event.completion, index=p))
+        body = response_body(item, completions, ids.model, tokenizer=self.engine.tokenizer)
+        body["id"], body["created"] = ids.id, ids.created
+        return JSONResponse(body)
 
 
 async def _final(stream: Stream) -> Event:
@@ -171,6 +210,18 @@ async def _final(stream: Stream) -> Event:
         event = await stream.events.get()
         if event.kind != "delta":
             return event
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    item: JobItem  # kind, prompts (text or ids), params, echo: what jobs.response_body needs
+    prompt_ids: list[list[int]]  # per prompt
+    stream: bool
+    include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.item.params.n if self.item.params is not None else 1
 
 
 @dataclass(slots=True)

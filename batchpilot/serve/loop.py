@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from batchpilot.generate.engine import Engine
-from batchpilot.generate.request import Completion, Request, SamplingParams, Status
+from batchpilot.generate.request import Completion, Request, SamplingParams, Status, request_seed, sample_seed
 from batchpilot.generate.scheduler import Scheduler, StepTimeModel
 
 EventKind = Literal["delta", "done", "error"]
@@ -82,9 +82,13 @@ class EngineLoop:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
-        """A new request; ValueError (prompt too long for the model or the KV cache) before it is queued."""
-        r = Request(next(self._indices), list(prompt_ids), params)
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, sample_index: int = 0) -> Stream:
+        """A new request (one sample: ``sample_index`` of ``params.n``); ValueError (prompt too long for the model
+        or the KV cache) before it is queued. Its seed is resolved as the engine resolves it (``params.seed``, else
+        ``request_seed(engine seed, str(index))``; sample j: ``sample_seed``)."""
+        index = next(self._indices)
+        base = params.seed if params.seed is not None else request_seed(self.engine.config.seed, str(index))
+        r = Request(index, list(prompt_ids), params, sample_index=sample_index, seed=sample_seed(base, sample_index))
         self.engine.check(r)
         stream = Stream(r, asyncio.Queue(), time.perf_counter())
         self.inbox.put(("add", stream))

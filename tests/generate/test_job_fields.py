@@ -278,7 +278,6 @@ def test_chat_logprobs_shape_and_n_choices():
     assert parsed.usage.prompt_tokens == 2 and parsed.usage.completion_tokens == 2 * n
 
 
-@pytest.mark.skipif(not ENGINE_HAS_FIELDS, reason="waits for the engine side of the request interface (H2)")
 def test_every_field_job_validates_against_openai_sdk(model_dir, tmp_path):
     pytest.importorskip("openai")
     lines = [_line({"prompt": ["And God said", "light"], "max_tokens": 3, "n": 2, "logprobs": 2, "echo": True,
@@ -290,7 +289,34 @@ def test_every_field_job_validates_against_openai_sdk(model_dir, tmp_path):
     recs = _job(model_dir, tmp_path, [x.decode() for x in lines])
     by = {r["custom_id"]: validate_line(r) for r in recs}
     assert len(by["a"].choices) == 4 and len(by["b"].choices) == 3
-    for c in by["a"].choices:
-        assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.top_logprobs[1]) <= 2
+    assert [c.index for c in by["a"].choices] == [0, 1, 2, 3]
+    # the raw line (the SDK type cannot hold echo's leading null; validate_line checked it and filled it in)
+    raw = {r["custom_id"]: r["response"]["body"] for r in recs}
+    for c in raw["a"]["choices"]:
+        lp = c["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+        assert c["text"].startswith("And God said" if c["index"] < 2 else "light")
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"])
     for c in by["b"].choices:
         assert len(c.logprobs.content) >= 1 and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+
+
+def test_job_seeds_come_from_request_seed_and_samples_share_the_prompt_index(model_dir, tmp_path):
+    """One owner of seed derivation: a line without a seed samples as ``request_seed(--seed, custom_id)`` does in
+    the engine; its n samples are choices p*n + sample_index, and a resumed or reordered job gives the same."""
+    from batchpilot import load_model
+    from batchpilot.data.tokenizer import Tokenizer
+    from batchpilot.generate.engine import Engine, EngineConfig
+    from batchpilot.generate.request import request_seed
+
+    body = {"prompt": "And God said", "max_tokens": 4, "temperature": 1.0, "n": 2}
+    lines = [_line(body, cid="s1").decode(), _line({"prompt": "light", "max_tokens": 2}, cid="s0").decode()]
+    recs = _job(model_dir, tmp_path, lines, "--seed", "7")
+    texts = [c["text"] for c in next(r for r in recs if r["custom_id"] == "s1")["response"]["body"]["choices"]]
+    engine = Engine(load_model(model_dir), Tokenizer.from_path(model_dir), EngineConfig(num_blocks=64))
+    params = SamplingParams(max_tokens=4, temperature=1.0, n=2, seed=request_seed(7, "s1"))
+    assert texts == [c.text for c in engine.generate(["And God said"], params)]
+    (tmp_path / "out.jsonl").unlink()
+    again = _job(model_dir, tmp_path, lines[::-1], "--seed", "7")
+    assert texts == [c["text"] for c in next(r for r in again if r["custom_id"] == "s1")["response"]["body"]["choices"]]

@@ -123,3 +123,33 @@ def test_soak_nothing_lost_and_no_kv_leak(live_server):
     while pool.num_free != free_before and time.time() < deadline:
         time.sleep(0.05)
     assert pool.num_free == free_before and live_server.loop.in_flight == 0
+
+
+def test_fields_answer_as_jobs_do(live_server, serve_model_dir):
+    """n, logprobs, echo, a list prompt and penalties go through jobs' rules: the same choices and shapes as a
+    job line; a seeded sampled request gives the engine's text for that seed; a stream asking for n > 1 is a 400
+    naming the field."""
+    from batchpilot import load_model
+    from batchpilot.data.tokenizer import Tokenizer
+    from batchpilot.generate.engine import Engine, EngineConfig
+    from batchpilot.generate.request import SamplingParams
+
+    client = _client(live_server)
+    out = client.completions.create(model="m", prompt=["In the beginning", "light"], max_tokens=3, n=2, logprobs=2,
+                                    echo=True, temperature=0.9, seed=5, presence_penalty=0.5,
+                                    extra_body={"top_k": 20})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text.startswith("In the beginning") and out.choices[2].text.startswith("light")
+    assert all(c.logprobs.token_logprobs[0] is None for c in out.choices)
+    engine = Engine(load_model(serve_model_dir), Tokenizer.from_path(serve_model_dir), EngineConfig(num_blocks=64))
+    want = engine.generate(["In the beginning"], SamplingParams(max_tokens=3, n=2, temperature=0.9, seed=5,
+                                                                presence_penalty=0.5, top_k=20))
+    assert [c.text[len("In the beginning"):] for c in out.choices[:2]] == [c.text for c in want]
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "light"}], max_tokens=2,
+                                          n=3, logprobs=True, top_logprobs=2)
+    assert len(chat.choices) == 3 and all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    with httpx.Client(base_url=live_server.base_url, timeout=30) as http:
+        r = http.post("/v1/completions", json={"prompt": "x", "n": 2, "stream": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = http.post("/v1/completions", json={"prompt": "x", "best_of": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"

@@ -1,0 +1,47 @@
+"""Issue 15, the CLI job's cold path: weights straight into the serving dtype, compile decided by the job, an
+honest end line."""
+
+import json
+
+import torch
+
+from batchpilot import load_model
+from batchpilot.cli import main
+from batchpilot.cli.generate import decide_compile, expected_decode_steps, load_for_serving
+
+
+def test_load_for_serving_equals_load_model(model_dir):
+    ref = load_model(model_dir)
+    got = load_for_serving(model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    assert got.lm_head.weight is got.embed_tokens.weight  # tied as load_model ties them
+    ref_state, got_state = ref.state_dict(), got.state_dict()
+    assert ref_state.keys() == got_state.keys()
+    assert all(torch.equal(ref_state[k], got_state[k]) for k in ref_state)
+    assert torch.equal(ref.inv_freq, got.inv_freq) and got.inv_freq.dtype == torch.float32
+    ids = torch.tensor([[3, 5, 7, 11]])
+    assert torch.equal(ref(ids), got(ids))
+    half = load_for_serving(model_dir, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert half.embed_tokens.weight.dtype == torch.bfloat16 and half.inv_freq.dtype == torch.float32
+
+
+def test_compile_is_decided_by_the_job():
+    assert expected_decode_steps([128] * 8000, 1024) == 8 * 128
+    assert expected_decode_steps([5, 100, 7], 2) == 100 + 5
+    step = 2.5e9 / 4.8e12  # llama-1b bf16 weights over H200 bandwidth
+    assert not decide_compile("auto", expected_decode_steps([128] * 8000, 1024), step)  # issue 15: compile lost
+    assert decide_compile("auto", 10**7, step)
+    assert decide_compile("on", 1, step) and not decide_compile("off", 10**9, step)
+
+
+def test_end_line_reports_wall_cold_and_lines(model_dir, tmp_path, capsys):
+    job, out = tmp_path / "job.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "And God said", "max_tokens": 3}} for i in range(3)]
+    job.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"bad"\n')
+    args = ["generate", "--model", str(model_dir), "--input", str(job), "--output", str(out), "--dtype", "float32"]
+    assert main(args) == 0  # stdout is not a terminal under pytest: no bar
+    first = capsys.readouterr().out
+    assert "lines: done 3, errors 1, skipped 0" in first and "wall " in first and "cold " in first
+    assert "\r" not in first and "compile off" in first
+    assert main(args) == 0
+    assert "lines: done 0, errors 0, skipped 4" in capsys.readouterr().out
