@@ -9,6 +9,7 @@ built by ``model/llama.py``. This file and ``checkpoint.py`` are the only users 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,28 @@ def mean_across_ranks(value: float, dims: ParallelDims) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=dims.device)
     dist.all_reduce(t)
     return t.item() / dims.world_size
+
+
+def sum_across_ranks_fn(dims: ParallelDims) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A callable that sums a tensor over all ranks in place and returns it (None on one process): the
+    data-parallel all-reduce of the MoE expert counts for the global-batch balance loss (model/moe.py)."""
+    if not dims.is_distributed:
+        return None
+
+    def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    return sum_over_ranks
+
+
+def mean_list_across_ranks(values: list[float], dims: ParallelDims) -> list[float]:
+    """Element-wise mean over ranks (one collective for the whole list)."""
+    if not dims.is_distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dims.device)
+    dist.all_reduce(t)
+    return (t / dims.world_size).tolist()
 
 
 def any_across_ranks(flag: bool, dims: ParallelDims) -> bool:
