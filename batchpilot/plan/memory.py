@@ -102,6 +102,39 @@ def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> 
     return norms_and_inputs + 4 * q + 4 * kv + 4 * config.num_heads + 8 * i
 
 
+def moe_mlp_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int:
+    """Bytes a sparse MoE MLP (``model/moe.py``, grouped path, bf16 compute) saves per token for backward.
+
+    E experts, K per token, I' expert intermediate, Is shared intermediate. Autocast (``param_bytes`` 4) casts
+    the fp32 norm output once per linear (router 2D, shared gate/up 4D, shared gate 2D); with bf16 parameters
+    one 2D input is shared. Router: the fp32 softmax (4E), the routing record's softmax, fp32 logits for
+    logsumexp and z (8E + 8), top-k ids and the (renormalised) weights (12K). Per routed slot (the permutation
+    buffers): the gather index (8), the gathered bf16 input the first grouped GEMM saves (2D), SwiGLU on the
+    grouped outputs (8I'), the expert output and its weight for the weighting multiply (2D + 2), the scatter
+    index (8). Shared expert: SwiGLU (8Is), its gate's sigmoid (4) and the gated product's input (2D).
+    """
+    d, e, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
+    i_exp, i_shared = config.moe_intermediate_size, config.shared_expert_intermediate_size
+    casts = 4 if param_bytes == 4 else 0  # autocast's bf16 copy of the fp32 input, per linear
+    router = casts // 2 * d + 12 * e + 12 * k + 8
+    slots = k * (4 * d + 8 * i_exp + 18)
+    shared = 0
+    if i_shared:
+        gate = (casts // 2 * d + 4 + 2 * d) if config.shared_expert_gate else 0
+        shared = casts * d + 8 * i_shared + gate
+    return (0 if param_bytes == 4 else 2 * d) + router + slots + shared
+
+
+def layer_activation_bytes_per_token(config: LlamaConfig, layer_idx: int, *, param_bytes: int = 4) -> int:
+    """``activation_bytes_per_token`` for block ``layer_idx``: a sparse layer swaps the dense MLP's share
+    (gate/up inputs 4D with autocast, 2D with bf16 parameters, and SwiGLU 8I) for ``moe_mlp_bytes_per_token``."""
+    dense = activation_bytes_per_token(config, param_bytes=param_bytes)
+    if not config.is_moe_layer(layer_idx):
+        return dense
+    dense_mlp = (4 if param_bytes == 4 else 2) * config.hidden_size + 8 * config.intermediate_size
+    return dense - dense_mlp + moe_mlp_bytes_per_token(config, param_bytes=param_bytes)
+
+
 @dataclass(frozen=True, slots=True)
 class LossBytes:
     saved: float  # held from the end of forward to backward: grad_hidden and the head grad
@@ -161,15 +194,16 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     state = estimate_model_state_bytes(total_params(config), optimizer=optimizer, num_shards=n)
     block = block_params(config)
 
-    per_layer = activation_bytes_per_token(config, param_bytes=pbytes) * tokens
-    kept_per_layer = pbytes * d * tokens if checkpointing else per_layer  # checkpointing keeps block inputs only
-    activations = kept_per_layer * config.num_layers + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
+    per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=pbytes) * tokens
+                 for i in range(config.num_layers)]  # MoE layers differ from dense ones
+    kept = pbytes * d * tokens * config.num_layers if checkpointing else sum(per_layer)  # ckpt: block inputs only
+    activations = kept + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
     # autocast keeps a bf16 copy of every block weight for backward; FSDP2 gathers ~2 blocks (current + prefetch)
     # plus the root (embedding/head) in bf16.
     copies = 2 * (2 * block + v * d) if fsdp else 2 * non_vocab_params(config)
 
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=fsdp)
-    recompute = per_layer if checkpointing else 0.0  # the first block recomputed in backward
+    recompute = max(per_layer) if checkpointing else 0.0  # the (largest) block recomputed in backward
     fsdp_grads = 3 * 2 * block if fsdp else 0  # FSDP2: bf16 block grads + their fp32 reduce-scatter copy
     # in backward the head grad becomes a parameter grad; grad_hidden flows into the blocks next to its input
     moments = {

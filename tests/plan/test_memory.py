@@ -61,3 +61,29 @@ def test_loss_bytes_follow_model_loss():
     assert one.forward_peak == 4 * t * d + 6 * v * d + max(4 * t * v, 2 * t * v + 4 * t * d)
     three = memory.estimate_loss_bytes(c, tokens=3 * 4185, fsdp=True)
     assert three.forward_peak == 2 * 3 * 4185 * d + 4 * v * d + 6 * 4185 * v
+
+
+def test_moe_layer_swaps_the_dense_mlp_for_router_slots_and_shared_expert():
+    c = get_preset("moe-1b")  # D 1024, E 32, K 4, I' 576, Is 2048 (gated)
+    d, e, k, i_exp, i_sh = 1024, 32, 4, 576, 2048
+    router = 2 * d + 12 * e + 12 * k + 8
+    slots = k * (4 * d + 8 * i_exp + 18)
+    shared = 4 * d + 8 * i_sh + (2 * d + 4 + 2 * d)
+    assert memory.moe_mlp_bytes_per_token(c) == router + slots + shared
+    dense = memory.activation_bytes_per_token(c)
+    dense_mlp = 4 * d + 8 * c.intermediate_size
+    assert memory.layer_activation_bytes_per_token(c, 0) == dense - dense_mlp + router + slots + shared
+    tiny = get_preset("tiny-moe")  # layer 0 dense
+    assert memory.layer_activation_bytes_per_token(tiny, 0) == memory.activation_bytes_per_token(tiny)
+    assert memory.layer_activation_bytes_per_token(tiny, 1) != memory.activation_bytes_per_token(tiny)
+
+
+def test_moe_peak_counts_every_layer_and_recomputes_the_largest():
+    c = get_preset("moe-1b")
+    tokens = 4 * 2048
+    plain = memory.estimate_peak_bytes(c, micro_batch_size=4, seq_len=2048)
+    per_layer = [memory.layer_activation_bytes_per_token(c, i) * tokens for i in range(c.num_layers)]
+    if plain.peak_moment == "loss forward":
+        assert plain.activations == pytest.approx(sum(per_layer) + 8 * c.hidden_size * tokens)
+    ckpt = memory.estimate_peak_bytes(c, micro_batch_size=4, seq_len=2048, checkpointing=True)
+    assert ckpt.allocated_bytes < plain.allocated_bytes

@@ -67,3 +67,21 @@ def test_global_lbl_on_two_ranks_equals_one_process(dataset, tmp_path):
     assert [r["loss"] for r in ranks] == pytest.approx([r["loss"] for r in single], rel=1e-5, abs=1e-6)
     assert [r["moe/lbl_global"] for r in ranks] == pytest.approx([r["moe/lbl_global"] for r in single], rel=1e-5)
     assert ranks[0]["moe/lbl_micro"] != pytest.approx(single[0]["moe/lbl_micro"], rel=1e-6)
+
+
+def test_plan_for_an_moe_preset_then_train_executes_it(tmp_path, tiny_text_dir):
+    import json
+
+    from batchpilot.cli import main
+
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--preset", "tiny-moe", "--tokens", "4096", "--gpus", "1", "--gpu-memory-gib", "8",
+                 "--seq-len", "64", "--law", "step", "--out", str(plan_path)]) == 0
+    plan = json.loads(plan_path.read_text())
+    assert plan["non_vocab_params"] > 1.3e6  # total N (every expert), the law's convention (docs/moe.md)
+    run = tmp_path / "run"
+    assert main(["train", "--plan", str(plan_path), "--data", str(tiny_text_dir), "--out", str(run),
+                 "--eval-every", "1000", "--moe.balance", "micro"]) == 0
+    got = records(run)
+    assert got[-1]["step"] == plan["total_steps"] and "moe/lbl_micro" in got[-1]
+    assert json.loads((run / "config.json").read_text())["moe"]["balance"] == "micro"
