@@ -162,6 +162,49 @@ def estimate_loss_bytes(config: LlamaConfig, *, tokens: int, fsdp: bool) -> Loss
                      forward_peak=held + max(in_chunks, 2 * sizes[-1] + 4 * tokens * d))
 
 
+# --- streaming backprop (train/stream.py), StreamBP (Luo et al., arXiv 2506.03077) ---------------------------------------------------------------------------------
+
+
+def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                                  micro_batch_size: int = 1, param_bytes: int = 4) -> float:
+    """Bytes one streamed block holds on top of the saved block inputs while it is differentiated.
+
+    Counted op by op from ``_backward`` (N = B T tokens, C = B x chunk rows; Q = H E, KV = K E; compute
+    dtype 2 bytes: autocast bf16 over fp32 parameters, ``param_bytes`` 4, or bf16 parameters, 2):
+      K, V of the sequence (no graph, compute dtype)                          4 KV N
+      their fp32 gradient accumulators                                        8 KV N
+      the chunk's spliced K, V (``torch.cat``, compute dtype)                 4 KV N
+      attention backward's dK, dV of all keys, then the prefix grads          4 KV N
+      grad_x (residual dtype)                                                 p D N
+      the chunk's graph: what a plain block saves per token, for C tokens    (plain block) C
+      parameter gradients: the accumulated sum and one chunk's               2 x 4 x block params
+      autocast's bf16 weight copies (cached across the chunks; autocast only) 2 x block params
+    (The incoming grad_out and the saved input are counted by the caller, as for checkpointing. The forward's
+    weight copies are gone by then: a streamed block saves none of them.)
+    """
+    tokens = micro_batch_size * seq_len
+    chunk = micro_batch_size * min(chunk_tokens, seq_len)
+    kv = config.num_kv_heads * config.head_dim
+    kv_bytes = (4 + 8 + 4 + 4) * kv * tokens
+    grad_x = param_bytes * config.hidden_size * tokens
+    graph = activation_bytes_per_token(config, param_bytes=param_bytes) * chunk
+    grads = 2 * 4 * block_params(config)
+    weight_copies = 2 * block_params(config) if param_bytes == 4 else 0
+    return kv_bytes + grad_x + graph + grads + weight_copies
+
+
+def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                                     micro_batch_size: int = 1, param_bytes: int = 4) -> float:
+    """Activation bytes at the first streamed block's backward: every block's saved input plus its working set.
+
+    The planner's ``estimate_peak_bytes`` uses this in place of checkpointing's ``kept x L + recompute``.
+    """
+    saved_inputs = param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
+    return saved_inputs + stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens,
+                                                        micro_batch_size=micro_batch_size,
+                                                        param_bytes=param_bytes)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryEstimate:
     """Predicted peak bytes per GPU, split by what holds them at the peak."""
@@ -185,8 +228,16 @@ class MemoryEstimate:
 
 
 def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: int, optimizer: str = "adamw",
-                        num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool = False) -> MemoryEstimate:
-    """Peak bytes per GPU of forward + backward + optimizer step (module docstring)."""
+                        num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool = False,
+                        stream_chunk_tokens: int | None = None) -> MemoryEstimate:
+    """Peak bytes per GPU of forward + backward + optimizer step (module docstring).
+
+    ``stream_chunk_tokens``: streaming backprop (``--parallel.activation_checkpointing stream``): every block
+    keeps its input, as under checkpointing, and the block being differentiated holds
+    ``stream_backward_working_bytes`` instead of a recomputed block (its bf16 weight copies included, so
+    without FSDP2 no other block's copies are held then).
+    """
+    streaming = stream_chunk_tokens is not None
     fsdp = sharding == "fsdp"
     n = num_gpus if fsdp else 1
     pbytes = 2 if fsdp else 4  # residual stream / compute dtype of params
@@ -196,7 +247,8 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
 
     per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=pbytes) * tokens
                  for i in range(config.num_layers)]  # MoE layers differ from dense ones
-    kept = pbytes * d * tokens * config.num_layers if checkpointing else sum(per_layer)  # ckpt: block inputs only
+    inputs_only = checkpointing or streaming  # both keep only each block's input
+    kept = pbytes * d * tokens * config.num_layers if inputs_only else sum(per_layer)
     activations = kept + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
     # autocast keeps a bf16 copy of every block weight for backward; FSDP2 gathers ~2 blocks (current + prefetch)
     # plus the root (embedding/head) in bf16.
@@ -204,11 +256,15 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
 
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=fsdp)
     recompute = max(per_layer) if checkpointing else 0.0  # the (largest) block recomputed in backward
+    if streaming:
+        recompute = stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=stream_chunk_tokens,
+                                                  micro_batch_size=micro_batch_size, param_bytes=pbytes)
+    backward_copies = 0.0 if streaming and not fsdp else copies
     fsdp_grads = 3 * 2 * block if fsdp else 0  # FSDP2: bf16 block grads + their fp32 reduce-scatter copy
     # in backward the head grad becomes a parameter grad; grad_hidden flows into the blocks next to its input
     moments = {
         "loss forward": (activations, copies, loss.forward_peak, 0.0),
-        "first block backward": (activations + recompute, copies + fsdp_grads, loss.saved + pbytes * d * tokens, 0.0),
+        "first block backward": (activations + recompute, backward_copies + fsdp_grads, loss.saved + pbytes * d * tokens, 0.0),
         # all grads, plus the embedding's dense grad (and its bf16 form under FSDP2) before accumulation
         "backward end": (0.0, copies if fsdp else 0.0, 4 * v * d + (2 * v * d if fsdp else 0), state.grads),
     }

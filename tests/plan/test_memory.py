@@ -87,3 +87,19 @@ def test_moe_peak_counts_every_layer_and_recomputes_the_largest():
         assert plain.activations == pytest.approx(sum(per_layer) + 8 * c.hidden_size * tokens)
     ckpt = memory.estimate_peak_bytes(c, micro_batch_size=4, seq_len=2048, checkpointing=True)
     assert ckpt.allocated_bytes < plain.allocated_bytes
+
+
+def test_streaming_keeps_block_inputs_and_one_working_set():
+    c = get_preset("llama-1b")
+    seq, mb = 131072, 1
+    tokens = seq * mb
+    ckpt = memory.estimate_peak_bytes(c, micro_batch_size=mb, seq_len=seq, checkpointing=True)
+    stream = memory.estimate_peak_bytes(c, micro_batch_size=mb, seq_len=seq, stream_chunk_tokens=4096)
+    assert stream.allocated_bytes < ckpt.allocated_bytes
+    working = memory.stream_backward_working_bytes(c, seq_len=seq, chunk_tokens=4096)
+    if stream.peak_moment == "first block backward":
+        assert stream.activations == pytest.approx(4 * c.hidden_size * tokens * c.num_layers
+                                                   + 8 * c.hidden_size * tokens + working)
+        assert stream.compute_copies == 0  # streamed blocks save no weight copies; the working set has its own
+    smaller = memory.estimate_peak_bytes(c, micro_batch_size=mb, seq_len=seq, stream_chunk_tokens=1024)
+    assert smaller.allocated_bytes <= stream.allocated_bytes
