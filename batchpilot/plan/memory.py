@@ -40,7 +40,7 @@ and FSDP2 on two, are 0.985-1.04x the prediction (the planner's headroom covers 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from batchpilot.model.llama import LlamaConfig
@@ -278,12 +278,33 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
 # --- fitting a micro-batch ---------------------------------------------------------------------------------
 
 
+STREAM_CHUNK_TOKENS = 4096  # --parallel.stream_chunk the planner assumes (train/parallel.py's default)
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryFit:
     micro_batch_size: int
     checkpointing: bool
     sharding: Sharding
     estimate: MemoryEstimate
+    streaming: bool = False  # streaming backprop (activation_checkpointing "stream") instead of checkpointing
+    reason: str = ""  # why this mode, for Plan.explain
+
+    @property
+    def mode(self) -> str:
+        return "stream" if self.streaming else "full" if self.checkpointing else "none"
+
+
+def recompute_factor(config: LlamaConfig, mode: str) -> float:
+    """Training FLOPs relative to no checkpointing: 6N per token, +2N for a full forward recomputation (8N/6N,
+    Korthikanti et al., arXiv 2205.05198, section 5); streaming also recomputes every block and projects the keys
+    and values once more in backward (``train/stream.py``): + 2 x (K and V projection params) per token."""
+    if mode == "none":
+        return 1.0
+    if mode == "full":
+        return 4 / 3
+    kv_proj = 2 * config.hidden_size * config.num_kv_heads * config.head_dim * config.num_layers
+    return 4 / 3 + 2 * kv_proj / (6 * non_vocab_params(config))
 
 
 def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
@@ -291,45 +312,53 @@ def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gp
     """Largest power-of-two micro-batch <= ``max_micro_batch`` that fits with headroom (FSDP on > 1 GPU).
 
     No checkpointing when that fits at a reasonable micro-batch (``REASONABLE_MICRO_BATCH_TOKENS``, or the
-    cap if smaller); otherwise whichever of the two allows the larger micro-batch.
+    cap if smaller). Otherwise the mode of full checkpointing and streaming backprop (its memory does not grow
+    with a block's T x I activations, only with T x D inputs and O(T) keys/values) that fits the larger
+    micro-batch; at equal micro-batches the cheaper in time (``recompute_factor``: full < stream).
     """
     sharding: Sharding = "fsdp" if num_gpus > 1 else "none"
     limit = gpu_memory_gib * GIB * (1 - headroom)
 
-    def largest(checkpointing: bool) -> MemoryFit | None:
+    def largest(mode: str) -> MemoryFit | None:
         best = None
         for mb in (m for m in MICRO_BATCH_GRID if m <= max_micro_batch):
             est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, optimizer=optimizer,
-                                      num_gpus=num_gpus, sharding=sharding, checkpointing=checkpointing)
+                                      num_gpus=num_gpus, sharding=sharding, checkpointing=mode == "full",
+                                      stream_chunk_tokens=STREAM_CHUNK_TOKENS if mode == "stream" else None)
             if est.total_bytes > limit:
                 break
-            best = MemoryFit(mb, checkpointing, sharding, est)
+            best = MemoryFit(mb, mode == "full", sharding, est, streaming=mode == "stream")
         return best
 
-    plain = largest(False)
+    plain = largest("none")
     if plain and plain.micro_batch_size * seq_len >= min(max_micro_batch * seq_len, REASONABLE_MICRO_BATCH_TOKENS):
-        return plain
-    ckpt = largest(True)
-    if ckpt is None and plain is None:
+        return replace(plain, reason="no checkpointing: it fits at a reasonable micro-batch")
+    fits = [f for f in (plain, largest("full"), largest("stream")) if f is not None]
+    if not fits:
         raise ValueError(cannot_fit_message(config, seq_len=seq_len, optimizer=optimizer, num_gpus=num_gpus,
                                             gpu_memory_gib=gpu_memory_gib, headroom=headroom))
-    if plain is None or (ckpt is not None and ckpt.micro_batch_size > plain.micro_batch_size):
-        return ckpt  # type: ignore[return-value]
-    return plain
+    best = max(fits, key=lambda f: (f.micro_batch_size, -recompute_factor(config, f.mode)))
+    others = ", ".join(f"{f.mode} fits micro-batch {f.micro_batch_size}" for f in fits if f is not best)
+    absent = [m for m in ("none", "full", "stream") if m not in {f.mode for f in fits}]
+    why = (f"{best.mode}: largest micro-batch {best.micro_batch_size}, time x{recompute_factor(config, best.mode):.3g}"
+           + (f" ({others})" if others else "") + (f"; {', '.join(absent)} does not fit at micro-batch 1"
+                                                    if absent else ""))
+    return replace(best, reason=why)
 
 
 def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
                        headroom: float) -> str:
     """What would fit instead: the GPU count (powers of two) or the memory per GPU at micro-batch 1."""
     def need(n: int) -> float:
-        est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=seq_len, optimizer=optimizer, num_gpus=n,
-                                  sharding="fsdp" if n > 1 else "none", checkpointing=True)
-        return est.total_bytes / (1 - headroom)
+        est = min((estimate_peak_bytes(config, micro_batch_size=1, seq_len=seq_len, optimizer=optimizer, num_gpus=n,
+                                       sharding="fsdp" if n > 1 else "none", checkpointing=chunk is None,
+                                       stream_chunk_tokens=chunk).total_bytes for chunk in (None, STREAM_CHUNK_TOKENS)))
+        return est / (1 - headroom)
 
     need_gib = need(num_gpus) / GIB
     gpus = next((n for n in (2**i for i in range(1, 13)) if n > num_gpus and need(n) <= gpu_memory_gib * GIB), None)
     more_gpus = f">= {gpus} GPUs of {gpu_memory_gib:g} GiB, or " if gpus else ""
     sharding = "FSDP" if num_gpus > 1 else "no"
     return (f"the model does not fit on {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB even at micro-batch 1 with "
-            f"{sharding} sharding and activation checkpointing (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
+            f"{sharding} sharding and activation checkpointing or streaming (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
             f" headroom at seq_len {seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB per GPU")
