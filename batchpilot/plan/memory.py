@@ -94,12 +94,32 @@ def korthikanti_layer_bytes(*, seq_len: int, micro_batch_size: int, hidden_size:
     return s * b * h * (34 + 5 * a * s / h)
 
 
-def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int:
-    """Bytes one block saves for backward per token (module docstring); ``param_bytes`` 4 = autocast, 2 = bf16."""
+def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4, compile: bool = False,
+                               float8: str | None = None) -> int:
+    """Bytes one block saves for backward per token (module docstring); ``param_bytes`` 4 = autocast, 2 = bf16.
+
+    ``compile`` and ``float8`` (autocast only) are DERIVED, not yet validated on a GPU (docs/plan.md):
+    - compiled (inductor's min-cut partitioner, which never recomputes matmuls but recomputes pointwise ops
+      when that saves bytes): the norms save as in eager (8D each); the bf16 casts of a norm output are one
+      fused kernel shared by its linears (2D per norm, eager 6D + 4D); SDPA as in eager; SwiGLU keeps gate and
+      up (4I) and recomputes silu(gate) and the product in backward (eager 8I): 20D + 4Q + 4KV + 4H + 4I.
+      At llama-1b, seq 2048, micro-batch 16 this predicts ~62 GiB against 60.2 measured (eager: ~84).
+    - float8 (torchao ``Float8Linear`` saves the float8 cast of its input, 1 byte/element, plus a scale): eager,
+      each linear casts its input (q/k/v 3D, gate/up 2D, o_proj's 1Q next to SDPA's bf16 out, down 1I in
+      place of 2I): 21D + 5Q + 4KV + 4H + 7I. Compiled, the partitioner saves each norm's fp32 input (4D) and
+      recomputes norm + cast, plus one float8 input per norm (1D): 10D + 5Q + 4KV + 4H + 5I. This
+      over-predicts the one measured point (llama-1b as above, compiled, tensorwise: 46.4 GiB measured,
+      ~57 predicted); rowwise scales add 4 bytes per row (per token), counted per linear input.
+    """
     d, i = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    q, kv, h = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.num_heads
+    if param_bytes == 4 and float8 is not None:
+        scales = 4 * (2 if compile else 7) if float8 == "rowwise" else 0
+        return (10 * d + 5 * i if compile else 21 * d + 7 * i) + 5 * q + 4 * kv + 4 * h + scales
+    if param_bytes == 4 and compile:
+        return 20 * d + 4 * q + 4 * kv + 4 * h + 4 * i
     norms_and_inputs = 26 * d if param_bytes == 4 else 16 * d
-    return norms_and_inputs + 4 * q + 4 * kv + 4 * config.num_heads + 8 * i
+    return norms_and_inputs + 4 * q + 4 * kv + 4 * h + 8 * i
 
 
 def moe_mlp_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int:
@@ -125,10 +145,11 @@ def moe_mlp_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int
     return (0 if param_bytes == 4 else 2 * d) + router + slots + shared
 
 
-def layer_activation_bytes_per_token(config: LlamaConfig, layer_idx: int, *, param_bytes: int = 4) -> int:
+def layer_activation_bytes_per_token(config: LlamaConfig, layer_idx: int, *, param_bytes: int = 4,
+                                     compile: bool = False, float8: str | None = None) -> int:
     """``activation_bytes_per_token`` for block ``layer_idx``: a sparse layer swaps the dense MLP's share
     (gate/up inputs 4D with autocast, 2D with bf16 parameters, and SwiGLU 8I) for ``moe_mlp_bytes_per_token``."""
-    dense = activation_bytes_per_token(config, param_bytes=param_bytes)
+    dense = activation_bytes_per_token(config, param_bytes=param_bytes, compile=compile, float8=float8)
     if not config.is_moe_layer(layer_idx):
         return dense
     dense_mlp = (4 if param_bytes == 4 else 2) * config.hidden_size + 8 * config.intermediate_size
@@ -229,13 +250,15 @@ class MemoryEstimate:
 
 def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: int, optimizer: str = "adamw",
                         num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool = False,
-                        stream_chunk_tokens: int | None = None) -> MemoryEstimate:
+                        stream_chunk_tokens: int | None = None, compile: bool = False,
+                        float8: str | None = None) -> MemoryEstimate:
     """Peak bytes per GPU of forward + backward + optimizer step (module docstring).
 
     ``stream_chunk_tokens``: streaming backprop (``--parallel.activation_checkpointing stream``): every block
     keeps its input, as under checkpointing, and the block being differentiated holds
     ``stream_backward_working_bytes`` instead of a recomputed block (its bf16 weight copies included, so
     without FSDP2 no other block's copies are held then).
+    ``compile`` / ``float8``: the derived per-token terms of ``activation_bytes_per_token`` (await GPU validation).
     """
     streaming = stream_chunk_tokens is not None
     fsdp = sharding == "fsdp"
@@ -245,7 +268,8 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     state = estimate_model_state_bytes(total_params(config), optimizer=optimizer, num_shards=n)
     block = block_params(config)
 
-    per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=pbytes) * tokens
+    per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=pbytes, compile=compile, float8=float8)
+                 * tokens
                  for i in range(config.num_layers)]  # MoE layers differ from dense ones
     inputs_only = checkpointing or streaming  # both keep only each block's input
     kept = pbytes * d * tokens * config.num_layers if inputs_only else sum(per_layer)
