@@ -8,6 +8,8 @@ applied here per block with ``torch.utils.checkpoint`` (non-reentrant), like ``t
     python benchmarks/memory_validation.py            # GPU, ~2 minutes on an H100/H200
     python benchmarks/memory_validation.py --smoke    # CPU, tiny preset: checks the code path only
     torchrun --nproc-per-node 2 benchmarks/memory_validation.py   # FSDP2 via train/parallel.py (bf16 params)
+    python benchmarks/memory_validation.py --compile [--float8 tensorwise]   # compiled / float8 blocks, one GPU:
+        validates plan/memory.py's derived compiled and float8 terms (issue 17)
 
 Writes ``benchmarks/results/mem_validation_<date>.json`` (or ``--out DIR``).
 """
@@ -44,11 +46,16 @@ def apply_checkpointing(model: Llama) -> None:
         block.forward = lambda *args, _f=block.forward: checkpoint(_f, *args, use_reentrant=False)
 
 
-def prepare(model: Llama, checkpointing: bool, dims) -> Llama:
-    """One GPU: checkpoint blocks here. Several: the trainer's own ``parallelize`` (AC, then FSDP2, bf16 params)."""
+def prepare(model: Llama, checkpointing: bool, dims, compile: bool = False, float8: str | None = None) -> Llama:
+    """One GPU: float8, checkpointing, compile here (the trainer's order). Several: the trainer's own
+    ``parallelize`` (AC, then FSDP2, bf16 params)."""
     if dims is None:
+        from batchpilot.train import parallel
+        parallel.apply_float8(model, float8, next(model.parameters()).device)
         if checkpointing:
             apply_checkpointing(model)
+        if compile:
+            parallel.apply_compile(model)
         return model
     from batchpilot.train import parallel
     return parallel.parallelize(model, dims, activation_checkpointing="full" if checkpointing else "none",
@@ -56,10 +63,10 @@ def prepare(model: Llama, checkpointing: bool, dims) -> Llama:
 
 
 def measure(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool,
-            device: str, dims=None) -> tuple[int | None, int | None]:
+            device: str, dims=None, compile: bool = False, float8: str | None = None) -> tuple[int | None, int | None]:
     """(peak allocated bytes over steps 2..STEPS, bytes allocated right after the last forward); None on CPU."""
     cuda = device.startswith("cuda")
-    model = prepare(build_model(get_preset(preset), device=device, seed=0), checkpointing, dims)
+    model = prepare(build_model(get_preset(preset), device=device, seed=0), checkpointing, dims, compile, float8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda)
     vocab = model.config.vocab_size
     for step in range(STEPS):
@@ -127,16 +134,17 @@ def context_bytes() -> int:
     return total - free - torch.cuda.memory_reserved()
 
 
-def row(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, device: str, dims=None) -> dict:
+def row(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, device: str, dims=None,
+        compile: bool = False, float8: str | None = None) -> dict:
     num_gpus = 1 if dims is None else dims.world_size
     est = estimate_peak_bytes(get_preset(preset), micro_batch_size=micro_batch_size, seq_len=seq_len,
                               checkpointing=checkpointing, num_gpus=num_gpus,
-                              sharding="none" if dims is None else "fsdp")
+                              sharding="none" if dims is None else "fsdp", compile=compile, float8=float8)
     start = time.perf_counter()
-    measured, after_forward = measure(preset, micro_batch_size, seq_len, checkpointing, device, dims)
+    measured, after_forward = measure(preset, micro_batch_size, seq_len, checkpointing, device, dims, compile, float8)
     config = {"preset": preset, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
               "activation_checkpointing": checkpointing, "num_gpus": num_gpus,
-              "sharding": "none" if dims is None else "fsdp"}
+              "sharding": "none" if dims is None else "fsdp", "compile": compile, "float8": float8}
     out = {"config": config, "predicted_bytes": int(est.allocated_bytes), "measured_bytes": measured,
            "ratio": None if measured is None else measured / est.allocated_bytes,
            "measured_after_forward_bytes": after_forward, "peak_moment": est.peak_moment,
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, no measurement")
     parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (64 with --smoke)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (one GPU)")
+    parser.add_argument("--float8", choices=("tensorwise", "rowwise"), default=None,
+                        help="torchao float8 matmuls in the blocks (one GPU; needs compute capability 8.9+)")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -168,7 +179,9 @@ def main(argv: list[str] | None = None) -> Path:
         dims = parallel.init_distributed(device)
         device = str(dims.device)
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS if dims is None else FSDP_CONFIGS
-    rows = [row(p, mb, seq_len, ckpt, device, dims) for p, mb, ckpt in configs]
+    if dims is not None and (args.compile or args.float8):
+        parser.error("--compile / --float8 are one-GPU cases (the derived terms are for autocast over fp32 params)")
+    rows = [row(p, mb, seq_len, ckpt, device, dims, args.compile, args.float8) for p, mb, ckpt in configs]
     if dims is not None and dims.rank != 0:
         parallel.shutdown_distributed()
         return args.out
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if args.smoke else "" if dims is None else f"_fsdp{dims.world_size}"
+    suffix += ("_compile" if args.compile else "") + (f"_float8-{args.float8}" if args.float8 else "")
     path = args.out / f"mem_validation_{now:%Y%m%d_%H%M%S}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")

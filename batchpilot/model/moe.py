@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +49,18 @@ class LayerRouting:
     dropped: torch.Tensor
 
 
-@dataclass(kw_only=True, slots=True)
 class RoutingRecord:
-    """Passed into ``Llama.forward(..., routing=record)``; each MoE layer writes its ``LayerRouting`` here."""
+    """Passed into ``Llama.forward(..., routing=record)``; each MoE layer writes its ``LayerRouting`` here.
 
-    by_layer: dict[int, LayerRouting] = field(default_factory=dict)
+    Deliberately not a dataclass (nor a dict): FSDP2's pre-forward hooks map over a module's inputs and rebuild
+    dataclasses and containers (``torch.distributed.utils._apply_to_tensors``), so each sharded block would write
+    into its own copy and the caller's record would stay empty. A plain object passes through untouched.
+    """
+
+    __slots__ = ("by_layer",)
+
+    def __init__(self, *, by_layer: dict[int, LayerRouting] | None = None) -> None:
+        self.by_layer: dict[int, LayerRouting] = dict(by_layer or {})
 
     def layers(self) -> list[LayerRouting]:
         return [self.by_layer[i] for i in sorted(self.by_layer)]
@@ -271,17 +278,75 @@ class BalanceAccumulator:
         self.buffer.clear()
 
 
+def routing_metric_tensors(record: RoutingRecord, num_experts: int) -> dict[str, torch.Tensor]:
+    """``routing_metrics`` as 0-d tensors on the device (no host sync; the trainer reads a step's at once)."""
+    layers = record.layers()
+    with torch.no_grad():
+        out = {f"lbl_{g}": BalanceAccumulator(g, num_experts).loss(record).detach() for g in ("micro", "sequence")}
+        loads = torch.stack([r.counts.sum(0) / r.counts.sum() * num_experts for r in layers])  # (L, E)
+        out["max_load"], out["min_load"] = loads.max(), loads.min()
+        out["dropped_slots"] = torch.stack([r.dropped.float() for r in layers]).sum()
+    return out
+
+
 def routing_metrics(record: RoutingRecord, num_experts: int) -> dict[str, float]:
     """What the trainer logs per micro-batch: LBL at each granularity (local), expert load, dropped slots.
 
     ``max_load``/``min_load`` are the busiest/idlest expert's share of slots times E (1 = balanced), the
     worst over layers.
     """
-    layers = record.layers()
-    with torch.no_grad():
-        out = {f"lbl_{g}": BalanceAccumulator(g, num_experts).loss(record).item() for g in ("micro", "sequence")}
-        loads = torch.stack([r.counts.sum(0) / r.counts.sum() * num_experts for r in layers])  # (L, E)
-        out["max_load"] = loads.max().item()
-        out["min_load"] = loads.min().item()
-        out["dropped_slots"] = float(sum(r.dropped.item() for r in layers))
-    return out
+    return {k: v.item() for k, v in routing_metric_tensors(record, num_experts).items()}
+
+
+class MoeObjective:
+    """The trainer's side of the seam: per micro-batch, ``aux_loss(record)`` is the balance loss at the run's
+    granularity times ``balance_coef`` plus the router z-loss times ``z_loss_coef``; per step, ``step_metrics()``
+    reads the step's routing statistics in one host sync.
+
+    Logged per step: ``lbl_micro``, ``lbl_sequence``, ``lbl_global`` (each the mean over the step's micro-batches;
+    ``lbl_global`` with the buffer rule of ``BalanceAccumulator``, so the last micro-batch's f is the whole global
+    batch's), ``z_loss``, ``max_load`` / ``min_load`` (the extreme over layers and micro-batches) and
+    ``dropped_slots`` (summed over the step, this rank). When the run trains at another granularity the global
+    LBL is still computed for the log (one more all-reduce of (E,) counts per MoE layer and micro-batch).
+    """
+
+    def __init__(self, granularity: str, num_experts: int, *, balance_coef: float, z_loss_coef: float,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if balance_coef < 0 or z_loss_coef < 0:
+            raise ValueError(f"--moe.balance_coef and --moe.z_loss_coef must be >= 0, got {balance_coef}, "
+                             f"{z_loss_coef}")
+        self.num_experts, self.balance_coef, self.z_loss_coef = num_experts, balance_coef, z_loss_coef
+        self.balance = BalanceAccumulator(granularity, num_experts, all_reduce=all_reduce)
+        self.global_log = None if granularity == "global" else BalanceAccumulator("global", num_experts,
+                                                                                   all_reduce=all_reduce)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def start_step(self) -> None:
+        """Forget the previous step's buffered counts and metrics (also after an OOM retry of the step)."""
+        self.balance.step()
+        if self.global_log is not None:
+            self.global_log.step()
+        self.seen = []
+
+    def aux_loss(self, record: RoutingRecord) -> torch.Tensor:
+        lbl = self.balance.loss(record)
+        zl = z_loss(record.layers())
+        metrics = routing_metric_tensors(record, self.num_experts)
+        if self.global_log is None:
+            metrics["lbl_global"] = lbl.detach()
+        else:
+            with torch.no_grad():
+                metrics["lbl_global"] = self.global_log.loss(record).detach()
+        metrics["z_loss"] = zl.detach()
+        self.seen.append(metrics)
+        loss = self.balance_coef * lbl
+        return loss + self.z_loss_coef * zl if self.z_loss_coef else loss
+
+    def step_metrics(self) -> dict[str, float]:
+        if not self.seen:
+            return {}
+        names = list(self.seen[0])
+        stacked = {k: torch.stack([m[k].float() for m in self.seen]) for k in names}
+        reduced = [stacked[k].max() if k == "max_load" else stacked[k].min() if k == "min_load"
+                   else stacked[k].sum() if k == "dropped_slots" else stacked[k].mean() for k in names]
+        return dict(zip(names, torch.stack(reduced).tolist(), strict=True))

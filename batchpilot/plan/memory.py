@@ -40,7 +40,7 @@ and FSDP2 on two, are 0.985-1.04x the prediction (the planner's headroom covers 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from batchpilot.model.llama import LlamaConfig
@@ -94,12 +94,66 @@ def korthikanti_layer_bytes(*, seq_len: int, micro_batch_size: int, hidden_size:
     return s * b * h * (34 + 5 * a * s / h)
 
 
-def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int:
-    """Bytes one block saves for backward per token (module docstring); ``param_bytes`` 4 = autocast, 2 = bf16."""
+def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4, compile: bool = False,
+                               float8: str | None = None) -> int:
+    """Bytes one block saves for backward per token (module docstring); ``param_bytes`` 4 = autocast, 2 = bf16.
+
+    ``compile`` and ``float8`` (autocast only) are DERIVED, not yet validated on a GPU (docs/plan.md):
+    - compiled (inductor's min-cut partitioner, which never recomputes matmuls but recomputes pointwise ops
+      when that saves bytes): the norms save as in eager (8D each); the bf16 casts of a norm output are one
+      fused kernel shared by its linears (2D per norm, eager 6D + 4D); SDPA as in eager; SwiGLU keeps gate and
+      up (4I) and recomputes silu(gate) and the product in backward (eager 8I): 20D + 4Q + 4KV + 4H + 4I.
+      At llama-1b, seq 2048, micro-batch 16 this predicts ~62 GiB against 60.2 measured (eager: ~84).
+    - float8 (torchao ``Float8Linear`` saves the float8 cast of its input, 1 byte/element, plus a scale): eager,
+      each linear casts its input (q/k/v 3D, gate/up 2D, o_proj's 1Q next to SDPA's bf16 out, down 1I in
+      place of 2I): 21D + 5Q + 4KV + 4H + 7I. Compiled, the partitioner saves each norm's fp32 input (4D) and
+      recomputes norm + cast, plus one float8 input per norm (1D): 10D + 5Q + 4KV + 4H + 5I. This
+      over-predicts the one measured point (llama-1b as above, compiled, tensorwise: 46.4 GiB measured,
+      ~57 predicted); rowwise scales add 4 bytes per row (per token), counted per linear input.
+    """
     d, i = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    q, kv, h = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.num_heads
+    if param_bytes == 4 and float8 is not None:
+        scales = 4 * (2 if compile else 7) if float8 == "rowwise" else 0
+        return (10 * d + 5 * i if compile else 21 * d + 7 * i) + 5 * q + 4 * kv + 4 * h + scales
+    if param_bytes == 4 and compile:
+        return 20 * d + 4 * q + 4 * kv + 4 * h + 4 * i
     norms_and_inputs = 26 * d if param_bytes == 4 else 16 * d
-    return norms_and_inputs + 4 * q + 4 * kv + 4 * config.num_heads + 8 * i
+    return norms_and_inputs + 4 * q + 4 * kv + 4 * h + 8 * i
+
+
+def moe_mlp_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int:
+    """Bytes a sparse MoE MLP (``model/moe.py``, grouped path, bf16 compute) saves per token for backward.
+
+    E experts, K per token, I' expert intermediate, Is shared intermediate. Autocast (``param_bytes`` 4) casts
+    the fp32 norm output once per linear (router 2D, shared gate/up 4D, shared gate 2D); with bf16 parameters
+    one 2D input is shared. Router: the fp32 softmax (4E), the routing record's softmax, fp32 logits for
+    logsumexp and z (8E + 8), top-k ids and the (renormalised) weights (12K). Per routed slot (the permutation
+    buffers): the gather index (8), the gathered bf16 input the first grouped GEMM saves (2D), SwiGLU on the
+    grouped outputs (8I'), the expert output and its weight for the weighting multiply (2D + 2), the scatter
+    index (8). Shared expert: SwiGLU (8Is), its gate's sigmoid (4) and the gated product's input (2D).
+    """
+    d, e, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
+    i_exp, i_shared = config.moe_intermediate_size, config.shared_expert_intermediate_size
+    casts = 4 if param_bytes == 4 else 0  # autocast's bf16 copy of the fp32 input, per linear
+    router = casts // 2 * d + 12 * e + 12 * k + 8
+    slots = k * (4 * d + 8 * i_exp + 18)
+    shared = 0
+    if i_shared:
+        gate = (casts // 2 * d + 4 + 2 * d) if config.shared_expert_gate else 0
+        shared = casts * d + 8 * i_shared + gate
+    return (0 if param_bytes == 4 else 2 * d) + router + slots + shared
+
+
+def layer_activation_bytes_per_token(config: LlamaConfig, layer_idx: int, *, param_bytes: int = 4,
+                                     compile: bool = False, float8: str | None = None) -> int:
+    """``activation_bytes_per_token`` for block ``layer_idx``: a sparse layer swaps the dense MLP's share
+    (gate/up inputs 4D with autocast, 2D with bf16 parameters, and SwiGLU 8I) for ``moe_mlp_bytes_per_token``."""
+    dense = activation_bytes_per_token(config, param_bytes=param_bytes, compile=compile, float8=float8)
+    if not config.is_moe_layer(layer_idx):
+        return dense
+    dense_mlp = (4 if param_bytes == 4 else 2) * config.hidden_size + 8 * config.intermediate_size
+    return dense - dense_mlp + moe_mlp_bytes_per_token(config, param_bytes=param_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +183,49 @@ def estimate_loss_bytes(config: LlamaConfig, *, tokens: int, fsdp: bool) -> Loss
                      forward_peak=held + max(in_chunks, 2 * sizes[-1] + 4 * tokens * d))
 
 
+# --- streaming backprop (train/stream.py), StreamBP (Luo et al., arXiv 2506.03077) ---------------------------------------------------------------------------------
+
+
+def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                                  micro_batch_size: int = 1, param_bytes: int = 4) -> float:
+    """Bytes one streamed block holds on top of the saved block inputs while it is differentiated.
+
+    Counted op by op from ``_backward`` (N = B T tokens, C = B x chunk rows; Q = H E, KV = K E; compute
+    dtype 2 bytes: autocast bf16 over fp32 parameters, ``param_bytes`` 4, or bf16 parameters, 2):
+      K, V of the sequence (no graph, compute dtype)                          4 KV N
+      their fp32 gradient accumulators                                        8 KV N
+      the chunk's spliced K, V (``torch.cat``, compute dtype)                 4 KV N
+      attention backward's dK, dV of all keys, then the prefix grads          4 KV N
+      grad_x (residual dtype)                                                 p D N
+      the chunk's graph: what a plain block saves per token, for C tokens    (plain block) C
+      parameter gradients: the accumulated sum and one chunk's               2 x 4 x block params
+      autocast's bf16 weight copies (cached across the chunks; autocast only) 2 x block params
+    (The incoming grad_out and the saved input are counted by the caller, as for checkpointing. The forward's
+    weight copies are gone by then: a streamed block saves none of them.)
+    """
+    tokens = micro_batch_size * seq_len
+    chunk = micro_batch_size * min(chunk_tokens, seq_len)
+    kv = config.num_kv_heads * config.head_dim
+    kv_bytes = (4 + 8 + 4 + 4) * kv * tokens
+    grad_x = param_bytes * config.hidden_size * tokens
+    graph = activation_bytes_per_token(config, param_bytes=param_bytes) * chunk
+    grads = 2 * 4 * block_params(config)
+    weight_copies = 2 * block_params(config) if param_bytes == 4 else 0
+    return kv_bytes + grad_x + graph + grads + weight_copies
+
+
+def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                                     micro_batch_size: int = 1, param_bytes: int = 4) -> float:
+    """Activation bytes at the first streamed block's backward: every block's saved input plus its working set.
+
+    The planner's ``estimate_peak_bytes`` uses this in place of checkpointing's ``kept x L + recompute``.
+    """
+    saved_inputs = param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
+    return saved_inputs + stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens,
+                                                        micro_batch_size=micro_batch_size,
+                                                        param_bytes=param_bytes)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryEstimate:
     """Predicted peak bytes per GPU, split by what holds them at the peak."""
@@ -152,8 +249,18 @@ class MemoryEstimate:
 
 
 def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: int, optimizer: str = "adamw",
-                        num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool = False) -> MemoryEstimate:
-    """Peak bytes per GPU of forward + backward + optimizer step (module docstring)."""
+                        num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool = False,
+                        stream_chunk_tokens: int | None = None, compile: bool = False,
+                        float8: str | None = None) -> MemoryEstimate:
+    """Peak bytes per GPU of forward + backward + optimizer step (module docstring).
+
+    ``stream_chunk_tokens``: streaming backprop (``--parallel.activation_checkpointing stream``): every block
+    keeps its input, as under checkpointing, and the block being differentiated holds
+    ``stream_backward_working_bytes`` instead of a recomputed block (its bf16 weight copies included, so
+    without FSDP2 no other block's copies are held then).
+    ``compile`` / ``float8``: the derived per-token terms of ``activation_bytes_per_token`` (await GPU validation).
+    """
+    streaming = stream_chunk_tokens is not None
     fsdp = sharding == "fsdp"
     n = num_gpus if fsdp else 1
     pbytes = 2 if fsdp else 4  # residual stream / compute dtype of params
@@ -161,20 +268,27 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     state = estimate_model_state_bytes(total_params(config), optimizer=optimizer, num_shards=n)
     block = block_params(config)
 
-    per_layer = activation_bytes_per_token(config, param_bytes=pbytes) * tokens
-    kept_per_layer = pbytes * d * tokens if checkpointing else per_layer  # checkpointing keeps block inputs only
-    activations = kept_per_layer * config.num_layers + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
+    per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=pbytes, compile=compile, float8=float8)
+                 * tokens
+                 for i in range(config.num_layers)]  # MoE layers differ from dense ones
+    inputs_only = checkpointing or streaming  # both keep only each block's input
+    kept = pbytes * d * tokens * config.num_layers if inputs_only else sum(per_layer)
+    activations = kept + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
     # autocast keeps a bf16 copy of every block weight for backward; FSDP2 gathers ~2 blocks (current + prefetch)
     # plus the root (embedding/head) in bf16.
     copies = 2 * (2 * block + v * d) if fsdp else 2 * non_vocab_params(config)
 
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=fsdp)
-    recompute = per_layer if checkpointing else 0.0  # the first block recomputed in backward
+    recompute = max(per_layer) if checkpointing else 0.0  # the (largest) block recomputed in backward
+    if streaming:
+        recompute = stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=stream_chunk_tokens,
+                                                  micro_batch_size=micro_batch_size, param_bytes=pbytes)
+    backward_copies = 0.0 if streaming and not fsdp else copies
     fsdp_grads = 3 * 2 * block if fsdp else 0  # FSDP2: bf16 block grads + their fp32 reduce-scatter copy
     # in backward the head grad becomes a parameter grad; grad_hidden flows into the blocks next to its input
     moments = {
         "loss forward": (activations, copies, loss.forward_peak, 0.0),
-        "first block backward": (activations + recompute, copies + fsdp_grads, loss.saved + pbytes * d * tokens, 0.0),
+        "first block backward": (activations + recompute, backward_copies + fsdp_grads, loss.saved + pbytes * d * tokens, 0.0),
         # all grads, plus the embedding's dense grad (and its bf16 form under FSDP2) before accumulation
         "backward end": (0.0, copies if fsdp else 0.0, 4 * v * d + (2 * v * d if fsdp else 0), state.grads),
     }
@@ -188,12 +302,33 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
 # --- fitting a micro-batch ---------------------------------------------------------------------------------
 
 
+STREAM_CHUNK_TOKENS = 4096  # --parallel.stream_chunk the planner assumes (train/parallel.py's default)
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryFit:
     micro_batch_size: int
     checkpointing: bool
     sharding: Sharding
     estimate: MemoryEstimate
+    streaming: bool = False  # streaming backprop (activation_checkpointing "stream") instead of checkpointing
+    reason: str = ""  # why this mode, for Plan.explain
+
+    @property
+    def mode(self) -> str:
+        return "stream" if self.streaming else "full" if self.checkpointing else "none"
+
+
+def recompute_factor(config: LlamaConfig, mode: str) -> float:
+    """Training FLOPs relative to no checkpointing: 6N per token, +2N for a full forward recomputation (8N/6N,
+    Korthikanti et al., arXiv 2205.05198, section 5); streaming also recomputes every block and projects the keys
+    and values once more in backward (``train/stream.py``): + 2 x (K and V projection params) per token."""
+    if mode == "none":
+        return 1.0
+    if mode == "full":
+        return 4 / 3
+    kv_proj = 2 * config.hidden_size * config.num_kv_heads * config.head_dim * config.num_layers
+    return 4 / 3 + 2 * kv_proj / (6 * non_vocab_params(config))
 
 
 def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
@@ -201,45 +336,53 @@ def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gp
     """Largest power-of-two micro-batch <= ``max_micro_batch`` that fits with headroom (FSDP on > 1 GPU).
 
     No checkpointing when that fits at a reasonable micro-batch (``REASONABLE_MICRO_BATCH_TOKENS``, or the
-    cap if smaller); otherwise whichever of the two allows the larger micro-batch.
+    cap if smaller). Otherwise the mode of full checkpointing and streaming backprop (its memory does not grow
+    with a block's T x I activations, only with T x D inputs and O(T) keys/values) that fits the larger
+    micro-batch; at equal micro-batches the cheaper in time (``recompute_factor``: full < stream).
     """
     sharding: Sharding = "fsdp" if num_gpus > 1 else "none"
     limit = gpu_memory_gib * GIB * (1 - headroom)
 
-    def largest(checkpointing: bool) -> MemoryFit | None:
+    def largest(mode: str) -> MemoryFit | None:
         best = None
         for mb in (m for m in MICRO_BATCH_GRID if m <= max_micro_batch):
             est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, optimizer=optimizer,
-                                      num_gpus=num_gpus, sharding=sharding, checkpointing=checkpointing)
+                                      num_gpus=num_gpus, sharding=sharding, checkpointing=mode == "full",
+                                      stream_chunk_tokens=STREAM_CHUNK_TOKENS if mode == "stream" else None)
             if est.total_bytes > limit:
                 break
-            best = MemoryFit(mb, checkpointing, sharding, est)
+            best = MemoryFit(mb, mode == "full", sharding, est, streaming=mode == "stream")
         return best
 
-    plain = largest(False)
+    plain = largest("none")
     if plain and plain.micro_batch_size * seq_len >= min(max_micro_batch * seq_len, REASONABLE_MICRO_BATCH_TOKENS):
-        return plain
-    ckpt = largest(True)
-    if ckpt is None and plain is None:
+        return replace(plain, reason="no checkpointing: it fits at a reasonable micro-batch")
+    fits = [f for f in (plain, largest("full"), largest("stream")) if f is not None]
+    if not fits:
         raise ValueError(cannot_fit_message(config, seq_len=seq_len, optimizer=optimizer, num_gpus=num_gpus,
                                             gpu_memory_gib=gpu_memory_gib, headroom=headroom))
-    if plain is None or (ckpt is not None and ckpt.micro_batch_size > plain.micro_batch_size):
-        return ckpt  # type: ignore[return-value]
-    return plain
+    best = max(fits, key=lambda f: (f.micro_batch_size, -recompute_factor(config, f.mode)))
+    others = ", ".join(f"{f.mode} fits micro-batch {f.micro_batch_size}" for f in fits if f is not best)
+    absent = [m for m in ("none", "full", "stream") if m not in {f.mode for f in fits}]
+    why = (f"{best.mode}: largest micro-batch {best.micro_batch_size}, time x{recompute_factor(config, best.mode):.3g}"
+           + (f" ({others})" if others else "") + (f"; {', '.join(absent)} does not fit at micro-batch 1"
+                                                    if absent else ""))
+    return replace(best, reason=why)
 
 
 def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
                        headroom: float) -> str:
     """What would fit instead: the GPU count (powers of two) or the memory per GPU at micro-batch 1."""
     def need(n: int) -> float:
-        est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=seq_len, optimizer=optimizer, num_gpus=n,
-                                  sharding="fsdp" if n > 1 else "none", checkpointing=True)
-        return est.total_bytes / (1 - headroom)
+        est = min((estimate_peak_bytes(config, micro_batch_size=1, seq_len=seq_len, optimizer=optimizer, num_gpus=n,
+                                       sharding="fsdp" if n > 1 else "none", checkpointing=chunk is None,
+                                       stream_chunk_tokens=chunk).total_bytes for chunk in (None, STREAM_CHUNK_TOKENS)))
+        return est / (1 - headroom)
 
     need_gib = need(num_gpus) / GIB
     gpus = next((n for n in (2**i for i in range(1, 13)) if n > num_gpus and need(n) <= gpu_memory_gib * GIB), None)
     more_gpus = f">= {gpus} GPUs of {gpu_memory_gib:g} GiB, or " if gpus else ""
     sharding = "FSDP" if num_gpus > 1 else "no"
     return (f"the model does not fit on {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB even at micro-batch 1 with "
-            f"{sharding} sharding and activation checkpointing (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
+            f"{sharding} sharding and activation checkpointing or streaming (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
             f" headroom at seq_len {seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB per GPU")

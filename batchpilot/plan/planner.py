@@ -25,7 +25,11 @@ from batchpilot.io import write_json_atomic
 from batchpilot.model import counting
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
-from batchpilot.plan.memory import GIB, MICRO_BATCH_GRID, MemoryFit, fit_micro_batch
+from batchpilot.plan.memory import (GIB, MICRO_BATCH_GRID, STREAM_CHUNK_TOKENS, MemoryFit, estimate_peak_bytes,
+                                    fit_micro_batch, recompute_factor)
+
+RECOMPUTE_NOTES = {"none": "", "full": " x 4/3 (recompute)",
+                   "stream": " x (4/3 + K/V projections again) (streamed recompute)"}
 
 # Warmup: 2000 steps in both DeepSeek LLM (arXiv 2401.02954, section 2.3) and the Step Law recipe (arXiv
 # 2503.04715, section 2), capped at 10% of the run (our rule) so short runs do not spend most of their steps
@@ -241,7 +245,7 @@ def make_plan(budget: Budget) -> Plan:
     total_steps = max(1, round(tokens / global_tokens))
     schedule, min_lr = schedule_and_min_lr(law, budget, peak_lr)
     warmup_steps = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps))
-    recompute = 4 / 3 if fit.checkpointing else 1.0  # checkpointing re-runs the forward: 8N instead of 6N
+    recompute = recompute_factor(config, fit.mode)  # checkpointing re-runs the forward: 8N instead of 6N
     step_s = fpt * global_tokens * recompute / (budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu)
     total = counting.total_params(config)
     plan = Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
@@ -249,12 +253,13 @@ def make_plan(budget: Budget) -> Plan:
                 grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, total_steps=total_steps,
                 warmup_steps=warmup_steps, warmup_tokens=warmup_steps * global_tokens,
                 total_tokens=total_steps * global_tokens, schedule=schedule, optimizer=budget.optimizer,
-                activation_checkpointing="full" if fit.checkpointing else "none", sharding=fit.sharding,
+                activation_checkpointing=fit.mode, sharding=fit.sharding,
                 predicted_peak_memory_bytes=int(fit.estimate.total_bytes),
                 gpu_memory_bytes=int(budget.gpu_memory_gib * GIB), predicted_step_seconds=step_s,
                 predicted_total_seconds=step_s * total_steps, flops_per_token=fpt, mfu=mfu,
                 tokens_per_param=tokens / total, law={k: v for k, v in point.items() if k != "warnings"})
     lines = derivation(plan, law, fit, budget, model_line=model_line, tokens_line=tokens_line, max_mb=max_mb)
+    lines += context_parallel_note(config, budget, fit)
     return replace(plan, warnings=tuple(point["warnings"] + plan_warnings(plan, law)), derivation=lines)
 
 
@@ -283,7 +288,10 @@ def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, mod
         + (f" (C = M D = {raw['compute_flops']:.4g} FLOPs)" if law.kind == "deepseek" else ""),
         f"memory: micro-batch {p.micro_batch_size} (largest power of two <= {max_mb} within "
         f"{1 - budget.headroom:.0%} of {budget.gpu_memory_gib:g} GiB), checkpointing {p.activation_checkpointing}, "
-        f"sharding {p.sharding}: {p.predicted_peak_memory_bytes / GIB:.2f} GiB (peak at {fit.estimate.peak_moment})",
+        f"sharding {p.sharding}: {p.predicted_peak_memory_bytes / GIB:.2f} GiB (peak at {fit.estimate.peak_moment})"
+        + (f"; chose {fit.reason}" if fit.reason else "")
+        + (f"; streaming backprop in chunks of {STREAM_CHUNK_TOKENS} tokens (StreamBP, arXiv 2506.03077)"
+           if fit.streaming else ""),
         f"global batch = {p.micro_batch_size} x {p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len} = "
         f"{p.global_batch_tokens:,} tokens (law: {raw['batch_tokens']:,.0f})",
         f"peak LR = {raw['peak_lr']:.4g} x {laws.lr_scaling_rule(p.optimizer)}({p.global_batch_tokens} / "
@@ -291,10 +299,23 @@ def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, mod
         f"SGD/LARS)",
         f"steps = D / batch = {p.total_steps:,}; warmup = min({WARMUP_STEPS}, {WARMUP_MAX_FRACTION:.0%} of steps) = "
         f"{p.warmup_steps:,}; schedule {p.schedule}, min LR {p.min_lr:.3g}",
-        f"time = FLOPs per token x batch{' x 4/3 (recompute)' if fit.checkpointing else ''} / (GPUs x "
+        f"time = FLOPs per token x batch{RECOMPUTE_NOTES[fit.mode]} / (GPUs x "
         f"{budget.gpu_peak_tflops:g} TFLOP/s x MFU {p.mfu:.3g}) = {p.predicted_step_seconds:.3g} s/step -> "
         f"{p.predicted_total_seconds / 3600:.3g} h; {p.tokens_per_param:.3g} tokens per parameter",
     )
+
+
+def context_parallel_note(config: LlamaConfig, budget: Budget, fit: MemoryFit) -> tuple[str, ...]:
+    """With several GPUs and a checkpointed or streamed plan: what ring-attention context parallelism over all
+    GPUs (``train/context_parallel.py``: seq_len / GPUs tokens per rank, FSDP2 over the same GPUs) would need.
+    Stated, not chosen: the trainer does not run context parallelism yet."""
+    if budget.num_gpus < 2 or fit.mode == "none" or budget.seq_len % (2 * budget.num_gpus):
+        return ()
+    est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=budget.seq_len // budget.num_gpus,
+                              optimizer=budget.optimizer, num_gpus=budget.num_gpus, sharding="fsdp")
+    return (f"context parallelism over {budget.num_gpus} GPUs ({budget.seq_len // budget.num_gpus:,} tokens per GPU, "
+            f"no recompute) would need {est.total_bytes / GIB:.1f} GiB at micro-batch 1 (ring attention, Liu et al., "
+            f"arXiv 2310.01889); not chosen: the trainer does not run it yet",)
 
 
 def compare(budget: Budget) -> dict[str, Plan]:

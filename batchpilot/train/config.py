@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.model.llama import PRESETS
+from batchpilot.model.moe import GRANULARITIES
 from batchpilot.plan.planner import Plan
 from batchpilot.train.adaptive import BatchConfig
 from batchpilot.train.optim import OptimConfig
@@ -99,11 +100,27 @@ class RecipeConfig:
 RECIPES = ("none", "sft")
 
 
+@dataclass(kw_only=True, slots=True)
+class MoeConfig:
+    """The load-balancing objective of MoE models (docs/moe.md); ignored for dense models."""
+
+    balance: str = "global"  # micro | global | sequence: where f_i is counted (Qiu et al., arXiv 2501.11873)
+    balance_coef: float | None = None  # LBL coefficient; none: the model config's router_aux_loss_coef
+    z_loss_coef: float | None = None  # router z-loss coefficient (arXiv 2202.08906); none: router_z_loss_coef
+
+    def __post_init__(self) -> None:
+        if self.balance not in GRANULARITIES:
+            raise ValueError(f"--moe.balance {self.balance!r}: choose one of {', '.join(GRANULARITIES)}")
+        for name in ("balance_coef", "z_loss_coef"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"--moe.{name} must be >= 0, got {getattr(self, name)}")
+
+
 # component name -> its config type; the order of TrainConfig's fields, of config.json and of --help
 COMPONENTS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                                "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
                                "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoraRunConfig,
-                               "recipe": RecipeConfig}
+                               "recipe": RecipeConfig, "moe": MoeConfig}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -119,6 +136,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraRunConfig = field(default_factory=LoraRunConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
     plan: Plan | None = field(default=None, repr=False)  # the plan this run executes, saved as plan.json
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ built by ``model/llama.py``. This file and ``checkpoint.py`` are the only users 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class ParallelDims:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective", "stream")
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 
 
@@ -40,7 +41,8 @@ class ParallelConfig:
 
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each block
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: str = "none"  # none | full | selective | stream (streaming backprop, train/stream.py)
+    stream_chunk: int = 4096  # rows of the sequence per backward chunk under activation_checkpointing=stream
     # one device: FSDP2 mixed precision (bf16 compute copies over fp32 masters, what every rank runs under torchrun)
     # instead of autocast over fp32 parameters; bf16 residual stream and saved activations (docs/scale.md)
     fsdp_one_device: bool = False
@@ -51,6 +53,8 @@ class ParallelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--parallel.{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         check_float8_recipe(self.float8)
+        if self.stream_chunk < 1:
+            raise ValueError(f"--parallel.stream_chunk must be >= 1 token, got {self.stream_chunk}")
 
 
 def init_distributed(device: str = "auto") -> ParallelDims:
@@ -118,17 +122,31 @@ def apply_ac(model: nn.Module, mode: str) -> None:
     if mode == "none":
         return
     if mode not in ("full", "selective"):
-        raise ValueError(f"unknown activation checkpointing mode {mode!r}; choose none, full or selective")
+        raise ValueError(f"unknown activation checkpointing mode {mode!r}; choose none, full or selective "
+                         f"(stream: apply_streaming)")
     every = 1 if mode == "full" else 2
     for i, block in enumerate(model.layers):
         if i % every == 0:
             checkpoint(block)
 
 
+def apply_streaming(model: nn.Module, chunk_tokens: int) -> None:
+    """Streaming backprop (StreamBP, Luo et al., arXiv 2506.03077) in place of checkpointing: each block keeps
+    its input and differentiates the sequence ``chunk_tokens`` rows at a time (``train/stream.py``)."""
+    from batchpilot.train.stream import apply_streaming as stream_blocks
+
+    stream_blocks(model, chunk_tokens)
+
+
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place: identical blocks share one graph, so compile time stays flat in depth."""
+    """Compile each block in place: identical blocks share one graph, so compile time stays flat in depth.
+
+    Streamed blocks stay eager: their backward is a Python loop over chunks inside an autograd Function."""
+    from batchpilot.train.stream import StreamingBlock
+
     for block in model.layers:
-        block.compile(fullgraph=False)
+        if not isinstance(block, StreamingBlock):
+            block.compile(fullgraph=False)
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype | None) -> None:
@@ -155,15 +173,18 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointing: str = "none",
                 compile: bool = False, param_dtype: torch.dtype | None = None,
-                fsdp_one_device: bool = False, float8: str | None = None) -> nn.Module:
-    """The one place where parallelism is applied, in a fixed order: float8, AC, compile, FSDP2.
+                fsdp_one_device: bool = False, float8: str | None = None, stream_chunk: int = 4096) -> nn.Module:
+    """The one place where parallelism is applied, in a fixed order: float8, AC or streaming, compile, FSDP2.
 
     FSDP2 runs with several ranks, and on one device when ``fsdp_one_device`` is set (with a
     ``param_dtype``): bf16 parameters in compute keep the residual stream and the saved activations in
     bf16, where autocast over fp32 parameters keeps them fp32 (twice the bytes per saved block input).
     """
     apply_float8(model, float8, dims.device)
-    apply_ac(model, activation_checkpointing)
+    if activation_checkpointing == "stream":
+        apply_streaming(model, stream_chunk)
+    else:
+        apply_ac(model, activation_checkpointing)
     if compile:
         apply_compile(model)
     if dims.is_distributed or (fsdp_one_device and param_dtype is not None):
@@ -177,6 +198,28 @@ def mean_across_ranks(value: float, dims: ParallelDims) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=dims.device)
     dist.all_reduce(t)
     return t.item() / dims.world_size
+
+
+def sum_across_ranks_fn(dims: ParallelDims) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A callable that sums a tensor over all ranks in place and returns it (None on one process): the
+    data-parallel all-reduce of the MoE expert counts for the global-batch balance loss (model/moe.py)."""
+    if not dims.is_distributed:
+        return None
+
+    def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    return sum_over_ranks
+
+
+def mean_list_across_ranks(values: list[float], dims: ParallelDims) -> list[float]:
+    """Element-wise mean over ranks (one collective for the whole list)."""
+    if not dims.is_distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dims.device)
+    dist.all_reduce(t)
+    return (t / dims.world_size).tolist()
 
 
 def any_across_ranks(flag: bool, dims: ParallelDims) -> bool:

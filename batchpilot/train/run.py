@@ -226,7 +226,7 @@ def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig
     param_dtype = torch.bfloat16 if dims.device.type == "cuda" else (torch.float32 if par.fsdp_one_device else None)
     return parallel.parallelize(net, dims, activation_checkpointing=par.activation_checkpointing,
                                 compile=par.compile, param_dtype=param_dtype, fsdp_one_device=par.fsdp_one_device,
-                                float8=par.float8)
+                                float8=par.float8, stream_chunk=par.stream_chunk)
 
 
 def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, run_dir: Path,

@@ -32,9 +32,12 @@ import torch
 from torch import nn
 
 from batchpilot.model.attention import DocumentMask, attend_rows
-from batchpilot.model.counting import block_params
-from batchpilot.model.llama import LlamaConfig, apply_rope
-from batchpilot.plan.memory import activation_bytes_per_token
+from batchpilot.model.llama import apply_rope
+# the planner's memory model of a streamed block lives in plan/ (plan does not import train); re-exported here
+from batchpilot.plan.memory import estimate_stream_activation_bytes, stream_backward_working_bytes
+
+__all__ = ["StreamConfig", "StreamingBlock", "apply_streaming", "estimate_stream_activation_bytes",
+           "stream_backward_working_bytes"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,7 +65,10 @@ class StreamingBlock(nn.Module):
         self.mlp = block.mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_meta: DocumentMask | None) -> torch.Tensor:
+                attn_meta: DocumentMask | None, routing: object | None = None) -> torch.Tensor:
+        if routing is not None:
+            raise ValueError("streaming backprop does not record MoE routing (no balance loss); use "
+                             "--parallel.activation_checkpointing full for MoE models")
         if attn_meta is not None and not isinstance(attn_meta, DocumentMask):
             raise ValueError(f"streaming backprop supports causal or document-masked attention, "
                              f"not {type(attn_meta).__name__}")
@@ -78,6 +84,9 @@ def apply_streaming(model: nn.Module, chunk_tokens: int) -> None:
     Applied where activation checkpointing would be (``--activation-checkpointing stream``), instead of it,
     before compile and FSDP2. Blocks are not compiled under streaming (the chunk loop runs in Python).
     """
+    if getattr(model.config, "num_experts", 0):
+        raise ValueError("--parallel.activation_checkpointing stream does not support MoE models yet (the "
+                         "routing record and balance loss are not streamed); use full")
     for i, block in enumerate(model.layers):
         if not isinstance(block, StreamingBlock):
             model.layers[i] = StreamingBlock(block, chunk_tokens)
@@ -184,46 +193,3 @@ def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: to
         for i, g in enumerate(grads[3:]):
             param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
     return grad_x, param_grads
-
-
-# --- memory, for the planner ---------------------------------------------------------------------------------
-
-
-def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
-                                  micro_batch_size: int = 1, param_bytes: int = 4) -> float:
-    """Bytes one streamed block holds on top of the saved block inputs while it is differentiated.
-
-    Counted op by op from ``_backward`` (N = B T tokens, C = B x chunk rows; Q = H E, KV = K E; compute
-    dtype 2 bytes: autocast bf16 over fp32 parameters, ``param_bytes`` 4, or bf16 parameters, 2):
-      K, V of the sequence (no graph, compute dtype)                          4 KV N
-      their fp32 gradient accumulators                                        8 KV N
-      the chunk's spliced K, V (``torch.cat``, compute dtype)                 4 KV N
-      attention backward's dK, dV of all keys, then the prefix grads          4 KV N
-      grad_x (residual dtype)                                                 p D N
-      the chunk's graph: what a plain block saves per token, for C tokens    (plain block) C
-      parameter gradients: the accumulated sum and one chunk's               2 x 4 x block params
-      autocast's bf16 weight copies (cached across the chunks; autocast only) 2 x block params
-    (The incoming grad_out and the saved input are counted by the caller, as for checkpointing. The forward's
-    weight copies are gone by then: a streamed block saves none of them.)
-    """
-    tokens = micro_batch_size * seq_len
-    chunk = micro_batch_size * min(chunk_tokens, seq_len)
-    kv = config.num_kv_heads * config.head_dim
-    kv_bytes = (4 + 8 + 4 + 4) * kv * tokens
-    grad_x = param_bytes * config.hidden_size * tokens
-    graph = activation_bytes_per_token(config, param_bytes=param_bytes) * chunk
-    grads = 2 * 4 * block_params(config)
-    weight_copies = 2 * block_params(config) if param_bytes == 4 else 0
-    return kv_bytes + grad_x + graph + grads + weight_copies
-
-
-def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
-                                     micro_batch_size: int = 1, param_bytes: int = 4) -> float:
-    """Activation bytes at the first streamed block's backward: every block's saved input plus its working set.
-
-    The planner's ``estimate_peak_bytes`` uses this in place of checkpointing's ``kept x L + recompute``.
-    """
-    saved_inputs = param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
-    return saved_inputs + stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens,
-                                                        micro_batch_size=micro_batch_size,
-                                                        param_bytes=param_bytes)

@@ -30,10 +30,11 @@ from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.llama import Llama, LlamaConfig
 from batchpilot.model.counting import training_flops_per_token
 from batchpilot.plan.planner import Plan
+from batchpilot.model.moe import MoeObjective, RoutingRecord
 from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import BatchController, Measurement, default_coupling, grad_sq_norm_tensor
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
-from batchpilot.train.config import LoggingConfig, TrainConfig
+from batchpilot.train.config import LoggingConfig, MoeConfig, TrainConfig
 from batchpilot.train.optim import build_optimizer, local
 from batchpilot.train.schedule import Schedule, lr_at
 
@@ -184,6 +185,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
     total_tokens, stop_at_step = cfg.total_tokens, cfg.schedule.stop_at_step
     val_loss = None
     fitter = _fitter(cfg, model, state, dims) if cfg.batch.auto_micro_batch else None
+    moe = moe_objective(cfg.moe, model.config, dims)
     with _progress(log, dims) as progress:
         task = progress.add_task("train", total=total_tokens, completed=state.tokens, loss=float("nan"), lr=0.0,
                                  tps=0.0, step=state.step)
@@ -199,7 +201,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
                 loss, grad_norm, measurement = train_step(
                     model, optimizer, train_loader, global_batch_tokens=batch_tokens, seq_len=seq_len,
                     micro_batch_size=micro_batch_size, dims=dims, grad_clip=cfg.optim.grad_clip,
-                    measure_noise=measure, fitter=fitter)
+                    measure_noise=measure, fitter=fitter, moe=moe)
             except NonFiniteUpdate as e:
                 raise TrainingDiverged(f"{e} at step {state.step + 1}, not applied; last good checkpoint: "
                                        f"{latest_checkpoint(run_dir) or 'none'}") from None
@@ -213,6 +215,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
             state.global_batch_tokens, state.lr_scale = decision.global_batch_tokens, decision.lr_scale
             record = _step_record(log, state, batch_tokens, loss, lr, grad_norm, seconds, flops_per_token, dims)
             record.update(decision.metrics)
+            record.update(_moe_record(moe, dims) if moe else {})
             record["micro_batch_size"] = fitter.micro_batch_size if fitter else micro_batch_size
             if decision.changed:
                 record["batch_change"] = decision.reason
@@ -250,6 +253,25 @@ def _parameters_finite(model: torch.nn.Module, dims: parallel.ParallelDims) -> b
     return not parallel.any_across_ranks(bad, dims)
 
 
+def moe_objective(moe: MoeConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> MoeObjective | None:
+    """The balance loss and z-loss of an MoE model (None for dense models); coefficients default to the model's."""
+    if not config.num_experts:
+        return None
+    return MoeObjective(moe.balance, config.num_experts,
+                        balance_coef=config.router_aux_loss_coef if moe.balance_coef is None else moe.balance_coef,
+                        z_loss_coef=config.router_z_loss_coef if moe.z_loss_coef is None else moe.z_loss_coef,
+                        all_reduce=parallel.sum_across_ranks_fn(dims))
+
+
+def _moe_record(moe: MoeObjective, dims: parallel.ParallelDims) -> dict[str, float]:
+    """The step's routing metrics over all ranks: losses averaged, load extremes over ranks, dropped slots summed."""
+    m = moe.step_metrics()
+    means = dict(zip(m, parallel.mean_list_across_ranks(list(m.values()), dims), strict=True))
+    most, least = parallel.max_across_ranks([m["max_load"], -m["min_load"]], dims)
+    means.update(max_load=most, min_load=-least, dropped_slots=means["dropped_slots"] * dims.world_size)
+    return {f"moe/{k}": v for k, v in means.items()}
+
+
 def _fitter(cfg: TrainConfig, model: Llama, state: TrainState,
             dims: parallel.ParallelDims) -> autofit.MicroBatchFitter:
     rows_per_rank = state.global_batch_tokens // cfg.data.seq_len // dims.world_size
@@ -270,7 +292,8 @@ def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchCon
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedLoader, *,
                global_batch_tokens: int, seq_len: int, micro_batch_size: int, dims: parallel.ParallelDims,
                grad_clip: float, measure_noise: bool = False,
-               fitter: autofit.MicroBatchFitter | None = None) -> tuple[float, float, Measurement | None]:
+               fitter: autofit.MicroBatchFitter | None = None,
+               moe: MoeObjective | None = None) -> tuple[float, float, Measurement | None]:
     """One optimizer step over exactly ``global_batch_tokens`` tokens: (mean loss, grad norm, noise measurement).
 
     With a ``fitter`` the micro-batch is the fitter's, and an OOM on any rank redoes the step smaller. The loss
@@ -279,7 +302,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
     """
     def grads(rows: int) -> tuple[torch.Tensor, Measurement | None]:
         return accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
-                                    micro_batch_size=rows, dims=dims, measure_noise=measure_noise)
+                                    micro_batch_size=rows, dims=dims, measure_noise=measure_noise, moe=moe)
 
     def update() -> torch.Tensor:
         grad_norm = parallel.clip_grad_norm(model, grad_clip)
@@ -306,7 +329,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
 
 def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global_batch_tokens: int, seq_len: int,
                          micro_batch_size: int, dims: parallel.ParallelDims,
-                         measure_noise: bool = False) -> tuple[torch.Tensor, Measurement | None]:
+                         measure_noise: bool = False,
+                         moe: MoeObjective | None = None) -> tuple[torch.Tensor, Measurement | None]:
     """Backward over the step's micro-batches into ``.grad``; returns this rank's mean loss (a 0-d tensor on the
     device, not yet read) and, if asked, the two-batch gradient-noise measurement (McCandlish et al. 2018, arXiv 1812.06162, appendix A): |g|^2 of the
     first micro-batch against the full batch.
@@ -314,6 +338,9 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
 
     Under FSDP2 the first micro-batch is reduce-scattered too when measuring, so its gradient averages
     ``world_size`` micro-batches: B_small = micro-batch rows x world x seq_len tokens.
+
+    With ``moe`` each micro-batch's routing record adds the balance and z-losses to its backward (the returned
+    loss stays the LM loss); the global-batch LBL's count buffer starts empty with the step.
     """
     rows_per_step = global_batch_tokens // seq_len
     if rows_per_step % dims.world_size:
@@ -326,12 +353,18 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
     weights = micro_batch_weights(loader, sizes, rows_per_rank=rows_per_rank, dims=dims)
     loss_sum = torch.zeros((), device=dims.device)
     small_sq_norm = torch.zeros(())
+    if moe is not None:
+        moe.start_step()
     for i, (rows, weight) in enumerate(zip(sizes, weights)):
         batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
         parallel.set_gradient_sync(model, i == len(sizes) - 1 or (measure_noise and i == 0))
         with _autocast(dims):
-            loss = forward_loss(model, batch, dims.device)
-        (loss * weight).backward()
+            if moe is None:
+                objective = loss = forward_loss(model, batch, dims.device)
+            else:  # the balance and z-losses from this micro-batch's routing record
+                loss = forward_loss(model, batch, dims.device, routing=(record := RoutingRecord()))
+                objective = loss + moe.aux_loss(record)
+        (objective * weight).backward()
         loss_sum += loss.detach() * weight
         if measure_noise and i == 0:  # kept on the device: read once, after the last micro-batch
             small_sq_norm = grad_sq_norm_tensor(model.parameters()) / weight**2
@@ -388,7 +421,8 @@ def micro_batch_sizes(rows: int, micro_batch_size: int) -> list[int]:
     return [micro_batch_size] * full + ([rest] if rest else [])
 
 
-def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device,
+                 routing: RoutingRecord | None = None) -> torch.Tensor:
     """Mean loss of one micro-batch; documents packed in a row never attend to each other.
 
     Rows holding a single document take plain causal attention (the fastest kernel); the check
@@ -397,8 +431,9 @@ def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> 
     single_document = not bool((batch.position_ids[:, 1:] == 0).any())
     position_ids = batch.position_ids.to(device, non_blocking=True)
     meta = None if single_document else DocumentMask(document_ids=document_ids_from_positions(position_ids))
+    moe = {"routing": routing} if routing is not None else {}  # dense callers need not know the keyword
     return model(batch.input_ids.to(device, non_blocking=True), targets=batch.targets.to(device, non_blocking=True),
-                 position_ids=position_ids, attn_meta=meta)
+                 position_ids=position_ids, attn_meta=meta, **moe)
 
 
 @torch.no_grad()

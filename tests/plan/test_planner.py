@@ -147,3 +147,58 @@ def test_bad_plans():
         make_plan(Budget(preset="tiny", tokens=1e9, law="chinchilla"))
     with pytest.raises(ValueError, match=r"does not fit .* use >= \d+ GPUs of 24 GiB, or >= \d+ GiB per GPU"):
         make_plan(Budget(preset="llama-8b", tokens=1e11, gpu_memory_gib=24))
+
+
+# --- long sequences: checkpointing, streaming backprop, context parallelism ----------------------------------
+
+def _largest(config, mode, *, seq_len, gib=80.0, gpus=1, cap=8):
+    from batchpilot.plan import memory as m
+
+    best = 0
+    for mb in (x for x in m.MICRO_BATCH_GRID if x <= cap):
+        est = m.estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, num_gpus=gpus,
+                                    sharding="fsdp" if gpus > 1 else "none", checkpointing=mode == "full",
+                                    stream_chunk_tokens=m.STREAM_CHUNK_TOKENS if mode == "stream" else None)
+        if est.total_bytes > gib * (1 << 30) * 0.9:
+            break
+        best = mb
+    return best
+
+
+@pytest.mark.parametrize("seq_len", [8192, 32768, 131072])
+def test_long_sequence_mode_maximises_micro_batch_then_time(seq_len):
+    from batchpilot.model.llama import get_preset
+    from batchpilot.plan import memory as m
+
+    config = get_preset("llama-1b")
+    fit = m.fit_micro_batch(config, seq_len=seq_len, optimizer="adamw", num_gpus=1, gpu_memory_gib=80.0,
+                            headroom=0.1, max_micro_batch=8)
+    sizes = {mode: _largest(config, mode, seq_len=seq_len) for mode in ("none", "full", "stream")}
+    if fit.mode != "none":  # checkpointing or streaming only when no checkpointing cannot reach the reasonable size
+        assert fit.micro_batch_size == max(sizes.values())
+        cheaper = [mode for mode in ("none", "full", "stream")
+                   if sizes[mode] == fit.micro_batch_size
+                   and m.recompute_factor(config, mode) < m.recompute_factor(config, fit.mode)]
+        assert not cheaper
+    assert fit.reason
+
+
+def test_128k_tokens_on_one_gpu_streams_and_explains_why():
+    plan = make_plan(Budget(preset="llama-1b", tokens=2e10, seq_len=131072, num_gpus=1, gpu_memory_gib=80))
+    assert plan.activation_checkpointing == "stream"
+    text = plan.explain()
+    assert "chose stream" in text and "StreamBP" in text
+    short = make_plan(Budget(preset="llama-1b", tokens=2e10, seq_len=2048, num_gpus=1, gpu_memory_gib=80))
+    assert short.activation_checkpointing == "none"
+
+
+def test_recompute_factors_order_and_context_parallel_is_stated_with_gpus():
+    from batchpilot.model.llama import get_preset
+    from batchpilot.plan.memory import recompute_factor
+
+    c = get_preset("llama-1b")
+    assert recompute_factor(c, "none") == 1 < recompute_factor(c, "full") == pytest.approx(4 / 3)
+    assert recompute_factor(c, "full") < recompute_factor(c, "stream") < 1.5
+    plan = make_plan(Budget(preset="llama-8b", tokens=2e10, seq_len=131072, num_gpus=8, gpu_memory_gib=80))
+    assert plan.activation_checkpointing in ("full", "stream")
+    assert "context parallelism over 8 GPUs" in plan.explain()
