@@ -22,6 +22,7 @@ steps' share of the bytes bound (Pope et al. 2022, arXiv 2211.05102, section 2).
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime
 import json
 import math
@@ -90,7 +91,8 @@ def run_cli(args: argparse.Namespace, job: Path, out: Path, tokenizer: Path) -> 
     """``batchpilot generate`` as a fresh process: wall clock from its start to its last output byte."""
     cmd = [sys.executable, "-c", "import sys; from batchpilot.cli import main; sys.exit(main())", "generate",
            "--model", args.model, "--tokenizer", str(tokenizer), "--input", str(job), "--output", str(out),
-           "--no-progress", "--max-batch-tokens", str(args.max_batch_tokens), *args.cli_flags.split()]
+           "--no-progress", "--max-batch-tokens", str(args.max_batch_tokens), "--gpu-memory-utilization", "0.85",
+           *args.cli_flags.split()]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     end = time.time()
@@ -173,8 +175,10 @@ def main() -> None:
         tmp = Path(tmp)
         tok_dir = Path(args.tokenizer) if args.tokenizer else make_tokenizer(tmp / "tok", model.config.vocab_size)
         flags = args.cli_flags.split()
+        # The warm engine and the CLI's process share the GPU: the warm engine takes 40% of it, the CLI (whose
+        # --gpu-memory-utilization is the share it may bring the GPU up to) the next 45%: equal KV budgets.
         cfg = EngineConfig(max_batch_tokens=args.max_batch_tokens, compile="--no-compile" not in flags,
-                           cuda_graphs="--no-cuda-graphs" not in flags)
+                           cuda_graphs="--no-cuda-graphs" not in flags, gpu_memory_utilization=0.4)
         engine = Engine(model, Tokenizer.from_path(tok_dir), cfg)
         for n in sizes:
             job = tmp / f"job_{n}.jsonl"
@@ -195,7 +199,12 @@ def main() -> None:
         long_reqs = [Request(i, [rng.randrange(model.config.vocab_size) for _ in range(64)],
                              SamplingParams(max_tokens=long_t, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True))
                      for i in range(long_n)]
-        long_engine = Engine(model, engine.tokenizer, replace(cfg, output_len_prior=long_t))
+        tokenizer = engine.tokenizer
+        del engine  # its KV cache: the long-output engine allocates its own
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        long_engine = Engine(model, tokenizer, replace(cfg, output_len_prior=long_t))
         rows.append({"row": "long_output", **_guarded(run_warm, long_engine, long_reqs, 1)})
         print(json.dumps(rows[-1]), flush=True)
     by = {r["row"]: r for r in rows}
