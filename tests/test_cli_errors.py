@@ -288,8 +288,6 @@ def test_tokenizer_json_garbage_via_sample(capsys, model_dir):
     assert_one_line_error(rc, err, "sample")
 
 
-@pytest.mark.xfail(strict=True, reason="save_model: safetensors' save_file leaves model.safetensors 0600; needs "
-                   "os.chmod(tmp / 'model.safetensors', plain_file_mode()) in model/hf.py save_model (export owner)")
 def test_model_export_has_plain_modes(tmp_path, tiny_config):
     old = os.umask(0o022)
     try:

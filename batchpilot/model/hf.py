@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from batchpilot.io import make_temp_dir
+from batchpilot.io import make_temp_dir, plain_file_mode
 from batchpilot.model.counting import total_params
 from batchpilot.model.llama import PRESETS, Llama, LlamaConfig, build_model, get_preset
 
@@ -357,6 +357,7 @@ def save_model(model: Llama, path: str | os.PathLike, *, dtype: torch.dtype | No
         gen["pad_token_id"] = pad_token_id
     tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", plain_file_mode())  # safetensors writes 0600; others must read the export
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if path.exists():

@@ -78,8 +78,9 @@ def _contents(run_dir: Path) -> list[Path]:
 
 
 def _remove_leftovers(run_dir: Path) -> None:
-    """The staging directory (and prepare's own temporary) of a start that failed or was killed."""
-    for p in [*run_dir.glob(f"{STAGING_NAME}*"), *run_dir.glob(f".{STAGING_NAME}.tmp-*")]:  # prepare's own too
+    """The staging directory (and prepare's own temporary) of a start that failed or was killed, and the temporary
+    directory of an export that was killed (``save_model`` writes ``.model.*`` beside ``model/``)."""
+    for p in [*run_dir.glob(f"{STAGING_NAME}*"), *run_dir.glob(f".{STAGING_NAME}.tmp-*"), *run_dir.glob(".model.*")]:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
