@@ -26,13 +26,23 @@ from batchpilot.model.llama import LlamaConfig
 def non_vocab_params(config: LlamaConfig) -> int:
     """Attention (incl. GQA k/v and q/k/v biases) + MLP parameters of all layers, every expert counted (Step
     Law's N, total for MoE)."""
-    return sum(_attention_params(config) + _mlp_params(config, i, activated=False) for i in range(config.num_layers))
+    return _layers_params(config, activated=False)
 
 
 def activated_non_vocab_params(config: LlamaConfig) -> int:
     """Non-vocabulary parameters one token goes through: the K routed experts, router and shared expert of
     each MoE layer (equal to ``non_vocab_params`` for a dense model)."""
-    return sum(_attention_params(config) + _mlp_params(config, i, activated=True) for i in range(config.num_layers))
+    return _layers_params(config, activated=True)
+
+
+def _layers_params(config: LlamaConfig, *, activated: bool) -> int:
+    """Attention of every layer + dense MLPs + MoE MLPs, by layer counts (a crafted config with 10^9 layers is
+    counted at once, so the loader can refuse it before allocating)."""
+    moe = config.num_moe_layers
+    dense = config.num_layers - moe
+    moe_mlp = _moe_mlp_params(config, activated=activated) if moe else 0
+    return config.num_layers * _attention_params(config) + dense * 3 * config.hidden_size * config.intermediate_size \
+        + moe * moe_mlp
 
 
 def _attention_params(config: LlamaConfig) -> int:
@@ -43,10 +53,8 @@ def _attention_params(config: LlamaConfig) -> int:
     return attention
 
 
-def _mlp_params(config: LlamaConfig, layer_idx: int, *, activated: bool) -> int:
+def _moe_mlp_params(config: LlamaConfig, *, activated: bool) -> int:
     d = config.hidden_size
-    if not config.is_moe_layer(layer_idx):
-        return 3 * d * config.intermediate_size
     experts = config.num_experts_per_tok if activated else config.num_experts
     params = experts * 3 * d * config.moe_intermediate_size + d * config.num_experts  # experts + router
     if config.shared_expert_intermediate_size:

@@ -84,7 +84,11 @@ class LlamaConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        """Closed form of sum(is_moe_layer(i) for i in range(num_layers)): counting stays O(1) in the depth."""
+        if self.num_experts <= 0:
+            return 0
+        dense = {i for i in self.mlp_only_layers if 0 <= i < self.num_layers and (i + 1) % self.decoder_sparse_step == 0}
+        return self.num_layers // self.decoder_sparse_step - len(dense)
 
     def with_(self, **changes: Any) -> LlamaConfig:
         return replace(self, **changes)
