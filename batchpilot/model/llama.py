@@ -105,7 +105,7 @@ PRESETS: dict[str, LlamaConfig] = {
     # ~124M: GPT-2-small-sized Llama.
     "llama-125m": LlamaConfig(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_layers=12,
                               num_heads=12, num_kv_heads=12, tie_word_embeddings=True, max_position_embeddings=2048),
-    # 1.24B: the Llama-3.2-1B shape, the benchmark model of anchors.md.
+    # 1.24B: the Llama-3.2-1B shape, the benchmark model of the training and generation baselines.
     "llama-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                             num_kv_heads=8, head_dim=64, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE_1B,
                             tie_word_embeddings=True, max_position_embeddings=131072),

@@ -56,7 +56,7 @@ def test_preemption_frees_blocks_and_requeues_at_front():
 
 
 def test_worst_fit_decreasing_oracles():
-    """laws.md 13: binpacking.to_constant_volume results."""
+    """Prepacking (arXiv 2404.09529): the binpacking package's to_constant_volume results."""
     assert pack_worst_fit_decreasing([5, 3, 2, 7], 7) == [[3], [0], [1, 2]]
     assert pack_worst_fit_decreasing([10, 4, 6, 3, 9, 2], 10) == [[0], [4], [2, 1], [3, 5]]
 
