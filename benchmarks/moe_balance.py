@@ -12,8 +12,9 @@ Domains, all installed packages (as ``benchmarks/adaptive/build_corpus.py`` buil
 ``python3.11-doc`` is installed. Each sequence is drawn from one domain; a micro-batch holds ``--mb`` sequences,
 so micro-batch balancing forces near per-sequence balance, the situation the paper describes.
 
-It trains with ``run_moe_training``, a plain loop over the model API (the trainer does not run MoE yet; once
-it does, this script can call ``batchpilot train`` instead). Result: ``benchmarks/results/moe_balance_<date>.json``
+It trains with ``run_moe_training``, a plain loop over the model API with the trainer's own balance rule
+(``model/moe.py``'s ``BalanceAccumulator``, the object ``batchpilot train --moe.balance`` uses); the loop is
+kept here because the experiment needs per-domain batches and per-domain routing statistics. Result: ``benchmarks/results/moe_balance_<date>.json``
 with ``summary`` keys ``global_vs_micro_val_loss_delta`` (mean over seeds of global - micro, mean over
 domains; negative = global better), ``seed_spread`` (std over seeds of that delta), ``noise_floor`` (std over
 seeds of each method's validation loss), ``specialisation_global``, ``specialisation_micro``; a PNG of both.
@@ -31,6 +32,7 @@ import math
 import statistics
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +244,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-chars", type=int, default=4_000_000, help="characters per domain")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--max-seconds", type=float, default=float("inf"),
+                   help="start no new seed after this many seconds (the finished seeds are summarised)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     args = p.parse_args()
     if args.smoke:
@@ -258,9 +262,12 @@ def main() -> None:
     if args.smoke:
         config = config.with_(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, moe_intermediate_size=32,
                               shared_expert_intermediate_size=32, intermediate_size=96)
-    seeds = list(range(args.seeds))
-    runs = []
-    for seed in seeds:
+    seeds, runs, started = [], [], time.perf_counter()
+    for seed in range(args.seeds):
+        if seeds and time.perf_counter() - started > args.max_seconds:
+            print(f"stopping after {len(seeds)} seeds: --max-seconds {args.max_seconds:g} reached", flush=True)
+            break
+        seeds.append(seed)
         for balance in ("micro", "global"):
             run = RunConfig(balance=balance, seed=seed, steps=args.steps, seq=args.seq, micro_batch=args.mb,
                             accum=args.accum, lr=args.lr, lbl_coef=args.lbl_coef, z_coef=args.z_coef,

@@ -17,6 +17,11 @@ step). That is what a real model does to a scheduler: the lengths follow a distr
 but not know (conservative reserves the cap). With ``--lengths exact`` requests instead carry ignore_eos and
 max_tokens = the drawn length (then conservative admission knows every length; use it when logit_bias is missing).
 
+The servers get a KV cache of ``--kv-cache-tokens`` (65,536 by default on a GPU, 2 GiB for llama-1b): the memory
+pressure a larger model or a shared GPU leaves, where admission policies differ; with the whole H200 free a 1B
+model's cache holds millions of tokens and every policy admits everything. Each rate's requests get
+``--drain-seconds`` after the last arrival; requests still open then count as unfinished (not good).
+
 Also measured, in-process on the same GPU after the servers: the offline engine on the same requests (throughput at
 saturation against it), and one request's prefill and decode-step time (low-load TTFT / TPOT against them).
 Result: ``serve_goodput_*.json`` with summary keys ``goodput_vs_aggressive``, ``goodput_vs_conservative`` (the worse
@@ -50,6 +55,7 @@ from provenance import provenance  # noqa: E402
 
 WORKLOADS = {"chat": (256, 0.6, 200, 1024), "summarize": (1536, 0.4, 96, 512), "code": (512, 0.7, 320, 1024)}
 POLICIES = ("past_future", "aggressive", "conservative")
+LOW_LOAD_RATE, LOW_LOAD_REQUESTS = 1.0, 8  # about one request in flight: the latency floor
 EOS_ID = 2
 
 
@@ -93,11 +99,11 @@ async def one_request(client: Any, body: dict, start: float, at: float) -> dict:
     end = time.perf_counter()
     ttft = (first - sent) if first else None
     tpot = (end - first) / (tokens - 1) if first and tokens > 1 else None
-    return {"status": 200 if error is None else 500, "sent": sent - start, "ttft": ttft, "tpot": tpot,
+    return {"status": 200 if error is None else 500, "sent": sent - start, "end": end - start, "ttft": ttft, "tpot": tpot,
             "tokens": tokens, "error": error}
 
 
-async def run_rate(base_url: str, reqs: list[dict], rate: float, seed: int) -> list[dict]:
+async def run_rate(base_url: str, reqs: list[dict], rate: float, seed: int, drain_s: float = 600.0) -> list[dict]:
     import httpx
 
     rng = random.Random(seed)
@@ -108,7 +114,16 @@ async def run_rate(base_url: str, reqs: list[dict], rate: float, seed: int) -> l
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        return list(await asyncio.gather(*(one_request(client, b, start, a) for b, a in zip(reqs, arrivals))))
+        tasks = [asyncio.create_task(one_request(client, b, start, a)) for b, a in zip(reqs, arrivals)]
+        # the wall cap: requests still open after the last arrival + drain_s are results too (not good), so an
+        # overloaded policy costs bounded benchmark time instead of draining its whole backlog
+        done, pending = await asyncio.wait(tasks, timeout=arrivals[-1] + drain_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return [t.result() if t in done else {"status": 0, "sent": a, "ttft": None, "tpot": None, "tokens": 0,
+                                              "error": "unfinished at the wall cap"}
+                for t, a in zip(tasks, arrivals)]
 
 
 def summarize_rate(rows: list[dict], rate: float, *, ttft_slo: float, tpot_slo: float) -> dict:
@@ -118,8 +133,12 @@ def summarize_rate(rows: list[dict], rate: float, *, ttft_slo: float, tpot_slo: 
     pct = (lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs[0] if xs else None))
     ttfts, tpots = [r["ttft"] for r in ok], [r["tpot"] for r in ok if r["tpot"] is not None]
     return {"rate": rate, "requests": len(rows), "answered": len(ok), "good": len(good),
-            "goodput_rps": len(good) / span, "throughput_tokens_per_s": sum(r["tokens"] for r in ok) / span,
+            # goodput over the arrival span (= the offered rate x the share that met both SLOs); throughput
+            # over the span until the last answer, so a backlog drained after the arrivals is not counted as fast
+            "goodput_rps": len(good) / span,
+            "throughput_tokens_per_s": sum(r["tokens"] for r in ok) / max((r["end"] for r in ok), default=1.0),
             "rejected": sum(r["status"] == 429 for r in rows), "errors": sum(r["status"] == 500 for r in rows),
+            "unfinished": sum(r["status"] == 0 for r in rows),
             "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "tpot_p50": pct(tpots, 50),
             "tpot_p99": pct(tpots, 99)}
 
@@ -128,6 +147,8 @@ def start_server(model_dir: Path, policy: str, port: int, args: argparse.Namespa
     cmd = [sys.executable, "-m", "batchpilot", "serve", "--model", str(model_dir), "--port", str(port),
            "--admission", policy, "--tpot-slo", str(args.tpot_slo), "--ttft-slo", str(args.ttft_slo),
            "--max-queue", "100000", "--max-num-seqs", str(args.max_num_seqs)]
+    if args.kv_cache_tokens:
+        cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import httpx
 
@@ -158,7 +179,7 @@ def build_model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def offline_reference(model_dir: Path, workloads: dict[str, list[dict]]) -> dict:
+def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], kv_cache_tokens: int | None) -> dict:
     """The offline engine on the same requests (tokens/s), and one request's prefill and decode-step time."""
     import torch
 
@@ -168,7 +189,9 @@ def offline_reference(model_dir: Path, workloads: dict[str, list[dict]]) -> dict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
-    engine = Engine(model, None, EngineConfig(prefix_sharing=False))
+    # the servers' KV cache size, so that saturation compares like with like
+    engine = Engine(model, None, EngineConfig(prefix_sharing=False,
+                                              num_blocks=kv_cache_tokens // 16 if kv_cache_tokens else None))
     out: dict[str, Any] = {}
     for name, reqs in workloads.items():
         prompts = [b["prompt"] for b in reqs]
@@ -203,16 +226,24 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--lengths", choices=("geometric", "exact"), default="geometric")
     p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="the servers' KV cache in tokens (default 65536 on GPU: the memory pressure of a larger "
+                        "model or a shared GPU, where admission policies differ; None on CPU)")
+    p.add_argument("--drain-seconds", type=float, default=None,
+                   help="per rate: seconds after the last arrival before open requests count as unfinished")
     p.add_argument("--port", type=int, default=18431)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     smoke = args.smoke
     args.preset = args.preset or ("tiny" if smoke else "llama-1b")
-    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "8,16,32,64")).split(",")]
-    n = args.requests_per_rate or (6 if smoke else 400)
+    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "24,48,96")).split(",")]
+    n = args.requests_per_rate or (6 if smoke else 160)
     args.ttft_slo = args.ttft_slo or (5.0 if smoke else 1.0)
     args.tpot_slo = args.tpot_slo or (1.0 if smoke else 0.05)
     scale = 0.05 if smoke else 1.0
+    if args.kv_cache_tokens is None and not smoke:
+        args.kv_cache_tokens = 65536
+    args.drain_seconds = args.drain_seconds or (60.0 if smoke else 20.0)
     from batchpilot.model.llama import get_preset
 
     vocab = get_preset(args.preset).vocab_size
@@ -220,35 +251,51 @@ def main() -> None:
     workloads = {w: make_requests(w, n, vocab=vocab, seed=i, scale=scale, lengths=args.lengths)
                  for i, w in enumerate(args.workloads.split(","))}
     results: dict[str, Any] = {}
+    low_load: dict[str, Any] = {}
+    result: dict[str, Any] = {"benchmark": "serve_goodput", "preset": args.preset,
+                              "workloads": {w: WORKLOADS[w] for w in workloads}, "lengths": args.lengths,
+                              "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "rates": rates,
+                              "requests_per_rate": n, "kv_cache_tokens": args.kv_cache_tokens,
+                              "drain_seconds": args.drain_seconds, **provenance()}
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve_goodput_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
     for policy in args.policies.split(","):
         server = start_server(model_dir, policy, args.port, args)
         try:
             base = f"http://127.0.0.1:{args.port}"
             asyncio.run(run_rate(base, next(iter(workloads.values()))[:16], 100.0, seed=99))  # warm-up
             for name, reqs in workloads.items():
+                if policy == "past_future":  # low load: a request at a time, against the offline engine's step
+                    rows = asyncio.run(run_rate(base, reqs[:LOW_LOAD_REQUESTS], LOW_LOAD_RATE, seed=1,
+                                                drain_s=args.drain_seconds))
+                    low_load[name] = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo,
+                                                    tpot_slo=args.tpot_slo)
                 for rate in rates:
-                    rows = asyncio.run(run_rate(base, reqs, rate, seed=int(rate)))
+                    rows = asyncio.run(run_rate(base, reqs, rate, seed=int(rate), drain_s=args.drain_seconds))
                     summary = summarize_rate(rows, rate, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
                     results.setdefault(policy, {}).setdefault(name, []).append(summary)
                     print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
+                    write(result | {"results": results, "low_load": low_load, "partial": True}, path)  # a cut run keeps its rows
         finally:
             server.terminate()
             server.wait(timeout=120)
-    offline = offline_reference(model_dir, workloads)
+    offline = offline_reference(model_dir, workloads, args.kv_cache_tokens)
     print(json.dumps({"offline": offline}), flush=True)
-    result = {"benchmark": "serve_goodput", "preset": args.preset, "workloads": {w: WORKLOADS[w] for w in workloads},
-              "lengths": args.lengths, "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "rates": rates,
-              "requests_per_rate": n, **provenance(), "results": results, "offline": offline,
-              "summary": summarize(results, offline)}
+    result |= {"results": results, "low_load": low_load, "offline": offline,
+               "summary": summarize(results, low_load, offline)}
     print(json.dumps(result["summary"], indent=1))
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve_goodput_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
+    write(result, path)
     print(f"wrote {path}")
 
 
-def summarize(results: dict, offline: dict) -> dict:
+def write(result: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
+def summarize(results: dict, low_load: dict, offline: dict) -> dict:
     """Per workload: goodputs at the rate where aggressive peaks; the worse workload's ratios are the summary."""
     per: dict[str, Any] = {}
     for name in offline:
@@ -261,7 +308,7 @@ def summarize(results: dict, offline: dict) -> dict:
         pf = at["past_future"]
         ratio = (lambda o: pf["goodput_rps"] / o["goodput_rps"] if pf and o and o["goodput_rps"] else None)
         best = max((r["throughput_tokens_per_s"] for p in results for r in results[p].get(name, [])), default=None)
-        low = results.get("past_future", {}).get(name, [{}])[0]
+        low = low_load.get(name, {})
         per[name] = {"rate": peak["rate"], "goodput": {p: r and r["goodput_rps"] for p, r in at.items()},
                      "goodput_vs_aggressive": ratio(at["aggressive"]),
                      "goodput_vs_conservative": ratio(at["conservative"]),

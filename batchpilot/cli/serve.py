@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache size in tokens (default: what --gpu-memory-utilization leaves after the weights); "
+                        "a smaller cache is what a larger model or a shared GPU leaves")
     p.add_argument("--decode-steps", type=int, default=4,
                    help="greedy decode steps per host round trip while nothing waits (low: new requests wait less)")
     p.add_argument("--no-cuda-graphs", action="store_true")
@@ -58,13 +61,24 @@ def build_server_app(args: argparse.Namespace):
     template, special = chat_template_of(template_dir)
     engine = Engine(model, tokenizer, EngineConfig(
         block_size=args.kv_block_size, max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-        gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=not args.no_cuda_graphs,
-        compile=not args.no_compile, decode_steps=args.decode_steps, prefix_sharing=False))
+        gpu_memory_utilization=args.gpu_memory_utilization, num_blocks=kv_blocks(args),
+        cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile, decode_steps=args.decode_steps,
+        prefix_sharing=False))
     cfg = ServeConfig(served_model_name=args.served_model_name or Path(str(args.model)).name, admission=args.admission,
                       ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo, max_queue=args.max_queue,
                       max_tokens=args.max_tokens, shutdown_timeout_s=args.shutdown_timeout, chat_template=template,
                       special_tokens=special)
     return build_app(engine, cfg), cfg
+
+
+def kv_blocks(args: argparse.Namespace) -> int | None:
+    """``--kv-cache-tokens`` as whole KV blocks (None: the engine sizes the cache from free memory)."""
+    if args.kv_cache_tokens is None:
+        return None
+    if args.kv_cache_tokens < args.kv_block_size:
+        raise ValueError(f"--kv-cache-tokens {args.kv_cache_tokens}: must hold at least one block "
+                         f"(--kv-block-size {args.kv_block_size})")
+    return args.kv_cache_tokens // args.kv_block_size
 
 
 def run(args: argparse.Namespace) -> int:
