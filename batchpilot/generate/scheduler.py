@@ -107,15 +107,19 @@ class StepTimeModel:
         self.samples.append((num_tokens, seconds))
 
     def fit(self) -> tuple[float, float] | None:
-        """(fixed seconds, seconds per token), or None until the steps span at least two sizes."""
-        n = len(self.samples)
-        xs = [x for x, _ in self.samples]
-        if n < 4 or max(xs) == min(xs):
+        """(fixed seconds, seconds per token), or None until the steps span at least two sizes.
+
+        Least squares, then once more without the steps whose residual is over 3x the median absolute residual:
+        a step that captured a CUDA graph or compiled a shape takes 100-1000x an ordinary one, and a single such
+        step in the window would otherwise set the slope and with it every budget."""
+        fitted = _line(list(self.samples))
+        if fitted is None:
             return None
-        mx, my = sum(xs) / n, sum(y for _, y in self.samples) / n
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in self.samples) / sxx
-        return max(0.0, my - slope * mx), max(slope, 1e-9)
+        fixed, slope = fitted
+        residuals = [abs(y - fixed - slope * x) for x, y in self.samples]
+        cut = max(3 * sorted(residuals)[len(residuals) // 2], 1e-6)  # a microsecond: an exact line keeps all
+        kept = [s for s, r in zip(self.samples, residuals) if r <= cut]
+        return _line(kept) or fitted
 
     def budget(self, tpot_slo_s: float, default: int) -> int:
         """The largest step (tokens) whose predicted time stays within the SLO; ``default`` until fitted."""
@@ -124,6 +128,18 @@ class StepTimeModel:
             return default
         fixed, per_token = fitted
         return int(min(self.max_budget, max(self.min_budget, (tpot_slo_s - fixed) / per_token)))
+
+
+def _line(samples: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares (intercept >= 0, slope > 0) of seconds on tokens; None under 4 samples or one size."""
+    n = len(samples)
+    xs = [x for x, _ in samples]
+    if n < 4 or max(xs) == min(xs):
+        return None
+    mx, my = sum(xs) / n, sum(y for _, y in samples) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in samples) / sxx
+    return max(0.0, my - slope * mx), max(slope, 1e-9)
 
 
 class Scheduler:

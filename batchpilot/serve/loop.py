@@ -151,8 +151,7 @@ class EngineLoop:
     def _step(self) -> None:
         stats = self.engine.stats
         if self.tpot_slo_s:
-            self.scheduler.max_batch_tokens = self.step_time.budget(self.tpot_slo_s,
-                                                                    default=self.engine.config.max_batch_tokens)
+            self.scheduler.max_batch_tokens = self._step_budget(self.tpot_slo_s)
         tokens0, prefill0, steps0 = stats.output_tokens, stats.prefill_tokens, stats.steps
         t0 = time.perf_counter()
         done = self.engine.step(self.scheduler)
@@ -167,6 +166,14 @@ class EngineLoop:
                 self._finish(stream, finished[index], now)
             elif stream.request.status is Status.RUNNING:
                 self._push_delta(stream, now)
+
+    def _step_budget(self, tpot_slo_s: float) -> int:
+        """Tokens of the next step: the SLO's budget from the step-time model, but never fewer than the running
+        decodes. Stall-free batching (Sarathi-Serve, arXiv 2403.02310, section 4.3) sizes the prefill chunks so that
+        the step stays within the SLO; the decodes themselves always run, or a tight budget would starve them."""
+        decodes = sum(r.status is Status.RUNNING and r.in_decode for r in self.scheduler.running)
+        budget = self.step_time.budget(tpot_slo_s, default=self.engine.config.max_batch_tokens)
+        return max(budget, decodes + self.step_time.min_budget)
 
     def _push_delta(self, stream: Stream, now: float) -> None:
         r = stream.request

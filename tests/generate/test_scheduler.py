@@ -105,3 +105,12 @@ def test_step_time_model_budget_meets_the_slo():
     fixed, per_token = m.fit()
     assert fixed == pytest.approx(0.010) and per_token == pytest.approx(2e-5)
     assert m.budget(0.030, default=512) in (999, 1000)  # (30 - 10) ms / 20 us, floored
+
+
+def test_step_time_model_ignores_a_graph_capture_step():
+    m = StepTimeModel()
+    for tokens in (64, 128, 256, 512, 1024, 96, 200, 700):
+        m.observe(tokens, 0.010 + 2e-5 * tokens)
+    m.observe(32, 5.0)  # a step that captured a CUDA graph: 5 s
+    fixed, per_token = m.fit()
+    assert fixed == pytest.approx(0.010, rel=1e-6) and per_token == pytest.approx(2e-5, rel=1e-6)
