@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="greedy decode steps per host round trip while nothing waits (low: new requests wait less)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-graph-warmup", action="store_true",
+                   help="capture decode graphs on first use instead of at start-up (faster start, stalls later)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.set_defaults(func=run)
 
@@ -67,7 +69,7 @@ def build_server_app(args: argparse.Namespace):
     cfg = ServeConfig(served_model_name=args.served_model_name or Path(str(args.model)).name, admission=args.admission,
                       ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo, max_queue=args.max_queue,
                       max_tokens=args.max_tokens, shutdown_timeout_s=args.shutdown_timeout, chat_template=template,
-                      special_tokens=special)
+                      special_tokens=special, warm_up_graphs=not args.no_graph_warmup)
     return build_app(engine, cfg), cfg
 
 

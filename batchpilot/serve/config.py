@@ -19,6 +19,7 @@ class ServeConfig:
     max_tokens: int = 256  # default when a request gives none
     chat_template: str | None = None
     special_tokens: dict[str, str] | None = None
+    warm_up_graphs: bool = True  # capture every decode graph before taking requests (serve/loop.py warm_up_graphs)
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSIONS:

@@ -62,7 +62,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, *, admission: str, tpot_slo_s: float | None,
                  event_loop: asyncio.AbstractEventLoop,
                  on_first_token: Callable[[float], None] | None = None,
-                 on_token_gap: Callable[[float], None] | None = None) -> None:
+                 on_token_gap: Callable[[float], None] | None = None, warm_up: bool = True) -> None:
         self.engine, self.tpot_slo_s, self.event_loop = engine, tpot_slo_s, event_loop
         cfg = engine.config
         self.scheduler = Scheduler(engine.pool, max_batch_tokens=cfg.max_batch_tokens, max_num_seqs=cfg.max_num_seqs,
@@ -75,6 +75,7 @@ class EngineLoop:
         self._on_first_token, self._on_token_gap = on_first_token, on_token_gap
         # graphs size their block tables for the longest request the server can take
         engine.runner.begin_job(min(engine.model.config.max_position_embeddings, engine.pool.capacity_tokens))
+        self.warmup_seconds = warm_up_graphs(engine) if warm_up else 0.0
         self.thread = threading.Thread(target=self._run, name="batchpilot-engine", daemon=True)
 
     # --- called from the HTTP side (any thread) ---
@@ -224,3 +225,27 @@ class EngineLoop:
             self._close(stream, Event("error", message))
         self.scheduler = Scheduler(self.engine.pool, max_batch_tokens=self.scheduler.max_batch_tokens,
                                    max_num_seqs=self.scheduler.max_num_seqs, admission=self.scheduler.admission)
+
+
+# What the warm-up captures: every sampling kind of graph (generate/graphs.py ``sampling_kind``): greedy, sampled,
+# sampled with top-k/top-p, and each with logit processing (penalties, logit_bias, min_tokens)
+WARMUP_PARAMS = tuple(SamplingParams(max_tokens=4, ignore_eos=True, seed=0, **kind, **extra)
+                      for kind in ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.95})
+                      for extra in ({}, {"presence_penalty": 0.1}))
+
+
+def warm_up_graphs(engine: Engine) -> float:
+    """Capture the decode graphs of every batch-size bucket up to ``max_num_seqs`` and every sampling kind before
+    the server takes requests; seconds spent. Graphs are otherwise captured on first use, and a server meets a new
+    bucket at every change of load: each capture (an eager reference step, the capture, a compile on first use)
+    stalls every running request for that long, and a cold server misses its SLOs for minutes. vLLM captures its
+    batch sizes at start-up for the same reason. No-op without graphs (CPU, ``--no-cuda-graphs``)."""
+    graphs = engine.runner.graphs
+    if graphs is None or not graphs.enabled:
+        return 0.0
+    start = time.perf_counter()
+    rows = [b for b in graphs.buckets if b <= engine.config.max_num_seqs]
+    for params in WARMUP_PARAMS:
+        for b in rows:
+            engine.generate([[3 + i % 61] * 8 for i in range(b)], params)  # b decode rows for 3 steps
+    return time.perf_counter() - start

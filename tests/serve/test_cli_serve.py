@@ -36,3 +36,28 @@ def test_slo_budget_never_starves_running_decodes():
     assert loop._step_budget(0.030) == 300 + loop.step_time.min_budget
     loop.scheduler = SimpleNamespace(running=decoding[:50])
     assert loop._step_budget(0.030) in (199, 200)
+
+
+@pytest.mark.gpu
+def test_warm_up_captures_every_bucket_and_kind_before_serving():
+    """After the warm-up, requests of any batch size and sampling kind replay graphs: none is captured later."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from batchpilot import build_model
+    from batchpilot.generate.engine import Engine, EngineConfig
+    from batchpilot.generate.request import SamplingParams
+    from batchpilot.model.llama import get_preset
+    from batchpilot.serve.loop import WARMUP_PARAMS, warm_up_graphs
+
+    model = build_model(get_preset("tiny"), device="cuda", seed=0).to(torch.bfloat16)
+    engine = Engine(model, None, EngineConfig(max_num_seqs=64, num_blocks=4096, prefix_sharing=False))
+    engine.runner.begin_job(1024)
+    assert warm_up_graphs(engine) > 0
+    graphs = engine.runner.graphs
+    assert graphs.enabled, graphs.off_reason
+    captured = len(graphs.graphs)
+    assert captured == len([b for b in graphs.buckets if b <= 64]) * len(WARMUP_PARAMS)
+    engine.generate([[5, 6, 7]] * 37, SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9, seed=1))
+    assert len(graphs.graphs) == captured
