@@ -1,4 +1,6 @@
-"""Run a grid of proxy trainings (shape x token budget x peak LR x batch) for ``batchpilot fit``.
+"""Run a grid of proxy trainings (shape x token budget x peak LR x batch) for ``batchpilot fit``, and the SFT
+sweep over (lr, batch) with early stopping by the early signals of Pareja et al. (arXiv 2412.13337; the section
+"the SFT sweep" below, docs/sweep.md).
 
 Every run is a normal ``train(TrainConfig(...))`` in ``SWEEP_DIR/runs/<run_id>``; its output is one row of
 ``SWEEP_DIR/runs.csv`` (``RUN_COLUMNS``). Runs go to a pool of ``workers`` spawned processes (several small
@@ -13,6 +15,9 @@ Design choices and their costs:
   has none. Checkpoints and exported weights are deleted when a run finishes (``keep_checkpoints`` keeps them).
 - A run that diverges is a result (its LR is too high): its row has NaN losses, which ``fit`` drops.
 - It lives in ``train/`` because it executes the trainer (``plan`` never imports ``train``).
+- The SFT sweep trains each configuration in two phases of one run (stopped at the early cut, resumed after
+  it), so survivors pay nothing extra for the early phase; its tables are early.csv and final.csv, the same
+  resume rules apply per phase, and the cut is recomputed from early.csv on every invocation.
 """
 
 from __future__ import annotations
@@ -597,7 +602,10 @@ def run_sft_phase(spec: SftRunSpec, grid: SftGridSpec, data_dir: Path, sweep_dir
             except TrainingDiverged:
                 done = {"steps": until, "final_loss": math.nan, "val_loss": math.nan, "wall_seconds": math.nan}
     records = read_metrics(run_dir)
-    val = math.nan if done.get("val_loss") is None else float(done["val_loss"])
+    val = done.get("val_loss")
+    if val is None:  # killed between the last checkpoint and result.json: the resume ran no step; the loss was logged
+        val = next((r["val_loss"] for r in records if int(r["step"]) == until and "val_loss" in r), math.nan)
+    val = float(val)
     if final:
         if not grid.keep_checkpoints:
             for sub in ("checkpoints", "model"):
@@ -648,7 +656,8 @@ def sft_sweep(grid: SftGridSpec, sweep_dir: str | Path, *, workers: int = 1, pro
         to_finish = [i for i in decision.ranking if signals[i].finite] if grid.validate_all else decision.kept
         if not grid.keep_checkpoints:
             for i in set(runs) - set(to_finish):
-                shutil.rmtree(sweep_dir / "runs" / i / "checkpoints", ignore_errors=True)
+                for sub in ("checkpoints", "model"):
+                    shutil.rmtree(sweep_dir / "runs" / i / sub, ignore_errors=True)
         failed = phase(to_finish, final_csv, FINAL_COLUMNS, final=True)
         final = {r["run_id"]: r for r in read_rows(final_csv, last_column=FINAL_COLUMNS[-1]) if r["run_id"] in runs}
         summary = sft_summary(grid, runs, early, final, decision)

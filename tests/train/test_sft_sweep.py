@@ -19,8 +19,10 @@ from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.model.hf import save_model
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train import sweep as sweep_module
+from batchpilot.train.trainer import train
 from batchpilot.train.sweep import (RESULT_COLUMNS, EarlySignals, SftGridSpec, average_ranks, early_signals,
-                                    early_stop_decision, prepare_sft_data, sft_grid_runs, sft_sweep, spearman_rho)
+                                    early_stop_decision, prepare_sft_data, run_sft_phase, sft_grid_runs, sft_sweep,
+                                    sft_train_config, spearman_rho)
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -185,8 +187,8 @@ def test_sweep_stops_the_bottom_half_and_resumes_an_interrupted_run(tmp_path: Pa
     calls.clear()
     monkeypatch.setattr(sweep_module, "train", lambda cfg: calls.append(Path(cfg.out_dir).name) or real_train(cfg))
     result = sft_sweep(grid, out, progress=False)
-    interrupted = read_csv(out / "final.csv")[0]["run_id"]
-    assert len(calls) == 1 and calls[0] != interrupted  # only the killed survivor trains again ...
+    first_survivor = read_csv(out / "final.csv")[0]["run_id"]
+    assert len(calls) == 1 and calls[0] != first_survivor  # only the killed survivor trains again ...
     assert "resumed from step" in (out / "logs" / f"{calls[0]}.log").read_text()  # ... from its checkpoint
     assert result.ran == 1 and not result.failed
 
@@ -200,7 +202,8 @@ def test_sweep_stops_the_bottom_half_and_resumes_an_interrupted_run(tmp_path: Pa
             assert int(row["final_steps"]) == int(row["steps"]) == ran and float(row["final_val_loss"]) > 0
         else:
             assert row["final_steps"] == "" and ran == int(row["early_steps"])
-            assert not (out / "runs" / row["run_id"] / "checkpoints").exists()
+            assert not list((out / "runs" / row["run_id"]).glob("checkpoints/*")) and \
+                not (out / "runs" / row["run_id"] / "model").exists()  # pruned at the cut
     full = sum(int(r["steps"]) * int(r["batch_tokens"]) for r in rows)
     assert summary["tokens_full_grid"] == full and 0 < summary["compute_saved"] < 1
     assert summary["spearman"]["n"] == 2 and summary["spearman"]["ranking"] in (-1.0, 1.0)
@@ -229,3 +232,37 @@ def test_validate_all_from_the_command_line_measures_the_prediction(tmp_path: Pa
         spearman_rho([-float(rows[i]["early_loss"]) for i in summary["ranking"]], final), abs=1e-6)
     assert summary["best_final_was_kept"] == (summary["best_final"] == summary["kept"][0])
     assert summary["compute_saved"] == 0.0
+
+
+def test_a_run_killed_before_its_result_keeps_its_logged_val_loss(tmp_path: Path, model_dir: Path,
+                                                                  chat_jsonl: Path) -> None:
+    """Killed after the last checkpoint, before result.json: the resume trains no step, and the final
+    validation loss comes from metrics.jsonl (the record of the last step holds it)."""
+    grid = SftGridSpec(**grid_dict(model_dir, chat_jsonl, epochs=0.3))
+    data_dir = prepare_sft_data(grid, tmp_path)
+    spec = sft_grid_runs(grid, data_dir)[0]
+    run_dir = tmp_path / "runs" / spec.run_id
+    train(sft_train_config(spec, grid, data_dir, run_dir, final=True, resume=False))
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    (run_dir / "result.json").unlink()
+    row = run_sft_phase(spec, grid, data_dir, tmp_path, final=True)
+    assert row["final_steps"] == spec.steps == logged["step"] and row["final_val_loss"] == logged["val_loss"]
+
+
+def test_a_diverged_early_phase_is_a_row_of_nans(tmp_path: Path, model_dir: Path, chat_jsonl: Path,
+                                                 monkeypatch) -> None:
+    from batchpilot.train.trainer import TrainingDiverged
+
+    grid = SftGridSpec(**grid_dict(model_dir, chat_jsonl))
+    data_dir = prepare_sft_data(grid, tmp_path)
+    spec = sft_grid_runs(grid, data_dir)[0]
+
+    def diverge(cfg):
+        raise TrainingDiverged("gradient norm became nan at step 2, not applied")
+
+    monkeypatch.setattr(sweep_module, "train", diverge)
+    row = run_sft_phase(spec, grid, data_dir, tmp_path, final=False)
+    assert math.isnan(row["early_grad_norm"]) and math.isnan(row["early_loss"]) and math.isnan(row["early_val_loss"])
+    signals = {"ok": EarlySignals(grad_norm=9.0, loss=1.0),
+               spec.run_id: EarlySignals(grad_norm=row["early_grad_norm"], loss=row["early_loss"])}
+    assert early_stop_decision(signals, signal="grad_norm", keep_fraction=1.0).kept == ["ok"]
