@@ -127,13 +127,15 @@ def print_sft(result: SftSweepResult) -> None:
     rho = s["spearman"]
     fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
     print(f"{result.ran} phases trained now; {s['rule']}")
-    print(f"Spearman rho, early ranking vs final val loss over {rho['n']} runs to the end: {fmt(rho['ranking'])} "
-          f"(grad norm alone {fmt(rho['grad_norm'])}, loss alone {fmt(rho['loss'])})"
+    few = " (too few to mean much: 3 or more are needed)" if rho["n"] < 3 else ""
+    print(f"Spearman rho, early ranking vs final val loss over {rho['n']} runs to the end{few}: "
+          f"{fmt(rho['ranking'])} (grad norm alone {fmt(rho['grad_norm'])}, loss alone {fmt(rho['loss'])})"
           + ("" if s["validate_all"] else "; survivors only: pass --sweep.validate_all to measure on every run"))
     if s["best_final"] is not None:
         regret = s["regret_val_loss"]
-        print(f"best final val loss {s['best_final_val_loss']:.4f} ({s['best_final']}), "
-              f"{'kept' if s['best_final_was_kept'] else 'stopped early'} by the cut"
-              + ("" if regret is None or math.isclose(regret, 0.0) else f", regret {regret:.4f}")
-              + f"; {s['compute_saved']:.0%} of the grid's tokens saved")
+        cut = (f", {'kept' if s['best_final_was_kept'] else 'stopped early'} by the cut"
+               + ("" if regret is None or math.isclose(regret, 0.0) else f" (regret {regret:.4f})")) \
+            if s["validate_all"] else ""
+        print(f"best final val loss {s['best_final_val_loss']:.4f} ({s['best_final']}){cut}; "
+              f"{s['compute_saved']:.0%} of the grid's tokens saved")
     print(f"results: {result.results_path} and {result.results_path.with_name('summary.json')}")
