@@ -630,6 +630,7 @@ def sft_sweep(grid: SftGridSpec, sweep_dir: str | Path, *, workers: int = 1, pro
         raise ValueError(f"workers must be >= 1, got {workers}")
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_same_sweep(grid, sweep_dir)
     data_dir = prepare_sft_data(grid, sweep_dir)
     runs = {r.run_id: r for r in sft_grid_runs(grid, data_dir)}
     early_csv, final_csv = sweep_dir / "early.csv", sweep_dir / "final.csv"
@@ -665,6 +666,24 @@ def sft_sweep(grid: SftGridSpec, sweep_dir: str | Path, *, workers: int = 1, pro
         write_json_atomic(sweep_dir / "summary.json", summary)
     return SftSweepResult(results_path=sweep_dir / "results.csv", summary=summary,
                           ran=ran[0], failed=failed)
+
+
+# What a rerun in the same SWEEP_DIR may change: the grid's values (new configurations are added), the cut and
+# its report, the execution. Anything else changes what the finished rows mean, so it needs a new directory.
+SFT_RERUN_FREE = ("lrs", "batch_examples", "batch_tokens", "keep_fraction", "keep_top", "signal", "validate_all",
+                  "device", "keep_checkpoints")
+
+
+def check_same_sweep(grid: SftGridSpec, sweep_dir: Path) -> None:
+    """Record the grid in SWEEP_DIR/grid.json; refuse a rerun that changes a field outside ``SFT_RERUN_FREE``."""
+    path, now = sweep_dir / "grid.json", asdict(grid)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in now if k not in SFT_RERUN_FREE and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"{sweep_dir} was swept with other {', '.join(f'{k} ({saved.get(k)!r} -> {now[k]!r})' for k in changed)}; "
+                             f"use a new --out (only {', '.join(SFT_RERUN_FREE)} may change)")
+    write_json_atomic(path, now)
 
 
 def _sft_phase_task(spec: SftRunSpec, grid: SftGridSpec, data_dir: Path, sweep_dir: Path,

@@ -20,7 +20,7 @@ from batchpilot.model.hf import save_model
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train import sweep as sweep_module
 from batchpilot.train.trainer import train
-from batchpilot.train.sweep import (RESULT_COLUMNS, EarlySignals, SftGridSpec, average_ranks, early_signals,
+from batchpilot.train.sweep import (RESULT_COLUMNS, EarlySignals, SftGridSpec, average_ranks, check_same_sweep, early_signals,
                                     early_stop_decision, prepare_sft_data, run_sft_phase, sft_grid_runs, sft_sweep,
                                     sft_train_config, spearman_rho)
 
@@ -266,3 +266,12 @@ def test_a_diverged_early_phase_is_a_row_of_nans(tmp_path: Path, model_dir: Path
     signals = {"ok": EarlySignals(grad_norm=9.0, loss=1.0),
                spec.run_id: EarlySignals(grad_norm=row["early_grad_norm"], loss=row["early_loss"])}
     assert early_stop_decision(signals, signal="grad_norm", keep_fraction=1.0).kept == ["ok"]
+
+
+def test_a_rerun_may_change_the_grid_and_the_cut_not_the_runs(tmp_path: Path) -> None:
+    grid = SftGridSpec(**grid_dict(tmp_path, tmp_path))
+    check_same_sweep(grid, tmp_path)
+    check_same_sweep(SftGridSpec(**grid_dict(tmp_path, tmp_path, lrs=[1e-4], keep_top=1, validate_all=True)),
+                     tmp_path)
+    with pytest.raises(ValueError, match=r"other early_fraction \(0.25 -> 0.5\), epochs \(1.0 -> 2.0\); use a new"):
+        check_same_sweep(SftGridSpec(**grid_dict(tmp_path, tmp_path, early_fraction=0.5, epochs=2.0)), tmp_path)
