@@ -364,7 +364,7 @@ class SftGridSpec:
     early_fraction: float = 0.1  # share of each configuration's steps in the early window (equal data seen)
     keep_fraction: float = 0.5  # share of the configurations that survive the early cut (rounded up, >= 1)
     keep_top: int = 0  # > 0: keep exactly this many instead of keep_fraction
-    signal: str = "grad_norm"  # grad_norm | loss | rank_sum: what ranks the configurations (see early_ranking)
+    signal: str = "grad_norm"  # grad_norm | loss | rank_sum: what ranks the configurations (early_scores)
     validate_all: bool = False  # train every configuration to the end anyway, to measure the prediction
     micro_batch_size: int = 8  # rows per micro-step, the same for every configuration (so is the val set)
     eval_batches: int = 4  # validation micro-batches at the early cut and at the end
@@ -376,10 +376,13 @@ class SftGridSpec:
     train: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields by dotted name
 
     def __post_init__(self) -> None:
+        for name in ("lrs", "batch_examples", "batch_tokens"):
+            if not isinstance(getattr(self, name), list):
+                raise ValueError(f"--sweep.{name} is a list of numbers, got {getattr(self, name)!r}")
         self.lrs = [float(x) for x in self.lrs]
         self.batch_examples, self.batch_tokens = [int(b) for b in self.batch_examples], \
             [int(b) for b in self.batch_tokens]
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+        if not self.lrs or not all(math.isfinite(lr) and lr > 0 for lr in self.lrs):
             raise ValueError(f"--sweep.lrs needs at least one positive learning rate, got {self.lrs}")
         if bool(self.batch_examples) == bool(self.batch_tokens):
             raise ValueError("give the batches as --sweep.batch_examples or --sweep.batch_tokens (one of them)")

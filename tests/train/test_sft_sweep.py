@@ -131,6 +131,8 @@ def test_early_signals_are_means_over_the_window() -> None:
     ({"keep_fraction": 0.0}, "keep_fraction must be in"),
     ({"signal": "vibes"}, "signal must be one of"),
     ({"lrs": []}, "at least one positive"),
+    ({"lrs": [float("nan")]}, "at least one positive"),
+    ({"lrs": 1e-5}, "is a list of numbers"),
     ({"train": {"nope": 1}}, "dotted TrainConfig fields"),
 ])
 def test_bad_sft_grid(tmp_path: Path, changes: dict, message: str) -> None:
