@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import importlib.util
 
 
@@ -16,6 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.run_dir, "summary.json").is_file() and Path(args.run_dir, "early.csv").is_file():
+        return sft_sweep_report(Path(args.run_dir))
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("matplotlib is not installed: pip install 'batchpilot[plots]'")
     from batchpilot.reports.plots import build_report, read_run, summarize
@@ -26,4 +29,16 @@ def run(args: argparse.Namespace) -> int:
     print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                     if v is not None))
     print(f"report: {page}")
+    return 0
+
+
+def sft_sweep_report(sweep_dir: Path) -> int:
+    """An SFT sweep directory (``sweep --recipe sft``): its ranking, the cut and how well it predicted."""
+    import json
+
+    from batchpilot.cli.sweep import print_sft
+    from batchpilot.train.sweep import SftSweepResult
+
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    print_sft(SftSweepResult(results_path=sweep_dir / "results.csv", summary=summary, ran=0, failed={}))
     return 0

@@ -234,6 +234,8 @@ def test_validate_all_from_the_command_line_measures_the_prediction(tmp_path: Pa
         spearman_rho([-float(rows[i]["early_loss"]) for i in summary["ranking"]], final), abs=1e-6)
     assert summary["best_final_was_kept"] == (summary["best_final"] == summary["kept"][0])
     assert summary["compute_saved"] == 0.0
+    assert main(["report", str(out)]) == 0  # `batchpilot report SWEEP_DIR` prints the same table again
+    assert "Spearman rho, early ranking vs final val loss over 3 runs to the end" in capsys.readouterr().out
 
 
 def test_a_run_killed_before_its_result_keeps_its_logged_val_loss(tmp_path: Path, model_dir: Path,
