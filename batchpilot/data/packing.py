@@ -164,7 +164,8 @@ class PackedLoader:
         """(start, length) in the stream of each row: whole conversations, greedily, in data order."""
         starts = np.flatnonzero(self._read(0, num_tokens, self._flags) & START)
         lengths = np.diff(np.append(starts, num_tokens))
-        row_starts, row_lengths = [], []
+        row_starts: list[int] = []
+        row_lengths: list[int] = []
         for start, length in zip(starts.tolist(), lengths.tolist()):
             if row_lengths and row_lengths[-1] + length <= self.seq_len:
                 row_lengths[-1] += length
@@ -176,8 +177,8 @@ class PackedLoader:
     def _batch(self, rows: np.ndarray) -> Batch:
         if self._flags is not None:
             return self._chat_batch(rows)
-        windows = np.stack([self._read(int(r) * self.seq_len, self.seq_len + 1) for r in rows])  # (B, T+1)
-        windows = torch.from_numpy(windows.astype(np.int64))
+        stacked = np.stack([self._read(int(r) * self.seq_len, self.seq_len + 1) for r in rows])  # (B, T+1)
+        windows = torch.from_numpy(stacked.astype(np.int64))
         input_ids, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         return Batch(input_ids, targets, _position_ids(input_ids, self.eos_id))
 

@@ -231,6 +231,7 @@ class _ShardWriter:
             if self.tokens % self.shard_tokens == 0:
                 self._open_next()
             room = self.shard_tokens - self.tokens % self.shard_tokens
+            assert self._file is not None  # _open_next opened it
             ids[:room].tofile(self._file)
             self.tokens += len(ids[:room])
             ids = ids[room:]
@@ -272,7 +273,7 @@ def _model_dir(tokenizer_path: str) -> Path:
 def _write_chat_shards(cfg: PrepareConfig, tokenizer: Tokenizer, is_val: np.ndarray,
                        out: Path) -> dict[str, _ShardWriter]:
     """Token shards plus flag shards (``{split}_mask_*.bin``, aligned): see ``chat.py`` for the flags."""
-    template, special_tokens = chat_template_of(_model_dir(cfg.tokenizer))
+    template, special_tokens = chat_template_of(_model_dir(cfg.tokenizer) if cfg.tokenizer else None)
     template = template or tokenizer.chat_template
     if template is None:
         raise ValueError(f"{cfg.tokenizer}: no chat_template in tokenizer_config.json; --format chat needs one")

@@ -55,7 +55,10 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(special_tokens),
                                       initial_alphabet=alphabet, show_progress=False)
         tk.train_from_iterator(texts, trainer)
-        return cls(tk, eos_id=tk.token_to_id(special_tokens[0]))
+        eos_id = tk.token_to_id(special_tokens[0])
+        if eos_id is None:
+            raise ValueError(f"the trained BPE lost its special token {special_tokens[0]!r}")
+        return cls(tk, eos_id=eos_id)
 
     @classmethod
     def from_path(cls, path: str | Path) -> Tokenizer:

@@ -346,7 +346,7 @@ def save_model(model: Llama, path: str | os.PathLike, *, dtype: torch.dtype | No
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     config = model.config
-    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    ids: dict[str, Any] = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     config = replace(config, **{k: v for k, v in ids.items() if v is not None})
     hf_config = config_to_hf(config)
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")

@@ -150,6 +150,8 @@ class AttnMeta(Protocol):
 
 
 class Llama(nn.Module):
+    inv_freq: torch.Tensor  # (head_dim / 2,) RoPE inverse frequencies, a non-persistent buffer
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config

@@ -229,9 +229,9 @@ class EngineLoop:
 
 # What the warm-up captures: every sampling kind of graph (generate/graphs.py ``sampling_kind``): greedy, sampled,
 # sampled with top-k/top-p, and each with logit processing (penalties, logit_bias, min_tokens)
-WARMUP_PARAMS = tuple(SamplingParams(max_tokens=4, ignore_eos=True, seed=0, **kind, **extra)
-                      for kind in ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.95})
-                      for extra in ({}, {"presence_penalty": 0.1}))
+WARMUP_PARAMS = tuple(SamplingParams(max_tokens=4, ignore_eos=True, seed=0, temperature=temperature, top_p=top_p,
+                                     presence_penalty=presence)
+                      for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.95)) for presence in (0.0, 0.1))
 
 
 def warm_up_graphs(engine: Engine) -> float:

@@ -182,12 +182,12 @@ def run_step_with_oom_retry(grads_fn: Callable[[int], T], update_fn: Callable[[]
     while True:
         _reset_memory_stats(dims)
         try:
-            result, failed = grads_fn(fitter.micro_batch_size), False
+            results, failed = [grads_fn(fitter.micro_batch_size)], False  # a list: T itself may be None
         except torch.OutOfMemoryError:
-            result, failed = None, True
+            results, failed = [], True
         if not parallel.any_across_ranks(failed, dims):
             break
-        result = None
+        results = []
         release_memory_after_oom(model, optimizer, dims)
         loader.load_state_dict(start)
         fitter.on_oom()
@@ -196,7 +196,7 @@ def run_step_with_oom_retry(grads_fn: Callable[[int], T], update_fn: Callable[[]
     peak, retries = parallel.max_across_ranks([peak, retries], dims)
     fitter.after_step(peak_bytes=peak if capacity else None, capacity_bytes=capacity or None,
                       alloc_retries=int(retries))
-    return result, updated
+    return results[0], updated
 
 
 def release_memory_after_oom(model: nn.Module, optimizer: torch.optim.Optimizer, dims: parallel.ParallelDims) -> None:

@@ -78,7 +78,8 @@ def apply_lora(model: Llama, cfg: LoraConfig) -> Llama:
     """``model`` itself with LoRA adapters in its target linear layers; only the adapters stay trainable."""
     import peft
 
-    peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+    # PEFT annotates lora_alpha as int but scales by alpha / r in floating point; a float alpha is what users set
+    peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
                                target_modules=list(cfg.target_modules), bias="none")
     rng = torch.random.fork_rng(devices=[]) if cfg.seed is not None else nullcontext()
     with rng:
