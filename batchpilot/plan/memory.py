@@ -134,24 +134,24 @@ def compiled_block_terms(config: LlamaConfig, *, param_bytes: int = 4,
       SwiGLU           gate and up (matmul outputs, needed by the pointwise backward: 4 I) and their product
                        (read by down_proj's weight-gradient matmul: 2 I); silu(gate) is recomputed
     => r D + 6 D + 4Q + 4KV + 4H + 6I + 8 (autocast 10 D; bf16 parameters 8 D). Eager: 26 D ... + 8 I.
-    float8 (torchao ``Float8Linear``, https://github.com/pytorch/ao/tree/main/torchao/float8; the weight
-    gradient GEMM reads the float8 cast of each linear's input, the same cast as the forward's, merged by
-    CSE): every linear input is kept as float8 (1 byte) instead of bf16: q/k/v's 1 D, gate/up's 1 D, down's
-    1 I; o_proj's 1 Q comes on top of SDPA's bf16 ``out``. Rowwise scaling keeps one fp32 scale per row and
-    linear input (4 bytes each, 4 inputs); tensorwise one scalar.
+    float8 (torchao ``Float8Linear``, https://github.com/pytorch/ao/tree/main/torchao/float8, tensorwise or
+    rowwise): its autograd function (``matmul_with_hp_or_float8_args``) saves the HIGH-precision input and
+    weight and casts them to float8 again in backward, for the grad-input and grad-weight GEMMs (other layouts
+    and scaling axes than the forward's casts, so CSE does not merge them). A linear's bf16 input is then read
+    in backward only by a pointwise cast, so it is no longer "materialized in backward": the partitioner
+    recomputes it (the normed inputs from x and rstd, the SwiGLU product from gate and up, o_proj's float8
+    input from ``out``). Saved: r D + 2 D + 4Q + 4KV + 4H + 4I + 8. The weights' casts are recomputed from the
+    fp32 parameters (free): no weight copies. Rowwise scales are reductions of the backward's own casts:
+    nothing more is saved (the measured rowwise peaks equal the tensorwise ones).
     """
     d, i = config.hidden_size, config.intermediate_size
     q, kv, h = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.num_heads
-    lin = 1 if float8 else 2  # bytes per element of a saved linear input
     terms = [("block input x (norm backward)", param_bytes * d), ("rstd x 2 (saved reductions)", 8),
-             ("q/k/v input (normed, cast once)", lin * d), ("SDPA q, k, v, out", 2 * q + 4 * kv + 2 * q),
-             ("SDPA logsumexp", 4 * h), ("o_proj output (residual recomputed)", 2 * d),
-             ("gate/up input (normed, cast once)", lin * d), ("SwiGLU gate and up", 4 * i),
-             ("down_proj input (gate x up)", lin * i)]
-    if float8:
-        terms.append(("o_proj input in float8", q))
-    if float8 == "rowwise":
-        terms.append(("rowwise scales (4 linear inputs)", 16))
+             ("SDPA q, k, v, out", 2 * q + 4 * kv + 2 * q), ("SDPA logsumexp", 4 * h),
+             ("o_proj output (residual recomputed)", 2 * d), ("SwiGLU gate and up", 4 * i)]
+    if float8 is None:  # bf16 GEMM inputs, read by the weight-gradient matmuls
+        terms += [("q/k/v input (normed, cast once)", 2 * d), ("gate/up input (normed, cast once)", 2 * d),
+                  ("down_proj input (gate x up)", 2 * i)]
     return terms
 
 
@@ -297,13 +297,10 @@ def weight_copy_bytes(config: LlamaConfig, *, compile: bool, float8: str | None)
 
     Autocast saves a bf16 copy of every block weight for backward (2 bytes/param; compiled too: the cast is
     read by the input-gradient matmul, so the partitioner keeps it). torchao's ``Float8Linear`` keeps the
-    fp32 parameter itself (free) and casts it again in backward: eager 0; compiled, CSE merges the forward's
-    and the backward's tensorwise cast of the weight, which the backward matmul reads: 1 byte/param kept.
+    fp32 parameter itself (free to save) and casts it again in backward, eager and compiled: 0.
     """
-    n = non_vocab_params(config)
-    if float8 is None:
-        return 2.0 * n
-    return 1.0 * n if compile and float8 == "tensorwise" else 0.0
+    del compile  # the same either way (docstring)
+    return 2.0 * non_vocab_params(config) if float8 is None else 0.0
 
 
 def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: int, optimizer: str = "adamw",
@@ -345,7 +342,10 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     copies = 2 * (2 * block + v * d) if fsdp else weight_copy_bytes(config, compile=compile, float8=float8)
 
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=fsdp)
-    recompute = max((b for c, b in zip(ckpt, per_layer) if c), default=0.0)  # the block recomputed in backward
+    # the first checkpointed block that backward reaches is recomputed; the blocks after it (not checkpointed
+    # under selective) have been differentiated and freed by then
+    last = max((i for i, c in enumerate(ckpt) if c), default=None)
+    recompute = 0.0 if last is None else per_layer[last] - sum(per_layer[last + 1:])
     if streaming:
         recompute = stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=stream_chunk_tokens,
                                                   micro_batch_size=micro_batch_size, param_bytes=pbytes)

@@ -30,7 +30,7 @@ def test_gpu_probes_are_held_out_and_cover_the_issue(mv):
     assert {p.activation_checkpointing for p in probes} == {"none", "selective", "full"}
     assert {p.kind for p in probes} == {"eager", "compiled", "float8"}
     assert min(p.seq_len for p in probes) >= 2048 and max(p.seq_len for p in probes) <= 8192
-    used = {("llama-1b", seq, mb) for _, seq, mb, _, _ in MEASURED_COMPILED + MEASURED_FLOAT8}
+    used = {("llama-1b", seq, mb) for _, seq, mb, _, _, _ in MEASURED_COMPILED + MEASURED_FLOAT8}
     assert not any((p.preset, p.seq_len, p.micro_batch_size) in used for p in probes)
     assert all(sum(p.kind == k for p in probes) >= 3 for k in ("eager", "compiled", "float8"))
 
