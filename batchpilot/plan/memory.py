@@ -31,10 +31,15 @@ follows loss.py's GPU path (compiled softmax/CE kernel); its eager fallback need
 
 Peak = max over three moments: inside the loss, the first block's backward (its recomputation under
 checkpointing), the end of backward (all grads + the embedding's dense grad). Parameters and optimizer
-states are held throughout (the states exist from the first step on).
-Checked on H200s (benchmarks/memory_validation.py, torch 2.11): the block formula matches the bytes the
-block saves exactly; measured peaks of llama-125m/1b at micro-batch 1-16, checkpointing on and off, one GPU
-and FSDP2 on two, are 0.985-1.04x the prediction (the planner's headroom covers the under-prediction).
+states are held throughout (the states exist from the first step on); with gradient accumulation the grads of
+the earlier micro-steps are held too. Compiled and float8 blocks: ``compiled_block_terms`` (what the
+partitioner keeps, rule by rule); CPU offload: ``estimate_offload_peak`` / ``predict_offload_peak_bytes``.
+Checked on H200s (torch 2.11): the eager block formula matches the bytes the block saves exactly; measured
+peaks of llama-125m/1b at micro-batch 1-16, checkpointing on and off, one GPU and FSDP2 on two, are
+0.985-1.04x the prediction (benchmarks/results/mem_validation_20261128_*.json); compiled, float8 (tensorwise
+and rowwise), bf16-parameter and selective-checkpointing llama-1b peaks through the trainer's step
+(train_throughput_2026-11-28e.json) are within 1% (tests/plan/test_memory.py); benchmarks/memory_validation.py
+measures held-out shapes.
 """
 
 from __future__ import annotations
@@ -182,9 +187,9 @@ def layer_activation_bytes_per_token(config: LlamaConfig, layer_idx: int, *, par
                                      compile: bool = False, float8: str | None = None) -> int:
     """``activation_bytes_per_token`` for block ``layer_idx``: a sparse layer swaps the dense MLP's share
     (gate/up inputs 4D with autocast, 2D with bf16 parameters, and SwiGLU 8I) for ``moe_mlp_bytes_per_token``."""
-    dense = activation_bytes_per_token(config, param_bytes=param_bytes, compile=compile, float8=float8)
     if not config.is_moe_layer(layer_idx):
-        return dense
+        return activation_bytes_per_token(config, param_bytes=param_bytes, compile=compile, float8=float8)
+    dense = activation_bytes_per_token(config, param_bytes=param_bytes)  # MoE layers: eager counts (not derived)
     dense_mlp = (4 if param_bytes == 4 else 2) * config.hidden_size + 8 * config.intermediate_size
     return dense - dense_mlp + moe_mlp_bytes_per_token(config, param_bytes=param_bytes)
 

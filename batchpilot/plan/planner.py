@@ -7,9 +7,12 @@ steps, schedule -> time. ``batchpilot train --plan`` loads the ``Plan`` (``Plan.
 it without re-deriving any of it; a run without a plan records the same type in its plan.json with the law
 fields empty (``law`` and the predictions None). plan.json carries ``schema_version``.
 
-Design choice: the law's batch is rounded to the nearest whole number of accumulation steps (not to a
-power of two), so the global batch stays within half a micro-step of the law; the LR follows the
-rounding with the optimizer's rescaling rule. Cost: odd accumulation counts.
+Design choice: the step's rows per GPU are the nearest whole number to the law's batch; among the micro-batches
+that fit (any whole number, not only powers of two) and divide those rows into whole accumulation steps -- or
+reach them within ``ROWS_TOLERANCE`` (5%) when none does, e.g. for a prime number of rows -- the plan takes the
+one with the highest predicted tokens/s (MFU per shape from ``--mfu-from``, plan/mfu.py; with one assumed MFU
+all tie and the largest wins). The LR follows the rounding with the optimizer's rescaling rule. GPU plans
+compile the blocks (the memory model's compiled terms); CPU offload is planned when nothing else fits.
 """
 
 from __future__ import annotations
