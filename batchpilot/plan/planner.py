@@ -9,9 +9,10 @@ fields empty (``law`` and the predictions None). plan.json carries ``schema_vers
 
 Design choice: the step's rows per GPU are the nearest whole number to the law's batch; among the micro-batches
 that fit (any whole number, not only powers of two) and divide those rows into whole accumulation steps -- or
-reach them within ``ROWS_TOLERANCE`` (5%) when none does, e.g. for a prime number of rows -- the plan takes the
-one with the highest predicted tokens/s (MFU per shape from ``--mfu-from``, plan/mfu.py; with one assumed MFU
-all tie and the largest wins). The LR follows the rounding with the optimizer's rescaling rule. GPU plans
+reach them within ``ROWS_TOLERANCE`` (5%), e.g. for a prime number of rows; micro-batches below a reasonable
+size are dropped when larger ones qualify -- the plan takes the one with the highest predicted tokens/s (MFU
+per shape from ``--mfu-from``, plan/mfu.py); ties go to the rows nearer the law, then to the larger
+micro-batch (with one assumed MFU everything ties). The LR follows the rounding with the optimizer's rescaling rule. GPU plans
 compile the blocks (the memory model's compiled terms); CPU offload is planned when nothing else fits.
 """
 
@@ -28,8 +29,8 @@ from batchpilot.io import write_json_atomic
 from batchpilot.model import counting
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
-from batchpilot.plan.memory import (CPU_MEMORY_GB_S, GIB, PCIE_GB_S, STREAM_CHUNK_TOKENS, MemoryEstimate,
-                                    estimate_offload_peak, estimate_peak_bytes, fit_micro_batch, largest_fitting,
+from batchpilot.plan.memory import (CPU_MEMORY_GB_S, GIB, PCIE_GB_S, REASONABLE_MICRO_BATCH_TOKENS,
+                                    STREAM_CHUNK_TOKENS, MemoryEstimate, estimate_offload_peak, estimate_peak_bytes, fit_micro_batch, largest_fitting,
                                     offload_step_seconds, recompute_factor)
 from batchpilot.plan.mfu import MfuTable, read_mfu_table
 
@@ -282,22 +283,25 @@ def mfu_table(budget: Budget) -> MfuTable:
                                          f"train_throughput JSON gives measured MFU per shape)")
 
 
-def accumulation_options(rows_per_gpu: int, largest: int) -> list[tuple[int, int]]:
-    """(micro-batch, accumulation steps) for every micro-batch 1..largest whose whole accumulation steps give
-    the step's rows exactly, or within ``ROWS_TOLERANCE``."""
+def accumulation_options(rows_per_gpu: int, largest: int, seq_len: int) -> list[tuple[int, int]]:
+    """(micro-batch, accumulation steps) for the micro-batches 1..largest whose whole accumulation steps give
+    the step's rows exactly, or within ``ROWS_TOLERANCE``; of those, only the ones of at least a reasonable
+    size (``REASONABLE_MICRO_BATCH_TOKENS``, or the largest that fits) when there are any, so that a prime
+    number of rows does not leave micro-batch 1 as the only exact choice."""
     out = []
     for micro in range(1, max(1, min(largest, rows_per_gpu)) + 1):
         accum = max(1, round(rows_per_gpu / micro))
         if abs(micro * accum - rows_per_gpu) <= ROWS_TOLERANCE * rows_per_gpu:
             out.append((micro, accum))
-    return out
+    reasonable = min(largest, -(-REASONABLE_MICRO_BATCH_TOKENS // seq_len))
+    return [o for o in out if o[0] >= reasonable] or out
 
 
 def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table: MfuTable,
                        flops_per_token: float) -> MicroBatchChoice:
     """The checkpointing mode from ``fit_micro_batch``; then, among the micro-batches that fit in that mode and
-    make whole accumulation steps, the one with the highest predicted tokens/s (ties: the larger micro-batch,
-    then the rows nearer the law). CPU offload when nothing fits on the GPU (``--offload auto``) or when asked."""
+    make whole accumulation steps (``accumulation_options``), the one with the highest predicted tokens/s
+    (ties: the rows nearer the law, then the larger micro-batch). CPU offload when nothing fits on the GPU (``--offload auto``) or when asked."""
     if budget.offload == "cpu":
         return choose_offload(config, budget, rows_per_gpu, table, flops_per_token)
     try:
@@ -314,7 +318,7 @@ def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, t
     limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
     recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
     scored = []
-    for micro, accum in accumulation_options(rows_per_gpu, fit.micro_batch_size):
+    for micro, accum in accumulation_options(rows_per_gpu, fit.micro_batch_size, budget.seq_len):
         est = estimate_peak_bytes(config, micro_batch_size=micro, seq_len=budget.seq_len, optimizer=budget.optimizer,
                                   num_gpus=budget.num_gpus, sharding=fit.sharding, checkpointing=fit.mode == "full",
                                   stream_chunk_tokens=STREAM_CHUNK_TOKENS if fit.streaming else None,
@@ -326,16 +330,16 @@ def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, t
                             bf16_params=fit.sharding == "fsdp", recompute=recompute)
         step = flops_per_token * micro * accum * budget.num_gpus * budget.seq_len / (
             budget.num_gpus * budget.gpu_peak_tflops * 1e12 * look.mfu)
-        scored.append((micro * accum * budget.num_gpus * budget.seq_len / step, micro,
-                       -abs(micro * accum - rows_per_gpu), accum, est, look, step))
+        scored.append((micro * accum * budget.num_gpus * budget.seq_len / step,
+                       -abs(micro * accum - rows_per_gpu), micro, accum, est, look, step))
     if not scored:  # the largest that fits makes no whole accumulation within the tolerance: keep the nearest
         micro = fit.micro_batch_size
         accum = max(1, round(rows_per_gpu / micro))
         look = table.lookup(seq_len=budget.seq_len, micro_batch_size=micro, mode=fit.mode, float8=budget.float8,
                             bf16_params=fit.sharding == "fsdp", recompute=recompute)
         step = flops_per_token * micro * accum * budget.seq_len / (budget.gpu_peak_tflops * 1e12 * look.mfu)
-        scored.append((0.0, micro, 0, accum, fit.estimate, look, step))
-    _, micro, _, accum, est, look, step = max(scored, key=lambda s: s[:3])
+        scored.append((0.0, 0, micro, accum, fit.estimate, look, step))
+    _, _, micro, accum, est, look, step = max(scored, key=lambda s: s[:3])
     return MicroBatchChoice(micro_batch_size=micro, grad_accum_steps=accum, mode=fit.mode, sharding=fit.sharding,
                             offload="none", compile=budget.compile and not fit.streaming, estimate=est, mfu=look.mfu,
                             mfu_source=look.source, step_seconds=step, candidates=len(scored),
@@ -359,14 +363,15 @@ def choose_offload(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table
         raise ValueError(f"even CPU offload needs {need:.1f} GiB per GPU at micro-batch 1 (seq_len {budget.seq_len})")
     recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
     scored = []
-    for micro, accum in accumulation_options(rows_per_gpu, largest) or [(largest, max(1, round(rows_per_gpu / largest)))]:
+    options = accumulation_options(rows_per_gpu, largest, budget.seq_len)
+    for micro, accum in options or [(largest, max(1, round(rows_per_gpu / largest)))]:
         look = table.lookup(seq_len=budget.seq_len, micro_batch_size=micro, mode="full", float8=None,
                             bf16_params=True, recompute=recompute)
         compute = flops_per_token * micro * accum * budget.seq_len / (budget.gpu_peak_tflops * 1e12 * look.mfu)
         step = offload_step_seconds(config, compute_seconds=compute, micro_steps=accum, num_gpus=budget.num_gpus,
                                     pcie_gb_s=budget.pcie_gb_s, cpu_memory_gb_s=budget.cpu_memory_gb_s)
-        scored.append((micro * accum / step, micro, -abs(micro * accum - rows_per_gpu), accum, look, step))
-    _, micro, _, accum, look, step = max(scored, key=lambda s: s[:3])
+        scored.append((micro * accum / step, -abs(micro * accum - rows_per_gpu), micro, accum, look, step))
+    _, _, micro, accum, look, step = max(scored, key=lambda s: s[:3])
     return MicroBatchChoice(micro_batch_size=micro, grad_accum_steps=accum, mode="full", sharding="fsdp",
                             offload="cpu", compile=False, estimate=estimate(micro), mfu=look.mfu,
                             mfu_source=look.source, step_seconds=step, candidates=len(scored),
@@ -451,7 +456,8 @@ def derivation(plan: Plan, law: laws.Law, choice: MicroBatchChoice, budget: Budg
     memory_line = (
         f"memory: {where}checkpointing {p.activation_checkpointing}, sharding {p.sharding}: micro-batch "
         f"{p.micro_batch_size} x {p.grad_accum_steps} accumulation = {choice.rows_per_gpu} rows per GPU (law: "
-        f"{raw_rows_per_gpu:.1f}); the highest predicted tokens/s among {choice.candidates} micro-batches that fit "
+        f"{raw_rows_per_gpu:.1f}); the highest predicted tokens/s among {choice.candidates} micro-batch"
+        f"{'es' if choice.candidates != 1 else ''} that fit "
         f"within {1 - budget.headroom:.0%} of {budget.gpu_memory_gib:g} GiB and make whole accumulation steps "
         f"(rows within {ROWS_TOLERANCE:.0%}); {p.predicted_peak_memory_bytes / GIB:.2f} GiB "
         f"(peak at {choice.estimate.peak_moment})"
