@@ -53,7 +53,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", help="save the plan as JSON (atomic) for `batchpilot train --plan`")
     p.add_argument("--compare", action="store_true", help="show what each law recommends side by side")
-    p.set_defaults(func=run)
+    p.add_argument("--config", help="a .toml/.json/.yaml file of these options by flag name (tokens = 1e11, "
+                   "gpu_memory_gib = 24, compile = false, ...); a flag given with a value other than its default wins")
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    p.set_defaults(func=run, plan_actions=actions)
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Options from ``--config``: a key sets its option unless the command line set it (differs from the
+    default); unknown keys are a one-line error."""
+    from batchpilot.cli.config import load_config_file
+
+    actions: dict[str, argparse.Action] = args.plan_actions
+    for key, value in load_config_file(args.config).items():
+        name = key.replace("-", "_")
+        if name not in actions or name in ("func", "plan_actions"):
+            raise ValueError(f"config file {args.config}: unknown key {key!r}; use the option names of "
+                             f"`batchpilot plan --help` ({', '.join(sorted(actions))})")
+        action = actions[name]
+        if isinstance(value, str) and callable(action.type):
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"config file {args.config}: {key} = {value!r}; choose one of "
+                             f"{', '.join(map(str, action.choices))}")
+        if getattr(args, name) == action.default:
+            setattr(args, name, value)
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
@@ -152,6 +176,8 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config:
+        apply_config_file(args)
     if args.recipe == "sft":
         return run_sft(args)
     budget = budget_from_args(args)

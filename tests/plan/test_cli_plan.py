@@ -59,3 +59,20 @@ def test_compile_float8_offload_and_mfu_table_flags(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["predicted_step_seconds"] < slow["predicted_step_seconds"]
     assert main(["plan", "--preset", "tiny", "--tokens", "1e9", "--mfu-from", str(tmp_path / "none.json")]) == 2
     assert "--mfu-from" in capsys.readouterr().err
+
+
+def test_config_file_sets_options_and_flags_win(capsys, tmp_path):
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text('preset = "llama-1b"\ntokens = 1e10\ncompile = false\noffload = "none"\ngpu-memory-gib = 40\n')
+    assert main(["plan", "--config", str(cfg), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["compile"] is False and d["gpu_memory_bytes"] == 40 * 2**30 and d["model"] == "llama-1b"
+    assert main(["plan", "--config", str(cfg), "--json", "--gpu-memory-gib", "60"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpu_memory_bytes"] == 60 * 2**30
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"preset": "tiny", "tokens": 1e9, "wings": 2}))
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert "unknown key 'wings'" in capsys.readouterr().err
+    bad.write_text(json.dumps({"preset": "tiny", "tokens": 1e9, "offload": "disk"}))
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert "offload = 'disk'; choose one of auto, none, cpu" in capsys.readouterr().err
