@@ -108,6 +108,7 @@ COMPARE_ROWS = (("law batch (tokens)", lambda p: f"{p.law['batch_tokens']:,.0f}"
                 ("schedule (min LR)", lambda p: f"{p.schedule} ({p.min_lr:.3g})"),
                 ("steps (warmup)", lambda p: f"{p.total_steps:,} ({p.warmup_steps:,})"),
                 ("memory / GPU (GiB)", lambda p: f"{p.predicted_peak_memory_bytes / GIB:.1f}"),
+                ("tokens/s (predicted)", lambda p: f"{p.predicted_tokens_per_second:,.0f}"),
                 ("total hours", lambda p: f"{p.predicted_total_seconds / 3600:.3g}"),
                 ("extrapolated", lambda p: "yes" if any("fitted range" in w for w in p.warnings) else "no"))
 
