@@ -1,203 +1,215 @@
-"""Check ``plan/memory.py`` against ``torch.cuda.max_memory_allocated`` on real training steps.
+"""Check ``plan/memory.py`` against ``torch.cuda.max_memory_allocated`` on the trainer's own step (issue 17).
 
-Each configuration runs 3 steps of forward + backward + fused AdamW under bf16 autocast (fp32 params, as
-the trainer does on one GPU), resets the peak statistics after the first step (so optimizer states exist),
-and compares the peak of steps 2-3 with the prediction's ``allocated_bytes``. Activation checkpointing is
-applied here per block with ``torch.utils.checkpoint`` (non-reentrant), like ``train/parallel.py``'s ``full``.
+Every probe is one configuration the tests do not use (``tests/plan/test_memory.py`` holds llama-1b at seq 2048
+micro-batch 16 and seq 8192 micro-batch 4): llama-125m, qwen2-0.5b and llama-1b shapes, seq 2048-8192,
+activation checkpointing none / selective / full, eager, compiled and float8 (tensorwise, compiled) blocks, one
+probe with bf16 parameters (FSDP2 on one GPU). A probe runs in its own process (an OOM or a compile cache cannot
+leak into the next) and builds the model as the trainer does (``train/parallel.parallelize``: float8, AC,
+compile) with the trainer's optimizer (``train/optim.build_optimizer``), then runs ``trainer.train_step`` on
+random rows: step 1 compiles and creates the AdamW states, the peak statistics are reset, step 2 is measured.
+Each block shape is compiled once per probe. The prediction is ``estimate_peak_bytes(...).allocated_bytes``
+(what ``max_memory_allocated`` counts); error = predicted / measured - 1.
 
-    python benchmarks/memory_validation.py            # GPU, ~2 minutes on an H100/H200
-    python benchmarks/memory_validation.py --smoke    # CPU, tiny preset: checks the code path only
-    torchrun --nproc-per-node 2 benchmarks/memory_validation.py   # FSDP2 via train/parallel.py (bf16 params)
-    python benchmarks/memory_validation.py --compile [--float8 tensorwise]   # compiled / float8 blocks, one GPU:
-        validates plan/memory.py's derived compiled and float8 terms (issue 17)
+    python benchmarks/memory_validation.py                 # one H200: <= 240 s (--budget-s), ~11 probes
+    python benchmarks/memory_validation.py --dry           # CPU, tiny preset: the code path, no measurement
 
-Writes ``benchmarks/results/mem_validation_<date>.json`` (or ``--out DIR``).
+Each probe is capped (``--probe-timeout-s``) and skipped once the budget is spent; the JSON
+(``benchmarks/results/mem_validation_<date>.json`` or ``--out DIR``) is rewritten after every probe with the
+GPU, torch, commit, date, command and the summary ``memory_prediction_max_error`` (max |error| by kind: eager,
+compiled, float8, and all).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
-import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-from provenance import provenance
-from torch.utils.checkpoint import checkpoint
-
-from batchpilot.model.llama import Llama, build_model, get_preset, rope_cos_sin
-from batchpilot.plan.memory import activation_bytes_per_token, estimate_peak_bytes
-
-# (preset, micro_batch_size, activation checkpointing)
-GPU_CONFIGS = [("llama-125m", 1, False), ("llama-125m", 4, False), ("llama-125m", 16, False),
-               ("llama-125m", 16, True), ("llama-1b", 1, False), ("llama-1b", 4, False),
-               ("llama-1b", 4, True), ("llama-1b", 16, True)]
-SMOKE_CONFIGS = [("tiny", 1, False), ("tiny", 2, True)]
-FSDP_CONFIGS = [("llama-125m", 4, False), ("llama-1b", 1, False), ("llama-1b", 4, False), ("llama-1b", 4, True),
-                ("llama-1b", 16, True)]
-STEPS = 3
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def apply_checkpointing(model: Llama) -> None:
-    for block in model.layers:
-        block.forward = lambda *args, _f=block.forward: checkpoint(_f, *args, use_reentrant=False)
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    preset: str
+    seq_len: int
+    micro_batch_size: int
+    activation_checkpointing: str = "none"  # none | selective | full
+    compile: bool = False
+    float8: str | None = None
+    grad_accum_steps: int = 1
+    bf16_params: bool = False  # FSDP2 on one GPU (the multi-GPU path's precision)
+
+    @property
+    def kind(self) -> str:
+        return "float8" if self.float8 else "compiled" if self.compile else "eager"
 
 
-def prepare(model: Llama, checkpointing: bool, dims, compile: bool = False, float8: str | None = None) -> Llama:
-    """One GPU: float8, checkpointing, compile here (the trainer's order). Several: the trainer's own
-    ``parallelize`` (AC, then FSDP2, bf16 params)."""
-    if dims is None:
-        from batchpilot.train import parallel
-        parallel.apply_float8(model, float8, next(model.parameters()).device)
-        if checkpointing:
-            apply_checkpointing(model)
-        if compile:
-            parallel.apply_compile(model)
-        return model
-    from batchpilot.train import parallel
-    return parallel.parallelize(model, dims, activation_checkpointing="full" if checkpointing else "none",
-                                param_dtype=torch.bfloat16)
+# Interleaved by kind, cheapest first, so that a spent budget still leaves every kind measured.
+GPU_PROBES = [  # sized so the activations are 30-80% of the peak (15-55 GiB predicted on an H200's 141)
+    Probe("llama-125m", 4096, 12),
+    Probe("llama-125m", 8192, 8, compile=True),
+    Probe("qwen2-0.5b", 2048, 24, compile=True, float8="tensorwise"),
+    Probe("qwen2-0.5b", 2048, 12, "selective"),
+    Probe("qwen2-0.5b", 4096, 16, "full", compile=True),
+    Probe("llama-1b", 4096, 16, "full", compile=True, float8="tensorwise"),
+    Probe("llama-1b", 8192, 6, "full", grad_accum_steps=2),
+    Probe("llama-1b", 2048, 12, "selective", compile=True),
+    Probe("llama-125m", 2048, 32, "selective", compile=True, float8="tensorwise"),
+    Probe("llama-1b", 4096, 6, compile=True, grad_accum_steps=2),
+    Probe("qwen2-0.5b", 4096, 8, compile=True, bf16_params=True),
+]
+DRY_PROBES = [Probe("tiny", 64, 2), Probe("tiny", 128, 2, "selective", compile=True, grad_accum_steps=2),
+              Probe("tiny", 64, 4, "full", compile=True, float8="tensorwise")]
 
 
-def measure(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool,
-            device: str, dims=None, compile: bool = False, float8: str | None = None) -> tuple[int | None, int | None]:
-    """(peak allocated bytes over steps 2..STEPS, bytes allocated right after the last forward); None on CPU."""
-    cuda = device.startswith("cuda")
-    model = prepare(build_model(get_preset(preset), device=device, seed=0), checkpointing, dims, compile, float8)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda)
-    vocab = model.config.vocab_size
-    for step in range(STEPS):
-        x = torch.randint(0, vocab, (micro_batch_size, seq_len), device=device)
-        y = torch.randint(0, vocab, (micro_batch_size, seq_len), device=device)
-        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(x, targets=y)
-        after_forward = torch.cuda.memory_allocated() if cuda else None
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda and step == 0:
+def predict(probe: Probe) -> dict:
+    from batchpilot.model.llama import get_preset
+    from batchpilot.plan.memory import estimate_peak_bytes
+
+    est = estimate_peak_bytes(get_preset(probe.preset), micro_batch_size=probe.micro_batch_size,
+                              seq_len=probe.seq_len, checkpointing=probe.activation_checkpointing,
+                              compile=probe.compile, float8=probe.float8, grad_accum_steps=probe.grad_accum_steps,
+                              sharding="fsdp" if probe.bf16_params else "none")
+    parts = ("params", "grads", "optimizer", "activations", "compute_copies", "loss")
+    return {"predicted_bytes": int(est.allocated_bytes), "peak_moment": est.peak_moment,
+            "predicted_breakdown": {k: int(getattr(est, k)) for k in parts}}
+
+
+def measure(probe: Probe) -> dict:
+    """The child: two trainer steps of ``probe``; the second one's peak (None on CPU, where compile and float8
+    are not applied: a CPU compile takes minutes and float8 matmuls need a GPU)."""
+    import torch
+
+    from train_throughput import RandomRows
+
+    from batchpilot.model.llama import build_model, get_preset
+    from batchpilot.train import parallel, trainer
+    from batchpilot.train.optim import OptimConfig, build_optimizer
+
+    cuda = torch.cuda.is_available()
+    dims = parallel.init_distributed("cuda" if cuda else "cpu")
+    config = get_preset(probe.preset)
+    model = build_model(config, device=dims.device, seed=0)
+    model = parallel.parallelize(model, dims, activation_checkpointing=probe.activation_checkpointing,
+                                 compile=probe.compile and cuda, float8=probe.float8 if cuda else None,
+                                 param_dtype=torch.bfloat16 if probe.bf16_params else None,
+                                 fsdp_one_device=probe.bf16_params)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    loader = RandomRows(config.vocab_size, probe.seq_len)
+    rows = probe.micro_batch_size * probe.grad_accum_steps
+    times = []
+    for step in range(2):
+        t0 = time.perf_counter()
+        trainer.train_step(model, optimizer, loader, global_batch_tokens=rows * probe.seq_len, seq_len=probe.seq_len,
+                           micro_batch_size=probe.micro_batch_size, dims=dims, grad_clip=1.0)
+        if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-    measured = torch.cuda.max_memory_allocated() if cuda else None
-    del model, opt, loss
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return measured, after_forward
+            if step == 0:
+                torch.cuda.reset_peak_memory_stats()
+        times.append(round(time.perf_counter() - t0, 2))
+    return {"measured_bytes": torch.cuda.max_memory_allocated() if cuda else None, "step_seconds": times}
 
 
-def is_weight_copy(t: torch.Tensor) -> bool:
-    """A parameter's autocast bf16 copy or a view of it (counted apart, as ``compute_copies``): a chain of
-    single-input ops (cast, transpose) that ends at a parameter's AccumulateGrad."""
-    fn = t.grad_fn
-    for _ in range(4):
-        inputs = [n for n, _ in fn.next_functions if n is not None] if fn is not None else []
-        if len(inputs) != 1:
-            return False
-        if type(inputs[0]).__name__ == "AccumulateGrad":
-            return True
-        fn = inputs[0]
-    return False
-
-
-def block_saved_bytes_per_token(preset: str, seq_len: int, device: str) -> dict:
-    """Bytes one block saves for backward per token (unique storages, via saved-tensor hooks) vs the formula.
-
-    Parameters, their autocast copies and the cos/sin tables (shared by all layers) are left out.
-    """
-    model = build_model(get_preset(preset).with_(num_layers=1), device=device, seed=0)
-    x = torch.randn(1, seq_len, model.config.hidden_size, device=device, requires_grad=True)
-    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(seq_len, device=device)[None], x.dtype)
-    block = model.layers[0]
-    skip = {t.untyped_storage().data_ptr() for t in (cos, sin, *block.parameters())}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip and not is_weight_copy(t):
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            block(x, cos, sin, None)
-    return {"measured": sum(storages.values()) / seq_len,
-            "predicted": activation_bytes_per_token(model.config, param_bytes=4)}
-
-
-def context_bytes() -> int:
-    """Device memory in use outside PyTorch's allocator (CUDA context, library workspaces)."""
-    free, total = torch.cuda.mem_get_info()
-    return total - free - torch.cuda.memory_reserved()
-
-
-def row(preset: str, micro_batch_size: int, seq_len: int, checkpointing: bool, device: str, dims=None,
-        compile: bool = False, float8: str | None = None) -> dict:
-    num_gpus = 1 if dims is None else dims.world_size
-    est = estimate_peak_bytes(get_preset(preset), micro_batch_size=micro_batch_size, seq_len=seq_len,
-                              checkpointing=checkpointing, num_gpus=num_gpus,
-                              sharding="none" if dims is None else "fsdp", compile=compile, float8=float8)
+def run_probe(probe: Probe, timeout_s: float) -> dict:
+    """``probe`` in a child process, killed after ``timeout_s``; the row with prediction, measurement, error."""
+    row: dict = {"config": dataclasses.asdict(probe), "kind": probe.kind, **predict(probe)}
     start = time.perf_counter()
-    measured, after_forward = measure(preset, micro_batch_size, seq_len, checkpointing, device, dims, compile, float8)
-    config = {"preset": preset, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
-              "activation_checkpointing": checkpointing, "num_gpus": num_gpus,
-              "sharding": "none" if dims is None else "fsdp", "compile": compile, "float8": float8}
-    out = {"config": config, "predicted_bytes": int(est.allocated_bytes), "measured_bytes": measured,
-           "ratio": None if measured is None else measured / est.allocated_bytes,
-           "measured_after_forward_bytes": after_forward, "peak_moment": est.peak_moment,
-           "predicted_breakdown": {k: int(getattr(est, k)) for k in
-                                   ("params", "grads", "optimizer", "activations", "compute_copies", "loss")},
-           "seconds": round(time.perf_counter() - start, 2)}
-    ratio = "-" if measured is None else f"{out['ratio']:.3f}"
-    if dims is not None and dims.rank != 0:
-        return out
-    gib = 2**30
-    print(f"{preset:12s} mb {micro_batch_size:3d} ckpt {checkpointing!s:5s} predicted {est.allocated_bytes / gib:6.2f}"
-          f" GiB measured {'-' if measured is None else f'{measured / 2**30:7.2f}'} GiB ratio {ratio}", flush=True)
-    return out
+    cmd = [sys.executable, __file__, "--child", json.dumps(dataclasses.asdict(probe))]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+            row["error"] = f"exit {out.returncode}: {tail[0][:300]}"
+        else:
+            row.update(json.loads(lines[-1]))
+    except subprocess.TimeoutExpired:
+        row["error"] = f"timed out after {timeout_s:.0f} s"
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    measured = row.get("measured_bytes")
+    row["prediction_error"] = round(row["predicted_bytes"] / measured - 1, 4) if measured else None
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    errors: dict[str, list[float]] = {"eager": [], "compiled": [], "float8": []}
+    for r in rows:
+        if r.get("prediction_error") is not None:
+            errors[r["kind"]].append(abs(r["prediction_error"]))
+    everything = [e for v in errors.values() for e in v]
+    max_error = {k: (round(max(v), 4) if v else None) for k, v in errors.items()}
+    max_error["all"] = round(max(everything), 4) if everything else None
+    return {"memory_prediction_max_error": max_error,
+            "probes_measured": {k: len(v) for k, v in errors.items()},
+            "within_5_percent": {k: (all(e <= 0.05 for e in v) if v else None) for k, v in errors.items()},
+            "probes_failed_or_skipped": sum(1 for r in rows if r.get("measured_bytes") is None)}
+
+
+def describe(probe: Probe, row: dict) -> str:
+    measured, error = row.get("measured_bytes"), row.get("prediction_error")
+    return (f"{probe.kind:8s} {probe.preset:11s} seq {probe.seq_len:5d} mb {probe.micro_batch_size:2d} "
+            f"x{probe.grad_accum_steps} ac {probe.activation_checkpointing:9s} predicted "
+            f"{row['predicted_bytes'] / 2**30:6.2f} GiB measured "
+            + ("-" if measured is None else f"{measured / 2**30:6.2f}") + " GiB error "
+            + ("-" if error is None else f"{error:+.3f}")
+            + (f"  {row['error']}" if row.get("error") else "") + f" ({row.get('seconds', 0)} s)")
+
+
+def write_atomic(path: Path, result: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, no measurement")
-    parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (64 with --smoke)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (one GPU)")
-    parser.add_argument("--float8", choices=("tensorwise", "rowwise"), default=None,
-                        help="torchao float8 matmuls in the blocks (one GPU; needs compute capability 8.9+)")
+    parser.add_argument("--dry", action="store_true", help="CPU, tiny preset: the code path, no measurement")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--budget-s", type=float, default=235.0, help="wall time for all probes")
+    parser.add_argument("--probe-timeout-s", type=float, default=75.0, help="wall time cap of one probe")
+    parser.add_argument("--kinds", default="eager,compiled,float8", help="comma-separated subset of the kinds")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA GPU; use --smoke to check the code path on CPU")
-    seq_len = args.seq_len or (64 if args.smoke else 2048)
-    dims = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from batchpilot.train import parallel
-        dims = parallel.init_distributed(device)
-        device = str(dims.device)
-    configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS if dims is None else FSDP_CONFIGS
-    if dims is not None and (args.compile or args.float8):
-        parser.error("--compile / --float8 are one-GPU cases (the derived terms are for autocast over fp32 params)")
-    rows = [row(p, mb, seq_len, ckpt, device, dims, args.compile, args.float8) for p, mb, ckpt in configs]
-    if dims is not None and dims.rank != 0:
-        parallel.shutdown_distributed()
+    if args.child:
+        print(json.dumps(measure(Probe(**json.loads(args.child)))), flush=True)
         return args.out
-    now = dt.datetime.now(dt.timezone.utc)
-    result = {**provenance(), "context_bytes": context_bytes() if device != "cpu" else None,
-              "block_saved_bytes_per_token": {p: block_saved_bytes_per_token(p, seq_len, device)
-                                              for p in sorted({c[0] for c in configs})} if dims is None else None,
-              "rows": rows}
+
+    import torch
+
+    from provenance import provenance
+
+    if not args.dry and not torch.cuda.is_available():
+        parser.error("no CUDA GPU; use --dry to check the code path on CPU")
+    kinds = set(args.kinds.split(","))
+    probes = [p for p in (DRY_PROBES if args.dry else GPU_PROBES) if p.kind in kinds]
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_smoke" if args.smoke else "" if dims is None else f"_fsdp{dims.world_size}"
-    suffix += ("_compile" if args.compile else "") + (f"_float8-{args.float8}" if args.float8 else "")
-    path = args.out / f"mem_validation_{now:%Y%m%d_%H%M%S}{suffix}.json"
-    path.write_text(json.dumps(result, indent=2))
+    now = dt.datetime.now(dt.timezone.utc)
+    path = args.out / f"mem_validation_{now:%Y%m%d_%H%M%S}{'_dry' if args.dry else ''}.json"
+    result = {"benchmark": "memory_validation", **provenance(), "budget_s": args.budget_s,
+              "probe_timeout_s": args.probe_timeout_s, "rows": [], "summary": {}}
+    deadline = time.monotonic() + args.budget_s
+    for probe in probes:
+        left = deadline - time.monotonic()
+        if left < 10:
+            row = {"config": dataclasses.asdict(probe), "kind": probe.kind, **predict(probe),
+                   "error": "skipped: budget spent", "prediction_error": None}
+        else:
+            row = run_probe(probe, min(args.probe_timeout_s, left))
+        result["rows"].append(row)
+        result["summary"] = summarize(result["rows"])
+        write_atomic(path, result)
+        print(describe(probe, row), flush=True)
+    print(json.dumps(result["summary"]["memory_prediction_max_error"]))
     print(f"wrote {path}")
-    if dims is not None:
-        parallel.shutdown_distributed()
     return path
 
 

@@ -8,7 +8,7 @@ import json
 import math
 
 from batchpilot.plan import laws
-from batchpilot.plan.memory import GIB
+from batchpilot.plan.memory import CPU_MEMORY_GB_S, GIB, PCIE_GB_S
 from batchpilot.plan.planner import Budget, compare, make_plan
 
 
@@ -38,12 +38,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-peak-tflops", type=float, default=989.0)
     mfu = p.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
-    mfu.add_argument("--mfu-from", help="a previous run's metrics.jsonl: the mean of its mfu field")
+    mfu.add_argument("--mfu-from", help="measured MFU per shape: a benchmarks/results/train_throughput_*.json, an MFU "
+                     "table JSON (docs/plan.md) or a run's metrics.jsonl (the mean of its mfu field)")
     p.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="plan eager blocks (default: GPU plans compile every block; the memory model follows)")
+    p.add_argument("--float8", choices=("tensorwise", "rowwise"), default=None,
+                   help="plan float8 matmuls in the blocks (torchao; --parallel.float8)")
+    p.add_argument("--offload", choices=("auto", "none", "cpu"), default="auto",
+                   help="CPU offload (FSDP2 CPUOffloadPolicy): auto = only when nothing else fits on the GPU")
+    p.add_argument("--pcie-gb-s", type=float, default=PCIE_GB_S, help="host link GB/s, for the offloaded step time")
+    p.add_argument("--cpu-memory-gb-s", type=float, default=CPU_MEMORY_GB_S,
+                   help="host DRAM GB/s the CPU AdamW step reaches, for the offloaded step time")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", help="save the plan as JSON (atomic) for `batchpilot train --plan`")
     p.add_argument("--compare", action="store_true", help="show what each law recommends side by side")
-    p.set_defaults(func=run)
+    p.add_argument("--config", help="a .toml/.json/.yaml file of these options by flag name (tokens = 1e11, "
+                   "gpu_memory_gib = 24, compile = false, ...); a flag given with a value other than its default wins")
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    p.set_defaults(func=run, plan_actions=actions)
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Options from ``--config``: a key sets its option unless the command line set it (differs from the
+    default); unknown keys are a one-line error."""
+    from batchpilot.cli.config import load_config_file
+
+    actions: dict[str, argparse.Action] = args.plan_actions
+    for key, value in load_config_file(args.config).items():
+        name = key.replace("-", "_")
+        if name not in actions or name in ("func", "plan_actions"):
+            raise ValueError(f"config file {args.config}: unknown key {key!r}; use the option names of "
+                             f"`batchpilot plan --help` ({', '.join(sorted(actions))})")
+        action = actions[name]
+        if isinstance(value, str) and callable(action.type):
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"config file {args.config}: {key} = {value!r}; choose one of "
+                             f"{', '.join(map(str, action.choices))}")
+        if getattr(args, name) == action.default:
+            setattr(args, name, value)
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
@@ -62,7 +96,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
                   compute_flops=args.compute, hours=args.hours, num_gpus=args.gpus,
                   gpu_memory_gib=args.gpu_memory_gib, law=args.law, optimizer=args.optimizer,
                   schedule=args.schedule, gpu_peak_tflops=args.gpu_peak_tflops, mfu=args.mfu,
-                  mfu_from=args.mfu_from, headroom=args.headroom)
+                  mfu_from=args.mfu_from, headroom=args.headroom, compile=args.compile, float8=args.float8,
+                  offload=args.offload, pcie_gb_s=args.pcie_gb_s, cpu_memory_gb_s=args.cpu_memory_gb_s)
 
 
 COMPARE_ROWS = (("law batch (tokens)", lambda p: f"{p.law['batch_tokens']:,.0f}"),
@@ -73,6 +108,7 @@ COMPARE_ROWS = (("law batch (tokens)", lambda p: f"{p.law['batch_tokens']:,.0f}"
                 ("schedule (min LR)", lambda p: f"{p.schedule} ({p.min_lr:.3g})"),
                 ("steps (warmup)", lambda p: f"{p.total_steps:,} ({p.warmup_steps:,})"),
                 ("memory / GPU (GiB)", lambda p: f"{p.predicted_peak_memory_bytes / GIB:.1f}"),
+                ("tokens/s (predicted)", lambda p: f"{p.predicted_tokens_per_second:,.0f}"),
                 ("total hours", lambda p: f"{p.predicted_total_seconds / 3600:.3g}"),
                 ("extrapolated", lambda p: "yes" if any("fitted range" in w for w in p.warnings) else "no"))
 
@@ -81,10 +117,13 @@ SUMMARY_ROWS = (("model", lambda p: p.model if isinstance(p.model, str) else "cu
                                            f"{p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len}"),
                 ("peak LR / min LR", lambda p: f"{p.peak_lr:.4g} / {p.min_lr:.3g} ({p.schedule})"),
                 ("steps / warmup", lambda p: f"{p.total_steps:,} / {p.warmup_steps:,}"),
-                ("checkpointing / sharding", lambda p: f"{p.activation_checkpointing} / {p.sharding}"),
+                ("checkpointing / sharding", lambda p: f"{p.activation_checkpointing} / {p.sharding}"
+                                                       + (" / CPU offload" if p.offload == "cpu" else "")),
+                ("compile / float8", lambda p: f"{'on' if p.compile else 'off'} / {p.float8 or 'off'}"),
                 ("memory per GPU", lambda p: f"{p.predicted_peak_memory_bytes / GIB:.1f} of "
                                              f"{p.gpu_memory_bytes / GIB:g} GiB"),
-                ("time", lambda p: f"{p.predicted_step_seconds:.3g} s/step, {p.predicted_total_seconds / 3600:.3g} h"))
+                ("time", lambda p: f"{p.predicted_step_seconds:.3g} s/step, {p.predicted_tokens_per_second:,.0f} "
+                                   f"tokens/s, {p.predicted_total_seconds / 3600:.3g} h"))
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -117,7 +156,7 @@ def run_sft(args: argparse.Namespace) -> int:
     budget = SftBudget(config=config, examples=args.examples, tokens_per_example=args.tokens_per_example,
                        num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib, seq_len=args.seq_len or 0,
                        headroom=args.headroom, epochs=args.epochs, gpu_peak_tflops=args.gpu_peak_tflops,
-                       mfu=args.mfu)
+                       mfu=args.mfu, pcie_gb_s=args.pcie_gb_s, cpu_memory_gb_s=args.cpu_memory_gb_s)
     sft = plan_sft(budget)
     plan = to_plan(sft, budget, model)
     if args.out:
@@ -138,6 +177,8 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config:
+        apply_config_file(args)
     if args.recipe == "sft":
         return run_sft(args)
     budget = budget_from_args(args)

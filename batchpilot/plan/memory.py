@@ -31,16 +31,22 @@ follows loss.py's GPU path (compiled softmax/CE kernel); its eager fallback need
 
 Peak = max over three moments: inside the loss, the first block's backward (its recomputation under
 checkpointing), the end of backward (all grads + the embedding's dense grad). Parameters and optimizer
-states are held throughout (the states exist from the first step on).
-Checked on H200s (benchmarks/memory_validation.py, torch 2.11): the block formula matches the bytes the
-block saves exactly; measured peaks of llama-125m/1b at micro-batch 1-16, checkpointing on and off, one GPU
-and FSDP2 on two, are 0.985-1.04x the prediction (the planner's headroom covers the under-prediction).
+states are held throughout (the states exist from the first step on); with gradient accumulation the grads of
+the earlier micro-steps are held too. Compiled and float8 blocks: ``compiled_block_terms`` (what the
+partitioner keeps, rule by rule); CPU offload: ``estimate_offload_peak`` / ``predict_offload_peak_bytes``.
+Checked on H200s (torch 2.11): the eager block formula matches the bytes the block saves exactly; measured
+peaks of llama-125m/1b at micro-batch 1-16, checkpointing on and off, one GPU and FSDP2 on two, are
+0.985-1.04x the prediction (benchmarks/results/mem_validation_20261128_*.json); compiled, float8 (tensorwise
+and rowwise), bf16-parameter and selective-checkpointing llama-1b peaks through the trainer's step
+(train_throughput_2026-11-28e.json) are within 1% (tests/plan/test_memory.py); benchmarks/memory_validation.py
+measures held-out shapes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Literal
 
 from batchpilot.model.llama import LlamaConfig
@@ -96,30 +102,62 @@ def korthikanti_layer_bytes(*, seq_len: int, micro_batch_size: int, hidden_size:
 
 def activation_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4, compile: bool = False,
                                float8: str | None = None) -> int:
-    """Bytes one block saves for backward per token (module docstring); ``param_bytes`` 4 = autocast, 2 = bf16.
+    """Bytes one block saves for backward per token; ``param_bytes`` 4 = autocast, 2 = bf16 parameters (FSDP2).
 
-    ``compile`` and ``float8`` (autocast only) are DERIVED, not yet validated on a GPU (docs/plan.md):
-    - compiled (inductor's min-cut partitioner, which never recomputes matmuls but recomputes pointwise ops
-      when that saves bytes): the norms save as in eager (8D each); the bf16 casts of a norm output are one
-      fused kernel shared by its linears (2D per norm, eager 6D + 4D); SDPA as in eager; SwiGLU keeps gate and
-      up (4I) and recomputes silu(gate) and the product in backward (eager 8I): 20D + 4Q + 4KV + 4H + 4I.
-      At llama-1b, seq 2048, micro-batch 16 this predicts ~62 GiB against 60.2 measured (eager: ~84).
-    - float8 (torchao ``Float8Linear`` saves the float8 cast of its input, 1 byte/element, plus a scale): eager,
-      each linear casts its input (q/k/v 3D, gate/up 2D, o_proj's 1Q next to SDPA's bf16 out, down 1I in
-      place of 2I): 21D + 5Q + 4KV + 4H + 7I. Compiled, the partitioner saves each norm's fp32 input (4D) and
-      recomputes norm + cast, plus one float8 input per norm (1D): 10D + 5Q + 4KV + 4H + 5I. This
-      over-predicts the one measured point (llama-1b as above, compiled, tensorwise: 46.4 GiB measured,
-      ~57 predicted); rowwise scales add 4 bytes per row (per token), counted per linear input.
+    Eager: the op-by-op table of the module docstring. ``compile`` (``train/parallel.py`` compiles each block)
+    and ``float8`` (torchao ``Float8Linear``) are derived from what the compiled graph keeps, not fitted:
+    ``compiled_block_terms`` lists every saved tensor and the rule that keeps it. ``float8`` without
+    ``compile`` saves as eager does on the norms and SDPA and stores each linear's input in float8
+    (torchao's eager autograd function keeps the high-precision input: counted as eager, 2 bytes).
+    """
+    if compile:
+        return sum(b for _, b in compiled_block_terms(config, param_bytes=param_bytes, float8=float8))
+    d, i = config.hidden_size, config.intermediate_size
+    q, kv, h = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.num_heads
+    norms_and_inputs = 26 * d if param_bytes == 4 else 16 * d
+    return norms_and_inputs + 4 * q + 4 * kv + 4 * h + 8 * i
+
+
+def compiled_block_terms(config: LlamaConfig, *, param_bytes: int = 4,
+                         float8: str | None = None) -> list[tuple[str, int]]:
+    """(tensor, bytes per token) a compiled block keeps for backward.
+
+    Rules of AOTAutograd's min-cut partitioner (torch/_functorch/partitioners.py,
+    ``min_cut_rematerialization_partition``, torch 2.4+ defaults; after "Min-cut rematerialization",
+    Chen et al. 2016, arXiv 1604.06174, as a graph cut): matmuls, SDPA and ``_scaled_mm`` are never
+    recomputed; a tensor that a matmul reads in backward is "materialized in backward" and saved, not
+    recomputed; reductions (RMSNorm's mean) are saved (4 bytes per row); any other pointwise tensor is
+    recomputed when that saves bytes; parameters are free to save. CSE merges the casts autocast repeats per
+    linear. Applied to ``model/llama.py``'s block (D hidden, Q = H E, KV = K E, I intermediate; r = residual
+    bytes: 4 under autocast (fp32 residual), 2 with bf16 parameters):
+      input_layernorm  its input x (r D: the norm's backward needs it), rstd (4); the normed output cast to
+                       the compute dtype once, shared by q/k/v (2 D), read by their weight-gradient matmuls
+      SDPA (flash)     q, k (after RoPE), v, out (bf16) and the fp32 logsumexp: 4Q + 4KV + 4H
+      o_proj           its input is ``out`` (a view); its bf16 output (2 D) is kept, the residual sum
+                       x + o (r D) is recomputed from x and it
+      post_attn_norm   rstd (4); the normed bf16 output shared by gate/up (2 D)
+      SwiGLU           gate and up (matmul outputs, needed by the pointwise backward: 4 I) and their product
+                       (read by down_proj's weight-gradient matmul: 2 I); silu(gate) is recomputed
+    => r D + 6 D + 4Q + 4KV + 4H + 6I + 8 (autocast 10 D; bf16 parameters 8 D). Eager: 26 D ... + 8 I.
+    float8 (torchao ``Float8Linear``, https://github.com/pytorch/ao/tree/main/torchao/float8, tensorwise or
+    rowwise): its autograd function (``matmul_with_hp_or_float8_args``) saves the HIGH-precision input and
+    weight and casts them to float8 again in backward, for the grad-input and grad-weight GEMMs (other layouts
+    and scaling axes than the forward's casts, so CSE does not merge them). A linear's bf16 input is then read
+    in backward only by a pointwise cast, so it is no longer "materialized in backward": the partitioner
+    recomputes it (the normed inputs from x and rstd, the SwiGLU product from gate and up, o_proj's float8
+    input from ``out``). Saved: r D + 2 D + 4Q + 4KV + 4H + 4I + 8. The weights' casts are recomputed from the
+    fp32 parameters (free): no weight copies. Rowwise scales are reductions of the backward's own casts:
+    nothing more is saved (the measured rowwise peaks equal the tensorwise ones).
     """
     d, i = config.hidden_size, config.intermediate_size
     q, kv, h = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.num_heads
-    if param_bytes == 4 and float8 is not None:
-        scales = 4 * (2 if compile else 7) if float8 == "rowwise" else 0
-        return (10 * d + 5 * i if compile else 21 * d + 7 * i) + 5 * q + 4 * kv + 4 * h + scales
-    if param_bytes == 4 and compile:
-        return 20 * d + 4 * q + 4 * kv + 4 * h + 4 * i
-    norms_and_inputs = 26 * d if param_bytes == 4 else 16 * d
-    return norms_and_inputs + 4 * q + 4 * kv + 4 * h + 8 * i
+    terms = [("block input x (norm backward)", param_bytes * d), ("rstd x 2 (saved reductions)", 8),
+             ("SDPA q, k, v, out", 2 * q + 4 * kv + 2 * q), ("SDPA logsumexp", 4 * h),
+             ("o_proj output (residual recomputed)", 2 * d), ("SwiGLU gate and up", 4 * i)]
+    if float8 is None:  # bf16 GEMM inputs, read by the weight-gradient matmuls
+        terms += [("q/k/v input (normed, cast once)", 2 * d), ("gate/up input (normed, cast once)", 2 * d),
+                  ("down_proj input (gate x up)", 2 * i)]
+    return terms
 
 
 def moe_mlp_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int:
@@ -149,9 +187,9 @@ def layer_activation_bytes_per_token(config: LlamaConfig, layer_idx: int, *, par
                                      compile: bool = False, float8: str | None = None) -> int:
     """``activation_bytes_per_token`` for block ``layer_idx``: a sparse layer swaps the dense MLP's share
     (gate/up inputs 4D with autocast, 2D with bf16 parameters, and SwiGLU 8I) for ``moe_mlp_bytes_per_token``."""
-    dense = activation_bytes_per_token(config, param_bytes=param_bytes, compile=compile, float8=float8)
     if not config.is_moe_layer(layer_idx):
-        return dense
+        return activation_bytes_per_token(config, param_bytes=param_bytes, compile=compile, float8=float8)
+    dense = activation_bytes_per_token(config, param_bytes=param_bytes)  # MoE layers: eager counts (not derived)
     dense_mlp = (4 if param_bytes == 4 else 2) * config.hidden_size + 8 * config.intermediate_size
     return dense - dense_mlp + moe_mlp_bytes_per_token(config, param_bytes=param_bytes)
 
@@ -248,18 +286,45 @@ class MemoryEstimate:
         return self.allocated_bytes + self.overhead_bytes
 
 
+Checkpointing = Literal["none", "full", "selective"]
+
+
+def checkpointed_layers(num_layers: int, mode: str) -> list[bool]:
+    """Which blocks ``train/parallel.py``'s ``apply_ac`` checkpoints: all (full), every other from block 0
+    (selective), none."""
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"activation checkpointing {mode!r}: choose none, full or selective")
+    return [mode == "full" or (mode == "selective" and i % 2 == 0) for i in range(num_layers)]
+
+
+def weight_copy_bytes(config: LlamaConfig, *, compile: bool, float8: str | None) -> float:
+    """Compute copies of the block weights held from forward to backward on one GPU (autocast, fp32 params).
+
+    Autocast saves a bf16 copy of every block weight for backward (2 bytes/param; compiled too: the cast is
+    read by the input-gradient matmul, so the partitioner keeps it). torchao's ``Float8Linear`` keeps the
+    fp32 parameter itself (free to save) and casts it again in backward, eager and compiled: 0.
+    """
+    del compile  # the same either way (docstring)
+    return 2.0 * non_vocab_params(config) if float8 is None else 0.0
+
+
 def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: int, optimizer: str = "adamw",
-                        num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool = False,
+                        num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool | str = False,
                         stream_chunk_tokens: int | None = None, compile: bool = False,
-                        float8: str | None = None) -> MemoryEstimate:
+                        float8: str | None = None, grad_accum_steps: int = 1) -> MemoryEstimate:
     """Peak bytes per GPU of forward + backward + optimizer step (module docstring).
 
+    ``checkpointing``: True / "full" (every block), "selective" (every other block, ``apply_ac``), False / "none".
     ``stream_chunk_tokens``: streaming backprop (``--parallel.activation_checkpointing stream``): every block
     keeps its input, as under checkpointing, and the block being differentiated holds
     ``stream_backward_working_bytes`` instead of a recomputed block (its bf16 weight copies included, so
     without FSDP2 no other block's copies are held then).
-    ``compile`` / ``float8``: the derived per-token terms of ``activation_bytes_per_token`` (await GPU validation).
+    ``compile`` / ``float8``: the derived per-token terms (``compiled_block_terms``) and weight copies
+    (``weight_copy_bytes``). ``grad_accum_steps`` > 1: from the second micro-step on the gradients of the
+    earlier ones are held through forward and backward (the trainer zeroes them only after the step).
     """
+    mode = {True: "full", False: "none"}.get(checkpointing, checkpointing)  # type: ignore[call-overload]
+    ckpt = checkpointed_layers(config.num_layers, mode)
     streaming = stream_chunk_tokens is not None
     fsdp = sharding == "fsdp"
     n = num_gpus if fsdp else 1
@@ -271,24 +336,32 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=pbytes, compile=compile, float8=float8)
                  * tokens
                  for i in range(config.num_layers)]  # MoE layers differ from dense ones
-    inputs_only = checkpointing or streaming  # both keep only each block's input
-    kept = pbytes * d * tokens * config.num_layers if inputs_only else sum(per_layer)
-    activations = kept + (8 if pbytes == 4 else 6) * d * tokens  # + final norm
-    # autocast keeps a bf16 copy of every block weight for backward; FSDP2 gathers ~2 blocks (current + prefetch)
-    # plus the root (embedding/head) in bf16.
-    copies = 2 * (2 * block + v * d) if fsdp else 2 * non_vocab_params(config)
+    block_input = pbytes * d * tokens
+    if streaming:
+        kept = block_input * config.num_layers  # every streamed block keeps only its input
+    else:
+        kept = sum(block_input if c else b for c, b in zip(ckpt, per_layer))
+    activations = kept + (8 if pbytes == 4 else 6) * d * tokens  # + final norm (eager: not compiled)
+    # autocast keeps a compute copy of every block weight for backward; FSDP2 gathers ~2 blocks (current +
+    # prefetch) plus the root (embedding/head) in bf16.
+    copies = 2 * (2 * block + v * d) if fsdp else weight_copy_bytes(config, compile=compile, float8=float8)
 
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=fsdp)
-    recompute = max(per_layer) if checkpointing else 0.0  # the (largest) block recomputed in backward
+    # the first checkpointed block that backward reaches is recomputed; the blocks after it (not checkpointed
+    # under selective) have been differentiated and freed by then
+    last = max((i for i, c in enumerate(ckpt) if c), default=None)
+    recompute = 0.0 if last is None else per_layer[last] - sum(per_layer[last + 1:])
     if streaming:
         recompute = stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=stream_chunk_tokens,
                                                   micro_batch_size=micro_batch_size, param_bytes=pbytes)
     backward_copies = 0.0 if streaming and not fsdp else copies
     fsdp_grads = 3 * 2 * block if fsdp else 0  # FSDP2: bf16 block grads + their fp32 reduce-scatter copy
+    held_grads = state.grads if grad_accum_steps > 1 else 0.0
     # in backward the head grad becomes a parameter grad; grad_hidden flows into the blocks next to its input
     moments = {
-        "loss forward": (activations, copies, loss.forward_peak, 0.0),
-        "first block backward": (activations + recompute, backward_copies + fsdp_grads, loss.saved + pbytes * d * tokens, 0.0),
+        "loss forward": (activations, copies, loss.forward_peak, held_grads),
+        "first block backward": (activations + recompute, backward_copies + fsdp_grads,
+                                 loss.saved + pbytes * d * tokens, held_grads),
         # all grads, plus the embedding's dense grad (and its bf16 form under FSDP2) before accumulation
         "backward end": (0.0, copies if fsdp else 0.0, 4 * v * d + (2 * v * d if fsdp else 0), state.grads),
     }
@@ -331,31 +404,42 @@ def recompute_factor(config: LlamaConfig, mode: str) -> float:
     return 4 / 3 + 2 * kv_proj / (6 * non_vocab_params(config))
 
 
-def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
-                    headroom: float, max_micro_batch: int) -> MemoryFit:
-    """Largest power-of-two micro-batch <= ``max_micro_batch`` that fits with headroom (FSDP on > 1 GPU).
+MAX_MICRO_BATCH = 512  # sequences; the search bisects 1 .. min(this, the step's rows per GPU)
 
-    No checkpointing when that fits at a reasonable micro-batch (``REASONABLE_MICRO_BATCH_TOKENS``, or the
-    cap if smaller). Otherwise the mode of full checkpointing and streaming backprop (its memory does not grow
-    with a block's T x I activations, only with T x D inputs and O(T) keys/values) that fits the larger
-    micro-batch; at equal micro-batches the cheaper in time (``recompute_factor``: full < stream).
+
+def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
+                    headroom: float, max_micro_batch: int, compile: bool = False,
+                    float8: str | None = None) -> MemoryFit:
+    """Largest micro-batch (any whole number) <= ``max_micro_batch`` that fits with headroom (FSDP on > 1 GPU).
+
+    ``max_micro_batch`` is the step's rows per GPU: a smaller micro-batch accumulates, so the gradients of the
+    earlier micro-steps are held (``grad_accum_steps`` > 1 in ``estimate_peak_bytes``). No checkpointing when
+    that fits at a reasonable micro-batch (``REASONABLE_MICRO_BATCH_TOKENS``, or the cap if smaller). Otherwise
+    the mode of full checkpointing and streaming backprop (its memory does not grow with a block's T x I
+    activations, only with T x D inputs and O(T) keys/values) that fits the larger micro-batch; at equal
+    micro-batches the cheaper in time (``recompute_factor``: full < stream). ``MemoryFit.micro_batch_size`` is
+    the largest that fits: the planner then picks, among all that fit, the one with the highest predicted
+    tokens/s.
     """
     sharding: Sharding = "fsdp" if num_gpus > 1 else "none"
     limit = gpu_memory_gib * GIB * (1 - headroom)
+    cap = max(1, min(max_micro_batch, MAX_MICRO_BATCH))
+
+    def estimate(mb: int, mode: str) -> MemoryEstimate:
+        return estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, optimizer=optimizer,
+                                   num_gpus=num_gpus, sharding=sharding, checkpointing=mode == "full",
+                                   stream_chunk_tokens=STREAM_CHUNK_TOKENS if mode == "stream" else None,
+                                   compile=compile and mode != "stream", float8=float8,
+                                   grad_accum_steps=1 if mb >= max_micro_batch else 2)
 
     def largest(mode: str) -> MemoryFit | None:
-        best = None
-        for mb in (m for m in MICRO_BATCH_GRID if m <= max_micro_batch):
-            est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, optimizer=optimizer,
-                                      num_gpus=num_gpus, sharding=sharding, checkpointing=mode == "full",
-                                      stream_chunk_tokens=STREAM_CHUNK_TOKENS if mode == "stream" else None)
-            if est.total_bytes > limit:
-                break
-            best = MemoryFit(mb, mode == "full", sharding, est, streaming=mode == "stream")
-        return best
+        mb = largest_fitting(lambda m: estimate(m, mode).total_bytes <= limit, cap)
+        if mb == 0:
+            return None
+        return MemoryFit(mb, mode == "full", sharding, estimate(mb, mode), streaming=mode == "stream")
 
     plain = largest("none")
-    if plain and plain.micro_batch_size * seq_len >= min(max_micro_batch * seq_len, REASONABLE_MICRO_BATCH_TOKENS):
+    if plain and plain.micro_batch_size * seq_len >= min(cap * seq_len, REASONABLE_MICRO_BATCH_TOKENS):
         return replace(plain, reason="no checkpointing: it fits at a reasonable micro-batch")
     fits = [f for f in (plain, largest("full"), largest("stream")) if f is not None]
     if not fits:
@@ -368,6 +452,18 @@ def fit_micro_batch(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gp
            + (f" ({others})" if others else "") + (f"; {', '.join(absent)} does not fit at micro-batch 1"
                                                     if absent else ""))
     return replace(best, reason=why)
+
+
+def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
+    """Largest m in 1..cap with ``fits(m)`` (0 if none). Memory grows with the micro-batch, except at ``cap``
+    itself (no accumulation, so no held gradients): ``cap`` is tried first, then 1..cap-1 is bisected."""
+    if fits(cap):
+        return cap
+    lo, hi = 0, cap - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num_gpus: int, gpu_memory_gib: float,
@@ -386,3 +482,80 @@ def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num
     return (f"the model does not fit on {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB even at micro-batch 1 with "
             f"{sharding} sharding and activation checkpointing or streaming (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
             f" headroom at seq_len {seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB per GPU")
+
+
+# --- CPU offload: FSDP2 with CPUOffloadPolicy (--parallel.offload cpu) ----------------------------------------------
+# fp32 parameter shards, their gradients and the AdamW states live in host memory; the GPU holds what is being
+# computed. Per micro-step the parameters cross the host link twice (the forward's and the backward's all-gather;
+# FSDP2 reshards after forward) and the gradients once; the AdamW step runs on the CPU and streams parameter,
+# gradient and both moments in and parameter and moments out, 7 x 4 bytes per parameter (ZeRO-Offload, Ren et
+# al., arXiv 2101.06840, sec. 4; Fuyou, Liao et al., arXiv 2403.06504, sec. 2, names the host link and the CPU
+# step as the bottlenecks). Transfers overlap compute (FSDP2 prefetches the next block), the CPU step does not.
+OFFLOAD_BYTES_PER_PARAM = 4  # [ours] fp32 shards cross the link, cast to bf16 on the GPU
+CPU_ADAM_BYTES_PER_PARAM = 28  # [ZeRO-Offload] p, g, m, v read; p, m, v written; fp32
+PCIE_GB_S = 50.0  # [ours] effective PCIe Gen5 x16 host-to-device bandwidth (64 GB/s nominal)
+CPU_MEMORY_GB_S = 100.0  # [ours] host DRAM bandwidth one process's AdamW reaches on a 2-socket server
+OFFLOAD_GATHERED_BLOCKS = 2  # FSDP2: the block being computed and the one prefetched
+
+
+def estimate_offload_peak(config: LlamaConfig, seq_len: int, *, micro_batch_size: int = 1,
+                          checkpointing: bool = True, compile: bool = False, float8: str | None = None,
+                          num_gpus: int = 1) -> MemoryEstimate:
+    """Peak GPU bytes of FSDP2 + ``CPUOffloadPolicy`` (bf16 compute, fp32 reduction), by what holds them.
+
+    On the GPU (P = one block's parameters, R = the root's: embedding, head, final norm; n GPUs):
+      gathered blocks   ``OFFLOAD_GATHERED_BLOCKS`` x (bf16 unsharded 2P + the fp32 shard copied in, 4P/n)
+      root              bf16 2R + its fp32 shard 4R/n, gathered for the whole step (FSDP2 keeps the root's)
+      gradients         in flight for one block: bf16 2P + the fp32 copy reduced and copied out 4P
+                        (the planner's FSDP term 6P); at the end of backward the root's (fp32 4R + bf16 2R)
+      activations       bf16 block inputs (or every saved tensor without checkpointing), the block
+                        recomputed in backward, the final norm; the fused loss (``estimate_loss_bytes``)
+    Parameters, gradients and optimizer states: 0 on the GPU. ``overhead_bytes``: the CUDA context, outside
+    ``max_memory_allocated`` (what the caching allocator reserves beyond the allocated blocks is left to the
+    planner's headroom). Peak = max over the loss forward, the first block's backward and the end of backward.
+    """
+    if num_gpus < 1 or micro_batch_size < 1:
+        raise ValueError("num_gpus and micro_batch_size must be >= 1")
+    d, tokens = config.hidden_size, micro_batch_size * seq_len
+    block = block_params(config)
+    root = total_params(config) - block * config.num_layers
+    gathered = OFFLOAD_GATHERED_BLOCKS * (2 + 4 / num_gpus) * block
+    root_bytes = (2 + 4 / num_gpus) * root
+    per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=2, compile=compile, float8=float8) * tokens
+                 for i in range(config.num_layers)]
+    inputs = 2 * d * tokens
+    kept = inputs * config.num_layers if checkpointing else sum(per_layer)
+    activations = kept + 6 * d * tokens
+    recompute = max(per_layer) if checkpointing else 0.0
+    loss = estimate_loss_bytes(config, tokens=tokens, fsdp=True)
+    moments = {
+        "loss forward": (activations, root_bytes + (2 + 4 / num_gpus) * block, loss.forward_peak, 0.0),
+        "first block backward": (activations + recompute, root_bytes + gathered, loss.saved + inputs, 6.0 * block),
+        "backward end": (0.0, root_bytes + gathered, 0.0, 6.0 * root),
+    }
+    name = max(moments, key=lambda k: sum(moments[k]))
+    acts, cps, loss_at_peak, grads = moments[name]
+    return MemoryEstimate(params=0.0, grads=grads, optimizer=0.0, activations=acts, compute_copies=cps,
+                          loss=loss_at_peak, overhead_bytes=CUDA_CONTEXT_BYTES, peak_moment=name)
+
+
+def predict_offload_peak_bytes(config: LlamaConfig, seq_len: int, *, micro_batch_size: int = 1,
+                               checkpointing: bool = True, compile: bool = False, float8: str | None = None,
+                               num_gpus: int = 1, include_overhead: bool = False) -> int:
+    """Predicted peak GPU bytes per GPU under ``--parallel.offload cpu``: comparable with
+    ``torch.cuda.max_memory_allocated`` (``include_overhead``: plus the CUDA context, for fitting a GPU).
+    The breakdown is ``estimate_offload_peak``."""
+    est = estimate_offload_peak(config, seq_len, micro_batch_size=micro_batch_size, checkpointing=checkpointing,
+                                compile=compile, float8=float8, num_gpus=num_gpus)
+    return int(est.total_bytes if include_overhead else est.allocated_bytes)
+
+
+def offload_step_seconds(config: LlamaConfig, *, compute_seconds: float, micro_steps: int, num_gpus: int = 1,
+                         pcie_gb_s: float = PCIE_GB_S, cpu_memory_gb_s: float = CPU_MEMORY_GB_S) -> float:
+    """Seconds per optimizer step under CPU offload: max(compute, the host link's 3 x 4 bytes/param per
+    micro-step: parameters in twice, gradients out once) + the CPU AdamW step (28 bytes/param over host DRAM,
+    each GPU's process its own shard); constants above."""
+    params = total_params(config)
+    link = 3 * params * OFFLOAD_BYTES_PER_PARAM * max(1, micro_steps) / (pcie_gb_s * 1e9)
+    cpu_step = params / num_gpus * CPU_ADAM_BYTES_PER_PARAM / (cpu_memory_gb_s * 1e9)
+    return max(compute_seconds, link) + cpu_step

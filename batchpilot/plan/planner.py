@@ -7,9 +7,13 @@ steps, schedule -> time. ``batchpilot train --plan`` loads the ``Plan`` (``Plan.
 it without re-deriving any of it; a run without a plan records the same type in its plan.json with the law
 fields empty (``law`` and the predictions None). plan.json carries ``schema_version``.
 
-Design choice: the law's batch is rounded to the nearest whole number of accumulation steps (not to a
-power of two), so the global batch stays within half a micro-step of the law; the LR follows the
-rounding with the optimizer's rescaling rule. Cost: odd accumulation counts.
+Design choice: the step's rows per GPU are the nearest whole number to the law's batch; among the micro-batches
+that fit (any whole number, not only powers of two) and divide those rows into whole accumulation steps -- or
+reach them within ``ROWS_TOLERANCE`` (5%), e.g. for a prime number of rows; micro-batches below a reasonable
+size are dropped when larger ones qualify -- the plan takes the one with the highest predicted tokens/s (MFU
+per shape from ``--mfu-from``, plan/mfu.py); ties go to the rows nearer the law, then to the larger
+micro-batch (with one assumed MFU everything ties). The LR follows the rounding with the optimizer's rescaling rule. GPU plans
+compile the blocks (the memory model's compiled terms); CPU offload is planned when nothing else fits.
 """
 
 from __future__ import annotations
@@ -25,18 +29,24 @@ from batchpilot.io import write_json_atomic
 from batchpilot.model import counting
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
-from batchpilot.plan.memory import (GIB, MICRO_BATCH_GRID, STREAM_CHUNK_TOKENS, MemoryFit, estimate_peak_bytes,
-                                    fit_micro_batch, recompute_factor)
+from batchpilot.plan.memory import (CPU_MEMORY_GB_S, GIB, PCIE_GB_S, REASONABLE_MICRO_BATCH_TOKENS,
+                                    STREAM_CHUNK_TOKENS, MemoryEstimate, estimate_offload_peak, estimate_peak_bytes, fit_micro_batch, largest_fitting,
+                                    offload_step_seconds, recompute_factor)
+from batchpilot.plan.mfu import MfuTable, read_mfu_table
 
-RECOMPUTE_NOTES = {"none": "", "full": " x 4/3 (recompute)",
-                   "stream": " x (4/3 + K/V projections again) (streamed recompute)"}
 
 # Warmup: 2000 steps in both DeepSeek LLM (arXiv 2401.02954, section 2.3) and the Step Law recipe (arXiv
 # 2503.04715, section 2), capped at 10% of the run (our rule) so short runs do not spend most of their steps
 # warming up.
 WARMUP_STEPS, WARMUP_MAX_FRACTION = 2000, 0.1
 SCHEDULES = laws.SCHEDULES
-PLAN_SCHEMA_VERSION = 1
+# 2: compile, float8, offload, predicted_tokens_per_second, mfu_source (version 1 plans are read with the
+# defaults a version 1 plan ran with: eager, no float8, no offload).
+PLAN_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+V1_DEFAULTS: dict[str, Any] = {"compile": False, "float8": None, "offload": "none",
+                               "predicted_tokens_per_second": None, "mfu_source": None}
+OFFLOAD_CHOICES = ("auto", "none", "cpu")
 # Shape derived from --params: depth L from N = 12 L d^2 with d = 64 L (the llama-125m aspect ratio, nanochat's
 # dim = 64 x depth), head_dim 64, MHA, SwiGLU width solving N exactly (multiple of 64), Llama-2 vocabulary.
 DERIVED_ASPECT, DERIVED_HEAD_DIM, DERIVED_VOCAB = 64, 64, 32000
@@ -58,8 +68,13 @@ class Budget:
     schedule: str | None = None  # None: the schedule the law was fitted with
     gpu_peak_tflops: float = 989.0  # H100/H200 dense bf16
     mfu: float = 0.4
-    mfu_from: str | None = None  # a run's metrics.jsonl: use the mean of its "mfu" field
+    mfu_from: str | None = None  # a train_throughput JSON, an MFU table or a metrics.jsonl (plan/mfu.py)
     headroom: float = 0.1
+    compile: bool = True  # GPU plans compile the blocks (train/parallel.py apply_compile); memory uses its terms
+    float8: str | None = None  # tensorwise | rowwise: torchao float8 matmuls in the blocks
+    offload: str = "auto"  # auto: CPU offload (FSDP2 CPUOffloadPolicy) only when nothing else fits; none; cpu
+    pcie_gb_s: float = PCIE_GB_S  # host link for the offloaded step time
+    cpu_memory_gb_s: float = CPU_MEMORY_GB_S
 
     def __post_init__(self) -> None:
         models = [k for k in ("preset", "hf_config", "params") if getattr(self, k) is not None]
@@ -78,6 +93,12 @@ class Budget:
         if not 0 < self.mfu <= 1 or not 0 <= self.headroom < 1:
             raise ValueError(f"need 0 < mfu <= 1 and 0 <= headroom < 1, got {self.mfu}, {self.headroom}")
         laws.lr_scaling_rule(self.optimizer)  # validates the name
+        if self.float8 not in (None, "tensorwise", "rowwise"):
+            raise ValueError(f"--float8 {self.float8!r}: choose tensorwise or rowwise")
+        if self.offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"--offload {self.offload!r}: choose one of {', '.join(OFFLOAD_CHOICES)}")
+        if min(self.pcie_gb_s, self.cpu_memory_gb_s) <= 0:
+            raise ValueError("--pcie-gb-s and --cpu-memory-gb-s must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,6 +134,11 @@ class Plan:
     mfu: float | None
     tokens_per_param: float
     law: dict[str, Any] | None  # name, source, non_vocab_params, tokens, compute_flops, batch_tokens, peak_lr (raw)
+    compile: bool = False  # torch.compile the blocks (--parallel.compile)
+    float8: str | None = None  # --parallel.float8
+    offload: str = "none"  # "none" | "cpu" (--parallel.offload: FSDP2 CPUOffloadPolicy)
+    predicted_tokens_per_second: float | None = None  # global batch / predicted step seconds, all GPUs
+    mfu_source: str | None = None  # where ``mfu`` came from (a measured table, a run, or assumed)
     warnings: tuple[str, ...] = ()
     derivation: tuple[str, ...] = ()
 
@@ -126,9 +152,13 @@ class Plan:
         """A Plan from plan.json's object; a wrong ``schema_version`` or missing keys is a one-line error."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
-        if d.get("schema_version") != PLAN_SCHEMA_VERSION:
-            raise ValueError(f"{source}: schema_version {d.get('schema_version')!r}, this batchpilot reads "
-                             f"{PLAN_SCHEMA_VERSION}; make the plan again with `batchpilot plan --out`")
+        version = d.get("schema_version")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(f"{source}: schema_version {version!r}, this batchpilot reads "
+                             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; make the plan again with "
+                             f"`batchpilot plan --out`")
+        if version == 1:  # upgraded in memory: a version 1 plan ran eager, without float8 or offload
+            d = {**V1_DEFAULTS, **d, "schema_version": PLAN_SCHEMA_VERSION}
         names = {f.name for f in fields(cls)}
         missing = names - set(d) - {"warnings", "derivation", "batch_policy"}
         if missing:
@@ -186,13 +216,6 @@ def resolve_model(budget: Budget) -> tuple[LlamaConfig, str | dict[str, Any], st
     return config, asdict(config), line
 
 
-def read_mean_mfu(path: str | os.PathLike) -> float:
-    values = [r["mfu"] for r in map(json.loads, Path(path).read_text().splitlines()) if r.get("mfu") is not None]
-    if not values:
-        raise ValueError(f"{path} has no 'mfu' values; pass --mfu instead")
-    return sum(values) / len(values)
-
-
 def training_tokens(budget: Budget, flops_per_token: float, mfu: float) -> tuple[float, str]:
     if budget.tokens is not None:
         return budget.tokens, f"D = {budget.tokens:.4g} tokens (given)"
@@ -224,42 +247,180 @@ def schedule_and_min_lr(law: laws.Law, budget: Budget, peak_lr: float) -> tuple[
     return schedule, min(min_lr, peak_lr)
 
 
+# --- the micro-batch: memory, then predicted tokens/s -------------------------------------------------------------
+
+# The step's rows may move this far from the nearest whole number to the law's batch so that a micro-batch divides
+# them into whole accumulation steps: the loss is flat near the law's batch (Step Law, arXiv 2503.04715: a convex
+# landscape with a broad near-optimal region around the fitted batch), and the LR follows the rounding.
+ROWS_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatchChoice:
+    micro_batch_size: int
+    grad_accum_steps: int
+    mode: str  # "none" | "full" | "stream"
+    sharding: str
+    offload: str  # "none" | "cpu"
+    compile: bool
+    estimate: MemoryEstimate
+    mfu: float  # model FLOPs utilisation predicted at this shape and mode
+    mfu_source: str
+    step_seconds: float
+    candidates: int  # micro-batches compared
+    mode_reason: str
+
+    @property
+    def rows_per_gpu(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+def mfu_table(budget: Budget) -> MfuTable:
+    """``--mfu-from`` (plan/mfu.py), else the assumed ``--mfu`` for every shape (the documented fallback)."""
+    if budget.mfu_from:
+        return read_mfu_table(budget.mfu_from)
+    return MfuTable.constant(budget.mfu, f"assumed MFU {budget.mfu:g} for every shape (--mfu; --mfu-from a "
+                                         f"train_throughput JSON gives measured MFU per shape)")
+
+
+def accumulation_options(rows_per_gpu: int, largest: int, seq_len: int) -> list[tuple[int, int]]:
+    """(micro-batch, accumulation steps) for the micro-batches 1..largest whose whole accumulation steps give
+    the step's rows exactly, or within ``ROWS_TOLERANCE``; of those, only the ones of at least a reasonable
+    size (``REASONABLE_MICRO_BATCH_TOKENS``, or the largest that fits) when there are any, so that a prime
+    number of rows does not leave micro-batch 1 as the only exact choice."""
+    out = []
+    for micro in range(1, max(1, min(largest, rows_per_gpu)) + 1):
+        accum = max(1, round(rows_per_gpu / micro))
+        if abs(micro * accum - rows_per_gpu) <= ROWS_TOLERANCE * rows_per_gpu:
+            out.append((micro, accum))
+    reasonable = min(largest, -(-REASONABLE_MICRO_BATCH_TOKENS // seq_len))
+    return [o for o in out if o[0] >= reasonable] or out
+
+
+def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table: MfuTable,
+                       flops_per_token: float) -> MicroBatchChoice:
+    """The checkpointing mode from ``fit_micro_batch``; then, among the micro-batches that fit in that mode and
+    make whole accumulation steps (``accumulation_options``), the one with the highest predicted tokens/s
+    (ties: the rows nearer the law, then the larger micro-batch). CPU offload when nothing fits on the GPU (``--offload auto``) or when asked."""
+    if budget.offload == "cpu":
+        return choose_offload(config, budget, rows_per_gpu, table, flops_per_token)
+    try:
+        fit = fit_micro_batch(config, seq_len=budget.seq_len, optimizer=budget.optimizer, num_gpus=budget.num_gpus,
+                              gpu_memory_gib=budget.gpu_memory_gib, headroom=budget.headroom,
+                              max_micro_batch=rows_per_gpu, compile=budget.compile, float8=budget.float8)
+    except ValueError as err:
+        if budget.offload == "none":
+            raise
+        try:
+            return choose_offload(config, budget, rows_per_gpu, table, flops_per_token)
+        except ValueError as offload_err:
+            raise ValueError(f"{err}; {offload_err}") from None
+    limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
+    recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+    scored = []
+    for micro, accum in accumulation_options(rows_per_gpu, fit.micro_batch_size, budget.seq_len):
+        est = estimate_peak_bytes(config, micro_batch_size=micro, seq_len=budget.seq_len, optimizer=budget.optimizer,
+                                  num_gpus=budget.num_gpus, sharding=fit.sharding, checkpointing=fit.mode == "full",
+                                  stream_chunk_tokens=STREAM_CHUNK_TOKENS if fit.streaming else None,
+                                  compile=budget.compile and not fit.streaming, float8=budget.float8,
+                                  grad_accum_steps=accum)
+        if est.total_bytes > limit:
+            continue
+        look = table.lookup(seq_len=budget.seq_len, micro_batch_size=micro, mode=fit.mode, float8=budget.float8,
+                            bf16_params=fit.sharding == "fsdp", recompute=recompute)
+        step = flops_per_token * micro * accum * budget.num_gpus * budget.seq_len / (
+            budget.num_gpus * budget.gpu_peak_tflops * 1e12 * look.mfu)
+        scored.append((micro * accum * budget.num_gpus * budget.seq_len / step,
+                       -abs(micro * accum - rows_per_gpu), micro, accum, est, look, step))
+    if not scored:  # the largest that fits makes no whole accumulation within the tolerance: keep the nearest
+        micro = fit.micro_batch_size
+        accum = max(1, round(rows_per_gpu / micro))
+        look = table.lookup(seq_len=budget.seq_len, micro_batch_size=micro, mode=fit.mode, float8=budget.float8,
+                            bf16_params=fit.sharding == "fsdp", recompute=recompute)
+        step = flops_per_token * micro * accum * budget.seq_len / (budget.gpu_peak_tflops * 1e12 * look.mfu)
+        scored.append((0.0, 0, micro, accum, fit.estimate, look, step))
+    _, _, micro, accum, est, look, step = max(scored, key=lambda s: s[:3])
+    return MicroBatchChoice(micro_batch_size=micro, grad_accum_steps=accum, mode=fit.mode, sharding=fit.sharding,
+                            offload="none", compile=budget.compile and not fit.streaming, estimate=est, mfu=look.mfu,
+                            mfu_source=look.source, step_seconds=step, candidates=len(scored),
+                            mode_reason=fit.reason)
+
+
+def choose_offload(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table: MfuTable,
+                   flops_per_token: float) -> MicroBatchChoice:
+    """FSDP2 + CPUOffloadPolicy, full checkpointing, eager blocks: the micro-batch with the highest predicted
+    tokens/s among those whose peak GPU bytes (``memory.estimate_offload_peak``) fit; the step time adds the
+    host link and the CPU AdamW step (``memory.offload_step_seconds``)."""
+    limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
+
+    def estimate(micro: int) -> MemoryEstimate:
+        return estimate_offload_peak(config, budget.seq_len, micro_batch_size=micro, checkpointing=True,
+                                     num_gpus=budget.num_gpus)
+
+    largest = largest_fitting(lambda m: estimate(m).total_bytes <= limit, max(1, min(rows_per_gpu, 512)))
+    if largest == 0:
+        need = estimate(1).total_bytes / (1 - budget.headroom) / GIB
+        raise ValueError(f"even CPU offload needs {need:.1f} GiB per GPU at micro-batch 1 (seq_len {budget.seq_len})")
+    recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+    scored = []
+    options = accumulation_options(rows_per_gpu, largest, budget.seq_len)
+    for micro, accum in options or [(largest, max(1, round(rows_per_gpu / largest)))]:
+        look = table.lookup(seq_len=budget.seq_len, micro_batch_size=micro, mode="full", float8=None,
+                            bf16_params=True, recompute=recompute)
+        compute = flops_per_token * micro * accum * budget.seq_len / (budget.gpu_peak_tflops * 1e12 * look.mfu)
+        step = offload_step_seconds(config, compute_seconds=compute, micro_steps=accum, num_gpus=budget.num_gpus,
+                                    pcie_gb_s=budget.pcie_gb_s, cpu_memory_gb_s=budget.cpu_memory_gb_s)
+        scored.append((micro * accum / step, -abs(micro * accum - rows_per_gpu), micro, accum, look, step))
+    _, _, micro, accum, look, step = max(scored, key=lambda s: s[:3])
+    return MicroBatchChoice(micro_batch_size=micro, grad_accum_steps=accum, mode="full", sharding="fsdp",
+                            offload="cpu", compile=False, estimate=estimate(micro), mfu=look.mfu,
+                            mfu_source=look.source, step_seconds=step, candidates=len(scored),
+                            mode_reason="CPU offload: the model does not fit on the GPU"
+                                        if budget.offload == "auto" else "CPU offload (--offload cpu)")
+
+
+def hours_mfu(table: MfuTable, budget: Budget) -> float:
+    """The MFU that turns --hours into tokens: the table's at the largest measured micro-batch, no checkpointing."""
+    return table.lookup(seq_len=budget.seq_len, micro_batch_size=1 << 20, mode="none", float8=budget.float8,
+                        bf16_params=budget.num_gpus > 1, recompute={}).mfu
+
+
 def make_plan(budget: Budget) -> Plan:
     config, model_ref, model_line = resolve_model(budget)
     law = laws.get_law(budget.law)
     n = budget.params if budget.params is not None else counting.non_vocab_params(config)
     fpt = counting.training_flops_per_token(config, budget.seq_len)
-    mfu = read_mean_mfu(budget.mfu_from) if budget.mfu_from else budget.mfu
-    tokens, tokens_line = training_tokens(budget, fpt, mfu)
+    table = mfu_table(budget)
+    tokens, tokens_line = training_tokens(budget, fpt, hours_mfu(table, budget))
     point = law_point(law, config, n, tokens, budget.seq_len)
 
     raw_sequences = point["batch_tokens"] / budget.seq_len
-    max_mb = max(m for m in MICRO_BATCH_GRID if m <= max(1.0, raw_sequences / budget.num_gpus))
-    fit = fit_micro_batch(config, seq_len=budget.seq_len, optimizer=budget.optimizer, num_gpus=budget.num_gpus,
-                          gpu_memory_gib=budget.gpu_memory_gib, headroom=budget.headroom, max_micro_batch=max_mb)
-    per_step = fit.micro_batch_size * budget.num_gpus
-    accum = max(1, round(raw_sequences / per_step))  # nearest whole number of accumulation steps
-    global_tokens = per_step * accum * budget.seq_len
+    rows_per_gpu = max(1, round(raw_sequences / budget.num_gpus))  # the step's rows per GPU, nearest whole
+    choice = choose_micro_batch(config, budget, rows_per_gpu, table, fpt)
+    global_tokens = choice.rows_per_gpu * budget.num_gpus * budget.seq_len
     rule = laws.lr_scaling_rule(budget.optimizer)
     peak_lr = laws.rescale_lr(point["peak_lr"], from_batch=point["batch_tokens"], to_batch=global_tokens, rule=rule)
     total_steps = max(1, round(tokens / global_tokens))
     schedule, min_lr = schedule_and_min_lr(law, budget, peak_lr)
     warmup_steps = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * total_steps))
-    recompute = recompute_factor(config, fit.mode)  # checkpointing re-runs the forward: 8N instead of 6N
-    step_s = fpt * global_tokens * recompute / (budget.num_gpus * budget.gpu_peak_tflops * 1e12 * mfu)
+    step_s = choice.step_seconds
     total = counting.total_params(config)
     plan = Plan(model=model_ref, num_params=total, non_vocab_params=int(n), seq_len=budget.seq_len,
-                num_gpus=budget.num_gpus, global_batch_tokens=global_tokens, micro_batch_size=fit.micro_batch_size,
-                grad_accum_steps=accum, peak_lr=peak_lr, min_lr=min_lr, total_steps=total_steps,
+                num_gpus=budget.num_gpus, global_batch_tokens=global_tokens, micro_batch_size=choice.micro_batch_size,
+                grad_accum_steps=choice.grad_accum_steps, peak_lr=peak_lr, min_lr=min_lr, total_steps=total_steps,
                 warmup_steps=warmup_steps, warmup_tokens=warmup_steps * global_tokens,
                 total_tokens=total_steps * global_tokens, schedule=schedule, optimizer=budget.optimizer,
-                activation_checkpointing=fit.mode, sharding=fit.sharding,
-                predicted_peak_memory_bytes=int(fit.estimate.total_bytes),
+                activation_checkpointing=choice.mode, sharding=choice.sharding,
+                predicted_peak_memory_bytes=int(choice.estimate.total_bytes),
                 gpu_memory_bytes=int(budget.gpu_memory_gib * GIB), predicted_step_seconds=step_s,
-                predicted_total_seconds=step_s * total_steps, flops_per_token=fpt, mfu=mfu,
-                tokens_per_param=tokens / total, law={k: v for k, v in point.items() if k != "warnings"})
-    lines = derivation(plan, law, fit, budget, model_line=model_line, tokens_line=tokens_line, max_mb=max_mb)
-    lines += context_parallel_note(config, budget, fit)
+                predicted_total_seconds=step_s * total_steps, flops_per_token=fpt, mfu=choice.mfu,
+                tokens_per_param=tokens / total, law={k: v for k, v in point.items() if k != "warnings"},
+                compile=choice.compile, float8=budget.float8 if choice.offload == "none" else None,
+                offload=choice.offload, predicted_tokens_per_second=global_tokens / step_s,
+                mfu_source=choice.mfu_source)
+    lines = derivation(plan, law, choice, budget, model_line=model_line, tokens_line=tokens_line,
+                       raw_rows_per_gpu=raw_sequences / budget.num_gpus)
+    lines += context_parallel_note(config, budget, choice.mode)
     return replace(plan, warnings=tuple(point["warnings"] + plan_warnings(plan, law)), derivation=lines)
 
 
@@ -275,10 +436,42 @@ def plan_warnings(plan: Plan, law: laws.Law) -> list[str]:
     return out
 
 
-def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, model_line: str, tokens_line: str,
-               max_mb: int) -> tuple[str, ...]:
+def derivation(plan: Plan, law: laws.Law, choice: MicroBatchChoice, budget: Budget, *, model_line: str,
+               tokens_line: str, raw_rows_per_gpu: float) -> tuple[str, ...]:
     """The numbered steps of ``Plan.explain``."""
     p, raw = plan, plan.law
+    if choice.offload == "cpu":
+        compile_line = ("compile: off: the CPU-offload path is planned eager (FSDP2 CPUOffloadPolicy with compiled "
+                        "blocks is not validated)")
+    elif choice.compile:
+        compile_line = ("compile: on (a GPU plan compiles every block, --parallel.compile; inductor): the memory "
+                        "model counts what the compiled blocks save (memory.compiled_block_terms)"
+                        + ("" if p.activation_checkpointing != "stream" else "; streamed blocks stay eager"))
+    else:
+        compile_line = "compile: off (--no-compile): the memory model counts eager blocks"
+    if p.float8:
+        compile_line += f"; float8 {p.float8} matmuls in the blocks (torchao Float8Linear)"
+    where = ("CPU offload (FSDP2 CPUOffloadPolicy: parameters, gradients and AdamW states in host memory; "
+             "memory.estimate_offload_peak), " if choice.offload == "cpu" else "")
+    memory_line = (
+        f"memory: {where}checkpointing {p.activation_checkpointing}, sharding {p.sharding}: micro-batch "
+        f"{p.micro_batch_size} x {p.grad_accum_steps} accumulation = {choice.rows_per_gpu} rows per GPU (law: "
+        f"{raw_rows_per_gpu:.1f}); the highest predicted tokens/s among {choice.candidates} micro-batch"
+        f"{'es' if choice.candidates != 1 else ''} that fit "
+        f"within {1 - budget.headroom:.0%} of {budget.gpu_memory_gib:g} GiB and make whole accumulation steps "
+        f"(rows within {ROWS_TOLERANCE:.0%}); {p.predicted_peak_memory_bytes / GIB:.2f} GiB "
+        f"(peak at {choice.estimate.peak_moment})"
+        + (f"; chose {choice.mode_reason}" if choice.mode_reason else "")
+        + (f"; streaming backprop in chunks of {STREAM_CHUNK_TOKENS} tokens (StreamBP, arXiv 2506.03077)"
+           if p.activation_checkpointing == "stream" else ""))
+    time_line = (f"time = FLOPs per token x batch / (GPUs x {budget.gpu_peak_tflops:g} TFLOP/s x MFU {p.mfu:.3g})"
+                 f" [MFU: {p.mfu_source}; recomputation is inside this MFU]")
+    if choice.offload == "cpu":
+        time_line += (f", then max(that, the host link: 3 x 4 bytes/param x {p.grad_accum_steps} micro-steps at "
+                      f"{budget.pcie_gb_s:g} GB/s) + the CPU AdamW step (28 bytes/param at "
+                      f"{budget.cpu_memory_gb_s:g} GB/s; ZeRO-Offload, arXiv 2101.06840)")
+    time_line += (f" = {p.predicted_step_seconds:.3g} s/step, {p.predicted_tokens_per_second:,.0f} tokens/s -> "
+                  f"{p.predicted_total_seconds / 3600:.3g} h; {p.tokens_per_param:.3g} tokens per parameter")
     return (
         model_line,
         f"N (attention + MLP, no embeddings/head/norms) = {p.non_vocab_params:,}; total params = {p.num_params:,}",
@@ -286,12 +479,8 @@ def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, mod
         tokens_line,
         f"law {law.name} ({law.source}): peak LR {raw['peak_lr']:.4g}, batch {raw['batch_tokens']:.4g} tokens"
         + (f" (C = M D = {raw['compute_flops']:.4g} FLOPs)" if law.kind == "deepseek" else ""),
-        f"memory: micro-batch {p.micro_batch_size} (largest power of two <= {max_mb} within "
-        f"{1 - budget.headroom:.0%} of {budget.gpu_memory_gib:g} GiB), checkpointing {p.activation_checkpointing}, "
-        f"sharding {p.sharding}: {p.predicted_peak_memory_bytes / GIB:.2f} GiB (peak at {fit.estimate.peak_moment})"
-        + (f"; chose {fit.reason}" if fit.reason else "")
-        + (f"; streaming backprop in chunks of {STREAM_CHUNK_TOKENS} tokens (StreamBP, arXiv 2506.03077)"
-           if fit.streaming else ""),
+        compile_line,
+        memory_line,
         f"global batch = {p.micro_batch_size} x {p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len} = "
         f"{p.global_batch_tokens:,} tokens (law: {raw['batch_tokens']:,.0f})",
         f"peak LR = {raw['peak_lr']:.4g} x {laws.lr_scaling_rule(p.optimizer)}({p.global_batch_tokens} / "
@@ -299,23 +488,21 @@ def derivation(plan: Plan, law: laws.Law, fit: MemoryFit, budget: Budget, *, mod
         f"SGD/LARS)",
         f"steps = D / batch = {p.total_steps:,}; warmup = min({WARMUP_STEPS}, {WARMUP_MAX_FRACTION:.0%} of steps) = "
         f"{p.warmup_steps:,}; schedule {p.schedule}, min LR {p.min_lr:.3g}",
-        f"time = FLOPs per token x batch{RECOMPUTE_NOTES[fit.mode]} / (GPUs x "
-        f"{budget.gpu_peak_tflops:g} TFLOP/s x MFU {p.mfu:.3g}) = {p.predicted_step_seconds:.3g} s/step -> "
-        f"{p.predicted_total_seconds / 3600:.3g} h; {p.tokens_per_param:.3g} tokens per parameter",
+        time_line,
     )
 
 
-def context_parallel_note(config: LlamaConfig, budget: Budget, fit: MemoryFit) -> tuple[str, ...]:
+def context_parallel_note(config: LlamaConfig, budget: Budget, mode: str) -> tuple[str, ...]:
     """With several GPUs and a checkpointed or streamed plan: what ring-attention context parallelism over all
     GPUs (``train/context_parallel.py``: seq_len / GPUs tokens per rank, FSDP2 over the same GPUs) would need.
-    Stated, not chosen: the trainer does not run context parallelism yet."""
-    if budget.num_gpus < 2 or fit.mode == "none" or budget.seq_len % (2 * budget.num_gpus):
+    Stated, not chosen: the planner does not plan context parallelism yet."""
+    if budget.num_gpus < 2 or mode == "none" or budget.seq_len % (2 * budget.num_gpus):
         return ()
     est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=budget.seq_len // budget.num_gpus,
                               optimizer=budget.optimizer, num_gpus=budget.num_gpus, sharding="fsdp")
     return (f"context parallelism over {budget.num_gpus} GPUs ({budget.seq_len // budget.num_gpus:,} tokens per GPU, "
             f"no recompute) would need {est.total_bytes / GIB:.1f} GiB at micro-batch 1 (ring attention, Liu et al., "
-            f"arXiv 2310.01889); not chosen: the trainer does not run it yet",)
+            f"arXiv 2310.01889); not chosen: the planner does not plan it yet",)
 
 
 def compare(budget: Budget) -> dict[str, Plan]:

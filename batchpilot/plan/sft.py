@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 
 from batchpilot.model.counting import non_vocab_params, total_params, training_flops_per_token
 from batchpilot.model.llama import LlamaConfig
-from batchpilot.plan.memory import fit_micro_batch
+from batchpilot.plan.memory import (CPU_ADAM_BYTES_PER_PARAM, CPU_MEMORY_GB_S, GIB, OFFLOAD_BYTES_PER_PARAM, PCIE_GB_S,
+                                    fit_micro_batch, largest_fitting, offload_step_seconds,
+                                    predict_offload_peak_bytes)
+
+__all__ = ["CPU_ADAM_BYTES_PER_PARAM", "OFFLOAD_BYTES_PER_PARAM"]  # re-exported: the offload constants' old home
 from batchpilot.plan.planner import PLAN_SCHEMA_VERSION, Plan
 
 PAPER = "Pareja et al., arXiv 2412.13337"
@@ -40,16 +44,7 @@ MIN_OPTIMIZER_STEPS = 50  # [ours] a run needs enough updates for the early sign
 MIN_BATCH_EXAMPLES = 16  # [ours]
 PAPER_PARAMS_RANGE = (3e9, 7.5e9)  # [paper] the model sizes it studies
 WARMUP_STEPS_MAX, WARMUP_FRACTION = 25, 0.05  # [ours] the paper finds warmup does not matter; keep it short
-# CPU offload (FSDP2 CPUOffloadPolicy: fp32 parameter shards, gradients and AdamW states live in host memory).
-# Per micro-step the parameters cross the host link twice (the forward's and the backward's all-gather; FSDP2
-# reshards after forward) and the gradients once; the AdamW step runs on the CPU and streams parameter,
-# gradient and both moments in and parameter and moments out, 7 x 4 bytes per parameter (ZeRO-Offload, Ren et
-# al., arXiv 2101.06840, sec. 4; Fuyou, Liao et al., arXiv 2403.06504, sec. 2, names the host link and the CPU
-# step as the bottlenecks). Transfers overlap compute (FSDP2 prefetches the next layer), the CPU step does not.
-OFFLOAD_BYTES_PER_PARAM = 4  # [ours] fp32 shards cross the link, cast to bf16 on the GPU
-CPU_ADAM_BYTES_PER_PARAM = 28  # [ZeRO-Offload] p, g, m, v read; p, m, v written; fp32
-PCIE_GB_S = 50.0  # [ours] effective PCIe Gen5 x16 host-to-device bandwidth (64 GB/s nominal)
-CPU_MEMORY_GB_S = 100.0  # [ours] host DRAM bandwidth one process's AdamW reaches on a 2-socket server
+# CPU offload: plan/memory.py's constants and functions (host link, CPU AdamW step, peak GPU bytes).
 GPU_PEAK_TFLOPS, ASSUMED_MFU = 989.0, 0.4  # H100/H200 dense bf16; the pretraining planner's default MFU
 
 
@@ -129,7 +124,7 @@ def plan_sft(budget: SftBudget) -> SftPlan:
 
     rows = max(1, math.ceil(batch * t / budget.seq_len))
     micro, accum, offload, checkpointing = _fit(budget, rows, lines)
-    step_seconds = predicted_step_seconds(budget, rows, offload=offload)
+    step_seconds = predicted_step_seconds(budget, rows, offload=offload, micro=micro)
     lines.append(f"step time {step_seconds:.3g} s: " + (
         f"compute at MFU {budget.mfu:g} of {budget.gpu_peak_tflops:g} TFLOP/s" if offload == "none" else
         f"max(compute, parameters twice and gradients once per micro-step over a {budget.pcie_gb_s:g} GB/s host "
@@ -147,7 +142,7 @@ def plan_sft(budget: SftBudget) -> SftPlan:
                    checkpointing=checkpointing, predicted_step_seconds=step_seconds)
 
 
-def predicted_step_seconds(budget: SftBudget, rows: int, *, offload: str) -> float:
+def predicted_step_seconds(budget: SftBudget, rows: int, *, offload: str, micro: int = 1) -> float:
     """Seconds per optimizer step: the step's FLOPs at the assumed MFU, and under CPU offload the host-link
     traffic (overlapped with compute) and the CPU AdamW step (not overlapped); see the constants above."""
     cfg, gpus = budget.config, budget.num_gpus
@@ -156,11 +151,9 @@ def predicted_step_seconds(budget: SftBudget, rows: int, *, offload: str) -> flo
                                                                               * budget.mfu)
     if offload == "none":
         return compute
-    params = total_params(cfg)
-    micro_steps = max(1, math.ceil(rows / gpus))  # offload runs at micro-batch 1
-    link = 3 * params * OFFLOAD_BYTES_PER_PARAM * micro_steps / (budget.pcie_gb_s * 1e9)  # each GPU its own link
-    cpu_step = params / gpus * CPU_ADAM_BYTES_PER_PARAM / (budget.cpu_memory_gb_s * 1e9)
-    return max(compute, link) + cpu_step
+    micro_steps = max(1, math.ceil(rows / (gpus * max(1, micro))))
+    return offload_step_seconds(cfg, compute_seconds=compute, micro_steps=micro_steps, num_gpus=gpus,
+                                pcie_gb_s=budget.pcie_gb_s, cpu_memory_gb_s=budget.cpu_memory_gb_s)
 
 
 def to_plan(sft: SftPlan, budget: SftBudget, model: str) -> Plan:
@@ -171,6 +164,8 @@ def to_plan(sft: SftPlan, budget: SftBudget, model: str) -> Plan:
     batch_tokens = rows_per_gpu * budget.num_gpus * sft.seq_len  # whole rows on every GPU
     warnings = ("the model does not fit for full fine-tuning: run with --parallel.offload cpu or --lora.rank",) \
         if sft.offload == "cpu" else ()
+    peak = predict_offload_peak_bytes(budget.config, sft.seq_len, micro_batch_size=micro, num_gpus=budget.num_gpus,
+                                      include_overhead=True) if sft.offload == "cpu" else None
     params = total_params(budget.config)
     flops = training_flops_per_token(budget.config, sft.seq_len)
     return Plan(schema_version=PLAN_SCHEMA_VERSION, model=model, num_params=params,
@@ -180,12 +175,14 @@ def to_plan(sft: SftPlan, budget: SftBudget, model: str) -> Plan:
                 min_lr=0.0, warmup_steps=sft.warmup_steps, warmup_tokens=sft.warmup_steps * batch_tokens,
                 total_steps=sft.steps, total_tokens=sft.steps * batch_tokens, schedule=sft.schedule,
                 optimizer="adamw",
-                activation_checkpointing="full" if sft.checkpointing else "none", sharding="fsdp" if budget.num_gpus > 1 else "none",
-                predicted_peak_memory_bytes=None, gpu_memory_bytes=int(budget.gpu_memory_gib * 2**30),
+                activation_checkpointing="full" if sft.checkpointing else "none",
+                sharding="fsdp" if budget.num_gpus > 1 or sft.offload == "cpu" else "none",
+                predicted_peak_memory_bytes=peak, gpu_memory_bytes=int(budget.gpu_memory_gib * 2**30),
                 predicted_step_seconds=sft.predicted_step_seconds,
                 predicted_total_seconds=sft.predicted_step_seconds * sft.steps, flops_per_token=flops,
                 mfu=budget.mfu, tokens_per_param=sft.steps * batch_tokens / params, law=None,
-                warnings=warnings, derivation=tuple(sft.explanation))
+                offload=sft.offload, predicted_tokens_per_second=batch_tokens / sft.predicted_step_seconds,
+                mfu_source=f"assumed MFU {budget.mfu:g}", warnings=warnings, derivation=tuple(sft.explanation))
 
 
 def sft_run_defaults(*, global_batch_tokens: int, total_tokens: int | None) -> dict[str, object]:
@@ -216,13 +213,36 @@ def _fit(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, int, str,
     except ValueError as e:
         lines.append(f"memory: full fine-tuning does not fit ({e}); offload parameters, gradients and optimizer "
                      "states to CPU (--parallel.offload cpu) or use LoRA (--lora.rank)")
-        return 0, 0, "cpu", False
+        return _fit_offload(budget, rows, lines)
     micro = fit.micro_batch_size
     accum = math.ceil(rows / (micro * budget.num_gpus))
     lines.append(f"{rows} rows of {budget.seq_len} tokens per step: micro-batch {micro} rows x {budget.num_gpus} "
                  f"GPU(s) x {accum} accumulation steps (memory model, {fit.sharding} sharding"
                  f"{', checkpointing' if fit.checkpointing else ''})")
     return micro, accum, "none", fit.checkpointing
+
+
+def _fit_offload(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, int, str, bool]:
+    """Micro-batch under CPU offload (checkpointing on): the largest whose predicted peak GPU bytes
+    (``memory.predict_offload_peak_bytes`` with the CUDA context) stay within the headroom; 0 if none."""
+    limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
+    cap = max(1, math.ceil(rows / budget.num_gpus))
+
+    def fits(micro: int) -> bool:
+        return predict_offload_peak_bytes(budget.config, budget.seq_len, micro_batch_size=micro,
+                                          num_gpus=budget.num_gpus, include_overhead=True) <= limit
+
+    micro = largest_fitting(fits, cap)
+    if micro == 0:
+        lines.append(f"memory: even CPU offload does not fit at micro-batch 1 ({budget.gpu_memory_gib:g} GiB): "
+                     "use LoRA (--lora.rank) or more GPUs")
+        return 0, 0, "cpu", True
+    accum = math.ceil(rows / (micro * budget.num_gpus))
+    peak = predict_offload_peak_bytes(budget.config, budget.seq_len, micro_batch_size=micro, num_gpus=budget.num_gpus)
+    lines.append(f"memory under CPU offload (FSDP2 CPUOffloadPolicy, checkpointing): micro-batch {micro} rows x "
+                 f"{budget.num_gpus} GPU(s) x {accum} accumulation steps, {peak / GIB:.1f} GiB peak GPU memory "
+                 "predicted (memory.predict_offload_peak_bytes)")
+    return micro, accum, "cpu", True
 
 
 # --- early signals (paper finding ii) -----------------------------------------------------------------------

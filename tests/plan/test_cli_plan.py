@@ -35,5 +35,44 @@ def test_compare(capsys):
 def test_errors_exit_2(capsys):
     assert main(["plan", "--preset", "tiny", "--tokens", "1e9", "--law", "nope"]) == 2
     assert "unknown law 'nope'; choose one of: step, deepseek" in capsys.readouterr().err
-    assert main(["plan", "--preset", "llama-8b", "--tokens", "1e9", "--gpu-memory-gib", "16"]) == 2
+    assert main(["plan", "--preset", "llama-8b", "--tokens", "1e9", "--gpu-memory-gib", "16", "--offload", "none"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_compile_float8_offload_and_mfu_table_flags(capsys, tmp_path):
+    table = tmp_path / "mfu.json"
+    table.write_text(json.dumps({"mfu": [{"seq_len": 2048, "micro_batch_size": 4, "mfu": 0.5}]}))
+    assert main(["plan", "--preset", "llama-1b", "--tokens", "1e10", "--json", "--mfu-from", str(table),
+                 "--float8", "tensorwise"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["compile"] is True and d["float8"] == "tensorwise" and d["mfu"] == 0.5 and d["schema_version"] == 2
+    assert d["predicted_tokens_per_second"] > 0 and d["mfu_source"].startswith("table mfu.json")
+    assert main(["plan", "--preset", "llama-1b", "--tokens", "1e10", "--json", "--no-compile"]) == 0
+    assert json.loads(capsys.readouterr().out)["compile"] is False
+    assert main(["plan", "--preset", "llama-8b", "--tokens", "1e10", "--gpu-memory-gib", "24", "--json",
+                 "--pcie-gb-s", "25"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert slow["offload"] == "cpu"
+    assert main(["plan", "--preset", "llama-8b", "--tokens", "1e10", "--gpu-memory-gib", "24", "--offload", "none"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert main(["plan", "--preset", "llama-8b", "--tokens", "1e10", "--gpu-memory-gib", "24", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted_step_seconds"] < slow["predicted_step_seconds"]
+    assert main(["plan", "--preset", "tiny", "--tokens", "1e9", "--mfu-from", str(tmp_path / "none.json")]) == 2
+    assert "--mfu-from" in capsys.readouterr().err
+
+
+def test_config_file_sets_options_and_flags_win(capsys, tmp_path):
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text('preset = "llama-1b"\ntokens = 1e10\ncompile = false\noffload = "none"\ngpu-memory-gib = 40\n')
+    assert main(["plan", "--config", str(cfg), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["compile"] is False and d["gpu_memory_bytes"] == 40 * 2**30 and d["model"] == "llama-1b"
+    assert main(["plan", "--config", str(cfg), "--json", "--gpu-memory-gib", "60"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpu_memory_bytes"] == 60 * 2**30
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"preset": "tiny", "tokens": 1e9, "wings": 2}))
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert "unknown key 'wings'" in capsys.readouterr().err
+    bad.write_text(json.dumps({"preset": "tiny", "tokens": 1e9, "offload": "disk"}))
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert "offload = 'disk'; choose one of auto, none, cpu" in capsys.readouterr().err

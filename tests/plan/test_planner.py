@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +11,10 @@ from batchpilot.model.hf import config_to_hf
 from batchpilot.model.llama import LlamaConfig, get_preset
 from batchpilot.model import counting
 from batchpilot.plan import laws
-from batchpilot.plan.memory import GIB, estimate_peak_bytes
-from batchpilot.plan.memory import MICRO_BATCH_GRID
-from batchpilot.plan.planner import Budget, Plan, compare, derive_shape, make_plan
+from batchpilot.plan.memory import GIB, estimate_peak_bytes, offload_step_seconds
+from batchpilot.plan.planner import ROWS_TOLERANCE, Budget, Plan, compare, derive_shape, make_plan
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 BUDGETS = [
     Budget(preset="llama-1b", tokens=1e11, num_gpus=8),
@@ -28,7 +30,9 @@ def test_rounding_and_lr_rule(budget):
     plan = make_plan(budget)
     per_step = plan.micro_batch_size * plan.grad_accum_steps * plan.num_gpus * plan.seq_len
     assert plan.global_batch_tokens == per_step
-    assert plan.micro_batch_size in MICRO_BATCH_GRID
+    rows = max(1, round(plan.law["batch_tokens"] / plan.seq_len / plan.num_gpus))  # the law's rows per GPU
+    assert plan.micro_batch_size >= 1
+    assert abs(plan.micro_batch_size * plan.grad_accum_steps - rows) <= ROWS_TOLERANCE * rows
     ratio = plan.global_batch_tokens / plan.law["batch_tokens"]
     scale = ratio if budget.optimizer in ("sgd", "lars") else math.sqrt(ratio)
     assert plan.peak_lr == pytest.approx(plan.law["peak_lr"] * scale)
@@ -57,17 +61,101 @@ def test_extrapolation_is_warned():
     assert "WARNING" in make_plan(Budget(preset="llama-8b", tokens=1e12, num_gpus=8, law="deepseek")).explain()
 
 
-def test_micro_batch_is_largest_that_fits():
-    budget = Budget(preset="llama-125m", tokens=1e11, gpu_memory_gib=24)  # law batch 541 seqs: grid cap 512
+def fits(config, mb, accum, *, gib, compile=True, ckpt=False):
+    est = estimate_peak_bytes(config, micro_batch_size=mb, seq_len=2048, checkpointing=ckpt, compile=compile,
+                              grad_accum_steps=accum)
+    return est.total_bytes <= 0.9 * gib * GIB
+
+
+def test_micro_batch_at_an_assumed_mfu_keeps_the_rows_nearest_the_law_then_the_largest():
+    """One assumed MFU for every shape: tokens/s ties, so the rows nearest the law win (541 is prime: no
+    micro-batch of a reasonable size divides it, so 540 or 542), then the largest micro-batch that fits (any
+    whole number, not only powers of two)."""
+    budget = Budget(preset="llama-125m", tokens=1e11, gpu_memory_gib=24)  # law: 541 rows of 2048
     plan = make_plan(budget)
-    ckpt = plan.activation_checkpointing == "full"
+    config = get_preset("llama-125m")
+    assert plan.activation_checkpointing == "none" and plan.compile  # fits at >= 8192 tokens per micro-batch
+    rows = plan.micro_batch_size * plan.grad_accum_steps
+    assert rows in (540, 542) and plan.micro_batch_size >= 4
+    assert fits(config, plan.micro_batch_size, plan.grad_accum_steps, gib=24)
+    for mb in range(plan.micro_batch_size + 1, 513):  # no larger micro-batch reaching 540-542 fits
+        accum = round(541 / mb)
+        assert abs(mb * accum - 541) > 1 or not fits(config, mb, accum, gib=24)
+    assert "the highest predicted tokens/s among" in plan.explain()
+    eight = make_plan(Budget(preset="llama-1b", tokens=1e11, num_gpus=8))  # 68 rows per GPU: 17 x 4 exactly
+    assert eight.micro_batch_size * eight.grad_accum_steps == 68
 
-    def fits(mb):
-        est = estimate_peak_bytes(get_preset("llama-125m"), micro_batch_size=mb, seq_len=2048, checkpointing=ckpt)
-        return est.total_bytes <= 0.9 * 24 * GIB
 
-    assert fits(plan.micro_batch_size) and not fits(2 * plan.micro_batch_size)
-    assert plan.activation_checkpointing == "none"  # fits at >= 8192 tokens per micro-batch
+def test_eight_by_one_where_four_by_two_was_chosen():
+    """Law batch 7.9 rows: the old rule capped the micro-batch at the largest power of two <= 7.9 (4, then 4 x 2);
+    now the step's rows are the nearest whole number (8) and micro-batch 8 fits: 8 x 1, at the same rows."""
+    tokens = (7.9 * 2048 / 0.58) ** (1 / 0.571)  # Step Law: batch = 0.58 D^0.571 tokens
+    plan = make_plan(Budget(preset="llama-125m", tokens=tokens))
+    assert plan.law["batch_tokens"] / 2048 == pytest.approx(7.9)
+    assert (plan.micro_batch_size, plan.grad_accum_steps) == (8, 1)
+
+
+def test_the_measured_mfu_table_decides_the_micro_batch(tmp_path):
+    """A table where micro-batch 4 runs at a higher MFU than 8: the planner takes 4 x 2 although 8 x 1 fits."""
+    table = tmp_path / "mfu.json"
+    table.write_text(json.dumps({"mfu": [{"seq_len": 2048, "micro_batch_size": 4, "mfu": 0.6},
+                                         {"seq_len": 2048, "micro_batch_size": 8, "mfu": 0.5}]}))
+    tokens = (7.9 * 2048 / 0.58) ** (1 / 0.571)
+    plan = make_plan(Budget(preset="llama-125m", tokens=tokens, mfu_from=str(table)))
+    assert (plan.micro_batch_size, plan.grad_accum_steps) == (4, 2) and plan.mfu == pytest.approx(0.6)
+    assert plan.predicted_tokens_per_second == pytest.approx(989e12 * 0.6 / plan.flops_per_token)
+    assert "table mfu.json: seq 2048" in plan.explain()
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps({"mfu": [{"seq_len": 2048, "micro_batch_size": 4, "mfu": 0.5},
+                                           {"seq_len": 2048, "micro_batch_size": 8, "mfu": 0.6}]}))
+    assert make_plan(Budget(preset="llama-125m", tokens=tokens, mfu_from=str(flipped))).micro_batch_size == 8
+
+
+def test_mfu_from_a_train_throughput_result():
+    """The measured table of benchmarks/train_throughput.py: the compiled autocast system's mfu_causal at seq
+    2048, micro-batch 16 (0.5302 in that run); step time = FLOPs x batch / (peak x MFU)."""
+    path = RESULTS / "train_throughput_2026-11-28e.json"
+    plan = make_plan(Budget(preset="llama-1b", tokens=1e11, mfu_from=str(path)))
+    assert plan.mfu == pytest.approx(0.5302) and plan.compile and plan.activation_checkpointing == "none"
+    assert plan.predicted_step_seconds == pytest.approx(plan.flops_per_token * plan.global_batch_tokens
+                                                        / (989e12 * 0.5302))
+    assert plan.predicted_tokens_per_second == pytest.approx(plan.global_batch_tokens / plan.predicted_step_seconds)
+    assert plan.mfu_source.startswith("measured train_throughput_2026-11-28e.json: seq 2048")
+    f8 = make_plan(Budget(preset="llama-1b", tokens=1e11, mfu_from=str(path), float8="tensorwise"))
+    assert f8.mfu == pytest.approx(0.6327) and f8.float8 == "tensorwise"  # the float8 system's row
+    long = make_plan(Budget(preset="llama-1b", tokens=1e11, seq_len=8192, mfu_from=str(path)))
+    assert long.mfu == pytest.approx(0.5084)  # its seq 8192 row
+
+
+def test_gpu_plans_compile_and_the_memory_model_follows():
+    on = make_plan(Budget(preset="llama-1b", tokens=1e11))
+    off = make_plan(Budget(preset="llama-1b", tokens=1e11, compile=False))
+    assert on.compile and not off.compile
+    assert "compile: on" in on.explain() and "compile: off" in off.explain()
+    config = get_preset("llama-1b")
+    same = [estimate_peak_bytes(config, micro_batch_size=8, seq_len=2048, compile=c).allocated_bytes
+            for c in (True, False)]
+    assert same[0] < same[1]  # compiled blocks save less: a compiled plan fits a micro-batch at least as large
+    assert on.micro_batch_size >= off.micro_batch_size
+
+
+def test_offload_when_the_model_does_not_fit():
+    """llama-8b on one 24 GiB GPU: no sharding or checkpointing fits, CPU offload does; its step time is the
+    host link's and the CPU step's (issue 21)."""
+    budget = Budget(preset="llama-8b", tokens=1e11, gpu_memory_gib=24)
+    plan = make_plan(budget)
+    assert plan.offload == "cpu" and plan.sharding == "fsdp" and plan.activation_checkpointing == "full"
+    assert not plan.compile and plan.predicted_peak_memory_bytes <= 0.9 * 24 * GIB
+    config = get_preset("llama-8b")
+    compute = plan.flops_per_token * plan.global_batch_tokens / (989e12 * plan.mfu)
+    assert plan.predicted_step_seconds == pytest.approx(offload_step_seconds(
+        config, compute_seconds=compute, micro_steps=plan.grad_accum_steps))
+    assert plan.predicted_step_seconds > compute
+    assert "CPU offload (FSDP2 CPUOffloadPolicy" in plan.explain() and "host link" in plan.explain()
+    with pytest.raises(ValueError, match="does not fit"):
+        make_plan(dataclasses.replace(budget, offload="none"))
+    forced = make_plan(Budget(preset="llama-1b", tokens=1e10, offload="cpu"))
+    assert forced.offload == "cpu" and "--offload cpu" in forced.explain()
 
 
 def test_checkpointing_when_plain_does_not_fit():
@@ -83,8 +171,15 @@ def test_round_trip(tmp_path):
     assert Plan.load(path) == plan and not list(path.parent.glob(".*tmp"))
     with pytest.raises(ValueError, match="is missing min_lr, model"):
         Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("model", "min_lr")})
-    with pytest.raises(ValueError, match="schema_version 0, this batchpilot reads 1"):
+    with pytest.raises(ValueError, match="schema_version 0, this batchpilot reads 1, 2"):
         Plan.from_dict({**plan.to_dict(), "schema_version": 0})
+    new_fields = ("compile", "float8", "offload", "predicted_tokens_per_second", "mfu_source")
+    v1 = {k: v for k, v in plan.to_dict().items() if k not in new_fields} | {"schema_version": 1}
+    old = Plan.from_dict(v1)  # a version 1 plan ran eager, without float8 or offload
+    assert old.schema_version == 2 and (old.compile, old.float8, old.offload) == (False, None, "none")
+    assert old.global_batch_tokens == plan.global_batch_tokens
+    with pytest.raises(ValueError, match="is missing compile"):
+        Plan.from_dict({k: v for k, v in plan.to_dict().items() if k != "compile"})
     with pytest.raises(ValueError, match="schema_version None"):
         Plan.from_dict({"peak_lr": 1.0})
     with pytest.raises(ValueError, match="a plan is a JSON object"):
@@ -136,6 +231,9 @@ def test_hf_config_and_fitted_law(tmp_path):
     (dict(preset="tiny", tokens=1e9, optimizer="adam8bit"), "unknown optimizer"),
     (dict(preset="tiny", tokens=1e9, schedule="linear"), "unknown schedule"),
     (dict(preset="tiny", tokens=1e9, mfu=1.5), "mfu"),
+    (dict(preset="tiny", tokens=1e9, float8="e4m3"), "--float8 'e4m3'"),
+    (dict(preset="tiny", tokens=1e9, offload="disk"), "--offload 'disk'"),
+    (dict(preset="tiny", tokens=1e9, pcie_gb_s=0), "--pcie-gb-s"),
 ])
 def test_bad_budgets(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -146,7 +244,9 @@ def test_bad_plans():
     with pytest.raises(ValueError, match="unknown law 'chinchilla'; choose one of: step, deepseek"):
         make_plan(Budget(preset="tiny", tokens=1e9, law="chinchilla"))
     with pytest.raises(ValueError, match=r"does not fit .* use >= \d+ GPUs of 24 GiB, or >= \d+ GiB per GPU"):
-        make_plan(Budget(preset="llama-8b", tokens=1e11, gpu_memory_gib=24))
+        make_plan(Budget(preset="llama-8b", tokens=1e11, gpu_memory_gib=24, offload="none"))
+    with pytest.raises(ValueError, match=r"does not fit .*; even CPU offload needs [\d.]+ GiB"):
+        make_plan(Budget(preset="llama-8b", tokens=1e11, gpu_memory_gib=8))
 
 
 # --- long sequences: checkpointing, streaming backprop, context parallelism ----------------------------------
@@ -155,7 +255,7 @@ def _largest(config, mode, *, seq_len, gib=80.0, gpus=1, cap=8):
     from batchpilot.plan import memory as m
 
     best = 0
-    for mb in (x for x in m.MICRO_BATCH_GRID if x <= cap):
+    for mb in range(1, cap + 1):
         est = m.estimate_peak_bytes(config, micro_batch_size=mb, seq_len=seq_len, num_gpus=gpus,
                                     sharding="fsdp" if gpus > 1 else "none", checkpointing=mode == "full",
                                     stream_chunk_tokens=m.STREAM_CHUNK_TOKENS if mode == "stream" else None)
