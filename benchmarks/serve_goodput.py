@@ -2,7 +2,7 @@
 
 For each admission policy (past_future, aggressive, conservative) the benchmark starts the product itself,
 ``python -m batchpilot serve`` (a subprocess: the client does not share its interpreter), warms it up, then replays
-each workload at a sweep of request rates: arrivals are Poisson (open loop: a slow server does not slow the
+each workload at a sweep of request rates, each for ``--seconds-per-rate`` of arrivals: arrivals are Poisson (open loop: a slow server does not slow the
 arrivals), every request streams, and the client records its time to first token (TTFT) and mean time per output
 token after the first (TPOT). Goodput = requests per second that met both SLOs.
 
@@ -179,7 +179,8 @@ def build_model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], kv_cache_tokens: int | None) -> dict:
+def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], kv_cache_tokens: int | None,
+                      max_num_seqs: int) -> dict:
     """The offline engine on the same requests (tokens/s), and one request's prefill and decode-step time."""
     import torch
 
@@ -190,7 +191,7 @@ def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], kv_cach
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     # the servers' KV cache size, so that saturation compares like with like
-    engine = Engine(model, None, EngineConfig(prefix_sharing=False,
+    engine = Engine(model, None, EngineConfig(prefix_sharing=False, max_num_seqs=max_num_seqs,
                                               num_blocks=kv_cache_tokens // 16 if kv_cache_tokens else None))
     out: dict[str, Any] = {}
     for name, reqs in workloads.items():
@@ -220,10 +221,11 @@ def main() -> None:
     p.add_argument("--workloads", default="chat,summarize")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--rates", default=None, help="requests/s, comma-separated (default per mode)")
-    p.add_argument("--requests-per-rate", type=int, default=None)
+    p.add_argument("--requests-per-rate", type=int, default=None, help="a fixed count per rate (default: by time)")
+    p.add_argument("--seconds-per-rate", type=float, default=10.0, help="arrival span of each rate's requests")
     p.add_argument("--ttft-slo", type=float, default=None)
     p.add_argument("--tpot-slo", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--lengths", choices=("geometric", "exact"), default="geometric")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--kv-cache-tokens", type=int, default=None,
@@ -236,8 +238,11 @@ def main() -> None:
     args = p.parse_args()
     smoke = args.smoke
     args.preset = args.preset or ("tiny" if smoke else "llama-1b")
-    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "24,48,96")).split(",")]
-    n = args.requests_per_rate or (6 if smoke else 160)
+    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "20,40,80")).split(",")]
+    # a steady load: each rate runs for --seconds-per-rate (rate x seconds requests), not a fixed count, which at a
+    # high rate is a burst that ends before the batch reaches its steady state
+    per_rate = {r: args.requests_per_rate or (6 if smoke else math.ceil(r * args.seconds_per_rate)) for r in rates}
+    n = max(per_rate.values())
     args.ttft_slo = args.ttft_slo or (5.0 if smoke else 1.0)
     args.tpot_slo = args.tpot_slo or (1.0 if smoke else 0.05)
     scale = 0.05 if smoke else 1.0
@@ -255,7 +260,8 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "serve_goodput", "preset": args.preset,
                               "workloads": {w: WORKLOADS[w] for w in workloads}, "lengths": args.lengths,
                               "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "rates": rates,
-                              "requests_per_rate": n, "kv_cache_tokens": args.kv_cache_tokens,
+                              "requests_per_rate": per_rate, "seconds_per_rate": args.seconds_per_rate,
+                              "max_num_seqs": args.max_num_seqs, "kv_cache_tokens": args.kv_cache_tokens,
                               "drain_seconds": args.drain_seconds, **provenance()}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -272,15 +278,17 @@ def main() -> None:
                     low_load[name] = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo,
                                                     tpot_slo=args.tpot_slo)
                 for rate in rates:
-                    rows = asyncio.run(run_rate(base, reqs, rate, seed=int(rate), drain_s=args.drain_seconds))
+                    rows = asyncio.run(run_rate(base, reqs[:per_rate[rate]], rate, seed=int(rate),
+                                                drain_s=args.drain_seconds))
                     summary = summarize_rate(rows, rate, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
                     results.setdefault(policy, {}).setdefault(name, []).append(summary)
                     print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
-                    write(result | {"results": results, "low_load": low_load, "partial": True}, path)  # a cut run keeps its rows
+                    # a cut run keeps its rows
+                    write(result | {"results": results, "low_load": low_load, "partial": True}, path)
         finally:
             server.terminate()
             server.wait(timeout=120)
-    offline = offline_reference(model_dir, workloads, args.kv_cache_tokens)
+    offline = offline_reference(model_dir, workloads, args.kv_cache_tokens, args.max_num_seqs)
     print(json.dumps({"offline": offline}), flush=True)
     result |= {"results": results, "low_load": low_load, "offline": offline,
                "summary": summarize(results, low_load, offline)}
