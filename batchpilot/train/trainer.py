@@ -12,12 +12,14 @@ names the last checkpoint, which is finite: parameters are checked before every 
 from __future__ import annotations
 
 import math
+import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import BatchController, Measurement, default_coupling, grad_sq_norm_tensor
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
 from batchpilot.train.config import LoggingConfig, MoeConfig, TrainConfig
-from batchpilot.train.optim import build_optimizer, local
+from batchpilot.train.optim import OptimConfig, build_optimizer, local
 from batchpilot.train.schedule import Schedule, lr_at
 
 __all__ = ["NonFiniteUpdate", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged", "accumulate_gradients",
@@ -79,7 +81,7 @@ class TrainState:
 def train(cfg: TrainConfig, *, stop_on_signals: bool = False) -> TrainResult:
     """Execute ``cfg``. ``stop_on_signals`` (the CLI sets it): SIGTERM / SIGINT checkpoint at the next step
     boundary and return early (``TrainResult.stopped_by``); off, the caller's signal handlers stay in charge."""
-    dims = parallel.init_distributed(cfg.parallel.device)
+    dims = parallel.init_distributed(cfg.parallel.device, offload=cfg.parallel.offload)
     torch.manual_seed(cfg.model.seed)
     model_config = run.model_config(cfg.model)
     plan = cfg.plan if cfg.plan is not None else run.executed_plan(cfg, model_config, dims)
@@ -100,7 +102,7 @@ def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: Llama
         train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
         lora = cfg.lora.adapter_config(seed=cfg.model.seed)
         model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims, lora=lora)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, optimizer_config(cfg))
         run.commit_run_dir(handle, cfg.to_dict(), plan, (train_loader, val_loader), dims)
     except BaseException:
         if dims.rank == 0:
@@ -132,6 +134,15 @@ def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: Llama
     if dims.rank == 0:
         write_json_atomic(run_dir / "result.json", asdict(result))
     return result
+
+
+def optimizer_config(cfg: TrainConfig) -> OptimConfig:
+    """The run's optimizer settings; under CPU offload AdamW steps the CPU shards with torch's fused CPU kernel
+    (torch >= 2.4; ``optim.fused`` None would pick the per-tensor loop for CPU parameters). An explicit
+    ``--optim.fused`` wins."""
+    if cfg.parallel.offload == "cpu" and cfg.optim.name == "adamw" and cfg.optim.fused is None:
+        return replace(cfg.optim, fused=True)
+    return cfg.optim
 
 
 class _StopRequest:
@@ -492,7 +503,14 @@ def _step_record(log: LoggingConfig, state: TrainState, batch_tokens: int, loss:
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record.update(tflops_per_gpu=tflops, mfu=tflops / log.peak_tflops,
                       peak_memory_bytes=torch.cuda.max_memory_allocated(dims.device))
+    record["peak_host_memory_bytes"] = _peak_host_memory_bytes()
     return record
+
+
+def _peak_host_memory_bytes() -> int:
+    """This process's peak resident host memory (what CPU offload's shards and optimizer states add to)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _progress(log: LoggingConfig, dims: parallel.ParallelDims):
