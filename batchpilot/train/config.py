@@ -148,9 +148,25 @@ class TrainConfig:
                              f"seq_len ({self.data.seq_len})")
         if self.schedule.max_steps is None and self.schedule.max_tokens is None:
             raise ValueError("give --schedule.max_steps (--max-steps) or --schedule.max_tokens (or --plan)")
+        self._check_context_parallel()
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"need --schedule.min_lr <= --optim.lr (got lr={self.optim.lr}, "
                              f"min_lr={self.schedule.min_lr})")
+
+    def _check_context_parallel(self) -> None:
+        """What ``--parallel.context_parallel N`` needs from the other components, as one-line errors."""
+        cp = self.parallel.context_parallel
+        if cp == 1:
+            return
+        if self.data.seq_len % (2 * cp):
+            raise ValueError(f"--data.seq_len {self.data.seq_len} must be a multiple of 2 x "
+                             f"--parallel.context_parallel ({2 * cp}): each rank holds two of 2N equal chunks")
+        if self.batch.auto_micro_batch:
+            raise ValueError("--batch.auto_micro_batch with --parallel.context_parallel is not supported "
+                             "(the fitter's memory model has no sequence split); give --batch.micro_batch_size")
+        if self.batch.wants_noise():
+            raise ValueError("--batch.policy adaptive / --batch.measure_noise with --parallel.context_parallel is "
+                             "not supported (the noise measurement splits micro-batches over all ranks)")
 
     @property
     def total_tokens(self) -> int:

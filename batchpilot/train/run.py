@@ -308,7 +308,8 @@ def export_model(model: Llama, loader: PackedLoader, run_dir: Path, dims: parall
 def executed_plan(cfg: TrainConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> Plan:
     """The Plan a run without ``--plan`` executes (no law: ``law`` and the predictions are None), so every run
     directory records its layout in the one plan.json schema."""
-    rows_per_rank = cfg.batch.global_batch_tokens // cfg.data.seq_len // dims.world_size
+    data_ranks = max(1, dims.world_size // cfg.parallel.context_parallel)  # a cp group shares its rows
+    rows_per_rank = cfg.batch.global_batch_tokens // cfg.data.seq_len // data_ranks
     total_params = counting.total_params(config)
     sharded = dims.world_size > 1 or cfg.parallel.sharded_on_one_device
     return Plan(model=cfg.model.name, num_params=total_params, non_vocab_params=counting.non_vocab_params(config),
