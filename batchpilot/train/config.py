@@ -149,6 +149,10 @@ class TrainConfig:
         if self.schedule.max_steps is None and self.schedule.max_tokens is None:
             raise ValueError("give --schedule.max_steps (--max-steps) or --schedule.max_tokens (or --plan)")
         self._check_context_parallel()
+        if self.parallel.offload != "none" and self.batch.auto_micro_batch:
+            raise ValueError("--batch.auto_micro_batch with --parallel.offload cpu is not supported (the fitter's "
+                             "memory model keeps parameters and optimizer states on the GPU); give "
+                             "--batch.micro_batch_size")
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"need --schedule.min_lr <= --optim.lr (got lr={self.optim.lr}, "
                              f"min_lr={self.schedule.min_lr})")

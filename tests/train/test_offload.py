@@ -117,6 +117,11 @@ def test_offload_flags_reach_the_config_and_refuse_what_is_unsupported(tmp_path)
         ParallelConfig(offload="cpu", float8="tensorwise")
     with pytest.raises(ValueError, match="--parallel.master_dtype"):
         ParallelConfig(master_dtype="float16")
+    args = parser.parse_args(["train", "--out", str(tmp_path / "r"), "--schedule.max_steps", "1", "--recipe", "sft"])
+    assert build_config(args).recipe.name == "sft"  # the other short name
+    with pytest.raises(ValueError, match="--batch.auto_micro_batch with --parallel.offload cpu"):
+        TrainConfig.from_dict({"out_dir": "r", "schedule": {"max_steps": 1}, "parallel": {"offload": "cpu"},
+                               "batch": {"auto_micro_batch": True}})
     tree = {"out_dir": str(tmp_path / "r"), "schedule": {"max_steps": 1}, "parallel": {"offload": "cpu"}}
     assert TrainConfig.from_dict(tree).parallel.offload == "cpu"  # and from a config file
 
