@@ -30,7 +30,9 @@ each optimizer step); tokens/s = rows x seq_len / median step time. Every (case,
 process under a wall cap (``--cap-s``, ``--offload-cap-s``): a part that reaches its cap is killed and keeps
 the steps it finished (``capped: true``); the JSON is rewritten after every part, so it exists whatever stops.
 
-Usage (one H200, under 9.5 minutes; or one command per --cases part):  BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/finetune.py
+Usage (one H200; about 11 minutes in all, so two commands under a 10-minute limit):
+    BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/finetune.py --cases full_ft,lora
+    BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/finetune.py --cases offload_8b
 CPU smoke test:    python benchmarks/finetune.py --smoke   (tiny shapes; offload_8b uses the tiny preset)
 Result: ``benchmarks/results/finetune_<date>.json``, summary keys ``full_ft_speedup_vs_hf_trainer``,
 ``lora_speedup_vs_hf_trainer``, ``offload_8b_tokens_per_s`` and ``offload_memory_prediction_error``
@@ -160,7 +162,7 @@ def offload_config(args, data_dir: Path):
     return TrainConfig(out_dir="unused", model=ModelConfig(name=args.offload_preset),
                        data=DataConfig(path=str(data_dir), seq_len=args.seq_len, pack="conversation"),
                        optim=OptimConfig(lr=1e-5),
-                       schedule=ScheduleConfig(max_steps=args.warmup + args.steps, min_lr=1e-6),
+                       schedule=ScheduleConfig(max_steps=args.offload_warmup + args.offload_steps, min_lr=1e-6),
                        batch=BatchConfig(global_batch_tokens=args.offload_rows * args.seq_len, micro_batch_size=1),
                        parallel=ParallelConfig(offload="cpu", master_dtype="bfloat16",
                                                activation_checkpointing="full"))
@@ -182,7 +184,7 @@ def run_offload(args, data_dir: Path, device: torch.device, row: dict[str, Any])
     row.update(preset=args.offload_preset, master_dtype="bfloat16", activation_checkpointing="full",
                params_on_gpu=any(p.device.type == "cuda" for p in model.parameters()))
     times = []
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.offload_warmup + args.offload_steps):
         _sync(device)
         t0 = time.perf_counter()
         train_step(model, optimizer, loader, global_batch_tokens=cfg.batch.global_batch_tokens,
@@ -356,7 +358,8 @@ def time_case(case: str, system: str, data_dir: Path, args, passthrough: list[st
         row["error"] = (err or out)[-1500:]
     if peaks and "peak_gib" not in row:
         row["peak_gib"] = round(max(peaks) / 2**30, 2)
-    timed = times[args.warmup:] or times[1:]  # a capped part keeps what it timed (the first step is warmup)
+    warmup = args.offload_warmup if case == "offload_8b" else args.warmup
+    timed = times[warmup:] or times[1:]  # a capped part keeps what it timed (the first step is warmup)
     rows_per_step = args.offload_rows if case == "offload_8b" else args.rows
     if timed:
         step_s = statistics.median(timed)
@@ -386,9 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not compile batchpilot's blocks")
     p.add_argument("--cases", default=DEFAULT_CASES)
     p.add_argument("--cap-s", type=float, default=90.0, help="wall cap of each full_ft / lora system (seconds)")
-    p.add_argument("--offload-cap-s", type=float, default=180.0, help="wall cap of the offload_8b part (seconds)")
+    p.add_argument("--offload-cap-s", type=float, default=300.0, help="wall cap of the offload_8b part (seconds)")
     p.add_argument("--offload-preset", default="llama-8b")
     p.add_argument("--offload-rows", type=int, default=4, help="offload_8b: rows per step (micro-batch 1)")
+    p.add_argument("--offload-warmup", type=int, default=1, help="offload_8b: untimed steps")
+    p.add_argument("--offload-steps", type=int, default=3, help="offload_8b: timed steps")
     p.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

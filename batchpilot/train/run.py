@@ -220,8 +220,11 @@ def model_config(model: ModelConfig) -> LlamaConfig:
 def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig,
                     dims: parallel.ParallelDims, lora: LoraConfig | None = None) -> Llama:
     has_weights = Path(model.name).is_dir() and any(Path(model.name).glob("model.safetensors*"))
-    net = load_model(model.name, device=dims.device) if has_weights else build_model(config, device=dims.device,
-                                                                                       seed=model.seed)
+    # Under CPU offload the model is built (or loaded) in host memory: it may not fit the GPU. ``fully_shard``
+    # then moves one block at a time to the GPU and its shard back to pinned host memory, and the buffers stay.
+    device = torch.device("cpu") if par.offload == "cpu" else dims.device
+    net = load_model(model.name, device=device) if has_weights else build_model(config, device=device,
+                                                                                  seed=model.seed)
     if lora is not None:  # after loading, before parallelize: FSDP2 shards the adapters with their layers
         net = apply_lora(net, lora)
     if par.master_dtype == "bfloat16":  # before sharding: the shards, their gradients and AdamW's states in bf16
