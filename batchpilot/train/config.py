@@ -252,7 +252,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: object) -> None:
 # The settings a plan fixes, as dotted fields; ``plan_settings`` is how the trainer's config takes a Plan.
 PLAN_FIELDS = ("model.name", "data.seq_len", "batch.global_batch_tokens", "batch.micro_batch_size",
                "batch.policy", "schedule.max_steps", "schedule.name", "schedule.min_lr", "schedule.warmup_tokens",
-               "optim.lr", "optim.name", "parallel.activation_checkpointing")
+               "optim.lr", "optim.name", "parallel.activation_checkpointing", "parallel.offload")
 
 
 def plan_settings(plan: Plan) -> dict[str, object]:
@@ -266,6 +266,8 @@ def plan_settings(plan: Plan) -> dict[str, object]:
         "parallel.activation_checkpointing": plan.activation_checkpointing}
     if isinstance(plan.model, str):
         settings["model.name"] = plan.model
+    if getattr(plan, "offload", "none") == "cpu":  # schema 2 plans: a plan that only fits offloaded says so
+        settings["parallel.offload"] = "cpu"
     return settings
 
 

@@ -139,3 +139,17 @@ def test_bf16_masters_keep_parameters_and_adamw_states_in_bf16(dataset, tmp_path
     model(x, targets=x).backward()
     optimizer.step()
     assert {s["exp_avg_sq"].dtype for s in optimizer.state.values()} == {torch.bfloat16}
+
+
+def test_a_plan_that_offloads_fixes_parallel_offload(dataset, tmp_path):
+    """Schema 2 plans carry ``offload``; one that says cpu makes ``train --plan`` offload (older plans: unset)."""
+    import types
+
+    from batchpilot.train import run
+    from batchpilot.train.config import plan_settings
+
+    cfg = tiny_run(tmp_path / "p", dataset)
+    plan = run.executed_plan(cfg, run.model_config(cfg.model), parallel.ParallelDims())
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    assert plan_settings(types.SimpleNamespace(**{**fields, "offload": "cpu"}))["parallel.offload"] == "cpu"
+    assert "parallel.offload" not in plan_settings(types.SimpleNamespace(**{**fields, "offload": "none"}))
