@@ -3,8 +3,17 @@
 Cases, on the same packed chat rows (synthetic chat JSONL written here, rendered with a ChatML template,
 prepared by ``prepare --format chat``, packed whole conversations per row by ``PackedLoader(pack=
 "conversation")``, loss on assistant tokens only):
-  full_ft  the qwen2-0.5b shape, every parameter trained
-  lora     the llama-1b shape, LoRA rank 16 on all linear layers (PEFT on both sides)
+  full_ft     the qwen2-0.5b shape, every parameter trained
+  lora        the llama-1b shape, LoRA rank 16 on all linear layers (PEFT on both sides)
+  offload_8b  the llama-8b preset (random weights, all 8.0B parameters) fully fine-tuned on one GPU with
+              ``--parallel.offload cpu``: the trainer's own ``train_step`` on the model ``run.build_run_model``
+              builds (FSDP2 CPUOffloadPolicy on a one-rank mesh, full activation checkpointing, fused CPU
+              AdamW). Host memory: fp32 masters + gradients + AdamW moments would be 16 B/param = 128 GB, more
+              than the GPU machine's 128 GiB can pin, so it runs ``--parallel.master_dtype bfloat16`` (parameters,
+              gradients and moments in bf16: 64 GB; pure-bf16 updates, see docs/finetune.md). Recorded: tokens/s,
+              ``torch.cuda.max_memory_allocated`` over the steps, peak host RSS, and next to them the planner's
+              predictions (``plan/sft.py: predicted_step_seconds`` and, where plan/memory.py has it,
+              ``predict_offload_peak_bytes``; both assume fp32 shards, so they are upper-side for bf16 masters).
 Systems:
   batchpilot  our ``Llama`` (fp32 master weights, bf16 autocast, fused chunked CE, document mask from the
               restarting positions: FlexAttention on CUDA), fused AdamW, blocks compiled; a plain loop, not
@@ -17,22 +26,30 @@ shifts them back) and positions. Weights are random (throughput does not depend 
 a small BPE, so ids stay below the shapes' vocabularies, whose LM-head cost is paid in full.
 
 Per case: ``--warmup`` optimizer steps, then ``--steps`` timed ones (synchronize + perf_counter around
-each optimizer step); tokens/s = rows x seq_len / median step time.
+each optimizer step); tokens/s = rows x seq_len / median step time. Every (case, system) runs in its own
+process under a wall cap (``--cap-s``, ``--offload-cap-s``): a part that reaches its cap is killed and keeps
+the steps it finished (``capped: true``); the JSON is rewritten after every part, so it exists whatever stops.
 
-Usage (one H200):  python benchmarks/finetune.py
-CPU smoke test:    python benchmarks/finetune.py --smoke
-Result: ``benchmarks/results/finetune_<date>.json``, summary keys ``full_ft_speedup_vs_hf_trainer`` and
-``lora_speedup_vs_hf_trainer``.
+Usage (one H200; about 11 minutes in all, so two commands under a 10-minute limit):
+    BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/finetune.py --cases full_ft,lora
+    BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/finetune.py --cases offload_8b
+CPU smoke test:    python benchmarks/finetune.py --smoke   (tiny shapes; offload_8b uses the tiny preset)
+Result: ``benchmarks/results/finetune_<date>.json``, summary keys ``full_ft_speedup_vs_hf_trainer``,
+``lora_speedup_vs_hf_trainer``, ``offload_8b_tokens_per_s`` and ``offload_memory_prediction_error``
+(predicted / measured peak GPU bytes - 1; None while the planner has no offload memory term).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
+import os
 import random
+import resource
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +71,7 @@ from batchpilot.model.attention import DocumentMask, document_ids_from_positions
 from batchpilot.model.hf import config_to_hf  # noqa: E402
 from batchpilot.model.llama import LlamaConfig, build_model, get_preset  # noqa: E402
 from batchpilot.train.lora import LoraConfig, apply_lora  # noqa: E402
+from batchpilot.train.optim import build_optimizer  # noqa: E402
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -122,8 +140,83 @@ def run_batchpilot(config: LlamaConfig, lora: bool, data: list[Batch], args, dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(report_step(time.perf_counter() - t0))
     return times
+
+
+def report_step(seconds: float) -> float:
+    """Print one finished step for the parent (which keeps it if the part reaches its wall cap)."""
+    print(f"STEP {seconds:.6f}", flush=True)
+    return seconds
+
+
+def offload_config(args, data_dir: Path):
+    """The run configuration of the offload case: the trainer's own components, as ``batchpilot train
+    --model.name llama-8b --parallel.offload cpu --parallel.master_dtype bfloat16`` would build them."""
+    from batchpilot.train.config import DataConfig, ModelConfig, TrainConfig
+    from batchpilot.train.adaptive import BatchConfig
+    from batchpilot.train.optim import OptimConfig
+    from batchpilot.train.parallel import ParallelConfig
+    from batchpilot.train.schedule import ScheduleConfig
+
+    return TrainConfig(out_dir="unused", model=ModelConfig(name=args.offload_preset),
+                       data=DataConfig(path=str(data_dir), seq_len=args.seq_len, pack="conversation"),
+                       optim=OptimConfig(lr=1e-5),
+                       schedule=ScheduleConfig(max_steps=args.offload_warmup + args.offload_steps, min_lr=1e-6),
+                       batch=BatchConfig(global_batch_tokens=args.offload_rows * args.seq_len, micro_batch_size=1),
+                       parallel=ParallelConfig(offload="cpu", master_dtype="bfloat16",
+                                               activation_checkpointing="full"))
+
+
+def run_offload(args, data_dir: Path, device: torch.device, row: dict[str, Any]) -> list[float]:
+    """The trainer's ``train_step`` on the offloaded model: each step prints its time; peaks go into ``row``."""
+    from batchpilot.train import parallel, run
+    from batchpilot.train.trainer import optimizer_config, train_step
+
+    cfg = offload_config(args, data_dir)
+    dims = parallel.init_distributed(device.type, offload="cpu")
+    config = run.model_config(cfg.model)
+    model = run.build_run_model(cfg.model, config, cfg.parallel, dims)
+    optimizer = build_optimizer(model, optimizer_config(cfg))
+    loader = PackedLoader(data_dir, "train", args.seq_len, pack="conversation")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the one-off fp32 build on the GPU
+    row.update(preset=args.offload_preset, master_dtype="bfloat16", activation_checkpointing="full",
+               params_on_gpu=any(p.device.type == "cuda" for p in model.parameters()))
+    times = []
+    for _ in range(args.offload_warmup + args.offload_steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(model, optimizer, loader, global_batch_tokens=cfg.batch.global_batch_tokens,
+                   seq_len=args.seq_len, micro_batch_size=1, dims=dims, grad_clip=cfg.optim.grad_clip)
+        _sync(device)
+        times.append(report_step(time.perf_counter() - t0))
+        if device.type == "cuda":
+            print(f"PEAK {torch.cuda.max_memory_allocated(device)}", flush=True)
+    parallel.shutdown_distributed()
+    return times
+
+
+def offload_predictions(args) -> dict[str, Any]:
+    """The planner's numbers for the offload case: step seconds (plan/sft.py) and, when plan/memory.py has
+    the offload term, the peak GPU bytes comparable with ``max_memory_allocated``."""
+    from batchpilot.plan.sft import SftBudget, predicted_step_seconds
+
+    config = get_preset(args.offload_preset)
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    budget = SftBudget(config=config, examples=1000, tokens_per_example=args.seq_len // 2, gpu_memory_gib=gpu_gib,
+                       seq_len=args.seq_len)
+    out: dict[str, Any] = {"predicted_step_s": round(predicted_step_seconds(budget, args.offload_rows,
+                                                                            offload="cpu"), 3)}
+    try:  # the planner's offload memory term (another area adds it to plan/memory.py)
+        from batchpilot.plan.memory import predict_offload_peak_bytes
+    except ImportError:
+        out["predicted_peak_bytes"] = None
+        out["predicted_peak_note"] = "plan.memory.predict_offload_peak_bytes is not in this tree"
+    else:
+        out["predicted_peak_bytes"] = int(predict_offload_peak_bytes(config, args.seq_len, micro_batch_size=1,
+                                                                     checkpointing=True))
+    return out
 
 
 def run_hf_trainer(config: LlamaConfig, lora: bool, data: list[Batch], args, device: torch.device,
@@ -184,7 +277,7 @@ class _StepTimer(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         _sync(self.device)
-        self.times.append(time.perf_counter() - self._t0)
+        self.times.append(report_step(time.perf_counter() - self._t0))
 
 
 def _importable(name: str) -> bool:
@@ -203,31 +296,78 @@ def case_configs(smoke: bool) -> dict[str, tuple[LlamaConfig, bool]]:
     return {"full_ft": (get_preset("qwen2-0.5b"), False), "lora": (get_preset("llama-1b"), True)}
 
 
-def time_case(system: str, config: LlamaConfig, lora: bool, data: list[Batch], args, device: torch.device,
-              tmp: Path) -> dict[str, Any]:
+DEFAULT_CASES = "full_ft,lora,offload_8b"
+SYSTEMS = {"full_ft": ("batchpilot", "hf_trainer"), "lora": ("batchpilot", "hf_trainer"),
+           "offload_8b": ("batchpilot_offload",)}
+
+
+def run_one(spec: dict[str, Any], args) -> dict[str, Any]:
+    """Child process: one (case, system); prints STEP lines as it goes and a final ROW line."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    case, system, data_dir = spec["case"], spec["system"], Path(spec["data_dir"])
     row: dict[str, Any] = {"system": system}
+    data = batches(data_dir, seq_len=args.seq_len, rows=args.rows, count=args.warmup + args.steps) \
+        if case != "offload_8b" else []
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if system == "batchpilot":
-            times = run_batchpilot(config, lora, data, args, device)
+        if case == "offload_8b":
+            run_offload(args, data_dir, device, row)
+        elif system == "batchpilot":
+            config, lora = case_configs(args.smoke)[case]
+            run_batchpilot(config, lora, data, args, device)
         else:
-            times, liger = run_hf_trainer(config, lora, data, args, device, tmp / system)
-            row["liger"] = liger
-        timed = times[args.warmup:]
-        step_s = statistics.median(timed)
-        row.update(step_s=round(step_s, 4), tokens_per_s=round(args.rows * args.seq_len / step_s, 1),
-                   step_times=[round(t, 4) for t in times])
+            config, lora = case_configs(args.smoke)[case]
+            with tempfile.TemporaryDirectory() as tmp:
+                row["liger"] = run_hf_trainer(config, lora, data, args, device, Path(tmp))[1]
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     except torch.OutOfMemoryError:
         row["oom"] = True
     except Exception as e:  # a failing system is recorded, not fatal
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    row["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def time_case(case: str, system: str, data_dir: Path, args, passthrough: list[str]) -> dict[str, Any]:
+    """Run one (case, system) in a child under its wall cap; tokens/s from the steps it finished."""
+    cap = args.offload_cap_s if case == "offload_8b" else args.cap_s
+    spec = json.dumps({"case": case, "system": system, "data_dir": str(data_dir)})
+    cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--run-one", spec]
+    # its own process group: at the cap the child and its helpers (inductor's compile workers hold the pipes)
+    # are killed together
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=cap)
+        capped = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        capped = True
+    lines = out.splitlines()
+    times = [float(line.split()[1]) for line in lines if line.startswith("STEP ")]
+    peaks = [int(line.split()[1]) for line in lines if line.startswith("PEAK ")]
+    rows = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
+    row = rows[0] if rows else {"system": system}
+    if capped:
+        row.update(capped=True, cap_s=cap)
+    elif not rows:
+        row["error"] = (err or out)[-1500:]
+    if peaks and "peak_gib" not in row:
+        row["peak_gib"] = round(max(peaks) / 2**30, 2)
+    warmup = args.offload_warmup if case == "offload_8b" else args.warmup
+    timed = times[warmup:] or times[1:]  # a capped part keeps what it timed (the first step is warmup)
+    rows_per_step = args.offload_rows if case == "offload_8b" else args.rows
+    if timed:
+        step_s = statistics.median(timed)
+        row.update(step_s=round(step_s, 4), tokens_per_s=round(rows_per_step * args.seq_len / step_s, 1),
+                   timed_steps=len(timed))
+    row["step_times"] = [round(t, 4) for t in times]
+    if peaks:
+        row["peak_allocated_bytes"] = max(peaks)
     return row
 
 
@@ -247,43 +387,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--conversations", type=int, default=1500, help="synthetic chat examples written")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not compile batchpilot's blocks")
-    p.add_argument("--cases", default="full_ft,lora")
+    p.add_argument("--cases", default=DEFAULT_CASES)
+    p.add_argument("--cap-s", type=float, default=90.0, help="wall cap of each full_ft / lora system (seconds)")
+    p.add_argument("--offload-cap-s", type=float, default=300.0, help="wall cap of the offload_8b part (seconds)")
+    p.add_argument("--offload-preset", default="llama-8b")
+    p.add_argument("--offload-rows", type=int, default=4, help="offload_8b: rows per step (micro-batch 1)")
+    p.add_argument("--offload-warmup", type=int, default=1, help="offload_8b: untimed steps")
+    p.add_argument("--offload-steps", type=int, default=3, help="offload_8b: timed steps")
     p.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
+    p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.seq_len, args.rows, args.micro_batch, args.warmup, args.steps = 256, 4, 2, 1, 2
-        args.conversations, args.compile = 200, False
+        args.seq_len, args.rows, args.micro_batch, args.warmup = 256, 4, 2, 1
+        args.steps = args.steps if "--steps" in (argv or sys.argv) else 2
+        args.conversations, args.compile, args.offload_preset = 200, False, "tiny"
     if args.rows % args.micro_batch:
         raise SystemExit("--rows must be a multiple of --micro-batch")
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+def offload_summary(case: dict[str, Any]) -> dict[str, Any]:
+    row = next(iter(case.get("rows", [])), {})
+    predicted, measured = case.get("predicted_peak_bytes"), row.get("peak_allocated_bytes")
+    return {"offload_8b_tokens_per_s": row.get("tokens_per_s"),
+            "offload_8b_step_s": row.get("step_s"), "offload_8b_predicted_step_s": case.get("predicted_step_s"),
+            "offload_8b_peak_gpu_bytes": measured, "offload_8b_predicted_peak_gpu_bytes": predicted,
+            "offload_memory_prediction_error": round(predicted / measured - 1, 4) if predicted and measured else None}
+
+
+def summarize(cases: dict[str, Any]) -> dict[str, Any]:
+    return {"full_ft_speedup_vs_hf_trainer": speedup(cases.get("full_ft", {}).get("rows", [])),
+            "lora_speedup_vs_hf_trainer": speedup(cases.get("lora", {}).get("rows", [])),
+            **offload_summary(cases.get("offload_8b", {}))}
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if args.run_one:
+        print("ROW " + json.dumps(run_one(json.loads(args.run_one), args)), flush=True)
+        return
+    passthrough = [a for a in argv]
     result: dict[str, Any] = {"benchmark": "finetune", "environment": provenance(),
-                              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "cases": {}}
+                              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "run_one")},
+                              "cases": {}}
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    subset = "" if args.cases == DEFAULT_CASES else "_" + args.cases.replace(",", "_")  # parts run apart
+    path = out / f"finetune{'_smoke' if args.smoke else ''}{subset}_{dt.date.today().isoformat()}.json"
+
+    def write() -> None:
+        result["summary"] = summarize(result["cases"])
+        path.write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        data_dir = prepare_chat(tmp, args.conversations)
+        data_dir = prepare_chat(Path(tmp_name), args.conversations)
         data = batches(data_dir, seq_len=args.seq_len, rows=args.rows, count=args.warmup + args.steps)
         result["settings"]["loss_token_fraction"] = round(
             float(sum(int((b.targets != -100).sum()) for b in data)) / (len(data) * args.rows * args.seq_len), 4)
-        configs = case_configs(args.smoke)
         for name in args.cases.split(","):
-            config, lora = configs[name]
-            rows = [time_case(system, config, lora, data, args, device, tmp) for system in ("batchpilot", "hf_trainer")]
-            result["cases"][name] = {"lora": lora, "architecture": config.architecture, "rows": rows}
-            print(name, json.dumps([{k: v for k, v in r.items() if k != "step_times"} for r in rows]))
-    result["summary"] = {"full_ft_speedup_vs_hf_trainer": speedup(result["cases"].get("full_ft", {}).get("rows", [])),
-                         "lora_speedup_vs_hf_trainer": speedup(result["cases"].get("lora", {}).get("rows", []))}
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"finetune{'_smoke' if args.smoke else ''}_{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
+            if name == "offload_8b":
+                case: dict[str, Any] = {"preset": args.offload_preset, "rows_per_step": args.offload_rows,
+                                        **offload_predictions(args), "rows": []}
+            else:
+                config, lora = case_configs(args.smoke)[name]
+                case = {"lora": lora, "architecture": config.architecture, "rows": []}
+            result["cases"][name] = case
+            for system in SYSTEMS[name]:
+                case["rows"].append(time_case(name, system, data_dir, args, passthrough))
+                print(name, json.dumps({k: v for k, v in case["rows"][-1].items() if k != "step_times"}), flush=True)
+                write()
+    write()
     print(json.dumps(result["summary"]))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -11,20 +11,26 @@ fused AdamW step (written here with the model API and the apply functions, not t
                      checkpointing; skipped with a note when liger-kernel does not import
   hf                 the same without Liger: only with ``--smoke`` (exercises the HF path on CPU)
 
-Longest sequence: doubling from ``--start-seq`` until a step runs out of memory (or ``--max-seq``), then
-the midpoint between the last fit and the first failure. Each probe runs in its own subprocess (an OOM
-cannot leak). Tokens/s: median of ``--steps`` timed steps after ``--warmup``, at ``--speed-seqs``
-(32k, 64k) and at the longest length both batchpilot systems fit. Streaming's measured peak
-(``max_memory_allocated`` over the timed steps, after the optimizer states exist) is compared with the
-memory model's prediction (``predict_stream_peak_bytes``).
+Everything runs under one wall cap (``--wall-s``, default 150 s), shared out over the systems: each system
+runs in its own process (killed with its helpers past its share), on one warm model whose AdamW states are
+allocated up front (one step at LR 0), so a probe is one step at one length. First the ``--speed-seqs``
+(32k, 64k) are timed (``--warmup`` + ``--steps``, median); then a bisection over a sqrt(2) ladder of lengths
+(``--start-seq`` to ``--max-seq``, multiples of ``--granularity``) finds the longest length that fits. A probe
+runs only when its estimated time (quadratic in the length from the last probe, on the high side) fits
+the time left; the search records why it stopped (``memory``: the next length ran out of memory, ``wall cap``,
+``max_seq``). The JSON is rewritten after every probe. Streaming's measured peak (``max_memory_allocated``,
+optimizer states included) is compared with the memory model's prediction (``predict_stream_peak_bytes``).
 
-Summary keys: ``max_seq_ratio_vs_liger`` (stream's longest / hf_liger's), ``stream_speed_ratio`` (stream's
-tokens/s / checkpointing's at the longest length both fit), ``stream_memory_prediction_error``
-(predicted / measured - 1, at the largest length timed for streaming).
+Summary keys: ``max_seq_ratio_vs_liger`` (stream's longest / hf_liger's, with ``max_seq_ratio_kind``: exact
+when both searches ended at an OOM, a lower bound when only hf_liger's did), ``stream_speed_ratio`` (stream's
+tokens/s / checkpointing's at the longest length both ran), ``stream_memory_prediction_error`` (predicted /
+measured - 1, at the longest length streaming ran), ``tokens_per_s`` at the speed lengths. At llama-1b on an
+H200 a 256k step takes tens of seconds, so 150 s is likely to end at the wall cap past ~128k-192k for every
+system: ``--wall-s 540`` (inside a 10-minute command) lets the searches reach their memory limits.
 
-Usage (one H200):  BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/long_context.py [--bf16-params]
+Usage (one H200):  BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/long_context.py [--bf16-params] [--wall-s 150]
                    (``--bf16-params``: bf16 block inputs, half of autocast's fp32 ones; what HF's bf16 model keeps)
-CPU smoke test:    python benchmarks/long_context.py --smoke
+CPU smoke test:    python benchmarks/long_context.py --smoke   (tiny preset, lengths 64-512, a 90 s cap)
 """
 
 from __future__ import annotations
@@ -32,9 +38,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,78 +160,178 @@ def predict_stream_peak_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens
     return state.params + state.optimizer + max(moments.values())
 
 
-# ------------------------------------------------------------------------------------------- one probe
+# ------------------------------------------------------------------------------------------- probes (child)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def run_probe(spec: dict, args) -> dict:
-    """Child: build the system, run warmup + timed steps at one length; tokens/s, peak memory, or OOM."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = get_preset(args.preset)
-    system, seq = spec["system"], spec["seq"]
-    row = dict(system=system, seq=seq, timed=spec["timed"])
+def allocate_optimizer_states(runner) -> None:
+    """One AdamW step at LR 0 over zero gradients: the moments exist (zeros) before any probe, so a one-step
+    probe's peak includes them, and the parameters do not move."""
+    params = [p for p in runner.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in runner.optimizer.param_groups]
+    for g in runner.optimizer.param_groups:
+        g["lr"] = 0.0
+    runner.optimizer.step()
+    for g, lr in zip(runner.optimizer.param_groups, lrs):
+        g["lr"] = lr
+    runner.optimizer.zero_grad(set_to_none=True)
+
+
+def recover_after_oom(runner) -> None:
+    """Free what a step that ran out of memory left: gradients, FSDP2's gathered state, the cache."""
+    import gc
+
+    runner.optimizer.zero_grad(set_to_none=True)
+    from batchpilot.train.parallel import is_sharded, reshard_after_error
+
+    if is_sharded(runner.model):
+        reshard_after_error(runner.model)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_probe(runner, config: LlamaConfig, system: str, seq: int, timed: bool, args,
+              device: torch.device) -> dict:
+    """One length on the warm runner: a timed probe runs ``--warmup`` + ``--steps`` steps (median), a search
+    probe one step (the optimizer states already exist); tokens/s, peak memory, or OOM."""
+    row: dict = dict(system=system, seq=seq, timed=timed)
+    g = torch.Generator().manual_seed(seq)
+    ids = torch.randint(0, config.vocab_size, (1, seq), generator=g).to(device)
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    steps = args.warmup + args.steps if timed else 1
+    times = []
     try:
-        runner = build_runner(system, config, device, args)
-        g = torch.Generator().manual_seed(seq)
-        ids = torch.randint(0, config.vocab_size, (1, seq), generator=g).to(device)
-        targets = ids.roll(-1, dims=1)
-        targets[:, -1] = -100
-        steps = args.warmup + (args.steps if spec["timed"] else 1)
-        times = []
-        for i in range(steps):
-            if i == args.warmup and device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)  # after the optimizer states exist
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
             _sync(device)
             start = time.perf_counter()
             runner.step(ids, targets)
             _sync(device)
             times.append(time.perf_counter() - start)
-        step_s = statistics.median(times[args.warmup:])
-        row.update(fits=True, step_s=step_s, tokens_per_s=seq / step_s)
+        step_s = statistics.median(times[args.warmup:] if timed else times)
+        row.update(fits=True, step_s=round(step_s, 4), tokens_per_s=round(seq / step_s, 1),
+                   step_times=[round(t, 4) for t in times])
         if device.type == "cuda":
             row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     except torch.OutOfMemoryError:
-        row.update(fits=False)
+        row.update(fits=False, oom=True)
+        del ids, targets
+        recover_after_oom(runner)
     if system == "batchpilot_stream" and not args.bf16_params:  # the prediction models the autocast path
         row["predicted_peak_allocated_bytes"] = predict_stream_peak_bytes(config, seq_len=seq,
                                                                           chunk_tokens=args.stream_chunk)
     return row
 
 
-def probe(system: str, seq: int, timed: bool, passthrough: list[str], timeout: float) -> dict:
-    spec = json.dumps(dict(system=system, seq=seq, timed=timed))
-    cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--run-one", spec]
+def search_grid(args) -> list[int]:
+    """Lengths the search may probe: ``--speed-seqs`` and a sqrt(2) ladder from ``--start-seq`` to
+    ``--max-seq``, each a multiple of ``--granularity``."""
+    grid, seq = set(args.speed_seqs), float(args.start_seq)
+    while seq <= args.max_seq * (1 + 1e-9):
+        grid.add(max(args.granularity, int(seq) // args.granularity * args.granularity))
+        seq *= 2 ** 0.5
+    return sorted(n for n in grid if n <= args.max_seq)
+
+
+class SystemSearch:
+    """One system in one process: the speed lengths first, then bisection over ``search_grid`` for the longest
+    length that fits, each probe only if its estimated time fits the time left (quadratic in the length from
+    the last probe: attention dominates long steps, so the estimate is on the high side)."""
+
+    def __init__(self, system: str, args, deadline_unix: float) -> None:
+        self.system, self.args = system, args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.config = get_preset(args.preset)
+        self.deadline = deadline_unix  # wall clock: the parent's cap includes this process's start
+        self.last: tuple[int, float] | None = None  # (seq, seconds of its probe)
+        self.runner = build_runner(system, self.config, self.device, args)
+        allocate_optimizer_states(self.runner)
+
+    def estimate_s(self, seq: int, timed: bool) -> float:
+        if self.last is None:
+            return 0.0
+        steps = self.args.warmup + self.args.steps if timed else 1
+        return self.last[1] * (seq / self.last[0]) ** 2 * steps
+
+    def left_s(self) -> float:
+        return self.deadline - time.time()
+
+    def probe(self, seq: int, timed: bool) -> dict:
+        estimate = self.estimate_s(seq, timed)
+        if estimate > self.left_s():
+            row = dict(system=self.system, seq=seq, timed=timed, fits=None,
+                       skipped=f"estimated {estimate:.0f} s > {self.left_s():.0f} s left of the wall cap")
+        else:
+            start = time.perf_counter()
+            row = run_probe(self.runner, self.config, self.system, seq, timed, self.args, self.device)
+            if row["fits"]:
+                self.last = (seq, row["step_s"])
+            row["probe_s"] = round(time.perf_counter() - start, 2)
+        print("ROW " + json.dumps(row), flush=True)
+        return row
+
+    def run(self) -> None:
+        grid = search_grid(self.args)
+        lo, hi = -1, len(grid)  # grid[lo] fits, grid[hi] does not (or is past the grid)
+        for seq in sorted(self.args.speed_seqs):
+            row = self.probe(seq, True)
+            if row["fits"] is False:
+                hi = grid.index(seq)
+                break
+            if row["fits"]:
+                lo = grid.index(seq)
+        bound = "memory"
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            affordable = [i for i in range(lo + 1, mid + 1) if self.estimate_s(grid[i], False) <= self.left_s()]
+            if not affordable:
+                bound = "wall cap"
+                break
+            i = affordable[-1]
+            if self.probe(grid[i], False)["fits"]:
+                lo = i
+            else:
+                hi = i
+        if hi == len(grid) and lo == len(grid) - 1:
+            bound = "max_seq"
+        longest = dict(system=self.system, longest_seq=grid[lo] if lo >= 0 else None, bound=bound,
+                       next_seq=grid[hi] if hi < len(grid) else None)
+        print("LONGEST " + json.dumps(longest), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- parent
+def run_system(system: str, budget_s: float, passthrough: list[str], on_row, grace_s: float = 30.0) -> dict:
+    """The child for one system, killed (with its process group) ``grace_s`` past its budget; ``on_row`` gets
+    every probe row as it arrives. Returns its LONGEST record (or one saying why there is none)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--run-system", system,
+           "--deadline-unix", f"{time.time() + budget_s:.3f}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    killer = threading.Timer(budget_s + grace_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    killer.start()
+    longest = None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return dict(system=system, seq=seq, timed=timed, fits=False, error=f"timeout after {timeout:.0f} s")
-    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    if rows:
-        print(json.dumps(rows[0]), flush=True)
-        return rows[0]
-    tail = (proc.stderr or proc.stdout)[-2000:]
-    oom = "out of memory" in tail.lower()  # an OOM the child could not catch (e.g. inside the CUDA context)
-    row = dict(system=system, seq=seq, timed=timed, fits=False, error=None if oom else tail)
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def longest(system: str, args, passthrough: list[str]) -> tuple[int | None, list[dict]]:
-    """Doubling search from ``--start-seq`` up to ``--max-seq``, then one midpoint (multiple of 2048)."""
-    rows, fit, seq = [], None, args.start_seq
-    while seq <= args.max_seq:
-        rows.append(probe(system, seq, False, passthrough, args.child_timeout))
-        if not rows[-1]["fits"]:
-            break
-        fit, seq = seq, seq * 2
-    if fit is not None and seq <= args.max_seq:
-        mid = (fit + seq) // 2 // args.granularity * args.granularity
-        if fit < mid < seq:
-            rows.append(probe(system, mid, False, passthrough, args.child_timeout))
-            fit = mid if rows[-1]["fits"] else fit
-    return fit, rows
+        for line in proc.stdout:
+            if line.startswith("ROW "):
+                on_row(json.loads(line[4:]))
+            elif line.startswith("LONGEST "):
+                longest = json.loads(line[8:])
+        proc.wait()
+    finally:
+        killer.cancel()
+    if longest is None:
+        tail = proc.stderr.read()[-1500:]
+        oom = "out of memory" in tail.lower()
+        longest = dict(system=system, longest_seq=None, bound="killed at the wall cap" if proc.returncode == -9
+                       else "crashed", error=None if oom else tail)
+    return longest
 
 
 def liger_missing() -> str | None:
@@ -233,30 +342,36 @@ def liger_missing() -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------- main
-def summarize(longest_seq: dict, timed: list[dict]) -> dict:
-    def tps(system: str, seq: int) -> float | None:
-        row = next((r for r in timed if r["system"] == system and r["seq"] == seq and r["fits"]), None)
-        return row["tokens_per_s"] if row else None
+def summarize(longest: dict, probes: list[dict], speed_seqs: list[int]) -> dict:
+    seqs = {name: rec.get("longest_seq") for name, rec in longest.items()}
+    bounds = {name: rec.get("bound") for name, rec in longest.items()}
+    stream, ckpt, liger = (seqs.get(s) for s in SYSTEMS)
+    ratio, kind = (round(stream / liger, 3), None) if stream and liger else (None, None)
+    if ratio is not None:  # exact only when both searches ended at a length that ran out of memory
+        kind = "exact" if bounds["batchpilot_stream"] == bounds["hf_liger"] == "memory" else (
+            "lower bound" if bounds["hf_liger"] == "memory" else "unknown (hf_liger stopped by the wall cap)")
 
-    stream, ckpt, liger = (longest_seq.get(s) for s in SYSTEMS)
-    both = min(stream, ckpt) if stream and ckpt else None
-    s_tps, c_tps = (tps("batchpilot_stream", both), tps("batchpilot_ckpt", both)) if both else (None, None)
-    measured = [r for r in timed if r["system"] == "batchpilot_stream" and r["fits"] and "peak_allocated_bytes" in r]
+    def fit(system: str) -> dict[int, dict]:
+        return {r["seq"]: r for r in probes if r["system"] == system and r.get("fits")}
+
+    s_rows, c_rows = fit("batchpilot_stream"), fit("batchpilot_ckpt")
+    common = max(set(s_rows) & set(c_rows), default=None)
+    measured = [r for r in s_rows.values() if "peak_allocated_bytes" in r and "predicted_peak_allocated_bytes" in r]
     error = None
     if measured:
         row = max(measured, key=lambda r: r["seq"])
         error = round(row["predicted_peak_allocated_bytes"] / row["peak_allocated_bytes"] - 1, 4)
-    return {"longest_seq": longest_seq,
-            "max_seq_ratio_vs_liger": round(stream / liger, 3) if stream and liger else None,
+    return {"longest_seq": seqs, "longest_seq_bound": bounds,
+            "max_seq_ratio_vs_liger": ratio, "max_seq_ratio_kind": kind,
             "max_seq_ratio_ckpt_vs_liger": round(ckpt / liger, 3) if ckpt and liger else None,
-            "longest_seq_both_batchpilot": both,
-            "stream_speed_ratio": round(s_tps / c_tps, 3) if s_tps and c_tps else None,
+            "stream_speed_ratio": round(s_rows[common]["tokens_per_s"] / c_rows[common]["tokens_per_s"], 3)
+            if common else None, "stream_speed_ratio_seq": common,
             "stream_memory_prediction_error": error,
-            "tokens_per_s": {f"{r['system']}_{r['seq']}": round(r["tokens_per_s"], 1) for r in timed if r["fits"]}}
+            "tokens_per_s": {f"{r['system']}_{r['seq']}": r["tokens_per_s"] for r in probes
+                             if r.get("fits") and r["seq"] in speed_seqs and r.get("timed")}}
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama-1b")
     p.add_argument("--stream-chunk", type=int, default=4096)
@@ -265,48 +380,61 @@ def main(argv: list[str]) -> None:
     p.add_argument("--granularity", type=int, default=2048)
     p.add_argument("--speed-seqs", type=int, nargs="*", default=[32768, 65536])
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--child-timeout", type=float, default=900.0)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--wall-s", type=float, default=150.0, help="wall cap of the whole run (seconds), shared "
+                   "out over the systems; the JSON is rewritten after every probe")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--bf16-params", action="store_true",
                    help="batchpilot systems: bf16 compute over fp32 masters via one-device FSDP2 (no autocast)")
-    p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, short sequences")
-    p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, tiny lengths, a 90 s cap")
+    p.add_argument("--run-system", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline-unix", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.preset, args.stream_chunk, args.start_seq, args.max_seq = "tiny", 24, 64, 128
-        args.granularity, args.speed_seqs, args.steps = 32, [64], 1
-    if args.run_one:
-        print("ROW " + json.dumps(run_probe(json.loads(args.run_one), args)), flush=True)
+        args.preset, args.stream_chunk, args.start_seq, args.max_seq = "tiny", 24, 64, 512
+        args.granularity, args.speed_seqs, args.steps = 32, [64, 128], 1
+        args.wall_s = min(args.wall_s, 90.0)
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if args.run_system:
+        SystemSearch(args.run_system, args, args.deadline_unix).run()
         return
-    passthrough = [a for a in argv if a != "--run-one"]
+    start = time.monotonic()
     systems, skipped = list(SYSTEMS), {}
     if reason := liger_missing():
         systems.remove("hf_liger")
         skipped["hf_liger"] = reason
     if args.smoke:
         systems.append("hf")
-    longest_seq, search = {}, []
-    for system in systems:
-        longest_seq[system], rows = longest(system, args, passthrough)
-        search += rows
-    both = min((longest_seq.get("batchpilot_stream") or 0), (longest_seq.get("batchpilot_ckpt") or 0))
-    timed = []
-    for seq in sorted({*args.speed_seqs, *([both] if both else [])}):
-        for system in systems:
-            if longest_seq.get(system) and seq <= longest_seq[system]:
-                timed.append(probe(system, seq, True, passthrough, args.child_timeout))
-    result = {"benchmark": "long_context", **provenance(), "preset": args.preset, "micro_batch_size": 1,
-              "batchpilot_precision": "bf16 params (FSDP2, fp32 masters)" if args.bf16_params else
-              "fp32 params + bf16 autocast",
-              "stream_chunk": args.stream_chunk, "predicted_cuda_context_bytes": CUDA_CONTEXT_BYTES,
-              "skipped": skipped, "search": search, "timed": timed, "summary": summarize(longest_seq, timed)}
     out = Path(args.out_dir) if args.out_dir else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_smoke" if args.smoke else ""
-    suffix += "_bf16" if args.bf16_params else ""
+    suffix = ("_smoke" if args.smoke else "") + ("_bf16" if args.bf16_params else "")
     path = out / f"long_context{suffix}_{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
+    result = {"benchmark": "long_context", **provenance(), "preset": args.preset, "micro_batch_size": 1,
+              "batchpilot_precision": "bf16 params (FSDP2, fp32 masters)" if args.bf16_params else
+              "fp32 params + bf16 autocast", "stream_chunk": args.stream_chunk, "wall_s": args.wall_s,
+              "predicted_cuda_context_bytes": CUDA_CONTEXT_BYTES, "skipped": skipped, "probes": [], "longest": {}}
+
+    def write() -> None:
+        result["summary"] = summarize(result["longest"], result["probes"], args.speed_seqs)
+        path.write_text(json.dumps(result, indent=1))
+
+    def on_row(row: dict) -> None:
+        print(json.dumps({k: v for k, v in row.items() if k != "step_times"}), flush=True)
+        result["probes"].append(row)
+        write()
+
+    passthrough = [a for a in argv]
+    for i, system in enumerate(systems):
+        budget = (args.wall_s - (time.monotonic() - start)) / (len(systems) - i)
+        result["longest"][system] = run_system(system, max(budget, 1.0), passthrough, on_row,
+                                               grace_s=min(15.0, max(5.0, budget / 4)))
+        write()
+    result["wall_seconds"] = round(time.monotonic() - start, 1)
+    write()
     print(json.dumps(result["summary"], indent=1))
     print(f"wrote {path}")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 PREFIX = "field:"  # argparse dest of --component.field flags
 LEGACY_PREFIX = "legacy:"
+ALIAS_PREFIX = "alias:"  # short names of a few fields (--offload), not deprecated
 
 
 def parse_int(text: str) -> int:
@@ -85,6 +86,22 @@ def add_legacy_flags(parser: argparse.ArgumentParser, legacy: Mapping[str, tuple
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def add_alias_flags(parser: argparse.ArgumentParser, aliases: Mapping[str, str],
+                    fields: Mapping[str, object]) -> None:
+    """Short ``--name`` flags for a few dotted fields (``aliases``: name -> dotted), listed in --help; the
+    dotted flag wins when both are given."""
+    for name, dotted in aliases.items():
+        kind, optional = base_type(fields[dotted])
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=ALIAS_PREFIX + dotted, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"short for --{dotted}")
+        else:
+            parser.add_argument(flag, dest=ALIAS_PREFIX + dotted, type=converter(kind, optional),
+                                default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                                help=f"short for --{dotted}")
+
+
 def given_fields(args: argparse.Namespace, legacy: Mapping[str, tuple[str, ...]], *, command: str) -> dict[str, object]:
     """The dotted fields the command line set; each legacy flag used prints one deprecation line to stderr."""
     out: dict[str, object] = {}
@@ -96,6 +113,9 @@ def given_fields(args: argparse.Namespace, legacy: Mapping[str, tuple[str, ...]]
                   f"use {new}", file=sys.stderr)
             for target in legacy[name]:
                 out[target] = value
+    for dest, value in vars(args).items():  # short aliases: under the dotted flag, over the legacy ones
+        if dest.startswith(ALIAS_PREFIX):
+            out[dest[len(ALIAS_PREFIX):]] = value
     for dest, value in vars(args).items():  # a new-style flag wins over its old alias
         if dest.startswith(PREFIX):
             out[dest[len(PREFIX):]] = value

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from batchpilot.cli.config import (add_field_flags, base_type, converter, add_legacy_flags, given_fields,
-                                   load_config_file, merged_tree)
+from batchpilot.cli.config import (add_alias_flags, add_field_flags, add_legacy_flags, base_type, converter,
+                                   given_fields, load_config_file, merged_tree)
 from batchpilot.plan.planner import Plan
 from batchpilot.train.config import COMPONENTS, LEGACY_NAMES, TrainConfig, field_types, plan_settings
 from batchpilot.train.run import parse_overrides
@@ -49,7 +49,15 @@ HELP = {
     "batch.min_measurements": "noise measurements before the first adaptive change",
     "batch.target_multiplier": "grow toward this multiple of the target",
     "parallel.device": "auto | cpu | cuda", "parallel.compile": "torch.compile each block",
-    "parallel.activation_checkpointing": "none | full | selective",
+    "parallel.activation_checkpointing": "none | full | selective | stream",
+    "parallel.stream_chunk": "rows of the sequence per backward chunk under activation_checkpointing=stream",
+    "parallel.offload": "none | cpu: parameter shards, gradients and optimizer states in host memory (FSDP2 "
+                        "CPUOffloadPolicy; implies FSDP2, on one GPU a one-rank mesh); the AdamW step runs on "
+                        "the CPU (fused CPU kernel); models larger than the GPU on one GPU",
+    "parallel.master_dtype": "float32 | bfloat16: dtype of the parameters the optimizer updates and of its states "
+                             "(bfloat16 halves their memory, e.g. an 8B model's under --parallel.offload cpu)",
+    "parallel.context_parallel": "ranks sharing each row, its sequence split over them (ring attention; seq_len a "
+                                 "multiple of 2 x N, the number of ranks a multiple of N)",
     "parallel.fsdp_one_device": "one GPU: FSDP2 mixed precision (bf16 compute over fp32 masters, as under "
                                 "torchrun) instead of autocast; about 1.5x the micro-batch at long sequences",
     "parallel.float8": "tensorwise | rowwise: float8 matmuls in the blocks (needs torchao and an H100/H200-class "
@@ -65,6 +73,10 @@ HELP = {
     "logging.tensorboard": "also write TensorBoard scalars (needs the tensorboard package)",
     "logging.progress": "live progress bar (off when stdout is not a terminal)",
 }
+
+
+# Short flags the issues and docs use, kept (not deprecated): --offload cpu, --recipe sft, --context-parallel 2
+SHORT_NAMES = {"offload": "parallel.offload", "recipe": "recipe.name", "context_parallel": "parallel.context_parallel"}
 
 
 def _defaults() -> dict[str, object]:
@@ -87,6 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fields = field_types()
     add_field_flags(p, fields, _defaults(), HELP)
     add_legacy_flags(p, LEGACY_NAMES, fields)
+    add_alias_flags(p, SHORT_NAMES, fields)
     p.set_defaults(func=run)
 
 

@@ -148,9 +148,29 @@ class TrainConfig:
                              f"seq_len ({self.data.seq_len})")
         if self.schedule.max_steps is None and self.schedule.max_tokens is None:
             raise ValueError("give --schedule.max_steps (--max-steps) or --schedule.max_tokens (or --plan)")
+        self._check_context_parallel()
+        if self.parallel.offload != "none" and self.batch.auto_micro_batch:
+            raise ValueError("--batch.auto_micro_batch with --parallel.offload cpu is not supported (the fitter's "
+                             "memory model keeps parameters and optimizer states on the GPU); give "
+                             "--batch.micro_batch_size")
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"need --schedule.min_lr <= --optim.lr (got lr={self.optim.lr}, "
                              f"min_lr={self.schedule.min_lr})")
+
+    def _check_context_parallel(self) -> None:
+        """What ``--parallel.context_parallel N`` needs from the other components, as one-line errors."""
+        cp = self.parallel.context_parallel
+        if cp == 1:
+            return
+        if self.data.seq_len % (2 * cp):
+            raise ValueError(f"--data.seq_len {self.data.seq_len} must be a multiple of 2 x "
+                             f"--parallel.context_parallel ({2 * cp}): each rank holds two of 2N equal chunks")
+        if self.batch.auto_micro_batch:
+            raise ValueError("--batch.auto_micro_batch with --parallel.context_parallel is not supported "
+                             "(the fitter's memory model has no sequence split); give --batch.micro_batch_size")
+        if self.batch.wants_noise():
+            raise ValueError("--batch.policy adaptive / --batch.measure_noise with --parallel.context_parallel is "
+                             "not supported (the noise measurement splits micro-batches over all ranks)")
 
     @property
     def total_tokens(self) -> int:
@@ -232,7 +252,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: object) -> None:
 # The settings a plan fixes, as dotted fields; ``plan_settings`` is how the trainer's config takes a Plan.
 PLAN_FIELDS = ("model.name", "data.seq_len", "batch.global_batch_tokens", "batch.micro_batch_size",
                "batch.policy", "schedule.max_steps", "schedule.name", "schedule.min_lr", "schedule.warmup_tokens",
-               "optim.lr", "optim.name", "parallel.activation_checkpointing")
+               "optim.lr", "optim.name", "parallel.activation_checkpointing", "parallel.offload")
 
 
 def plan_settings(plan: Plan) -> dict[str, object]:
@@ -246,6 +266,8 @@ def plan_settings(plan: Plan) -> dict[str, object]:
         "parallel.activation_checkpointing": plan.activation_checkpointing}
     if isinstance(plan.model, str):
         settings["model.name"] = plan.model
+    if getattr(plan, "offload", "none") == "cpu":  # schema 2 plans: a plan that only fits offloaded says so
+        settings["parallel.offload"] = "cpu"
     return settings
 
 

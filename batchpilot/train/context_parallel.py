@@ -16,7 +16,9 @@ token indices (causal) and document ids (packed rows), so documents may cross sh
 PyTorch's own ``torch.distributed.tensor.experimental.context_parallel`` dispatches SDPA's flash/efficient
 CUDA kernels through DTensor and has no gloo/CPU path, and it cannot take a document mask; this ring uses
 ``torch.distributed`` point-to-point ops (``batch_isend_irecv``), any backend. Its attention math is plain
-fp32 matmuls over (local x block) scores: exact and testable on CPU, not a fused kernel.
+fp32 matmuls over (query chunk x block) scores: exact and testable on CPU, not a fused kernel. The queries are
+taken ``query_chunk_rows`` at a time (default: as many as keep one chunk's scores near 256 MiB), so the transient
+scores, probabilities and mask are O(chunk x L), not O(L^2), per block; the saved state is q, k, v, out, lse.
 
 With FSDP2 on a ``dp x cp`` mesh (``apply_fsdp_dp_cp``), parameters are sharded over all dp x cp ranks and
 gradients are averaged over all of them, as in plain data parallelism: each cp rank's loss is weighted by
@@ -72,6 +74,7 @@ class RingAttention:
     group: dist.ProcessGroup
     token_index: torch.Tensor  # (W, L) global row index of each rank's tokens
     document_ids: torch.Tensor | None  # (W, B, L) document of each rank's tokens, or None (one document per row)
+    query_chunk_rows: int = 0  # queries per score chunk; 0: SCORE_CHUNK_BYTES of fp32 scores per chunk
     _peers: tuple[int, int] = field(default=(0, 0))
 
     def __post_init__(self) -> None:
@@ -82,14 +85,19 @@ class RingAttention:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
         return _RingAttentionFn.apply(q, k, v, self)
 
-    def block_mask(self, q_rank: int, kv_rank: int) -> torch.Tensor:
-        """Which keys of kv_rank's shard the queries of q_rank's shard see: (B or 1, 1, 1, L, L)."""
-        qi, ki = self.token_index[q_rank], self.token_index[kv_rank]
-        mask = qi[:, None] >= ki[None, :]  # (L, L) causal by global index
+    def block_mask(self, q_rank: int, kv_rank: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Which keys of kv_rank's shard the queries ``rows`` of q_rank's shard see: (B or 1, 1, 1, C, L)."""
+        qi, ki = self.token_index[q_rank, rows], self.token_index[kv_rank]
+        mask = qi[:, None] >= ki[None, :]  # (C, L) causal by global index
         if self.document_ids is not None:
-            qd, kd = self.document_ids[q_rank], self.document_ids[kv_rank]
-            mask = mask & (qd[:, :, None] == kd[:, None, :])  # (B, L, L)
+            qd, kd = self.document_ids[q_rank][:, rows], self.document_ids[kv_rank]
+            mask = mask & (qd[:, :, None] == kd[:, None, :])  # (B, C, L)
         return mask.reshape(-1, 1, 1, *mask.shape[-2:])
+
+    def query_chunks(self, batch: int, heads: int, local: int) -> list[slice]:
+        """Query row ranges whose (batch x heads x rows x local) fp32 scores stay near ``SCORE_CHUNK_BYTES``."""
+        rows = self.query_chunk_rows or max(1, SCORE_CHUNK_BYTES // (4 * batch * heads * local))
+        return [slice(start, min(start + rows, local)) for start in range(0, local, rows)]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,7 +112,7 @@ class ContextParallelBatch:
 
 
 def shard_batch(input_ids: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup, *,
-                position_ids: torch.Tensor | None = None) -> ContextParallelBatch:
+                position_ids: torch.Tensor | None = None, query_chunk_rows: int = 0) -> ContextParallelBatch:
     """Slice a full micro-batch (every rank of the cp group holds the same one) for this rank.
 
     ``position_ids`` that restart at 0 mark packed documents (as ``DocumentMask``); without them each row
@@ -122,13 +130,16 @@ def shard_batch(input_ids: torch.Tensor, targets: torch.Tensor, group: dist.Proc
     valid_all = int((targets != IGNORE_INDEX).sum())
     token_index = torch.stack([shard_indices(T, r, world, device) for r in range(world)])  # (W, L)
     doc_shards = None if docs is None else torch.stack([shard_sequence(docs, r, world) for r in range(world)])
-    meta = RingAttention(group=group, token_index=token_index, document_ids=doc_shards)
+    meta = RingAttention(group=group, token_index=token_index, document_ids=doc_shards,
+                         query_chunk_rows=query_chunk_rows)
     return ContextParallelBatch(input_ids=shard_sequence(input_ids, rank, world), targets=local_targets,
                                 position_ids=shard_sequence(position_ids, rank, world), attn_meta=meta,
                                 loss_weight=world * valid_local / max(valid_all, 1))
 
 
 # --- the ring ------------------------------------------------------------------------------------------------
+
+SCORE_CHUNK_BYTES = 1 << 28  # [ours] fp32 scores of one query chunk against one key block: 256 MiB
 
 
 def _rotate(buffer: torch.Tensor, meta: RingAttention) -> tuple[torch.Tensor, list]:
@@ -156,14 +167,17 @@ class _RingAttentionFn(torch.autograd.Function):
         out = torch.zeros_like(q32)
         lse = torch.full(q32.shape[:-1], float("-inf"), device=q.device)  # (B, K, G, L)
         kv = torch.stack([k, v]).float().contiguous()  # (2, B, K, L, E), the block that travels
+        chunks = meta.query_chunks(B, H, L)
         for step in range(world):
             pending = _rotate(kv, meta) if step < world - 1 else None
             src = (rank - step) % world
-            s = _scores(q32, kv[0], meta.block_mask(rank, src), scale)
-            new_lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))  # finite from step 0 (the diagonal)
-            out = out * torch.exp(lse - new_lse)[..., None] + torch.einsum(
-                "bkgqt,bkte->bkgqe", torch.exp(s - new_lse[..., None]), kv[1])
-            lse = new_lse
+            for rows in chunks:  # out and lse of these query rows, merged with this block's
+                s = _scores(q32[..., rows, :], kv[0], meta.block_mask(rank, src, rows), scale)
+                old = lse[..., rows]
+                new_lse = torch.logaddexp(old, torch.logsumexp(s, dim=-1))  # finite from step 0 (the diagonal)
+                out[..., rows, :] = out[..., rows, :] * torch.exp(old - new_lse)[..., None] + torch.einsum(
+                    "bkgqt,bkte->bkgqe", torch.exp(s - new_lse[..., None]), kv[1])
+                lse[..., rows] = new_lse
             if pending is not None:
                 kv, reqs = pending
                 for r in reqs:
@@ -185,15 +199,19 @@ class _RingAttentionFn(torch.autograd.Function):
         dq = torch.zeros_like(q32)
         # the travelling block: k, v and their gradient sums so far, (4, B, K, L, E)
         block = torch.cat([torch.stack([k, v]).float(), torch.zeros(2, *k.shape, device=k.device)]).contiguous()
+        chunks = meta.query_chunks(B, H, L)
         for step in range(world):
             src = (rank - step) % world
             kb, vb = block[0], block[1]
-            p = torch.exp(_scores(q32, kb, meta.block_mask(rank, src), scale) - lse[..., None])  # (B, K, G, L, L)
-            dp = torch.einsum("bkgqe,bkte->bkgqt", dout, vb)
-            ds = p * (dp - delta[..., None]) * scale
-            dq += torch.einsum("bkgqt,bkte->bkgqe", ds, kb)
-            block[2] += torch.einsum("bkgqt,bkgqe->bkte", ds, q32)
-            block[3] += torch.einsum("bkgqt,bkgqe->bkte", p, dout)
+            for rows in chunks:
+                q_c, dout_c = q32[..., rows, :], dout[..., rows, :]
+                p = torch.exp(_scores(q_c, kb, meta.block_mask(rank, src, rows), scale)
+                              - lse[..., rows, None])  # (B, K, G, C, L)
+                dp = torch.einsum("bkgqe,bkte->bkgqt", dout_c, vb)
+                ds = p * (dp - delta[..., rows, None]) * scale
+                dq[..., rows, :] += torch.einsum("bkgqt,bkte->bkgqe", ds, kb)
+                block[2] += torch.einsum("bkgqt,bkgqe->bkte", ds, q_c)
+                block[3] += torch.einsum("bkgqt,bkgqe->bkte", p, dout_c)
             block, reqs = _rotate(block, meta)  # W hops: the block and its gradients are home at the end
             for r in reqs:
                 r.wait()

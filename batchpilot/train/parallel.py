@@ -33,6 +33,8 @@ class ParallelDims:
 DEVICES = ("auto", "cpu", "cuda")
 AC_MODES = ("none", "full", "selective", "stream")
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
+OFFLOAD_MODES = ("none", "cpu")
+MASTER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,18 +49,44 @@ class ParallelConfig:
     # instead of autocast over fp32 parameters; bf16 residual stream and saved activations (docs/scale.md)
     fsdp_one_device: bool = False
     float8: str | None = None  # tensorwise | rowwise: float8 matmuls in the blocks (torchao; apply_float8)
+    # cpu: FSDP2 CPUOffloadPolicy, parameter shards, gradients and optimizer states in host memory (implies FSDP2,
+    # on one device a one-rank mesh); the AdamW step runs on the CPU
+    offload: str = "none"  # none | cpu
+    # dtype of the parameters the optimizer updates, and so of its states: bfloat16 halves their memory (an 8B
+    # model's AdamW under offload: 64 GB of host memory instead of 128 GB) at the cost of rounding every update
+    master_dtype: str = "float32"  # float32 | bfloat16
+    # ranks that share each row, its sequence split over them (ring attention, train/context_parallel.py)
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name, allowed in (("device", DEVICES), ("activation_checkpointing", AC_MODES)):
+        for name, allowed in (("device", DEVICES), ("activation_checkpointing", AC_MODES),
+                              ("offload", OFFLOAD_MODES), ("master_dtype", MASTER_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--parallel.{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         check_float8_recipe(self.float8)
         if self.stream_chunk < 1:
             raise ValueError(f"--parallel.stream_chunk must be >= 1 token, got {self.stream_chunk}")
+        if self.context_parallel < 1:
+            raise ValueError(f"--parallel.context_parallel must be >= 1 rank, got {self.context_parallel}")
+        if self.context_parallel > 1 and self.activation_checkpointing == "stream":
+            raise ValueError("--parallel.context_parallel with --parallel.activation_checkpointing stream is not "
+                             "supported: streaming backprop chunks the sequence that the ring already splits")
+        if self.offload != "none" and self.float8 is not None:
+            raise ValueError("--parallel.float8 with --parallel.offload cpu is not supported: the offloaded step is "
+                             "bound by the host link and the CPU optimizer, and torchao's float8 all-gather "
+                             "is not wired in; drop one of them")
+
+    @property
+    def sharded_on_one_device(self) -> bool:
+        """Whether one device runs FSDP2 on a one-rank mesh (``fsdp_one_device``, implied by offload)."""
+        return self.fsdp_one_device or self.offload != "none"
 
 
-def init_distributed(device: str = "auto") -> ParallelDims:
-    """Read torchrun's environment; start the process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
+def init_distributed(device: str = "auto", *, offload: str = "none") -> ParallelDims:
+    """Read torchrun's environment; start the process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1.
+
+    Under CPU offload a GPU group gets a gloo backend for CPU tensors too: gradient clipping reduces the
+    norm of CPU gradient shards, and checkpoints gather CPU state."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -70,8 +98,15 @@ def init_distributed(device: str = "auto") -> ParallelDims:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend_for(use_cuda, offload), device_id=dev if use_cuda else None)
     return ParallelDims(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def backend_for(cuda: bool, offload: str) -> str:
+    """NCCL on GPU, gloo on CPU; under CPU offload a GPU group also holds gloo for the CPU tensors."""
+    if not cuda:
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if offload != "none" else "nccl"
 
 
 def shutdown_distributed() -> None:
@@ -149,37 +184,50 @@ def apply_compile(model: nn.Module) -> None:
             block.compile(fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype | None,
+               offload: str = "none") -> None:
     """FSDP2: shard every block, then the root (embeddings, final norm, LM head); fp32 gradient reduction.
 
     On one device (a one-rank group, started here if needed) nothing is sharded or communicated, but the
     mixed-precision policy still gives bf16 compute over fp32 master weights (the "all-gather" is a cast).
+    ``offload="cpu"``: FSDP2's ``CPUOffloadPolicy`` on every ``fully_shard``: parameter shards and their
+    gradients live in (pinned) host memory, each block's parameters are copied to the GPU for its forward and
+    backward, and the optimizer steps on the CPU shards (ZeRO-Offload, Ren et al., arXiv 2101.06840, sec. 4).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"--parallel.offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}")
+    cuda = dims.device.type == "cuda"
     if not dist.is_initialized():  # one device: an in-process group, no rendezvous
-        cuda = dims.device.type == "cuda"
         index = dims.device.index if dims.device.index is not None else (torch.cuda.current_device() if cuda else 0)
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+        dist.init_process_group(backend_for(cuda, offload), store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=torch.device("cuda", index) if cuda else None)
     mesh = init_device_mesh(dims.device.type, (dims.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # pinned host memory makes the copies asynchronous DMA; pinning needs a CUDA runtime
+    policy = CPUOffloadPolicy(pin_memory=cuda) if offload == "cpu" else OffloadPolicy()
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again right away in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=policy,
+                    reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointing: str = "none",
                 compile: bool = False, param_dtype: torch.dtype | None = None,
-                fsdp_one_device: bool = False, float8: str | None = None, stream_chunk: int = 4096) -> nn.Module:
+                fsdp_one_device: bool = False, float8: str | None = None, stream_chunk: int = 4096,
+                offload: str = "none") -> nn.Module:
     """The one place where parallelism is applied, in a fixed order: float8, AC or streaming, compile, FSDP2.
 
     FSDP2 runs with several ranks, and on one device when ``fsdp_one_device`` is set (with a
     ``param_dtype``): bf16 parameters in compute keep the residual stream and the saved activations in
     bf16, where autocast over fp32 parameters keeps them fp32 (twice the bytes per saved block input).
+    ``offload="cpu"`` implies FSDP2 (on one device a one-rank mesh) with the parameters in host memory.
     """
+    if offload != "none" and float8 is not None:
+        raise ValueError("--parallel.float8 with --parallel.offload cpu is not supported; drop one of them")
     apply_float8(model, float8, dims.device)
     if activation_checkpointing == "stream":
         apply_streaming(model, stream_chunk)
@@ -187,8 +235,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointin
         apply_ac(model, activation_checkpointing)
     if compile:
         apply_compile(model)
-    if dims.is_distributed or (fsdp_one_device and param_dtype is not None):
-        apply_fsdp(model, dims, param_dtype=param_dtype)
+    if dims.is_distributed or (fsdp_one_device and param_dtype is not None) or offload != "none":
+        apply_fsdp(model, dims, param_dtype=param_dtype, offload=offload)
     return model
 
 

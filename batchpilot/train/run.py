@@ -170,7 +170,8 @@ RESUME_OVERRIDABLE = {"lr": "optim.lr", "min_lr": "schedule.min_lr", "schedule":
 # What a resume may change freely: how the run is executed and logged, not what it computes.
 RESUME_FREE = {"out_dir", "checkpoint.resume", "checkpoint.resume_override", "checkpoint.save_every",
                "schedule.stop_at_step", "batch.micro_batch_size", "batch.auto_micro_batch", "parallel.device",
-               "parallel.compile", "parallel.float8", "parallel.fsdp_one_device", "logging.log_every",
+               "parallel.compile", "parallel.float8", "parallel.fsdp_one_device", "parallel.offload",
+               "parallel.context_parallel", "logging.log_every",
                "logging.eval_every", "logging.eval_batches", "logging.tensorboard", "logging.progress",
                "logging.peak_tflops", "checkpoint.keep"}
 
@@ -219,15 +220,21 @@ def model_config(model: ModelConfig) -> LlamaConfig:
 def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig,
                     dims: parallel.ParallelDims, lora: LoraConfig | None = None) -> Llama:
     has_weights = Path(model.name).is_dir() and any(Path(model.name).glob("model.safetensors*"))
-    net = load_model(model.name, device=dims.device) if has_weights else build_model(config, device=dims.device,
-                                                                                       seed=model.seed)
+    # Under CPU offload the model is built (or loaded) in host memory: it may not fit the GPU. ``fully_shard``
+    # then moves one block at a time to the GPU and its shard back to pinned host memory, and the buffers stay.
+    device = torch.device("cpu") if par.offload == "cpu" else dims.device
+    net = load_model(model.name, device=device) if has_weights else build_model(config, device=device,
+                                                                                  seed=model.seed)
     if lora is not None:  # after loading, before parallelize: FSDP2 shards the adapters with their layers
         net = apply_lora(net, lora)
+    if par.master_dtype == "bfloat16":  # before sharding: the shards, their gradients and AdamW's states in bf16
+        net = net.to(torch.bfloat16)
     # bf16 compute copies on GPU; on CPU, a one-device FSDP2 run keeps fp32 (the path the CPU tests check)
-    param_dtype = torch.bfloat16 if dims.device.type == "cuda" else (torch.float32 if par.fsdp_one_device else None)
+    one_device_fsdp = par.sharded_on_one_device
+    param_dtype = torch.bfloat16 if dims.device.type == "cuda" else (torch.float32 if one_device_fsdp else None)
     return parallel.parallelize(net, dims, activation_checkpointing=par.activation_checkpointing,
-                                compile=par.compile, param_dtype=param_dtype, fsdp_one_device=par.fsdp_one_device,
-                                float8=par.float8, stream_chunk=par.stream_chunk)
+                                compile=par.compile, param_dtype=param_dtype, fsdp_one_device=one_device_fsdp,
+                                float8=par.float8, stream_chunk=par.stream_chunk, offload=par.offload)
 
 
 def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, run_dir: Path,
@@ -304,9 +311,10 @@ def export_model(model: Llama, loader: PackedLoader, run_dir: Path, dims: parall
 def executed_plan(cfg: TrainConfig, config: LlamaConfig, dims: parallel.ParallelDims) -> Plan:
     """The Plan a run without ``--plan`` executes (no law: ``law`` and the predictions are None), so every run
     directory records its layout in the one plan.json schema."""
-    rows_per_rank = cfg.batch.global_batch_tokens // cfg.data.seq_len // dims.world_size
+    data_ranks = max(1, dims.world_size // cfg.parallel.context_parallel)  # a cp group shares its rows
+    rows_per_rank = cfg.batch.global_batch_tokens // cfg.data.seq_len // data_ranks
     total_params = counting.total_params(config)
-    sharded = dims.world_size > 1 or cfg.parallel.fsdp_one_device
+    sharded = dims.world_size > 1 or cfg.parallel.sharded_on_one_device
     return Plan(model=cfg.model.name, num_params=total_params, non_vocab_params=counting.non_vocab_params(config),
                 seq_len=cfg.data.seq_len, num_gpus=dims.world_size, global_batch_tokens=cfg.batch.global_batch_tokens,
                 micro_batch_size=cfg.batch.micro_batch_size,

@@ -12,12 +12,14 @@ names the last checkpoint, which is finite: parameters are checked before every 
 from __future__ import annotations
 
 import math
+import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ from batchpilot.train import autofit, parallel, run
 from batchpilot.train.adaptive import BatchController, Measurement, default_coupling, grad_sq_norm_tensor
 from batchpilot.train.checkpoint import latest_checkpoint, save_checkpoint
 from batchpilot.train.config import LoggingConfig, MoeConfig, TrainConfig
-from batchpilot.train.optim import build_optimizer, local
+from batchpilot.train.context_parallel import ContextParallelMesh, init_dp_cp_mesh, shard_batch
+from batchpilot.train.optim import OptimConfig, build_optimizer, local
 from batchpilot.train.schedule import Schedule, lr_at
 
 __all__ = ["NonFiniteUpdate", "TrainConfig", "TrainResult", "TrainState", "TrainingDiverged", "accumulate_gradients",
@@ -79,28 +82,45 @@ class TrainState:
 def train(cfg: TrainConfig, *, stop_on_signals: bool = False) -> TrainResult:
     """Execute ``cfg``. ``stop_on_signals`` (the CLI sets it): SIGTERM / SIGINT checkpoint at the next step
     boundary and return early (``TrainResult.stopped_by``); off, the caller's signal handlers stay in charge."""
-    dims = parallel.init_distributed(cfg.parallel.device)
+    dims = parallel.init_distributed(cfg.parallel.device, offload=cfg.parallel.offload)
     torch.manual_seed(cfg.model.seed)
     model_config = run.model_config(cfg.model)
+    cp_mesh = context_parallel_mesh(cfg, model_config, dims)
     plan = cfg.plan if cfg.plan is not None else run.executed_plan(cfg, model_config, dims)
     # rank 0 holds RUN/.lock until the run ends: a second `train` on the directory fails fast. Nothing else is
     # written to the directory until model and data are validated; a failed start leaves it as it was.
     handle = run.open_run_dir(cfg.out_dir, cfg.checkpoint, cfg.to_dict(), dims)
     try:
         with _stop_on_signals(stop_on_signals) as stop:
-            return _train(cfg, handle, plan, model_config, dims, stop)
+            return _train(cfg, handle, plan, model_config, dims, stop, cp_mesh)
     finally:
         handle.release()
 
 
+def context_parallel_mesh(cfg: TrainConfig, config: LlamaConfig,
+                          dims: parallel.ParallelDims) -> ContextParallelMesh | None:
+    """The dp x cp grid of ``--parallel.context_parallel N`` (None for N = 1); one-line errors for what the
+    ranks or the model cannot run (the config's own combinations are checked by ``TrainConfig``)."""
+    size = cfg.parallel.context_parallel
+    if size == 1:
+        return None
+    if dims.world_size % size:
+        raise ValueError(f"--parallel.context_parallel {size}: WORLD_SIZE {dims.world_size} is not a multiple of it "
+                         f"(start {size} x data-parallel ranks with torchrun --nproc-per-node)")
+    if config.num_experts:
+        raise ValueError("--parallel.context_parallel with an MoE model is not supported: the balance loss counts "
+                         "routing over whole sequences and micro-batches")
+    return init_dp_cp_mesh(dims.device.type, cp_size=size)
+
+
 def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: LlamaConfig,
-           dims: parallel.ParallelDims, stop: _StopRequest) -> TrainResult:
+           dims: parallel.ParallelDims, stop: _StopRequest, cp: ContextParallelMesh | None = None) -> TrainResult:
     run_dir = handle.path
     try:
         train_loader, val_loader = run.build_data(cfg.data, cfg.model, model_config, run_dir, dims)
         lora = cfg.lora.adapter_config(seed=cfg.model.seed)
         model = run.build_run_model(cfg.model, model_config, cfg.parallel, dims, lora=lora)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, optimizer_config(cfg))
         run.commit_run_dir(handle, cfg.to_dict(), plan, (train_loader, val_loader), dims)
     except BaseException:
         if dims.rank == 0:
@@ -118,7 +138,7 @@ def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: Llama
             run.truncate_metrics(run_dir, state.step)  # steps re-run from here on are logged once
     writer = MetricsWriter(run_dir if dims.rank == 0 else None, tensorboard=cfg.logging.tensorboard)
     try:
-        state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer, stop)
+        state, val_loss = _loop(cfg, model, optimizer, train_loader, val_loader, state, dims, run_dir, writer, stop, cp)
     finally:
         writer.close()
     result = TrainResult(run_dir=str(run_dir), steps=state.step, tokens=state.tokens,
@@ -132,6 +152,15 @@ def _train(cfg: TrainConfig, handle: run.RunDir, plan: Plan, model_config: Llama
     if dims.rank == 0:
         write_json_atomic(run_dir / "result.json", asdict(result))
     return result
+
+
+def optimizer_config(cfg: TrainConfig) -> OptimConfig:
+    """The run's optimizer settings; under CPU offload AdamW steps the CPU shards with torch's fused CPU kernel
+    (torch >= 2.4; ``optim.fused`` None would pick the per-tensor loop for CPU parameters). An explicit
+    ``--optim.fused`` wins."""
+    if cfg.parallel.offload == "cpu" and cfg.optim.name == "adamw" and cfg.optim.fused is None:
+        return replace(cfg.optim, fused=True)
+    return cfg.optim
 
 
 class _StopRequest:
@@ -173,9 +202,10 @@ def _stop_on_signals(enabled: bool) -> Iterator[_StopRequest]:
 
 def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, train_loader: PackedLoader,
           val_loader: PackedLoader, state: TrainState, dims: parallel.ParallelDims, run_dir: Path,
-          writer: MetricsWriter, stop: _StopRequest) -> tuple[TrainState, float | None]:
+          writer: MetricsWriter, stop: _StopRequest,
+          cp: ContextParallelMesh | None = None) -> tuple[TrainState, float | None]:
     sched = _schedule(cfg)
-    controller = _batch_controller(cfg, dims)
+    controller = _batch_controller(cfg, data_ranks(dims, cp))
     if state.controller:
         controller.load_state_dict(state.controller)
     state.global_batch_tokens = state.global_batch_tokens or cfg.batch.global_batch_tokens
@@ -201,7 +231,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
                 loss, grad_norm, measurement = train_step(
                     model, optimizer, train_loader, global_batch_tokens=batch_tokens, seq_len=seq_len,
                     micro_batch_size=micro_batch_size, dims=dims, grad_clip=cfg.optim.grad_clip,
-                    measure_noise=measure, fitter=fitter, moe=moe)
+                    measure_noise=measure, fitter=fitter, moe=moe, cp=cp)
             except NonFiniteUpdate as e:
                 raise TrainingDiverged(f"{e} at step {state.step + 1}, not applied; last good checkpoint: "
                                        f"{latest_checkpoint(run_dir) or 'none'}") from None
@@ -227,7 +257,7 @@ def _loop(cfg: TrainConfig, model: Llama, optimizer: torch.optim.Optimizer, trai
             done = state.tokens >= total_tokens or state.step == stop_at_step or signalled
             if (log.eval_every and state.step % log.eval_every == 0) or done:
                 val_loss = record["val_loss"] = evaluate(model, val_loader, eval_batches=log.eval_batches,
-                                                         micro_batch_size=micro_batch_size, dims=dims)
+                                                         micro_batch_size=micro_batch_size, dims=dims, cp=cp)
             if state.step % log.log_every == 0 or "val_loss" in record or decision.changed:
                 writer.log(record)
             progress.update(task, completed=state.tokens, loss=state.smooth_loss, lr=lr,
@@ -293,7 +323,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
                global_batch_tokens: int, seq_len: int, micro_batch_size: int, dims: parallel.ParallelDims,
                grad_clip: float, measure_noise: bool = False,
                fitter: autofit.MicroBatchFitter | None = None,
-               moe: MoeObjective | None = None) -> tuple[float, float, Measurement | None]:
+               moe: MoeObjective | None = None,
+               cp: ContextParallelMesh | None = None) -> tuple[float, float, Measurement | None]:
     """One optimizer step over exactly ``global_batch_tokens`` tokens: (mean loss, grad norm, noise measurement).
 
     With a ``fitter`` the micro-batch is the fitter's, and an OOM on any rank redoes the step smaller. The loss
@@ -302,7 +333,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
     """
     def grads(rows: int) -> tuple[torch.Tensor, Measurement | None]:
         return accumulate_gradients(model, loader, global_batch_tokens=global_batch_tokens, seq_len=seq_len,
-                                    micro_batch_size=rows, dims=dims, measure_noise=measure_noise, moe=moe)
+                                    micro_batch_size=rows, dims=dims, measure_noise=measure_noise, moe=moe, cp=cp)
 
     def update() -> torch.Tensor:
         grad_norm = parallel.clip_grad_norm(model, grad_clip)
@@ -330,7 +361,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
 def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global_batch_tokens: int, seq_len: int,
                          micro_batch_size: int, dims: parallel.ParallelDims,
                          measure_noise: bool = False,
-                         moe: MoeObjective | None = None) -> tuple[torch.Tensor, Measurement | None]:
+                         moe: MoeObjective | None = None,
+                         cp: ContextParallelMesh | None = None) -> tuple[torch.Tensor, Measurement | None]:
     """Backward over the step's micro-batches into ``.grad``; returns this rank's mean loss (a 0-d tensor on the
     device, not yet read) and, if asked, the two-batch gradient-noise measurement (McCandlish et al. 2018, arXiv 1812.06162, appendix A): |g|^2 of the
     first micro-batch against the full batch.
@@ -341,25 +373,37 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
 
     With ``moe`` each micro-batch's routing record adds the balance and z-losses to its backward (the returned
     loss stays the LM loss); the global-batch LBL's count buffer starts empty with the step.
+
+    With ``cp`` (context parallelism) the rows are split over the data-parallel ranks only; the ranks of a cp
+    group take the same rows, each its load-balanced slice of their sequence (``shard_batch``), and each
+    weights its local mean loss by ``loss_weight`` (cp x its share of the group's targets) on top of the
+    micro-batch weight: FSDP2's mean over all dp x cp ranks is then the step's per-token mean gradient.
     """
+    if cp is not None and (measure_noise or moe is not None):
+        raise ValueError("--parallel.context_parallel does not support noise measurement or MoE balance losses")
+    data = data_ranks(dims, cp)
     rows_per_step = global_batch_tokens // seq_len
-    if rows_per_step % dims.world_size:
-        raise ValueError(f"global batch of {rows_per_step} rows does not split over {dims.world_size} ranks")
-    rows_per_rank = rows_per_step // dims.world_size
+    if rows_per_step % data.world_size:
+        raise ValueError(f"global batch of {rows_per_step} rows does not split over {data.world_size} "
+                         f"data-parallel ranks")
+    rows_per_rank = rows_per_step // data.world_size
     if measure_noise:  # at least two micro-batches: a step that fits one is split in halves to measure
         micro_batch_size = min(micro_batch_size, max(1, (rows_per_rank + 1) // 2))
     sizes = micro_batch_sizes(rows_per_rank, micro_batch_size)
     measure_noise = measure_noise and len(sizes) > 1  # one micro-batch gives no second batch size
-    weights = micro_batch_weights(loader, sizes, rows_per_rank=rows_per_rank, dims=dims)
+    weights = micro_batch_weights(loader, sizes, rows_per_rank=rows_per_rank, dims=data)
     loss_sum = torch.zeros((), device=dims.device)
     small_sq_norm = torch.zeros(())
     if moe is not None:
         moe.start_step()
     for i, (rows, weight) in enumerate(zip(sizes, weights)):
-        batch = loader.take(rows * dims.world_size, rank=dims.rank, world_size=dims.world_size)
+        batch = loader.take(rows * data.world_size, rank=data.rank, world_size=data.world_size)
         parallel.set_gradient_sync(model, i == len(sizes) - 1 or (measure_noise and i == 0))
         with _autocast(dims):
-            if moe is None:
+            if cp is not None:
+                loss, shard_weight = context_parallel_loss(model, batch, dims.device, cp)
+                objective, weight = loss, weight * shard_weight
+            elif moe is None:
                 objective = loss = forward_loss(model, batch, dims.device)
             else:  # the balance and z-losses from this micro-batch's routing record
                 loss = forward_loss(model, batch, dims.device, routing=(record := RoutingRecord()))
@@ -374,6 +418,26 @@ def accumulate_gradients(model: torch.nn.Module, loader: PackedLoader, *, global
     small, big = torch.stack([small_sq_norm.to(loss_sum.device), big_sq_norm.to(loss_sum.device)]).tolist()
     return loss_sum, Measurement(small_sq_norm=small, small_batch_tokens=sizes[0] * dims.world_size * seq_len,
                                  big_sq_norm=big, big_batch_tokens=global_batch_tokens)
+
+
+def data_ranks(dims: parallel.ParallelDims, cp: ContextParallelMesh | None) -> parallel.ParallelDims:
+    """The ranks the data is split over: all of them, or under context parallelism the data-parallel ones
+    (this rank's cp group shares its rows). For slicing data only; collectives use ``dims``."""
+    if cp is None:
+        return dims
+    return parallel.ParallelDims(rank=cp.dp_rank, local_rank=dims.local_rank, world_size=cp.dp_size,
+                                 device=dims.device)
+
+
+def context_parallel_loss(model: torch.nn.Module, batch: Batch, device: torch.device,
+                          cp: ContextParallelMesh) -> tuple[torch.Tensor, float]:
+    """This rank's mean loss over its slice of the micro-batch's sequence, attention by the ring, and the
+    slice's loss weight (``shard_batch``); packed rows carry their positions and document ids with them."""
+    single_document = not bool((batch.position_ids[:, 1:] == 0).any())
+    local = shard_batch(batch.input_ids.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
+                        cp.cp_group, position_ids=None if single_document else batch.position_ids.to(device))
+    loss = model(local.input_ids, targets=local.targets, position_ids=local.position_ids, attn_meta=local.attn_meta)
+    return loss, local.loss_weight
 
 
 def micro_batch_weights(loader: PackedLoader, sizes: list[int], *, rows_per_rank: int,
@@ -438,23 +502,30 @@ def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: PackedLoader, *, eval_batches: int, micro_batch_size: int,
-             dims: parallel.ParallelDims) -> float:
+             dims: parallel.ParallelDims, cp: ContextParallelMesh | None = None) -> float:
     """Mean loss over the first ``eval_batches x micro_batch_size`` rows of the validation split.
 
     The rows are the same whatever the number of ranks (``eval_row_ranges``), so the validation loss of a
-    run does not change when it is resumed on another number of GPUs.
+    run does not change when it is resumed on another number of GPUs. Under context parallelism the rows are
+    split over the data-parallel ranks and each cp rank's loss is weighted by its slice's ``loss_weight``, so
+    the mean over a cp group is the group's mean loss.
     """
     model.eval()
+    data = data_ranks(dims, cp)
     ranges = eval_row_ranges(loader.num_rows, eval_batches=eval_batches, micro_batch_size=micro_batch_size,
-                             world_size=dims.world_size)
+                             world_size=data.world_size)
     loss_sum, row_count = 0.0, 0
     for batch, (start, stop) in zip(loader.eval_batches(ranges[0][1] - ranges[0][0], len(ranges)), ranges):
-        rows = (stop - start) // dims.world_size
-        lo, hi = dims.rank * rows, (dims.rank + 1) * rows
+        rows = (stop - start) // data.world_size
+        lo, hi = data.rank * rows, (data.rank + 1) * rows
         local = Batch(input_ids=batch.input_ids[lo:hi], targets=batch.targets[lo:hi],
                       position_ids=batch.position_ids[lo:hi])
         with _autocast(dims):
-            loss_sum += forward_loss(model, local, dims.device).item() * rows
+            if cp is None:
+                loss_sum += forward_loss(model, local, dims.device).item() * rows
+            else:
+                loss, weight = context_parallel_loss(model, local, dims.device, cp)
+                loss_sum += loss.item() * weight * rows
         row_count += rows
     model.train()
     return parallel.mean_across_ranks(loss_sum, dims) / parallel.mean_across_ranks(row_count, dims)
@@ -492,7 +563,14 @@ def _step_record(log: LoggingConfig, state: TrainState, batch_tokens: int, loss:
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record.update(tflops_per_gpu=tflops, mfu=tflops / log.peak_tflops,
                       peak_memory_bytes=torch.cuda.max_memory_allocated(dims.device))
+    record["peak_host_memory_bytes"] = _peak_host_memory_bytes()
     return record
+
+
+def _peak_host_memory_bytes() -> int:
+    """This process's peak resident host memory (what CPU offload's shards and optimizer states add to)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _progress(log: LoggingConfig, dims: parallel.ParallelDims):

@@ -27,19 +27,20 @@ TRAIN_FLAGS = sorted("""
 --batch.micro_batch_size --batch.min_interval_steps --batch.min_measurements --batch.min_relative_change
 --batch.norm_test_eta --batch.policy --batch.ramp --batch.target --batch.target_multiplier --beta1 --beta2
 --checkpoint.keep --checkpoint.resume --checkpoint.resume_override --checkpoint.save_every --compile --config
---data --data.format --data.loss_on --data.pack --data.path --data.seed --data.seq_len --data.text_field --debug
---device --eval-batches --eval-every --float8 --fsdp-one-device --global-batch-tokens --grad-clip
---keep-checkpoints --log-every --logging.eval_batches --logging.eval_every --logging.log_every
+--context-parallel --data --data.format --data.loss_on --data.pack --data.path --data.seed --data.seq_len
+--data.text_field --debug --device --eval-batches --eval-every --float8 --fsdp-one-device --global-batch-tokens
+--grad-clip --keep-checkpoints --log-every --logging.eval_batches --logging.eval_every --logging.log_every
 --logging.peak_tflops --logging.progress --logging.tensorboard --lora.alpha --lora.dropout --lora.rank
 --lora.target_modules --lr --lr-coupling --max-global-batch-tokens --max-steps --max-tokens --measure-noise
 --micro-batch-size --min-lr --model --model.name --model.seed --moe.balance --moe.balance_coef --moe.z_loss_coef
---optim.beta1 --optim.beta2 --optim.eps --optim.fused --optim.grad_clip --optim.lr --optim.momentum --optim.name
---optim.trust_coefficient --optim.weight_decay --optimizer --out --parallel.activation_checkpointing
---parallel.compile --parallel.device --parallel.float8 --parallel.fsdp_one_device --parallel.stream_chunk
---peak-tflops --plan --preset --progress --recipe.name --resume --save-every --schedule --schedule.decay_fraction
---schedule.decay_shape --schedule.max_steps --schedule.max_tokens --schedule.min_lr --schedule.name
---schedule.power_a --schedule.power_b --schedule.power_decay_fraction --schedule.stop_at_step
---schedule.warmup_tokens --seed --seq-len --stop-at-step --tensorboard --text-field --warmup-tokens --weight-decay
+--offload --optim.beta1 --optim.beta2 --optim.eps --optim.fused --optim.grad_clip --optim.lr --optim.momentum
+--optim.name --optim.trust_coefficient --optim.weight_decay --optimizer --out --parallel.activation_checkpointing
+--parallel.compile --parallel.context_parallel --parallel.device --parallel.float8 --parallel.fsdp_one_device
+--parallel.master_dtype --parallel.offload --parallel.stream_chunk --peak-tflops --plan --preset --progress --recipe
+--recipe.name --resume --save-every --schedule --schedule.decay_fraction --schedule.decay_shape --schedule.max_steps
+--schedule.max_tokens --schedule.min_lr --schedule.name --schedule.power_a --schedule.power_b
+--schedule.power_decay_fraction --schedule.stop_at_step --schedule.warmup_tokens --seed --seq-len --stop-at-step
+--tensorboard --text-field --warmup-tokens --weight-decay
 """.split())
 
 

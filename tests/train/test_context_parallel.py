@@ -1,5 +1,5 @@
 """Ring-attention context parallelism on 2 gloo ranks: loss and gradients equal one process's, with GQA, packed
-documents crossing the shard boundaries, and FSDP2 on a dp x cp mesh."""
+documents crossing the shard boundaries, query chunks that do not divide the shard, and FSDP2 on a dp x cp mesh."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def reference(packed: bool):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _ring_worker(packed: bool, fsdp: bool) -> None:
+def _ring_worker(packed: bool, fsdp: bool, query_chunk_rows: int = 0) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     ref_loss, ref_grads = reference(packed)
@@ -52,7 +52,7 @@ def _ring_worker(packed: bool, fsdp: bool) -> None:
     if fsdp:
         cp.apply_fsdp_dp_cp(model, mesh, param_dtype=None)
     ids, targets, pos = batch(packed)
-    local = cp.shard_batch(ids, targets, mesh.cp_group, position_ids=pos)
+    local = cp.shard_batch(ids, targets, mesh.cp_group, position_ids=pos, query_chunk_rows=query_chunk_rows)
     assert local.input_ids.shape == (2, T // 2)
     loss = model(local.input_ids, targets=local.targets, position_ids=local.position_ids,
                  attn_meta=local.attn_meta) * local.loss_weight
@@ -73,6 +73,7 @@ def _ring_worker(packed: bool, fsdp: bool) -> None:
 def _both_masks_worker() -> None:
     for packed in (False, True):
         _ring_worker(packed, False)
+    _ring_worker(True, False, query_chunk_rows=3)  # 16 local queries in chunks of 3, 3, 3, 3, 3, 1
 
 
 def test_ring_attention_matches_one_process_causal_and_packed():

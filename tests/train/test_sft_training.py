@@ -200,21 +200,6 @@ def test_lora_run_equals_apply_lora_and_a_naive_loop(tmp_path, model_dir, chat_d
     torch.testing.assert_close(merge_lora(model)(ids), unmerged, atol=1e-5, rtol=1e-5)
 
 
-def _offload_fsdp(model, dims):
-    """What ``apply_fsdp(..., offload="cpu")`` should do (train/parallel.py is W2's; see docs/finetune.md):
-    ``apply_fsdp``'s sharding with FSDP2's ``CPUOffloadPolicy`` on every ``fully_shard``."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(dims.device.type, (dims.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy(pin_memory=dims.device.type == "cuda")
-    for i, block in enumerate(model.layers):
-        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
-                    reshard_after_forward=i < len(model.layers) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
-
-
 def test_fsdp2_cpu_offload_equals_the_plain_run():
     """FSDP2 CPU offload (parameters, gradients, AdamW states on the host) works on CPU/gloo: equal losses."""
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -224,11 +209,7 @@ def test_fsdp2_cpu_offload_equals_the_plain_run():
     runs = []
     for offload in (False, True):
         model = build_model(config, seed=0).float()
-        if offload:
-            parallel.apply_fsdp(build_model(config, seed=0), dims, param_dtype=None)  # the one-rank group
-            _offload_fsdp(model, dims)
-        else:
-            parallel.apply_fsdp(model, dims, param_dtype=None)
+        parallel.apply_fsdp(model, dims, param_dtype=None, offload="cpu" if offload else "none")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
         for step in ids:
