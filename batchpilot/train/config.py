@@ -252,7 +252,8 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: object) -> None:
 # The settings a plan fixes, as dotted fields; ``plan_settings`` is how the trainer's config takes a Plan.
 PLAN_FIELDS = ("model.name", "data.seq_len", "batch.global_batch_tokens", "batch.micro_batch_size",
                "batch.policy", "schedule.max_steps", "schedule.name", "schedule.min_lr", "schedule.warmup_tokens",
-               "optim.lr", "optim.name", "parallel.activation_checkpointing", "parallel.offload")
+               "optim.lr", "optim.name", "parallel.activation_checkpointing", "parallel.offload",
+               "parallel.compile", "parallel.float8")
 
 
 def plan_settings(plan: Plan) -> dict[str, object]:
@@ -268,6 +269,11 @@ def plan_settings(plan: Plan) -> dict[str, object]:
         settings["model.name"] = plan.model
     if getattr(plan, "offload", "none") == "cpu":  # schema 2 plans: a plan that only fits offloaded says so
         settings["parallel.offload"] = "cpu"
+    # the plan's memory fit assumed these blocks (compiled blocks save fewer bytes, float8 ones fewer still), so
+    # its micro-batch holds only with them: the plan fixes them too
+    settings["parallel.compile"] = plan.compile
+    if plan.float8 is not None:
+        settings["parallel.float8"] = plan.float8
     return settings
 
 

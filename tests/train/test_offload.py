@@ -153,3 +153,7 @@ def test_a_plan_that_offloads_fixes_parallel_offload(dataset, tmp_path):
     fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
     assert plan_settings(types.SimpleNamespace(**{**fields, "offload": "cpu"}))["parallel.offload"] == "cpu"
     assert "parallel.offload" not in plan_settings(types.SimpleNamespace(**{**fields, "offload": "none"}))
+    assert plan.compile is False and plan.offload == "none"  # the executed plan records the run's own layout
+    # the plan's memory fit assumed its blocks: compile and float8 are fixed by the plan too
+    fixed = plan_settings(types.SimpleNamespace(**{**fields, "compile": True, "float8": "tensorwise"}))
+    assert fixed["parallel.compile"] is True and fixed["parallel.float8"] == "tensorwise"
