@@ -188,7 +188,8 @@ def run_offload(args, data_dir: Path, device: torch.device, row: dict[str, Any])
         _sync(device)
         t0 = time.perf_counter()
         train_step(model, optimizer, loader, global_batch_tokens=cfg.batch.global_batch_tokens,
-                   seq_len=args.seq_len, micro_batch_size=1, dims=dims, grad_clip=cfg.optim.grad_clip)
+                   seq_len=args.seq_len, micro_batch_size=1, dims=dims, grad_clip=cfg.optim.grad_clip,
+                   sync_every_micro_batch=True)
         _sync(device)
         times.append(report_step(time.perf_counter() - t0))
         if device.type == "cuda":
