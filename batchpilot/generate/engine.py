@@ -133,10 +133,13 @@ class Engine:
             return self.tokenizer.encode_prompt(prompt)
         return list(prompt)
 
-    def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1) -> Iterator[Completion]:
+    def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1,
+            deadline: float | None = None) -> Iterator[Completion]:
         """Completions in completion order, one per sample (n of them for a request with ``n`` > 1, told apart by
         ``sample_index``); with world_size > 1 only this rank's share of the groups. Requests without a seed
-        get ``request_seed(config.seed, str(index))``; sample j of a request gets ``sample_seed(seed, j)``."""
+        get ``request_seed(config.seed, str(index))``; sample j of a request gets ``sample_seed(seed, j)``.
+        ``deadline`` (a ``time.perf_counter()`` value; benchmarks capping a row's wall time): no step starts after
+        it, and the requests unfinished then are not returned (``stats`` counts what ran)."""
         for r in requests:
             self.check(r)
         requests = self._samples(requests)
@@ -149,8 +152,10 @@ class Engine:
                 r.finish_reason = "length"
                 yield Completion.of(r)
         scheduler.add(self._plan([r for r in requests if not _nothing_to_compute(r)], rank, world_size))
-        while scheduler.has_work():
+        while scheduler.has_work() and (deadline is None or time.perf_counter() < deadline):
             yield from self.step(scheduler)
+        if scheduler.has_work():  # stopped at the deadline: the unfinished requests' blocks are free again
+            self.pool.reset([self.runner.trash_block])
 
     @property
     def admit_min_free(self) -> int:
@@ -211,10 +216,14 @@ class Engine:
     def _plan(self, requests: list[Request], rank: int, world_size: int) -> list[Request]:
         """Requests (and group prefix pseudo-requests) in run order for this rank."""
         cfg = self.config
-        prompts = [r.prompt_ids for r in requests]
+        first = self._longest_first(requests)  # run alone, before the groups
+        rest = [r for r in requests if id(r) not in {id(x) for x in first}]
+        prompts = [r.prompt_ids for r in rest]
         groups = (build_groups(prompts, min_prefix_len=cfg.min_prefix_len) if cfg.prefix_sharing
                   else [PrefixGroup(0, [i]) for i in range(len(prompts))])
-        groups = order_groups(groups, [len(p) for p in prompts], [r.params.max_tokens for r in requests])
+        groups = order_groups(groups, [len(p) for p in prompts], [r.params.max_tokens for r in rest])
+        groups = [PrefixGroup(0, [len(rest) + i]) for i in range(len(first))] + groups
+        requests = rest + first
         queue: list[Request] = []
         for g in split_for_rank(groups, rank, world_size):
             members = [requests[i] for i in g.members]
@@ -230,6 +239,19 @@ class Engine:
                 m.group, m.prefix_len = group, g.prefix_len
             queue += [prefix, *members]
         return queue
+
+    def _longest_first(self, requests: list[Request]) -> list[Request]:
+        """The requests whose ``max_tokens`` is far above the job's median (over 4x), at most a quarter of
+        ``max_num_seqs`` of them, longest first: they start the job outside their prefix groups, so that the job
+        does not end on a tail of a few long requests admitted last (longest processing time first: Graham, "Bounds
+        on multiprocessing timing anomalies", SIAM J. Appl. Math. 1969). Their shared prefix is prefilled once
+        more each; a job without such a tail (uniform lengths) is unchanged."""
+        if len(requests) <= self.config.max_num_seqs:  # one wave: every request starts at once anyway
+            return []
+        lengths = sorted(r.params.max_tokens for r in requests)
+        median = lengths[len(lengths) // 2]
+        long = sorted((r for r in requests if r.params.max_tokens > 4 * median), key=lambda r: -r.params.max_tokens)
+        return long[:self.config.max_num_seqs // 4]
 
     def check(self, r: Request) -> None:
         """Raise ValueError if r cannot run on this engine (empty, too long for the model or the cache)."""
