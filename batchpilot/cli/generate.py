@@ -9,6 +9,7 @@ that uses torch.distributed (a barrier), by design kept out of the engine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
@@ -49,8 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the decode graphs: auto = when the job's expected decode steps pay for the "
                         "compile time (about 20 s); on / off force it")
-    p.add_argument("--compile-cost-s", type=float, default=COMPILE_COST_S,
-                   help="the compile time --compile auto weighs against the job (measure it once on your GPU)")
+    p.add_argument("--compile-cost-s", type=float, default=None,
+                   help="the compile time --compile auto weighs against the job (default: measured by an earlier "
+                        f"compiled run on this machine, kept in the cache directory; else {COMPILE_COST_S:.0f} s)")
+    p.add_argument("--admit-fraction", type=float, default=None,
+                   help="while lines wait, admit new ones only once this share of --max-num-seqs rows is free "
+                        "(default 0.125; 0 = one for each finished line): decode runs on the graphs between")
     p.add_argument("--no-compile", action="store_true", help="same as --compile off")
     p.add_argument("--decode-steps", type=int, default=None,
                    help="greedy graph decode steps per host round trip once the queue is empty (default 32); more "
@@ -112,11 +117,64 @@ def load_for_serving(model: str | os.PathLike, *, device: torch.device, dtype: t
 
 
 # torch.compile of the decode graphs, decided by the job. Cost: issue 15's llama-1b job on one H200 ran 51.6 s wall
-# with compile and 31.2 s without (8,000 lines x 128 tokens), i.e. about 20 s of compilation; the gain per decode
-# step is assumed to be at most 10% of the step's bytes bound (weights read once per step, Williams et al.,
-# "Roofline", CACM 2009), since the captured graph already removes the launch overhead compile would otherwise cut.
+# with compile and 31.2 s without (8,000 lines x 128 tokens), i.e. about 20 s of compilation, until this machine has
+# measured its own (``CompileRecords``). Gain per decode step, until measured: at most 10% of the step's bytes bound
+# (weights read once per step, Williams et al., "Roofline", CACM 2009), since the captured graph already removes the
+# launch overhead compile would otherwise cut.
 COMPILE_COST_S = 20.0
 COMPILE_GAIN_SHARE = 0.10
+
+
+def cache_root() -> Path:
+    """Per-user cache of batchpilot: $BATCHPILOT_CACHE_DIR, else $XDG_CACHE_HOME/batchpilot, else ~/.cache/batchpilot."""
+    if env := os.environ.get("BATCHPILOT_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batchpilot"
+
+
+def use_persistent_compile_cache() -> Path:
+    """Point torch.compile's caches (inductor's FX-graph and AOT-autograd caches, its Triton kernels) at a per-user
+    directory that outlives /tmp, unless $TORCHINDUCTOR_CACHE_DIR already names one: a second run of the same model
+    loads the compiled decode forward instead of compiling it again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+class CompileRecords:
+    """Measured compile costs and decode step times per (torch, GPU, model shape), kept in the cache directory: what
+    ``--compile auto`` weighs, once a run has measured them (``source`` says which numbers it used)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def key(model: Any) -> str:
+        c = model.config
+        device = next(model.parameters()).device
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        shape = (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
+                 next(model.parameters()).dtype)
+        return f"torch {torch.__version__} | {gpu} | {shape}"
+
+    def get(self, key: str) -> dict[str, float]:
+        try:
+            value = json.loads(self.path.read_text()).get(key, {})
+        except (OSError, ValueError):
+            return {}
+        return {k: float(v) for k, v in value.items() if isinstance(v, int | float)} if isinstance(value, dict) else {}
+
+    def update(self, key: str, values: dict[str, float]) -> None:
+        """Merge ``values`` into the key's record (atomic rewrite; an unreadable file starts afresh)."""
+        from batchpilot.io import write_text_atomic
+
+        try:
+            data = json.loads(self.path.read_text())
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data[key] = {**self.get(key), **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(data, indent=1) + "\n")
 
 
 def expected_decode_steps(max_tokens: list[int], max_num_seqs: int) -> int:
@@ -126,12 +184,22 @@ def expected_decode_steps(max_tokens: list[int], max_num_seqs: int) -> int:
     return sum(lengths[i] for i in range(0, len(lengths), max(1, max_num_seqs)))
 
 
-def decide_compile(mode: str, steps: int, step_bound_s: float, compile_cost_s: float = COMPILE_COST_S) -> bool:
-    """--compile auto: compile when the job's expected decode steps times the assumed gain per step outweigh the
-    compile cost; on / off force it."""
+def decide_compile(mode: str, steps: int, gain_per_step_s: float, compile_cost_s: float = COMPILE_COST_S) -> bool:
+    """--compile auto: compile when the job's expected decode steps times the gain per step outweigh the compile
+    cost; on / off force it."""
     if mode != "auto":
         return mode == "on"
-    return steps * COMPILE_GAIN_SHARE * step_bound_s > compile_cost_s
+    return steps * gain_per_step_s > compile_cost_s
+
+
+def compile_numbers(record: dict[str, float], step_bound_s: float, cost_flag_s: float | None) -> tuple[float, float, str]:
+    """(gain per decode step, compile cost, source): measured where a run recorded them, else the defaults."""
+    cost, source = (record["compile_s"], "measured") if "compile_s" in record else (COMPILE_COST_S, "assumed")
+    if cost_flag_s is not None:
+        cost, source = cost_flag_s, "--compile-cost-s"
+    if "step_s_compiled" in record and "step_s_eager" in record:
+        return max(0.0, record["step_s_eager"] - record["step_s_compiled"]), cost, source + ", gain measured"
+    return COMPILE_GAIN_SHARE * step_bound_s, cost, source + ", gain assumed"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.io import FileLock, LockedError
 
     started = time.perf_counter()
+    if args.admit_fraction is not None and not 0 <= args.admit_fraction <= 1:
+        raise ValueError(f"--admit-fraction must be in [0, 1], got {args.admit_fraction}")
     if args.max_prompt_bytes < 1 or not args.template_timeout > 0:
         raise ValueError("--max-prompt-bytes must be >= 1 and --template-timeout > 0")
     inp, out = Path(args.input), Path(args.output)
@@ -168,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
             drop_errors(out, items)
         todo = done.todo(items, retry_errors=args.retry_errors)
         barrier()  # every rank has read what is done before any rank writes
-        compile_on = _decide_compile(args, model, todo)
+        records = CompileRecords(cache_root() / "compile_costs.json")
+        compile_on, compile_why = _decide_compile(args, model, todo, records)
+        compile_cache = use_persistent_compile_cache() if compile_on else None
         engine = Engine(model, tokenizer, _engine_config(args, EngineConfig, compile_on))
         ready = time.perf_counter()
         try:
@@ -177,8 +249,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(e.strerror) from None
     finally:
         lock.release()
+    _record_compile(records, model, engine)
     if rank == 0:
         summary["compile"] = compile_on
+        summary["compile_why"] = compile_why
+        summary["compile_cache"] = str(compile_cache) if compile_on else None
         summary["setup_seconds"] = ready - started
         summary["wall_seconds"] = time.perf_counter() - _process_start(started)
         _report(summary, model, engine, world_size)
@@ -195,20 +270,40 @@ def _process_start(fallback: float) -> float:
         return fallback
 
 
-def _decide_compile(args: argparse.Namespace, model: Any, todo: list) -> bool:
+def _decide_compile(args: argparse.Namespace, model: Any, todo: list, records: CompileRecords) -> tuple[bool, str]:
+    """(compile?, why) for the end line."""
     from batchpilot.generate import roofline
 
     mode = "off" if args.no_compile else args.compile
     if mode != "auto":
-        return mode == "on"
+        return mode == "on", f"--compile {mode}"
     spec = roofline.gpu_spec(next(model.parameters()).device)
     if spec is None or args.no_cuda_graphs:  # compile only acts on the CUDA decode graphs
-        return False
+        return False, "auto: no CUDA decode graphs"
     lengths = [it.params.max_tokens for it in todo if it.params is not None for _ in it.prompts
                for _ in range(it.params.n)]
-    step_bound_s = roofline.model_cost(model).weight_bytes / spec[0]
-    return decide_compile(mode, expected_decode_steps(lengths, args.max_num_seqs), step_bound_s,
-                          args.compile_cost_s)
+    steps = expected_decode_steps(lengths, args.max_num_seqs)
+    gain, cost, source = compile_numbers(records.get(records.key(model)),
+                                         roofline.model_cost(model).weight_bytes / spec[0], args.compile_cost_s)
+    on = decide_compile(mode, steps, gain, cost)
+    return on, f"auto: {steps} decode steps x {gain * 1e3:.2f} ms gain vs {cost:.1f} s compile ({source})"
+
+
+def _record_compile(records: CompileRecords, model: Any, engine: Any) -> None:
+    """What this run measured: the compile time, and the mean decode step time with or without compile."""
+    graphs, stats = engine.runner.graphs, engine.stats
+    if graphs is None or not graphs.enabled or not graphs.capture or stats.decode_steps < 64:
+        return
+    from batchpilot.generate.graphs import greedy_tokens
+
+    compiled = graphs.tokens is not greedy_tokens
+    values = {"step_s_compiled" if compiled else "step_s_eager": stats.decode_seconds / stats.decode_steps}
+    if compiled and graphs.compile_seconds > 0:
+        values["compile_s"] = graphs.compile_seconds
+    try:
+        records.update(records.key(model), values)
+    except OSError:  # a read-only home: the numbers are only lost, the job is done
+        pass
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -224,7 +319,8 @@ def _engine_config(args: argparse.Namespace, EngineConfig: type, compile_on: boo
                         prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
                         triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs,
                         compile=compile_on, seed=args.seed,
-                        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}))
+                        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
+                        **({} if args.admit_fraction is None else {"admit_fraction": args.admit_fraction}))
 
 
 def _run(args: argparse.Namespace, engine: object, items: list, todo: list, out: Path, model: object, rank: int,
@@ -253,7 +349,8 @@ def _report(summary: dict, model: Any, engine: Any, world_size: int) -> None:
           f"output tokens {tokens}{' on rank 0' if world_size > 1 else ''}; wall {wall:.1f} s "
           f"(cold {max(0.0, wall - engine_s):.1f} s: setup {summary['setup_seconds']:.1f} s, tokenize "
           f"{summary['tokenize_seconds']:.1f} s; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
-          f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'}")
+          f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'} "
+          f"({summary['compile_why']}{'; cache ' + summary['compile_cache'] if summary['compile_cache'] else ''})")
     share = roofline_share(model, engine.stats, summary["lengths"], engine_s)
     if share:
         decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"

@@ -127,3 +127,15 @@ def test_outputs_do_not_depend_on_admission_bursts_or_steps_per_round_trip(model
     assert len({tuple(map(str, o)) for o in outputs.values()}) == 1
     assert any(reason == "stop" for *_, reason in outputs[0.0, 1])
     assert trips[0.5, 8] < trips[0.0, 1]
+
+
+def test_admit_fraction_flag(model_dir, tmp_path, capsys):
+    from batchpilot.cli import main
+
+    job, out = tmp_path / "job.txt", tmp_path / "out.jsonl"
+    job.write_text("And God said\nLet there be light\nthe earth\n")
+    args = ["generate", "--model", str(model_dir), "--input", str(job), "--output", str(out), "--max-tokens", "3"]
+    assert main([*args, "--admit-fraction", "1.5"]) != 0
+    assert "--admit-fraction must be in [0, 1]" in capsys.readouterr().err
+    assert main([*args, "--admit-fraction", "0.5", "--max-num-seqs", "2"]) == 0
+    assert len(out.read_text().splitlines()) == 3
