@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -78,13 +80,22 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Path | None]:
     """(model, tokenizer or None, tokenizer path or None) from --model/--tokenizer/--dtype."""
+    tokenizer, tok_path = load_tokenizer(args)
+    return load_model_for(args, device), tokenizer, tok_path
+
+
+def load_model_for(args: argparse.Namespace, device: torch.device) -> Any:
+    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return load_for_serving(args.model, device=device, dtype=dtype)
+
+
+def load_tokenizer(args: argparse.Namespace) -> tuple[Any, Path | None]:
+    """(tokenizer or None, its path or None): --tokenizer, else the model directory's tokenizer.json."""
     from batchpilot.data.tokenizer import Tokenizer
 
-    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_for_serving(args.model, device=device, dtype=dtype)
     model_dir = Path(args.model) if Path(args.model).is_dir() else None
     tok_path = args.tokenizer or (model_dir if model_dir and (model_dir / "tokenizer.json").is_file() else None)
-    return model, (Tokenizer.from_path(tok_path) if tok_path else None), (Path(tok_path) if tok_path else None)
+    return (Tokenizer.from_path(tok_path) if tok_path else None), (Path(tok_path) if tok_path else None)
 
 
 def load_for_serving(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype) -> Any:
@@ -205,7 +216,8 @@ def compile_numbers(record: dict[str, float], step_bound_s: float, cost_flag_s: 
 def run(args: argparse.Namespace) -> int:
     from batchpilot.data.chat_template import RenderLimits, chat_template_of
     from batchpilot.generate.engine import Engine, EngineConfig
-    from batchpilot.generate.jobs import JobLimits, JobWriteError, answered, check_output, drop_errors, read_job
+    from batchpilot.generate.jobs import (JobLimits, JobWriteError, answered, check_output, drop_errors, encode_job,
+                                          read_job)
     from batchpilot.generate.request import SamplingParams
     from batchpilot.io import FileLock, LockedError
 
@@ -230,13 +242,16 @@ def run(args: argparse.Namespace) -> int:
         limits = JobLimits(max_prompt_bytes=args.max_prompt_bytes, max_line_bytes=2 * args.max_prompt_bytes + 2**16,
                            template=RenderLimits(max_seconds=args.template_timeout))
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, tok_dir = load(args, device)
+        tokenizer, tok_dir = load_tokenizer(args)
         template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)
         items = read_job(inp, defaults, chat_template=template, special_tokens=special, limits=limits)
         done = answered(out, items, world_size)  # refuses a file that is not results of this job
         if args.retry_errors and rank == 0:
             drop_errors(out, items)
         todo = done.todo(items, retry_errors=args.retry_errors)
+        # the job is tokenized while the weights load (the tokenizers library encodes without the GIL)
+        encoding = _Background(encode_job, SimpleNamespace(tokenizer=tokenizer), todo)
+        model = load_model_for(args, device)
         barrier()  # every rank has read what is done before any rank writes
         records = CompileRecords(cache_root() / "compile_costs.json")
         compile_on, compile_why = _decide_compile(args, model, todo, records)
@@ -244,7 +259,9 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine(model, tokenizer, _engine_config(args, EngineConfig, compile_on))
         ready = time.perf_counter()
         try:
-            summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier)
+            encoded = encoding.result()
+            summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier, encoded)
+            summary["tokenize_seconds"] = encoding.seconds
         except JobWriteError as e:
             raise ValueError(e.strerror) from None
     finally:
@@ -258,6 +275,31 @@ def run(args: argparse.Namespace) -> int:
         summary["wall_seconds"] = time.perf_counter() - _process_start(started)
         _report(summary, model, engine, world_size)
     return 0
+
+
+class _Background:
+    """``fn(*args)`` on a thread; ``result()`` waits for it and re-raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+        def work() -> None:
+            start = time.perf_counter()
+            try:
+                self.value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+                self.error = e
+            self.seconds = time.perf_counter() - start
+        self.thread = threading.Thread(target=work, name="batchpilot-tokenize", daemon=True)
+        self.thread.start()
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _process_start(fallback: float) -> float:
@@ -324,11 +366,11 @@ def _engine_config(args: argparse.Namespace, EngineConfig: type, compile_on: boo
 
 
 def _run(args: argparse.Namespace, engine: object, items: list, todo: list, out: Path, model: object, rank: int,
-         world_size: int, barrier: Callable[[], None]) -> dict:
+         world_size: int, barrier: Callable[[], None], encoded: dict | None = None) -> dict:
     from batchpilot.generate.jobs import merge_parts, run_job, sort_results
 
     summary = run_job(engine, items, out, model=served_model_name(args), todo=todo, rank=rank,
-                      world_size=world_size, progress=False if args.no_progress else None)
+                      world_size=world_size, progress=False if args.no_progress else None, encoded=encoded)
     barrier()
     if world_size > 1 and rank == 0:
         merge_parts(out, world_size, items)
@@ -348,7 +390,7 @@ def _report(summary: dict, model: Any, engine: Any, world_size: int) -> None:
     print(f"lines: done {summary['requests']}, errors {summary['errors']}, skipped {summary['skipped']}; "
           f"output tokens {tokens}{' on rank 0' if world_size > 1 else ''}; wall {wall:.1f} s "
           f"(cold {max(0.0, wall - engine_s):.1f} s: setup {summary['setup_seconds']:.1f} s, tokenize "
-          f"{summary['tokenize_seconds']:.1f} s; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
+          f"{summary['tokenize_seconds']:.1f} s while loading; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
           f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'} "
           f"({summary['compile_why']}{'; cache ' + summary['compile_cache'] if summary['compile_cache'] else ''})")
     share = roofline_share(model, engine.stats, summary["lengths"], engine_s)

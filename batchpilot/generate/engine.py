@@ -217,7 +217,8 @@ class Engine:
         """Requests (and group prefix pseudo-requests) in run order for this rank."""
         cfg = self.config
         first = self._longest_first(requests)  # run alone, before the groups
-        rest = [r for r in requests if id(r) not in {id(x) for x in first}]
+        taken = {id(x) for x in first}
+        rest = [r for r in requests if id(r) not in taken]
         prompts = [r.prompt_ids for r in rest]
         groups = (build_groups(prompts, min_prefix_len=cfg.min_prefix_len) if cfg.prefix_sharing
                   else [PrefixGroup(0, [i]) for i in range(len(prompts))])
