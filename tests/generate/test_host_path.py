@@ -139,3 +139,21 @@ def test_admit_fraction_flag(model_dir, tmp_path, capsys):
     assert "--admit-fraction must be in [0, 1]" in capsys.readouterr().err
     assert main([*args, "--admit-fraction", "0.5", "--max-num-seqs", "2"]) == 0
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_deadline_stops_the_run_and_frees_its_blocks(model_dir, monkeypatch):
+    import itertools
+
+    import batchpilot.generate.engine as engine_module
+
+    model = batchpilot.load_model(model_dir)
+    engine = Engine(model, None, EngineConfig())
+    prompts = [[1, 2, 3, i] for i in range(4)]
+    reqs = [Request(i, p, SamplingParams(max_tokens=20, ignore_eos=True)) for i, p in enumerate(prompts)]
+    clock = itertools.count()  # a fake clock: one tick per reading, so a few steps run before the deadline
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: float(next(clock)))
+    assert list(engine.run(reqs, deadline=8.0)) == [] and 0 < engine.stats.steps < 20
+    monkeypatch.undo()
+    assert engine.pool.num_free == engine.pool.num_blocks - 1  # the unfinished requests' blocks are free
+    done = engine.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))  # the engine is still whole
+    assert [len(c.output_ids) for c in done] == [20] * 4
