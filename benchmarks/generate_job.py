@@ -13,9 +13,11 @@ decode to nothing, so EOS and stops end few lines: the long tail is max_tokens' 
 Rows: the CLI as a fresh process on 8,000 and 1,000 lines (wall clock from process start to the last
 output byte: cold start, load, tokenization, compile and all); the warm engine on the same requests
 in this process (second run of the job); greedy vs sampled (temperature 0.8, top-p 0.95) decode on
-the same requests with fixed lengths; a long-output job (64 x 32k tokens, sampled) with its decode
-steps' share of the bytes bound (Pope et al. 2022, arXiv 2211.05102, section 2). Writes
-``<out>/generate_job_<date>.json`` with ``summary`` keys ``cli_vs_warm_8000``, ``cli_vs_warm_1000``,
+the same requests with fixed lengths; a long-output job (16 x 32k tokens, sampled) with its decode
+steps' share of the bytes bound (Pope et al. 2022, arXiv 2211.05102, section 2). Each row has a wall cap
+(``CAPS``) and all rows together ``--budget-s`` (default 270 s: one GPU call of <= 300 s); a capped engine row
+still reports its tokens/s from the engine's own count. Writes ``<out>/generate_job_<date>.json`` after every
+row (``complete`` false until the end) with ``summary`` keys ``cli_vs_warm_8000``, ``cli_vs_warm_1000``,
 ``sampled_vs_greedy``, ``long_output_bytes_share``.
 """
 
@@ -87,24 +89,29 @@ def make_tokenizer(path: Path, vocab_size: int) -> Path:
     return path
 
 
-def run_cli(args: argparse.Namespace, job: Path, out: Path, tokenizer: Path) -> dict:
-    """``batchpilot generate`` as a fresh process: wall clock from its start to its last output byte."""
+def run_cli(args: argparse.Namespace, job: Path, out: Path, tokenizer: Path, cap_s: float) -> dict:
+    """``batchpilot generate`` as a fresh process: wall clock from its start to its last output byte; killed
+    after ``cap_s`` seconds (the row then says so and counts the lines written by then)."""
     cmd = [sys.executable, "-c", "import sys; from batchpilot.cli import main; sys.exit(main())", "generate",
            "--model", args.model, "--tokenizer", str(tokenizer), "--input", str(job), "--output", str(out),
            "--no-progress", "--max-batch-tokens", str(args.max_batch_tokens), "--gpu-memory-utilization", "0.85",
            *args.cli_flags.split()]
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap_s)
+        capped, stdout = False, proc.stdout
+        if proc.returncode != 0:
+            raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    except subprocess.TimeoutExpired as e:
+        capped, stdout = True, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
     end = time.time()
-    if proc.returncode != 0:
-        raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stderr[-1500:]}")
-    records = [json.loads(t) for t in out.read_text().splitlines() if t.strip()]
+    records = [json.loads(t) for t in out.read_text().splitlines() if t.strip()] if out.exists() else []
     tokens = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in records
                  if (r.get("response") or {}).get("body", {}).get("usage"))
-    last_byte = out.stat().st_mtime - start
+    last_byte = (out.stat().st_mtime if out.exists() else end) - start
     return {"lines": len(records), "output_tokens": tokens, "process_seconds": round(end - start, 3),
-            "wall_seconds_to_last_byte": round(last_byte, 3), "out_tok_s": round(tokens / last_byte, 1),
-            "stdout_tail": proc.stdout[-400:]}
+            "wall_seconds_to_last_byte": round(last_byte, 3), "out_tok_s": round(tokens / max(last_byte, 1e-9), 1),
+            "capped_at_s": cap_s if capped else None, "stdout_tail": stdout[-600:]}
 
 
 def job_requests(engine: Engine, job: Path, template_dir: Path) -> list[Request]:
@@ -124,21 +131,27 @@ def job_requests(engine: Engine, job: Path, template_dir: Path) -> list[Request]
     return reqs
 
 
-def run_warm(engine: Engine, requests: list[Request], repeats: int = 2) -> dict:
-    """The requests on a warm engine: the last of ``repeats`` runs (the first compiles and captures)."""
-    for _ in range(repeats):
-        engine.stats = type(engine.stats)()
-        fresh = [Request(r.index, r.prompt_ids, r.params) for r in requests]
-        _sync()
-        start = time.perf_counter()
-        done = list(engine.run(fresh))
-        _sync()
-        seconds = time.perf_counter() - start
+def run_warm(engine: Engine, requests: list[Request], warmup: list[Request] | None, cap_s: float) -> dict:
+    """The requests on a warm engine (``warmup`` first, if given: compiles and captures the big batches), capped at
+    ``cap_s`` seconds; tokens/s from the engine's own count, so a capped row still measures its speed."""
+    if warmup:
+        list(engine.run([Request(r.index, r.prompt_ids, r.params) for r in warmup],
+                        deadline=time.perf_counter() + cap_s / 3))
+    engine.stats = type(engine.stats)()
+    fresh = [Request(r.index, r.prompt_ids, r.params) for r in requests]
+    _sync()
+    start = time.perf_counter()
+    done = list(engine.run(fresh, deadline=start + cap_s))
+    _sync()
+    seconds = time.perf_counter() - start
     lengths = [(len(c.prompt_ids), len(c.output_ids)) for c in done]
-    tokens = sum(o for _, o in lengths)
-    return {"requests": len(done), "output_tokens": tokens, "seconds": round(seconds, 3),
-            "out_tok_s": round(tokens / seconds, 1), "steps": engine.stats.steps,
-            "round_trips": engine.stats.round_trips,
+    tokens = engine.stats.output_tokens
+    graphs = engine.runner.graphs
+    return {"requests": len(requests), "finished": len(done), "output_tokens": tokens, "seconds": round(seconds, 3),
+            "out_tok_s": round(tokens / seconds, 1), "capped_at_s": cap_s if len(done) < len(requests) else None,
+            **engine.stats.to_dict(),
+            "mean_decode_batch": round(engine.stats.decode_batch_sum / max(1, engine.stats.decode_steps), 1),
+            "cuda_graphs": bool(graphs and graphs.enabled), "cuda_graphs_off_reason": graphs and graphs.off_reason,
             "roofline": roofline_share(engine.model, engine.stats, lengths, seconds)}
 
 
@@ -151,26 +164,48 @@ def _ratio(a: dict | None, b: dict | None, key: str = "out_tok_s") -> float | No
     return round(a[key] / b[key], 3) if a and b and "error" not in a and "error" not in b and b[key] else None
 
 
+# per-row wall caps (s), scaled down by what is left of --budget-s: the rows in the order they run
+CAPS = {"cli_8000": 110, "warm_8000": 70, "cli_1000": 40, "warm_1000": 25, "decode_greedy": 25,
+        "decode_sampled": 25, "long_output": 45}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny preset, a few short lines; runs on CPU")
     p.add_argument("--model", default=None, help="preset or HF directory (default llama-1b; tiny with --smoke)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: a small BPE trained here)")
     p.add_argument("--lines", default=None, help="comma-separated job sizes (default 8000,1000)")
-    p.add_argument("--long-requests", type=int, default=None, help="long-output job: requests (default 64)")
+    p.add_argument("--long-requests", type=int, default=None, help="long-output job: requests (default 16)")
     p.add_argument("--long-tokens", type=int, default=None, help="long-output job: tokens each (default 32768)")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--cli-flags", default="", help="extra flags for the CLI and the warm engine, e.g. --no-compile")
+    p.add_argument("--budget-s", type=float, default=270.0,
+                   help="wall seconds for all rows together (each row also has its own cap); rows past it are skipped")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    t0 = time.perf_counter()
     args.model = args.model or ("tiny" if args.smoke else "llama-1b")
     sizes = [int(n) for n in (args.lines or ("12,6" if args.smoke else "8000,1000")).split(",")]
-    long_n, long_t = args.long_requests or (2 if args.smoke else 64), args.long_tokens or (48 if args.smoke else 32768)
+    long_n, long_t = args.long_requests or (2 if args.smoke else 16), args.long_tokens or (48 if args.smoke else 32768)
     scale = 0.05 if args.smoke else 1.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = batchpilot.load_model(args.model, device=device, dtype=dtype)
     rows: list[dict] = []
+    now = datetime.datetime.now(datetime.timezone.utc)
+    path = Path(args.out) / f"generate_job_{'smoke_' if args.smoke else ''}{now:%Y%m%d_%H%M%S}.json"
+
+    def cap(row: str) -> float:
+        own = CAPS.get(row, CAPS.get(row.split("_")[0] + "_1000", 60))  # smoke sizes: the 1000-line caps
+        return max(0.0, min(own, args.budget_s - (time.perf_counter() - t0)))
+
+    def record(name: str, fn, *fn_args) -> None:
+        c = cap(name)
+        row = {"row": name, **(_guarded(fn, *fn_args, c) if c > 1 else {"error": "skipped: --budget-s spent"})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(path, args, sizes, rows)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok_dir = Path(args.tokenizer) if args.tokenizer else make_tokenizer(tmp / "tok", model.config.vocab_size)
@@ -180,21 +215,23 @@ def main() -> None:
         cfg = EngineConfig(max_batch_tokens=args.max_batch_tokens, compile="--no-compile" not in flags,
                            cuda_graphs="--no-cuda-graphs" not in flags, gpu_memory_utilization=0.4)
         engine = Engine(model, Tokenizer.from_path(tok_dir), cfg)
+        warm = False
         for n in sizes:
             job = tmp / f"job_{n}.jsonl"
             write_job(job, n, seed=n, scale=scale, max_tokens_cap=2048)
-            rows.append({"row": f"cli_{n}", **_guarded(run_cli, args, job, tmp / f"out_{n}.jsonl", tok_dir)})
-            print(json.dumps(rows[-1]), flush=True)
+            record(f"cli_{n}", run_cli, args, job, tmp / f"out_{n}.jsonl", tok_dir)
             reqs = job_requests(engine, job, tok_dir)
-            rows.append({"row": f"warm_{n}", **_guarded(run_warm, engine, reqs)})
-            print(json.dumps(rows[-1]), flush=True)
+            warmup = None if warm else [Request(r.index, r.prompt_ids, replace(r.params, max_tokens=min(
+                r.params.max_tokens, 48))) for r in reqs[:2048]]
+            record(f"warm_{n}", run_warm, engine, reqs, warmup)
+            warm = True
         reqs = job_requests(engine, tmp / f"job_{sizes[-1]}.jsonl", tok_dir)
         fixed = max(8, int(128 * scale * 4))
         for mode, extra in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_p=0.95))):
             same = [Request(r.index, r.prompt_ids, replace(r.params, max_tokens=fixed, ignore_eos=True, stop=(),
                                                            **extra)) for r in reqs]
-            rows.append({"row": f"decode_{mode}", **_guarded(run_warm, engine, same)})
-            print(json.dumps(rows[-1]), flush=True)
+            short = [Request(r.index, r.prompt_ids, replace(r.params, max_tokens=4)) for r in same]  # captures
+            record(f"decode_{mode}", run_warm, engine, same, short)
         rng = random.Random(1)
         long_reqs = [Request(i, [rng.randrange(model.config.vocab_size) for _ in range(64)],
                              SamplingParams(max_tokens=long_t, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True))
@@ -204,9 +241,14 @@ def main() -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-        long_engine = Engine(model, tokenizer, replace(cfg, output_len_prior=long_t))
-        rows.append({"row": "long_output", **_guarded(run_warm, long_engine, long_reqs, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        long_engine = Engine(model, tokenizer, replace(cfg, output_len_prior=long_t, max_num_seqs=max(8, long_n)))
+        record("long_output", run_warm, long_engine, long_reqs, None)
+    print(json.dumps(write(path, args, sizes, rows, final=True)))
+    print(f"wrote {path}")
+
+
+def write(path: Path, args: argparse.Namespace, sizes: list[int], rows: list[dict], final: bool = False) -> dict:
+    """The result file, rewritten after every row (a run cut short keeps the rows it finished)."""
     by = {r["row"]: r for r in rows}
     long_row = by.get("long_output") or {}
     summary = {
@@ -217,15 +259,11 @@ def main() -> None:
     }
     if args.smoke:  # the smoke sizes have their own keys, so a smoke file is never read as the real one
         summary |= {f"cli_vs_warm_{n}": _ratio(by.get(f"cli_{n}"), by.get(f"warm_{n}")) for n in sizes}
-    now = datetime.datetime.now(datetime.timezone.utc)
     result = {"benchmark": "generate_job", **provenance(), "model": args.model, "smoke": args.smoke,
-              "summary": summary, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"generate_job_{'smoke_' if args.smoke else ''}{now:%Y%m%d_%H%M%S}.json"
+              "complete": final, "budget_s": args.budget_s, "summary": summary, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(summary))
-    print(f"wrote {path}")
+    return summary
 
 
 def _guarded(fn, *args) -> dict:

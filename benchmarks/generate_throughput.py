@@ -1,6 +1,7 @@
 """Generation throughput: batchpilot's engine vs HF ``generate`` on the generate issue's workloads.
 
     python benchmarks/generate_throughput.py                 # llama-1b, random bf16 weights, one GPU (~6 min)
+    python benchmarks/generate_throughput.py --quick         # only (a) vs HF and (c), no ablations (~2 min)
     python benchmarks/generate_throughput.py --smoke         # toy sizes, runs on CPU
 
 Workloads (fixed output lengths, EOS ignored): (a) N prompts of 512 tokens sharing a 480-token prefix,
@@ -8,7 +9,8 @@ Workloads (fixed output lengths, EOS ignored): (a) N prompts of 512 tokens shari
 sharing, prompt lengths 128-1024, 256 new. HF ``generate`` (batched, left-padded, same weights) runs
 on (a) only. Every row reports output tokens/s and the share of the bytes/FLOPs roofline
 (Pope et al. 2022, arXiv 2211.05102, section 2). Each engine row runs its job twice and reports the warm run (``cold_seconds``:
-the first, with Triton compiles and CUDA-graph captures). Writes ``<out>/generate_throughput_<date>.json``.
+the first, with Triton compiles and CUDA-graph captures). Writes ``<out>/generate_throughput_<date>.json``, again
+after every row (a run cut short keeps the rows it finished).
 """
 
 from __future__ import annotations
@@ -136,8 +138,15 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="capture the eager decode forward")
     p.add_argument("--decode-steps", type=int, default=EngineConfig().decode_steps,
                    help="graph decode steps per host round trip")
+    p.add_argument("--quick", action="store_true",
+                   help="workloads a and c only, without the ablation rows: speedup_vs_hf_a, prefix_sharing_gain_a "
+                        "and roofline_share_c in about two minutes")
+    p.add_argument("--no-ablations", action="store_true", help="skip (c)'s one-step and no-compile rows")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if args.quick:
+        args.workloads, args.no_ablations = "a,c", True
+    args.started = datetime.datetime.now(datetime.timezone.utc)
     n = 16 if args.smoke else 1024
     for w in "abc":
         if getattr(args, f"{w}_requests") is None:
@@ -156,19 +165,21 @@ def main() -> None:
         modes = {"shared": EngineConfig(**base)}
         if name == "a":
             modes["no_sharing"] = EngineConfig(**base, prefix_sharing=False)
-        if name == "c" and args.decode_steps > 1:  # ablation: one host round trip per decode step
+        if name == "c" and args.decode_steps > 1 and not args.no_ablations:  # ablation: one host round trip per decode step
             modes["one_step_per_round_trip"] = EngineConfig(**{**base, "decode_steps": 1})
-        if name == "c" and not args.no_compile and not args.no_cuda_graphs:  # ablation: unfused decode graphs
+        if name == "c" and not args.no_compile and not args.no_cuda_graphs and not args.no_ablations:  # ablation: unfused decode graphs
             modes["no_compile"] = EngineConfig(**{**base, "compile": False})
         for mode, cfg in modes.items():
             row = _guarded(run_engine, model, prompts, new, cfg)
             rows.append({"workload": name, "system": "batchpilot", "mode": mode, **row})
             print(json.dumps(rows[-1]), flush=True)
+            write(args, rows)
         if name == "a" and args.hf_batch > 0:
             row = _guarded(run_hf, model, prompts, new, args.hf_batch)
             rows.append({"workload": "a", "system": "hf_generate", "mode": f"batch{args.hf_batch}", **row})
             print(json.dumps(rows[-1]), flush=True)
-    write(args, rows)
+            write(args, rows)
+    write(args, rows, final=True)
 
 
 def _guarded(fn, *args) -> dict:
@@ -185,7 +196,7 @@ def _find(rows: list[dict], workload: str, system: str, mode: str | None = None)
                  and (mode is None or r["mode"] == mode)), None)
 
 
-def write(args: argparse.Namespace, rows: list[dict]) -> None:
+def write(args: argparse.Namespace, rows: list[dict], final: bool = False) -> None:
     ours_a, plain_a = _find(rows, "a", "batchpilot", "shared"), _find(rows, "a", "batchpilot", "no_sharing")
     hf_a, ours_c = _find(rows, "a", "hf_generate"), _find(rows, "c", "batchpilot")
     summary = {
@@ -196,13 +207,15 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         and round(ours_c["roofline_datasheet"].get("decode_share", 0), 3),
         "hbm_bandwidth_measured_gb_s": torch.cuda.is_available() and round(_bandwidth(torch.device("cuda")) / 1e9),
     }
-    now = datetime.datetime.now(datetime.timezone.utc)
-    result = {"benchmark": "generate_throughput", **provenance(), "summary": summary, "rows": rows}
+    now = args.started
+    result = {"benchmark": "generate_throughput", **provenance(), "complete": final, "summary": summary,
+              "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"generate_throughput_{now:%Y%m%d_%H%M%S}{'_smoke' if args.smoke else ''}.json"
     path.write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary), "->", path)
+    if final:
+        print(json.dumps(summary), "->", path)
 
 
 if __name__ == "__main__":

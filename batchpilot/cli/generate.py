@@ -9,11 +9,14 @@ that uses torch.distributed (a barrier), by design kept out of the engine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -49,8 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the decode graphs: auto = when the job's expected decode steps pay for the "
                         "compile time (about 20 s); on / off force it")
-    p.add_argument("--compile-cost-s", type=float, default=COMPILE_COST_S,
-                   help="the compile time --compile auto weighs against the job (measure it once on your GPU)")
+    p.add_argument("--compile-cost-s", type=float, default=None,
+                   help="the compile time --compile auto weighs against the job (default: measured by an earlier "
+                        f"compiled run on this machine, kept in the cache directory; else {COMPILE_COST_S:.0f} s)")
+    p.add_argument("--admit-fraction", type=float, default=None,
+                   help="while lines wait, admit new ones only once this share of --max-num-seqs rows is free "
+                        "(default 0.125; 0 = one for each finished line): decode runs on the graphs between")
     p.add_argument("--no-compile", action="store_true", help="same as --compile off")
     p.add_argument("--decode-steps", type=int, default=None,
                    help="greedy graph decode steps per host round trip once the queue is empty (default 32); more "
@@ -73,13 +80,22 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Path | None]:
     """(model, tokenizer or None, tokenizer path or None) from --model/--tokenizer/--dtype."""
+    tokenizer, tok_path = load_tokenizer(args)
+    return load_model_for(args, device), tokenizer, tok_path
+
+
+def load_model_for(args: argparse.Namespace, device: torch.device) -> Any:
+    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return load_for_serving(args.model, device=device, dtype=dtype)
+
+
+def load_tokenizer(args: argparse.Namespace) -> tuple[Any, Path | None]:
+    """(tokenizer or None, its path or None): --tokenizer, else the model directory's tokenizer.json."""
     from batchpilot.data.tokenizer import Tokenizer
 
-    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_for_serving(args.model, device=device, dtype=dtype)
     model_dir = Path(args.model) if Path(args.model).is_dir() else None
     tok_path = args.tokenizer or (model_dir if model_dir and (model_dir / "tokenizer.json").is_file() else None)
-    return model, (Tokenizer.from_path(tok_path) if tok_path else None), (Path(tok_path) if tok_path else None)
+    return (Tokenizer.from_path(tok_path) if tok_path else None), (Path(tok_path) if tok_path else None)
 
 
 def load_for_serving(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype) -> Any:
@@ -112,11 +128,64 @@ def load_for_serving(model: str | os.PathLike, *, device: torch.device, dtype: t
 
 
 # torch.compile of the decode graphs, decided by the job. Cost: issue 15's llama-1b job on one H200 ran 51.6 s wall
-# with compile and 31.2 s without (8,000 lines x 128 tokens), i.e. about 20 s of compilation; the gain per decode
-# step is assumed to be at most 10% of the step's bytes bound (weights read once per step, Williams et al.,
-# "Roofline", CACM 2009), since the captured graph already removes the launch overhead compile would otherwise cut.
+# with compile and 31.2 s without (8,000 lines x 128 tokens), i.e. about 20 s of compilation, until this machine has
+# measured its own (``CompileRecords``). Gain per decode step, until measured: at most 10% of the step's bytes bound
+# (weights read once per step, Williams et al., "Roofline", CACM 2009), since the captured graph already removes the
+# launch overhead compile would otherwise cut.
 COMPILE_COST_S = 20.0
 COMPILE_GAIN_SHARE = 0.10
+
+
+def cache_root() -> Path:
+    """Per-user cache of batchpilot: $BATCHPILOT_CACHE_DIR, else $XDG_CACHE_HOME/batchpilot, else ~/.cache/batchpilot."""
+    if env := os.environ.get("BATCHPILOT_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batchpilot"
+
+
+def use_persistent_compile_cache() -> Path:
+    """Point torch.compile's caches (inductor's FX-graph and AOT-autograd caches, its Triton kernels) at a per-user
+    directory that outlives /tmp, unless $TORCHINDUCTOR_CACHE_DIR already names one: a second run of the same model
+    loads the compiled decode forward instead of compiling it again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+class CompileRecords:
+    """Measured compile costs and decode step times per (torch, GPU, model shape), kept in the cache directory: what
+    ``--compile auto`` weighs, once a run has measured them (``source`` says which numbers it used)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def key(model: Any) -> str:
+        c = model.config
+        device = next(model.parameters()).device
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        shape = (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
+                 next(model.parameters()).dtype)
+        return f"torch {torch.__version__} | {gpu} | {shape}"
+
+    def get(self, key: str) -> dict[str, float]:
+        try:
+            value = json.loads(self.path.read_text()).get(key, {})
+        except (OSError, ValueError):
+            return {}
+        return {k: float(v) for k, v in value.items() if isinstance(v, int | float)} if isinstance(value, dict) else {}
+
+    def update(self, key: str, values: dict[str, float]) -> None:
+        """Merge ``values`` into the key's record (atomic rewrite; an unreadable file starts afresh)."""
+        from batchpilot.io import write_text_atomic
+
+        try:
+            data = json.loads(self.path.read_text())
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data[key] = {**self.get(key), **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(data, indent=1) + "\n")
 
 
 def expected_decode_steps(max_tokens: list[int], max_num_seqs: int) -> int:
@@ -126,22 +195,35 @@ def expected_decode_steps(max_tokens: list[int], max_num_seqs: int) -> int:
     return sum(lengths[i] for i in range(0, len(lengths), max(1, max_num_seqs)))
 
 
-def decide_compile(mode: str, steps: int, step_bound_s: float, compile_cost_s: float = COMPILE_COST_S) -> bool:
-    """--compile auto: compile when the job's expected decode steps times the assumed gain per step outweigh the
-    compile cost; on / off force it."""
+def decide_compile(mode: str, steps: int, gain_per_step_s: float, compile_cost_s: float = COMPILE_COST_S) -> bool:
+    """--compile auto: compile when the job's expected decode steps times the gain per step outweigh the compile
+    cost; on / off force it."""
     if mode != "auto":
         return mode == "on"
-    return steps * COMPILE_GAIN_SHARE * step_bound_s > compile_cost_s
+    return steps * gain_per_step_s > compile_cost_s
+
+
+def compile_numbers(record: dict[str, float], step_bound_s: float, cost_flag_s: float | None) -> tuple[float, float, str]:
+    """(gain per decode step, compile cost, source): measured where a run recorded them, else the defaults."""
+    cost, source = (record["compile_s"], "measured") if "compile_s" in record else (COMPILE_COST_S, "assumed")
+    if cost_flag_s is not None:
+        cost, source = cost_flag_s, "--compile-cost-s"
+    if "step_s_compiled" in record and "step_s_eager" in record:
+        return max(0.0, record["step_s_eager"] - record["step_s_compiled"]), cost, source + ", gain measured"
+    return COMPILE_GAIN_SHARE * step_bound_s, cost, source + ", gain assumed"
 
 
 def run(args: argparse.Namespace) -> int:
     from batchpilot.data.chat_template import RenderLimits, chat_template_of
     from batchpilot.generate.engine import Engine, EngineConfig
-    from batchpilot.generate.jobs import JobLimits, JobWriteError, answered, check_output, drop_errors, read_job
+    from batchpilot.generate.jobs import (JobLimits, JobWriteError, answered, check_output, drop_errors, encode_job,
+                                          read_job)
     from batchpilot.generate.request import SamplingParams
     from batchpilot.io import FileLock, LockedError
 
     started = time.perf_counter()
+    if args.admit_fraction is not None and not 0 <= args.admit_fraction <= 1:
+        raise ValueError(f"--admit-fraction must be in [0, 1], got {args.admit_fraction}")
     if args.max_prompt_bytes < 1 or not args.template_timeout > 0:
         raise ValueError("--max-prompt-bytes must be >= 1 and --template-timeout > 0")
     inp, out = Path(args.input), Path(args.output)
@@ -160,29 +242,64 @@ def run(args: argparse.Namespace) -> int:
         limits = JobLimits(max_prompt_bytes=args.max_prompt_bytes, max_line_bytes=2 * args.max_prompt_bytes + 2**16,
                            template=RenderLimits(max_seconds=args.template_timeout))
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, tok_dir = load(args, device)
+        tokenizer, tok_dir = load_tokenizer(args)
         template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)
         items = read_job(inp, defaults, chat_template=template, special_tokens=special, limits=limits)
         done = answered(out, items, world_size)  # refuses a file that is not results of this job
         if args.retry_errors and rank == 0:
             drop_errors(out, items)
         todo = done.todo(items, retry_errors=args.retry_errors)
+        # the job is tokenized while the weights load (the tokenizers library encodes without the GIL)
+        encoding = _Background(encode_job, SimpleNamespace(tokenizer=tokenizer), todo)
+        model = load_model_for(args, device)
         barrier()  # every rank has read what is done before any rank writes
-        compile_on = _decide_compile(args, model, todo)
+        records = CompileRecords(cache_root() / "compile_costs.json")
+        compile_on, compile_why = _decide_compile(args, model, todo, records)
+        compile_cache = use_persistent_compile_cache() if compile_on else None
         engine = Engine(model, tokenizer, _engine_config(args, EngineConfig, compile_on))
         ready = time.perf_counter()
         try:
-            summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier)
+            encoded = encoding.result()
+            summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier, encoded)
+            summary["tokenize_seconds"] = encoding.seconds
         except JobWriteError as e:
             raise ValueError(e.strerror) from None
     finally:
         lock.release()
+    _record_compile(records, model, engine)
     if rank == 0:
         summary["compile"] = compile_on
+        summary["compile_why"] = compile_why
+        summary["compile_cache"] = str(compile_cache) if compile_on else None
         summary["setup_seconds"] = ready - started
         summary["wall_seconds"] = time.perf_counter() - _process_start(started)
         _report(summary, model, engine, world_size)
     return 0
+
+
+class _Background:
+    """``fn(*args)`` on a thread; ``result()`` waits for it and re-raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+        def work() -> None:
+            start = time.perf_counter()
+            try:
+                self.value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+                self.error = e
+            self.seconds = time.perf_counter() - start
+        self.thread = threading.Thread(target=work, name="batchpilot-tokenize", daemon=True)
+        self.thread.start()
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _process_start(fallback: float) -> float:
@@ -195,20 +312,40 @@ def _process_start(fallback: float) -> float:
         return fallback
 
 
-def _decide_compile(args: argparse.Namespace, model: Any, todo: list) -> bool:
+def _decide_compile(args: argparse.Namespace, model: Any, todo: list, records: CompileRecords) -> tuple[bool, str]:
+    """(compile?, why) for the end line."""
     from batchpilot.generate import roofline
 
     mode = "off" if args.no_compile else args.compile
     if mode != "auto":
-        return mode == "on"
+        return mode == "on", f"--compile {mode}"
     spec = roofline.gpu_spec(next(model.parameters()).device)
     if spec is None or args.no_cuda_graphs:  # compile only acts on the CUDA decode graphs
-        return False
+        return False, "auto: no CUDA decode graphs"
     lengths = [it.params.max_tokens for it in todo if it.params is not None for _ in it.prompts
                for _ in range(it.params.n)]
-    step_bound_s = roofline.model_cost(model).weight_bytes / spec[0]
-    return decide_compile(mode, expected_decode_steps(lengths, args.max_num_seqs), step_bound_s,
-                          args.compile_cost_s)
+    steps = expected_decode_steps(lengths, args.max_num_seqs)
+    gain, cost, source = compile_numbers(records.get(records.key(model)),
+                                         roofline.model_cost(model).weight_bytes / spec[0], args.compile_cost_s)
+    on = decide_compile(mode, steps, gain, cost)
+    return on, f"auto: {steps} decode steps x {gain * 1e3:.2f} ms gain vs {cost:.1f} s compile ({source})"
+
+
+def _record_compile(records: CompileRecords, model: Any, engine: Any) -> None:
+    """What this run measured: the compile time, and the mean decode step time with or without compile."""
+    graphs, stats = engine.runner.graphs, engine.stats
+    if graphs is None or not graphs.enabled or not graphs.capture or stats.decode_steps < 64:
+        return
+    from batchpilot.generate.graphs import greedy_tokens
+
+    compiled = graphs.tokens is not greedy_tokens
+    values = {"step_s_compiled" if compiled else "step_s_eager": stats.decode_seconds / stats.decode_steps}
+    if compiled and graphs.compile_seconds > 0:
+        values["compile_s"] = graphs.compile_seconds
+    try:
+        records.update(records.key(model), values)
+    except OSError:  # a read-only home: the numbers are only lost, the job is done
+        pass
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -224,15 +361,16 @@ def _engine_config(args: argparse.Namespace, EngineConfig: type, compile_on: boo
                         prefix_sharing=not args.no_prefix_sharing, cascade=not args.no_cascade,
                         triton=not args.no_triton, cuda_graphs=not args.no_cuda_graphs,
                         compile=compile_on, seed=args.seed,
-                        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}))
+                        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
+                        **({} if args.admit_fraction is None else {"admit_fraction": args.admit_fraction}))
 
 
 def _run(args: argparse.Namespace, engine: object, items: list, todo: list, out: Path, model: object, rank: int,
-         world_size: int, barrier: Callable[[], None]) -> dict:
+         world_size: int, barrier: Callable[[], None], encoded: dict | None = None) -> dict:
     from batchpilot.generate.jobs import merge_parts, run_job, sort_results
 
     summary = run_job(engine, items, out, model=served_model_name(args), todo=todo, rank=rank,
-                      world_size=world_size, progress=False if args.no_progress else None)
+                      world_size=world_size, progress=False if args.no_progress else None, encoded=encoded)
     barrier()
     if world_size > 1 and rank == 0:
         merge_parts(out, world_size, items)
@@ -252,8 +390,9 @@ def _report(summary: dict, model: Any, engine: Any, world_size: int) -> None:
     print(f"lines: done {summary['requests']}, errors {summary['errors']}, skipped {summary['skipped']}; "
           f"output tokens {tokens}{' on rank 0' if world_size > 1 else ''}; wall {wall:.1f} s "
           f"(cold {max(0.0, wall - engine_s):.1f} s: setup {summary['setup_seconds']:.1f} s, tokenize "
-          f"{summary['tokenize_seconds']:.1f} s; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
-          f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'}")
+          f"{summary['tokenize_seconds']:.1f} s while loading; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
+          f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'} "
+          f"({summary['compile_why']}{'; cache ' + summary['compile_cache'] if summary['compile_cache'] else ''})")
     share = roofline_share(model, engine.stats, summary["lengths"], engine_s)
     if share:
         decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"

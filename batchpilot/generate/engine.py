@@ -22,6 +22,7 @@ import torch
 
 from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.generate import roofline
+from batchpilot.generate.detok import IncrementalText
 from batchpilot.generate.kv_cache import BlockPool
 from batchpilot.generate.prefix_tree import PrefixGroup, build_groups, order_groups, split_for_rank
 from batchpilot.generate.request import (Completion, Group, Request, SamplingParams, Score, TokenLogprob,
@@ -52,11 +53,17 @@ class EngineConfig:
     # larger n costs only the rows that ended (EOS) inside a run; 32 vs 8: 55% vs 45% of the decode roofline
     decode_steps: int = 32
     output_len_prior: int = 2048  # first guess of output length for admission, until requests finish
+    # while requests wait, admit again only once this share of max_num_seqs rows is free (scheduler.py: admission
+    # in bursts): between bursts the steps are decode-only and run several per round trip on a CUDA graph, at the
+    # cost of about half this share of the batch; 0 = admit one for each finished request (mixed steps)
+    admit_fraction: float = 0.125
     seed: int = 0  # seeds requests that have none (request_seed(seed, str(index)))
 
     def __post_init__(self) -> None:
         if min(self.block_size, self.max_batch_tokens, self.max_num_seqs, self.decode_steps) < 1:
             raise ValueError("block_size, max_batch_tokens, max_num_seqs and decode_steps must be >= 1")
+        if not 0 <= self.admit_fraction <= 1:
+            raise ValueError(f"admit_fraction must be in [0, 1], got {self.admit_fraction}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -126,23 +133,34 @@ class Engine:
             return self.tokenizer.encode_prompt(prompt)
         return list(prompt)
 
-    def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1) -> Iterator[Completion]:
+    def run(self, requests: list[Request], *, rank: int = 0, world_size: int = 1,
+            deadline: float | None = None) -> Iterator[Completion]:
         """Completions in completion order, one per sample (n of them for a request with ``n`` > 1, told apart by
         ``sample_index``); with world_size > 1 only this rank's share of the groups. Requests without a seed
-        get ``request_seed(config.seed, str(index))``; sample j of a request gets ``sample_seed(seed, j)``."""
+        get ``request_seed(config.seed, str(index))``; sample j of a request gets ``sample_seed(seed, j)``.
+        ``deadline`` (a ``time.perf_counter()`` value; benchmarks capping a row's wall time): no step starts after
+        it, and the requests unfinished then are not returned (``stats`` counts what ran)."""
         for r in requests:
             self.check(r)
         requests = self._samples(requests)
         self.runner.begin_job(max((r.num_tokens + r.params.max_tokens for r in requests), default=0))
         scheduler = Scheduler(self.pool, max_batch_tokens=self.config.max_batch_tokens,
-                              max_num_seqs=self.config.max_num_seqs, output_len_prior=self.config.output_len_prior)
+                              max_num_seqs=self.config.max_num_seqs, output_len_prior=self.config.output_len_prior,
+                              admit_min_free=self.admit_min_free)
         for r in requests:
             if _nothing_to_compute(r) and r.index % world_size == rank:
                 r.finish_reason = "length"
                 yield Completion.of(r)
         scheduler.add(self._plan([r for r in requests if not _nothing_to_compute(r)], rank, world_size))
-        while scheduler.has_work():
+        while scheduler.has_work() and (deadline is None or time.perf_counter() < deadline):
             yield from self.step(scheduler)
+        if scheduler.has_work():  # stopped at the deadline: the unfinished requests' blocks are free again
+            self.pool.reset([self.runner.trash_block])
+
+    @property
+    def admit_min_free(self) -> int:
+        """Free rows before a running batch admits again (``EngineConfig.admit_fraction`` of max_num_seqs)."""
+        return max(1, int(self.config.admit_fraction * self.config.max_num_seqs))
 
     def step(self, scheduler: Scheduler) -> list[Completion]:
         start = time.perf_counter()
@@ -186,20 +204,27 @@ class Engine:
         return out
 
     def _decode_steps(self, plan: StepPlan, scheduler: Scheduler) -> int:
-        """Decode steps to run on this plan: several once the batch runs on a decode graph and nothing waits."""
+        """Decode steps to run on this plan: several once the batch runs on a decode graph and no request would be
+        admitted next step (nothing waits, or an admission burst waits for free rows: then until enough are)."""
         n = self.config.decode_steps
-        if n == 1 or scheduler.waiting or not self.runner.graphs_usable(plan.chunks):
+        if n == 1 or scheduler.admission_open() or not self.runner.graphs_usable(plan.chunks):
             return 1
-        n = min(n, max(c.request.params.max_tokens - len(c.request.output_ids) for c in plan.chunks))
+        n = min(n, max(c.request.params.max_tokens - len(c.request.output_ids) for c in plan.chunks),
+                scheduler.steps_until_admission(n))
         return n if n > 1 and scheduler.reserve_steps(plan, n) else 1
 
     def _plan(self, requests: list[Request], rank: int, world_size: int) -> list[Request]:
         """Requests (and group prefix pseudo-requests) in run order for this rank."""
         cfg = self.config
-        prompts = [r.prompt_ids for r in requests]
+        first = self._longest_first(requests)  # run alone, before the groups
+        taken = {id(x) for x in first}
+        rest = [r for r in requests if id(r) not in taken]
+        prompts = [r.prompt_ids for r in rest]
         groups = (build_groups(prompts, min_prefix_len=cfg.min_prefix_len) if cfg.prefix_sharing
                   else [PrefixGroup(0, [i]) for i in range(len(prompts))])
-        groups = order_groups(groups, [len(p) for p in prompts], [r.params.max_tokens for r in requests])
+        groups = order_groups(groups, [len(p) for p in prompts], [r.params.max_tokens for r in rest])
+        groups = [PrefixGroup(0, [len(rest) + i]) for i in range(len(first))] + groups
+        requests = rest + first
         queue: list[Request] = []
         for g in split_for_rank(groups, rank, world_size):
             members = [requests[i] for i in g.members]
@@ -216,6 +241,19 @@ class Engine:
             queue += [prefix, *members]
         return queue
 
+    def _longest_first(self, requests: list[Request]) -> list[Request]:
+        """The requests whose ``max_tokens`` is far above the job's median (over 4x), at most a quarter of
+        ``max_num_seqs`` of them, longest first: they start the job outside their prefix groups, so that the job
+        does not end on a tail of a few long requests admitted last (longest processing time first: Graham, "Bounds
+        on multiprocessing timing anomalies", SIAM J. Appl. Math. 1969). Their shared prefix is prefilled once
+        more each; a job without such a tail (uniform lengths) is unchanged."""
+        if len(requests) <= self.config.max_num_seqs:  # one wave: every request starts at once anyway
+            return []
+        lengths = sorted(r.params.max_tokens for r in requests)
+        median = lengths[len(lengths) // 2]
+        long = sorted((r for r in requests if r.params.max_tokens > 4 * median), key=lambda r: -r.params.max_tokens)
+        return long[:self.config.max_num_seqs // 4]
+
     def check(self, r: Request) -> None:
         """Raise ValueError if r cannot run on this engine (empty, too long for the model or the cache)."""
         if not r.prompt_ids:
@@ -229,30 +267,61 @@ class Engine:
                              f"({self.pool.capacity_tokens} tokens)")
 
     def _accept(self, r: Request, tokens: list[int]) -> tuple[int, str | None]:
-        """Append r's new tokens up to its end (later ones of a multi-step run are dropped): (kept, finish reason)."""
-        tokens = tokens[:r.params.max_tokens - len(r.output_ids)]
-        if not r.params.stop and (r.params.ignore_eos or self.eos_ids.isdisjoint(tokens)):  # only length can end it
+        """Append r's new tokens up to its end (later ones of a multi-step run are dropped): (kept, finish reason).
+
+        Stop strings are looked for incrementally (``detok.IncrementalText``): one short decode for all the new
+        tokens; only when they complete a stop (or hold an EOS) is the end found token by token."""
+        p = r.params
+        tokens = tokens[:p.max_tokens - len(r.output_ids)]
+        no_eos = p.ignore_eos or self.eos_ids.isdisjoint(tokens)
+        if not self._stops(r) and no_eos:  # only length can end it
             r.output_ids += tokens
-            return len(tokens), self._finish_reason(r)
+            return len(tokens), self._finish_reason(r, -1)
+        text = self._text(r)
+        if text is not None and no_eos and len(r.output_ids) + len(tokens) >= p.min_tokens:
+            state = text.state()
+            r.output_ids += tokens
+            if (cut := text.add(self._tokenizer, r.output_ids)) < 0:  # no stop in the new text: all tokens stay
+                return len(tokens), self._finish_reason(r, -1)
+            del r.output_ids[len(r.output_ids) - len(tokens):]
+            text.restore(state)
         for k, token in enumerate(tokens, start=1):
             r.output_ids.append(token)
-            if (reason := self._finish_reason(r)) is not None:
+            cut = text.add(self._tokenizer, r.output_ids) if text is not None else -1
+            if (reason := self._finish_reason(r, cut)) is not None:
                 return k, reason
         return len(tokens), None
 
-    def _finish_reason(self, r: Request) -> str | None:
+    def _stops(self, r: Request) -> bool:
+        return bool(r.params.stop) and self.tokenizer is not None
+
+    def _text(self, r: Request) -> IncrementalText | None:
+        """r's incremental text when it has stop strings (made on first use; it survives preemption, as the
+        output does)."""
+        if not self._stops(r):
+            return None
+        if r.detok is None:
+            r.detok = IncrementalText(r.params.stop)
+        return r.detok
+
+    @property
+    def _tokenizer(self) -> Tokenizer:
+        assert self.tokenizer is not None  # only requests with stop strings (which need one) get here
+        return self.tokenizer
+
+    def _finish_reason(self, r: Request, stop_at: int) -> str | None:
+        """Why r ends after its last token (None: it goes on); ``stop_at``: where in r's incremental text the first
+        stop string that its last tokens completed starts, -1 if none."""
         p, last = r.params, r.output_ids[-1]
         if len(r.output_ids) < p.min_tokens:  # EOS is masked on the device before min_tokens; stops wait too
             return None
         if not p.ignore_eos and last in self.eos_ids:
             r.text = self._decode(r.output_ids[:-1])
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self._decode(r.output_ids)
-            cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                r.text = text[:cut]
-                return "stop"
+        if stop_at >= 0:
+            assert r.detok is not None  # stop_at comes from it
+            r.text = r.detok.text[:stop_at]
+            return "stop"
         if len(r.output_ids) >= p.max_tokens:
             r.text = self._decode(r.output_ids)
             return "length"

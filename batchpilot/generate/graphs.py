@@ -32,6 +32,7 @@ reuses one compilation; the compile happens in the warm-up before the first capt
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 from collections.abc import Callable
@@ -97,6 +98,8 @@ class DecodeGraphs:
         # dynamo compiles each layer's code after the attention break once per layer index (a guard on it)
         self.recompile_limit = 8 + 4 * model.config.num_layers
         self.compile_off_reason: str | None = None  # why compiled graphs fell back to eager ones
+        self.compile_seconds = 0.0  # measured: warm-ups that compiled (first graph of each compiled function)
+        self._compiled: set[int] = set()
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.width = 0  # block-table columns of every graph
         self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (rows, groups, sampling kind) -> graph
@@ -306,12 +309,19 @@ class DecodeGraphs:
         if not self.capture:  # CPU tests: the same static buffers, run eagerly
             out = forward()
             return _Graph(lambda: out.update(forward()), inputs, out)
+        fn = self.tokens if kind == GREEDY else self.logits
+        compiles = fn not in (greedy_tokens, decode_logits) and id(fn) not in self._compiled
+        start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up (allocator, cuBLAS handles) outside the capture
             forward()
             forward()
         torch.cuda.current_stream().wait_stream(stream)
+        if compiles:  # this warm-up ran torch.compile (or loaded its artefacts from the inductor cache)
+            torch.cuda.synchronize()
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled.add(id(fn))
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

@@ -639,8 +639,10 @@ def merge_parts(out: Path, world_size: int, items: list[JobItem]) -> None:
 
 
 def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, todo: list[JobItem] | None = None,
-            rank: int = 0, world_size: int = 1, progress: bool | None = None, opener: Any = None) -> dict[str, Any]:
+            rank: int = 0, world_size: int = 1, progress: bool | None = None, opener: Any = None,
+            encoded: dict[int, list[list[int]]] | None = None) -> dict[str, Any]:
     """Run ``todo`` (default: the items without a record in ``out``); write each result as it finishes.
+    ``encoded``: ``encode_job(engine, todo)`` done already (the CLI tokenizes while the weights load).
 
     ``progress``: a bar counting input lines (done, errors, skipped); None = on when stdout is a terminal. The
     summary splits the time: ``tokenize_seconds`` (the batched tokenization) and ``engine_seconds`` (the engine's
@@ -653,7 +655,7 @@ def run_job(engine: Any, items: list[JobItem], out: Path, *, model: str, todo: l
     skipped = len(items) - len(todo)
     show = (sys.stdout.isatty() if progress is None else progress) and rank == 0
     try:
-        requests, owner = _requests(engine, todo, writer, write_errors=rank == 0, stats=stats)
+        requests, owner = _requests(engine, todo, writer, write_errors=rank == 0, stats=stats, encoded=encoded)
         tokenized = time.perf_counter()
         with _progress(show, len(items), skipped) as update:
             update(stats, 0.0)
@@ -741,14 +743,14 @@ def _with_index(c: Completion, prompt_pos: int) -> Completion:
     return replace(c, index=prompt_pos)
 
 
-def _requests(engine: Any, todo: list[JobItem], writer: JobWriter, write_errors: bool,
-              stats: dict[str, Any]) -> tuple[list[Request], dict[int, tuple[JobItem, int]]]:
+def _requests(engine: Any, todo: list[JobItem], writer: JobWriter, write_errors: bool, stats: dict[str, Any],
+              encoded: dict[int, list[list[int]]] | None = None) -> tuple[list[Request], dict[int, tuple[JobItem, int]]]:
     """Tokenize (the whole job in one batched call) and check every item; bad ones get an error record (on one
     rank only)."""
     requests: list[Request] = []
     owner: dict[int, tuple[JobItem, int]] = {}
     vocab = engine.model.config.vocab_size
-    encoded = encode_job(engine, todo)
+    encoded = encode_job(engine, todo) if encoded is None else encoded
     for it in todo:
         if it.error is None:
             param = "messages" if it.kind == "chat" else "prompt"
@@ -757,7 +759,7 @@ def _requests(engine: Any, todo: list[JobItem], writer: JobWriter, write_errors:
                 for p, ids in enumerate(encoded[it.line]):
                     if not ids:
                         raise RequestError("empty prompt", param)
-                    if bad := [t for t in ids if not 0 <= t < vocab]:
+                    if (min(ids) < 0 or max(ids) >= vocab) and (bad := [t for t in ids if not 0 <= t < vocab]):
                         raise RequestError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})", param)
                     r = Request(len(requests) + len(mine), ids, item_seed(it, p, engine.config.seed))
                     engine.check(r)

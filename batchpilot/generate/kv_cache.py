@@ -42,6 +42,13 @@ class BlockPool:
             self.ref_counts[b] = 1
         return blocks
 
+    def reset(self, keep: list[int]) -> None:
+        """Every block free again but ``keep`` (one reference each): after a run abandoned mid-way."""
+        self.ref_counts = [0] * self.num_blocks
+        for b in keep:
+            self.ref_counts[b] = 1
+        self._free = [b for b in range(self.num_blocks - 1, -1, -1) if not self.ref_counts[b]]
+
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
             assert self.ref_counts[b] > 0, f"sharing free block {b}"

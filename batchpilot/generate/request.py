@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from batchpilot.generate.detok import IncrementalText
+
 
 def request_seed(engine_seed: int, key: str) -> int:
     """The seed of a request that names none: a stable 63-bit hash of (engine seed, key).
@@ -142,6 +144,7 @@ class Request:
     seed: int = 0  # the sampling seed (resolved by the engine from params.seed or request_seed)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt position -> its logprob
+    detok: IncrementalText | None = None  # the output's text so far, for stop strings (engine._accept)
 
     @property
     def num_tokens(self) -> int:

@@ -175,15 +175,18 @@ class Runner:
         """Tokens, their logprobs where asked, and the processed logits they were drawn from."""
         ps = [r.params for r in reqs]
         x = self._penalise(logits, reqs, eos_ids) if any(p.penalised for p in ps) else logits
-        if all(p.temperature == 0 for p in ps):  # all greedy: skip building the per-request parameter tensors
-            tokens = x.argmax(dim=-1)
-        else:
-            tokens = sample(x, temperature=self._tensor([p.temperature for p in ps], np.float32),
-                            top_k=self._tensor([p.top_k for p in ps]),
-                            top_p=self._tensor([p.top_p for p in ps], np.float32),
-                            seeds=self._tensor([r.seed for r in reqs]),
-                            steps=self._tensor([len(r.output_ids) for r in reqs]), any_random=True,
-                            any_filter=any(p.top_k > 0 or p.top_p < 1 for p in ps))
+        tokens = x.argmax(dim=-1)
+        rows = [i for i, p in enumerate(ps) if p.temperature > 0]
+        if rows:  # only the sampled rows pay for the noise and the top-k/top-p sort (each row's draw is its own)
+            sub = [ps[i] for i in rows]
+            at = self._tensor(rows)
+            drawn = sample(x[at], temperature=self._tensor([p.temperature for p in sub], np.float32),
+                           top_k=self._tensor([p.top_k for p in sub]),
+                           top_p=self._tensor([p.top_p for p in sub], np.float32),
+                           seeds=self._tensor([reqs[i].seed for i in rows]),
+                           steps=self._tensor([len(reqs[i].output_ids) for i in rows]), any_random=True,
+                           any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sub))
+            tokens = tokens.index_copy(0, at, drawn)
         if all(p.logprobs is None for p in ps):
             return tokens.tolist(), [None] * len(reqs), x
         chosen, top_v, top_i = token_logprobs(x, tokens, max(p.logprobs or 0 for p in ps))

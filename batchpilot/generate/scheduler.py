@@ -15,6 +15,13 @@ vLLM does) and ``conservative`` (reserve every request's ``max_tokens``). If the
 the most recently admitted request is preempted without loss: its blocks are freed, it goes back
 to the front of the queue and its prompt + output are recomputed later (same tokens out).
 
+Admission in bursts (``admit_min_free`` > 1, the offline engine's default): while requests wait, a running
+batch admits again only once that many rows are free, then keeps admitting until the rows are full or the next
+request does not fit. Between bursts every step is decode-only, so it can run on a CUDA graph several steps per
+host round trip; admitting one request per finished one (``admit_min_free`` 1, the server's choice for latency)
+makes nearly every step of a long-tailed job a mixed prefill + decode step. The cost is the free rows' share of
+the batch while they accumulate (on average half of ``admit_min_free``).
+
 A group's prefix pseudo-request is admitted like a request; members wait until it is computed.
 The prefix KV is referenced by the group until its last member finishes.
 """
@@ -144,9 +151,13 @@ def _line(samples: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, *, max_batch_tokens: int, max_num_seqs: int,
-                 output_len_prior: int = 2048, admission: str = "past_future") -> None:
+                 output_len_prior: int = 2048, admission: str = "past_future", admit_min_free: int = 1) -> None:
         if admission not in ADMISSIONS:
             raise ValueError(f"admission {admission!r}: choose one of {', '.join(ADMISSIONS)}")
+        if not 1 <= admit_min_free <= max_num_seqs:
+            raise ValueError(f"admit_min_free must be in [1, max_num_seqs = {max_num_seqs}], got {admit_min_free}")
+        self.admit_min_free = admit_min_free
+        self.admitting = False  # inside an admission burst (admit_min_free > 1)
         self.admission = admission
         self.pool = pool
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
@@ -182,13 +193,18 @@ class Scheduler:
                 plan.chunks.append(self._chunk(r, n))
                 budget -= n
         future: list[tuple[int, int]] = []
-        if self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if self.admission_open() and budget > 0:
             future = [self._future(r) for r in self.running if not r.is_prefix]
+            self.admitting = True
         upper = sum(a + r for a, r in future)  # the peak is at most every request at its largest
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admit FCFS
+        while self.admitting and self.waiting and budget > 0:  # 3. admit FCFS
             r = self.waiting[0]
             n = min(r.num_uncomputed, budget)
-            if not self._prefix_ready(r) or not self._fits(r, future, upper) or not self.pool.grow(r.blocks, n):
+            if len(self.running) >= self.max_num_seqs or (
+                    self._prefix_ready(r) and not (self._fits(r, future, upper) and self.pool.grow(r.blocks, n))):
+                self.admitting = False  # rows full, or the next request does not fit: the burst ends
+                break
+            if not self._prefix_ready(r):  # members wait for their prefix: the burst goes on next step
                 break
             self._admit(self.waiting.popleft())
             if not r.is_prefix:
@@ -196,7 +212,26 @@ class Scheduler:
                 upper += sum(future[-1])
             plan.chunks.append(self._chunk(r, n))
             budget -= n
+        if not self.waiting:
+            self.admitting = False
         return plan
+
+    def admission_open(self) -> bool:
+        """Would the next schedule() admit waiting requests (a burst goes on, or enough rows are free)?"""
+        if not self.waiting:
+            return False
+        free = self._free_rows()
+        return free > 0 and (self.admitting or free >= min(self.admit_min_free, len(self.waiting)))
+
+    def steps_until_admission(self, limit: int) -> int:
+        """Decode steps (1..limit) until enough rows are free to admit again, counting the rows whose
+        ``max_tokens`` ends them (EOS and stop strings can only end more of them sooner)."""
+        need = min(self.admit_min_free, len(self.waiting)) - self._free_rows()
+        if not self.waiting or need <= 0:
+            return limit
+        left = sorted(r.params.max_tokens - len(r.output_ids) for r in self.running
+                      if not r.is_prefix and r.status is Status.RUNNING)
+        return max(1, min(limit, left[need - 1] if need <= len(left) else limit))
 
     def advance(self, plan: StepPlan) -> None:
         """Record that the plan's chunks were computed; finished prefixes hand their blocks to the group."""
@@ -239,6 +274,9 @@ class Scheduler:
                 self.frozen_tokens -= len(r.group.prefix.blocks) * self.pool.block_size
 
     # --- helpers: values and state changes; control flow stays above ---
+
+    def _free_rows(self) -> int:
+        return self.max_num_seqs - sum(r.status is Status.RUNNING for r in self.running)
 
     def _chunk(self, r: Request, n: int) -> Chunk:
         return Chunk(r, r.num_computed, n, sample=not r.is_prefix and n == r.num_uncomputed)

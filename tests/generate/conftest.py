@@ -4,10 +4,7 @@ import torch
 import batchpilot
 from batchpilot.data.tokenizer import Tokenizer
 
-TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
-         "And God said, Let there be light: and there was light.", "the the and and light earth heaven"] * 20
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+from chat_fixture import CHAT_TEMPLATE, TEXTS  # noqa: F401 - CHAT_TEMPLATE: re-exported for old imports
 
 
 def _hf_config(arch: str):

@@ -7,7 +7,8 @@ import torch
 
 from batchpilot import load_model
 from batchpilot.cli import main
-from batchpilot.cli.generate import decide_compile, expected_decode_steps, load_for_serving
+from batchpilot.cli.generate import (CompileRecords, cache_root, compile_numbers, decide_compile,
+                                     expected_decode_steps, load_for_serving, use_persistent_compile_cache)
 
 
 def test_load_for_serving_equals_load_model(model_dir):
@@ -28,9 +29,33 @@ def test_compile_is_decided_by_the_job():
     assert expected_decode_steps([128] * 8000, 1024) == 8 * 128
     assert expected_decode_steps([5, 100, 7], 2) == 100 + 5
     step = 2.5e9 / 4.8e12  # llama-1b bf16 weights over H200 bandwidth
-    assert not decide_compile("auto", expected_decode_steps([128] * 8000, 1024), step)  # issue 15: compile lost
-    assert decide_compile("auto", 10**7, step)
-    assert decide_compile("on", 1, step) and not decide_compile("off", 10**9, step)
+    gain, cost, source = compile_numbers({}, step, None)
+    assert (gain, cost, source) == (0.1 * step, 20.0, "assumed, gain assumed")
+    assert not decide_compile("auto", expected_decode_steps([128] * 8000, 1024), gain, cost)  # issue 15: lost
+    assert decide_compile("auto", 10**7, gain, cost)
+    assert decide_compile("on", 1, gain) and not decide_compile("off", 10**9, gain)
+    # measured on this machine: a cached compile costs little, and the measured gain decides
+    gain, cost, source = compile_numbers({"compile_s": 1.5, "step_s_eager": 6e-3, "step_s_compiled": 4e-3}, step, None)
+    assert (round(gain, 6), cost, source) == (2e-3, 1.5, "measured, gain measured")
+    assert decide_compile("auto", expected_decode_steps([128] * 8000, 1024), gain, cost)
+    assert compile_numbers({"compile_s": 1.5}, step, 7.0)[1:] == (7.0, "--compile-cost-s, gain assumed")
+
+
+def test_compile_records_and_cache_dir(tmp_path, monkeypatch, model_dir):
+    monkeypatch.setenv("BATCHPILOT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert cache_root() == tmp_path / "cache"
+    assert use_persistent_compile_cache() == tmp_path / "cache" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_persistent_compile_cache() == tmp_path / "mine"  # a directory the user names wins
+    records = CompileRecords(cache_root() / "compile_costs.json")
+    key = records.key(load_for_serving(model_dir, device=torch.device("cpu"), dtype=torch.float32))
+    assert records.get(key) == {}
+    records.update(key, {"compile_s": 12.5})
+    records.update(key, {"step_s_eager": 0.004})
+    assert records.get(key) == {"compile_s": 12.5, "step_s_eager": 0.004}
+    (cache_root() / "compile_costs.json").write_text("{not json")
+    assert records.get(key) == {}
 
 
 def test_end_line_reports_wall_cold_and_lines(model_dir, tmp_path, capsys):
@@ -42,6 +67,6 @@ def test_end_line_reports_wall_cold_and_lines(model_dir, tmp_path, capsys):
     assert main(args) == 0  # stdout is not a terminal under pytest: no bar
     first = capsys.readouterr().out
     assert "lines: done 3, errors 1, skipped 0" in first and "wall " in first and "cold " in first
-    assert "\r" not in first and "compile off" in first
+    assert "\r" not in first and "compile off (auto: no CUDA decode graphs)" in first
     assert main(args) == 0
     assert "lines: done 0, errors 0, skipped 4" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.generate.engine import Engine, EngineConfig
 from batchpilot.generate.jobs import JobLimits, answered, read_job, run_job
 from batchpilot.generate.request import SamplingParams
-from conftest import CHAT_TEMPLATE
+from chat_fixture import CHAT_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from batchpilot.cli import main
 from batchpilot.generate import request as request_module
 from batchpilot.generate.jobs import JobItem, parse_line, result_record
 from batchpilot.generate.request import SamplingParams
-from conftest import CHAT_TEMPLATE
+from chat_fixture import CHAT_TEMPLATE
 
 ENGINE_HAS_FIELDS = {"n", "logprobs", "prompt_logprobs"} <= {f.name for f in fields(SamplingParams)}
 

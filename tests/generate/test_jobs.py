@@ -4,7 +4,7 @@ from batchpilot.cli import main
 from batchpilot.data.chat_template import render_chat
 from batchpilot.generate.jobs import JobItem, merge_parts, parse_line, part_path, read_job
 from batchpilot.generate.request import SamplingParams
-from conftest import CHAT_TEMPLATE
+from chat_fixture import CHAT_TEMPLATE
 
 
 def _job(path, lines):
