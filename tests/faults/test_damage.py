@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CHECKPOINT_STEPS, one_line_error
+from fault_harness import CHECKPOINT_STEPS, one_line_error
 
 from batchpilot.train.checkpoint import MANIFEST, verify_checkpoint
 

@@ -11,7 +11,7 @@ exists, after ``BATCHPILOT_TEST_ENOSPC_ALLOW`` more writes.
 from __future__ import annotations
 
 import pytest
-from conftest import CHECKPOINT_STEPS, one_line_error
+from fault_harness import CHECKPOINT_STEPS, one_line_error
 
 from batchpilot.train.checkpoint import find_resumable_checkpoint, verify_checkpoint
 

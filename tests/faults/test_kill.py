@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import CHECKPOINT_STEPS, PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, wait_until
+from fault_harness import CHECKPOINT_STEPS, PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, wait_until
 
 from batchpilot.train.checkpoint import find_resumable_checkpoint, verify_checkpoint
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, one_line_error, step_losses, wait_until
+from fault_harness import PROCESS_TIMEOUT_S, STEPS, kill_and_reap, logged_steps, one_line_error, step_losses, wait_until
 
 from batchpilot.train.checkpoint import find_resumable_checkpoint
 

@@ -8,7 +8,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from conftest import LiveServer  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 
 
 def _client(server):
