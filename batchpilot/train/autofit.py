@@ -56,14 +56,17 @@ def balanced_micro_batch(rows: int, limit: int) -> int:
 
 
 def build_memory_estimate(config: LlamaConfig, *, seq_len: int, num_gpus: int, sharded: bool,
-                          checkpointing: bool, optimizer: str = "adamw") -> EstimateBytes:
-    """Peak bytes per GPU as a function of the micro-batch, from the planner's memory model (``plan/memory.py``)."""
+                          checkpointing: bool | str, optimizer: str = "adamw", compile: bool = False,
+                          float8: str | None = None) -> EstimateBytes:
+    """Peak bytes per GPU as a function of the micro-batch, from the planner's memory model (``plan/memory.py``):
+    the blocks as they run (``checkpointing`` none/selective/full, compiled, float8), so a compiled run does not
+    start from the eager blocks' larger activations."""
     from batchpilot.plan.memory import estimate_peak_bytes  # the planner's model, validated on an H200
 
     def estimate(micro_batch_size: int) -> float:
         return estimate_peak_bytes(config, micro_batch_size=micro_batch_size, seq_len=seq_len,
                                    optimizer=optimizer, num_gpus=num_gpus, sharding="fsdp" if sharded else "none",
-                                   checkpointing=checkpointing).total_bytes
+                                   checkpointing=checkpointing, compile=compile, float8=float8).total_bytes
     return estimate
 
 
@@ -79,15 +82,17 @@ def predict_micro_batch_size(estimate: EstimateBytes, *, rows_per_rank: int, cap
 
 
 def build_fitter(config: LlamaConfig, dims: parallel.ParallelDims, *, rows_per_rank: int, seq_len: int,
-                 fallback_micro_batch_size: int, sharded: bool, checkpointing: bool,
+                 fallback_micro_batch_size: int, sharded: bool, checkpointing: bool | str,
+                 compile: bool = False, float8: str | None = None,
                  grow_after_steps: int = 50) -> MicroBatchFitter:
     """A fitter starting at the memory model's prediction on CUDA (``fallback_micro_batch_size`` elsewhere).
 
     ``sharded``: the model is under FSDP2 (``parallel.is_sharded``), bf16 parameters in compute.
-    ``checkpointing`` means every block is checkpointed; pass False for selective (a conservative estimate).
+    ``checkpointing``: "none", "selective" or "full" (True / False: full / none); ``compile``, ``float8``: the
+    blocks' own memory terms.
     """
     estimate = build_memory_estimate(config, seq_len=seq_len, num_gpus=dims.world_size, sharded=sharded,
-                                     checkpointing=checkpointing)
+                                     checkpointing=checkpointing, compile=compile, float8=float8)
     limit = fallback_micro_batch_size
     if dims.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(dims.device).total_memory

@@ -309,7 +309,9 @@ def _fitter(cfg: TrainConfig, model: Llama, state: TrainState,
     return autofit.build_fitter(model.config, dims, rows_per_rank=rows_per_rank, seq_len=cfg.data.seq_len,
                                 fallback_micro_batch_size=cfg.batch.micro_batch_size,
                                 sharded=parallel.is_sharded(model),
-                                checkpointing=cfg.parallel.activation_checkpointing == "full")
+                                # streaming keeps every block's input, as full checkpointing does
+                                checkpointing=cfg.parallel.activation_checkpointing.replace("stream", "full"),
+                                compile=cfg.parallel.compile, float8=cfg.parallel.float8)
 
 
 def _batch_controller(cfg: TrainConfig, dims: parallel.ParallelDims) -> BatchController:

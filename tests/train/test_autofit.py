@@ -79,6 +79,21 @@ def test_prediction_from_the_planner_memory_model():
     assert predict_micro_batch_size(estimate, rows_per_rank=64, capacity_bytes=1 * GIB) == 1
 
 
+def test_the_fitter_predicts_the_blocks_as_they_run():
+    """Compiled and float8 blocks save fewer activation bytes: their first micro-batch is at least the eager one's."""
+    from batchpilot.plan.memory import estimate_peak_bytes
+
+    config = get_preset("llama-1b")
+    kinds = {"eager": {}, "compiled": {"compile": True}, "float8": {"compile": True, "float8": "tensorwise"}}
+    est = {k: build_memory_estimate(config, seq_len=2048, num_gpus=1, sharded=True, checkpointing="none", **kw)
+           for k, kw in kinds.items()}
+    assert est["eager"](8) > est["compiled"](8) > est["float8"](8)
+    assert est["compiled"](8) == estimate_peak_bytes(config, micro_batch_size=8, seq_len=2048, num_gpus=1,
+                                                     sharding="fsdp", compile=True).total_bytes
+    mbs = [predict_micro_batch_size(est[k], rows_per_rank=64, capacity_bytes=140 * GIB) for k in kinds]
+    assert mbs == sorted(mbs)
+
+
 ROWS_PER_RANK, SEQ_LEN = 4, 32
 # (run name, first micro-batch, where the simulated OOM strikes, largest micro-batch that "fits")
 RUNS = [("one_rank", 4, "rank1_after_step", 2), ("one_rank_ref", 2, None, 2),
