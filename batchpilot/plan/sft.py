@@ -23,7 +23,6 @@ not fit even at micro-batch 1 the plan says so and proposes CPU offload instead 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from batchpilot.model.counting import non_vocab_params, total_params, training_flops_per_token
@@ -135,7 +134,7 @@ def plan_sft(budget: SftBudget) -> SftPlan:
         lines.append(f"note: {params / 1e9:.2f}B parameters is outside the paper's 3B-7B models: its findings are "
                      "extrapolated")
     lines.append(f"early stopping: [paper (ii)] rank configurations by early gradient norm (lower is better) and "
-                 f"early loss (higher is better), {PAPER}; see early_stop_signal")
+                 f"early loss (higher is better), {PAPER}; `batchpilot sweep --recipe sft` stops the rest early")
     return SftPlan(batch_examples=batch, batch_tokens=batch * t, peak_lr=lr, schedule="constant",
                    warmup_steps=warmup, epochs=epochs, steps=steps, seq_len=budget.seq_len, rows_per_step=rows,
                    micro_batch_rows=micro, grad_accum_steps=accum, offload=offload, explanation=lines,
@@ -243,59 +242,3 @@ def _fit_offload(budget: SftBudget, rows: int, lines: list[str]) -> tuple[int, i
                  f"{budget.num_gpus} GPU(s) x {accum} accumulation steps, {peak / GIB:.1f} GiB peak GPU memory "
                  "predicted (memory.predict_offload_peak_bytes)")
     return micro, accum, "cpu", True
-
-
-# --- early signals (paper finding ii) -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class EarlyMetrics:
-    """Per-step training metrics of one run so far (optimizer steps 0, 1, ...)."""
-
-    losses: Sequence[float]
-    grad_norms: Sequence[float]
-
-
-def early_score(metrics: EarlyMetrics, *, window_steps: int) -> tuple[float, float]:
-    """(mean gradient norm, -mean loss) over the first ``window_steps`` steps: smaller is better in both
-    (paper (ii): lower early gradient norm and higher early loss go with better final models)."""
-    if window_steps < 1:
-        raise ValueError(f"window_steps must be positive, got {window_steps}")
-    if len(metrics.grad_norms) < window_steps or len(metrics.losses) < window_steps:
-        raise ValueError(f"a run has fewer than window_steps={window_steps} steps of metrics")
-    norms, losses = metrics.grad_norms[:window_steps], metrics.losses[:window_steps]
-    if not all(math.isfinite(x) for x in (*norms, *losses)):
-        return math.inf, math.inf
-    return sum(norms) / window_steps, -sum(losses) / window_steps
-
-
-def rank_by_early_signals(runs: Mapping[str, EarlyMetrics], *, window_steps: int) -> list[str]:
-    """Run names, most promising first: by early gradient norm, ties broken by the higher early loss."""
-    return sorted(runs, key=lambda name: early_score(runs[name], window_steps=window_steps))
-
-
-def early_stop_signal(metrics_so_far: EarlyMetrics, cohort: Sequence[EarlyMetrics], *, window_steps: int,
-                      keep_fraction: float = 0.5) -> bool:
-    """True when a run should stop: non-finite early metrics, or an early gradient norm outside the best
-    ``keep_fraction`` of its cohort (the other runs of the sweep, at the same window). The cut-off is [ours],
-    a successive-halving-style rule; the signal it ranks by is the paper's (ii)."""
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    mine = early_score(metrics_so_far, window_steps=window_steps)
-    if math.isinf(mine[0]):
-        return True
-    scores = sorted([early_score(m, window_steps=window_steps) for m in cohort] + [mine])
-    keep = max(1, math.ceil(keep_fraction * len(scores)))
-    return mine > scores[keep - 1]
-
-
-def spearman(predicted_order: Sequence[str], final_losses: Mapping[str, float]) -> float:
-    """Spearman rank correlation between a predicted order (best first) and the order of the final losses
-    (lowest first): 1.0 when the early signals ranked the runs exactly as they finished."""
-    names = list(predicted_order)
-    if len(names) < 2 or set(names) != set(final_losses):
-        raise ValueError("spearman needs >= 2 runs, the same in the prediction and the final losses")
-    actual = {name: rank for rank, name in enumerate(sorted(names, key=lambda k: final_losses[k]))}
-    n = len(names)
-    d2 = sum((rank - actual[name]) ** 2 for rank, name in enumerate(names))
-    return 1.0 - 6.0 * d2 / (n * (n * n - 1))

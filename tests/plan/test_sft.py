@@ -6,8 +6,7 @@ import math
 import pytest
 
 from batchpilot.model.llama import get_preset
-from batchpilot.plan.sft import (LARGE_BATCH_LR, PAPER_LARGE_BATCH_EXAMPLES, TULU_LR, EarlyMetrics, SftBudget,
-                                 early_stop_signal, large_batch_lr, plan_sft, rank_by_early_signals, spearman)
+from batchpilot.plan.sft import LARGE_BATCH_LR, PAPER_LARGE_BATCH_EXAMPLES, TULU_LR, SftBudget, large_batch_lr, plan_sft
 
 
 def test_large_dataset_gets_the_papers_large_batch_and_low_lr():
@@ -49,27 +48,7 @@ def test_budget_errors():
         SftBudget(config=get_preset("tiny"), examples=0, tokens_per_example=10)
 
 
-def run(norm: float, loss: float, steps: int = 10) -> EarlyMetrics:
-    return EarlyMetrics(losses=[loss] * steps, grad_norms=[norm] * steps)
 
-
-def test_ranking_by_early_gradient_norm_then_higher_loss():
-    runs = {"a": run(2.0, 1.0), "b": run(1.0, 1.0), "c": run(1.0, 1.5), "nan": run(float("nan"), 1.0)}
-    assert rank_by_early_signals(runs, window_steps=5) == ["c", "b", "a", "nan"]
-
-
-def test_early_stop_keeps_the_best_fraction():
-    cohort = [run(1.0, 1.0), run(2.0, 1.0), run(3.0, 1.0)]
-    assert not early_stop_signal(run(0.5, 1.0), cohort, window_steps=5)
-    assert early_stop_signal(run(2.5, 1.0), cohort, window_steps=5)
-    assert early_stop_signal(run(float("inf"), 1.0), cohort, window_steps=5)
-    with pytest.raises(ValueError, match="window_steps"):
-        early_stop_signal(run(1.0, 1.0, steps=3), cohort, window_steps=5)
-
-
-def test_spearman():
-    final = {"a": 1.0, "b": 2.0, "c": 3.0}
-    assert spearman(["a", "b", "c"], final) == 1.0 and spearman(["c", "b", "a"], final) == -1.0
 
 
 def test_offload_step_time_is_bounded_by_the_host_link_and_the_cpu_step():
