@@ -228,10 +228,11 @@ class EngineLoop:
 
 
 # What the warm-up captures: every sampling kind of graph (generate/graphs.py ``sampling_kind``): greedy, sampled,
-# sampled with top-k/top-p, and each with logit processing (penalties, logit_bias, min_tokens)
+# sampled with top-k/top-p, then each with logit processing (penalties, logit_bias, min_tokens), whose graphs hold
+# (rows, V) static buffers (9 bytes per row and vocabulary entry), so they come last
 WARMUP_PARAMS = tuple(SamplingParams(max_tokens=4, ignore_eos=True, seed=0, temperature=temperature, top_p=top_p,
                                      presence_penalty=presence)
-                      for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.95)) for presence in (0.0, 0.1))
+                      for presence in (0.0, 0.1) for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.95)))
 
 
 def warm_up_graphs(engine: Engine) -> float:
