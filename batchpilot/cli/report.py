@@ -37,7 +37,7 @@ def sft_sweep_report(sweep_dir: Path) -> int:
     import json
 
     from batchpilot.cli.sweep import print_sft
-    from batchpilot.train.sweep import SftSweepResult
+    from batchpilot.train.sft_sweep import SftSweepResult
 
     summary = json.loads((sweep_dir / "summary.json").read_text())
     print_sft(SftSweepResult(results_path=sweep_dir / "results.csv", summary=summary, ran=0, failed={}))

@@ -2,7 +2,7 @@
 ``batchpilot sweep --recipe sft [GRID.json] --out SWEEP_DIR --sweep.FIELD VALUE ...``: the SFT sweep over
 (lr, batch) configurations with early stopping by the early signals of Pareja et al. (arXiv 2412.13337).
 
-The grid formats and the resume rules are in ``batchpilot.train.sweep`` and docs/sweep.md; ``batchpilot fit
+The grid formats and the resume rules are in ``batchpilot.train.sweep`` / ``sft_sweep`` and docs/sweep.md; ``batchpilot fit
 SWEEP_DIR/runs.csv`` fits laws to the pretraining table with no column flags. Every field of the SFT grid is
 also a ``--sweep.<field>`` flag (lists comma-separated) that overrides the file, so a grid file is optional.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.cli.config import parse_int
-from batchpilot.train.sweep import GridSpec, SftGridSpec, SftSweepResult, sft_sweep, sweep
+from batchpilot.train.sft_sweep import SftGridSpec, SftSweepResult, sft_sweep
+from batchpilot.train.sweep import GridSpec, sweep
 
 FLAG_PREFIX = "sweep:"
 HELP = {

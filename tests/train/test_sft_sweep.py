@@ -18,9 +18,9 @@ from batchpilot.data.packing import PackedLoader
 from batchpilot.data.tokenizer import Tokenizer
 from batchpilot.model.hf import save_model
 from batchpilot.model.llama import LlamaConfig, build_model
-from batchpilot.train import sweep as sweep_module
+from batchpilot.train import sft_sweep as sweep_module
 from batchpilot.train.trainer import train
-from batchpilot.train.sweep import (RESULT_COLUMNS, EarlySignals, SftGridSpec, average_ranks, check_same_sweep, early_signals,
+from batchpilot.train.sft_sweep import (RESULT_COLUMNS, EarlySignals, SftGridSpec, average_ranks, check_same_sweep, early_signals,
                                     early_stop_decision, prepare_sft_data, run_sft_phase, sft_grid_runs, sft_sweep,
                                     sft_train_config, spearman_rho)
 
