@@ -9,7 +9,7 @@ import math
 
 from batchpilot.plan import laws
 from batchpilot.plan.memory import CPU_MEMORY_GB_S, GIB, PCIE_GB_S
-from batchpilot.plan.planner import Budget, compare, make_plan
+from batchpilot.plan.planner import Budget, Plan, compare, make_plan
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -112,13 +112,21 @@ COMPARE_ROWS = (("law batch (tokens)", lambda p: f"{p.law['batch_tokens']:,.0f}"
                 ("total hours", lambda p: f"{p.predicted_total_seconds / 3600:.3g}"),
                 ("extrapolated", lambda p: "yes" if any("fitted range" in w for w in p.warnings) else "no"))
 
+def data_ranks(p: Plan) -> str:
+    """``8 GPUs``, or with context parallelism ``2 data-parallel ranks of 4 GPUs``."""
+    cp = getattr(p, "context_parallel", 1)
+    return f"{p.num_gpus} GPUs" if cp == 1 else f"{p.num_gpus // cp} data-parallel ranks of {cp} GPUs"
+
+
 SUMMARY_ROWS = (("model", lambda p: p.model if isinstance(p.model, str) else "custom shape"),
                 ("global batch", lambda p: f"{p.global_batch_tokens:,} tokens = {p.micro_batch_size} x "
-                                           f"{p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len}"),
+                                           f"{p.grad_accum_steps} accum x {data_ranks(p)} x {p.seq_len}"),
                 ("peak LR / min LR", lambda p: f"{p.peak_lr:.4g} / {p.min_lr:.3g} ({p.schedule})"),
                 ("steps / warmup", lambda p: f"{p.total_steps:,} / {p.warmup_steps:,}"),
                 ("checkpointing / sharding", lambda p: f"{p.activation_checkpointing} / {p.sharding}"
-                                                       + (" / CPU offload" if p.offload == "cpu" else "")),
+                                                       + (" / CPU offload" if p.offload == "cpu" else "")
+                                                       + (f" / context parallel {p.context_parallel}"
+                                                          if p.context_parallel > 1 else "")),
                 ("compile / float8", lambda p: f"{'on' if p.compile else 'off'} / {p.float8 or 'off'}"),
                 ("memory per GPU", lambda p: f"{p.predicted_peak_memory_bytes / GIB:.1f} of "
                                              f"{p.gpu_memory_bytes / GIB:g} GiB"),

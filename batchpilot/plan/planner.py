@@ -41,11 +41,20 @@ from batchpilot.plan.mfu import MfuTable, read_mfu_table
 WARMUP_STEPS, WARMUP_MAX_FRACTION = 2000, 0.1
 SCHEDULES = laws.SCHEDULES
 # 2: compile, float8, offload, predicted_tokens_per_second, mfu_source (version 1 plans are read with the
-# defaults a version 1 plan ran with: eager, no float8, no offload).
-PLAN_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# defaults a version 1 plan ran with: eager, no float8, no offload). 3: context_parallel (older plans: 1).
+PLAN_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+V2_DEFAULTS: dict[str, Any] = {"context_parallel": 1}
 V1_DEFAULTS: dict[str, Any] = {"compile": False, "float8": None, "offload": "none",
-                               "predicted_tokens_per_second": None, "mfu_source": None}
+                               "predicted_tokens_per_second": None, "mfu_source": None, **V2_DEFAULTS}
+# The ring attention of train/context_parallel.py is plain fp32 matmuls over (query chunk x key block) scores with
+# the causal mask applied to whole blocks, so it computes the full T x T scores (twice the causal FLOPs) at the
+# GPU's fp32 rate, not its bf16 tensor-core rate. [H200] NVIDIA H200 datasheet: FP32 67 TFLOP/s (the planner's
+# default GPU; other GPUs: a lower bound on the attention time is what this gives).
+RING_ATTENTION_FP32_TFLOPS = 67.0
+# [ours] fp32 scores of one query chunk against one key block, as train/context_parallel.py's SCORE_CHUNK_BYTES
+# (plan/ cannot import train/; a test keeps the two equal)
+RING_SCORE_CHUNK_BYTES = 1 << 28
 OFFLOAD_CHOICES = ("auto", "none", "cpu")
 # Shape derived from --params: depth L from N = 12 L d^2 with d = 64 L (the llama-125m aspect ratio, nanochat's
 # dim = 64 x depth), head_dim 64, MHA, SwiGLU width solving N exactly (multiple of 64), Llama-2 vocabulary.
@@ -137,6 +146,7 @@ class Plan:
     compile: bool = False  # torch.compile the blocks (--parallel.compile)
     float8: str | None = None  # --parallel.float8
     offload: str = "none"  # "none" | "cpu" (--parallel.offload: FSDP2 CPUOffloadPolicy)
+    context_parallel: int = 1  # GPUs that split each sequence (--parallel.context_parallel; ring attention)
     predicted_tokens_per_second: float | None = None  # global batch / predicted step seconds, all GPUs
     mfu_source: str | None = None  # where ``mfu`` came from (a measured table, a run, or assumed)
     warnings: tuple[str, ...] = ()
@@ -159,6 +169,8 @@ class Plan:
                              f"`batchpilot plan --out`")
         if version == 1:  # upgraded in memory: a version 1 plan ran eager, without float8 or offload
             d = {**V1_DEFAULTS, **d, "schema_version": PLAN_SCHEMA_VERSION}
+        elif version == 2:  # a version 2 plan split no sequence
+            d = {**V2_DEFAULTS, **d, "schema_version": PLAN_SCHEMA_VERSION}
         names = {f.name for f in fields(cls)}
         missing = names - set(d) - {"warnings", "derivation", "batch_policy"}
         if missing:
@@ -269,9 +281,11 @@ class MicroBatchChoice:
     step_seconds: float
     candidates: int  # micro-batches compared
     mode_reason: str
+    context_parallel: int = 1  # GPUs per sequence; rows are then per data-parallel rank (a group of that many)
 
     @property
     def rows_per_gpu(self) -> int:
+        """Rows per data-parallel rank per step (per GPU without context parallelism)."""
         return self.micro_batch_size * self.grad_accum_steps
 
 
@@ -298,7 +312,7 @@ def accumulation_options(rows_per_gpu: int, largest: int, seq_len: int) -> list[
 
 
 def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table: MfuTable,
-                       flops_per_token: float) -> MicroBatchChoice:
+                       flops_per_token: float, rows_per_step: float | None = None) -> MicroBatchChoice:
     """The checkpointing mode from ``fit_micro_batch``; then, among the micro-batches that fit in that mode and
     make whole accumulation steps (``accumulation_options``), the one with the highest predicted tokens/s
     (ties: the rows nearer the law, then the larger micro-batch). CPU offload when nothing fits on the GPU (``--offload auto``) or when asked."""
@@ -309,6 +323,10 @@ def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, t
                               gpu_memory_gib=budget.gpu_memory_gib, headroom=budget.headroom,
                               max_micro_batch=rows_per_gpu, compile=budget.compile, float8=budget.float8)
     except ValueError as err:
+        cp = choose_context_parallel(config, budget, rows_per_step or rows_per_gpu * budget.num_gpus, table,
+                                     flops_per_token)
+        if cp is not None:
+            return cp
         if budget.offload == "none":
             raise
         try:
@@ -344,6 +362,55 @@ def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, t
                             offload="none", compile=budget.compile and not fit.streaming, estimate=est, mfu=look.mfu,
                             mfu_source=look.source, step_seconds=step, candidates=len(scored),
                             mode_reason=fit.reason)
+
+
+def choose_context_parallel(config: LlamaConfig, budget: Budget, rows_per_step: float, table: MfuTable,
+                            flops_per_token: float) -> MicroBatchChoice | None:
+    """When one sequence does not fit a GPU: split each over ``cp`` GPUs (ring attention, Li et al. 2021,
+    arXiv 2105.13120; ``train/context_parallel.py``), the smallest power of two that fits, FSDP2 over all GPUs.
+
+    Memory: the planner's model at ``seq_len / cp`` tokens per GPU (every token-wise tensor is local), plus the
+    ring's transient: a key/value block arriving while the current one is used (2 x 2 x (T / cp) x kv_dim, fp32)
+    and one query chunk's fp32 scores, probabilities and mask (``RING_SCORE_CHUNK_BYTES`` each). Rows are per
+    data-parallel rank (GPUs / cp of them): the law's rows per step over those ranks, nearest whole. Time: the
+    non-attention FLOPs at the MFU, the ring attention's full-square FLOPs at the fp32 rate
+    (``RING_ATTENTION_FP32_TFLOPS``). Eager blocks (the ring is not validated inside compiled ones); None when no
+    split fits or fewer than 2 GPUs."""
+    limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
+    cp = 2
+    while cp <= budget.num_gpus:
+        if budget.num_gpus % cp == 0 and budget.seq_len % (2 * cp) == 0:
+            local = budget.seq_len // cp
+            rows = max(1, round(rows_per_step / (budget.num_gpus // cp)))
+            est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=local, optimizer=budget.optimizer,
+                                      num_gpus=budget.num_gpus, sharding="fsdp", checkpointing=True,
+                                      grad_accum_steps=rows)
+            ring = 4 * 4 * local * config.num_kv_heads * config.head_dim + 3 * RING_SCORE_CHUNK_BYTES
+            if est.total_bytes + ring <= limit:
+                return _context_parallel_choice(config, budget, cp, rows, est, ring, table, flops_per_token)
+        cp *= 2
+    return None
+
+
+def _context_parallel_choice(config: LlamaConfig, budget: Budget, cp: int, rows: int, est: MemoryEstimate,
+                             ring_bytes: float, table: MfuTable, flops_per_token: float) -> MicroBatchChoice:
+    recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+    look = table.lookup(seq_len=budget.seq_len // cp, micro_batch_size=1, mode="full", float8=budget.float8,
+                        bf16_params=True, recompute=recompute)
+    attention_per_token = 6 * config.num_layers * config.num_heads * config.head_dim * budget.seq_len  # causal
+    other = (flops_per_token - attention_per_token) * budget.seq_len / (budget.gpu_peak_tflops * 1e12 * look.mfu)
+    # full square (2x causal), and its forward recomputed under checkpointing (x 4/3 of forward + backward)
+    ring = 2 * attention_per_token * budget.seq_len * recompute["full"] / (RING_ATTENTION_FP32_TFLOPS * 1e12)
+    step = rows * (other + ring) / cp  # each GPU does 1 / cp of every row of its group
+    est = replace(est, activations=est.activations + ring_bytes)
+    return MicroBatchChoice(micro_batch_size=1, grad_accum_steps=rows, mode="full", sharding="fsdp", offload="none",
+                            compile=False, estimate=est, mfu=look.mfu, mfu_source=look.source, step_seconds=step,
+                            candidates=1, context_parallel=cp,
+                            mode_reason=f"context parallelism over {cp} GPUs: one {budget.seq_len:,}-token sequence "
+                                        f"does not fit a GPU; {budget.seq_len // cp:,} tokens per GPU, ring "
+                                        f"attention (Li et al. 2021, arXiv 2105.13120), full checkpointing, eager "
+                                        f"blocks; its attention is plain fp32 math, timed at "
+                                        f"{RING_ATTENTION_FP32_TFLOPS:g} TFLOP/s")
 
 
 def choose_offload(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table: MfuTable,
@@ -396,8 +463,9 @@ def make_plan(budget: Budget) -> Plan:
 
     raw_sequences = point["batch_tokens"] / budget.seq_len
     rows_per_gpu = max(1, round(raw_sequences / budget.num_gpus))  # the step's rows per GPU, nearest whole
-    choice = choose_micro_batch(config, budget, rows_per_gpu, table, fpt)
-    global_tokens = choice.rows_per_gpu * budget.num_gpus * budget.seq_len
+    choice = choose_micro_batch(config, budget, rows_per_gpu, table, fpt, rows_per_step=raw_sequences)
+    data_ranks = budget.num_gpus // choice.context_parallel  # a context-parallel group shares its rows
+    global_tokens = choice.rows_per_gpu * data_ranks * budget.seq_len
     rule = laws.lr_scaling_rule(budget.optimizer)
     peak_lr = laws.rescale_lr(point["peak_lr"], from_batch=point["batch_tokens"], to_batch=global_tokens, rule=rule)
     total_steps = max(1, round(tokens / global_tokens))
@@ -416,11 +484,13 @@ def make_plan(budget: Budget) -> Plan:
                 predicted_total_seconds=step_s * total_steps, flops_per_token=fpt, mfu=choice.mfu,
                 tokens_per_param=tokens / total, law={k: v for k, v in point.items() if k != "warnings"},
                 compile=choice.compile, float8=budget.float8 if choice.offload == "none" else None,
-                offload=choice.offload, predicted_tokens_per_second=global_tokens / step_s,
+                offload=choice.offload, context_parallel=choice.context_parallel,
+                predicted_tokens_per_second=global_tokens / step_s,
                 mfu_source=choice.mfu_source)
     lines = derivation(plan, law, choice, budget, model_line=model_line, tokens_line=tokens_line,
-                       raw_rows_per_gpu=raw_sequences / budget.num_gpus)
-    lines += context_parallel_note(config, budget, choice.mode)
+                       raw_rows_per_gpu=raw_sequences / data_ranks)
+    if choice.context_parallel == 1:
+        lines += context_parallel_note(config, budget, choice.mode)
     return replace(plan, warnings=tuple(point["warnings"] + plan_warnings(plan, law)), derivation=lines)
 
 
@@ -455,7 +525,8 @@ def derivation(plan: Plan, law: laws.Law, choice: MicroBatchChoice, budget: Budg
              "memory.estimate_offload_peak), " if choice.offload == "cpu" else "")
     memory_line = (
         f"memory: {where}checkpointing {p.activation_checkpointing}, sharding {p.sharding}: micro-batch "
-        f"{p.micro_batch_size} x {p.grad_accum_steps} accumulation = {choice.rows_per_gpu} rows per GPU (law: "
+        f"{p.micro_batch_size} x {p.grad_accum_steps} accumulation = {choice.rows_per_gpu} rows per "
+        f"{'GPU' if p.context_parallel == 1 else 'data-parallel rank'} (law: "
         f"{raw_rows_per_gpu:.1f}); the highest predicted tokens/s among {choice.candidates} micro-batch"
         f"{'es' if choice.candidates != 1 else ''} that fit "
         f"within {1 - budget.headroom:.0%} of {budget.gpu_memory_gib:g} GiB and make whole accumulation steps "
@@ -466,6 +537,10 @@ def derivation(plan: Plan, law: laws.Law, choice: MicroBatchChoice, budget: Budg
            if p.activation_checkpointing == "stream" else ""))
     time_line = (f"time = FLOPs per token x batch / (GPUs x {budget.gpu_peak_tflops:g} TFLOP/s x MFU {p.mfu:.3g})"
                  f" [MFU: {p.mfu_source}; recomputation is inside this MFU]")
+    if p.context_parallel > 1:
+        time_line = (f"time = (FLOPs per token without attention x batch / (GPUs x {budget.gpu_peak_tflops:g} "
+                     f"TFLOP/s x MFU {p.mfu:.3g}) [MFU: {p.mfu_source}]) + the ring attention's full-square "
+                     f"FLOPs (2x causal, recomputed once) at {RING_ATTENTION_FP32_TFLOPS:g} TFLOP/s fp32")
     if choice.offload == "cpu":
         time_line += (f", then max(that, the host link: 3 x 4 bytes/param x {p.grad_accum_steps} micro-steps at "
                       f"{budget.pcie_gb_s:g} GB/s) + the CPU AdamW step (28 bytes/param at "
@@ -481,7 +556,10 @@ def derivation(plan: Plan, law: laws.Law, choice: MicroBatchChoice, budget: Budg
         + (f" (C = M D = {raw['compute_flops']:.4g} FLOPs)" if law.kind == "deepseek" else ""),
         compile_line,
         memory_line,
-        f"global batch = {p.micro_batch_size} x {p.grad_accum_steps} accum x {p.num_gpus} GPUs x {p.seq_len} = "
+        f"global batch = {p.micro_batch_size} x {p.grad_accum_steps} accum x "
+        + (f"{p.num_gpus} GPUs" if p.context_parallel == 1 else
+           f"{p.num_gpus // p.context_parallel} data-parallel ranks of {p.context_parallel} GPUs")
+        + f" x {p.seq_len} = "
         f"{p.global_batch_tokens:,} tokens (law: {raw['batch_tokens']:,.0f})",
         f"peak LR = {raw['peak_lr']:.4g} x {laws.lr_scaling_rule(p.optimizer)}({p.global_batch_tokens} / "
         f"{raw['batch_tokens']:.0f}) = {p.peak_lr:.4g} (Granziol et al. 2020: sqrt for Adam-family, linear for "
@@ -495,14 +573,15 @@ def derivation(plan: Plan, law: laws.Law, choice: MicroBatchChoice, budget: Budg
 def context_parallel_note(config: LlamaConfig, budget: Budget, mode: str) -> tuple[str, ...]:
     """With several GPUs and a checkpointed or streamed plan: what ring-attention context parallelism over all
     GPUs (``train/context_parallel.py``: seq_len / GPUs tokens per rank, FSDP2 over the same GPUs) would need.
-    Stated, not chosen: the planner does not plan context parallelism yet."""
+    Stated, not chosen: the planner splits sequences only when one does not fit a GPU
+    (``choose_context_parallel``)."""
     if budget.num_gpus < 2 or mode == "none" or budget.seq_len % (2 * budget.num_gpus):
         return ()
     est = estimate_peak_bytes(config, micro_batch_size=1, seq_len=budget.seq_len // budget.num_gpus,
                               optimizer=budget.optimizer, num_gpus=budget.num_gpus, sharding="fsdp")
     return (f"context parallelism over {budget.num_gpus} GPUs ({budget.seq_len // budget.num_gpus:,} tokens per GPU, "
             f"no recompute) would need {est.total_bytes / GIB:.1f} GiB at micro-batch 1 (ring attention, Liu et al., "
-            f"arXiv 2310.01889); not chosen: the planner does not plan it yet",)
+            f"arXiv 2310.01889); not chosen: one sequence fits a GPU, and the ring's attention is plain fp32 math",)
 
 
 def compare(budget: Budget) -> dict[str, Plan]:

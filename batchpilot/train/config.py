@@ -253,7 +253,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: object) -> None:
 PLAN_FIELDS = ("model.name", "data.seq_len", "batch.global_batch_tokens", "batch.micro_batch_size",
                "batch.policy", "schedule.max_steps", "schedule.name", "schedule.min_lr", "schedule.warmup_tokens",
                "optim.lr", "optim.name", "parallel.activation_checkpointing", "parallel.offload",
-               "parallel.compile", "parallel.float8")
+               "parallel.compile", "parallel.float8", "parallel.context_parallel")
 
 
 def plan_settings(plan: Plan) -> dict[str, object]:
@@ -274,6 +274,8 @@ def plan_settings(plan: Plan) -> dict[str, object]:
     settings["parallel.compile"] = plan.compile
     if plan.float8 is not None:
         settings["parallel.float8"] = plan.float8
+    if plan.context_parallel > 1:  # a plan that splits each sequence over GPUs (schema 3)
+        settings["parallel.context_parallel"] = plan.context_parallel
     return settings
 
 

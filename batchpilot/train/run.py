@@ -327,4 +327,5 @@ def executed_plan(cfg: TrainConfig, config: LlamaConfig, dims: parallel.Parallel
                 predicted_peak_memory_bytes=None, gpu_memory_bytes=None, predicted_step_seconds=None,
                 predicted_total_seconds=None, flops_per_token=counting.training_flops_per_token(config, cfg.data.seq_len),
                 mfu=None, tokens_per_param=cfg.total_tokens / total_params, law=None,
-                compile=cfg.parallel.compile, float8=cfg.parallel.float8, offload=cfg.parallel.offload)
+                compile=cfg.parallel.compile, float8=cfg.parallel.float8, offload=cfg.parallel.offload,
+                context_parallel=cfg.parallel.context_parallel)

@@ -45,7 +45,7 @@ def test_compile_float8_offload_and_mfu_table_flags(capsys, tmp_path):
     assert main(["plan", "--preset", "llama-1b", "--tokens", "1e10", "--json", "--mfu-from", str(table),
                  "--float8", "tensorwise"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["compile"] is True and d["float8"] == "tensorwise" and d["mfu"] == 0.5 and d["schema_version"] == 2
+    assert d["compile"] is True and d["float8"] == "tensorwise" and d["mfu"] == 0.5 and d["schema_version"] == 3
     assert d["predicted_tokens_per_second"] > 0 and d["mfu_source"].startswith("table mfu.json")
     assert main(["plan", "--preset", "llama-1b", "--tokens", "1e10", "--json", "--no-compile"]) == 0
     assert json.loads(capsys.readouterr().out)["compile"] is False

@@ -171,13 +171,15 @@ def test_round_trip(tmp_path):
     assert Plan.load(path) == plan and not list(path.parent.glob(".*tmp"))
     with pytest.raises(ValueError, match="is missing min_lr, model"):
         Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("model", "min_lr")})
-    with pytest.raises(ValueError, match="schema_version 0, this batchpilot reads 1, 2"):
+    with pytest.raises(ValueError, match="schema_version 0, this batchpilot reads 1, 2, 3"):
         Plan.from_dict({**plan.to_dict(), "schema_version": 0})
-    new_fields = ("compile", "float8", "offload", "predicted_tokens_per_second", "mfu_source")
+    new_fields = ("compile", "float8", "offload", "predicted_tokens_per_second", "mfu_source", "context_parallel")
     v1 = {k: v for k, v in plan.to_dict().items() if k not in new_fields} | {"schema_version": 1}
-    old = Plan.from_dict(v1)  # a version 1 plan ran eager, without float8 or offload
-    assert old.schema_version == 2 and (old.compile, old.float8, old.offload) == (False, None, "none")
-    assert old.global_batch_tokens == plan.global_batch_tokens
+    old = Plan.from_dict(v1)  # a version 1 plan ran eager, without float8, offload or context parallelism
+    assert old.schema_version == 3 and (old.compile, old.float8, old.offload) == (False, None, "none")
+    assert old.global_batch_tokens == plan.global_batch_tokens and old.context_parallel == 1
+    v2 = {k: v for k, v in plan.to_dict().items() if k != "context_parallel"} | {"schema_version": 2}
+    assert Plan.from_dict(v2) == plan  # a version 2 plan split no sequence
     with pytest.raises(ValueError, match="is missing compile"):
         Plan.from_dict({k: v for k, v in plan.to_dict().items() if k != "compile"})
     with pytest.raises(ValueError, match="schema_version None"):
