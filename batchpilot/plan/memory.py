@@ -491,6 +491,9 @@ def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num
 # gradient and both moments in and parameter and moments out, 7 x 4 bytes per parameter (ZeRO-Offload, Ren et
 # al., arXiv 2101.06840, sec. 4; Fuyou, Liao et al., arXiv 2403.06504, sec. 2, names the host link and the CPU
 # step as the bottlenecks). Transfers overlap compute (FSDP2 prefetches the next block), the CPU step does not.
+# [ours] fp32 scores of one query chunk against one key block in the ring attention of
+# train/context_parallel.py (which takes this constant): 256 MiB, so its transient memory is O(chunk x L)
+RING_SCORE_CHUNK_BYTES = 1 << 28
 OFFLOAD_BYTES_PER_PARAM = 4  # [ours] fp32 shards cross the link, cast to bf16 on the GPU
 CPU_ADAM_BYTES_PER_PARAM = 28  # [ZeRO-Offload] p, g, m, v read; p, m, v written; fp32
 PCIE_GB_S = 50.0  # [ours] effective PCIe Gen5 x16 host-to-device bandwidth (64 GB/s nominal)

@@ -30,6 +30,7 @@ from batchpilot.model import counting
 from batchpilot.model.llama import PRESETS, LlamaConfig, get_preset
 from batchpilot.plan import laws
 from batchpilot.plan.memory import (CPU_MEMORY_GB_S, GIB, PCIE_GB_S, REASONABLE_MICRO_BATCH_TOKENS,
+                                    RING_SCORE_CHUNK_BYTES,
                                     STREAM_CHUNK_TOKENS, MemoryEstimate, estimate_offload_peak, estimate_peak_bytes, fit_micro_batch, largest_fitting,
                                     offload_step_seconds, recompute_factor)
 from batchpilot.plan.mfu import MfuTable, read_mfu_table
@@ -52,9 +53,6 @@ V1_DEFAULTS: dict[str, Any] = {"compile": False, "float8": None, "offload": "non
 # GPU's fp32 rate, not its bf16 tensor-core rate. [H200] NVIDIA H200 datasheet: FP32 67 TFLOP/s (the planner's
 # default GPU; other GPUs: a lower bound on the attention time is what this gives).
 RING_ATTENTION_FP32_TFLOPS = 67.0
-# [ours] fp32 scores of one query chunk against one key block, as train/context_parallel.py's SCORE_CHUNK_BYTES
-# (plan/ cannot import train/; a test keeps the two equal)
-RING_SCORE_CHUNK_BYTES = 1 << 28
 OFFLOAD_CHOICES = ("auto", "none", "cpu")
 # Shape derived from --params: depth L from N = 12 L d^2 with d = 64 L (the llama-125m aspect ratio, nanochat's
 # dim = 64 x depth), head_dim 64, MHA, SwiGLU width solving N exactly (multiple of 64), Llama-2 vocabulary.
@@ -289,6 +287,11 @@ class MicroBatchChoice:
         return self.micro_batch_size * self.grad_accum_steps
 
 
+def recompute_factors(config: LlamaConfig) -> dict[str, float]:
+    """``memory.recompute_factor`` of every checkpointing mode, the form ``MfuTable.lookup`` converts with."""
+    return {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+
+
 def mfu_table(budget: Budget) -> MfuTable:
     """``--mfu-from`` (plan/mfu.py), else the assumed ``--mfu`` for every shape (the documented fallback)."""
     if budget.mfu_from:
@@ -334,7 +337,7 @@ def choose_micro_batch(config: LlamaConfig, budget: Budget, rows_per_gpu: int, t
         except ValueError as offload_err:
             raise ValueError(f"{err}; {offload_err}") from None
     limit = budget.gpu_memory_gib * GIB * (1 - budget.headroom)
-    recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+    recompute = recompute_factors(config)
     scored = []
     for micro, accum in accumulation_options(rows_per_gpu, fit.micro_batch_size, budget.seq_len):
         est = estimate_peak_bytes(config, micro_batch_size=micro, seq_len=budget.seq_len, optimizer=budget.optimizer,
@@ -394,7 +397,7 @@ def choose_context_parallel(config: LlamaConfig, budget: Budget, rows_per_step: 
 
 def _context_parallel_choice(config: LlamaConfig, budget: Budget, cp: int, rows: int, est: MemoryEstimate,
                              ring_bytes: float, table: MfuTable, flops_per_token: float) -> MicroBatchChoice:
-    recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+    recompute = recompute_factors(config)
     look = table.lookup(seq_len=budget.seq_len // cp, micro_batch_size=1, mode="full", float8=budget.float8,
                         bf16_params=True, recompute=recompute)
     attention_per_token = 6 * config.num_layers * config.num_heads * config.head_dim * budget.seq_len  # causal
@@ -428,7 +431,7 @@ def choose_offload(config: LlamaConfig, budget: Budget, rows_per_gpu: int, table
     if largest == 0:
         need = estimate(1).total_bytes / (1 - budget.headroom) / GIB
         raise ValueError(f"even CPU offload needs {need:.1f} GiB per GPU at micro-batch 1 (seq_len {budget.seq_len})")
-    recompute = {m: recompute_factor(config, m) for m in ("none", "full", "stream")}
+    recompute = recompute_factors(config)
     scored = []
     options = accumulation_options(rows_per_gpu, largest, budget.seq_len)
     for micro, accum in options or [(largest, max(1, round(rows_per_gpu / largest)))]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from batchpilot.model.attention import document_ids_from_positions
 from batchpilot.model.loss import IGNORE_INDEX
+from batchpilot.plan.memory import RING_SCORE_CHUNK_BYTES
 
 
 def shard_indices(seq_len: int, rank: int, world_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -139,7 +140,7 @@ def shard_batch(input_ids: torch.Tensor, targets: torch.Tensor, group: dist.Proc
 
 # --- the ring ------------------------------------------------------------------------------------------------
 
-SCORE_CHUNK_BYTES = 1 << 28  # [ours] fp32 scores of one query chunk against one key block: 256 MiB
+SCORE_CHUNK_BYTES = RING_SCORE_CHUNK_BYTES  # fp32 scores of one query chunk against one key block (plan/memory.py)
 
 
 def _rotate(buffer: torch.Tensor, meta: RingAttention) -> tuple[torch.Tensor, list]:

@@ -9,7 +9,6 @@ per phase, and the cut is recomputed from early.csv on every invocation. The wor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -24,9 +23,8 @@ from batchpilot.io import write_json_atomic, write_text_atomic
 from batchpilot.metrics import read_metrics
 from batchpilot.train.checkpoint import latest_checkpoint
 from batchpilot.train.config import TrainConfig, field_types, set_dotted
-from batchpilot.train.sweep import (Task, append_row, finished_ids, read_grid_json, read_rows,
+from batchpilot.train.sweep import (Task, train_logged, append_row, finished_ids, read_grid_json, read_rows,
                                     run_pool)
-from batchpilot.train.trainer import TrainingDiverged, train
 
 
 #
@@ -293,13 +291,8 @@ def run_sft_phase(spec: SftRunSpec, grid: SftGridSpec, data_dir: Path, sweep_dir
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # nothing to resume from: restart cleanly
         cfg = sft_train_config(spec, grid, data_dir, run_dir, final=final, resume=resume)
-        log = sweep_dir / "logs" / f"{spec.run_id}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            try:
-                done = asdict(train(cfg))
-            except TrainingDiverged:
-                done = {"steps": until, "final_loss": math.nan, "val_loss": math.nan, "wall_seconds": math.nan}
+        done = train_logged(cfg, sweep_dir / "logs" / f"{spec.run_id}.log") or {
+            "steps": until, "final_loss": math.nan, "val_loss": math.nan, "wall_seconds": math.nan}
     records = read_metrics(run_dir)
     val = done.get("val_loss")
     if val is None:  # killed between the last checkpoint and result.json: the resume ran no step; the loss was logged

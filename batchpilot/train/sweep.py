@@ -232,17 +232,23 @@ def run_one(spec: RunSpec, grid: GridSpec, data_dir: Path, sweep_dir: Path) -> d
             return _row(spec, grid, done, read_metrics(run_dir))
     if run_dir.exists() and not cfg.checkpoint.resume:
         shutil.rmtree(run_dir)  # nothing to resume from: restart cleanly
-    log = sweep_dir / "logs" / f"{spec.run_id}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        try:
-            result = asdict(train(cfg))
-        except TrainingDiverged:
-            result = {"steps": cfg.schedule.max_steps, "final_loss": math.nan, "val_loss": None, "wall_seconds": math.nan}
+    result = train_logged(cfg, sweep_dir / "logs" / f"{spec.run_id}.log") or {
+        "steps": cfg.schedule.max_steps, "final_loss": math.nan, "val_loss": None, "wall_seconds": math.nan}
     if not grid.keep_checkpoints:
         for sub in ("checkpoints", "model"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     return _row(spec, grid, result, read_metrics(run_dir))
+
+
+def train_logged(cfg: TrainConfig, log: Path) -> dict[str, Any] | None:
+    """``train(cfg)`` with its output appended to ``log``: its result, or None when the run diverged (a diverged
+    run is a result of the sweep, its LR too high, not an error)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            return asdict(train(cfg))
+        except TrainingDiverged:
+            return None
 
 
 def _row(spec: RunSpec, grid: GridSpec, result: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:

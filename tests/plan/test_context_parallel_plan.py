@@ -3,8 +3,8 @@ then predicts its memory, its batch in data-parallel ranks and its time; ``train
 
 import pytest
 
-from batchpilot.plan.memory import GIB
-from batchpilot.plan.planner import RING_SCORE_CHUNK_BYTES, Budget, make_plan
+from batchpilot.plan.memory import GIB, RING_SCORE_CHUNK_BYTES
+from batchpilot.plan.planner import Budget, make_plan
 
 
 def budget(seq_len: int, gpus: int = 8, **kw) -> Budget:

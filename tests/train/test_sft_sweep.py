@@ -12,21 +12,16 @@ import warnings
 from pathlib import Path
 
 import pytest
+from sft_fixtures import WORDS, tiny_chat_model
 
 from batchpilot.cli import main
 from batchpilot.data.packing import PackedLoader
-from batchpilot.data.tokenizer import Tokenizer
-from batchpilot.model.hf import save_model
-from batchpilot.model.llama import LlamaConfig, build_model
-from batchpilot.train import sft_sweep as sweep_module
+from batchpilot.train import sweep as sweep_module  # train_logged calls its train
 from batchpilot.train.trainer import train
 from batchpilot.train.sft_sweep import (RESULT_COLUMNS, EarlySignals, SftGridSpec, average_ranks, check_same_sweep, early_signals,
                                     early_stop_decision, prepare_sft_data, run_sft_phase, sft_grid_runs, sft_sweep,
                                     sft_train_config, spearman_rho)
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-WORDS = "the quick brown fox jumps over lazy dog and then runs far away into deep green wood".split()
 
 
 def conversations(num: int, seed: int) -> list[dict]:
@@ -39,15 +34,8 @@ def conversations(num: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny HF model directory: random Llama weights, a BPE with ChatML special tokens and a chat template."""
-    texts = [" ".join(WORDS)] * 5 + [json.dumps(r) for r in conversations(60, seed=1)]
-    trained = Tokenizer.train_bpe(texts, 300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-    tokenizer = Tokenizer(trained.inner, eos_id=trained.inner.token_to_id("<|im_end|>"), chat_template=CHATML)
-    root = tmp_path_factory.mktemp("hf_model")
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1,
-                         num_heads=2, num_kv_heads=1, tie_word_embeddings=True)
-    save_model(build_model(config, seed=0), root)
-    tokenizer.save(root)
-    return root
+    return tiny_chat_model(tmp_path_factory.mktemp("hf_model"), conversations(60, seed=1), num_layers=1,
+                           num_heads=2, num_kv_heads=1)
 
 
 @pytest.fixture(scope="module")

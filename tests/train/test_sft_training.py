@@ -6,20 +6,18 @@ import json
 import random
 
 import pytest
+from sft_fixtures import CHATML, WORDS, tiny_chat_model
 import torch
 
 from batchpilot.data.packing import PackedLoader
 from batchpilot.data.prepare import PrepareConfig, prepare
 from batchpilot.data.tokenizer import Tokenizer
-from batchpilot.model.hf import load_model, save_model
+from batchpilot.model.hf import load_model
 from batchpilot.model.llama import LlamaConfig, build_model
 from batchpilot.train import parallel
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.trainer import accumulate_gradients, train
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-WORDS = "the quick brown fox jumps over lazy dog and then runs far away into deep green wood".split()
 SEQ_LEN = 64
 
 
@@ -41,15 +39,8 @@ def conversations(num: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny HF model directory: random Llama weights, a BPE with ChatML special tokens and a chat template."""
-    texts = [" ".join(WORDS)] * 5 + [json.dumps(r) for r in conversations(80, seed=1)]
-    trained = Tokenizer.train_bpe(texts, 300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-    tokenizer = Tokenizer(trained.inner, eos_id=trained.inner.token_to_id("<|im_end|>"), chat_template=CHATML)
-    root = tmp_path_factory.mktemp("hf_model")
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
-    save_model(build_model(config, seed=0), root)
-    tokenizer.save(root)
-    return root
+    return tiny_chat_model(tmp_path_factory.mktemp("hf_model"), conversations(80, seed=1), num_layers=2,
+                           num_heads=4, num_kv_heads=2)
 
 
 @pytest.fixture(scope="module")
