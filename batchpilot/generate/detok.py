@@ -51,7 +51,7 @@ class IncrementalText:
         full = tokenizer.decode(ids[self.prefix:])
         if full.endswith(REPLACEMENT) and len(ids) - self.read < MAX_HELD_TOKENS:
             return -1  # a character split over tokens: read it once its last byte is here
-        self.text += full[len(prefix_text):] if full.startswith(prefix_text) else full[len(prefix_text):]
+        self.text += full[len(prefix_text):]
         self.prefix, self.read = self.read, len(ids)
         start = max(0, old - self.keep)
         return min((i for s in self.stops if (i := self.text.find(s, start)) >= 0), default=-1)

@@ -5,8 +5,9 @@ HTTP handlers (asyncio) ``submit`` and ``cancel`` through a thread-safe inbox; a
 pushes each request's new text to its handler's ``asyncio.Queue`` with ``call_soon_threadsafe``. Between steps the
 loop sets the step's token budget from the measured step-time model so that the decodes of a step meet the TPOT SLO
 (Sarathi-Serve, arXiv 2403.02310, section 4.3) and admission follows the scheduler's policy (Past-Future by default,
-arXiv 2507.10150). Cost: one host thread, and text deltas are decoded from all output ids each step (cheap next to a
-model step; stop strings hold back that many characters so a stop string is never streamed).
+arXiv 2507.10150). Cost: one host thread; text deltas are decoded incrementally (``detok.IncrementalText``: the new
+tokens in the context of the previous ones), and stop strings hold back that many characters so a stop string is
+never streamed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from batchpilot.generate.detok import IncrementalText
 from batchpilot.generate.engine import Engine
 from batchpilot.generate.request import Completion, Request, SamplingParams, Status, request_seed, sample_seed
 from batchpilot.generate.scheduler import Scheduler, StepTimeModel
@@ -46,6 +48,8 @@ class Stream:
     sent_chars: int = 0
     finished: bool = False
     token_gaps_s: list[float] = field(default_factory=list)
+    # the output's text, read incrementally (a short decode of the new tokens per step, not the whole output)
+    text: IncrementalText = field(default_factory=lambda: IncrementalText(()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +188,10 @@ class EngineLoop:
         if self.engine.tokenizer is None:  # token-id prompts without a tokenizer: an empty chunk per step, for timing
             self._send(stream, Event("delta", ""))
             return
-        text = self.engine.tokenizer.decode(r.output_ids)
+        stream.text.add(self.engine.tokenizer, r.output_ids)  # holds back a character split over tokens
+        text = stream.text.text
         hold = max((len(s) for s in r.params.stop), default=0)  # never stream the start of a stop string
         visible = len(text) - hold
-        while visible > stream.sent_chars and text[visible - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-            visible -= 1
         if visible > stream.sent_chars:
             self._send(stream, Event("delta", text[stream.sent_chars:visible]))
             stream.sent_chars = visible
