@@ -149,13 +149,16 @@ def start_server(model_dir: Path, policy: str, port: int, args: argparse.Namespa
            "--max-queue", "100000", "--max-num-seqs", str(args.max_num_seqs)]
     if args.kv_cache_tokens:
         cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the server's output goes to a file: a pipe nobody reads blocks the server once its buffer (64 KiB) is full
+    log = open(Path(tempfile.mkdtemp(prefix="serve_log_")) / f"{policy}.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
     import httpx
 
     deadline = time.time() + args.start_timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()[-2000:]}")
+            raise RuntimeError(f"server exited: {log_tail(proc)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -164,6 +167,13 @@ def start_server(model_dir: Path, policy: str, port: int, args: argparse.Namespa
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server did not become healthy")
+
+
+def log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
+    """The last ``chars`` of a server's output (its warnings: why graphs or compile switched off)."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.flush()
+    return Path(log.name).read_text(errors="replace")[-chars:]
 
 
 def build_model_dir(args: argparse.Namespace) -> Path:
@@ -266,6 +276,7 @@ def main() -> None:
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_goodput_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
+    server_logs: dict[str, str] = {}  # per policy: the tail of the server's output
     for policy in args.policies.split(","):
         server = start_server(model_dir, policy, args.port, args)
         try:
@@ -288,9 +299,12 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=120)
+            server_logs[policy] = log_tail(server)
+            write(result | {"results": results, "low_load": low_load, "server_logs": server_logs, "partial": True},
+                  path)
     offline = offline_reference(model_dir, workloads, args.kv_cache_tokens, args.max_num_seqs)
     print(json.dumps({"offline": offline}), flush=True)
-    result |= {"results": results, "low_load": low_load, "offline": offline,
+    result |= {"results": results, "low_load": low_load, "offline": offline, "server_logs": server_logs,
                "summary": summarize(results, low_load, offline)}
     print(json.dumps(result["summary"], indent=1))
     write(result, path)

@@ -111,7 +111,7 @@ class DecodeGraphs:
         width = -(-max_tokens // self.block_size) + 1
         if width > self.width:
             self.width = width
-            self.graphs.clear()
+            self._drop_graphs()
 
     def fits(self, dec: list[Chunk]) -> bool:
         """The batch fits the static sizes: rows, cascade groups, block-table width."""
@@ -182,7 +182,7 @@ class DecodeGraphs:
         # compiled: retry with eager graphs first (fused kernels round differently; a bug would fail again)
         warnings.warn(f"compiled decode graphs disabled, capturing eager ones: {reason}", stacklevel=3)
         self.tokens, self.logits, self.compile_off_reason = greedy_tokens, decode_logits, reason
-        self.graphs.clear()
+        self._drop_graphs()
 
     def _advance(self, g: _Graph) -> None:
         """Inputs of the next decode step from this one's, on the device (rows past their blocks hit the trash).
@@ -224,6 +224,13 @@ class DecodeGraphs:
             [b for r in reqs for _, b in r.params.logit_bias], dtype=torch.float32, device=dev)
         i["eos"].zero_()
         i["eos"][torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)] = True
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph, and their pool with them: once its last graph is gone the caching allocator keeps a
+        pool whose use count is 0 until its blocks are freed, and capturing into that handle again fails its
+        internal assert (``use_count > 0``, CUDACachingAllocator); the next capture opens a fresh pool."""
+        self.graphs.clear()
+        self.pool = None
 
     def _switch_off(self, reason: str) -> None:
         warnings.warn(f"CUDA graphs disabled: {reason}", stacklevel=3)
