@@ -181,6 +181,9 @@ def main() -> None:
     p.add_argument("--cli-flags", default="", help="extra flags for the CLI and the warm engine, e.g. --no-compile")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="wall seconds for all rows together (each row also has its own cap); rows past it are skipped")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated rows to run (default all): cli_N, warm_N, decode_greedy, decode_sampled, "
+                        "long_output")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -199,7 +202,11 @@ def main() -> None:
         own = CAPS.get(row, CAPS.get(row.split("_")[0] + "_1000", 60))  # smoke sizes: the 1000-line caps
         return max(0.0, min(own, args.budget_s - (time.perf_counter() - t0)))
 
+    wanted = set(args.rows.split(",")) if args.rows else None
+
     def record(name: str, fn, *fn_args) -> None:
+        if wanted is not None and name not in wanted:
+            return
         c = cap(name)
         row = {"row": name, **(_guarded(fn, *fn_args, c) if c > 1 else {"error": "skipped: --budget-s spent"})}
         rows.append(row)

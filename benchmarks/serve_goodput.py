@@ -169,6 +169,35 @@ def start_server(model_dir: Path, policy: str, port: int, args: argparse.Namespa
     raise RuntimeError("server did not become healthy")
 
 
+def scrape(base_url: str) -> dict[str, float]:
+    """The server's /metrics as {name{labels}: value} (counters and gauges; histogram sums and counts)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return {s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server saw during one rate: its steps by kind and their mean time, its token budget, and its own
+    count of requests within the SLOs (a cross-check of the client's timing, which shares a CPU with it)."""
+    def d(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    out: dict[str, Any] = {"token_budget": after.get("batchpilot_step_token_budget")}
+    for kind in ("decode", "mixed"):
+        n = d(f"batchpilot_engine_steps_by_kind_total{{{kind}}}")
+        out[f"{kind}_steps"] = n
+        out[f"{kind}_step_ms"] = round(1000 * d(f"batchpilot_engine_step_seconds_total{{{kind}}}") / n, 2) if n else None
+    out["finished"] = d("batchpilot_requests_finished_total")
+    out["within_slo"] = d("batchpilot_requests_within_slo_total")
+    for name in ("time_to_first_token", "time_per_output_token"):
+        n = d(f"batchpilot_{name}_seconds_count")
+        out[f"{name}_mean_s"] = round(d(f"batchpilot_{name}_seconds_sum") / n, 4) if n else None
+    return out
+
+
 def log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
     """The last ``chars`` of a server's output (its warnings: why graphs or compile switched off)."""
     log = proc.log  # type: ignore[attr-defined]
@@ -289,9 +318,11 @@ def main() -> None:
                     low_load[name] = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo,
                                                     tpot_slo=args.tpot_slo)
                 for rate in rates:
+                    before = scrape(base)
                     rows = asyncio.run(run_rate(base, reqs[:per_rate[rate]], rate, seed=int(rate),
                                                 drain_s=args.drain_seconds))
                     summary = summarize_rate(rows, rate, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
+                    summary["server"] = server_side(before, scrape(base))
                     results.setdefault(policy, {}).setdefault(name, []).append(summary)
                     print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
                     # a cut run keeps its rows

@@ -60,6 +60,11 @@ class LoopStats:
     kv_blocks_total: int
     preemptions: int
     steps: int
+    decode_steps: int  # steps with decodes only (CUDA graphs, several per round trip)
+    decode_seconds: float
+    mixed_steps: int  # steps with prefill chunks (eager)
+    mixed_seconds: float
+    token_budget: int  # the last step's token budget (the SLO's, from the step-time model)
 
 
 class EngineLoop:
@@ -77,6 +82,10 @@ class EngineLoop:
         self._indices = itertools.count()
         self._stop, self._wake = threading.Event(), threading.Event()
         self._on_first_token, self._on_token_gap = on_first_token, on_token_gap
+        # the events of one loop iteration, handed to the event loop in one call: a callback per stream per step
+        # wakes the HTTP side thousands of times a second under load, and its Python work then competes with this
+        # thread for the GIL
+        self._outbox: list[tuple[Stream, Event]] = []
         # graphs size their block tables for the longest request the server can take
         engine.runner.begin_job(min(engine.model.config.max_position_embeddings, engine.pool.capacity_tokens))
         self.warmup_seconds = warm_up_graphs(engine) if warm_up else 0.0
@@ -109,11 +118,13 @@ class EngineLoop:
         return sum(not s.finished for s in list(self.streams.values())) + self.inbox.qsize()
 
     def stats(self) -> LoopStats:
-        pool = self.engine.pool
+        pool, s = self.engine.pool, self.engine.stats
         return LoopStats(waiting=len(self.scheduler.waiting),
                          running=sum(r.status is Status.RUNNING for r in self.scheduler.running),
                          kv_blocks_used=pool.num_blocks - pool.num_free, kv_blocks_total=pool.num_blocks,
-                         preemptions=self.engine.stats.preemptions, steps=self.engine.stats.steps)
+                         preemptions=s.preemptions, steps=s.steps, decode_steps=s.decode_steps,
+                         decode_seconds=s.decode_seconds, mixed_steps=s.steps - s.decode_steps,
+                         mixed_seconds=s.seconds - s.decode_seconds, token_budget=self.scheduler.max_batch_tokens)
 
     def stop(self, *, drain_timeout_s: float) -> None:
         """Finish running requests for up to ``drain_timeout_s``, cancel the rest, stop the thread."""
@@ -132,6 +143,7 @@ class EngineLoop:
         while not self._stop.is_set():
             self._drain_inbox()
             if not self.scheduler.has_work():
+                self._flush()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -139,6 +151,8 @@ class EngineLoop:
                 self._step()
             except Exception as e:  # noqa: BLE001 -- a failed step fails its requests, never the server
                 self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+            self._flush()
+        self._flush()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -157,13 +171,12 @@ class EngineLoop:
         stats = self.engine.stats
         if self.tpot_slo_s:
             self.scheduler.max_batch_tokens = self._step_budget(self.tpot_slo_s)
-        tokens0, prefill0, steps0 = stats.output_tokens, stats.prefill_tokens, stats.steps
+        tokens0, prefill0 = stats.output_tokens, stats.prefill_tokens
         t0 = time.perf_counter()
         done = self.engine.step(self.scheduler)
         seconds = time.perf_counter() - t0
-        steps = max(1, stats.steps - steps0)
-        self.step_time.observe((stats.output_tokens - tokens0 + stats.prefill_tokens - prefill0) // steps,
-                               seconds / steps)
+        if stats.prefill_tokens > prefill0:  # the budget sizes steps with prefill chunks: fit those alone
+            self.step_time.observe(stats.output_tokens - tokens0 + stats.prefill_tokens - prefill0, seconds)
         now = time.perf_counter()
         finished = {c.index: c for c in done}
         for index, stream in list(self.streams.items()):
@@ -220,7 +233,12 @@ class EngineLoop:
         self._send(stream, event)
 
     def _send(self, stream: Stream, event: Event) -> None:
-        self.event_loop.call_soon_threadsafe(stream.events.put_nowait, event)
+        self._outbox.append((stream, event))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            self.event_loop.call_soon_threadsafe(_deliver, events)
 
     def _fail_all(self, message: str) -> None:
         for stream in list(self.streams.values()):
@@ -228,6 +246,12 @@ class EngineLoop:
             self._close(stream, Event("error", message))
         self.scheduler = Scheduler(self.engine.pool, max_batch_tokens=self.scheduler.max_batch_tokens,
                                    max_num_seqs=self.scheduler.max_num_seqs, admission=self.scheduler.admission)
+
+
+def _deliver(events: list[tuple[Stream, Event]]) -> None:
+    """On the event loop: every event of one engine-loop iteration into its stream's queue."""
+    for stream, event in events:
+        stream.events.put_nowait(event)
 
 
 # What the warm-up captures: every sampling kind of graph (generate/graphs.py ``sampling_kind``): greedy, sampled,

@@ -33,6 +33,17 @@ class _LoopCollector:
                                 value=s.kv_blocks_used / max(1, s.kv_blocks_total))
         yield CounterMetricFamily("batchpilot_preemptions", "requests preempted (recomputed later)", value=s.preemptions)
         yield CounterMetricFamily("batchpilot_engine_steps", "model steps run", value=s.steps)
+        steps = CounterMetricFamily("batchpilot_engine_steps_by_kind", "model steps: decode-only (graphs) or with "
+                                    "prefill chunks (mixed, eager)", labels=["kind"])
+        seconds = CounterMetricFamily("batchpilot_engine_step_seconds", "seconds spent in model steps, by kind",
+                                      labels=["kind"])
+        for kind, n, t in (("decode", s.decode_steps, s.decode_seconds), ("mixed", s.mixed_steps, s.mixed_seconds)):
+            steps.add_metric([kind], n)
+            seconds.add_metric([kind], t)
+        yield steps
+        yield seconds
+        yield GaugeMetricFamily("batchpilot_step_token_budget", "token budget of the last step (the TPOT SLO's)",
+                                value=s.token_budget)
 
 
 class ServeMetrics:

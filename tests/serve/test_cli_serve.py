@@ -38,6 +38,63 @@ def test_slo_budget_never_starves_running_decodes():
     assert loop._step_budget(0.030) in (199, 200)
 
 
+def test_step_time_model_learns_from_steps_with_prefill_only():
+    """Decode-only steps replay graphs (a few ms) and mixed steps run eagerly: fitting both as one line would read the
+    eager overhead as a per-token cost and shrink every budget. The loop feeds the model its mixed steps alone."""
+    from types import SimpleNamespace
+
+    from batchpilot.generate.scheduler import StepTimeModel
+    from batchpilot.generate.stats import EngineStats
+    from batchpilot.serve.loop import EngineLoop
+
+    loop = EngineLoop.__new__(EngineLoop)
+    loop.step_time, loop.tpot_slo_s, loop.streams, loop._outbox = StepTimeModel(), None, {}, []
+    stats = EngineStats()
+
+    def step(scheduler):  # alternately a mixed step (decodes + a prefill chunk) and a decode-only step
+        if stats.round_trips % 2 == 0:
+            stats.prefill_tokens += 100 * (1 + stats.round_trips)
+        stats.output_tokens += 8
+        stats.round_trips += 1
+        return []
+
+    loop.engine = SimpleNamespace(stats=stats, step=step)
+    loop.scheduler = None
+    for _ in range(10):
+        loop._step()
+    assert [n for n, _ in loop.step_time.samples] == [8 + 100 * (1 + k) for k in range(0, 10, 2)]
+
+
+def test_one_engine_step_hands_its_events_to_the_event_loop_in_one_call():
+    from batchpilot.serve.loop import EngineLoop, Event
+
+    calls = []
+    loop = EngineLoop.__new__(EngineLoop)
+    loop._outbox = []
+    loop.event_loop = type("L", (), {"call_soon_threadsafe": lambda self, fn, arg: calls.append(arg)})()
+    streams = [object() for _ in range(5)]
+    for s in streams:
+        loop._send(s, Event("delta", "x"))
+    loop._flush()
+    loop._flush()  # nothing pending: no call
+    assert len(calls) == 1 and [s for s, _ in calls[0]] == streams
+
+
+def test_a_lagging_stream_catches_up_with_one_merged_delta():
+    import asyncio
+
+    from batchpilot.serve.app import _pending
+    from batchpilot.serve.loop import Event
+
+    async def run():
+        q = asyncio.Queue()
+        for e in (Event("delta", "a"), Event("delta", "b"), Event("done", "ab"), Event("delta", "late")):
+            q.put_nowait(e)
+        return await _pending(type("S", (), {"events": q})())
+
+    assert asyncio.run(run()) == [Event("delta", "ab"), Event("done", "ab"), Event("delta", "late")]
+
+
 @pytest.mark.gpu
 def test_warm_up_captures_every_bucket_and_kind_before_serving():
     """After the warm-up, requests of any batch size and sampling kind replay graphs: none is captured later."""

@@ -90,7 +90,11 @@ def test_metrics_parse_as_prometheus_text(live_server):
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"batchpilot_requests_waiting", "batchpilot_requests_running", "batchpilot_kv_cache_usage_ratio",
             "batchpilot_time_to_first_token_seconds", "batchpilot_time_per_output_token_seconds",
-            "batchpilot_preemptions", "batchpilot_requests_finished"} <= names
+            "batchpilot_preemptions", "batchpilot_requests_finished", "batchpilot_engine_steps_by_kind",
+            "batchpilot_engine_step_seconds", "batchpilot_step_token_budget"} <= names
+    kinds = {s.labels["kind"]: s.value for f in text_string_to_metric_families(text)
+             if f.name == "batchpilot_engine_steps_by_kind" for s in f.samples}
+    assert kinds.keys() == {"decode", "mixed"} and kinds["mixed"] >= 1  # the prompt's prefill was a mixed step
 
 
 def test_soak_nothing_lost_and_no_kv_leak(live_server):
