@@ -104,6 +104,8 @@ def run_cli(args: argparse.Namespace, job: Path, out: Path, tokenizer: Path, cap
             raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stderr[-1500:]}")
     except subprocess.TimeoutExpired as e:
         capped, stdout = True, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        stdout += stderr[-900:]  # a killed run's warnings (graphs or compile switched off) say where its time went
     end = time.time()
     records = [json.loads(t) for t in out.read_text().splitlines() if t.strip()] if out.exists() else []
     tokens = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in records

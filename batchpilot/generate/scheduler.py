@@ -106,7 +106,10 @@ class StepTimeModel:
     server's own recent steps, so the budget follows the model, the GPU and the context lengths in use.
     """
 
-    def __init__(self, *, window: int = 256, min_budget: int = 16, max_budget: int = 8192) -> None:
+    # min_budget: a mixed step's time is mostly its fixed cost at small sizes (llama-1b on one H200: 30-55 ms at
+    # 20 tokens, eager; serve_goodput 2026-12-01), so chunks under a few hundred tokens save no time and only
+    # stretch prefill over more steps; the floor also keeps the fit's sizes spread out, so its slope stays measured
+    def __init__(self, *, window: int = 256, min_budget: int = 256, max_budget: int = 8192) -> None:
         self.window, self.min_budget, self.max_budget = window, min_budget, max_budget
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
 
@@ -134,6 +137,11 @@ class StepTimeModel:
         if fitted is None:
             return default
         fixed, per_token = fitted
+        if fixed >= tpot_slo_s:
+            # no step with prefill meets the SLO whatever its size (its fixed cost alone is over it): smaller chunks
+            # would spread prefill over more of these slow steps; the largest finishes it in the fewest, and the
+            # decode-only steps that follow (graphs, a few ms each) bring the mean gap between tokens back down
+            return default
         return int(min(self.max_budget, max(self.min_budget, (tpot_slo_s - fixed) / per_token)))
 
 

@@ -105,6 +105,16 @@ def test_step_time_model_budget_meets_the_slo():
     fixed, per_token = m.fit()
     assert fixed == pytest.approx(0.010) and per_token == pytest.approx(2e-5)
     assert m.budget(0.030, default=512) in (999, 1000)  # (30 - 10) ms / 20 us, floored
+    assert m.budget(0.012, default=512) == m.min_budget == 256  # 100 tokens by the line: the floor
+
+
+def test_step_time_model_keeps_the_largest_chunk_when_no_mixed_step_meets_the_slo():
+    """Eager mixed steps whose fixed cost is over the TPOT SLO: shrinking chunks cannot help (the measured failure
+    on one H200: budgets of 16-20 tokens, every step mixed, prompts prefilled 16 tokens a step, TTFT 5-8 s)."""
+    m = StepTimeModel()
+    for tokens in (20, 24, 300, 2048, 18, 600):
+        m.observe(tokens, 0.055 + 3e-6 * tokens)
+    assert m.budget(0.050, default=2048) == 2048
 
 
 def test_step_time_model_ignores_a_graph_capture_step():

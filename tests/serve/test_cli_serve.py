@@ -27,7 +27,7 @@ def test_slo_budget_never_starves_running_decodes():
     from batchpilot.serve.loop import EngineLoop
 
     loop = EngineLoop.__new__(EngineLoop)
-    loop.step_time = StepTimeModel()
+    loop.step_time = StepTimeModel(min_budget=16)
     for tokens in (16, 64, 256, 1024):
         loop.step_time.observe(tokens, 0.010 + 1e-4 * tokens)  # budget at a 30 ms SLO: 200 tokens
     decoding = [SimpleNamespace(status=Status.RUNNING, in_decode=True) for _ in range(300)]
