@@ -149,6 +149,7 @@ def start_server(model_dir: Path, policy: str, port: int, args: argparse.Namespa
            "--max-queue", "100000", "--max-num-seqs", str(args.max_num_seqs)]
     if args.kv_cache_tokens:
         cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
+    cmd += args.server_flags.split()
     # the server's output goes to a file: a pipe nobody reads blocks the server once its buffer (64 KiB) is full
     log = open(Path(tempfile.mkdtemp(prefix="serve_log_")) / f"{policy}.log", "w+")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -272,6 +273,9 @@ def main() -> None:
                         "model or a shared GPU, where admission policies differ; None on CPU)")
     p.add_argument("--drain-seconds", type=float, default=None,
                    help="per rate: seconds after the last arrival before open requests count as unfinished")
+    p.add_argument("--server-flags", default="", help="extra flags for every server, e.g. --no-compile")
+    p.add_argument("--skip-offline", action="store_true",
+                   help="no offline-engine reference (no saturation_vs_offline, no low-load ratios)")
     p.add_argument("--port", type=int, default=18431)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -333,7 +337,8 @@ def main() -> None:
             server_logs[policy] = log_tail(server)
             write(result | {"results": results, "low_load": low_load, "server_logs": server_logs, "partial": True},
                   path)
-    offline = offline_reference(model_dir, workloads, args.kv_cache_tokens, args.max_num_seqs)
+    offline = {} if args.skip_offline else offline_reference(model_dir, workloads, args.kv_cache_tokens,
+                                                             args.max_num_seqs)
     print(json.dumps({"offline": offline}), flush=True)
     result |= {"results": results, "low_load": low_load, "offline": offline, "server_logs": server_logs,
                "summary": summarize(results, low_load, offline)}
@@ -351,7 +356,7 @@ def write(result: dict, path: Path) -> None:
 def summarize(results: dict, low_load: dict, offline: dict) -> dict:
     """Per workload: goodputs at the rate where aggressive peaks; the worse workload's ratios are the summary."""
     per: dict[str, Any] = {}
-    for name in offline:
+    for name in dict.fromkeys(n for by_workload in results.values() for n in by_workload):
         agg = results.get("aggressive", {}).get(name, [])
         if not agg:
             continue
@@ -361,13 +366,14 @@ def summarize(results: dict, low_load: dict, offline: dict) -> dict:
         pf = at["past_future"]
         ratio = (lambda o: pf["goodput_rps"] / o["goodput_rps"] if pf and o and o["goodput_rps"] else None)
         best = max((r["throughput_tokens_per_s"] for p in results for r in results[p].get(name, [])), default=None)
-        low = low_load.get(name, {})
+        low, off = low_load.get(name, {}), offline.get(name)  # no offline reference under --skip-offline
         per[name] = {"rate": peak["rate"], "goodput": {p: r and r["goodput_rps"] for p, r in at.items()},
                      "goodput_vs_aggressive": ratio(at["aggressive"]),
                      "goodput_vs_conservative": ratio(at["conservative"]),
-                     "saturation_vs_offline": best / offline[name]["output_tokens_per_s"] if best else None,
-                     "low_load_ttft_vs_prefill": (low.get("ttft_p50") or math.nan) / offline[name]["prefill_s"],
-                     "low_load_tpot_vs_decode_step": (low.get("tpot_p50") or math.nan) / offline[name]["decode_step_s"]}
+                     "saturation_vs_offline": best / off["output_tokens_per_s"] if best and off else None,
+                     "low_load_ttft_vs_prefill": (low.get("ttft_p50") or math.nan) / off["prefill_s"] if off else None,
+                     "low_load_tpot_vs_decode_step":
+                         (low.get("tpot_p50") or math.nan) / off["decode_step_s"] if off else None}
     worst = (lambda key: min((v[key] for v in per.values() if v[key] is not None), default=None))
     return {"goodput_vs_aggressive": worst("goodput_vs_aggressive"),
             "goodput_vs_conservative": worst("goodput_vs_conservative"),
