@@ -29,10 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from batchpilot.model.attention import DocumentMask, attend_causal_rows, attend_rows
-from batchpilot.model.llama import apply_rope
+from batchpilot.model.llama import MLP, apply_rope
 # the planner's memory model of a streamed block lives in plan/ (plan does not import train); re-exported here
 from batchpilot.plan.memory import estimate_stream_activation_bytes, stream_backward_working_bytes
 
@@ -216,6 +217,7 @@ def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: to
     grad_v = torch.zeros_like(grad_k)  # fp32 sums of the later chunks' key/value gradients
     grad_x = torch.empty_like(x)
     param_grads: list[torch.Tensor | None] = [None] * len(params)
+    down = _plain_down_proj(block, params)
     for s, e in reversed(chunks):
         with torch.enable_grad():
             x_c = x[:, s:e].detach().requires_grad_()
@@ -226,12 +228,16 @@ def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: to
             if attn_meta is not None:  # the document mask takes all T keys; later rows are masked: no gradient
                 keys.append(k_all[:, :, e:])
                 values.append(v_all[:, :, e:])
-            y = _block_rest(block, x_c, _attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), s, attn_meta))
-            inputs = (x_c, k_pre, v_pre, *params)
-            outputs = (y, k_c, v_c)
+            out = _attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), s, attn_meta)
             # the later chunks' gradients of this chunk's keys/values are complete now (causality)
-            out_grads = (grad_out[:, s:e], grad_k[:, :, s:e].to(k_c.dtype), grad_v[:, :, s:e].to(v_c.dtype))
-            grads = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True, materialize_grads=True)
+            kv_grads = (grad_k[:, :, s:e].to(k_c.dtype), grad_v[:, :, s:e].to(v_c.dtype))
+            inputs = (x_c, k_pre, v_pre, *params)
+            if down is None:
+                outputs, out_grads = (_block_rest(block, x_c, out), k_c, v_c), (grad_out[:, s:e], *kv_grads)
+                grads = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True, materialize_grads=True)
+            else:
+                grads = _grads_before_down_proj(block, x_c, out, grad_out[:, s:e], (k_c, v_c), kv_grads, inputs,
+                                                down)
         grad_x[:, s:e] = grads[0]
         if s > 0:
             grad_k[:, :, :s] += grads[1]
@@ -239,3 +245,37 @@ def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: to
         for i, g in enumerate(grads[3:]):
             param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
     return grad_x, param_grads
+
+
+def _plain_down_proj(block: StreamingBlock, params: tuple[torch.Tensor, ...]) -> int | None:
+    """Index in ``params`` of the MLP's down_proj weight when it is a plain bias-free ``nn.Linear`` of a SwiGLU
+    ``MLP`` (not LoRA's or float8's linear), else None: its gradients are then taken by hand."""
+    mlp = block.mlp
+    if type(mlp) is not MLP or type(mlp.down_proj) is not nn.Linear or mlp.down_proj.bias is not None:
+        return None
+    return next((i for i, p in enumerate(params) if p is mlp.down_proj.weight), None)
+
+
+def _grads_before_down_proj(block: StreamingBlock, x: torch.Tensor, out: torch.Tensor, grad_y: torch.Tensor,
+                            kv: tuple[torch.Tensor, torch.Tensor], kv_grads: tuple[torch.Tensor, torch.Tensor],
+                            inputs: tuple[torch.Tensor, ...], down: int) -> tuple[torch.Tensor, ...]:
+    """A chunk's gradients without recomputing the block's last matmul (down_proj's forward).
+
+    The block's output y + down(a) needs no value in backward, only its gradient g: the residual y gets g,
+    the SwiGLU product a gets g W_down, and W_down's gradient is g^T a (all in a's dtype, as autograd's
+    linear backward under autocast). Full checkpointing skips that forward too: non-reentrant checkpointing
+    stops recomputing once the saved tensors backward needs exist (PyTorch ``torch.utils.checkpoint``,
+    early stop), and nothing past the MLP product is saved.
+    """
+    mlp = block.mlp
+    B, C, _ = x.shape
+    y = x + block.self_attn.o_proj(out.transpose(1, 2).reshape(B, C, -1))
+    h = block.post_attention_layernorm(y)
+    act = F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)  # (B, C, I)
+    g = grad_y.to(act.dtype)
+    weight = inputs[3 + down]
+    grad_act = g @ weight.to(act.dtype)  # (B, C, D) @ (D, I)
+    grads = list(torch.autograd.grad((y, act, *kv), inputs, (grad_y, grad_act, *kv_grads), allow_unused=True,
+                                     materialize_grads=True))
+    grads[3 + down] = (g.reshape(B * C, -1).t() @ act.reshape(B * C, -1)).to(weight.dtype)  # (D, I)
+    return tuple(grads)

@@ -94,26 +94,61 @@ def test_unpacked_rows_under_bf16_autocast_match_plain_autocast():
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.999
 
 
-def test_projections_recomputed_as_often_as_checkpointing_plus_keys_values_once():
-    """Rows through each projection in one streamed step (forward + backward) of one block: queries, o_proj and
-    the MLP twice (a forward and the backward's recomputation, as full checkpointing), keys/values three times
-    less the last chunk (the backward's no-graph prefix pass); the input norm once per pass."""
+PROJECTIONS = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def projected_rows(streamed: bool) -> dict[str, int]:
+    """Rows through each projection of a one-block model in one step (forward + backward)."""
+    from torch.distributed._composable import checkpoint
+
     model = build_model(config(num_layers=1), seed=0)
-    apply_streaming(model, 8)
-    rows: dict[str, int] = {}
-    block = model.layers[0]
-    for name in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.down_proj"):
+    if streamed:
+        apply_streaming(model, 8)
+    else:
+        checkpoint(model.layers[0])  # full checkpointing, as --activation-checkpointing full
+    rows = dict.fromkeys(PROJECTIONS, 0)
+    for name in PROJECTIONS:
         def count(module, args, out, name=name):
-            rows[name] = rows.get(name, 0) + args[0].shape[0] * args[0].shape[1]
-        block.get_submodule(name).register_forward_hook(count)
+            rows[name] += args[0].shape[0] * args[0].shape[1]
+        model.layers[0].get_submodule(name).register_forward_hook(count)
     ids, targets = batch()
     model(ids, targets=targets).backward()
+    return rows
+
+
+def test_projections_recomputed_as_often_as_checkpointing_plus_keys_values_once():
+    """Streaming recomputes what full checkpointing recomputes (every projection but down_proj, whose output
+    backward never needs: checkpointing's early stop, the streamed backward's hand-taken down_proj grads),
+    plus K/V (and their input norm) once more for all rows but the last chunk's."""
+    ckpt, streamed = projected_rows(False), projected_rows(True)
     n = 2 * T  # the batch's tokens
-    last = 2 * (T - 32)  # the last chunk of 8 rows starts at 32
-    assert rows == {"input_layernorm": 2 * n + n - last, "self_attn.q_proj": 2 * n, "self_attn.k_proj": 3 * n - last,
-                    "self_attn.v_proj": 3 * n - last, "self_attn.o_proj": 2 * n, "mlp.gate_proj": 2 * n,
-                    "mlp.down_proj": 2 * n}
+    assert ckpt == {**dict.fromkeys(PROJECTIONS, 2 * n), "mlp.down_proj": n}
+    extra = n - 2 * 5  # rows [0, 32): the last chunk of 8 rows is rows 32..36
+    assert streamed == {**ckpt, "input_layernorm": 2 * n + extra, "self_attn.k_proj": 2 * n + extra,
+                        "self_attn.v_proj": 2 * n + extra}
+
+
+def test_a_down_proj_that_is_not_a_plain_linear_keeps_the_graph_path():
+    """LoRA's or float8's linear layers (here: a subclass of nn.Linear) are differentiated by autograd."""
+    class Linear(torch.nn.Linear):
+        pass
+
+    def swap(model):
+        for block in model.layers:
+            old = block.mlp.down_proj
+            block.mlp.down_proj = Linear(old.in_features, old.out_features, bias=False)
+            block.mlp.down_proj.weight = old.weight
+        return model
+
+    ref_model, model = swap(build_model(config(), seed=0)), swap(build_model(config(), seed=0))
+    apply_streaming(model, 8)
+    assert all(stream._plain_down_proj(b, tuple(b.parameters())) is None for b in model.layers)
+    ids, targets = batch()
+    ref_model(ids, targets=targets).backward()
+    model(ids, targets=targets).backward()
+    for (name, p), ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the flash kernel)")
