@@ -4,22 +4,28 @@ StreamBP (Luo et al. 2025, "StreamBP: Memory-Efficient Exact Backpropagation for
 LLMs", arXiv 2506.03077, Section 3): a block's output at row i depends on the input rows <= i only through
 the keys and values, so its backward decomposes along the sequence. Here, per block:
 
-- forward (no graph kept): K and V of the whole sequence, then, chunk by chunk, the chunk's queries,
-  attention over all keys (causal, within documents), o_proj and the MLP; only the block input is saved
-  (as activation checkpointing does);
-- backward: K and V recomputed without a graph (kept, as the paper keeps earlier chunks' keys and values),
-  then the chunks from last to first. Chunk c's graph holds its own K/V projections and its queries; its
-  keys are spliced into the sequence's keys, so one ``autograd.grad`` call gives the chunk's input
-  gradient (residual, query and its own key/value paths), the gradient of the earlier rows' keys/values
-  (accumulated in fp32), and the parameter gradients. Going backwards in the sequence, the key/value
-  gradients of a chunk are complete (later queries all came first) when its own graph runs: they enter
-  as extra output gradients of its K/V projections.
+- forward (no graph kept): chunk by chunk, the chunk's Q, K, V (one input norm), its K/V written into the
+  sequence's buffers, attention over the keys of rows [0, chunk end), o_proj and the MLP; only the block input
+  is saved (as activation checkpointing does);
+- backward: K and V of all rows but the last chunk's recomputed without a graph (kept, as the paper keeps
+  earlier chunks' keys and values, in the attention dtype), then the chunks from last to first. Chunk c's
+  graph holds its own Q/K/V projections; its keys are spliced after the earlier rows' keys, so one
+  ``autograd.grad`` call gives the chunk's input gradient (residual, query and its own key/value paths), the
+  gradient of the earlier rows' keys/values (accumulated in fp32), and the parameter gradients. Going
+  backwards in the sequence, the key/value gradients of a chunk are complete (later queries all came first)
+  when its own graph runs: they enter as extra output gradients of its K/V projections. down_proj's forward
+  is not recomputed (its gradients are taken by hand, ``_grads_before_down_proj``), as full checkpointing's
+  early stop skips it.
+
+Attention: an unpacked row (no document mask) attends only the prefix [0, chunk end) with SDPA's
+lower-right causal mask (``attend_causal_rows``: the flash kernel on CUDA, no (C x T) tensor), so the chunks
+together cost one causal attention; packed rows keep the document mask over all T keys (``attend_rows``).
 
 Activation memory: the saved block inputs, plus for the block being differentiated one chunk's graph and
 O(T) keys/values (``estimate_stream_activation_bytes``). The LM head and the loss already work by chunks
 (``model/loss.py``: the logits never exist in full), so a streamed model's backward never holds a
 T x V or T x I tensor. Cost: a second forward of every block in backward, like full checkpointing, plus
-the K/V projections once more.
+the K/V projections once more (``tests/train/test_stream_fast.py`` counts them).
 
 Shape legend: B batch, T sequence, C chunk, D hidden, H heads, K kv heads, E head dim.
 """
