@@ -2,6 +2,9 @@
 
 ``attend_rows`` is the chunk-aware variant used by streaming backprop (``train/stream.py``): the
 queries of rows [q_start, q_start + C) against all T keys of the sequence, with the same mask.
+``attend_causal_rows`` is its fast form for an unpacked row (one document): the chunk's queries against the
+keys of rows [0, q_start + C) only, with SDPA's lower-right causal mask, which the CUDA flash and
+memory-efficient kernels take without materialising it.
 
 A packed row holds several documents back to back; ``document_ids`` (B, T) numbers them. On CPU
 (and whenever FlexAttention is unavailable) this builds a boolean (B, 1, T, T) mask for SDPA,
@@ -93,6 +96,48 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: i
         mask = mask & same_doc
     mask = mask[:, None] if mask.dim() == 3 else mask  # (B, 1, C, T) or (C, T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attend_causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last C of S rows: queries (B, H, C, E) of rows [S - C, S), keys (B, K, S, E).
+
+    Query i (row S - C + i) sees keys j <= S - C + i: the lower-right-aligned causal mask
+    (``torch.nn.attention.bias.causal_lower_right``). On CUDA SDPA runs it in the flash kernel (Dao 2023,
+    "FlashAttention-2", arXiv 2307.08691, Section 3.1.1: causal tiles past the diagonal skipped; GQA native)
+    or the memory-efficient one, never as a (C x S) score or mask tensor, so a streamed chunk costs what
+    its share of ``is_causal`` attention costs. C == S is plain ``is_causal``. Elsewhere (CPU) SDPA gets the
+    (C, S) boolean mask. Equals ``attend_rows(q, k, v, q_start=S - C)`` with keys past the chunk dropped.
+    """
+    C, S = q.shape[2], k.shape[2]
+    if C > S:
+        raise ValueError(f"attend_causal_rows: {C} query rows but only {S} keys")
+    gqa = q.shape[1] != k.shape[1]
+    if C == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if not q.is_cuda:
+        rows = torch.arange(S - C, S, device=q.device)
+        mask = rows[:, None] >= torch.arange(S, device=q.device)[None, :]  # (C, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    from torch.nn.attention.bias import causal_lower_right
+
+    # A CausalBias mask goes to the flash / efficient kernels past autocast's SDPA cast: cast as autocast would.
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if gqa and not _flash_takes(q, k, v):
+        # the efficient kernel has no GQA: give it one key/value head per query head (the flash kernel's
+        # GQA is native; without either kernel SDPA would fall back to a materialised mask)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(C, S), enable_gqa=gqa)
+
+
+def _flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)))
 
 
 @functools.cache

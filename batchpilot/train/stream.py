@@ -4,22 +4,28 @@ StreamBP (Luo et al. 2025, "StreamBP: Memory-Efficient Exact Backpropagation for
 LLMs", arXiv 2506.03077, Section 3): a block's output at row i depends on the input rows <= i only through
 the keys and values, so its backward decomposes along the sequence. Here, per block:
 
-- forward (no graph kept): K and V of the whole sequence, then, chunk by chunk, the chunk's queries,
-  attention over all keys (causal, within documents), o_proj and the MLP; only the block input is saved
-  (as activation checkpointing does);
-- backward: K and V recomputed without a graph (kept, as the paper keeps earlier chunks' keys and values),
-  then the chunks from last to first. Chunk c's graph holds its own K/V projections and its queries; its
-  keys are spliced into the sequence's keys, so one ``autograd.grad`` call gives the chunk's input
-  gradient (residual, query and its own key/value paths), the gradient of the earlier rows' keys/values
-  (accumulated in fp32), and the parameter gradients. Going backwards in the sequence, the key/value
-  gradients of a chunk are complete (later queries all came first) when its own graph runs: they enter
-  as extra output gradients of its K/V projections.
+- forward (no graph kept): chunk by chunk, the chunk's Q, K, V (one input norm), its K/V written into the
+  sequence's buffers, attention over the keys of rows [0, chunk end), o_proj and the MLP; only the block input
+  is saved (as activation checkpointing does);
+- backward: K and V of all rows but the last chunk's recomputed without a graph (kept, as the paper keeps
+  earlier chunks' keys and values, in the attention dtype), then the chunks from last to first. Chunk c's
+  graph holds its own Q/K/V projections; its keys are spliced after the earlier rows' keys, so one
+  ``autograd.grad`` call gives the chunk's input gradient (residual, query and its own key/value paths), the
+  gradient of the earlier rows' keys/values (accumulated in fp32), and the parameter gradients. Going
+  backwards in the sequence, the key/value gradients of a chunk are complete (later queries all came first)
+  when its own graph runs: they enter as extra output gradients of its K/V projections. down_proj's forward
+  is not recomputed (its gradients are taken by hand, ``_grads_before_down_proj``), as full checkpointing's
+  early stop skips it.
+
+Attention: an unpacked row (no document mask) attends only the prefix [0, chunk end) with SDPA's
+lower-right causal mask (``attend_causal_rows``: the flash kernel on CUDA, no (C x T) tensor), so the chunks
+together cost one causal attention; packed rows keep the document mask over all T keys (``attend_rows``).
 
 Activation memory: the saved block inputs, plus for the block being differentiated one chunk's graph and
 O(T) keys/values (``estimate_stream_activation_bytes``). The LM head and the loss already work by chunks
 (``model/loss.py``: the logits never exist in full), so a streamed model's backward never holds a
 T x V or T x I tensor. Cost: a second forward of every block in backward, like full checkpointing, plus
-the K/V projections once more.
+the K/V projections once more (``tests/train/test_stream_fast.py`` counts them).
 
 Shape legend: B batch, T sequence, C chunk, D hidden, H heads, K kv heads, E head dim.
 """
@@ -29,10 +35,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from batchpilot.model.attention import DocumentMask, attend_rows
-from batchpilot.model.llama import apply_rope
+from batchpilot.model.attention import DocumentMask, attend_causal_rows, attend_rows
+from batchpilot.model.llama import MLP, apply_rope
 # the planner's memory model of a streamed block lives in plan/ (plan does not import train); re-exported here
 from batchpilot.plan.memory import estimate_stream_activation_bytes, stream_backward_working_bytes
 
@@ -99,9 +106,27 @@ def _chunks(seq_len: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_tokens, seq_len)) for s in range(0, seq_len, chunk_tokens)]
 
 
+def _attention_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes in: autocast's, else the tensors' own. Keys and values are kept in it."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
+
+
+def _project(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE'd queries (B, H, C, E), keys and values (B, K, C, E) of rows x (B, C, D), one input norm for all."""
+    attn = block.self_attn
+    B, C, _ = x.shape
+    h = block.input_layernorm(x)
+    q = attn.q_proj(h).view(B, C, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(B, C, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(B, C, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 def _keys_values(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE'd keys and values of rows x (B, C, D) -> (B, K, C, E) each."""
+    """RoPE'd keys and values of rows x (B, C, D) -> (B, K, C, E) each (no queries)."""
     attn = block.self_attn
     B, C, _ = x.shape
     h = block.input_layernorm(x)
@@ -110,33 +135,56 @@ def _keys_values(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor,
     return apply_rope(k, cos, sin), v
 
 
-def _chunk_output(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor, q_start: int, attn_meta: DocumentMask | None) -> torch.Tensor:
-    """Block output of rows [q_start, q_start + C): x (B, C, D) the rows' input; k, v (B, K, T, E) all keys."""
-    attn = block.self_attn
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+            attn_meta: DocumentMask | None) -> torch.Tensor:
+    """Rows [q_start, q_start + C) of q (B, H, C, E) over keys k, v (B, K, >= q_start + C, E).
+
+    An unpacked row attends only its prefix, lower-right causal (``attend_causal_rows``: SDPA's flash /
+    efficient kernels on CUDA); packed rows take the document mask over all T keys (``attend_rows``:
+    FlexAttention on CUDA, one key length for every chunk so it compiles once).
+    """
+    if attn_meta is None:
+        end = q_start + q.shape[2]
+        return attend_causal_rows(q, k[:, :, :end], v[:, :, :end])
+    return attend_rows(q, k, v, q_start=q_start, document_ids=attn_meta.document_ids)
+
+
+def _block_rest(block: StreamingBlock, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The block after attention: residual + o_proj, then the MLP. x (B, C, D), out (B, H, C, E)."""
     B, C, _ = x.shape
-    h = block.input_layernorm(x)
-    q = attn.q_proj(h).view(B, C, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, C, E)
-    q = apply_rope(q, cos, sin)
-    docs = None if attn_meta is None else attn_meta.document_ids
-    out = attend_rows(q, k, v, q_start=q_start, document_ids=docs)  # (B, H, C, E)
-    y = x + attn.o_proj(out.transpose(1, 2).reshape(B, C, -1))  # (B, C, H*E) -> (B, C, D)
+    y = x + block.self_attn.o_proj(out.transpose(1, 2).reshape(B, C, -1))  # (B, C, H*E) -> (B, C, D)
     return y + block.mlp(block.post_attention_layernorm(y))
 
 
-def _all_keys_values(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V (B, K, T, E) of the whole sequence, computed chunk by chunk (no T x D temporaries)."""
-    parts = [_keys_values(block, x[:, s:e], cos[:, :, s:e], sin[:, :, s:e]) for s, e in _chunks(x.shape[1],
-                                                                                            chunk_tokens)]
-    return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+def _prefix_keys_values(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V (B, K, end, E) of rows [0, end), in the attention dtype, chunk by chunk (no T x D temporaries)."""
+    parts = [_keys_values(block, x[:, s:e], cos[:, :, s:e], sin[:, :, s:e])
+             for s, e in _chunks(end, block.chunk_tokens)]
+    if not parts:
+        attn = block.self_attn
+        empty = x.new_empty(x.shape[0], attn.num_kv_heads, 0, attn.head_dim, dtype=_attention_dtype(x, x))
+        return empty, empty
+    dtype = _attention_dtype(x, parts[0][0])
+    return (torch.cat([k.to(dtype) for k, _ in parts], dim=2), torch.cat([v.to(dtype) for _, v in parts], dim=2))
 
 
 def _forward_chunked(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      attn_meta: DocumentMask | None) -> torch.Tensor:
-    k, v = _all_keys_values(block, x, cos, sin, block.chunk_tokens)
-    rows = [_chunk_output(block, x[:, s:e], cos[:, :, s:e], sin[:, :, s:e], k, v, s, attn_meta)
-            for s, e in _chunks(x.shape[1], block.chunk_tokens)]
+    """The block's output, chunk by chunk, without a graph. Chunk c projects its rows once (Q, K, V from one
+    norm) and writes its K/V into the sequence's buffers before attending: rows [0, e) are all it can see."""
+    B, T, _ = x.shape
+    attn = block.self_attn
+    k_all = v_all = None
+    rows = []
+    for s, e in _chunks(T, block.chunk_tokens):
+        q, k, v = _project(block, x[:, s:e], cos[:, :, s:e], sin[:, :, s:e])
+        if k_all is None:
+            dtype = _attention_dtype(x, k)
+            k_all = k.new_zeros(B, attn.num_kv_heads, T, attn.head_dim, dtype=dtype)  # zeros: rows past the
+            v_all = v.new_zeros(B, attn.num_kv_heads, T, attn.head_dim, dtype=dtype)  # chunk are masked
+        k_all[:, :, s:e], v_all[:, :, s:e] = k, v
+        rows.append(_block_rest(block, x[:, s:e], _attend(q, k_all, v_all, s, attn_meta)))
     return torch.cat(rows, dim=1)
 
 
@@ -165,27 +213,37 @@ class _StreamBlock(torch.autograd.Function):
 def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               attn_meta: DocumentMask | None, grad_out: torch.Tensor,
               params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    chunks = _chunks(x.shape[1], block.chunk_tokens)
+    # K, V kept for the loop: an unpacked row's chunks need the earlier rows only (the last chunk's own come
+    # with its graph); the document mask takes all T keys
+    known = chunks[-1][0] if attn_meta is None else x.shape[1]
     with torch.no_grad():
-        k_all, v_all = _all_keys_values(block, x, cos, sin, block.chunk_tokens)  # (B, K, T, E), kept
-    grad_k = torch.zeros(k_all.shape, dtype=torch.float32, device=x.device)  # accumulated over later chunks
-    grad_v = torch.zeros(v_all.shape, dtype=torch.float32, device=x.device)
+        k_all, v_all = _prefix_keys_values(block, x, cos, sin, known)  # (B, K, known, E)
+    grad_k = torch.zeros(*k_all.shape[:2], x.shape[1], k_all.shape[3], dtype=torch.float32, device=x.device)
+    grad_v = torch.zeros_like(grad_k)  # fp32 sums of the later chunks' key/value gradients
     grad_x = torch.empty_like(x)
     param_grads: list[torch.Tensor | None] = [None] * len(params)
-    for s, e in reversed(_chunks(x.shape[1], block.chunk_tokens)):
+    down = _plain_down_proj(block, params)
+    for s, e in reversed(chunks):
         with torch.enable_grad():
             x_c = x[:, s:e].detach().requires_grad_()
-            cos_c, sin_c = cos[:, :, s:e], sin[:, :, s:e]
-            k_c, v_c = _keys_values(block, x_c, cos_c, sin_c)  # this chunk's keys, with their graph
+            q, k_c, v_c = _project(block, x_c, cos[:, :, s:e], sin[:, :, s:e])  # with their graph
             k_pre = k_all[:, :, :s].detach().requires_grad_()  # earlier rows: leaves, their grads accumulate
             v_pre = v_all[:, :, :s].detach().requires_grad_()
-            k = torch.cat([k_pre, k_c, k_all[:, :, e:]], dim=2)  # later rows are masked out: no gradient
-            v = torch.cat([v_pre, v_c, v_all[:, :, e:]], dim=2)
-            y = _chunk_output(block, x_c, cos_c, sin_c, k, v, s, attn_meta)
-            inputs = (x_c, k_pre, v_pre, *params)
-            outputs = (y, k_c, v_c)
+            keys, values = [k_pre, k_c.to(k_pre.dtype)], [v_pre, v_c.to(v_pre.dtype)]
+            if attn_meta is not None:  # the document mask takes all T keys; later rows are masked: no gradient
+                keys.append(k_all[:, :, e:])
+                values.append(v_all[:, :, e:])
+            out = _attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), s, attn_meta)
             # the later chunks' gradients of this chunk's keys/values are complete now (causality)
-            out_grads = (grad_out[:, s:e], grad_k[:, :, s:e].to(k_c.dtype), grad_v[:, :, s:e].to(v_c.dtype))
-            grads = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True, materialize_grads=True)
+            kv_grads = (grad_k[:, :, s:e].to(k_c.dtype), grad_v[:, :, s:e].to(v_c.dtype))
+            inputs = (x_c, k_pre, v_pre, *params)
+            if down is None:
+                outputs, out_grads = (_block_rest(block, x_c, out), k_c, v_c), (grad_out[:, s:e], *kv_grads)
+                grads = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True, materialize_grads=True)
+            else:
+                grads = _grads_before_down_proj(block, x_c, out, grad_out[:, s:e], (k_c, v_c), kv_grads, inputs,
+                                                down)
         grad_x[:, s:e] = grads[0]
         if s > 0:
             grad_k[:, :, :s] += grads[1]
@@ -193,3 +251,37 @@ def _backward(block: StreamingBlock, x: torch.Tensor, cos: torch.Tensor, sin: to
         for i, g in enumerate(grads[3:]):
             param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
     return grad_x, param_grads
+
+
+def _plain_down_proj(block: StreamingBlock, params: tuple[torch.Tensor, ...]) -> int | None:
+    """Index in ``params`` of the MLP's down_proj weight when it is a plain bias-free ``nn.Linear`` of a SwiGLU
+    ``MLP`` (not LoRA's or float8's linear), else None: its gradients are then taken by hand."""
+    mlp = block.mlp
+    if type(mlp) is not MLP or type(mlp.down_proj) is not nn.Linear or mlp.down_proj.bias is not None:
+        return None
+    return next((i for i, p in enumerate(params) if p is mlp.down_proj.weight), None)
+
+
+def _grads_before_down_proj(block: StreamingBlock, x: torch.Tensor, out: torch.Tensor, grad_y: torch.Tensor,
+                            kv: tuple[torch.Tensor, torch.Tensor], kv_grads: tuple[torch.Tensor, torch.Tensor],
+                            inputs: tuple[torch.Tensor, ...], down: int) -> tuple[torch.Tensor, ...]:
+    """A chunk's gradients without recomputing the block's last matmul (down_proj's forward).
+
+    The block's output y + down(a) needs no value in backward, only its gradient g: the residual y gets g,
+    the SwiGLU product a gets g W_down, and W_down's gradient is g^T a (all in a's dtype, as autograd's
+    linear backward under autocast). Full checkpointing skips that forward too: non-reentrant checkpointing
+    stops recomputing once the saved tensors backward needs exist (PyTorch ``torch.utils.checkpoint``,
+    early stop), and nothing past the MLP product is saved.
+    """
+    mlp = block.mlp
+    B, C, _ = x.shape
+    y = x + block.self_attn.o_proj(out.transpose(1, 2).reshape(B, C, -1))
+    h = block.post_attention_layernorm(y)
+    act = F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)  # (B, C, I)
+    g = grad_y.to(act.dtype)
+    weight = inputs[3 + down]
+    grad_act = g @ weight.to(act.dtype)  # (B, C, D) @ (D, I)
+    grads = list(torch.autograd.grad((y, act, *kv), inputs, (grad_y, grad_act, *kv_grads), allow_unused=True,
+                                     materialize_grads=True))
+    grads[3 + down] = (g.reshape(B * C, -1).t() @ act.reshape(B * C, -1)).to(weight.dtype)  # (D, I)
+    return tuple(grads)
