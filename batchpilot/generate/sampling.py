@@ -106,18 +106,22 @@ def _order_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _digit_search(digit: torch.Tensor, bins: int, e: torch.Tensor, ones: torch.Tensor, mass: torch.Tensor,
                   count: torch.Tensor, limit: torch.Tensor,
                   top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One radix digit of the threshold: per-row histograms of fp64 mass and count over the (R, V) ``digit`` in
-    [0, bins) (tokens outside the prefix chosen so far carry 0), plus ``mass``/``count`` above that prefix -> each
-    row's digit ``d`` (the number of digits whose upper edge fails ``ok``) and the mass/count above it."""
+    """One radix digit of the threshold, in complemented keys (bin 0 = the largest values): per-row histograms of
+    fp64 mass and int32 count over the (R, V) ``digit`` in [0, bins) (tokens outside the prefix chosen so far
+    carry 0), ``mass``/``count`` above that prefix -> each row's digit ``j`` (the bin holding the threshold: the
+    number of bins whose lower edge still passes ``ok``) and the mass/count above that bin."""
     R = digit.shape[0]
     hm = torch.zeros(R, bins, dtype=torch.float64, device=e.device).scatter_add_(1, digit, e)
-    hc = torch.zeros(R, bins, dtype=torch.int64, device=e.device).scatter_add_(1, digit, ones)
-    # exclusive suffix sums (above bin b = bins > b): a cumsum of non-negative terms, so monotone in b
-    am = torch.nn.functional.pad(hm.flip(-1).cumsum(-1).flip(-1)[:, 1:], (0, 1)) + mass[:, None]
-    ac = torch.nn.functional.pad(hc.flip(-1).cumsum(-1).flip(-1)[:, 1:], (0, 1)) + count[:, None]
-    ok = ((top_k[:, None] <= 0) | (ac < top_k[:, None])) & (am < limit[:, None])
-    d = (~ok).sum(dim=-1)  # ok is false below d, true from d on (monotone); true at the top bin
-    return d, am.gather(1, d[:, None])[:, 0], ac.gather(1, d[:, None])[:, 0]
+    hc = torch.zeros(R, bins, dtype=torch.int32, device=e.device).scatter_add_(1, digit, ones)
+    fm, fc = hm.cumsum(dim=-1), hc.cumsum(dim=-1, dtype=torch.int32)  # mass / count of bins <= j: monotone in j
+    no_k = top_k <= 0
+    room_k = torch.where(no_k, torch.iinfo(torch.int32).max, top_k - count).clamp(-1, torch.iinfo(torch.int32).max)
+    ok = (fc[:, :-1] < room_k[:, None]) & (fm[:, :-1] < (limit - mass)[:, None])  # ok below bin j + 1's top edge
+    j = ok.sum(dim=-1)
+    at = (j - 1).clamp_min(0)[:, None]
+    above = j > 0
+    return (j, mass + torch.where(above, fm.gather(1, at)[:, 0], 0.0),
+            count + torch.where(above, fc.gather(1, at)[:, 0], 0))
 
 
 def digit_bits(vocab_size: int) -> int:
@@ -144,19 +148,19 @@ def keep_threshold(logits: torch.Tensor, scaled: torch.Tensor, top_k: torch.Tens
     e = e.double()
     bits = bits or digit_bits(e.shape[-1])
     assert width % bits == 0, (width, bits)
-    ukey = keys.long() + (1 << (width - 1))  # [0, 2^width), ordered like the keys
+    ckey = (1 << (width - 1)) - 1 - keys.long()  # [0, 2^width), 0 = the largest key: digits count from the top
     mass = torch.zeros(e.shape[0], dtype=torch.float64, device=e.device)
-    count, prefix = mass.long(), mass.long()
-    ones = torch.ones(1, 1, dtype=torch.int64, device=e.device).expand_as(ukey)
+    count, prefix = torch.zeros_like(mass, dtype=torch.int32), torch.zeros_like(mass, dtype=torch.int64)
+    ones = torch.ones(1, 1, dtype=torch.int32, device=e.device).expand_as(e)
     for shift in range(width - bits, -1, -bits):
-        digit = (ukey >> shift) & ((1 << bits) - 1)
         if shift + bits < width:  # only the tokens under the prefix chosen so far count at this digit
-            inside = (ukey >> (shift + bits)) == prefix[:, None]
-            d, mass, count = _digit_search(digit, 1 << bits, e * inside, inside.long(), mass, count, limit, top_k)
+            inside = (ckey >> (shift + bits)) == prefix[:, None]
+            digit = (ckey >> shift) & ((1 << bits) - 1)
+            j, mass, count = _digit_search(digit, 1 << bits, e * inside, inside.int(), mass, count, limit, top_k)
         else:
-            d, mass, count = _digit_search(digit, 1 << bits, e, ones, mass, count, limit, top_k)
-        prefix = prefix * (1 << bits) + d
-    return keys, prefix - (1 << (width - 1))
+            j, mass, count = _digit_search(ckey >> shift, 1 << bits, e, ones, mass, count, limit, top_k)
+        prefix = prefix * (1 << bits) + j
+    return keys, (1 << (width - 1)) - 1 - prefix  # kept: ckey <= prefix, i.e. key >= this
 
 
 def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

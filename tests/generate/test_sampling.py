@@ -263,3 +263,21 @@ def test_unfiltered_sampling_follows_softmax_and_greedy_rows_take_the_argmax():
     out = sample(x, temperature=t, top_k=torch.tensor([3, 3, 0]), top_p=torch.tensor([0.5, 1.0, 1.0]),
                  seeds=torch.arange(3), steps=torch.zeros(3, dtype=torch.long), any_random=True, any_filter=True)
     assert int(out[0]) == int(x[0].argmax()) and int(out[2]) == int(x[2].argmax())
+
+
+def test_sampler_micro_benchmark_runs_and_reports_every_case(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sampler_micro.py"
+    spec = importlib.util.spec_from_file_location("sampler_micro", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--rows", "3", "--vocab", "512", "--reps", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert set(out["shapes"]) == {"R3_float32", "R3_bfloat16"}
+    assert set(out["shapes"]["R3_float32"]) == {"greedy_ms", "temperature", "top_p", "top_k"}
+    assert (tmp_path / "sampler_micro.json").is_file()
+    logits = torch.randn(6, 512)  # the benchmark's copy of the old sampler is the old sampler (sort semantics)
+    kw = dict(temperature=torch.zeros(6), top_k=torch.zeros(6, dtype=torch.long), top_p=torch.ones(6),
+              seeds=torch.arange(6), steps=torch.zeros(6, dtype=torch.long), any_random=True, any_filter=True)
+    assert torch.equal(bench.old_sample(logits, **kw), logits.argmax(dim=-1))
