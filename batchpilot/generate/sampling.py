@@ -25,12 +25,14 @@ highest-probability tokens whose mass reaches ``top_p`` (the token that crosses 
 ``top_k`` largest; the top token is always kept. Ties are kept or dropped together (a sort keeps an arbitrary
 subset of a tied group at the boundary; HF's top-k warper also keeps every token tied with the k-th). ``top_p >= 1``
 and ``top_k <= 0`` switch a filter off. Both conditions are monotone in ``s_j``, so the set is ``{j : s_j >= t}``;
-the threshold ``t`` is found by bisection over the totally ordered integer keys of the float values (IEEE-754 bits,
-negatives flipped; -0 folded into +0): a fixed 32 iterations for fp32 logits, 16 for bf16/fp16 logits (dividing
-distinct 16-bit values by T keeps them distinct and ordered in fp32, so their keys decide), each one count and one
-masked mass per row; no data-dependent loop, no host sync, so it is capturable in a CUDA graph. Probabilities are
-``exp(s - max)`` in fp32, their masses summed in fp64 against ``top_p * sum`` (the fp32 cumsum of a sort loses
-~1e-5 over 128k terms, more than one token's share of a near-uniform row). Equality with a tie-exact sort
+the threshold ``t`` is found by a radix select over the totally ordered integer keys of the float values
+(IEEE-754 bits, negatives flipped; -0 folded into +0), most significant 16-bit digit first: per row, histograms of
+fp64 mass and int32 count over the digit, a cumsum over the bins, the bin that holds ``t``; two digits for fp32
+logits, one for bf16/fp16 logits (dividing distinct 16-bit values by T keeps them distinct and ordered in fp32, so
+their keys decide). Fixed work, no data-dependent loop, no host sync: capturable in a CUDA graph. Probabilities
+are ``exp(s - max)`` in fp32, their masses summed in fp64 against ``top_p * sum`` (the fp32 cumsum of a sort loses
+~1e-5 over 128k terms, more than one token's share of a near-uniform row; on CUDA the fp64 atomics add in any
+order, which could only move a cut decided within ~1e-16 of ``top_p``). Equality with a tie-exact sort
 reference: ``tests/generate/test_sampling.py``. Cost: all-greedy batches take a plain argmax; rows are only ever
 as many as the caller passes (the eager runner passes the sampled rows only); ``any_filter`` False skips the
 threshold.
@@ -174,10 +176,14 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
     if not any_random:
         return greedy
     scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
-    noisy = gumbel_noise(seeds, steps, logits.shape[-1]).add_(scaled)
-    if any_filter:
+    dropped = None
+    if any_filter:  # first: its temporaries are gone before the noise's (a lower peak)
         keys, threshold = keep_threshold(logits, scaled, top_k, top_p)
-        noisy = noisy.masked_fill_(keys < threshold[:, None], float("-inf"))
+        dropped = keys < threshold[:, None]
+        del keys
+    noisy = gumbel_noise(seeds, steps, logits.shape[-1]).add_(scaled)
+    if dropped is not None:
+        noisy = noisy.masked_fill_(dropped, float("-inf"))
     return torch.where(temperature > 0, noisy.argmax(dim=-1), greedy)
 
 
