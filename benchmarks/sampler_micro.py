@@ -2,6 +2,7 @@
 
     python benchmarks/sampler_micro.py            # CUDA if available (median of 20), else CPU (median of 3)
     python benchmarks/sampler_micro.py --rows 64 256 --reps 5 --out results/
+    python benchmarks/sampler_micro.py --compile  # + torch.compile(sample): ms and agreement with eager
 
 Shapes: R rows in {64, 256, 768} x V = 128,256 (llama-3's vocabulary), logits ``randn`` (a random-weight model's
 near-uniform rows: the top-p nucleus is most of the vocabulary, the worst case of a threshold search), fp32 and
@@ -81,8 +82,9 @@ def _time(fn, reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def _shape(logits: torch.Tensor, reps: int, cuda: bool) -> dict:
-    """Greedy, then old and new ms of every case, on one (R, V) logits tensor."""
+def _shape(logits: torch.Tensor, reps: int, cuda: bool, compiled=None) -> dict:
+    """Greedy, then old and new ms of every case, on one (R, V) logits tensor (and the compiled new one's ms and
+    its share of tokens equal to the eager one's, with ``compiled``)."""
     R, dev = logits.shape[0], logits.device
     greedy_ms = _time(lambda: logits.argmax(dim=-1), reps, cuda)
     shape: dict = {"greedy_ms": round(greedy_ms, 4)}
@@ -94,18 +96,24 @@ def _shape(logits: torch.Tensor, reps: int, cuda: bool) -> dict:
         new = _time(lambda: sample(logits, **kw), reps, cuda)  # noqa: B023
         shape[case] = {"old_ms": round(old, 3), "new_ms": round(new, 3), "old_over_new": round(old / new, 2),
                        "sampler_over_greedy": round(new / greedy_ms, 1)}
+        if compiled is not None:
+            fused = _time(lambda: compiled(logits, **kw), reps, cuda)  # noqa: B023
+            agree = (compiled(logits, **kw) == sample(logits, **kw)).float().mean().item()
+            shape[case] |= {"compiled_ms": round(fused, 3), "compiled_over_greedy": round(fused / greedy_ms, 2),
+                            "compiled_agree": round(agree, 4)}
     return shape
 
 
-def run(rows: list[int], reps: int, vocab: int, dtypes: list[str], device: str) -> dict:
+def run(rows: list[int], reps: int, vocab: int, dtypes: list[str], device: str, compile: bool = False) -> dict:
     cuda = device == "cuda"
+    compiled = torch.compile(sample, dynamic=False) if compile else None
     out: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "vocab": vocab, "reps": reps,
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
     g = torch.Generator(device=device).manual_seed(0)
     for R in rows:
         for dt in dtypes:
             logits = torch.randn(R, vocab, generator=g, device=device).to(getattr(torch, dt))
-            out["shapes"][f"R{R}_{dt}"] = _shape(logits, reps, cuda)
+            out["shapes"][f"R{R}_{dt}"] = _shape(logits, reps, cuda, compiled)
             if cuda:
                 torch.cuda.empty_cache()
     return out
@@ -118,9 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab", type=int, default=V)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile(sample) (one fused kernel family: what issue 15's target needs)")
     ap.add_argument("--out", type=Path, default=None, help="directory for sampler_micro.json")
     a = ap.parse_args(argv)
-    result = run(a.rows, a.reps or (20 if a.device == "cuda" else 3), a.vocab, a.dtypes, a.device)
+    result = run(a.rows, a.reps or (20 if a.device == "cuda" else 3), a.vocab, a.dtypes, a.device, a.compile)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
