@@ -360,8 +360,10 @@ class Engine:
         if device.type != "cuda":
             return max(1, cfg.cpu_kv_tokens // cfg.block_size)
         free, total = torch.cuda.mem_get_info(device)
-        # headroom for activations: fp32 logits of a full decode batch (x3 for sampling), step activations
-        reserve = 3 * cfg.max_num_seqs * mc.vocab_size * 4 + 24 * cfg.max_batch_tokens * mc.intermediate_size * 4
+        # headroom for activations: a full decode batch's sampling at its peak (filtered sampling holds about 14
+        # fp32-sized (rows, V) tensors at once: logits, scaled logits, the threshold's histogram keys, noise; see
+        # generate/sampling.py), step activations
+        reserve = 14 * cfg.max_num_seqs * mc.vocab_size * 4 + 24 * cfg.max_batch_tokens * mc.intermediate_size * 4
         budget = free - (1 - cfg.gpu_memory_utilization) * total - reserve - 2 * 2**30
         if budget < block_bytes * 64:
             raise ValueError(f"not enough GPU memory for the KV cache ({budget / 2**30:.1f} GiB left)")
