@@ -232,6 +232,21 @@ def test_gpu_fast_paths_agree_with_the_torch_path(hf_pair):
     assert same >= 0.95 * sum(len(r.output_ids) for r in ref)
 
 
+@pytest.mark.gpu
+def test_gpu_graphs_survive_a_longer_job_after_a_short_one(hf_pair):
+    """A job with longer requests widens the block tables and drops the graphs; capturing again into the old pool
+    failed the caching allocator's use_count assert and switched graphs off (one H200, 2026-12-01)."""
+    model = batchpilot.load_model(hf_pair[2], device="cuda", dtype=torch.bfloat16)
+    engine = Engine(model, None, EngineConfig(num_blocks=2048, compile=False))
+    prompts = [[5 + i, 6, 7, 8] for i in range(24)]
+    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    width = engine.runner.graphs.width
+    engine.generate(prompts, SamplingParams(max_tokens=200, ignore_eos=True))
+    graphs = engine.runner.graphs
+    assert graphs.width > width and graphs.enabled, graphs.off_reason
+    assert graphs.graphs, "no CUDA graph was captured after the widening"
+
+
 def test_static_decode_buffers_with_several_groups(llama_pair):
 
     _, model, _ = llama_pair
