@@ -213,6 +213,8 @@ def build_model_dir(args: argparse.Namespace) -> Path:
     from batchpilot.model.llama import get_preset
 
     config = get_preset(args.preset).with_(eos_token_id=EOS_ID)
+    if args.max_positions:  # a small preset with room for the workloads' prompts + max_tokens (CPU experiments)
+        config = config.with_(max_position_embeddings=args.max_positions)
     model = build_model(config, device="cuda" if torch.cuda.is_available() else "cpu", seed=0)
     path = Path(tempfile.mkdtemp(prefix="serve_model_")) / "model"
     save_model(model, path, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
@@ -273,6 +275,8 @@ def main() -> None:
                         "model or a shared GPU, where admission policies differ; None on CPU)")
     p.add_argument("--drain-seconds", type=float, default=None,
                    help="per rate: seconds after the last arrival before open requests count as unfinished")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="the model's max_position_embeddings (e.g. 4096 with --preset tiny on CPU)")
     p.add_argument("--server-flags", default="", help="extra flags for every server, e.g. --no-compile")
     p.add_argument("--skip-offline", action="store_true",
                    help="no offline-engine reference (no saturation_vs_offline, no low-load ratios)")

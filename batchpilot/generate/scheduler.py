@@ -138,10 +138,11 @@ class StepTimeModel:
             return default
         fixed, per_token = fitted
         if fixed >= tpot_slo_s:
-            # no step with prefill meets the SLO whatever its size (its fixed cost alone is over it): smaller chunks
-            # would spread prefill over more of these slow steps; the largest finishes it in the fewest, and the
-            # decode-only steps that follow (graphs, a few ms each) bring the mean gap between tokens back down
-            return default
+            # no step with prefill meets the SLO whatever its size (its fixed cost alone is over it). Shrinking the
+            # chunks would spread prefill over ever more of these slow steps (budgets of 16 tokens, TTFT of seconds:
+            # measured on one H200); instead a step may take up to twice its fixed cost: prefill then runs at half
+            # or more of its largest-chunk rate while the gap between tokens stays within 2x the least possible
+            return int(min(default, self.max_budget, max(self.min_budget, fixed / per_token)))
         return int(min(self.max_budget, max(self.min_budget, (tpot_slo_s - fixed) / per_token)))
 
 
