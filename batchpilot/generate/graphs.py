@@ -292,15 +292,17 @@ class DecodeGraphs:
                        "counts": torch.zeros(rows, V, device=dev),
                        "seen": torch.zeros(rows, V, dtype=torch.bool, device=dev),
                        "bias": torch.zeros(rows, V, device=dev), "eos": torch.zeros(V, dtype=torch.bool, device=dev)}
-        model = self.model
+        # the closure takes what it calls, not ``self``: a graph that referenced its DecodeGraphs would make a cycle
+        # (graphs -> graph -> closure -> graphs) that keeps the KV cache alive after the engine is dropped
+        model, tokens_fn, logits_fn, recompile_limit = self.model, self.tokens, self.logits, self.recompile_limit
 
         def forward() -> dict[str, torch.Tensor]:
             # emulate_precision_casts: round to bf16 where eager does, so the self-check compares like with like
-            with (torch._dynamo.config.patch(recompile_limit=self.recompile_limit),
+            with (torch._dynamo.config.patch(recompile_limit=recompile_limit),
                   torch._inductor.config.patch(emulate_precision_casts=True)):
                 if kind == GREEDY:
-                    return {"tokens": self.tokens(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
-                logits = self.logits(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)
+                    return {"tokens": tokens_fn(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
+                logits = logits_fn(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)
             # logit processing and the sampler stay out of torch.compile (the hash relies on wrapping multiplies)
             if kind & PENALISED:
                 logits = penalise(logits, output_counts=inputs["counts"], seen=inputs["seen"],

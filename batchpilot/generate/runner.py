@@ -51,8 +51,10 @@ class Runner:
         shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.kv = KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device),  # (layers, K, S, E)
                           torch.zeros(shape, dtype=p.dtype, device=p.device), block_size)
-        self.use_triton = use_triton and triton is not None and p.device.type == "cuda"
-        self.triton_verified = False
+        # shared with the decode graphs: it holds no reference back to the runner, so dropping an engine frees
+        # its KV cache at once (a runner <-> graphs cycle kept it until the next garbage collection)
+        self.paged_attention = CheckedPagedAttention(
+            block_size, use_triton=use_triton and triton is not None and p.device.type == "cuda")
         self.trash_block = trash_block  # padding rows of a decode batch write their K/V here
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.use_triton:
@@ -71,24 +73,13 @@ class Runner:
         if self.graphs is not None:
             self.graphs.begin_job(max_tokens)
 
-    def paged_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
-                        lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Triton kernel once it has matched the torch path on a real call; the torch path otherwise."""
-        if self.use_triton:
-            try:
-                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size)
-                if not self.triton_verified:  # once: against an fp32 torch reference on a few rows
-                    ref = paged_attention_torch(q[:8].float(), kc, vc, tables[:8], lens[:8], self.block_size)
-                    for got, want in zip(out, ref):
-                        if not torch.allclose(got[:8].float(), want, atol=2e-2, rtol=2e-2):
-                            err = (got[:8].float() - want).abs().max().item()
-                            raise RuntimeError(f"differs from the torch reference by {err:.3g}")
-                    self.triton_verified = True
-                return out
-            except Exception as e:  # compile/launch errors come in many types: any of them -> torch path
-                warnings.warn(f"Triton paged attention disabled, using the torch path: {e}", stacklevel=2)
-                self.use_triton = False
-        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
+    @property
+    def use_triton(self) -> bool:
+        return self.paged_attention.use_triton
+
+    @property
+    def triton_verified(self) -> bool:
+        return self.paged_attention.verified
 
     def graphs_usable(self, chunks: list[Chunk]) -> bool:
         g = self.graphs
@@ -240,3 +231,29 @@ def _token_logprobs(tokens: torch.Tensor, chosen: torch.Tensor, top_v: torch.Ten
     """Device results -> one ``TokenLogprob`` per row (one host transfer for each tensor)."""
     t, c, v, i = tokens.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()
     return [TokenLogprob(t[r], c[r], tuple(zip(i[r], v[r]))) for r in range(len(t))]
+
+
+class CheckedPagedAttention:
+    """Paged decode attention: the Triton kernel once it has matched the torch path on a real call (an fp32
+    torch reference on a few rows, once), the torch path otherwise or after any Triton failure."""
+
+    def __init__(self, block_size: int, *, use_triton: bool) -> None:
+        self.block_size, self.use_triton, self.verified = block_size, use_triton, False
+
+    def __call__(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_triton:
+            try:
+                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size)
+                if not self.verified:
+                    ref = paged_attention_torch(q[:8].float(), kc, vc, tables[:8], lens[:8], self.block_size)
+                    for got, want in zip(out, ref):
+                        if not torch.allclose(got[:8].float(), want, atol=2e-2, rtol=2e-2):
+                            err = (got[:8].float() - want).abs().max().item()
+                            raise RuntimeError(f"differs from the torch reference by {err:.3g}")
+                    self.verified = True
+                return out
+            except Exception as e:  # compile/launch errors come in many types: any of them -> torch path
+                warnings.warn(f"Triton paged attention disabled, using the torch path: {e}", stacklevel=2)
+                self.use_triton = False
+        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size)

@@ -247,6 +247,29 @@ def test_gpu_graphs_survive_a_longer_job_after_a_short_one(hf_pair):
     assert graphs.graphs, "no CUDA graph was captured after the widening"
 
 
+def test_dropping_an_engine_frees_its_kv_cache_without_a_garbage_collection(llama_pair):
+    """No reference cycle between the runner and its decode graphs: a notebook or a sweep that builds engines one
+    after another gets each KV cache back when the engine goes, not at the next collection (on one H200 a second
+    engine found no memory for its cache)."""
+    import gc
+    import weakref
+
+    _, model, _ = llama_pair
+    gc.collect()
+    gc.disable()
+    try:
+        engine = Engine(model, None, EngineConfig(num_blocks=256))
+        engine.runner.attach_graphs(max_rows=8, capture=False)  # the GPU's graph objects, run eagerly on CPU
+        engine.generate([[5, 6, 7, 8]] * 3, SamplingParams(max_tokens=4, ignore_eos=True))
+        engine.generate([[5, 6, 7, 8]] * 3, SamplingParams(max_tokens=4, temperature=0.8, seed=1, ignore_eos=True))
+        assert engine.runner.graphs.graphs  # graphs were built
+        kv = weakref.ref(engine.runner.kv.k)
+        del engine
+        assert kv() is None
+    finally:
+        gc.enable()
+
+
 def test_static_decode_buffers_with_several_groups(llama_pair):
 
     _, model, _ = llama_pair
