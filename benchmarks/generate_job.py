@@ -136,13 +136,15 @@ def job_requests(engine: Engine, job: Path, template_dir: Path) -> list[Request]
 def run_warm(engine: Engine, requests: list[Request], warmup: list[Request] | None, cap_s: float) -> dict:
     """The requests on a warm engine (``warmup`` first, if given: compiles and captures the big batches), capped at
     ``cap_s`` seconds; tokens/s from the engine's own count, so a capped row still measures its speed."""
+    row_start = time.perf_counter()
     if warmup:
         list(engine.run([Request(r.index, r.prompt_ids, r.params) for r in warmup],
-                        deadline=time.perf_counter() + cap_s / 3))
+                        deadline=row_start + cap_s / 3))
     engine.stats = type(engine.stats)()
     fresh = [Request(r.index, r.prompt_ids, r.params) for r in requests]
     _sync()
     start = time.perf_counter()
+    cap_s -= start - row_start  # the warm-up is part of the row's cap (the budget-s arithmetic counts on it)
     done = list(engine.run(fresh, deadline=start + cap_s))
     _sync()
     seconds = time.perf_counter() - start
