@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -250,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
             drop_errors(out, items)
         todo = done.todo(items, retry_errors=args.retry_errors)
         # the job is tokenized while the weights load (the tokenizers library encodes without the GIL)
-        encoding = _Background(encode_job, SimpleNamespace(tokenizer=tokenizer), todo)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchpilot-tokenize")
+        encoding = pool.submit(_timed, encode_job, SimpleNamespace(tokenizer=tokenizer), todo)
+        pool.shutdown(wait=False)  # the submitted encoding still runs; result() below waits for it
         model = load_model_for(args, device)
         barrier()  # every rank has read what is done before any rank writes
         records = CompileRecords(cache_root() / "compile_costs.json")
@@ -259,9 +261,9 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine(model, tokenizer, _engine_config(args, EngineConfig, compile_on))
         ready = time.perf_counter()
         try:
-            encoded = encoding.result()
+            encoded, tokenize_seconds = encoding.result()
             summary = _run(args, engine, items, todo, out, model, rank, world_size, barrier, encoded)
-            summary["tokenize_seconds"] = encoding.seconds
+            summary["tokenize_seconds"] = tokenize_seconds
         except JobWriteError as e:
             raise ValueError(e.strerror) from None
     finally:
@@ -277,29 +279,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Background:
-    """``fn(*args)`` on a thread; ``result()`` waits for it and re-raises its exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-
-        def work() -> None:
-            start = time.perf_counter()
-            try:
-                self.value = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
-                self.error = e
-            self.seconds = time.perf_counter() - start
-        self.thread = threading.Thread(target=work, name="batchpilot-tokenize", daemon=True)
-        self.thread.start()
-
-    def result(self) -> Any:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def _process_start(fallback: float) -> float:
