@@ -201,8 +201,9 @@ class EngineLoop:
         if self.engine.tokenizer is None:  # token-id prompts without a tokenizer: an empty chunk per step, for timing
             self._send(stream, Event("delta", ""))
             return
-        stream.text.add(self.engine.tokenizer, r.output_ids)  # holds back a character split over tokens
-        text = stream.text.text
+        if r.detok is None:  # requests with stop strings: the engine reads their text already (engine._accept)
+            stream.text.add(self.engine.tokenizer, r.output_ids)  # holds back a character split over tokens
+        text = (r.detok or stream.text).text
         hold = max((len(s) for s in r.params.stop), default=0)  # never stream the start of a stop string
         visible = len(text) - hold
         if visible > stream.sent_chars:

@@ -40,6 +40,21 @@ def test_streamed_chunks_reassemble_to_the_non_streamed_text(live_server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat_whole
 
 
+def test_streamed_chunks_with_a_stop_string_reassemble_to_the_non_streamed_text(live_server):
+    """With stop strings the stream reads the text the engine keeps for them (one incremental decode, not two):
+    the chunks still add up to the non-streamed answer, and the stop string is never streamed."""
+    client = _client(live_server)
+    kw = dict(model="m", prompt="And God said", max_tokens=40, temperature=0)
+    free = client.completions.create(**kw).choices[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 2]  # a stop the greedy answer meets half way
+    assert stop.strip(), free
+    whole = client.completions.create(stop=[stop], **kw).choices[0]
+    parts = list(client.completions.create(stream=True, stop=[stop], **kw))
+    streamed = "".join(p.choices[0].text for p in parts if p.choices)
+    assert whole.finish_reason == "stop" and streamed == whole.text and stop not in streamed
+    assert parts[-1].choices[0].finish_reason == "stop"
+
+
 def test_cancelled_stream_frees_its_kv_blocks(live_server):
     pool = live_server.app.state.server.engine.pool
     free_before = pool.num_free
