@@ -21,11 +21,13 @@ COMMANDS = ("plan", "prepare", "train", "sample", "generate", "serve", "sweep", 
 EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` only: a command's module imports what its run needs (train's
+    pulls in torch.distributed's tensor and FSDP modules, seconds of start-up that ``generate`` need not pay)."""
     parser = argparse.ArgumentParser(prog="batchpilot", description="Plan, train and run LLMs around the batch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if command is None else (command,):
         try:
             module = importlib.import_module(f"batchpilot.cli.{name}")
         except ModuleNotFoundError as e:
@@ -77,7 +79,8 @@ def describe(e: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    named = next((a for a in argv if not a.startswith("-")), None)  # the only option before it is --debug
+    parser = build_parser(named if named in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -3,8 +3,9 @@
 Used by the runner (eager steps) and the decode graphs (static buffers): ``flatten`` gives the step's
 token ids, positions and cache slots; ``decode_arrays`` the block tables and lengths of decode rows
 (optionally padded to a graph's static rows, width and groups), with the cascade groups' tables
-(Hydragen, arXiv 2402.05099); ``prefill_arrays`` the bin-packed rows of prefill chunks (Prepacking's
-worst-fit decreasing on context length, arXiv 2404.09529). A request's KV slot of own token j is
+(Hydragen, arXiv 2402.05099); ``prefill_arrays`` the bin-packed rows of prefill chunks for the masked SDPA
+path (Prepacking's worst-fit decreasing on context length, arXiv 2404.09529), ``prefill_chunk_arrays`` the
+per-chunk bounds, context slots and query tiles of the Triton prefill kernel. A request's KV slot of own token j is
 ``blocks[j // block_size] * block_size + j % block_size``; padding rows read and write the trash block.
 """
 
@@ -146,6 +147,30 @@ def prefill_arrays(pre: list[Chunk], block_size: int) -> PrefillArrays:
             a.k_slots[ri, ko:ko + L] = context_slots(pre[ci].request, L, block_size)
             qo, ko = qo + n, ko + L
     return a
+
+
+@dataclass(slots=True)
+class PrefillChunkArrays:
+    q_start: np.ndarray  # (C,) first query of each chunk in the step's prefill tokens
+    q_len: np.ndarray  # (C,)
+    ctx_len: np.ndarray  # (C,) context through the chunk's last token
+    k_start: np.ndarray  # (C,) offset of each chunk's context in k_slots
+    k_slots: np.ndarray  # (sum ctx_len,) cache slots of the contexts, chunk after chunk
+    tile_chunk: np.ndarray  # (T,) chunk of each kernel tile
+    tile_row: np.ndarray  # (T,) first query row of each tile (a chunk has q_len * G rows)
+
+
+def prefill_chunk_arrays(pre: list[Chunk], block_size: int, *, heads_per_kv: int, block_m: int) -> PrefillChunkArrays:
+    """Bounds and context slots of each prefill chunk, and the kernel's tiles of ``block_m`` query rows."""
+    q_len = np.asarray([c.num_tokens for c in pre], dtype=np.int64)
+    ctx_len = np.asarray([c.request.prefix_len + c.start + c.num_tokens for c in pre], dtype=np.int64)
+    tiles = -(-q_len * heads_per_kv // block_m)  # (C,) tiles per chunk
+    tile_chunk = np.repeat(np.arange(len(pre), dtype=np.int64), tiles)
+    tile_first = np.repeat(np.cumsum(tiles) - tiles, tiles)  # each tile's chunk's first tile
+    return PrefillChunkArrays(
+        np.cumsum(q_len) - q_len, q_len, ctx_len, np.cumsum(ctx_len) - ctx_len,
+        np.concatenate([context_slots(c.request, int(n), block_size) for c, n in zip(pre, ctx_len, strict=True)]),
+        tile_chunk, (np.arange(len(tile_chunk), dtype=np.int64) - tile_first) * block_m)
 
 
 def context_slots(r: Request, n: int, block_size: int) -> np.ndarray:

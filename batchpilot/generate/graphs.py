@@ -32,8 +32,10 @@ reuses one compilation; the compile happens in the warm-up before the first capt
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from contextlib import nullcontext
 from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +46,8 @@ import torch
 from batchpilot.generate.batch import decode_arrays, flatten
 from batchpilot.generate.sampling import penalise, sample
 from batchpilot.generate.scheduler import Chunk
-from batchpilot.generate.step_attention import DecodeMeta, KVCache, PagedAttention, StepAttention
+from batchpilot.generate.step_attention import (DecodeMeta, KVCache, PagedAttention, StepAttention,
+                                                 opaque_step_attention)
 from batchpilot.model.llama import Llama
 
 # padded batch sizes: fine steps above 256 rows, where a decode step's matmuls cost in proportion to rows
@@ -56,6 +59,14 @@ class _Graph:
     replay: Callable[[], None]
     inputs: dict[str, torch.Tensor]
     out: dict[str, torch.Tensor]  # "tokens": (rows,) greedy tokens, rewritten by every replay
+
+
+def compile_settings(recompile_limit: int) -> contextlib.AbstractContextManager:
+    """Dynamo and inductor settings of a compiled decode forward (imports them: only where something compiles)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=recompile_limit))
+    stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
+    return stack
 
 
 def greedy_tokens(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: StepAttention) -> torch.Tensor:
@@ -277,7 +288,9 @@ class DecodeGraphs:
                        "row_pos": torch.full((rows,), G * rows, dtype=torch.long, device=dev)}
         group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in inputs}
         meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **group_inputs)
-        attn = StepAttention(self.kv, self.paged_attention, inputs["slots"], meta, None)
+        compiled = self.tokens is not greedy_tokens
+        attn = (opaque_step_attention() if compiled else StepAttention)(self.kv, self.paged_attention, inputs["slots"],
+                                                                        meta, None)
         if kind & ~PENALISED != GREEDY:  # per-request sampling parameters: static device tensors of the graph
             inputs |= {"temperature": torch.zeros(rows, dtype=torch.float32, device=dev),
                        "top_k": torch.zeros(rows, dtype=torch.long, device=dev),
@@ -298,8 +311,7 @@ class DecodeGraphs:
 
         def forward() -> dict[str, torch.Tensor]:
             # emulate_precision_casts: round to bf16 where eager does, so the self-check compares like with like
-            with (torch._dynamo.config.patch(recompile_limit=recompile_limit),
-                  torch._inductor.config.patch(emulate_precision_casts=True)):
+            with compile_settings(recompile_limit) if compiled else nullcontext():
                 if kind == GREEDY:
                     return {"tokens": tokens_fn(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
                 logits = logits_fn(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)

@@ -27,13 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchpilot.generate.batch import decode_arrays, flatten, prefill_arrays
+from batchpilot.generate.batch import decode_arrays, flatten, prefill_arrays, prefill_chunk_arrays
 from batchpilot.generate.graphs import DecodeGraphs
-from batchpilot.generate.kernels import paged_attention_torch, paged_attention_triton, triton
+from batchpilot.generate.kernels import (PrefillChunks, paged_attention_torch, paged_attention_triton,
+                                         prefill_attention_torch, prefill_attention_triton, triton)
 from batchpilot.generate.request import Request, TokenLogprob
 from batchpilot.generate.sampling import penalise, sample, token_logprobs
 from batchpilot.generate.scheduler import Chunk
-from batchpilot.generate.step_attention import DecodeMeta, KVCache, PrefillMeta, StepAttention
+from batchpilot.generate.step_attention import (DecodeMeta, KVCache, PrefillMeta, StepAttention,
+                                                 opaque_step_attention)
 from batchpilot.model.llama import Llama
 
 
@@ -124,8 +126,10 @@ class Runner:
         pre = [c for c in chunks if c.num_tokens > 1]
         order = dec + pre
         flat = flatten(order, self.block_size)
-        meta = StepAttention(self.kv, self.paged_attention, self._tensor(flat.slots),
-                             self._decode_meta(dec) if dec else None, self._prefill_meta(pre) if pre else None)
+        attention = StepAttention if self.hidden is packed_hidden else opaque_step_attention()
+        meta = attention(self.kv, self.paged_attention, self._tensor(flat.slots),
+                         self._decode_meta(dec) if dec else None, self._prefill_meta(pre) if pre else None,
+                         self.paged_attention.prefill)
         hidden = self._hidden(self._tensor(flat.ids), self._tensor(flat.pos), meta)  # (N, D)
         outs = {id(c): ChunkOutput([]) for c in chunks}
         for i, c in enumerate(order):
@@ -182,7 +186,15 @@ class Runner:
         t = {k: self._tensor(v) for k, v in a.named().items()}
         return DecodeMeta(prefix_blocks=a.prefix_blocks, **t)
 
-    def _prefill_meta(self, pre: list[Chunk]) -> PrefillMeta:
+    def _prefill_meta(self, pre: list[Chunk]) -> PrefillMeta | PrefillChunks:
+        if self.paged_attention.prefill_triton:
+            cfg = self.model.config
+            c = prefill_chunk_arrays(pre, self.block_size, heads_per_kv=cfg.num_heads // cfg.num_kv_heads,
+                                     block_m=PREFILL_BLOCK_M)
+            host = list(zip(*(x.tolist() for x in (c.q_start, c.q_len, c.ctx_len, c.k_start)), strict=True))
+            t = self._tensor
+            return PrefillChunks(t(c.q_start), t(c.q_len), t(c.ctx_len), t(c.k_start), t(c.k_slots), t(c.tile_chunk),
+                                 t(c.tile_row), host)
         a = prefill_arrays(pre, self.block_size)
         qd, kd, qp, kp = (self._tensor(x) for x in (a.q_chunk, a.k_chunk, a.q_pos, a.k_pos))
         mask = (qd[:, :, None] == kd[:, None, :]) & (kp[:, None, :] <= qp[:, :, None])  # (R, Q, Lk)
@@ -260,12 +272,32 @@ def _token_logprobs(tokens: torch.Tensor, chosen: torch.Tensor, top_v: torch.Ten
     return [TokenLogprob(t[r], c[r], tuple(zip(i[r], v[r]))) for r in range(len(t))]
 
 
+PREFILL_BLOCK_M = 64  # query rows per prefill kernel tile: 16 tokens of a kv head's 4 query heads (llama-1b)
+
+
 class CheckedPagedAttention:
-    """Paged decode attention: the Triton kernel once it has matched the torch path on a real call (an fp32
-    torch reference on a few rows, once), the torch path otherwise or after any Triton failure."""
+    """Paged attention, decode (``__call__``) and prefill (``prefill``): each Triton kernel once it has matched its
+    torch path on a real call (an fp32 reference, once), the torch path otherwise or after any Triton failure."""
 
     def __init__(self, block_size: int, *, use_triton: bool) -> None:
         self.block_size, self.use_triton, self.verified = block_size, use_triton, False
+        self.prefill_triton, self.prefill_verified = use_triton, False
+
+    def prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, m: PrefillChunks) -> torch.Tensor:
+        if self.prefill_triton:
+            try:
+                out = prefill_attention_triton(q, kc, vc, m, block_m=PREFILL_BLOCK_M)
+                if not self.prefill_verified:
+                    want = prefill_attention_torch(q.float(), kc, vc, m)
+                    if not torch.allclose(out.float(), want, atol=2e-2, rtol=2e-2):
+                        err = (out.float() - want).abs().max().item()
+                        raise RuntimeError(f"differs from the torch reference by {err:.3g}")
+                    self.prefill_verified = True
+                return out
+            except Exception as e:  # compile/launch errors come in many types: any of them -> torch path
+                warnings.warn(f"Triton prefill attention disabled, using the torch path: {e}", stacklevel=2)
+                self.prefill_triton = False
+        return prefill_attention_torch(q, kc, vc, m)
 
     def __call__(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

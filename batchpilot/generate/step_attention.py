@@ -8,9 +8,10 @@ their cache slots, then runs
   not in the rows: all of the group's decoding queries attend to the prefix KV in one call, reading it
   once per step (Hydragen, Juravsky et al. 2024, arXiv 2402.05099, section 3), and the two partial
   results are merged with their log-sum-exps;
-- prefill chunks bin-packed into rows, each row a block-diagonal causal mask over its chunks'
-  contexts (Prepacking, Zhao et al. 2024, arXiv 2404.09529), through SDPA. The keys are gathered from
-  the cache (a copy; prefill is compute-bound, so it costs little).
+- prefill chunks: on CUDA with Triton, the paged prefill kernel over each chunk's context in place
+  (``kernels.prefill_attention``, metadata ``kernels.PrefillChunks``); otherwise chunks bin-packed into
+  rows, each row a block-diagonal causal mask over its chunks' contexts (Prepacking, Zhao et al. 2024,
+  arXiv 2404.09529), through SDPA, with the keys gathered from the cache (a copy).
 
 It receives everything it reads explicitly (the KV tensors, the paged-attention function, the block
 size); it never reads the runner. KV layout: (layers, K, S, E). Shape legend: N step tokens, D decode
@@ -19,17 +20,20 @@ rows, H heads, K kv heads, G = H/K, E head dim, L context, S cache slots, R rows
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from batchpilot.generate.kernels import attend_with_lse, gather_blocks, merge_lse
+from batchpilot.generate.kernels import PrefillChunks, attend_with_lse, gather_blocks, merge_lse
 
 # (q (B, K, Qn, E), k_cache (K, S, E), v_cache, tables (B, nb), lens (B,)) -> (out (B, K, Qn, E), lse (B, K, Qn))
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                           tuple[torch.Tensor, torch.Tensor]]
+# (q (Np, H, E), k_cache (K, S, E), v_cache, chunks) -> (Np, H, E)
+PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PrefillChunks], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -65,11 +69,11 @@ class StepAttention:
     """``attn_meta`` for one step: write new K/V to the cache, then paged attention (decode + prefill)."""
 
     def __init__(self, kv: KVCache, paged_attention: PagedAttention, slot_mapping: torch.Tensor,
-                 decode: DecodeMeta | None, prefill: PrefillMeta | None) -> None:
-        self.kv, self.paged_attention = kv, paged_attention
+                 decode: DecodeMeta | None, prefill: PrefillMeta | PrefillChunks | None,
+                 prefill_attention: PrefillAttention | None = None) -> None:
+        self.kv, self.paged_attention, self.prefill_attention = kv, paged_attention, prefill_attention
         self.slot_mapping, self.decode, self.prefill = slot_mapping, decode, prefill
 
-    @torch.compiler.disable  # a compiled decode graph fuses around this; the Triton launch and its check are Python
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
         kc, vc = self.kv.k[layer_idx], self.kv.v[layer_idx]  # (K, S, E)
         kc[:, self.slot_mapping] = k[0]  # (K, N, E)
@@ -111,7 +115,11 @@ class StepAttention:
         out, _ = merge_lse(out, lse, out_p[m.row_pos], lse_p[m.row_pos])
         return out.reshape(D, H, E)
 
-    def _prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, m: PrefillMeta) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                 m: PrefillMeta | PrefillChunks) -> torch.Tensor:
+        if isinstance(m, PrefillChunks):
+            assert self.prefill_attention is not None  # the runner passes it with chunk metadata
+            return self.prefill_attention(q, kc, vc, m)
         Np, H, E = q.shape
         qr = torch.cat([q, q.new_zeros(1, H, E)])[m.q_index].transpose(1, 2)  # (R, H, Q, E)
         G = H // kc.shape[0]  # kv heads repeated: SDPA's fused kernels take a mask but not always GQA
@@ -119,3 +127,15 @@ class StepAttention:
         vr = vc[:, m.k_slots].transpose(0, 1).repeat_interleave(G, dim=1)
         out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=m.mask)
         return out.transpose(1, 2).reshape(-1, H, E)[m.q_gather]  # (Np, H, E); padded rows dropped
+
+
+@functools.cache
+def opaque_step_attention() -> type[StepAttention]:
+    """``StepAttention`` whose ``attend`` dynamo does not trace: what compiled forwards get. A compiled forward fuses
+    around the attention; the Triton launches and their checks are Python. Built on first use, because importing
+    dynamo (what ``torch.compiler.disable`` does) costs seconds of a job's start that an eager job need not pay."""
+
+    class OpaqueStepAttention(StepAttention):
+        attend = torch.compiler.disable(StepAttention.attend)
+
+    return OpaqueStepAttention

@@ -155,7 +155,10 @@ class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # given storage, so Embedding skips its own normal_ init: ``build_model`` or a checkpoint fills every weight,
+        # and on the meta device that init is a decomposition whose first call imports dynamo (seconds of start-up)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -286,7 +289,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/E), with Llama-3 or linear scaling when the config asks for it."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU, even under a meta-device context: meta ops run Python decompositions that import dynamo
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
