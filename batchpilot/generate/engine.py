@@ -48,7 +48,7 @@ class EngineConfig:
     cascade: bool = True  # read a group's prefix KV once per decode step (needs prefix_sharing)
     triton: bool = True  # Triton paged-attention kernel on CUDA (checked against the torch path first)
     cuda_graphs: bool = True  # capture greedy decode-only steps per batch-size bucket (CUDA + Triton only)
-    compile: bool = True  # torch.compile the decode graphs' forward and the eager steps' (fuses elementwise work; CUDA)
+    compile: bool = True  # torch.compile the captured decode forward (fuses its elementwise work; CUDA graphs only)
     # graph decode steps per host round trip (1 = one per step). Multi-step runs only once nothing waits, so a
     # larger n costs only the rows that ended (EOS) inside a run; 32 vs 8: 55% vs 45% of the decode roofline
     decode_steps: int = 32

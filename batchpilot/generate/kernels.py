@@ -113,7 +113,8 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, m.k_slots, m.q_start, m.q_len, m.ctx_len, m.k_start, m.tile_chunk, m.tile_row, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), H // K, 1.0 / math.sqrt(E),
-        E=E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        E=E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 models get fp32 products, not TF32
     return out
 
 
@@ -172,7 +173,8 @@ if triton is not None:
     @triton.jit
     def _prefill_attention_kernel(Q, Kc, Vc, Slots, QStart, QLen, CtxLen, KStart, TileChunk, TileRow, Out,
                                   sq_n, sq_h, sc_k, sc_s, G, scale,
-                                  E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  PRECISION: tl.constexpr):
         tile, kh = tl.program_id(0), tl.program_id(1)
         c = tl.load(TileChunk + tile)
         rows = tl.load(TileRow + tile) + tl.arange(0, BLOCK_M)  # (token, head within the kv head) pairs
@@ -194,13 +196,13 @@ if triton is not None:
             slot = tl.load(Slots + k0 + t, mask=tmask, other=0)
             kv_off = kh.to(tl.int64) * sc_k + slot.to(tl.int64)[:, None] * sc_s + e[None, :]
             k = tl.load(Kc + kv_off, mask=tmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N) fp32
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
             s = tl.where(t[None, :] <= limit[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             v = tl.load(Vc + kv_off, mask=tmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])

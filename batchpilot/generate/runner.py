@@ -6,11 +6,8 @@ scheduled tokens (decode tokens first, then prefill chunks): no padding in the p
 attention from ``step_attention.py``; greedy decode-only steps can replay a CUDA graph
 (``graphs.py``), to which the runner hands what it needs explicitly (the model, the KV tensors, the
 paged-attention function). Every other step (prefill chunks, logprobs, batches beyond the graphs' sizes) runs
-``packed_hidden`` eagerly, or compiled with ``compile`` on CUDA: dynamic in the step's token count, so one compilation
-serves every step; dynamo splits each block around the opaque paged attention (``StepAttention.attend``), and the
-elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, residual adds) becomes a few fused kernels. A
-1B model's mixed step eager launches ~300 small kernels per layer's worth of ops, which the host issues slower than
-the GPU runs them (issue 15: 28 ms for a 256-token prefill on an H200 whose matmuls need about 1 ms).
+eagerly; compiling that forward (dynamic in the step's tokens) was measured no faster on one H200 (llama-1b,
+2,048-token mixed steps: 14.8 ms eager, 15.8 ms compiled; a 256-token prefill 10 vs 12 ms) and cost 15 s of compile.
 
 Logits are computed only where they are used: the last token of a chunk that samples, and every
 position of a chunk whose request asked for prompt logprobs (never (T, V) for a whole prompt
@@ -34,8 +31,7 @@ from batchpilot.generate.kernels import (PrefillChunks, paged_attention_torch, p
 from batchpilot.generate.request import Request, TokenLogprob
 from batchpilot.generate.sampling import penalise, sample, token_logprobs
 from batchpilot.generate.scheduler import Chunk
-from batchpilot.generate.step_attention import (DecodeMeta, KVCache, PrefillMeta, StepAttention,
-                                                 opaque_step_attention)
+from batchpilot.generate.step_attention import DecodeMeta, KVCache, PrefillMeta, StepAttention
 from batchpilot.model.llama import Llama
 
 
@@ -45,11 +41,6 @@ class ChunkOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
     prompt_logprobs: dict[int, TokenLogprob] | None = None  # prompt position -> logprob of its token
     last_logprobs: torch.Tensor | None = None  # a group prefix's (V,) log-probs at its last position
-
-
-def packed_hidden(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: StepAttention) -> torch.Tensor:
-    """(N,) token ids at (N,) positions of one step -> (N, D) final hidden states (the eager step's forward)."""
-    return model.hidden_states(ids[None], position_ids=pos[None], attn_meta=attn)[0]
 
 
 class Runner:
@@ -68,11 +59,6 @@ class Runner:
         self.paged_attention = CheckedPagedAttention(
             block_size, use_triton=use_triton and triton is not None and p.device.type == "cuda")
         self.trash_block = trash_block  # padding rows of a decode batch write their K/V here
-        # compiled eager steps (CUDA only: on CPU the tests compare the eager path with references)
-        self.hidden = torch.compile(packed_hidden, dynamic=True) if compile and p.device.type == "cuda" else packed_hidden
-        self.compile_off_reason: str | None = None  # why compiled eager steps fell back to eager ones
-        # dynamo compiles each layer's code after the attention break once per layer index (a guard on it)
-        self.recompile_limit = 8 + 4 * cfg.num_layers
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.use_triton:
             self.attach_graphs(max_rows=max_num_seqs, compile=compile)
@@ -126,11 +112,11 @@ class Runner:
         pre = [c for c in chunks if c.num_tokens > 1]
         order = dec + pre
         flat = flatten(order, self.block_size)
-        attention = StepAttention if self.hidden is packed_hidden else opaque_step_attention()
-        meta = attention(self.kv, self.paged_attention, self._tensor(flat.slots),
+        meta = StepAttention(self.kv, self.paged_attention, self._tensor(flat.slots),
                          self._decode_meta(dec) if dec else None, self._prefill_meta(pre) if pre else None,
                          self.paged_attention.prefill)
-        hidden = self._hidden(self._tensor(flat.ids), self._tensor(flat.pos), meta)  # (N, D)
+        hidden = self.model.hidden_states(self._tensor(flat.ids)[None], position_ids=self._tensor(flat.pos)[None],
+                                          attn_meta=meta)[0]  # (N, D)
         outs = {id(c): ChunkOutput([]) for c in chunks}
         for i, c in enumerate(order):
             if c.request.params.prompt_logprobs is not None:
@@ -144,19 +130,6 @@ class Runner:
         for (_, c), t, lp in zip(sampled, tokens, logprobs, strict=True):
             outs[id(c)].tokens, outs[id(c)].logprobs = [t], lp
         return [outs[id(c)] for c in chunks], processed
-
-    def _hidden(self, ids: torch.Tensor, pos: torch.Tensor, meta: StepAttention) -> torch.Tensor:
-        if self.hidden is packed_hidden:
-            return packed_hidden(self.model, ids, pos, meta)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
-                return self.hidden(self.model, ids, pos, meta)
-        except Exception as e:  # compile errors come in many types: any of them -> eager steps from now on
-            # the failed call may have written this step's K/V already: the eager rerun writes the same values
-            self.compile_off_reason = f"{type(e).__name__}: {e}"
-            warnings.warn(f"compiled eager steps disabled: {self.compile_off_reason}", stacklevel=3)
-            self.hidden = packed_hidden
-            return packed_hidden(self.model, ids, pos, meta)
 
     def _prompt_logprobs(self, c: Chunk, hidden: torch.Tensor, first: int, out: ChunkOutput) -> None:
         """Logprobs of the prompt tokens this chunk predicts: position p's logits give token p + 1's."""
