@@ -57,10 +57,12 @@ class DecodeArrays:
     group_lens: np.ndarray | None = None  # (Gn,)
     group_rows: np.ndarray | None = None  # (Gn, M) decode row of each member; D (= rows) indexes a zero query
     row_pos: np.ndarray | None = None  # (D,) flat (Gn * M) index of each row's group result; Gn * M = none
+    group_sizes: np.ndarray | None = None  # (Gn,) members of each group (0: a padding group)
 
     def named(self) -> dict[str, np.ndarray]:
         """The array fields that are set, by name (the names of the graphs' static input buffers)."""
-        names = ("tables", "prefix_lens", "own_lens", "group_tables", "group_lens", "group_rows", "row_pos")
+        names = ("tables", "prefix_lens", "own_lens", "group_tables", "group_lens", "group_rows", "row_pos",
+                 "group_sizes")
         return {k: a for k in names if (a := getattr(self, k)) is not None}
 
 
@@ -105,11 +107,13 @@ def _group_arrays(a: DecodeArrays, reqs: list[Request], rows: int, groups: int, 
     a.group_lens = np.zeros(Gn, dtype=np.int64)
     a.group_rows = np.full((Gn, M), rows, dtype=np.int64)
     a.row_pos = np.full(rows, Gn * M, dtype=np.int64)
+    a.group_sizes = np.zeros(Gn, dtype=np.int64)
     for gi, (key, rs) in enumerate(members.items()):
         prefix = prefixes[key]
         a.group_tables[gi, :len(prefix.blocks)] = prefix.blocks
         a.group_lens[gi] = len(prefix.prompt_ids)
         a.group_rows[gi, :len(rs)] = rs
+        a.group_sizes[gi] = len(rs)
         a.row_pos[rs] = gi * M + np.arange(len(rs))
 
 

@@ -167,6 +167,7 @@ class Engine:
         plan = scheduler.schedule()
         assert plan.chunks, "scheduler made no progress (KV cache too small for one request?)"
         steps = self._decode_steps(plan, scheduler)
+        on_graph = self.runner.graphs_usable(plan.chunks)
         outputs = self.runner.step(plan.chunks, steps=steps, eos_ids=frozenset(self.eos_ids))
         scheduler.advance(plan)
         done, new_tokens = [], 0
@@ -187,7 +188,8 @@ class Engine:
             if reason is not None:
                 scheduler.finish(r, reason)
                 done.append(Completion.of(r))
-        self._record(plan, time.perf_counter() - start, new_tokens, max(1, *(len(o.tokens) for o in outputs)))
+        self._record(plan, time.perf_counter() - start, new_tokens, max(1, *(len(o.tokens) for o in outputs)),
+                     on_graph)
         return done
 
     def _samples(self, requests: list[Request]) -> list[Request]:
@@ -330,7 +332,7 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _record(self, plan: StepPlan, seconds: float, new_tokens: int, steps: int) -> None:
+    def _record(self, plan: StepPlan, seconds: float, new_tokens: int, steps: int, on_graph: bool) -> None:
         s = self.stats
         s.steps += steps
         s.round_trips += 1
@@ -342,6 +344,7 @@ class Engine:
             s.decode_steps += steps
             s.decode_seconds += seconds
             s.decode_batch_sum += len(plan.chunks) * steps
+            s.graph_steps += steps if on_graph else 0
             kv = self._kv_tokens_read(plan)  # each further step reads one more token per row
             s.decode_bytes += sum(roofline.decode_step_bytes(self.cost, kv + k * len(plan.chunks))
                                   for k in range(steps))

@@ -97,7 +97,7 @@ class DecodeGraphs:
     """Static decode graphs over one KV cache; everything they read is passed in (the runner owns the cache)."""
 
     def __init__(self, model: Llama, kv: KVCache, paged_attention: PagedAttention, *, trash_block: int,
-                 cascade: bool, max_rows: int, max_groups: int = 16, capture: bool = True,
+                 cascade: bool, max_rows: int, max_groups: int = 64, capture: bool = True,
                  compile: bool = False) -> None:
         self.model, self.kv, self.paged_attention = model, kv, paged_attention
         self.block_size, self.trash_block, self.cascade = kv.block_size, trash_block, cascade
@@ -285,8 +285,10 @@ class DecodeGraphs:
             inputs |= {"group_tables": torch.full((G, self.width), t, dtype=torch.long, device=dev),
                        "group_lens": torch.zeros(G, dtype=torch.long, device=dev),
                        "group_rows": torch.full((G, rows), rows, dtype=torch.long, device=dev),
-                       "row_pos": torch.full((rows,), G * rows, dtype=torch.long, device=dev)}
-        group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos") if k in inputs}
+                       "row_pos": torch.full((rows,), G * rows, dtype=torch.long, device=dev),
+                       "group_sizes": torch.zeros(G, dtype=torch.long, device=dev)}
+        group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos", "group_sizes")
+                        if k in inputs}
         meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **group_inputs)
         compiled = self.tokens is not greedy_tokens
         attn = (opaque_step_attention() if compiled else StepAttention)(self.kv, self.paged_attention, inputs["slots"],

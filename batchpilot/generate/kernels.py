@@ -65,7 +65,9 @@ def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                          lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          lens: torch.Tensor, block_size: int,
+                          q_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query row (``q_lens`` only marks rows whose results nobody reads: computing them is harmless)."""
     k, v = gather_blocks(k_cache, tables, block_size), gather_blocks(v_cache, tables, block_size)
     valid = torch.arange(k.shape[2], device=q.device)[None] < lens[:, None]
     return attend_with_lse(q, k, v, valid)
@@ -119,8 +121,10 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           lens: torch.Tensor, block_size: int, *, block_n: int = 64, num_warps: int = 4,
+                           lens: torch.Tensor, block_size: int, q_lens: torch.Tensor | None = None, *,
+                           block_n: int = 64, num_warps: int = 4,
                            num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q_lens``: query tiles at or past q_lens[b] do no work (their rows' results are left unwritten)."""
     B, K, Qn, E = q.shape
     q = q.contiguous()
     tables = tables.to(torch.int32).contiguous()
@@ -129,26 +133,32 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lse = torch.empty(B, K, Qn, dtype=torch.float32, device=q.device)
     block_m = 16 if Qn <= 16 else 64
     grid = (B, K, triton.cdiv(Qn, block_m))
+    q_lens = lens if q_lens is None else q_lens.to(torch.int32).contiguous()  # (B,) ignored without HAS_QLENS
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, tables, lens, out, lse,
+        q, k_cache, v_cache, tables, lens, q_lens, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
         Qn, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_QLENS=q_lens is not lens, num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
 if triton is not None:
 
     @triton.jit
-    def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b, Qn, scale,
-                                BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, QLens, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b, Qn,
+                                scale, BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr):
         b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Qn
+        n = tl.load(Lens + b)
+        if HAS_QLENS:  # a tile of padding queries reads no keys and writes nothing
+            q_len = tl.load(QLens + b)
+            rmask = rmask & (rows < q_len)
+            n = tl.where(mt * BLOCK_M < q_len, n, 0)
         e = tl.arange(0, E)
         q_off = b * sq_b + kh * sq_k + rows[:, None] * sq_q + e[None, :]
         q = tl.load(Q + q_off, mask=rmask[:, None], other=0.0)
-        n = tl.load(Lens + b)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, E], tl.float32)

@@ -43,6 +43,12 @@ class ChunkOutput:
     last_logprobs: torch.Tensor | None = None  # a group prefix's (V,) log-probs at its last position
 
 
+# cascade groups a decode graph takes: a real job's batch spans many shared prefixes (the job benchmark: 8 system
+# prompts x 6 few-shot blocks), and a batch with more groups than this decodes eagerly (issue 15). The
+# padded member slots of a group cost no attention work (the kernel skips them), only the query gather.
+MAX_GRAPH_GROUPS = 64
+
+
 class Runner:
     def __init__(self, model: Llama, *, num_blocks: int, block_size: int, cascade: bool = True,
                  use_triton: bool = True, cuda_graphs: bool = True, compile: bool = True, max_num_seqs: int = 1024,
@@ -63,7 +69,7 @@ class Runner:
         if cuda_graphs and self.use_triton:
             self.attach_graphs(max_rows=max_num_seqs, compile=compile)
 
-    def attach_graphs(self, *, max_rows: int, max_groups: int = 16, capture: bool = True,
+    def attach_graphs(self, *, max_rows: int, max_groups: int = MAX_GRAPH_GROUPS, capture: bool = True,
                       compile: bool = False) -> DecodeGraphs:
         """Decode graphs over this runner's cache (``capture=False``: the same static buffers run eagerly, CPU)."""
         self.graphs = DecodeGraphs(self.model, self.kv, self.paged_attention, trash_block=self.trash_block,
@@ -273,11 +279,11 @@ class CheckedPagedAttention:
         return prefill_attention_torch(q, kc, vc, m)
 
     def __call__(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 lens: torch.Tensor, q_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.use_triton:
             try:
-                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size)
-                if not self.verified:
+                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size, q_lens)
+                if not self.verified and q_lens is None:  # a step's own rows come first: checked on those
                     ref = paged_attention_torch(q[:8].float(), kc, vc, tables[:8], lens[:8], self.block_size)
                     for got, want in zip(out, ref):
                         if not torch.allclose(got[:8].float(), want, atol=2e-2, rtol=2e-2):
@@ -288,4 +294,4 @@ class CheckedPagedAttention:
             except Exception as e:  # compile/launch errors come in many types: any of them -> torch path
                 warnings.warn(f"Triton paged attention disabled, using the torch path: {e}", stacklevel=2)
                 self.use_triton = False
-        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size)
+        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size, q_lens)

@@ -17,6 +17,7 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_bytes: float = 0.0  # bytes bound of those steps (weights + KV read)
     decode_batch_sum: int = 0
+    graph_steps: int = 0  # decode steps replayed on a CUDA graph (the rest of decode_steps ran eagerly)
 
     def to_dict(self) -> dict[str, int | float]:
         return {k: getattr(self, k) for k in self.__slots__}

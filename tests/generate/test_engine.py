@@ -130,6 +130,13 @@ def test_triton_kernel_matches_torch_path():
         (o1, l1), (o2, l2) = (f(q, kc, vc, tables, lens, bs) for f in (paged_attention_torch, paged_attention_triton))
         torch.testing.assert_close(o2.float(), o1.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(l2, l1, atol=2e-2, rtol=2e-2)
+        # q_lens: a cascade group's padded member slots; the rows below q_lens are unchanged, the rest unread
+        q_lens = torch.tensor([Qn, 1, Qn // 2][:B], device=device)
+        o3, l3 = paged_attention_triton(q, kc, vc, tables, lens, bs, q_lens)
+        for b in range(B):
+            n = int(q_lens[b])
+            torch.testing.assert_close(o3[b, :, :n].float(), o1[b, :, :n].float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(l3[b, :, :n], l1[b, :, :n], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])

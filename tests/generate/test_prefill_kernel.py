@@ -71,7 +71,9 @@ def test_torch_reference_is_causal_attention_over_the_context():
             torch.testing.assert_close(got[i, h], w @ vc[h // (H // K), keys])
 
 
-def test_engine_with_the_prefill_kernel_equals_the_packed_sdpa_path(llama_pair):
+def test_engine_on_the_kernels_equals_the_torch_paths(llama_pair):
+    """Prefill kernel vs packed SDPA, decode kernel (own rows, and shared-prefix groups with padded member slots)
+    vs the torch reference: the same greedy tokens."""
     _, model, _ = llama_pair
     model = model.to(DEVICE)
     rng = random.Random(0)
@@ -85,7 +87,8 @@ def test_engine_with_the_prefill_kernel_equals_the_packed_sdpa_path(llama_pair):
     base.runner.paged_attention.prefill_triton = False
     want = [c.output_ids for c in base.generate(prompts, params)]
     engine = Engine(model, None, cfg)
-    engine.runner.paged_attention.prefill_triton = True
+    kernels = engine.runner.paged_attention
+    kernels.prefill_triton = kernels.use_triton = True  # decode rows and cascade groups (q_lens) on Triton too
     got = [c.output_ids for c in engine.generate(prompts, params)]
-    assert engine.runner.paged_attention.prefill_verified and engine.runner.paged_attention.prefill_triton
-    assert got == want
+    assert kernels.prefill_verified and kernels.prefill_triton and kernels.verified and kernels.use_triton
+    assert engine.stats.prefill_tokens > 0 and got == want
