@@ -56,13 +56,11 @@ class DecodeArrays:
     group_tables: np.ndarray | None = None  # (Gn, Gb) cascade: each group's prefix blocks
     group_lens: np.ndarray | None = None  # (Gn,)
     group_rows: np.ndarray | None = None  # (Gn, M) decode row of each member; D (= rows) indexes a zero query
-    row_pos: np.ndarray | None = None  # (D,) flat (Gn * M) index of each row's group result; Gn * M = none
     group_sizes: np.ndarray | None = None  # (Gn,) members of each group (0: a padding group)
 
     def named(self) -> dict[str, np.ndarray]:
         """The array fields that are set, by name (the names of the graphs' static input buffers)."""
-        names = ("tables", "prefix_lens", "own_lens", "group_tables", "group_lens", "group_rows", "row_pos",
-                 "group_sizes")
+        names = ("tables", "prefix_lens", "own_lens", "group_tables", "group_lens", "group_rows", "group_sizes")
         return {k: a for k in names if (a := getattr(self, k)) is not None}
 
 
@@ -93,7 +91,7 @@ def decode_arrays(dec: list[Chunk], *, block_size: int, cascade: bool, trash_blo
 
 
 def _group_arrays(a: DecodeArrays, reqs: list[Request], rows: int, groups: int, trash_block: int) -> None:
-    """Cascade: each group's prefix blocks and member rows; ``row_pos`` = row -> flat (group, member) index."""
+    """Cascade: each group's prefix blocks, member rows and member count."""
     members: dict[int, list[int]] = {}
     prefixes: dict[int, Request] = {}
     for i, r in enumerate(reqs):
@@ -106,7 +104,6 @@ def _group_arrays(a: DecodeArrays, reqs: list[Request], rows: int, groups: int, 
     a.group_tables = np.full((Gn, width), trash_block, dtype=np.int64)
     a.group_lens = np.zeros(Gn, dtype=np.int64)
     a.group_rows = np.full((Gn, M), rows, dtype=np.int64)
-    a.row_pos = np.full(rows, Gn * M, dtype=np.int64)
     a.group_sizes = np.zeros(Gn, dtype=np.int64)
     for gi, (key, rs) in enumerate(members.items()):
         prefix = prefixes[key]
@@ -114,7 +111,6 @@ def _group_arrays(a: DecodeArrays, reqs: list[Request], rows: int, groups: int, 
         a.group_lens[gi] = len(prefix.prompt_ids)
         a.group_rows[gi, :len(rs)] = rs
         a.group_sizes[gi] = len(rs)
-        a.row_pos[rs] = gi * M + np.arange(len(rs))
 
 
 @dataclass(slots=True)

@@ -285,9 +285,8 @@ class DecodeGraphs:
             inputs |= {"group_tables": torch.full((G, self.width), t, dtype=torch.long, device=dev),
                        "group_lens": torch.zeros(G, dtype=torch.long, device=dev),
                        "group_rows": torch.full((G, rows), rows, dtype=torch.long, device=dev),
-                       "row_pos": torch.full((rows,), G * rows, dtype=torch.long, device=dev),
                        "group_sizes": torch.zeros(G, dtype=torch.long, device=dev)}
-        group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "row_pos", "group_sizes")
+        group_inputs = {k: inputs[k] for k in ("group_tables", "group_lens", "group_rows", "group_sizes")
                         if k in inputs}
         meta = DecodeMeta(inputs["tables"], inputs["prefix_lens"], inputs["own_lens"], 0, **group_inputs)
         compiled = self.tokens is not greedy_tokens

@@ -65,9 +65,24 @@ def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                          lens: torch.Tensor, block_size: int,
-                          q_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query row (``q_lens`` only marks rows whose results nobody reads: computing them is harmless)."""
+                          lens: torch.Tensor, block_size: int, q_lens: torch.Tensor | None = None,
+                          q_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query row (``q_lens`` only marks rows whose results nobody reads: computing them is harmless).
+
+    ``q_rows`` (B, M): sequence b's queries are the rows ``q_rows[b]`` of q (D, K, G, E) (D = padding, a zero
+    query), all G heads of each; the results land in those rows of a (D, K, G, E) output, whose other rows hold a
+    zero output and a -inf log-sum-exp (they merge as "no keys")."""
+    if q_rows is not None:
+        D, K, G, E = q.shape
+        B, M = q_rows.shape
+        qg = torch.cat([q, q.new_zeros(1, K, G, E)])[q_rows]  # (B, M, K, G, E)
+        o, lse = paged_attention_torch(qg.transpose(1, 2).reshape(B, K, M * G, E), k_cache, v_cache, tables, lens,
+                                       block_size)
+        out = q.new_zeros(D + 1, K, G, E).index_put_((q_rows.flatten(),), o.view(B, K, M, G, E).transpose(1, 2)
+                                                      .reshape(B * M, K, G, E))  # row D: padding, dropped
+        out_lse = lse.new_full((D + 1, K, G), float("-inf")).index_put_(
+            (q_rows.flatten(),), lse.view(B, K, M, G).transpose(1, 2).reshape(B * M, K, G))
+        return out[:D], out_lse[:D]
     k, v = gather_blocks(k_cache, tables, block_size), gather_blocks(v_cache, tables, block_size)
     valid = torch.arange(k.shape[2], device=q.device)[None] < lens[:, None]
     return attend_with_lse(q, k, v, valid)
@@ -121,33 +136,41 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           lens: torch.Tensor, block_size: int, q_lens: torch.Tensor | None = None, *,
-                           block_n: int = 64, num_warps: int = 4,
+                           lens: torch.Tensor, block_size: int, q_lens: torch.Tensor | None = None,
+                           q_rows: torch.Tensor | None = None, *, block_n: int = 64, num_warps: int = 4,
                            num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q_lens``: query tiles at or past q_lens[b] do no work (their rows' results are left unwritten)."""
-    B, K, Qn, E = q.shape
+    """``q_lens``: query tiles at or past q_lens[b] do no work (their rows' results are left unwritten).
+    ``q_rows``: as in ``paged_attention_torch``, read and written in place (no gathered copy of the queries)."""
     q = q.contiguous()
+    K, E = q.shape[1], q.shape[3]
+    if q_rows is None:
+        B, _, Qn, _ = q.shape
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        G, rows, sr_b = 1, lens, 0  # rows: unused without INDIRECT
+    else:
+        (B, M), G = q_rows.shape, q.shape[2]
+        Qn = M * G
+        out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        rows, sr_b = q_rows.contiguous(), q_rows.stride(0)
     tables = tables.to(torch.int32).contiguous()
     lens = lens.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
-    lse = torch.empty(B, K, Qn, dtype=torch.float32, device=q.device)
     block_m = 16 if Qn <= 16 else 64
     grid = (B, K, triton.cdiv(Qn, block_m))
     q_lens = lens if q_lens is None else q_lens.to(torch.int32).contiguous()  # (B,) ignored without HAS_QLENS
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, tables, lens, q_lens, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
-        Qn, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_QLENS=q_lens is not lens, num_warps=num_warps, num_stages=num_stages)
+        q, k_cache, v_cache, tables, lens, q_lens, rows, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0), sr_b,
+        Qn, G, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_QLENS=q_lens is not lens, INDIRECT=q_rows is not None, num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
 if triton is not None:
 
     @triton.jit
-    def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, QLens, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b, Qn,
-                                scale, BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr):
+    def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, QLens, QRows, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b,
+                                sr_b, Qn, G, scale, BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr, INDIRECT: tl.constexpr):
         b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Qn
@@ -157,7 +180,12 @@ if triton is not None:
             rmask = rmask & (rows < q_len)
             n = tl.where(mt * BLOCK_M < q_len, n, 0)
         e = tl.arange(0, E)
-        q_off = b * sq_b + kh * sq_k + rows[:, None] * sq_q + e[None, :]
+        if INDIRECT:  # row r: head r % G of decode row QRows[b, r // G], in place in a (D, K, G, E) tensor
+            d = tl.load(QRows + b * sr_b + rows // G, mask=rmask, other=0).to(tl.int64)
+            head_off = d * sq_b + kh * sq_k + (rows % G) * sq_q
+        else:
+            head_off = b * sq_b + kh * sq_k + rows * sq_q
+        q_off = head_off[:, None] + e[None, :]
         q = tl.load(Q + q_off, mask=rmask[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -178,7 +206,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
-        tl.store(Lse + (b * sq_b + kh * sq_k) // E + rows, m_i + tl.log(l_i), mask=rmask)
+        tl.store(Lse + head_off // E, m_i + tl.log(l_i), mask=rmask)  # lse: q's layout without E
 
     @triton.jit
     def _prefill_attention_kernel(Q, Kc, Vc, Slots, QStart, QLen, CtxLen, KStart, TileChunk, TileRow, Out,

@@ -279,11 +279,12 @@ class CheckedPagedAttention:
         return prefill_attention_torch(q, kc, vc, m)
 
     def __call__(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, q_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 lens: torch.Tensor, q_lens: torch.Tensor | None = None,
+                 q_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.use_triton:
             try:
-                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size, q_lens)
-                if not self.verified and q_lens is None:  # a step's own rows come first: checked on those
+                out = paged_attention_triton(q, kc, vc, tables, lens, self.block_size, q_lens, q_rows)
+                if not self.verified and q_rows is None:  # a step's own rows come first: checked on those
                     ref = paged_attention_torch(q[:8].float(), kc, vc, tables[:8], lens[:8], self.block_size)
                     for got, want in zip(out, ref):
                         if not torch.allclose(got[:8].float(), want, atol=2e-2, rtol=2e-2):
@@ -294,4 +295,4 @@ class CheckedPagedAttention:
             except Exception as e:  # compile/launch errors come in many types: any of them -> torch path
                 warnings.warn(f"Triton paged attention disabled, using the torch path: {e}", stacklevel=2)
                 self.use_triton = False
-        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size, q_lens)
+        return paged_attention_torch(q, kc, vc, tables, lens, self.block_size, q_lens, q_rows)

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 
 from batchpilot.generate.kernels import PrefillChunks, attend_with_lse, gather_blocks, merge_lse
 
-# (q (B, K, Qn, E), k_cache (K, S, E), v_cache, tables (B, nb), lens (B,), q_lens (B,) or None)
+# (q (B, K, Qn, E), k_cache (K, S, E), v_cache, tables (B, nb), lens (B,), q_lens (B,) or None, q_rows or None)
 #   -> (out (B, K, Qn, E), lse (B, K, Qn)); with q_lens, query rows >= q_lens[b] are padding: their results are
-#   unspecified and never read (a cascade group's padded member slots)
-PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
-                          tuple[torch.Tensor, torch.Tensor]]
+#   unspecified and never read. q_rows (B, M): cascade groups, sequence b's queries are the G heads of the decode
+#   rows q_rows[b] of q (D, K, G, E), and out/lse come back in q's rows (kernels.paged_attention_torch)
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                           torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 # (q (Np, H, E), k_cache (K, S, E), v_cache, chunks) -> (Np, H, E)
 PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PrefillChunks], torch.Tensor]
 
@@ -47,7 +48,6 @@ class DecodeMeta:
     group_tables: torch.Tensor | None = None  # (Gn, Gb) cascade: each group's prefix blocks
     group_lens: torch.Tensor | None = None  # (Gn,)
     group_rows: torch.Tensor | None = None  # (Gn, M) decode row of each member, D = padding
-    row_pos: torch.Tensor | None = None  # (D,) flat (Gn * M) index of each row's group result, Gn * M = none
     group_sizes: torch.Tensor | None = None  # (Gn,) members of each group: the kernel skips the padded slots
 
 
@@ -96,7 +96,7 @@ class StepAttention:
         K = kc.shape[0]
         qk = q.view(D, K, H // K, E)  # query heads grouped by the kv head they share
         if m.prefix_blocks == 0:
-            out, lse = self.paged_attention(qk, kc, vc, m.tables, m.own_lens, None)  # (D, K, G, E), (D, K, G)
+            out, lse = self.paged_attention(qk, kc, vc, m.tables, m.own_lens, None, None)  # (D, K, G, E), (D, K, G)
         else:  # no cascade: [prefix region | own region] per row, torch path
             bs = self.kv.block_size
             k, v = gather_blocks(kc, m.tables, bs), gather_blocks(vc, m.tables, bs)  # (K, D, L, E)
@@ -106,17 +106,11 @@ class StepAttention:
             out, lse = attend_with_lse(qk, k, v, valid)
         if m.group_tables is None:
             return out.reshape(D, H, E)
-        assert m.group_rows is not None and m.group_lens is not None  # set with group_tables
-        Gn, M = m.group_rows.shape
-        qg = torch.cat([qk, qk.new_zeros(1, K, H // K, E)])[m.group_rows]  # (Gn, M, K, G, E)
-        qg = qg.transpose(1, 2).reshape(Gn, K, M * (H // K), E)  # all members' queries per kv head
-        q_lens = None if m.group_sizes is None else m.group_sizes * (H // K)  # a member's G queries each
-        out_p, lse_p = self.paged_attention(qg, kc, vc, m.group_tables, m.group_lens, q_lens)
-        out_p = out_p.view(Gn, K, M, H // K, E).transpose(1, 2).reshape(Gn * M, K, H // K, E)
-        lse_p = lse_p.view(Gn, K, M, H // K).transpose(1, 2).reshape(Gn * M, K, H // K)
-        out_p = torch.cat([out_p, out_p.new_zeros(1, K, H // K, E)])  # + "no group": weight exp(-inf) = 0
-        lse_p = torch.cat([lse_p, lse_p.new_full((1, K, H // K), float("-inf"))])
-        out, _ = merge_lse(out, lse, out_p[m.row_pos], lse_p[m.row_pos])
+        assert m.group_rows is not None and m.group_lens is not None and m.group_sizes is not None  # with the tables
+        # each group's members' queries over its prefix, in their own rows (rows in no group: weight exp(-inf) = 0)
+        out_p, lse_p = self.paged_attention(qk, kc, vc, m.group_tables, m.group_lens, m.group_sizes * (H // K),
+                                            m.group_rows)  # (D, K, G, E), (D, K, G)
+        out, _ = merge_lse(out, lse, out_p, lse_p)
         return out.reshape(D, H, E)
 
     def _prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,

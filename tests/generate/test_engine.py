@@ -130,13 +130,23 @@ def test_triton_kernel_matches_torch_path():
         (o1, l1), (o2, l2) = (f(q, kc, vc, tables, lens, bs) for f in (paged_attention_torch, paged_attention_triton))
         torch.testing.assert_close(o2.float(), o1.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(l2, l1, atol=2e-2, rtol=2e-2)
-        # q_lens: a cascade group's padded member slots; the rows below q_lens are unchanged, the rest unread
-        q_lens = torch.tensor([Qn, 1, Qn // 2][:B], device=device)
-        o3, l3 = paged_attention_triton(q, kc, vc, tables, lens, bs, q_lens)
-        for b in range(B):
-            n = int(q_lens[b])
-            torch.testing.assert_close(o3[b, :, :n].float(), o1[b, :, :n].float(), atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(l3[b, :, :n], l1[b, :, :n], atol=2e-2, rtol=2e-2)
+    # cascade groups: each sequence's queries are all heads of some decode rows, read and written in place
+    D, G = 7, 4
+    qd = torch.randn(D, K, G, E, device=device, dtype=dtype)
+    q_rows = torch.tensor([[5, 0, 2, D], [3, D, D, D], [D, D, D, D]], device=device)  # D: a padded member slot
+    sizes = torch.tensor([3, 1, 0], device=device)
+    tables = torch.stack([torch.randperm(blocks)[:10] for _ in range(3)]).to(device)
+    lens = torch.tensor([60, 1, 0], device=device)
+    (o1, l1), (o2, l2) = (f(qd, kc, vc, tables, lens, bs, sizes * G, q_rows)
+                          for f in (paged_attention_torch, paged_attention_triton))
+    grouped = torch.tensor([0, 2, 3, 5], device=device)
+    torch.testing.assert_close(o2[grouped].float(), o1[grouped].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(l2[grouped], l1[grouped], atol=2e-2, rtol=2e-2)
+    ungrouped = torch.tensor([1, 4, 6], device=device)  # in no group: "no keys" for the merge
+    assert (o2[ungrouped] == 0).all() and (l2[ungrouped] == float("-inf")).all()
+    assert (o1[ungrouped] == 0).all() and (l1[ungrouped] == float("-inf")).all()
+    want = paged_attention_torch(qd[[5, 0, 2]].transpose(0, 1).reshape(1, K, 3 * G, E), kc, vc, tables[:1], lens[:1], bs)
+    torch.testing.assert_close(o1[[5, 0, 2]], want[0].view(K, 3, G, E).transpose(0, 1))
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
