@@ -5,7 +5,9 @@ Each variant runs in a fresh process with empty Inductor/Triton caches, compiles
 Inductor records each graph dynamo captures and its number of call nodes) and times AdamW steps:
 ``step_s`` is the median of the last half of the steps and ``startup_s`` what all steps took beyond
 ``step_s`` each (tracing, AOTAutograd, Inductor for forward and backward, and the first slow steps while
-Inductor's worker processes finish their kernels). Variants:
+Inductor's worker processes finish their kernels); ``startup_cpu_s`` is the same in CPU seconds of the process and its
+children (the C++ compiler), which a loaded machine inflates less: Inductor compiles in-process
+(``TORCHINDUCTOR_COMPILE_THREADS=1`` unless set) so that all its work is counted. Variants:
   full_ft     every parameter trains
   lora_peft   PEFT's injection alone: its ``lora.Linear.forward``, block 0's input not requiring grad (the
               LoRA path before issue 21's fix)
@@ -24,6 +26,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +49,12 @@ def shape_config(name: str):
     if name == "llama-1b-2l":  # the llama-1b block width on CPU: two blocks, a small vocabulary
         return get_preset("llama-1b").with_(num_layers=2, vocab_size=2048, rope_scaling=None)
     return get_preset(name)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the C++ compiler Inductor runs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,11 +94,11 @@ def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict[str,
     opt = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(1 + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(ids[:, :-1], targets=ids[:, 1:])
         loss.backward()
@@ -98,19 +107,27 @@ def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict[str,
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(cpu_seconds() - c0)
+    from torch._dynamo.utils import compile_times
+
+    table = compile_times(repr="csv", aggregate=True)  # (phase names, seconds as strings), summed over graphs
+    phases = {name: round(float(str(sec)), 2) for name, sec in zip(*table)} if isinstance(table, tuple) else {}
     step_s = statistics.median(times[-(len(times) // 2):])
+    step_cpu_s = statistics.median(cpu_times[-(len(cpu_times) // 2):])
     return {"shape": shape, "variant": variant, "graphs_compiled": len(graphs), "graph_call_nodes": graphs,
             "startup_s": round(sum(times) - len(times) * step_s, 2), "first_step_s": round(times[0], 2),
+            "startup_cpu_s": round(sum(cpu_times) - len(cpu_times) * step_cpu_s, 2),
             "step_s": round(step_s, 4),
             "trainable_params": sum(p.numel() for p in params), "device": device.type, "autocast": autocast,
-            "torch": torch.__version__, "step_times": [round(t, 3) for t in times]}
+            "torch": torch.__version__, "compile_phases_s": phases, "step_times": [round(t, 3) for t in times]}
 
 
 def spawn(shape: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """One variant in a fresh process whose Inductor and Triton caches start empty (a cold start)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
-               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+               "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1")}
         cmd = [sys.executable, __file__, "--one", f"{shape}:{variant}", "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--steps", str(args.steps),
                "--autocast", args.autocast]
