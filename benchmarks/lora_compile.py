@@ -6,8 +6,9 @@ Inductor records each graph dynamo captures and its number of call nodes) and ti
 ``step_s`` is the median of the last half of the steps and ``startup_s`` what all steps took beyond
 ``step_s`` each (tracing, AOTAutograd, Inductor for forward and backward, and the first slow steps while
 Inductor's worker processes finish their kernels); ``startup_cpu_s`` is the same in CPU seconds of the process and its
-children (the C++ compiler), which a loaded machine inflates less: Inductor compiles in-process
-(``TORCHINDUCTOR_COMPILE_THREADS=1`` unless set) so that all its work is counted. Variants:
+children (the C++ compiler), which a loaded machine inflates less: on CPU, Inductor compiles in-process
+(``TORCHINDUCTOR_COMPILE_THREADS=1`` unless set) so that all its work is counted. On a GPU Inductor keeps its
+worker processes (Triton compiles in parallel, as in training), so read ``startup_s`` there. Variants:
   full_ft     every parameter trains
   lora_peft   PEFT's injection alone: its ``lora.Linear.forward``, block 0's input not requiring grad (the
               LoRA path before issue 21's fix)
@@ -16,7 +17,7 @@ children (the C++ compiler), which a loaded machine inflates less: Inductor comp
               require grad (``batchpilot/train/lora.py``)
 Usage:
     python benchmarks/lora_compile.py                       # CPU: the tiny preset and a 2-layer llama-1b width
-    python benchmarks/lora_compile.py --shapes llama-1b --seq-len 4096 --batch 4    # one GPU (bf16 autocast)
+    python benchmarks/lora_compile.py --shapes llama-1b --seq-len 4096 --batch 4 --steps 5   # one GPU (bf16 autocast)
 Prints one JSON line per (shape, variant) and writes ``benchmarks/results/lora_compile_<date>.json``.
 """
 
@@ -124,10 +125,13 @@ def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict[str,
 
 def spawn(shape: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """One variant in a fresh process whose Inductor and Triton caches start empty (a cold start)."""
+    import torch
+
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
-               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
-               "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1")}
+               "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+        if not torch.cuda.is_available():  # CPU: compile in-process, so that startup_cpu_s counts all of it
+            env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         cmd = [sys.executable, __file__, "--one", f"{shape}:{variant}", "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--steps", str(args.steps),
                "--autocast", args.autocast]
