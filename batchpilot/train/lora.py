@@ -147,7 +147,15 @@ def lora_linear_class() -> type[PeftLoraLinear]:
                 return super().forward(x)  # PEFT casts x to the adapter's dtype and the result back
             return self.base_layer(x) + b(a(self.lora_dropout[names[0]](x))) * self.scaling[names[0]]
 
+    LoraLinear.__module__, LoraLinear.__qualname__ = __name__, "LoraLinear"  # pickle finds it through __getattr__
     return LoraLinear
+
+
+def __getattr__(name: str) -> Any:
+    """``batchpilot.train.lora.LoraLinear`` resolves lazily (PEP 562), so peft is imported only when it is used."""
+    if name == "LoraLinear":
+        return lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -197,3 +197,19 @@ def test_input_hook_only_under_autograd_and_removed_by_merge():
     merge_lora(model)
     model.embed_tokens.weight.requires_grad_(False)
     assert not model.embed_tokens(ids).requires_grad  # the hook is gone with the adapters
+
+
+def test_adapted_model_pickles():
+    """``LoraLinear`` is defined on first use but resolves by name, so a whole adapted model pickles."""
+    import io
+
+    model = apply_lora(tiny_model(num_layers=1), LORA)
+    nonzero_adapters(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=False)
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)
+    assert type(back.layers[0].self_attn.q_proj) is lora_linear_class()
