@@ -10,17 +10,38 @@ and freezes everything else. The model stays our ``Llama`` (no wrapper class, pa
 
 ``merge_lora`` folds ``(alpha / r) B A`` into each W and puts the plain ``nn.Linear`` back, so ``save_model``
 writes an ordinary HF checkpoint that transformers loads without PEFT.
+
+Two things make the compiled blocks (``--parallel.compile``: one ``torch.compile`` per block, all blocks sharing
+one graph) start as fast under LoRA as in full fine-tuning (issue 21):
+
+- Every block's input requires grad. With the embedding frozen, block 0's input would not while the others'
+  would; dynamo guards on ``requires_grad`` and would compile the block twice (forward and backward each). A
+  forward hook on the embedding marks its output (what HF's ``enable_input_require_grads`` does). Cost: the
+  backward also computes block 0's input gradient, one extra matmul per linear of one block (1 / L of the
+  blocks' backward matmul FLOPs; about 2% of a LoRA step's FLOPs at the llama-1b shape, LM head included).
+- PEFT's LoRA ``Linear`` gets a lean forward (``LoraLinear``, a subclass: same parameters, state dict names and
+  merge): ``base(x) + scale * B(A(dropout(x)))`` for the one active adapter, without PEFT's per-call result
+  cast and, under autocast, without its cast of ``x`` to the adapter's fp32 dtype (autocast casts it back to
+  bf16 for the matmul, so that round trip is exact and wasted). Any other state (merged, disabled, several
+  adapters, extra arguments) falls back to PEFT's forward.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from batchpilot.model.llama import Llama
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import Linear as PeftLoraLinear
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -88,7 +109,53 @@ def apply_lora(model: Llama, cfg: LoraConfig) -> Llama:
         peft.inject_adapter_in_model(peft_cfg, model)
     for name, p in model.named_parameters():  # PEFT freezes the base already; say so rather than rely on it
         p.requires_grad_("lora_" in name)
+    lean = lora_linear_class()
+    for module in model.modules():
+        if type(module) is peft.tuners.lora.Linear:  # vanilla LoRA: our LoraConfig has no DoRA or other variants
+            module.__class__ = lean
+    if model.embed_tokens not in _INPUT_GRAD_HOOKS:
+        _INPUT_GRAD_HOOKS[model.embed_tokens] = model.embed_tokens.register_forward_hook(_output_requires_grad)
     return model
+
+
+_INPUT_GRAD_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """The frozen embedding's output requires grad, so block 0's input does as every other block's does (one
+    compiled graph for all blocks, not two). Outside autograd (``no_grad``, inference mode) nothing changes."""
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
+
+
+@functools.cache
+def lora_linear_class() -> type[PeftLoraLinear]:
+    """``LoraLinear``: PEFT's ``lora.Linear`` with a lean forward for training (defined on first use, since peft is
+    an optional dependency imported only when adapters are applied)."""
+    from peft.tuners.lora import Linear
+
+    class LoraLinear(Linear):
+        """``base(x) + scale * B(A(dropout(x)))`` (Hu et al., eq. 3) for the single active, unmerged adapter."""
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            names = self.active_adapters
+            if args or kwargs or self.disable_adapters or self.merged or len(names) != 1:
+                return super().forward(x, *args, **kwargs)
+            a, b = self.lora_A[names[0]], self.lora_B[names[0]]
+            if x.dtype != a.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+                return super().forward(x)  # PEFT casts x to the adapter's dtype and the result back
+            return self.base_layer(x) + b(a(self.lora_dropout[names[0]](x))) * self.scaling[names[0]]
+
+    LoraLinear.__module__, LoraLinear.__qualname__ = __name__, "LoraLinear"  # pickle finds it through __getattr__
+    return LoraLinear
+
+
+def __getattr__(name: str) -> Any:
+    """``batchpilot.train.lora.LoraLinear`` resolves lazily (PEP 562), so peft is imported only when it is used."""
+    if name == "LoraLinear":
+        return lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -108,5 +175,8 @@ def merge_lora(model: Llama) -> Llama:
         setattr(model.get_submodule(parent_name), child, module.get_base_layer())
     for p in model.parameters():
         p.requires_grad_(True)
+    hook = _INPUT_GRAD_HOOKS.pop(model.embed_tokens, None)
+    if hook is not None:
+        hook.remove()
     return model
 
