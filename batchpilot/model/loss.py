@@ -50,18 +50,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
                 dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # casts are explicit below
-            loss, grad_h, grad_w = _forward_and_grads(hidden, weight, targets, chunk_tokens, dtype)
-        ctx.save_for_backward(grad_h, grad_w)
+            # a frozen head (LoRA on a tied embedding) needs no weight gradient: one of the three V x D GEMMs per
+            # chunk and the V x D fp32 accumulator are skipped
+            loss, grad_h, grad_w = _forward_and_grads(hidden, weight, targets, chunk_tokens, dtype,
+                                                      weight_grad=ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_h, grad_w)  # grad_w may be None (save_for_backward takes None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: no second copy of V x D
-        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None, None
+        return (grad_hidden.mul_(grad_output), None if grad_weight is None else grad_weight.mul_(grad_output),
+                None, None, None)
 
 
 def _forward_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype, *,
+                       weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # (N, D)
     w = weight.to(dtype)  # (V, D); a no-op unless fp32 master weights run under autocast
     t = targets.reshape(-1)  # (N,)
@@ -71,7 +76,7 @@ def _forward_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     softmax_ce = _softmax_ce_kernel(h.device.type)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h)
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if weight_grad else None
     num_chunks = max(1, -(-h.shape[0] // chunk_tokens))
     chunk_tokens = max(1, -(-h.shape[0] // num_chunks))  # equal chunks: one compiled shape, no small last GEMM
     for start in range(0, h.shape[0], chunk_tokens):
@@ -81,8 +86,9 @@ def _forward_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         del logits
         loss += chunk_loss
         torch.mm(grad_logits, w, out=grad_h[rows])  # (C, D)
-        _accumulate_fp32(grad_w, grad_logits.T, h[rows])  # (V, D) += (V, C) @ (C, D)
-    return loss, grad_h.view(hidden.shape).to(hidden.dtype), grad_w.to(weight.dtype)
+        if grad_w is not None:
+            _accumulate_fp32(grad_w, grad_logits.T, h[rows])  # (V, D) += (V, C) @ (C, D)
+    return loss, grad_h.view(hidden.shape).to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype)
 
 
 def _softmax_ce(logits: torch.Tensor, targets: torch.Tensor,

@@ -81,8 +81,8 @@ def test_engine_on_the_kernels_equals_the_torch_paths(llama_pair):
     prompts = [head + [rng.randrange(3, 300) for _ in range(rng.randint(3, 50))] for _ in range(6)]
     prompts += [[rng.randrange(3, 300) for _ in range(rng.randint(5, 90))] for _ in range(4)]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
-    cfg = EngineConfig(cpu_kv_tokens=4096, max_batch_tokens=64, cuda_graphs=False, compile=False,
-                       gpu_memory_utilization=0.3)
+    # num_blocks: two engines live at once (the first one's cache would eat the second one's memory budget)
+    cfg = EngineConfig(num_blocks=256, max_batch_tokens=64, cuda_graphs=False, compile=False)
     base = Engine(model, None, cfg)
     base.runner.paged_attention.prefill_triton = False
     want = [c.output_ids for c in base.generate(prompts, params)]

@@ -119,3 +119,21 @@ def test_moe_forward_with_routing_record_returns_the_same_lm_loss():
     after_router = [n for n in touched if n == "norm.weight" or n.startswith("lm_head")
                     or (n.startswith("layers.1.mlp.") and n != "layers.1.mlp.gate.weight")]
     assert not after_router
+
+
+def test_frozen_weight_gets_no_gradient_and_the_same_hidden_gradient():
+    """A frozen head (LoRA on a tied embedding): no weight gradient is computed, the hidden gradient is unchanged."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64)
+    targets = torch.randint(0, 11, (2, 5))
+    chunked_cross_entropy(hidden, weight, targets, chunk_tokens=3).backward()
+    want = hidden.grad.clone()
+    hidden.grad = None
+    trained = weight.clone().requires_grad_(True)
+    chunked_cross_entropy(hidden, trained, targets, chunk_tokens=3).backward()
+    torch.testing.assert_close(hidden.grad, want)
+    assert weight.grad is None and trained.grad is not None
+    logits = hidden.detach() @ trained.detach().T
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+    torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets).double(), ref)
