@@ -1,0 +1,305 @@
+"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream, ~20 reads of a row
+instead of ~30 (R, V) torch passes in fp32/fp64/int64 (issue 15).
+
+One program per row (grid = R), the row re-read from L2 by each pass, fixed work per row, no atomics, no host
+sync (capturable in a CUDA graph):
+
+1. greedy argmax of the logits (the first index among equal maxima, what ``torch.argmax`` documents) and their max
+   ``x_max``; the max of ``s = x / T`` is ``x_max / T`` (IEEE division by ``T > 0`` is monotone). Rows with
+   temperature <= 0 stop here (``sample`` returns their greedy token).
+2. rows with a filter: a most-significant-digit-first search of the threshold key over the same totally ordered
+   integer keys as ``sampling.keep_threshold`` (16-bit logits' own bits for bf16/fp16, ``s``'s fp32 bits
+   otherwise; -0 folded into +0), ``RADIX`` bits per pass: each pass reduces, for the 2^RADIX candidate
+   thresholds ``t_c`` under the prefix chosen so far, ``count(keys > t_c)`` and ``mass(keys > t_c)`` of the
+   unnormalised probabilities ``e = exp(s - s_max)`` (fp32, as torch computes them) and keeps the lowest
+   candidate with ``count < top_k and mass < top_p * Z`` (Alabi et al., "Fast k-selection algorithms for graphics
+   processing units", ACM JEA 17, 2012, section 3: radix select; here each digit's bins are reduced instead of
+   histogrammed). 16-bit keys take 16 / RADIX passes, fp32 keys 32 / RADIX. ``Z = sum(e)`` comes with the first.
+3. the Gumbel-max draw: ``argmax over kept tokens of (s + g)``, ``g = -log(-log(u))`` from the same lowbias32 hash
+   of (row key, token) as ``sampling.uniform_noise`` (uint32 arithmetic: Triton's uint32 multiplies wrap mod
+   2^32 and its uint32 shifts are logical, so the torch path's int32 masking is not needed).
+
+Masses: each lane keeps an fp32 Kahan-compensated sum (Kahan, "Further remarks on reducing truncation errors",
+CACM 8(1), 1965: error ~2 ulp of fp32 squared per lane), the lanes are combined in fp64 as ``sum - compensation``.
+That is as exact as the torch path's fp64 sums (both within ~1e-14 relative of the true sum, so a cut can only
+differ where ``top_p * Z`` lies that close to a cumulative mass) and costs 4 fp32 adds per token and candidate,
+where an fp64 accumulation costs an fp32 -> fp64 conversion (1/8 of the fp32 rate on H100/H200) and a
+half-rate fp64 add.
+
+Numerics against the torch path: ``x / T`` is ``div_rn`` (IEEE, like torch's ``/``); on CUDA, ``exp``/``log`` are
+libdevice's ``expf``/``logf``, the CUDA math library functions torch's CUDA ``exp``/``log`` call, so the values
+are the same but for FTZ of subnormal ``e`` (< 1e-38: no mass); under ``TRITON_INTERPRET=1`` (CPU tests) they
+are numpy's, within an ulp of torch CPU's. NaN logits are not supported (torch's argmax returns the first NaN).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU installs and CI: sampling.sample keeps the torch path
+    triton = None
+
+HAVE_TRITON = triton is not None
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # KIND: fp32 keys of s, bf16 / fp16 own bits
+_INT32_MAX = 2**31 - 1
+
+
+def supported(logits: torch.Tensor, temperature: torch.Tensor) -> bool:
+    """Whether the kernel computes exactly ``sampling.sample``'s result for these inputs: 2-D fp32/bf16/fp16
+    logits with fp32 temperatures (fp64 temperatures make torch's ``s`` fp64)."""
+    return (HAVE_TRITON and logits.dim() == 2 and logits.dtype in _KINDS and temperature.dtype == torch.float32
+            and logits.shape[-1] > 0)
+
+
+def interpreted() -> bool:
+    """``TRITON_INTERPRET=1``: the kernel runs on CPU tensors through numpy (no libdevice there)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _load_row(base, offs, valid, KIND: tl.constexpr):
+        """fp32 values (-inf outside the row) and the raw int32 words (16-bit bits sign-extended, or 0)."""
+        if KIND == 0:
+            x = tl.load(base + offs, mask=valid, other=float("-inf"))
+            raw = tl.zeros_like(offs)
+        else:
+            raw = tl.load(base + offs, mask=valid, other=0).to(tl.int32)  # int16 view of the 16-bit logits
+            if KIND == 1:  # bf16: its bits are the top half of the fp32 bits
+                x = (raw << 16).to(tl.float32, bitcast=True)
+            else:
+                x = raw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x = tl.where(valid, x, float("-inf"))
+        return x, raw
+
+    @triton.jit
+    def _keys(raw, s, KIND: tl.constexpr):
+        """``sampling._order_keys``: IEEE bits, negatives with all but the sign bit flipped, -0 as +0."""
+        if KIND == 0:
+            b = s.to(tl.int32, bitcast=True)
+            b = tl.where(b == -2147483648, 0, b)
+            k = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        else:
+            b = tl.where(raw == -32768, 0, raw)
+            k = tl.where(b >= 0, b, b ^ 0x7FFF)
+        return k
+
+    @triton.jit
+    def _exp(x, ACCURATE: tl.constexpr):
+        if ACCURATE:
+            return libdevice.exp(x)
+        return tl.exp(x)
+
+    @triton.jit
+    def _log(x, ACCURATE: tl.constexpr):
+        if ACCURATE:
+            return libdevice.log(x)
+        return tl.log(x)
+
+    @triton.jit
+    def _lowbias32(x):
+        """Wellons' lowbias32 on uint32 (wrapping multiplies, logical shifts): ``sampling.lowbias32``."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _row_key(seed_ptr, step_ptr, row):
+        """``sampling.row_keys`` of one row (uint32): the int64 seed's low then high word folded in, then the step's
+        low word, each through lowbias32."""
+        seed = tl.load(seed_ptr + row)
+        k = _lowbias32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
+        k = _lowbias32(k ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+        return _lowbias32(k ^ (tl.load(step_ptr + row) & 0xFFFFFFFF).to(tl.uint32))
+
+    @triton.jit
+    def _uniform(offs, rkey):
+        """``sampling.uniform_noise`` of tokens ``offs`` (int32) under the uint32 row key: ``(k + 0.5) / 2^24`` of
+        the top 24 bits ``k`` of ``lowbias32(key + token * 0x9E3779B9)``, kept below 1."""
+        h = _lowbias32(offs.to(tl.uint32) * 0x9E3779B9 + rkey)
+        u = ((h >> 8) & 0xFFFFFF).to(tl.float32)
+        return tl.minimum((u + 0.5) * (2.0**-24), 1.0 - 2.0**-24)
+
+    @triton.jit
+    def _gumbel(offs, rkey, ACCURATE: tl.constexpr):
+        """``sampling.gumbel_noise``: ``-log(-log(u))``."""
+        return -_log(-_log(_uniform(offs, rkey), ACCURATE), ACCURATE)
+
+    @triton.jit
+    def _noise_kernel(seed_ptr, step_ptr, out_ptr, V, GUMBEL: tl.constexpr, BLOCK: tl.constexpr,
+                      ACCURATE: tl.constexpr):
+        """(R, V) uniform or Gumbel noise of the sampler's stream (tests compare it with the torch path's)."""
+        row = tl.program_id(0)
+        rkey = _row_key(seed_ptr, step_ptr, row)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            if GUMBEL:
+                x = _gumbel(offs, rkey, ACCURATE)
+            else:
+                x = _uniform(offs, rkey)
+            tl.store(out_ptr + row.to(tl.int64) * V + offs, x, mask=offs < V)
+
+    @triton.jit
+    def _kahan(acc, comp, v):
+        """One Kahan step per lane: ``acc - comp`` tracks the exact running sum to ~fp32 epsilon squared."""
+        y = v - comp
+        t = acc + y
+        comp = (t - acc) - y
+        return t, comp
+
+    @triton.jit
+    def _digit(base, V, thr, shift: tl.constexpr, tk, m, limit, k_lim, use_p, KIND: tl.constexpr, RADIX: tl.constexpr,
+               BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
+        """How many of the candidate thresholds ``thr - c * 2^shift`` (c = 1 .. 2^RADIX - 1) pass ``ok``."""
+        NC: tl.constexpr = 2**RADIX  # c = 1 .. NC; the last (below the prefix) is reduced but not counted
+        c = tl.arange(1, NC + 1)
+        lo: tl.constexpr = -(2**31) if KIND == 0 else -(2**15)
+        cand = tl.maximum(thr - (c.to(tl.int64) << shift), lo).to(tl.int32)  # (NC,) descending thresholds
+        cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
+        acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)
+            s = tl.math.div_rn(x, tk)
+            above = (_keys(raw, s, KIND)[None, :] > cand[:, None]) & valid[None, :]
+            cnt += above.to(tl.int32)
+            if use_p:
+                e = _exp(s - m, ACCURATE)
+                acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+        count = tl.sum(cnt, axis=1)
+        mass = tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
+        ok = (count < k_lim) & (mass < limit) & (c < NC)
+        return tl.sum(ok.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _total_mass(base, V, tk, m, KIND: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
+        """``Z = sum(exp(s - s_max))`` (Kahan lanes, fp64 combination)."""
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        comp = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)
+            e = tl.where(valid, _exp(tl.math.div_rn(x, tk) - m, ACCURATE), 0.0)
+            acc, comp = _kahan(acc, comp, e)
+        return tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=0)
+
+    @triton.jit
+    def _sample_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
+                       KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, RADIX: tl.constexpr, BLOCK: tl.constexpr,
+                       ACCURATE: tl.constexpr):
+        row = tl.program_id(0)
+        base = x_ptr + row.to(tl.int64) * stride
+        best_v = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        best_i = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+        for start in range(0, V, BLOCK):  # pass 1: greedy
+            offs = start + tl.arange(0, BLOCK)
+            x, raw = _load_row(base, offs, offs < V, KIND)
+            bv = tl.max(x, axis=0)
+            bi = start + tl.argmax(x, axis=0, tie_break_left=True).to(tl.int32)
+            best_i = tl.where(bv > best_v, bi, best_i)
+            best_v = tl.maximum(best_v, bv)
+        result = best_i
+        W: tl.constexpr = 32 if KIND == 0 else 16
+        thr = tl.full([], -(2**(W - 1)), tl.int64)  # keep key >= thr: everything
+        temp = tl.load(temp_ptr + row)
+        if temp > 0:
+            tk = tl.maximum(temp, 1e-6)
+            m = tl.math.div_rn(best_v, tk)  # max(s): division by tk > 0 is monotone
+            if FILTER:
+                k_lim = tl.load(klim_ptr + row)
+                top_p = tl.load(topp_ptr + row)
+                use_p = top_p < 1.0
+                if (k_lim < 2147483647) | use_p:
+                    limit = tl.full([], float("inf"), tl.float64)
+                    if use_p:
+                        limit = top_p * _total_mass(base, V, tk, m, KIND, BLOCK, ACCURATE)
+                    thr = tl.full([], 2**(W - 1) - 1, tl.int64)  # the largest key: nothing above it
+                    for d in tl.static_range(W // RADIX):
+                        j = _digit(base, V, thr, W - RADIX * (d + 1), tk, m, limit, k_lim, use_p, KIND, RADIX, BLOCK, ACCURATE)
+                        thr = thr - (j.to(tl.int64) << (W - RADIX * (d + 1)))
+            thr32 = thr.to(tl.int32)
+            rkey = _row_key(seed_ptr, step_ptr, row)
+            draw_v = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+            draw_i = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+            for start in range(0, V, BLOCK):  # the Gumbel-max draw over the kept tokens
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                s = tl.math.div_rn(x, tk)
+                g = _gumbel(offs, rkey, ACCURATE)
+                kept = valid & (_keys(raw, s, KIND) >= thr32)
+                noisy = tl.where(kept, g + s, float("-inf"))
+                bv = tl.max(noisy, axis=0)
+                bi = start + tl.argmax(noisy, axis=0, tie_break_left=True).to(tl.int32)
+                draw_i = tl.where(bv > draw_v, bi, draw_i)
+                draw_v = tl.maximum(draw_v, bv)
+            result = draw_i
+        tl.store(out_ptr + row, result.to(tl.int64))
+        if WRITE_THR:  # tests: the threshold key itself
+            tl.store(thr_ptr + row, thr)
+
+
+def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
+                  radix_bits: int = 2, block: int = 1024, num_warps: int = 8) -> torch.Tensor:
+    """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
+    ``TRITON_INTERPRET=1``. ``radix_bits`` (1, 2 or 4) bits of the threshold per pass over the row; ``block``
+    tokens per program step and ``num_warps`` per program (a row)."""
+    if not any_random:
+        return logits.argmax(dim=-1)
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, radix_bits, block, num_warps,
+                   False)[0]
+
+
+def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
+                                top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
+                                radix_bits: int = 2, block: int = 1024,
+                                num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
+    ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, radix_bits, block, num_warps, True)
+
+
+def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+            seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, radix_bits: int, block: int, num_warps: int,
+            write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not supported(logits, temperature):
+        raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
+                         f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
+    if radix_bits not in (1, 2, 4):
+        raise ValueError(f"sample_triton: radix_bits must be 1, 2 or 4, got {radix_bits}")
+    R, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    kind = _KINDS[logits.dtype]
+    x = logits if kind == 0 else logits.view(torch.int16)
+    k_lim = torch.where(top_k > 0, top_k.clamp_max(_INT32_MAX), _INT32_MAX).to(torch.int32)
+    out = torch.empty(R, dtype=torch.int64, device=logits.device)
+    thr = torch.empty(R if write_threshold else 1, dtype=torch.int64, device=logits.device)
+    _sample_kernel[(R,)](x, x.stride(0), V, temperature.contiguous(), k_lim.contiguous(),
+                         top_p.double().contiguous(), seeds.long().contiguous(), steps.long().contiguous(), out, thr,
+                         KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, RADIX=radix_bits, BLOCK=block,
+                         ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False)
+    return out, thr
+
+
+def noise_triton(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int, *, gumbel: bool) -> torch.Tensor:
+    """(R, V) fp32 noise the kernel draws with: ``sampling.uniform_noise`` or ``sampling.gumbel_noise``."""
+    if not HAVE_TRITON:
+        raise ValueError("noise_triton: needs triton")
+    out = torch.empty(seeds.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
+    _noise_kernel[(seeds.shape[0],)](seeds.long().contiguous(), steps.long().contiguous(), out, vocab_size,
+                                     GUMBEL=gumbel, BLOCK=1024, ACCURATE=not interpreted())
+    return out
