@@ -80,8 +80,9 @@ if HAVE_TRITON:
         return x, raw
 
     @triton.jit
-    def _keys(raw, s, KIND: tl.constexpr):
-        """``sampling._order_keys``: IEEE bits, negatives with all but the sign bit flipped, -0 as +0."""
+    def _keys(raw, s, valid, KIND: tl.constexpr):
+        """``sampling._order_keys``: IEEE bits, negatives with all but the sign bit flipped, -0 as +0; -2^31 (below
+        every candidate threshold) outside the row."""
         if KIND == 0:
             b = s.to(tl.int32, bitcast=True)
             b = tl.where(b == -2147483648, 0, b)
@@ -89,7 +90,7 @@ if HAVE_TRITON:
         else:
             b = tl.where(raw == -32768, 0, raw)
             k = tl.where(b >= 0, b, b ^ 0x7FFF)
-        return k
+        return tl.where(valid, k, -2147483648)
 
     @triton.jit
     def _exp(x, ACCURATE: tl.constexpr):
@@ -167,20 +168,39 @@ if HAVE_TRITON:
         cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
         acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
         comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < V
-            x, raw = _load_row(base, offs, valid, KIND)
-            s = tl.math.div_rn(x, tk)
-            above = (_keys(raw, s, KIND)[None, :] > cand[:, None]) & valid[None, :]
-            cnt += above.to(tl.int32)
-            if use_p:
-                e = _exp(s - m, ACCURATE)
-                acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+        if use_p:  # count and mass
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                s = tl.math.div_rn(x, tk)
+                above = _keys(raw, s, valid, KIND)[None, :] > cand[:, None]
+                cnt += above.to(tl.int32)
+                acc, comp = _kahan(acc, comp, tl.where(above, _exp(s - m, ACCURATE)[None, :], 0.0))
+        else:  # top-k only: no probabilities
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                if KIND == 0:
+                    x = tl.math.div_rn(x, tk)
+                cnt += (_keys(raw, x, valid, KIND)[None, :] > cand[:, None]).to(tl.int32)
         count = tl.sum(cnt, axis=1)
         mass = tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
         ok = (count < k_lim) & (mass < limit) & (c < NC)
         return tl.sum(ok.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _argmax_update(best_v, best_i, x, offs):
+        """Lane-wise running argmax: a lane keeps its first maximum (its tokens come in increasing order)."""
+        take = x > best_v
+        return tl.where(take, x, best_v), tl.where(take, offs, best_i)
+
+    @triton.jit
+    def _argmax_final(best_v, best_i):
+        """The first index among the lanes' maxima (``torch.argmax``'s rule: the lowest index of the maximum)."""
+        top = tl.max(best_v, axis=0)
+        return tl.min(tl.where(best_v == top, best_i, 2147483647), axis=0)
 
     @triton.jit
     def _total_mass(base, V, tk, m, KIND: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
@@ -201,16 +221,14 @@ if HAVE_TRITON:
                        ACCURATE: tl.constexpr):
         row = tl.program_id(0)
         base = x_ptr + row.to(tl.int64) * stride
-        best_v = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-        best_i = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+        lane_i = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):  # pass 1: greedy
             offs = start + tl.arange(0, BLOCK)
             x, raw = _load_row(base, offs, offs < V, KIND)
-            bv = tl.max(x, axis=0)
-            bi = start + tl.argmax(x, axis=0, tie_break_left=True).to(tl.int32)
-            best_i = tl.where(bv > best_v, bi, best_i)
-            best_v = tl.maximum(best_v, bv)
-        result = best_i
+            lane_v, lane_i = _argmax_update(lane_v, lane_i, x, offs)
+        best_v = tl.max(lane_v, axis=0)
+        result = _argmax_final(lane_v, lane_i)
         W: tl.constexpr = 32 if KIND == 0 else 16
         thr = tl.full([], -(2**(W - 1)), tl.int64)  # keep key >= thr: everything
         temp = tl.load(temp_ptr + row)
@@ -231,21 +249,18 @@ if HAVE_TRITON:
                         thr = thr - (j.to(tl.int64) << (W - RADIX * (d + 1)))
             thr32 = thr.to(tl.int32)
             rkey = _row_key(seed_ptr, step_ptr, row)
-            draw_v = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-            draw_i = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+            lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+            lane_i = tl.arange(0, BLOCK)
             for start in range(0, V, BLOCK):  # the Gumbel-max draw over the kept tokens
                 offs = start + tl.arange(0, BLOCK)
                 valid = offs < V
                 x, raw = _load_row(base, offs, valid, KIND)
                 s = tl.math.div_rn(x, tk)
-                g = _gumbel(offs, rkey, ACCURATE)
-                kept = valid & (_keys(raw, s, KIND) >= thr32)
-                noisy = tl.where(kept, g + s, float("-inf"))
-                bv = tl.max(noisy, axis=0)
-                bi = start + tl.argmax(noisy, axis=0, tie_break_left=True).to(tl.int32)
-                draw_i = tl.where(bv > draw_v, bi, draw_i)
-                draw_v = tl.maximum(draw_v, bv)
-            result = draw_i
+                noisy = _gumbel(offs, rkey, ACCURATE) + s  # -inf outside the row (x = -inf there)
+                if FILTER:
+                    noisy = tl.where(_keys(raw, s, valid, KIND) >= thr32, noisy, float("-inf"))
+                lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+            result = _argmax_final(lane_v, lane_i)
         tl.store(out_ptr + row, result.to(tl.int64))
         if WRITE_THR:  # tests: the threshold key itself
             tl.store(thr_ptr + row, thr)
