@@ -80,17 +80,37 @@ if HAVE_TRITON:
         return x, raw
 
     @triton.jit
-    def _keys(raw, s, valid, KIND: tl.constexpr):
-        """``sampling._order_keys``: IEEE bits, negatives with all but the sign bit flipped, -0 as +0; -2^31 (below
-        every candidate threshold) outside the row."""
+    def _fold(b, KIND: tl.constexpr):
+        """``sampling._order_keys`` of IEEE bits ``b`` (int32; 16-bit ones sign-extended): negatives with all but
+        the sign bit flipped, -0 as +0."""
         if KIND == 0:
-            b = s.to(tl.int32, bitcast=True)
             b = tl.where(b == -2147483648, 0, b)
             k = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
         else:
-            b = tl.where(raw == -32768, 0, raw)
+            b = tl.where(b == -32768, 0, b)
             k = tl.where(b >= 0, b, b ^ 0x7FFF)
+        return k
+
+    @triton.jit
+    def _keys(raw, s, valid, KIND: tl.constexpr):
+        """Keys of a block (of ``s`` for fp32 logits, of the 16-bit words otherwise); -2^31, below every candidate
+        threshold, outside the row."""
+        if KIND == 0:
+            k = _fold(s.to(tl.int32, bitcast=True), KIND)
+        else:
+            k = _fold(raw, KIND)
         return tl.where(valid, k, -2147483648)
+
+    @triton.jit
+    def _key_of(x, tk, KIND: tl.constexpr):
+        """The key of one logit value ``x`` (fp32 holding the logit exactly) at temperature ``tk``."""
+        if KIND == 0:
+            b = tl.math.div_rn(x, tk).to(tl.int32, bitcast=True)
+        elif KIND == 1:
+            b = x.to(tl.int32, bitcast=True) >> 16  # arithmetic: the bf16 word sign-extended
+        else:
+            b = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        return _fold(b, KIND).to(tl.int64)
 
     @triton.jit
     def _exp(x, ACCURATE: tl.constexpr):
@@ -158,25 +178,27 @@ if HAVE_TRITON:
         return t, comp
 
     @triton.jit
-    def _digit(base, V, thr, shift: tl.constexpr, tk, m, limit, k_lim, use_p, KIND: tl.constexpr, RADIX: tl.constexpr,
-               BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
-        """How many of the candidate thresholds ``thr - c * 2^shift`` (c = 1 .. 2^RADIX - 1) pass ``ok``."""
-        NC: tl.constexpr = 2**RADIX  # c = 1 .. NC; the last (below the prefix) is reduced but not counted
-        c = tl.arange(1, NC + 1)
-        lo: tl.constexpr = -(2**31) if KIND == 0 else -(2**15)
-        cand = tl.maximum(thr - (c.to(tl.int64) << shift), lo).to(tl.int32)  # (NC,) descending thresholds
+    def _reduce(base, V, cand, tk, m, use_p, WITH_Z: tl.constexpr, NC: tl.constexpr, KIND: tl.constexpr,
+                BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
+        """One pass over the row: per candidate threshold (NC,) ``count(keys > t)`` and (with ``use_p``)
+        ``mass(keys > t)`` of ``e = exp(s - s_max)``; ``Z = sum(e)`` too with ``WITH_Z``."""
         cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
         acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
         comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        z_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        z_comp = tl.zeros([BLOCK], dtype=tl.float32)
         if use_p:  # count and mass
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 valid = offs < V
                 x, raw = _load_row(base, offs, valid, KIND)
                 s = tl.math.div_rn(x, tk)
+                e = _exp(s - m, ACCURATE)  # 0 outside the row (x = -inf)
                 above = _keys(raw, s, valid, KIND)[None, :] > cand[:, None]
                 cnt += above.to(tl.int32)
-                acc, comp = _kahan(acc, comp, tl.where(above, _exp(s - m, ACCURATE)[None, :], 0.0))
+                acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+                if WITH_Z:
+                    z_acc, z_comp = _kahan(z_acc, z_comp, e)
         else:  # top-k only: no probabilities
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
@@ -187,8 +209,21 @@ if HAVE_TRITON:
                 cnt += (_keys(raw, x, valid, KIND)[None, :] > cand[:, None]).to(tl.int32)
         count = tl.sum(cnt, axis=1)
         mass = tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
-        ok = (count < k_lim) & (mass < limit) & (c < NC)
-        return tl.sum(ok.to(tl.int32), axis=0)
+        return count, mass, tl.sum(z_acc.to(tl.float64) - z_comp.to(tl.float64), axis=0)
+
+    @triton.jit
+    def _split(lo, hi, NC: tl.constexpr):
+        """NC candidate thresholds splitting (lo, hi] into NC + 1 near-equal parts (distinct while they fit), each
+        in (lo, hi]: int64 (NC,)."""
+        c = tl.arange(1, NC + 1).to(tl.int64)
+        return lo + ((hi - lo) * c + NC) // (NC + 1)
+
+    @triton.jit
+    def _narrow(lo, hi, cand, count, mass, k_lim, limit):
+        """The bracket after one pass: ``hi`` the least candidate passing ``ok`` (count < top_k and mass <
+        top_p * Z), ``lo`` the greatest failing one (``ok`` is monotone in the threshold)."""
+        ok = (count < k_lim) & (mass < limit)
+        return tl.max(tl.where(ok, lo, cand), axis=0), tl.min(tl.where(ok, cand, hi), axis=0)
 
     @triton.jit
     def _argmax_update(best_v, best_i, x, offs):
@@ -203,30 +238,21 @@ if HAVE_TRITON:
         return tl.min(tl.where(best_v == top, best_i, 2147483647), axis=0)
 
     @triton.jit
-    def _total_mass(base, V, tk, m, KIND: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
-        """``Z = sum(exp(s - s_max))`` (Kahan lanes, fp64 combination)."""
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        comp = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < V
-            x, raw = _load_row(base, offs, valid, KIND)
-            e = tl.where(valid, _exp(tl.math.div_rn(x, tk) - m, ACCURATE), 0.0)
-            acc, comp = _kahan(acc, comp, e)
-        return tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=0)
-
-    @triton.jit
     def _sample_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
-                       KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, RADIX: tl.constexpr, BLOCK: tl.constexpr,
+                       KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr,
                        ACCURATE: tl.constexpr):
         row = tl.program_id(0)
         base = x_ptr + row.to(tl.int64) * stride
         lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
         lane_i = tl.arange(0, BLOCK)
-        for start in range(0, V, BLOCK):  # pass 1: greedy
+        lane_lo = tl.full([BLOCK], float("inf"), tl.float32)
+        for start in range(0, V, BLOCK):  # pass 1: greedy, and the row's range
             offs = start + tl.arange(0, BLOCK)
-            x, raw = _load_row(base, offs, offs < V, KIND)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)
             lane_v, lane_i = _argmax_update(lane_v, lane_i, x, offs)
+            if FILTER:
+                lane_lo = tl.minimum(lane_lo, tl.where(valid, x, float("inf")))
         best_v = tl.max(lane_v, axis=0)
         result = _argmax_final(lane_v, lane_i)
         W: tl.constexpr = 32 if KIND == 0 else 16
@@ -240,13 +266,22 @@ if HAVE_TRITON:
                 top_p = tl.load(topp_ptr + row)
                 use_p = top_p < 1.0
                 if (k_lim < 2147483647) | use_p:
-                    limit = tl.full([], float("inf"), tl.float64)
-                    if use_p:
-                        limit = top_p * _total_mass(base, V, tk, m, KIND, BLOCK, ACCURATE)
-                    thr = tl.full([], 2**(W - 1) - 1, tl.int64)  # the largest key: nothing above it
-                    for d in tl.static_range(W // RADIX):
-                        j = _digit(base, V, thr, W - RADIX * (d + 1), tk, m, limit, k_lim, use_p, KIND, RADIX, BLOCK, ACCURATE)
-                        thr = thr - (j.to(tl.int64) << (W - RADIX * (d + 1)))
+                    # bracket (lo, hi]: ok(hi) (nothing is above the largest key), and below the least key every
+                    # threshold keeps the whole row, so the least passing threshold in it keeps what torch's does
+                    lo = _key_of(tl.min(lane_lo, axis=0), tk, KIND) - 1
+                    hi = _key_of(best_v, tk, KIND)
+                    cand = _split(lo, hi, NC)
+                    count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, BLOCK,
+                                             ACCURATE)
+                    limit = tl.where(use_p, top_p * z, float("inf"))
+                    lo, hi = _narrow(lo, hi, cand, count, mass, k_lim, limit)
+                    while hi - lo > 1:
+                        cand = _split(lo, hi, NC)
+                        count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND, BLOCK,
+                                                 ACCURATE)
+                        lo, hi = _narrow(lo, hi, cand, count, mass, k_lim, limit)
+                    thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)  # top_p = 0: no threshold passes, torch keeps
+                    # only keys above the largest finite one, i.e. nothing
             thr32 = thr.to(tl.int32)
             rkey = _row_key(seed_ptr, step_ptr, row)
             lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -268,33 +303,33 @@ if HAVE_TRITON:
 
 def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
-                  radix_bits: int = 2, block: int = 1024, num_warps: int = 8) -> torch.Tensor:
+                  candidates: int = 4, block: int = 1024, num_warps: int = 8) -> torch.Tensor:
     """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
-    ``TRITON_INTERPRET=1``. ``radix_bits`` (1, 2 or 4) bits of the threshold per pass over the row; ``block``
-    tokens per program step and ``num_warps`` per program (a row)."""
+    ``TRITON_INTERPRET=1``. ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens
+    per program step and ``num_warps`` per program (a row)."""
     if not any_random:
         return logits.argmax(dim=-1)
-    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, radix_bits, block, num_warps,
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps,
                    False)[0]
 
 
 def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
                                 top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
-                                radix_bits: int = 2, block: int = 1024,
+                                candidates: int = 4, block: int = 1024,
                                 num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
     ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
-    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, radix_bits, block, num_warps, True)
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, True)
 
 
 def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-            seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, radix_bits: int, block: int, num_warps: int,
+            seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, candidates: int, block: int, num_warps: int,
             write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not supported(logits, temperature):
         raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
                          f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
-    if radix_bits not in (1, 2, 4):
-        raise ValueError(f"sample_triton: radix_bits must be 1, 2 or 4, got {radix_bits}")
+    if candidates not in (2, 4, 8):
+        raise ValueError(f"sample_triton: candidates must be 2, 4 or 8, got {candidates}")
     R, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -305,7 +340,7 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     thr = torch.empty(R if write_threshold else 1, dtype=torch.int64, device=logits.device)
     _sample_kernel[(R,)](x, x.stride(0), V, temperature.contiguous(), k_lim.contiguous(),
                          top_p.double().contiguous(), seeds.long().contiguous(), steps.long().contiguous(), out, thr,
-                         KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, RADIX=radix_bits, BLOCK=block,
+                         KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, BLOCK=block,
                          ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False)
     return out, thr
 

@@ -79,12 +79,12 @@ def test_kernel_tokens_equal_the_torch_path_16_bit(dtype, kind):
     check(*case(kind, "mixed", 12, 4099, dtype))
 
 
-@pytest.mark.parametrize("radix_bits,block", [(1, 512), (2, 256), (4, 128)])
-def test_every_radix_and_block_gives_the_same_tokens(radix_bits, block):
-    """Digit width and block size change the work, not the tokens (blocks of 128 also make the argmax ties cross
-    block boundaries)."""
+@pytest.mark.parametrize("candidates,block", [(2, 512), (4, 256), (8, 128)])
+def test_every_split_and_block_gives_the_same_tokens(candidates, block):
+    """Thresholds per pass and block size change the work, not the tokens (blocks of 128 also make the argmax ties
+    cross block boundaries)."""
     for dtype in (torch.float32, torch.bfloat16):
-        check(*case("ties", "both", 4, 1100, dtype), radix_bits=radix_bits, block=block)
+        check(*case("ties", "both", 4, 1100, dtype), candidates=candidates, block=block)
 
 
 def test_unfiltered_rows_and_rows_without_a_filter():
@@ -153,8 +153,8 @@ def test_dispatch_keeps_the_torch_path_off_cuda_and_rejects_what_the_kernel_does
     assert st.supported(logits, kw["temperature"])
     assert not st.supported(logits, kw["temperature"].double())  # torch's s would be fp64
     assert not st.supported(logits.double(), kw["temperature"])
-    with pytest.raises(ValueError, match="radix_bits"):
-        st.sample_triton(logits, **kw, radix_bits=3)
+    with pytest.raises(ValueError, match="candidates"):
+        st.sample_triton(logits, **kw, candidates=3)
 
 
 @pytest.mark.gpu
