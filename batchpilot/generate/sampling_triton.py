@@ -57,6 +57,16 @@ def supported(logits: torch.Tensor, temperature: torch.Tensor) -> bool:
             and logits.shape[-1] > 0)
 
 
+def default_sums(device: torch.device) -> str:
+    """"fp64" on GPUs with half-rate fp64 (compute capability x.0 from 6.0: P100, V100, A100, H100/H200, B200),
+    where an fp64 add per token and candidate is cheaper than Kahan's four fp32 ones; "kahan" elsewhere (consumer
+    and L-series parts run fp64 at 1/32-1/64 of fp32) and on CPU."""
+    if device.type != "cuda":
+        return "kahan"
+    major, minor = torch.cuda.get_device_capability(device)
+    return "fp64" if major >= 6 and minor == 0 else "kahan"
+
+
 def interpreted() -> bool:
     """``TRITON_INTERPRET=1``: the kernel runs on CPU tensors through numpy (no libdevice there)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -179,14 +189,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _reduce(base, V, cand, tk, m, use_p, WITH_Z: tl.constexpr, NC: tl.constexpr, KIND: tl.constexpr,
-                BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
+                FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
         """One pass over the row: per candidate threshold (NC,) ``count(keys > t)`` and (with ``use_p``)
-        ``mass(keys > t)`` of ``e = exp(s - s_max)``; ``Z = sum(e)`` too with ``WITH_Z``."""
+        ``mass(keys > t)`` of ``e = exp(s - s_max)``; ``Z = sum(e)`` too with ``WITH_Z``. Masses are summed in fp64
+        lanes (``FP64``) or fp32 Kahan lanes, either way combined in fp64."""
         cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
-        acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
-        comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
-        z_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        z_comp = tl.zeros([BLOCK], dtype=tl.float32)
+        if FP64:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float64)  # unused
+            z_acc = tl.zeros([BLOCK], dtype=tl.float64)
+            z_comp = tl.zeros([BLOCK], dtype=tl.float64)  # unused
+        else:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            z_acc = tl.zeros([BLOCK], dtype=tl.float32)
+            z_comp = tl.zeros([BLOCK], dtype=tl.float32)
         if use_p:  # count and mass
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
@@ -196,9 +213,15 @@ if HAVE_TRITON:
                 e = _exp(s - m, ACCURATE)  # 0 outside the row (x = -inf)
                 above = _keys(raw, s, valid, KIND)[None, :] > cand[:, None]
                 cnt += above.to(tl.int32)
-                acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
-                if WITH_Z:
-                    z_acc, z_comp = _kahan(z_acc, z_comp, e)
+                if FP64:
+                    e64 = e.to(tl.float64)
+                    acc += tl.where(above, e64[None, :], 0.0)
+                    if WITH_Z:
+                        z_acc += e64
+                else:
+                    acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+                    if WITH_Z:
+                        z_acc, z_comp = _kahan(z_acc, z_comp, e)
         else:  # top-k only: no probabilities
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
@@ -208,6 +231,8 @@ if HAVE_TRITON:
                     x = tl.math.div_rn(x, tk)
                 cnt += (_keys(raw, x, valid, KIND)[None, :] > cand[:, None]).to(tl.int32)
         count = tl.sum(cnt, axis=1)
+        if FP64:
+            return count, tl.sum(acc, axis=1), tl.sum(z_acc, axis=0)
         mass = tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
         return count, mass, tl.sum(z_acc.to(tl.float64) - z_comp.to(tl.float64), axis=0)
 
@@ -239,8 +264,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sample_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
-                       KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr,
-                       ACCURATE: tl.constexpr):
+                       KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, NC: tl.constexpr,
+                       FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
         row = tl.program_id(0)
         base = x_ptr + row.to(tl.int64) * stride
         lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -271,14 +296,14 @@ if HAVE_TRITON:
                     lo = _key_of(tl.min(lane_lo, axis=0), tk, KIND) - 1
                     hi = _key_of(best_v, tk, KIND)
                     cand = _split(lo, hi, NC)
-                    count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, BLOCK,
+                    count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, FP64, BLOCK,
                                              ACCURATE)
                     limit = tl.where(use_p, top_p * z, float("inf"))
                     lo, hi = _narrow(lo, hi, cand, count, mass, k_lim, limit)
                     while hi - lo > 1:
                         cand = _split(lo, hi, NC)
-                        count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND, BLOCK,
-                                                 ACCURATE)
+                        count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND, FP64,
+                                                 BLOCK, ACCURATE)
                         lo, hi = _narrow(lo, hi, cand, count, mass, k_lim, limit)
                     thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)  # top_p = 0: no threshold passes, torch keeps
                     # only keys above the largest finite one, i.e. nothing
@@ -303,33 +328,39 @@ if HAVE_TRITON:
 
 def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
-                  candidates: int = 4, block: int = 1024, num_warps: int = 8) -> torch.Tensor:
+                  candidates: int = 4, block: int = 1024, num_warps: int = 8,
+                  sums: str | None = None) -> torch.Tensor:
     """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
     ``TRITON_INTERPRET=1``. ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens
-    per program step and ``num_warps`` per program (a row)."""
+    per program step and ``num_warps`` per program (a row); ``sums`` "fp64" or "kahan" (default:
+    ``default_sums``)."""
     if not any_random:
         return logits.argmax(dim=-1)
     return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps,
-                   False)[0]
+                   sums, False)[0]
 
 
 def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
                                 top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
-                                candidates: int = 4, block: int = 1024,
-                                num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                                candidates: int = 4, block: int = 1024, num_warps: int = 8,
+                                sums: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
     ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
-    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, True)
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, sums,
+                   True)
 
 
 def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
             seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, candidates: int, block: int, num_warps: int,
-            write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            sums: str | None, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not supported(logits, temperature):
         raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
                          f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
     if candidates not in (2, 4, 8):
         raise ValueError(f"sample_triton: candidates must be 2, 4 or 8, got {candidates}")
+    sums = sums or default_sums(logits.device)
+    if sums not in ("fp64", "kahan"):
+        raise ValueError(f"sample_triton: sums must be 'fp64' or 'kahan', got {sums!r}")
     R, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -340,8 +371,8 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     thr = torch.empty(R if write_threshold else 1, dtype=torch.int64, device=logits.device)
     _sample_kernel[(R,)](x, x.stride(0), V, temperature.contiguous(), k_lim.contiguous(),
                          top_p.double().contiguous(), seeds.long().contiguous(), steps.long().contiguous(), out, thr,
-                         KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, BLOCK=block,
-                         ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False)
+                         KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, FP64=sums == "fp64",
+                         BLOCK=block, ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False)
     return out, thr
 
 

@@ -79,12 +79,13 @@ def test_kernel_tokens_equal_the_torch_path_16_bit(dtype, kind):
     check(*case(kind, "mixed", 12, 4099, dtype))
 
 
-@pytest.mark.parametrize("candidates,block", [(2, 512), (4, 256), (8, 128)])
-def test_every_split_and_block_gives_the_same_tokens(candidates, block):
-    """Thresholds per pass and block size change the work, not the tokens (blocks of 128 also make the argmax ties
-    cross block boundaries)."""
+@pytest.mark.parametrize("candidates,block,sums", [(2, 512, "kahan"), (4, 256, "fp64"), (8, 128, "kahan")])
+def test_every_split_block_and_summation_gives_the_same_tokens(candidates, block, sums):
+    """Thresholds per pass, block size and the mass sums (fp64 lanes or fp32 Kahan lanes) change the work, not the
+    tokens (blocks of 128 also make the argmax ties cross block boundaries)."""
     for dtype in (torch.float32, torch.bfloat16):
-        check(*case("ties", "both", 4, 1100, dtype), candidates=candidates, block=block)
+        check(*case("ties", "both", 4, 1100, dtype), candidates=candidates, block=block, sums=sums)
+    check(*case("uniform", "top_p", 4, 1100), candidates=candidates, block=block, sums=sums)
 
 
 def test_unfiltered_rows_and_rows_without_a_filter():
@@ -155,6 +156,9 @@ def test_dispatch_keeps_the_torch_path_off_cuda_and_rejects_what_the_kernel_does
     assert not st.supported(logits.double(), kw["temperature"])
     with pytest.raises(ValueError, match="candidates"):
         st.sample_triton(logits, **kw, candidates=3)
+    with pytest.raises(ValueError, match="sums"):
+        st.sample_triton(logits, **kw, sums="fp16")
+    assert st.default_sums(torch.device("cpu")) == "kahan"
 
 
 @pytest.mark.gpu
