@@ -33,7 +33,8 @@ their keys decide). Fixed work, no data-dependent loop, no host sync: capturable
 are ``exp(s - max)`` in fp32, their masses summed in fp64 against ``top_p * sum`` (the fp32 cumsum of a sort loses
 ~1e-5 over 128k terms, more than one token's share of a near-uniform row; on CUDA the fp64 atomics add in any
 order, which could only move a cut decided within ~1e-16 of ``top_p``). Equality with a tie-exact sort
-reference: ``tests/generate/test_sampling.py``. Cost: all-greedy batches take a plain argmax; rows are only ever
+reference: ``tests/generate/test_sampling.py``. On CUDA ``sample`` runs ``sampling_triton``'s fused kernel instead
+(the same tokens: ``tests/generate/test_sampling_triton.py``); ``sample_torch`` is this torch path. Cost: all-greedy batches take a plain argmax; rows are only ever
 as many as the caller passes (the eager runner passes the sampled rows only); ``any_filter`` False skips the
 threshold.
 """

@@ -1,35 +1,38 @@
-"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream, ~20 reads of a row
-instead of ~30 (R, V) torch passes in fp32/fp64/int64 (issue 15).
+"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream in ~9 reads of a bf16 row
+(~16 of an fp32 one), where the torch path makes ~30 (R, V) passes in fp32/fp64/int64 (issue 15).
 
-One program per row (grid = R), the row re-read from L2 by each pass, fixed work per row, no atomics, no host
-sync (capturable in a CUDA graph):
+One program per row (grid = R), the row re-read from L2 by each pass, no atomics, no host sync (capturable in a
+CUDA graph; the number of search passes depends on the row's values, never on the host):
 
-1. greedy argmax of the logits (the first index among equal maxima, what ``torch.argmax`` documents) and their max
-   ``x_max``; the max of ``s = x / T`` is ``x_max / T`` (IEEE division by ``T > 0`` is monotone). Rows with
+1. greedy argmax of the logits (the first index among equal maxima, what ``torch.argmax`` documents), their max
+   and min; the max of ``s = x / T`` is ``x_max / T`` (IEEE division by ``T > 0`` is monotone). Rows with
    temperature <= 0 stop here (``sample`` returns their greedy token).
-2. rows with a filter: a most-significant-digit-first search of the threshold key over the same totally ordered
-   integer keys as ``sampling.keep_threshold`` (16-bit logits' own bits for bf16/fp16, ``s``'s fp32 bits
-   otherwise; -0 folded into +0), ``RADIX`` bits per pass: each pass reduces, for the 2^RADIX candidate
-   thresholds ``t_c`` under the prefix chosen so far, ``count(keys > t_c)`` and ``mass(keys > t_c)`` of the
-   unnormalised probabilities ``e = exp(s - s_max)`` (fp32, as torch computes them) and keeps the lowest
-   candidate with ``count < top_k and mass < top_p * Z`` (Alabi et al., "Fast k-selection algorithms for graphics
-   processing units", ACM JEA 17, 2012, section 3: radix select; here each digit's bins are reduced instead of
-   histogrammed). 16-bit keys take 16 / RADIX passes, fp32 keys 32 / RADIX. ``Z = sum(e)`` comes with the first.
+2. rows with a filter: the threshold key over the same totally ordered integer keys as ``sampling.keep_threshold``
+   (16-bit logits' own bits for bf16/fp16, ``s``'s fp32 bits otherwise; -0 folded into +0). ``ok(t)`` =
+   ``count(keys > t) < top_k and mass(keys > t) < top_p * Z`` is monotone in ``t``; torch's radix select returns the
+   least passing key, and every threshold below the row's least key keeps the whole row, so the search runs on the
+   bracket ``(key(min) - 1, key(max)]`` (``ok(key(max))``: nothing is above it). Each pass reduces ``count`` and
+   ``mass`` of ``e = exp(s - s_max)`` (fp32, as torch computes it) for ``NC`` candidates splitting the bracket into
+   ``NC + 1`` parts and keeps the part where ``ok`` flips: a (NC+1)-ary search, the bisection of a radix select
+   (Alabi et al., "Fast k-selection algorithms for graphics processing units", ACM JEA 17, 2012, section 3) with
+   the bins reduced per candidate instead of histogrammed. NC = 4: 7 passes for a bf16 row of random logits (key
+   span ~33k), 14 for fp32. ``Z = sum(e)`` comes with the first pass; top-k-only rows count without ``e``.
 3. the Gumbel-max draw: ``argmax over kept tokens of (s + g)``, ``g = -log(-log(u))`` from the same lowbias32 hash
-   of (row key, token) as ``sampling.uniform_noise`` (uint32 arithmetic: Triton's uint32 multiplies wrap mod
-   2^32 and its uint32 shifts are logical, so the torch path's int32 masking is not needed).
+   of (row key, token) as ``sampling.uniform_noise``, the row key folded in the kernel like ``sampling.row_keys``
+   (uint32 arithmetic: Triton's uint32 multiplies wrap mod 2^32 and its uint32 shifts are logical, so the torch
+   path's int32 masking is not needed).
 
-Masses: each lane keeps an fp32 Kahan-compensated sum (Kahan, "Further remarks on reducing truncation errors",
-CACM 8(1), 1965: error ~2 ulp of fp32 squared per lane), the lanes are combined in fp64 as ``sum - compensation``.
-That is as exact as the torch path's fp64 sums (both within ~1e-14 relative of the true sum, so a cut can only
-differ where ``top_p * Z`` lies that close to a cumulative mass) and costs 4 fp32 adds per token and candidate,
-where an fp64 accumulation costs an fp32 -> fp64 conversion (1/8 of the fp32 rate on H100/H200) and a
-half-rate fp64 add.
+Masses: fp64 lane sums on GPUs with half-rate fp64 (``default_sums``); elsewhere fp32 Kahan-compensated lane sums
+(Kahan, "Further remarks on reducing truncation errors", CACM 8(1), 1965), combined in fp64 as ``sum -
+compensation``, which costs 4 fp32 adds per token and candidate where fp64 there runs at 1/32-1/64 rate. Both are
+as exact as the torch path's fp64 sums (within ~1e-14 relative of the true sum), so a cut can only differ where
+``top_p * Z`` lies that close to a cumulative mass (the torch path's fp64 atomics add in any order anyway).
 
 Numerics against the torch path: ``x / T`` is ``div_rn`` (IEEE, like torch's ``/``); on CUDA, ``exp``/``log`` are
 libdevice's ``expf``/``logf``, the CUDA math library functions torch's CUDA ``exp``/``log`` call, so the values
-are the same but for FTZ of subnormal ``e`` (< 1e-38: no mass); under ``TRITON_INTERPRET=1`` (CPU tests) they
-are numpy's, within an ulp of torch CPU's. NaN logits are not supported (torch's argmax returns the first NaN).
+are the same but for FTZ of subnormal ``e`` (< 1e-38: no mass); FMA contraction is off. Under
+``TRITON_INTERPRET=1`` (CPU tests) they are numpy's, within an ulp of torch CPU's. NaN logits are not supported
+(torch's argmax returns the first NaN).
 """
 
 from __future__ import annotations

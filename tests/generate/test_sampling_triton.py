@@ -161,6 +161,24 @@ def test_dispatch_keeps_the_torch_path_off_cuda_and_rejects_what_the_kernel_does
     assert st.default_sums(torch.device("cpu")) == "kahan"
 
 
+def test_benchmark_reports_the_kernel_column():
+    """``benchmarks/sampler_micro.py``'s Triton column (CUDA only in the benchmark itself) on a tiny shape."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sampler_micro.py"
+    spec = importlib.util.spec_from_file_location("sampler_micro", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits = torch.randn(3, 512, generator=torch.Generator().manual_seed(2)).to(DEV)
+    cfg = {"4,256,4": dict(candidates=4, block=256, num_warps=4)}
+    shape = bench._shape(logits, 1, not CPU, triton=cfg)
+    assert set(shape["greedy_rows"]) == {"triton_ms[4,256,4]"}
+    for case in ("temperature", "top_p", "top_k"):
+        assert shape[case]["triton_agree[4,256,4]"] == 1.0
+    assert bench._triton_configs(["8,512,8"], cuda=False) == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(CPU or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="native kernel only")
 def test_cuda_kernel_agrees_with_the_torch_path_at_full_vocabulary_and_captures():
