@@ -92,13 +92,13 @@ def _time(fn, reps: int, cuda: bool) -> float:
 
 
 def _triton_configs(specs: list[str], cuda: bool) -> dict[str, dict]:
-    """``C,BLOCK,WARPS`` strings -> sample_triton keyword arguments; none without CUDA or triton."""
+    """``C,BLOCK,WARPS[,COMPACT]`` strings -> sample_triton keyword arguments; none without CUDA or triton."""
     if not cuda or importlib.util.find_spec("triton") is None:
         return {}
     out = {}
     for spec in specs or ["4,1024,8"]:
-        c, block, warps = (int(v) for v in spec.split(","))
-        out[spec] = dict(candidates=c, block=block, num_warps=warps)
+        c, block, warps, *compact = (int(v) for v in spec.split(","))
+        out[spec] = dict(candidates=c, block=block, num_warps=warps) | (dict(compact=compact[0]) if compact else {})
     return out
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile(sample_torch)")
-    ap.add_argument("--triton-config", action="append", default=[], metavar="C,BLOCK,WARPS",
+    ap.add_argument("--triton-config", action="append", default=[], metavar="C,BLOCK,WARPS[,COMPACT]",
                     help="a Triton kernel config to time (repeatable; default 4,1024,8); CUDA with triton only")
     ap.add_argument("--out", type=Path, default=None, help="directory for sampler_micro.json")
     a = ap.parse_args(argv)

@@ -192,10 +192,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _reduce(base, V, cand, tk, m, use_p, WITH_Z: tl.constexpr, NC: tl.constexpr, KIND: tl.constexpr,
-                FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
+                FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr, COMPACT: tl.constexpr, lo, hi,
+                sk, se):
         """One pass over the row: per candidate threshold (NC,) ``count(keys > t)`` and (with ``use_p``)
         ``mass(keys > t)`` of ``e = exp(s - s_max)``; ``Z = sum(e)`` too with ``WITH_Z``. Masses are summed in fp64
-        lanes (``FP64``) or fp32 Kahan lanes, either way combined in fp64."""
+        lanes (``FP64``) or fp32 Kahan lanes, either way combined in fp64. With ``COMPACT``, the (key, e) of the
+        tokens inside the bracket (lo, hi] are also written, in token order, to the row's scratch ``sk``/``se``;
+        their number is returned."""
         cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
         if FP64:
             acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
@@ -207,6 +210,7 @@ if HAVE_TRITON:
             comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
             z_acc = tl.zeros([BLOCK], dtype=tl.float32)
             z_comp = tl.zeros([BLOCK], dtype=tl.float32)
+        n = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
         if use_p:  # count and mass
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
@@ -214,7 +218,8 @@ if HAVE_TRITON:
                 x, raw = _load_row(base, offs, valid, KIND)
                 s = tl.math.div_rn(x, tk)
                 e = _exp(s - m, ACCURATE)  # 0 outside the row (x = -inf)
-                above = _keys(raw, s, valid, KIND)[None, :] > cand[:, None]
+                key = _keys(raw, s, valid, KIND)
+                above = key[None, :] > cand[:, None]
                 cnt += above.to(tl.int32)
                 if FP64:
                     e64 = e.to(tl.float64)
@@ -225,6 +230,8 @@ if HAVE_TRITON:
                     acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
                     if WITH_Z:
                         z_acc, z_comp = _kahan(z_acc, z_comp, e)
+                if COMPACT:
+                    n = _pack(sk, se, n, key, e, lo, hi)
         else:  # top-k only: no probabilities
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
@@ -232,12 +239,50 @@ if HAVE_TRITON:
                 x, raw = _load_row(base, offs, valid, KIND)
                 if KIND == 0:
                     x = tl.math.div_rn(x, tk)
-                cnt += (_keys(raw, x, valid, KIND)[None, :] > cand[:, None]).to(tl.int32)
+                key = _keys(raw, x, valid, KIND)
+                cnt += (key[None, :] > cand[:, None]).to(tl.int32)
+                if COMPACT:
+                    n = _pack(sk, se, n, key, tl.zeros([BLOCK], dtype=tl.float32), lo, hi)
         count = tl.sum(cnt, axis=1)
         if FP64:
-            return count, tl.sum(acc, axis=1), tl.sum(z_acc, axis=0)
+            return count, tl.sum(acc, axis=1), tl.sum(z_acc, axis=0), n
         mass = tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
-        return count, mass, tl.sum(z_acc.to(tl.float64) - z_comp.to(tl.float64), axis=0)
+        return count, mass, tl.sum(z_acc.to(tl.float64) - z_comp.to(tl.float64), axis=0), n
+
+    @triton.jit
+    def _pack(sk, se, n, key, e, lo, hi):
+        """Append the block's tokens with lo < key <= hi, in order, after the ``n`` already in the scratch row."""
+        inside = (key > lo) & (key <= hi)
+        at = n + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+        tl.store(sk + at, key, mask=inside)
+        tl.store(se + at, e, mask=inside)
+        return n + tl.sum(inside.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _reduce_packed(sk, se, n, cand, NC: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+        """``_reduce`` over the ``n`` compacted (key, e) of the bracket: counts and masses above each candidate."""
+        cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
+        if FP64:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float64)  # unused
+        else:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < n
+            key = tl.load(sk + offs, mask=valid, other=-2147483648)
+            e = tl.load(se + offs, mask=valid, other=0.0)
+            above = key[None, :] > cand[:, None]
+            cnt += above.to(tl.int32)
+            if FP64:
+                acc += tl.where(above, e.to(tl.float64)[None, :], 0.0)
+            else:
+                acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+        count = tl.sum(cnt, axis=1)
+        if FP64:
+            return count, tl.sum(acc, axis=1)
+        return count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
 
     @triton.jit
     def _split(lo, hi, NC: tl.constexpr):
@@ -247,11 +292,14 @@ if HAVE_TRITON:
         return lo + ((hi - lo) * c + NC) // (NC + 1)
 
     @triton.jit
-    def _narrow(lo, hi, cand, count, mass, k_lim, limit):
+    def _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass, k_lim, limit):
         """The bracket after one pass: ``hi`` the least candidate passing ``ok`` (count < top_k and mass <
-        top_p * Z), ``lo`` the greatest failing one (``ok`` is monotone in the threshold)."""
+        top_p * Z), ``lo`` the greatest failing one (``ok`` is monotone in the threshold), with the count above
+        each end and the mass above ``hi``."""
         ok = (count < k_lim) & (mass < limit)
-        return tl.max(tl.where(ok, lo, cand), axis=0), tl.min(tl.where(ok, cand, hi), axis=0)
+        return (tl.max(tl.where(ok, lo, cand), axis=0), tl.min(tl.where(ok, cand, hi), axis=0),
+                tl.min(tl.where(ok, cnt_lo, count), axis=0), tl.max(tl.where(ok, count, cnt_hi), axis=0),
+                tl.max(tl.where(ok, mass, mass_hi), axis=0))
 
     @triton.jit
     def _argmax_update(best_v, best_i, x, offs):
@@ -267,6 +315,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sample_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
+                       sk_ptr, se_ptr, CAP,
                        KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, NC: tl.constexpr,
                        FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
         row = tl.program_id(0)
@@ -298,16 +347,39 @@ if HAVE_TRITON:
                     # threshold keeps the whole row, so the least passing threshold in it keeps what torch's does
                     lo = _key_of(tl.min(lane_lo, axis=0), tk, KIND) - 1
                     hi = _key_of(best_v, tk, KIND)
+                    cnt_lo = V + tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # every token is above lo
+                    cnt_hi = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # none above hi
+                    mass_hi = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
+                    sk = sk_ptr + row.to(tl.int64) * CAP
+                    se = se_ptr + row.to(tl.int64) * CAP
                     cand = _split(lo, hi, NC)
-                    count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, FP64, BLOCK,
-                                             ACCURATE)
+                    count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, FP64,
+                                                BLOCK, ACCURATE, False, 0, 0, sk, se)
                     limit = tl.where(use_p, top_p * z, float("inf"))
-                    lo, hi = _narrow(lo, hi, cand, count, mass, k_lim, limit)
+                    lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
+                                                              k_lim, limit)
+                    packed = n * 0  # 1 once the bracket's tokens sit in the scratch row
+                    c0 = cnt_hi * 0
+                    m0 = mass_hi * 0.0
                     while hi - lo > 1:
                         cand = _split(lo, hi, NC)
-                        count, mass, z = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND, FP64,
-                                                 BLOCK, ACCURATE)
-                        lo, hi = _narrow(lo, hi, cand, count, mass, k_lim, limit)
+                        if packed == 1:  # only the compacted tokens: the ones above their bracket are offsets
+                            count, mass = _reduce_packed(sk, se, n, cand.to(tl.int32), NC, FP64, BLOCK)
+                            count += c0
+                            mass += m0
+                        elif (cnt_lo - cnt_hi <= CAP) & (hi - lo > (NC + 1) * (NC + 1)):
+                            # few tokens in the bracket, and >= 3 passes to go (packing costs ~1 pass): pack them
+                            count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND,
+                                                        FP64, BLOCK, ACCURATE, True, lo.to(tl.int32),
+                                                        hi.to(tl.int32), sk, se)
+                            packed = n * 0 + 1
+                            c0 = cnt_hi
+                            m0 = mass_hi
+                        else:
+                            count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND,
+                                                        FP64, BLOCK, ACCURATE, False, 0, 0, sk, se)
+                        lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
+                                                                  k_lim, limit)
                     thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)  # top_p = 0: no threshold passes, torch keeps
                     # only keys above the largest finite one, i.e. nothing
             thr32 = thr.to(tl.int32)
@@ -332,30 +404,32 @@ if HAVE_TRITON:
 def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
                   candidates: int = 4, block: int = 1024, num_warps: int = 8,
-                  sums: str | None = None) -> torch.Tensor:
+                  sums: str | None = None, compact: int = 16384) -> torch.Tensor:
     """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
     ``TRITON_INTERPRET=1``. ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens
     per program step and ``num_warps`` per program (a row); ``sums`` "fp64" or "kahan" (default:
-    ``default_sums``)."""
+    ``default_sums``); ``compact``: once at most this many tokens lie in a row's threshold bracket, the next pass
+    copies them (key and probability, 8 bytes each) to a scratch row and the remaining passes read only those
+    (0: never; scratch R x min(compact, V) x 8 bytes)."""
     if not any_random:
         return logits.argmax(dim=-1)
     return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps,
-                   sums, False)[0]
+                   sums, compact, False)[0]
 
 
 def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
                                 top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
                                 candidates: int = 4, block: int = 1024, num_warps: int = 8,
-                                sums: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                sums: str | None = None, compact: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
     ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
     return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, sums,
-                   True)
+                   compact, True)
 
 
 def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
             seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, candidates: int, block: int, num_warps: int,
-            sums: str | None, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            sums: str | None, compact: int, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not supported(logits, temperature):
         raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
                          f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
@@ -372,9 +446,12 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     k_lim = torch.where(top_k > 0, top_k.clamp_max(_INT32_MAX), _INT32_MAX).to(torch.int32)
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
     thr = torch.empty(R if write_threshold else 1, dtype=torch.int64, device=logits.device)
+    cap = min(compact, V) if any_filter and compact > 0 else 0
+    sk = torch.empty(R if cap else 1, max(cap, 1), dtype=torch.int32, device=logits.device)
+    se = torch.empty(R if cap else 1, max(cap, 1), dtype=torch.float32, device=logits.device)
     _sample_kernel[(R,)](x, x.stride(0), V, temperature.contiguous(), k_lim.contiguous(),
                          top_p.double().contiguous(), seeds.long().contiguous(), steps.long().contiguous(), out, thr,
-                         KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, FP64=sums == "fp64",
+                         sk, se, cap, KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, FP64=sums == "fp64",
                          BLOCK=block, ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False)
     return out, thr
 

@@ -88,6 +88,15 @@ def test_every_split_block_and_summation_gives_the_same_tokens(candidates, block
     check(*case("uniform", "top_p", 4, 1100), candidates=candidates, block=block, sums=sums)
 
 
+@pytest.mark.parametrize("compact", [0, 300])
+def test_packing_the_bracket_changes_no_token(compact):
+    """The passes after the bracket's tokens are packed into the scratch row (every row here, V <= the default
+    capacity) give what full passes give: never packing (0), and packing only once <= 300 tokens are left."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check(*case("uniform", "both", 6, 2500, dtype), compact=compact)
+        check(*case("zipf", "top_k", 4, 2500, dtype), compact=compact)
+
+
 def test_unfiltered_rows_and_rows_without_a_filter():
     """``any_filter`` False, and rows with top_k = 0 and top_p = 1 under ``any_filter`` True, draw from every
     token; both equal the torch path."""
