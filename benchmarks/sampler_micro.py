@@ -13,8 +13,8 @@ bf16 (what the decode graph's lm_head produces). Cases: greedy (``argmax``: the 
 temperature 0.8 + top_p 0.95 (issue 15's measurement), temperature 0.8 + top_k 50. Times are per call, with
 ``torch.cuda.synchronize`` around each on CUDA. Prints one JSON object (also written to ``--out`` if given): per
 shape and case the old and new (torch) ms and ``old_over_new``; ``sampler_over_greedy`` compares the torch sampler
-with the argmax of the same logits. With triton on CUDA, per kernel config ``C,BLOCK,WARPS`` (candidate thresholds
-per pass, tokens per step, warps per row; default the kernel's defaults): ``triton_ms``, ``triton_over_greedy``
+with the argmax of the same logits. With triton on CUDA, per kernel config ``C,BLOCK,WARPS[,COMPACT]`` (candidate
+thresholds per pass, tokens per step, warps per row, bracket size that gets packed; default 4,1024,8,16384): ``triton_ms``, ``triton_over_greedy``
 (issue 15's target: a sampled step within 1/0.9 of greedy's, i.e. the sampler <~0.1x of a 7.8 ms step),
 ``torch_over_triton`` and ``triton_agree`` (the share of tokens equal to the torch path's), and in ``greedy_rows``
 the kernel with every row at temperature 0 (the pass a mixed batch's greedy rows pay). CPU numbers are only a
