@@ -1,5 +1,5 @@
-"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream in ~9 reads of a bf16 row
-(~16 of an fp32 one), where the torch path makes ~30 (R, V) passes in fp32/fp64/int64 (issue 15).
+"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream in ~7 full reads of a row
+(random logits, top-p), where the torch path makes ~30 (R, V) passes in fp32/fp64/int64 (issue 15).
 
 One program per row (grid = R), the row re-read from L2 by each pass, no atomics, no host sync (capturable in a
 CUDA graph; the number of search passes depends on the row's values, never on the host):
@@ -16,7 +16,9 @@ CUDA graph; the number of search passes depends on the row's values, never on th
    ``NC + 1`` parts and keeps the part where ``ok`` flips: a (NC+1)-ary search, the bisection of a radix select
    (Alabi et al., "Fast k-selection algorithms for graphics processing units", ACM JEA 17, 2012, section 3) with
    the bins reduced per candidate instead of histogrammed. NC = 4: 7 passes for a bf16 row of random logits (key
-   span ~33k), 14 for fp32. ``Z = sum(e)`` comes with the first pass; top-k-only rows count without ``e``.
+   span ~33k), 14 for fp32. ``Z = sum(e)`` comes with the first pass; top-k-only rows count without ``e``. Once
+   the bracket holds at most ``CAP`` tokens with >= 3 passes to go, one pass packs their (key, e) into a scratch
+   row and the later passes read only those (the tokens above the bracket enter as count and mass offsets).
 3. the Gumbel-max draw: ``argmax over kept tokens of (s + g)``, ``g = -log(-log(u))`` from the same lowbias32 hash
    of (row key, token) as ``sampling.uniform_noise``, the row key folded in the kernel like ``sampling.row_keys``
    (uint32 arithmetic: Triton's uint32 multiplies wrap mod 2^32 and its uint32 shifts are logical, so the torch
