@@ -53,6 +53,8 @@ except ImportError:  # CPU installs and CI: sampling.sample keeps the torch path
 HAVE_TRITON = triton is not None
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # KIND: fp32 keys of s, bf16 / fp16 own bits
 _INT32_MAX = 2**31 - 1
+_MAX_REGISTERS = 128  # per thread: two 8-warp programs (rows) per SM on sm_80/sm_90 (65,536 registers); the
+# default 4,1024,8 kernel needs ~146 unconstrained and spills nothing in its loops at 128 (ptxas, sm_90)
 
 
 def supported(logits: torch.Tensor, temperature: torch.Tensor) -> bool:
@@ -287,11 +289,42 @@ if HAVE_TRITON:
         return count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
 
     @triton.jit
-    def _split(lo, hi, NC: tl.constexpr):
-        """NC candidate thresholds splitting (lo, hi] into NC + 1 near-equal parts (distinct while they fit), each
-        in (lo, hi]: int64 (NC,)."""
-        c = tl.arange(1, NC + 1).to(tl.int64)
-        return lo + ((hi - lo) * c + NC) // (NC + 1)
+    def _value_of(k, KIND: tl.constexpr):
+        """The fp32 value (``s`` for fp32 logits, the logit otherwise) whose key is ``k`` (int64): ``_fold``'s
+        inverse."""
+        k32 = k.to(tl.int32)
+        if KIND == 0:
+            return tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        b = tl.where(k32 >= 0, k32, k32 ^ 0x7FFF)
+        if KIND == 1:
+            return (b << 16).to(tl.float32, bitcast=True)
+        return b.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _key_near(v, KIND: tl.constexpr):
+        """A key near the fp32 value ``v`` (rounded to the key's format): any integer key is a valid threshold."""
+        if KIND == 0:
+            b = v.to(tl.int32, bitcast=True)
+        elif KIND == 1:
+            b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        else:
+            b = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        return _fold(b, KIND).to(tl.int64)
+
+    @triton.jit
+    def _split(lo, hi, by_value, NC: tl.constexpr, KIND: tl.constexpr):
+        """NC candidate thresholds in (lo, hi] (int64 (NC,), non-decreasing) and whether they split the bracket
+        evenly in value (while ``by_value``, both ends finite and the bracket > 64 keys: a row's tokens are spread
+        far more evenly in value than in key, which is logarithmic, so fewer are left in the bracket) or else in
+        key (NC + 1 near-equal parts, distinct while they fit)."""
+        c = tl.arange(1, NC + 1)
+        by_key = lo + ((hi - lo) * c.to(tl.int64) + NC) // (NC + 1)
+        v_lo = _value_of(lo + 1, KIND)
+        width = _value_of(hi, KIND) - v_lo
+        use = by_value & (tl.abs(width) < float("inf")) & (hi - lo > 64)
+        at = tl.where(use, v_lo, 0.0) + tl.where(use, width, 0.0) * (c.to(tl.float32) / (NC + 1))
+        by_val = tl.minimum(tl.maximum(_key_near(at, KIND), lo + 1), hi)
+        return tl.where(use, by_val, by_key), use
 
     @triton.jit
     def _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass, k_lim, limit):
@@ -319,7 +352,8 @@ if HAVE_TRITON:
     def _sample_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
                        sk_ptr, se_ptr, CAP,
                        KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, NC: tl.constexpr,
-                       FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr):
+                       FP64: tl.constexpr, VALUE_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                       ACCURATE: tl.constexpr):
         row = tl.program_id(0)
         base = x_ptr + row.to(tl.int64) * stride
         lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -354,17 +388,22 @@ if HAVE_TRITON:
                     mass_hi = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
                     sk = sk_ptr + row.to(tl.int64) * CAP
                     se = se_ptr + row.to(tl.int64) * CAP
-                    cand = _split(lo, hi, NC)
+                    by_value = VALUE_SPLIT
+                    cand, used = _split(lo, hi, by_value, NC, KIND)
                     count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, FP64,
                                                 BLOCK, ACCURATE, False, 0, 0, sk, se)
                     limit = tl.where(use_p, top_p * z, float("inf"))
+                    width = hi - lo
                     lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
                                                               k_lim, limit)
+                    # a value split that shrank the bracket less than a key split would have ends value splits
+                    by_value = by_value & ((~used) | ((hi - lo) * (NC + 1) <= width))
                     packed = n * 0  # 1 once the bracket's tokens sit in the scratch row
                     c0 = cnt_hi * 0
                     m0 = mass_hi * 0.0
                     while hi - lo > 1:
-                        cand = _split(lo, hi, NC)
+                        cand, used = _split(lo, hi, by_value, NC, KIND)
+                        width = hi - lo
                         if packed == 1:  # only the compacted tokens: the ones above their bracket are offsets
                             count, mass = _reduce_packed(sk, se, n, cand.to(tl.int32), NC, FP64, BLOCK)
                             count += c0
@@ -382,6 +421,7 @@ if HAVE_TRITON:
                                                         FP64, BLOCK, ACCURATE, False, 0, 0, sk, se)
                         lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
                                                                   k_lim, limit)
+                        by_value = by_value & ((~used) | ((hi - lo) * (NC + 1) <= width))
                     thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)  # top_p = 0: no threshold passes, torch keeps
                     # only keys above the largest finite one, i.e. nothing
             thr32 = thr.to(tl.int32)
@@ -406,32 +446,34 @@ if HAVE_TRITON:
 def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
                   candidates: int = 4, block: int = 1024, num_warps: int = 8,
-                  sums: str | None = None, compact: int = 16384) -> torch.Tensor:
+                  sums: str | None = None, compact: int = 16384, split: str = "value") -> torch.Tensor:
     """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
     ``TRITON_INTERPRET=1``. ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens
     per program step and ``num_warps`` per program (a row); ``sums`` "fp64" or "kahan" (default:
     ``default_sums``); ``compact``: once at most this many tokens lie in a row's threshold bracket, the next pass
     copies them (key and probability, 8 bytes each) to a scratch row and the remaining passes read only those
-    (0: never; scratch R x min(compact, V) x 8 bytes)."""
+    (0: never; scratch R x min(compact, V) x 8 bytes); ``split`` "value" (candidates evenly spaced in value while
+    that narrows the bracket at least as fast as "key", evenly spaced in key)."""
     if not any_random:
         return logits.argmax(dim=-1)
     return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps,
-                   sums, compact, False)[0]
+                   sums, compact, split, False)[0]
 
 
 def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
                                 top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
                                 candidates: int = 4, block: int = 1024, num_warps: int = 8,
-                                sums: str | None = None, compact: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+                                sums: str | None = None, compact: int = 16384,
+                                split: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
     ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
     return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, sums,
-                   compact, True)
+                   compact, split, True)
 
 
 def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
             seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, candidates: int, block: int, num_warps: int,
-            sums: str | None, compact: int, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            sums: str | None, compact: int, split: str, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not supported(logits, temperature):
         raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
                          f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
@@ -440,6 +482,8 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     sums = sums or default_sums(logits.device)
     if sums not in ("fp64", "kahan"):
         raise ValueError(f"sample_triton: sums must be 'fp64' or 'kahan', got {sums!r}")
+    if split not in ("value", "key"):
+        raise ValueError(f"sample_triton: split must be 'value' or 'key', got {split!r}")
     R, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -454,7 +498,9 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     _sample_kernel[(R,)](x, x.stride(0), V, temperature.contiguous(), k_lim.contiguous(),
                          top_p.double().contiguous(), seeds.long().contiguous(), steps.long().contiguous(), out, thr,
                          sk, se, cap, KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, FP64=sums == "fp64",
-                         BLOCK=block, ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False)
+                         VALUE_SPLIT=split == "value",
+                         BLOCK=block, ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False,
+                         maxnreg=_MAX_REGISTERS)
     return out, thr
 
 

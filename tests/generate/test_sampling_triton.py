@@ -79,13 +79,18 @@ def test_kernel_tokens_equal_the_torch_path_16_bit(dtype, kind):
     check(*case(kind, "mixed", 12, 4099, dtype))
 
 
-@pytest.mark.parametrize("candidates,block,sums", [(2, 512, "kahan"), (4, 256, "fp64"), (8, 128, "kahan")])
-def test_every_split_block_and_summation_gives_the_same_tokens(candidates, block, sums):
-    """Thresholds per pass, block size and the mass sums (fp64 lanes or fp32 Kahan lanes) change the work, not the
-    tokens (blocks of 128 also make the argmax ties cross block boundaries)."""
+@pytest.mark.parametrize("candidates,block,sums,split", [(2, 512, "kahan", "value"), (4, 256, "fp64", "key"),
+                                                          (8, 128, "kahan", "value"), (4, 512, "fp64", "value")])
+def test_every_split_block_and_summation_gives_the_same_tokens(candidates, block, sums, split):
+    """Thresholds per pass, their spacing (in value or in key), block size and the mass sums (fp64 lanes or fp32
+    Kahan lanes) change the work, not the tokens (blocks of 128 also make the argmax ties cross block
+    boundaries); a row with -inf logits (banned tokens) has an infinite bracket end, where value splits stop."""
+    kw = dict(candidates=candidates, block=block, sums=sums, split=split)
     for dtype in (torch.float32, torch.bfloat16):
-        check(*case("ties", "both", 4, 1100, dtype), candidates=candidates, block=block, sums=sums)
-    check(*case("uniform", "top_p", 4, 1100), candidates=candidates, block=block, sums=sums)
+        check(*case("ties", "both", 4, 1100, dtype), **kw)
+    logits, t, k, p, seeds, steps = case("uniform", "top_p", 4, 1100)
+    logits[1, ::7] = float("-inf")
+    check(logits, t, k, p, seeds, steps, **kw)
 
 
 @pytest.mark.parametrize("compact", [0, 300])
@@ -167,6 +172,8 @@ def test_dispatch_keeps_the_torch_path_off_cuda_and_rejects_what_the_kernel_does
         st.sample_triton(logits, **kw, candidates=3)
     with pytest.raises(ValueError, match="sums"):
         st.sample_triton(logits, **kw, sums="fp16")
+    with pytest.raises(ValueError, match="split"):
+        st.sample_triton(logits, **kw, split="rank")
     assert st.default_sums(torch.device("cpu")) == "kahan"
 
 
