@@ -13,12 +13,14 @@ CUDA graph; the number of search passes depends on the row's values, never on th
    least passing key, and every threshold below the row's least key keeps the whole row, so the search runs on the
    bracket ``(key(min) - 1, key(max)]`` (``ok(key(max))``: nothing is above it). Each pass reduces ``count`` and
    ``mass`` of ``e = exp(s - s_max)`` (fp32, as torch computes it) for ``NC`` candidates splitting the bracket into
-   ``NC + 1`` parts and keeps the part where ``ok`` flips: a (NC+1)-ary search, the bisection of a radix select
+   ``NC + 1`` parts (evenly in value while that narrows it at least as fast as even spacing in key, then in
+   key) and keeps the part where ``ok`` flips: a (NC+1)-ary search, the bisection of a radix select
    (Alabi et al., "Fast k-selection algorithms for graphics processing units", ACM JEA 17, 2012, section 3) with
-   the bins reduced per candidate instead of histogrammed. NC = 4: 7 passes for a bf16 row of random logits (key
-   span ~33k), 14 for fp32. ``Z = sum(e)`` comes with the first pass; top-k-only rows count without ``e``. Once
-   the bracket holds at most ``CAP`` tokens with >= 3 passes to go, one pass packs their (key, e) into a scratch
-   row and the later passes read only those (the tokens above the bracket enter as count and mass offsets).
+   the bins reduced per candidate instead of histogrammed. NC = 4, key spacing: 7 passes for a bf16 row of random
+   logits (key span ~33k), 14 for fp32. ``Z = sum(e)`` comes with the first pass; top-k-only rows count without
+   ``e``. Once the bracket holds at most ``CAP`` tokens with >= 3 passes to go, one pass packs their (key, e) into
+   a scratch row and the later passes read only those (the tokens above the bracket enter as count and mass
+   offsets).
 3. the Gumbel-max draw: ``argmax over kept tokens of (s + g)``, ``g = -log(-log(u))`` from the same lowbias32 hash
    of (row key, token) as ``sampling.uniform_noise``, the row key folded in the kernel like ``sampling.row_keys``
    (uint32 arithmetic: Triton's uint32 multiplies wrap mod 2^32 and its uint32 shifts are logical, so the torch
