@@ -1,21 +1,30 @@
-"""Micro-benchmark of ``sampling.sample``: the sort + splitmix64 sampler before issue 15 against the sort-free one.
+"""Micro-benchmark of the sampler: the sort + splitmix64 sampler before issue 15, the sort-free torch one
+(``sampling.sample_torch``) and the fused Triton kernel (``sampling_triton.sample_triton``, what ``sample`` runs on
+CUDA).
 
     python benchmarks/sampler_micro.py            # CUDA if available (median of 20), else CPU (median of 3)
     python benchmarks/sampler_micro.py --rows 64 256 --reps 5 --out results/
-    python benchmarks/sampler_micro.py --compile  # + torch.compile(sample): ms and agreement with eager
+    python benchmarks/sampler_micro.py --compile  # + torch.compile(sample_torch): ms and agreement with eager
+    python benchmarks/sampler_micro.py --triton-config 4,1024,8 --triton-config 8,512,8  # kernel variants
 
 Shapes: R rows in {64, 256, 768} x V = 128,256 (llama-3's vocabulary), logits ``randn`` (a random-weight model's
 near-uniform rows: the top-p nucleus is most of the vocabulary, the worst case of a threshold search), fp32 and
 bf16 (what the decode graph's lm_head produces). Cases: greedy (``argmax``: the floor), temperature 0.8 only,
 temperature 0.8 + top_p 0.95 (issue 15's measurement), temperature 0.8 + top_k 50. Times are per call, with
 ``torch.cuda.synchronize`` around each on CUDA. Prints one JSON object (also written to ``--out`` if given): per
-shape and case the old and new ms and ``old_over_new``; ``sampler_over_greedy`` compares the new sampler with the
-argmax of the same logits. CPU numbers are only a proxy (the sort and the hash scale differently there).
+shape and case the old and new (torch) ms and ``old_over_new``; ``sampler_over_greedy`` compares the torch sampler
+with the argmax of the same logits. With triton on CUDA, per kernel config ``C,BLOCK,WARPS[,COMPACT]`` (candidate
+thresholds per pass, tokens per step, warps per row, bracket size that gets packed; default 4,1024,8,16384): ``triton_ms``, ``triton_over_greedy``
+(issue 15's target: a sampled step within 1/0.9 of greedy's, i.e. the sampler <~0.1x of a 7.8 ms step),
+``torch_over_triton`` and ``triton_agree`` (the share of tokens equal to the torch path's), and in ``greedy_rows``
+the kernel with every row at temperature 0 (the pass a mixed batch's greedy rows pay). CPU numbers are only a
+proxy (the sort and the hash scale differently there).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -25,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from batchpilot.generate.sampling import sample  # noqa: E402
+from batchpilot.generate.sampling import sample_torch as sample  # noqa: E402
 
 V = 128_256
 _K_SEED, _K_STEP, _K_TOKEN = (c - (1 << 64) if c >= 1 << 63 else c
@@ -82,12 +91,33 @@ def _time(fn, reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def _shape(logits: torch.Tensor, reps: int, cuda: bool, compiled=None) -> dict:
+def _triton_configs(specs: list[str], cuda: bool) -> dict[str, dict]:
+    """``C,BLOCK,WARPS[,COMPACT]`` strings -> sample_triton keyword arguments; none without CUDA or triton."""
+    if not cuda or importlib.util.find_spec("triton") is None:
+        return {}
+    out = {}
+    for spec in specs or ["4,1024,8"]:
+        c, block, warps, *compact = (int(v) for v in spec.split(","))
+        out[spec] = dict(candidates=c, block=block, num_warps=warps) | (dict(compact=compact[0]) if compact else {})
+    return out
+
+
+def _shape(logits: torch.Tensor, reps: int, cuda: bool, compiled=None, triton: dict | None = None) -> dict:
     """Greedy, then old and new ms of every case, on one (R, V) logits tensor (and the compiled new one's ms and
-    its share of tokens equal to the eager one's, with ``compiled``)."""
+    its share of tokens equal to the eager one's, with ``compiled``; each Triton config's, with ``triton``)."""
     R, dev = logits.shape[0], logits.device
     greedy_ms = _time(lambda: logits.argmax(dim=-1), reps, cuda)
     shape: dict = {"greedy_ms": round(greedy_ms, 4)}
+    if triton:
+        from batchpilot.generate.sampling_triton import sample_triton
+
+        kw = dict(temperature=torch.zeros(R, device=dev), top_k=torch.zeros(R, dtype=torch.long, device=dev),
+                  top_p=torch.ones(R, device=dev), seeds=torch.arange(R, device=dev),
+                  steps=torch.zeros(R, dtype=torch.long, device=dev), any_random=True, any_filter=False)
+        shape["greedy_rows"] = {}
+        for name, cfg in triton.items():
+            ms = _time(lambda: sample_triton(logits, **kw, **cfg), reps, cuda)  # noqa: B023
+            shape["greedy_rows"][f"triton_ms[{name}]"] = round(ms, 4)
     for case, (t, k, p) in CASES.items():
         kw = dict(temperature=torch.full((R,), t, device=dev), top_k=torch.full((R,), k, device=dev),
                   top_p=torch.full((R,), p, device=dev), seeds=torch.arange(R, device=dev) * 7919,
@@ -101,19 +131,28 @@ def _shape(logits: torch.Tensor, reps: int, cuda: bool, compiled=None) -> dict:
             agree = (compiled(logits, **kw) == sample(logits, **kw)).float().mean().item()
             shape[case] |= {"compiled_ms": round(fused, 3), "compiled_over_greedy": round(fused / greedy_ms, 2),
                             "compiled_agree": round(agree, 4)}
+        for name, cfg in (triton or {}).items():
+            ms = _time(lambda: sample_triton(logits, **kw, **cfg), reps, cuda)  # noqa: B023
+            agree = (sample_triton(logits, **kw, **cfg) == sample(logits, **kw)).float().mean().item()
+            shape[case] |= {f"triton_ms[{name}]": round(ms, 3),
+                            f"triton_over_greedy[{name}]": round(ms / greedy_ms, 2),
+                            f"torch_over_triton[{name}]": round(new / ms, 1), f"triton_agree[{name}]": round(agree, 4)}
     return shape
 
 
-def run(rows: list[int], reps: int, vocab: int, dtypes: list[str], device: str, compile: bool = False) -> dict:
+def run(rows: list[int], reps: int, vocab: int, dtypes: list[str], device: str, compile: bool = False,
+        triton_configs: list[str] | None = None) -> dict:
     cuda = device == "cuda"
     compiled = torch.compile(sample, dynamic=False) if compile else None
+    triton = _triton_configs(triton_configs or [], cuda)
     out: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "vocab": vocab, "reps": reps,
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "triton": sorted(triton),
+                 "shapes": {}}
     g = torch.Generator(device=device).manual_seed(0)
     for R in rows:
         for dt in dtypes:
             logits = torch.randn(R, vocab, generator=g, device=device).to(getattr(torch, dt))
-            out["shapes"][f"R{R}_{dt}"] = _shape(logits, reps, cuda, compiled)
+            out["shapes"][f"R{R}_{dt}"] = _shape(logits, reps, cuda, compiled, triton)
             if cuda:
                 torch.cuda.empty_cache()
     return out
@@ -127,10 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true",
-                    help="also time torch.compile(sample) (one fused kernel family: what issue 15's target needs)")
+                    help="also time torch.compile(sample_torch)")
+    ap.add_argument("--triton-config", action="append", default=[], metavar="C,BLOCK,WARPS[,COMPACT]",
+                    help="a Triton kernel config to time (repeatable; default 4,1024,8); CUDA with triton only")
     ap.add_argument("--out", type=Path, default=None, help="directory for sampler_micro.json")
     a = ap.parse_args(argv)
-    result = run(a.rows, a.reps or (20 if a.device == "cuda" else 3), a.vocab, a.dtypes, a.device, a.compile)
+    result = run(a.rows, a.reps or (20 if a.device == "cuda" else 3), a.vocab, a.dtypes, a.device, a.compile,
+                 a.triton_config)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

@@ -33,14 +33,19 @@ their keys decide). Fixed work, no data-dependent loop, no host sync: capturable
 are ``exp(s - max)`` in fp32, their masses summed in fp64 against ``top_p * sum`` (the fp32 cumsum of a sort loses
 ~1e-5 over 128k terms, more than one token's share of a near-uniform row; on CUDA the fp64 atomics add in any
 order, which could only move a cut decided within ~1e-16 of ``top_p``). Equality with a tie-exact sort
-reference: ``tests/generate/test_sampling.py``. Cost: all-greedy batches take a plain argmax; rows are only ever
+reference: ``tests/generate/test_sampling.py``. On CUDA ``sample`` runs ``sampling_triton``'s fused kernel instead
+(the same tokens: ``tests/generate/test_sampling_triton.py``); ``sample_torch`` is this torch path. Cost: all-greedy batches take a plain argmax; rows are only ever
 as many as the caller passes (the eager runner passes the sampled rows only); ``any_filter`` False skips the
 threshold.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+
+TRITON = importlib.util.find_spec("triton") is not None  # the fused kernel is used on CUDA where triton imports
 
 
 def _i32(c: int) -> int:
@@ -170,8 +175,23 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
     """Next token per row of ``logits`` (R, V). Rows with temperature 0 are greedy.
 
     ``any_random``/``any_filter`` are known on the host from the requests' parameters; they only
-    skip work, never change the result.
+    skip work, never change the result. CUDA logits (fp32/bf16/fp16, fp32 temperatures) go to the fused Triton
+    kernel (``sampling_triton``: the same tokens, one kernel) when triton imports; everything else to
+    ``sample_torch``, the reference.
     """
+    if any_random and TRITON and logits.is_cuda:
+        from batchpilot.generate import sampling_triton  # lazy: triton loads only where it is used
+
+        if sampling_triton.supported(logits, temperature):
+            return sampling_triton.sample_triton(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                 seeds=seeds, steps=steps, any_random=True, any_filter=any_filter)
+    return sample_torch(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, steps=steps,
+                        any_random=any_random, any_filter=any_filter)
+
+
+def sample_torch(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool) -> torch.Tensor:
+    """``sample`` in torch ops (CPU, and the reference the Triton kernel is tested against)."""
     greedy = logits.argmax(dim=-1)
     if not any_random:
         return greedy

@@ -1,0 +1,516 @@
+"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream in ~7 full reads of a row
+(random logits, top-p), where the torch path makes ~30 (R, V) passes in fp32/fp64/int64 (issue 15).
+
+One program per row (grid = R), the row re-read from L2 by each pass, no atomics, no host sync (capturable in a
+CUDA graph; the number of search passes depends on the row's values, never on the host):
+
+1. greedy argmax of the logits (the first index among equal maxima, what ``torch.argmax`` documents), their max
+   and min; the max of ``s = x / T`` is ``x_max / T`` (IEEE division by ``T > 0`` is monotone). Rows with
+   temperature <= 0 stop here (``sample`` returns their greedy token).
+2. rows with a filter: the threshold key over the same totally ordered integer keys as ``sampling.keep_threshold``
+   (16-bit logits' own bits for bf16/fp16, ``s``'s fp32 bits otherwise; -0 folded into +0). ``ok(t)`` =
+   ``count(keys > t) < top_k and mass(keys > t) < top_p * Z`` is monotone in ``t``; torch's radix select returns the
+   least passing key, and every threshold below the row's least key keeps the whole row, so the search runs on the
+   bracket ``(key(min) - 1, key(max)]`` (``ok(key(max))``: nothing is above it). Each pass reduces ``count`` and
+   ``mass`` of ``e = exp(s - s_max)`` (fp32, as torch computes it) for ``NC`` candidates splitting the bracket into
+   ``NC + 1`` parts (evenly in value while that narrows it at least as fast as even spacing in key, then in
+   key) and keeps the part where ``ok`` flips: a (NC+1)-ary search, the bisection of a radix select
+   (Alabi et al., "Fast k-selection algorithms for graphics processing units", ACM JEA 17, 2012, section 3) with
+   the bins reduced per candidate instead of histogrammed. NC = 4, key spacing: 7 passes for a bf16 row of random
+   logits (key span ~33k), 14 for fp32. ``Z = sum(e)`` comes with the first pass; top-k-only rows count without
+   ``e``. Once the bracket holds at most ``CAP`` tokens with >= 3 passes to go, one pass packs their (key, e) into
+   a scratch row and the later passes read only those (the tokens above the bracket enter as count and mass
+   offsets).
+3. the Gumbel-max draw: ``argmax over kept tokens of (s + g)``, ``g = -log(-log(u))`` from the same lowbias32 hash
+   of (row key, token) as ``sampling.uniform_noise``, the row key folded in the kernel like ``sampling.row_keys``
+   (uint32 arithmetic: Triton's uint32 multiplies wrap mod 2^32 and its uint32 shifts are logical, so the torch
+   path's int32 masking is not needed).
+
+Masses: fp64 lane sums on GPUs with half-rate fp64 (``default_sums``); elsewhere fp32 Kahan-compensated lane sums
+(Kahan, "Further remarks on reducing truncation errors", CACM 8(1), 1965), combined in fp64 as ``sum -
+compensation``, which costs 4 fp32 adds per token and candidate where fp64 there runs at 1/32-1/64 rate. Both are
+as exact as the torch path's fp64 sums (within ~1e-14 relative of the true sum), so a cut can only differ where
+``top_p * Z`` lies that close to a cumulative mass (the torch path's fp64 atomics add in any order anyway).
+
+Numerics against the torch path: ``x / T`` is ``div_rn`` (IEEE, like torch's ``/``); on CUDA, ``exp``/``log`` are
+libdevice's ``expf``/``logf``, the CUDA math library functions torch's CUDA ``exp``/``log`` call, so the values
+are the same but for FTZ of subnormal ``e`` (< 1e-38: no mass); FMA contraction is off. Under
+``TRITON_INTERPRET=1`` (CPU tests) they are numpy's, within an ulp of torch CPU's. NaN logits are not supported
+(torch's argmax returns the first NaN).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU installs and CI: sampling.sample keeps the torch path
+    triton = None
+
+HAVE_TRITON = triton is not None
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # KIND: fp32 keys of s, bf16 / fp16 own bits
+_INT32_MAX = 2**31 - 1
+_MAX_REGISTERS = 128  # per thread: two 8-warp programs (rows) per SM on sm_80/sm_90 (65,536 registers); the
+# default 4,1024,8 kernel needs ~146 unconstrained and spills nothing in its loops at 128 (ptxas, sm_90)
+
+
+def supported(logits: torch.Tensor, temperature: torch.Tensor) -> bool:
+    """Whether the kernel computes exactly ``sampling.sample``'s result for these inputs: 2-D fp32/bf16/fp16
+    logits with fp32 temperatures (fp64 temperatures make torch's ``s`` fp64)."""
+    return (HAVE_TRITON and logits.dim() == 2 and logits.dtype in _KINDS and temperature.dtype == torch.float32
+            and logits.shape[-1] > 0)
+
+
+def default_sums(device: torch.device) -> str:
+    """"fp64" on GPUs with half-rate fp64 (compute capability x.0 from 6.0: P100, V100, A100, H100/H200, B200),
+    where an fp64 add per token and candidate is cheaper than Kahan's four fp32 ones; "kahan" elsewhere (consumer
+    and L-series parts run fp64 at 1/32-1/64 of fp32) and on CPU."""
+    if device.type != "cuda":
+        return "kahan"
+    major, minor = torch.cuda.get_device_capability(device)
+    return "fp64" if major >= 6 and minor == 0 else "kahan"
+
+
+def interpreted() -> bool:
+    """``TRITON_INTERPRET=1``: the kernel runs on CPU tensors through numpy (no libdevice there)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _load_row(base, offs, valid, KIND: tl.constexpr):
+        """fp32 values (-inf outside the row) and the raw int32 words (16-bit bits sign-extended, or 0)."""
+        if KIND == 0:
+            x = tl.load(base + offs, mask=valid, other=float("-inf"))
+            raw = tl.zeros_like(offs)
+        else:
+            raw = tl.load(base + offs, mask=valid, other=0).to(tl.int32)  # int16 view of the 16-bit logits
+            if KIND == 1:  # bf16: its bits are the top half of the fp32 bits
+                x = (raw << 16).to(tl.float32, bitcast=True)
+            else:
+                x = raw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x = tl.where(valid, x, float("-inf"))
+        return x, raw
+
+    @triton.jit
+    def _fold(b, KIND: tl.constexpr):
+        """``sampling._order_keys`` of IEEE bits ``b`` (int32; 16-bit ones sign-extended): negatives with all but
+        the sign bit flipped, -0 as +0."""
+        if KIND == 0:
+            b = tl.where(b == -2147483648, 0, b)
+            k = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        else:
+            b = tl.where(b == -32768, 0, b)
+            k = tl.where(b >= 0, b, b ^ 0x7FFF)
+        return k
+
+    @triton.jit
+    def _keys(raw, s, valid, KIND: tl.constexpr):
+        """Keys of a block (of ``s`` for fp32 logits, of the 16-bit words otherwise); -2^31, below every candidate
+        threshold, outside the row."""
+        if KIND == 0:
+            k = _fold(s.to(tl.int32, bitcast=True), KIND)
+        else:
+            k = _fold(raw, KIND)
+        return tl.where(valid, k, -2147483648)
+
+    @triton.jit
+    def _key_of(x, tk, KIND: tl.constexpr):
+        """The key of one logit value ``x`` (fp32 holding the logit exactly) at temperature ``tk``."""
+        if KIND == 0:
+            b = tl.math.div_rn(x, tk).to(tl.int32, bitcast=True)
+        elif KIND == 1:
+            b = x.to(tl.int32, bitcast=True) >> 16  # arithmetic: the bf16 word sign-extended
+        else:
+            b = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        return _fold(b, KIND).to(tl.int64)
+
+    @triton.jit
+    def _exp(x, ACCURATE: tl.constexpr):
+        if ACCURATE:
+            return libdevice.exp(x)
+        return tl.exp(x)
+
+    @triton.jit
+    def _log(x, ACCURATE: tl.constexpr):
+        if ACCURATE:
+            return libdevice.log(x)
+        return tl.log(x)
+
+    @triton.jit
+    def _lowbias32(x):
+        """Wellons' lowbias32 on uint32 (wrapping multiplies, logical shifts): ``sampling.lowbias32``."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _row_key(seed_ptr, step_ptr, row):
+        """``sampling.row_keys`` of one row (uint32): the int64 seed's low then high word folded in, then the step's
+        low word, each through lowbias32."""
+        seed = tl.load(seed_ptr + row)
+        k = _lowbias32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
+        k = _lowbias32(k ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+        return _lowbias32(k ^ (tl.load(step_ptr + row) & 0xFFFFFFFF).to(tl.uint32))
+
+    @triton.jit
+    def _uniform(offs, rkey):
+        """``sampling.uniform_noise`` of tokens ``offs`` (int32) under the uint32 row key: ``(k + 0.5) / 2^24`` of
+        the top 24 bits ``k`` of ``lowbias32(key + token * 0x9E3779B9)``, kept below 1."""
+        h = _lowbias32(offs.to(tl.uint32) * 0x9E3779B9 + rkey)
+        u = ((h >> 8) & 0xFFFFFF).to(tl.float32)
+        return tl.minimum((u + 0.5) * (2.0**-24), 1.0 - 2.0**-24)
+
+    @triton.jit
+    def _gumbel(offs, rkey, ACCURATE: tl.constexpr):
+        """``sampling.gumbel_noise``: ``-log(-log(u))``."""
+        return -_log(-_log(_uniform(offs, rkey), ACCURATE), ACCURATE)
+
+    @triton.jit
+    def _noise_kernel(seed_ptr, step_ptr, out_ptr, V, GUMBEL: tl.constexpr, BLOCK: tl.constexpr,
+                      ACCURATE: tl.constexpr):
+        """(R, V) uniform or Gumbel noise of the sampler's stream (tests compare it with the torch path's)."""
+        row = tl.program_id(0)
+        rkey = _row_key(seed_ptr, step_ptr, row)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            if GUMBEL:
+                x = _gumbel(offs, rkey, ACCURATE)
+            else:
+                x = _uniform(offs, rkey)
+            tl.store(out_ptr + row.to(tl.int64) * V + offs, x, mask=offs < V)
+
+    @triton.jit
+    def _kahan(acc, comp, v):
+        """One Kahan step per lane: ``acc - comp`` tracks the exact running sum to ~fp32 epsilon squared."""
+        y = v - comp
+        t = acc + y
+        comp = (t - acc) - y
+        return t, comp
+
+    @triton.jit
+    def _reduce(base, V, cand, tk, m, use_p, WITH_Z: tl.constexpr, NC: tl.constexpr, KIND: tl.constexpr,
+                FP64: tl.constexpr, BLOCK: tl.constexpr, ACCURATE: tl.constexpr, COMPACT: tl.constexpr, lo, hi,
+                sk, se):
+        """One pass over the row: per candidate threshold (NC,) ``count(keys > t)`` and (with ``use_p``)
+        ``mass(keys > t)`` of ``e = exp(s - s_max)``; ``Z = sum(e)`` too with ``WITH_Z``. Masses are summed in fp64
+        lanes (``FP64``) or fp32 Kahan lanes, either way combined in fp64. With ``COMPACT``, the (key, e) of the
+        tokens inside the bracket (lo, hi] are also written, in token order, to the row's scratch ``sk``/``se``;
+        their number is returned."""
+        cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
+        if FP64:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float64)  # unused
+            z_acc = tl.zeros([BLOCK], dtype=tl.float64)
+            z_comp = tl.zeros([BLOCK], dtype=tl.float64)  # unused
+        else:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            z_acc = tl.zeros([BLOCK], dtype=tl.float32)
+            z_comp = tl.zeros([BLOCK], dtype=tl.float32)
+        n = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+        if use_p:  # count and mass
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                s = tl.math.div_rn(x, tk)
+                e = _exp(s - m, ACCURATE)  # 0 outside the row (x = -inf)
+                key = _keys(raw, s, valid, KIND)
+                above = key[None, :] > cand[:, None]
+                cnt += above.to(tl.int32)
+                if FP64:
+                    e64 = e.to(tl.float64)
+                    acc += tl.where(above, e64[None, :], 0.0)
+                    if WITH_Z:
+                        z_acc += e64
+                else:
+                    acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+                    if WITH_Z:
+                        z_acc, z_comp = _kahan(z_acc, z_comp, e)
+                if COMPACT:
+                    n = _pack(sk, se, n, key, e, lo, hi)
+        else:  # top-k only: no probabilities
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                if KIND == 0:
+                    x = tl.math.div_rn(x, tk)
+                key = _keys(raw, x, valid, KIND)
+                cnt += (key[None, :] > cand[:, None]).to(tl.int32)
+                if COMPACT:
+                    n = _pack(sk, se, n, key, tl.zeros([BLOCK], dtype=tl.float32), lo, hi)
+        count = tl.sum(cnt, axis=1)
+        if FP64:
+            return count, tl.sum(acc, axis=1), tl.sum(z_acc, axis=0), n
+        mass = tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
+        return count, mass, tl.sum(z_acc.to(tl.float64) - z_comp.to(tl.float64), axis=0), n
+
+    @triton.jit
+    def _pack(sk, se, n, key, e, lo, hi):
+        """Append the block's tokens with lo < key <= hi, in order, after the ``n`` already in the scratch row."""
+        inside = (key > lo) & (key <= hi)
+        at = n + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+        tl.store(sk + at, key, mask=inside)
+        tl.store(se + at, e, mask=inside)
+        return n + tl.sum(inside.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _reduce_packed(sk, se, n, cand, NC: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+        """``_reduce`` over the ``n`` compacted (key, e) of the bracket: counts and masses above each candidate."""
+        cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
+        if FP64:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float64)  # unused
+        else:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < n
+            key = tl.load(sk + offs, mask=valid, other=-2147483648)
+            e = tl.load(se + offs, mask=valid, other=0.0)
+            above = key[None, :] > cand[:, None]
+            cnt += above.to(tl.int32)
+            if FP64:
+                acc += tl.where(above, e.to(tl.float64)[None, :], 0.0)
+            else:
+                acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+        count = tl.sum(cnt, axis=1)
+        if FP64:
+            return count, tl.sum(acc, axis=1)
+        return count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
+
+    @triton.jit
+    def _value_of(k, KIND: tl.constexpr):
+        """The fp32 value (``s`` for fp32 logits, the logit otherwise) whose key is ``k`` (int64): ``_fold``'s
+        inverse."""
+        k32 = k.to(tl.int32)
+        if KIND == 0:
+            return tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        b = tl.where(k32 >= 0, k32, k32 ^ 0x7FFF)
+        if KIND == 1:
+            return (b << 16).to(tl.float32, bitcast=True)
+        return b.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _key_near(v, KIND: tl.constexpr):
+        """A key near the fp32 value ``v`` (rounded to the key's format): any integer key is a valid threshold."""
+        if KIND == 0:
+            b = v.to(tl.int32, bitcast=True)
+        elif KIND == 1:
+            b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        else:
+            b = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        return _fold(b, KIND).to(tl.int64)
+
+    @triton.jit
+    def _split(lo, hi, by_value, NC: tl.constexpr, KIND: tl.constexpr):
+        """NC candidate thresholds in (lo, hi] (int64 (NC,), non-decreasing) and whether they split the bracket
+        evenly in value (while ``by_value``, both ends finite and the bracket > 64 keys: a row's tokens are spread
+        far more evenly in value than in key, which is logarithmic, so fewer are left in the bracket) or else in
+        key (NC + 1 near-equal parts, distinct while they fit)."""
+        c = tl.arange(1, NC + 1)
+        by_key = lo + ((hi - lo) * c.to(tl.int64) + NC) // (NC + 1)
+        v_lo = _value_of(lo + 1, KIND)
+        width = _value_of(hi, KIND) - v_lo
+        use = by_value & (tl.abs(width) < float("inf")) & (hi - lo > 64)
+        at = tl.where(use, v_lo, 0.0) + tl.where(use, width, 0.0) * (c.to(tl.float32) / (NC + 1))
+        by_val = tl.minimum(tl.maximum(_key_near(at, KIND), lo + 1), hi)
+        return tl.where(use, by_val, by_key), use
+
+    @triton.jit
+    def _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass, k_lim, limit):
+        """The bracket after one pass: ``hi`` the least candidate passing ``ok`` (count < top_k and mass <
+        top_p * Z), ``lo`` the greatest failing one (``ok`` is monotone in the threshold), with the count above
+        each end and the mass above ``hi``."""
+        ok = (count < k_lim) & (mass < limit)
+        return (tl.max(tl.where(ok, lo, cand), axis=0), tl.min(tl.where(ok, cand, hi), axis=0),
+                tl.min(tl.where(ok, cnt_lo, count), axis=0), tl.max(tl.where(ok, count, cnt_hi), axis=0),
+                tl.max(tl.where(ok, mass, mass_hi), axis=0))
+
+    @triton.jit
+    def _argmax_update(best_v, best_i, x, offs):
+        """Lane-wise running argmax: a lane keeps its first maximum (its tokens come in increasing order)."""
+        take = x > best_v
+        return tl.where(take, x, best_v), tl.where(take, offs, best_i)
+
+    @triton.jit
+    def _argmax_final(best_v, best_i):
+        """The first index among the lanes' maxima (``torch.argmax``'s rule: the lowest index of the maximum)."""
+        top = tl.max(best_v, axis=0)
+        return tl.min(tl.where(best_v == top, best_i, 2147483647), axis=0)
+
+    @triton.jit
+    def _sample_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
+                       sk_ptr, se_ptr, CAP,
+                       KIND: tl.constexpr, WRITE_THR: tl.constexpr, FILTER: tl.constexpr, NC: tl.constexpr,
+                       FP64: tl.constexpr, VALUE_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                       ACCURATE: tl.constexpr):
+        row = tl.program_id(0)
+        base = x_ptr + row.to(tl.int64) * stride
+        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+        lane_i = tl.arange(0, BLOCK)
+        lane_lo = tl.full([BLOCK], float("inf"), tl.float32)
+        for start in range(0, V, BLOCK):  # pass 1: greedy, and the row's range
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)
+            lane_v, lane_i = _argmax_update(lane_v, lane_i, x, offs)
+            if FILTER:
+                lane_lo = tl.minimum(lane_lo, tl.where(valid, x, float("inf")))
+        best_v = tl.max(lane_v, axis=0)
+        result = _argmax_final(lane_v, lane_i)
+        W: tl.constexpr = 32 if KIND == 0 else 16
+        thr = tl.full([], -(2**(W - 1)), tl.int64)  # keep key >= thr: everything
+        temp = tl.load(temp_ptr + row)
+        if temp > 0:
+            tk = tl.maximum(temp, 1e-6)
+            m = tl.math.div_rn(best_v, tk)  # max(s): division by tk > 0 is monotone
+            if FILTER:
+                k_lim = tl.load(klim_ptr + row)
+                top_p = tl.load(topp_ptr + row)
+                use_p = top_p < 1.0
+                if (k_lim < 2147483647) | use_p:
+                    # bracket (lo, hi]: ok(hi) (nothing is above the largest key), and below the least key every
+                    # threshold keeps the whole row, so the least passing threshold in it keeps what torch's does
+                    lo = _key_of(tl.min(lane_lo, axis=0), tk, KIND) - 1
+                    hi = _key_of(best_v, tk, KIND)
+                    cnt_lo = V + tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # every token is above lo
+                    cnt_hi = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # none above hi
+                    mass_hi = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
+                    sk = sk_ptr + row.to(tl.int64) * CAP
+                    se = se_ptr + row.to(tl.int64) * CAP
+                    by_value = VALUE_SPLIT
+                    cand, used = _split(lo, hi, by_value, NC, KIND)
+                    count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, True, NC, KIND, FP64,
+                                                BLOCK, ACCURATE, False, 0, 0, sk, se)
+                    limit = tl.where(use_p, top_p * z, float("inf"))
+                    width = hi - lo
+                    lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
+                                                              k_lim, limit)
+                    # a value split that shrank the bracket less than a key split would have ends value splits
+                    by_value = by_value & ((~used) | ((hi - lo) * (NC + 1) <= width))
+                    packed = n * 0  # 1 once the bracket's tokens sit in the scratch row
+                    c0 = cnt_hi * 0
+                    m0 = mass_hi * 0.0
+                    while hi - lo > 1:
+                        cand, used = _split(lo, hi, by_value, NC, KIND)
+                        width = hi - lo
+                        if packed == 1:  # only the compacted tokens: the ones above their bracket are offsets
+                            count, mass = _reduce_packed(sk, se, n, cand.to(tl.int32), NC, FP64, BLOCK)
+                            count += c0
+                            mass += m0
+                        elif (cnt_lo - cnt_hi <= CAP) & (hi - lo > (NC + 1) * (NC + 1)):
+                            # few tokens in the bracket, and >= 3 passes to go (packing costs ~1 pass): pack them
+                            count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND,
+                                                        FP64, BLOCK, ACCURATE, True, lo.to(tl.int32),
+                                                        hi.to(tl.int32), sk, se)
+                            packed = n * 0 + 1
+                            c0 = cnt_hi
+                            m0 = mass_hi
+                        else:
+                            count, mass, z, n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NC, KIND,
+                                                        FP64, BLOCK, ACCURATE, False, 0, 0, sk, se)
+                        lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
+                                                                  k_lim, limit)
+                        by_value = by_value & ((~used) | ((hi - lo) * (NC + 1) <= width))
+                    thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)  # top_p = 0: no threshold passes, torch keeps
+                    # only keys above the largest finite one, i.e. nothing
+            thr32 = thr.to(tl.int32)
+            rkey = _row_key(seed_ptr, step_ptr, row)
+            lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+            lane_i = tl.arange(0, BLOCK)
+            for start in range(0, V, BLOCK):  # the Gumbel-max draw over the kept tokens
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                s = tl.math.div_rn(x, tk)
+                noisy = _gumbel(offs, rkey, ACCURATE) + s  # -inf outside the row (x = -inf there)
+                if FILTER:
+                    noisy = tl.where(_keys(raw, s, valid, KIND) >= thr32, noisy, float("-inf"))
+                lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+            result = _argmax_final(lane_v, lane_i)
+        tl.store(out_ptr + row, result.to(tl.int64))
+        if WRITE_THR:  # tests: the threshold key itself
+            tl.store(thr_ptr + row, thr)
+
+
+def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
+                  candidates: int = 4, block: int = 1024, num_warps: int = 8,
+                  sums: str | None = None, compact: int = 16384, split: str = "value") -> torch.Tensor:
+    """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
+    ``TRITON_INTERPRET=1``. ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens
+    per program step and ``num_warps`` per program (a row); ``sums`` "fp64" or "kahan" (default:
+    ``default_sums``); ``compact``: once at most this many tokens lie in a row's threshold bracket, the next pass
+    copies them (key and probability, 8 bytes each) to a scratch row and the remaining passes read only those
+    (0: never; scratch R x min(compact, V) x 8 bytes); ``split`` "value" (candidates evenly spaced in value while
+    that narrows the bracket at least as fast as "key", evenly spaced in key)."""
+    if not any_random:
+        return logits.argmax(dim=-1)
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps,
+                   sums, compact, split, False)[0]
+
+
+def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
+                                top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
+                                candidates: int = 4, block: int = 1024, num_warps: int = 8,
+                                sums: str | None = None, compact: int = 16384,
+                                split: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
+    ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, sums,
+                   compact, split, True)
+
+
+def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+            seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, candidates: int, block: int, num_warps: int,
+            sums: str | None, compact: int, split: str, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not supported(logits, temperature):
+        raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
+                         f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
+    if candidates not in (2, 4, 8):
+        raise ValueError(f"sample_triton: candidates must be 2, 4 or 8, got {candidates}")
+    sums = sums or default_sums(logits.device)
+    if sums not in ("fp64", "kahan"):
+        raise ValueError(f"sample_triton: sums must be 'fp64' or 'kahan', got {sums!r}")
+    if split not in ("value", "key"):
+        raise ValueError(f"sample_triton: split must be 'value' or 'key', got {split!r}")
+    R, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    kind = _KINDS[logits.dtype]
+    x = logits if kind == 0 else logits.view(torch.int16)
+    k_lim = torch.where(top_k > 0, top_k.clamp_max(_INT32_MAX), _INT32_MAX).to(torch.int32)
+    out = torch.empty(R, dtype=torch.int64, device=logits.device)
+    thr = torch.empty(R if write_threshold else 1, dtype=torch.int64, device=logits.device)
+    cap = min(compact, V) if any_filter and compact > 0 else 0
+    sk = torch.empty(R if cap else 1, max(cap, 1), dtype=torch.int32, device=logits.device)
+    se = torch.empty(R if cap else 1, max(cap, 1), dtype=torch.float32, device=logits.device)
+    _sample_kernel[(R,)](x, x.stride(0), V, temperature.contiguous(), k_lim.contiguous(),
+                         top_p.double().contiguous(), seeds.long().contiguous(), steps.long().contiguous(), out, thr,
+                         sk, se, cap, KIND=kind, WRITE_THR=write_threshold, FILTER=any_filter, NC=candidates, FP64=sums == "fp64",
+                         VALUE_SPLIT=split == "value",
+                         BLOCK=block, ACCURATE=not interpreted(), num_warps=num_warps, enable_fp_fusion=False,
+                         maxnreg=_MAX_REGISTERS)
+    return out, thr
+
+
+def noise_triton(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int, *, gumbel: bool) -> torch.Tensor:
+    """(R, V) fp32 noise the kernel draws with: ``sampling.uniform_noise`` or ``sampling.gumbel_noise``."""
+    if not HAVE_TRITON:
+        raise ValueError("noise_triton: needs triton")
+    out = torch.empty(seeds.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
+    _noise_kernel[(seeds.shape[0],)](seeds.long().contiguous(), steps.long().contiguous(), out, vocab_size,
+                                     GUMBEL=gumbel, BLOCK=1024, ACCURATE=not interpreted())
+    return out
