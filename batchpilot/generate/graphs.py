@@ -316,8 +316,7 @@ class DecodeGraphs:
                 if kind == GREEDY:
                     return {"tokens": tokens_fn(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
                 logits = logits_fn(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)
-            # logit processing and the sampler run eagerly inside the graph: compiling the sampler (its 32-bit hash
-            # wraps alike in Triton) is the next step for sampled decode speed, not yet checked on a GPU
+            # logit processing runs eagerly inside the graph; on CUDA the sampler is one Triton kernel (sampling_triton)
             if kind & PENALISED:
                 logits = penalise(logits, output_counts=inputs["counts"], seen=inputs["seen"],
                                   presence=inputs["presence"], frequency=inputs["frequency"],

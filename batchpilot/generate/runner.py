@@ -186,7 +186,7 @@ class Runner:
         x = self._penalise(logits, reqs, eos_ids) if any(p.penalised for p in ps) else logits
         tokens = x.argmax(dim=-1)
         rows = [i for i, p in enumerate(ps) if p.temperature > 0]
-        if rows:  # only the sampled rows pay for the noise and the top-k/top-p sort (each row's draw is its own)
+        if rows:  # only the sampled rows pay for the noise and the top-k/top-p threshold search (each row's draw is its own)
             sub = [ps[i] for i in rows]
             at = self._tensor(rows)
             drawn = sample(x[at], temperature=self._tensor([p.temperature for p in sub], np.float32),
