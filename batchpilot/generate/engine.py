@@ -28,6 +28,7 @@ from batchpilot.generate.prefix_tree import PrefixGroup, build_groups, order_gro
 from batchpilot.generate.request import (Completion, Group, Request, SamplingParams, Score, TokenLogprob,
                                          request_seed, sample_seed)
 from batchpilot.generate.runner import ChunkOutput, Runner
+from batchpilot.generate.sampling import peak_vocab_floats
 from batchpilot.generate.scheduler import Scheduler, StepPlan
 from batchpilot.generate.stats import EngineStats
 from batchpilot.model.llama import Llama
@@ -166,8 +167,8 @@ class Engine:
         start = time.perf_counter()
         plan = scheduler.schedule()
         assert plan.chunks, "scheduler made no progress (KV cache too small for one request?)"
-        steps = self._decode_steps(plan, scheduler)
-        on_graph = self.runner.graphs_usable(plan.chunks)
+        on_graph = self.runner.graphs_usable(plan.chunks)  # an O(rows) check: once per step
+        steps = self._decode_steps(plan, scheduler, on_graph)
         outputs = self.runner.step(plan.chunks, steps=steps, eos_ids=frozenset(self.eos_ids))
         scheduler.advance(plan)
         done, new_tokens = [], 0
@@ -205,11 +206,11 @@ class Engine:
                     for j in range(1, r.params.n)]
         return out
 
-    def _decode_steps(self, plan: StepPlan, scheduler: Scheduler) -> int:
+    def _decode_steps(self, plan: StepPlan, scheduler: Scheduler, on_graph: bool) -> int:
         """Decode steps to run on this plan: several once the batch runs on a decode graph and no request would be
         admitted next step (nothing waits, or an admission burst waits for free rows: then until enough are)."""
         n = self.config.decode_steps
-        if n == 1 or scheduler.admission_open() or not self.runner.graphs_usable(plan.chunks):
+        if n == 1 or scheduler.admission_open() or not on_graph:
             return 1
         n = min(n, max(c.request.params.max_tokens - len(c.request.output_ids) for c in plan.chunks),
                 scheduler.steps_until_admission(n))
@@ -363,10 +364,10 @@ class Engine:
         if device.type != "cuda":
             return max(1, cfg.cpu_kv_tokens // cfg.block_size)
         free, total = torch.cuda.mem_get_info(device)
-        # headroom for activations: a full decode batch's sampling at its peak (filtered sampling holds about 14
-        # fp32-sized (rows, V) tensors at once: logits, scaled logits, the threshold's histogram keys, noise; see
-        # generate/sampling.py), step activations
-        reserve = 14 * cfg.max_num_seqs * mc.vocab_size * 4 + 24 * cfg.max_batch_tokens * mc.intermediate_size * 4
+        # headroom for activations: a full decode batch's sampling at its peak (sampling.peak_vocab_floats), step
+        # activations
+        reserve = (peak_vocab_floats(device) * cfg.max_num_seqs * mc.vocab_size * 4
+                   + 24 * cfg.max_batch_tokens * mc.intermediate_size * 4)
         budget = free - (1 - cfg.gpu_memory_utilization) * total - reserve - 2 * 2**30
         if budget < block_bytes * 64:
             raise ValueError(f"not enough GPU memory for the KV cache ({budget / 2**30:.1f} GiB left)")

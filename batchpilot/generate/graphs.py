@@ -35,9 +35,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from contextlib import nullcontext
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,12 +60,12 @@ class _Graph:
     out: dict[str, torch.Tensor]  # "tokens": (rows,) greedy tokens, rewritten by every replay
 
 
-def compile_settings(recompile_limit: int) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def compile_settings(recompile_limit: int) -> Iterator[None]:
     """Dynamo and inductor settings of a compiled decode forward (imports them: only where something compiles)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(recompile_limit=recompile_limit))
-    stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
-    return stack
+    with (torch._dynamo.config.patch(recompile_limit=recompile_limit),
+          torch._inductor.config.patch(emulate_precision_casts=True)):
+        yield
 
 
 def greedy_tokens(model: Llama, ids: torch.Tensor, pos: torch.Tensor, attn: StepAttention) -> torch.Tensor:
@@ -312,7 +311,7 @@ class DecodeGraphs:
 
         def forward() -> dict[str, torch.Tensor]:
             # emulate_precision_casts: round to bf16 where eager does, so the self-check compares like with like
-            with compile_settings(recompile_limit) if compiled else nullcontext():
+            with compile_settings(recompile_limit) if compiled else contextlib.nullcontext():
                 if kind == GREEDY:
                     return {"tokens": tokens_fn(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
                 logits = logits_fn(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)

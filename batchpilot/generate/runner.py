@@ -119,8 +119,8 @@ class Runner:
         order = dec + pre
         flat = flatten(order, self.block_size)
         meta = StepAttention(self.kv, self.paged_attention, self._tensor(flat.slots),
-                         self._decode_meta(dec) if dec else None, self._prefill_meta(pre) if pre else None,
-                         self.paged_attention.prefill)
+                             self._decode_meta(dec) if dec else None, self._prefill_meta(pre) if pre else None,
+                             self.paged_attention.prefill)
         hidden = self.model.hidden_states(self._tensor(flat.ids)[None], position_ids=self._tensor(flat.pos)[None],
                                           attn_meta=meta)[0]  # (N, D)
         outs = {id(c): ChunkOutput([]) for c in chunks}
@@ -186,7 +186,7 @@ class Runner:
         x = self._penalise(logits, reqs, eos_ids) if any(p.penalised for p in ps) else logits
         tokens = x.argmax(dim=-1)
         rows = [i for i, p in enumerate(ps) if p.temperature > 0]
-        if rows:  # only the sampled rows pay for the noise and the top-k/top-p threshold search (each row's draw is its own)
+        if rows:  # only the sampled rows pay for the noise and the top-p/top-k threshold (each row's draw is its own)
             sub = [ps[i] for i in rows]
             at = self._tensor(rows)
             drawn = sample(x[at], temperature=self._tensor([p.temperature for p in sub], np.float32),

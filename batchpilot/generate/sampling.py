@@ -41,11 +41,10 @@ threshold.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-TRITON = importlib.util.find_spec("triton") is not None  # the fused kernel is used on CUDA where triton imports
+from batchpilot.generate import sampling_triton
+
 
 
 def _i32(c: int) -> int:
@@ -179,14 +178,19 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
     kernel (``sampling_triton``: the same tokens, one kernel) when triton imports; everything else to
     ``sample_torch``, the reference.
     """
-    if any_random and TRITON and logits.is_cuda:
-        from batchpilot.generate import sampling_triton  # lazy: triton loads only where it is used
-
-        if sampling_triton.supported(logits, temperature):
-            return sampling_triton.sample_triton(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                 seeds=seeds, steps=steps, any_random=True, any_filter=any_filter)
+    if any_random and logits.is_cuda and sampling_triton.supported(logits, temperature):
+        return sampling_triton.sample_triton(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             seeds=seeds, steps=steps, any_random=True, any_filter=any_filter)
     return sample_torch(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, steps=steps,
                         any_random=any_random, any_filter=any_filter)
+
+
+def peak_vocab_floats(device: torch.device) -> int:
+    """fp32-sized (rows, V) tensors a decode batch's sampling holds at its peak, for the engine's memory headroom:
+    about 14 on the torch path (logits, scaled logits, the threshold search's keys, masses and digits, the noise),
+    4 with the Triton kernel (logits, processed logits, a gathered copy, and the kernel's scratch of
+    min(16,384, V) x 8 bytes per row)."""
+    return 4 if device.type == "cuda" and sampling_triton.HAVE_TRITON else 14
 
 
 def sample_torch(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

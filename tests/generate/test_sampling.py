@@ -312,3 +312,14 @@ def test_cuda_kept_sets_equal_the_cpu_reference_and_capture_in_a_graph():
     kw["steps"].add_(1)
     graph.replay()
     assert torch.equal(out, sample(dev[0], **kw))
+
+
+def test_memory_headroom_follows_the_sampler_in_use(monkeypatch):
+    """The engine reserves the sampling peak of the path that will run: the Triton kernel on CUDA, else torch ops."""
+    from batchpilot.generate import sampling, sampling_triton
+
+    monkeypatch.setattr(sampling_triton, "HAVE_TRITON", True)
+    assert sampling.peak_vocab_floats(torch.device("cuda")) == 4
+    assert sampling.peak_vocab_floats(torch.device("cpu")) == 14
+    monkeypatch.setattr(sampling_triton, "HAVE_TRITON", False)
+    assert sampling.peak_vocab_floats(torch.device("cuda")) == 14
