@@ -216,7 +216,7 @@ def offload_predictions(args) -> dict[str, Any]:
         out["predicted_peak_note"] = "plan.memory.predict_offload_peak_bytes is not in this tree"
     else:
         out["predicted_peak_bytes"] = int(predict_offload_peak_bytes(config, args.seq_len, micro_batch_size=1,
-                                                                     checkpointing=True))
+                                                                     checkpointing=True, master_bytes=2))
     return out
 
 

@@ -503,12 +503,16 @@ OFFLOAD_GATHERED_BLOCKS = 2  # FSDP2: the block being computed and the one prefe
 
 def estimate_offload_peak(config: LlamaConfig, seq_len: int, *, micro_batch_size: int = 1,
                           checkpointing: bool = True, compile: bool = False, float8: str | None = None,
-                          num_gpus: int = 1) -> MemoryEstimate:
+                          num_gpus: int = 1, master_bytes: int = 4) -> MemoryEstimate:
     """Peak GPU bytes of FSDP2 + ``CPUOffloadPolicy`` (bf16 compute, fp32 reduction), by what holds them.
 
-    On the GPU (P = one block's parameters, R = the root's: embedding, head, final norm; n GPUs):
-      gathered blocks   ``OFFLOAD_GATHERED_BLOCKS`` x (bf16 unsharded 2P + the fp32 shard copied in, 4P/n)
-      root              bf16 2R + its fp32 shard 4R/n, gathered for the whole step (FSDP2 keeps the root's)
+    On the GPU (P = one block's parameters, R = the root's: embedding, head, final norm; n GPUs; m =
+    ``master_bytes``, the shards' bytes per parameter: 4 for fp32 masters, 2 for ``--parallel.master_dtype
+    bfloat16``):
+      gathered blocks   ``OFFLOAD_GATHERED_BLOCKS`` x (bf16 unsharded 2P + the shard copied in, mP/n: the
+                        prefetched block's copy is in flight while the current one computes)
+      root              bf16 unsharded 2R, gathered for the whole step (FSDP2 keeps the root's); its shard's
+                        host-to-device copy is the all-gather's input and is freed once the gather is done
       gradients         in flight for one block: bf16 2P + the fp32 copy reduced and copied out 4P
                         (the planner's FSDP term 6P); at the end of backward the root's (fp32 4R + bf16 2R)
       activations       bf16 block inputs (or every saved tensor without checkpointing), the block
@@ -516,14 +520,18 @@ def estimate_offload_peak(config: LlamaConfig, seq_len: int, *, micro_batch_size
     Parameters, gradients and optimizer states: 0 on the GPU. ``overhead_bytes``: the CUDA context, outside
     ``max_memory_allocated`` (what the caching allocator reserves beyond the allocated blocks is left to the
     planner's headroom). Peak = max over the loss forward, the first block's backward and the end of backward.
+    Measured on one H200 (llama-8b, seq 4096, micro-batch 1, bf16 masters, full checkpointing:
+    ``benchmarks/finetune.py --cases offload_8b``): see docs/finetune.md for the measured peak against this.
     """
     if num_gpus < 1 or micro_batch_size < 1:
         raise ValueError("num_gpus and micro_batch_size must be >= 1")
+    if master_bytes not in (2, 4):
+        raise ValueError(f"master_bytes must be 2 (bf16 masters) or 4 (fp32), got {master_bytes}")
     d, tokens = config.hidden_size, micro_batch_size * seq_len
     block = block_params(config)
     root = total_params(config) - block * config.num_layers
-    gathered = OFFLOAD_GATHERED_BLOCKS * (2 + 4 / num_gpus) * block
-    root_bytes = (2 + 4 / num_gpus) * root
+    gathered = OFFLOAD_GATHERED_BLOCKS * (2 + master_bytes / num_gpus) * block
+    root_bytes = 2.0 * root
     per_layer = [layer_activation_bytes_per_token(config, i, param_bytes=2, compile=compile, float8=float8) * tokens
                  for i in range(config.num_layers)]
     inputs = 2 * d * tokens
@@ -532,7 +540,7 @@ def estimate_offload_peak(config: LlamaConfig, seq_len: int, *, micro_batch_size
     recompute = max(per_layer) if checkpointing else 0.0
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=True)
     moments = {
-        "loss forward": (activations, root_bytes + (2 + 4 / num_gpus) * block, loss.forward_peak, 0.0),
+        "loss forward": (activations, root_bytes + (2 + master_bytes / num_gpus) * block, loss.forward_peak, 0.0),
         "first block backward": (activations + recompute, root_bytes + gathered, loss.saved + inputs, 6.0 * block),
         "backward end": (0.0, root_bytes + gathered, 0.0, 6.0 * root),
     }
@@ -544,12 +552,12 @@ def estimate_offload_peak(config: LlamaConfig, seq_len: int, *, micro_batch_size
 
 def predict_offload_peak_bytes(config: LlamaConfig, seq_len: int, *, micro_batch_size: int = 1,
                                checkpointing: bool = True, compile: bool = False, float8: str | None = None,
-                               num_gpus: int = 1, include_overhead: bool = False) -> int:
+                               num_gpus: int = 1, master_bytes: int = 4, include_overhead: bool = False) -> int:
     """Predicted peak GPU bytes per GPU under ``--parallel.offload cpu``: comparable with
     ``torch.cuda.max_memory_allocated`` (``include_overhead``: plus the CUDA context, for fitting a GPU).
     The breakdown is ``estimate_offload_peak``."""
     est = estimate_offload_peak(config, seq_len, micro_batch_size=micro_batch_size, checkpointing=checkpointing,
-                                compile=compile, float8=float8, num_gpus=num_gpus)
+                                compile=compile, float8=float8, num_gpus=num_gpus, master_bytes=master_bytes)
     return int(est.total_bytes if include_overhead else est.allocated_bytes)
 
 

@@ -56,7 +56,8 @@ def test_compile_float8_offload_and_mfu_table_flags(capsys, tmp_path):
     assert main(["plan", "--preset", "llama-8b", "--tokens", "1e10", "--gpu-memory-gib", "24", "--offload", "none"]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert main(["plan", "--preset", "llama-8b", "--tokens", "1e10", "--gpu-memory-gib", "24", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["predicted_step_seconds"] < slow["predicted_step_seconds"]
+    # a faster host link: more tokens/s (the micro-batch and accumulation may differ between the two plans)
+    assert json.loads(capsys.readouterr().out)["predicted_tokens_per_second"] > slow["predicted_tokens_per_second"]
     assert main(["plan", "--preset", "tiny", "--tokens", "1e9", "--mfu-from", str(tmp_path / "none.json")]) == 2
     assert "--mfu-from" in capsys.readouterr().err
 

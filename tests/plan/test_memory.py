@@ -176,7 +176,14 @@ def test_offload_peak_is_what_the_gpu_holds():
         tokens = 4 * 2048
         acts = 2 * 4096 * tokens * 32 + 6 * 4096 * tokens + memory.activation_bytes_per_token(c, param_bytes=2) * tokens
         assert est.activations == pytest.approx(acts)
-        assert est.compute_copies == pytest.approx(6 * root + 2 * 6 * block) and est.grads == 6 * block
+        assert est.compute_copies == pytest.approx(2 * root + 2 * 6 * block) and est.grads == 6 * block
+    # bf16 masters: the shards copied in are half the bytes; the unsharded bf16 copies and gradients are the same
+    full, half = (memory.estimate_offload_peak(c, 4096, master_bytes=m) for m in (4, 2))
+    assert full.peak_moment == half.peak_moment == "backward end"  # the root's gradients are reduced
+    assert full.compute_copies - half.compute_copies == pytest.approx(2 * 2 * block)
+    assert half.grads == full.grads == 6 * root and half.activations == full.activations == 0
+    with pytest.raises(ValueError, match="master_bytes"):
+        memory.estimate_offload_peak(c, 2048, master_bytes=8)
     peaks = [memory.predict_offload_peak_bytes(c, 2048, micro_batch_size=mb) for mb in (1, 4, 16)]
     assert peaks == sorted(peaks) and isinstance(peaks[0], int)
     assert memory.predict_offload_peak_bytes(c, 2048, include_overhead=True) == peaks[0] + memory.CUDA_CONTEXT_BYTES
