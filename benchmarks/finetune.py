@@ -163,7 +163,7 @@ def offload_config(args, data_dir: Path):
                        data=DataConfig(path=str(data_dir), seq_len=args.seq_len, pack="conversation"),
                        optim=OptimConfig(lr=1e-5),
                        schedule=ScheduleConfig(max_steps=args.offload_warmup + args.offload_steps, min_lr=1e-6),
-                       batch=BatchConfig(global_batch_tokens=args.offload_rows * args.seq_len, micro_batch_size=1),
+                       batch=BatchConfig(global_batch_tokens=args.offload_rows * args.seq_len, micro_batch_size=args.offload_micro_batch),
                        parallel=ParallelConfig(offload="cpu", master_dtype="bfloat16",
                                                activation_checkpointing="full"))
 
@@ -188,7 +188,7 @@ def run_offload(args, data_dir: Path, device: torch.device, row: dict[str, Any])
         _sync(device)
         t0 = time.perf_counter()
         train_step(model, optimizer, loader, global_batch_tokens=cfg.batch.global_batch_tokens,
-                   seq_len=args.seq_len, micro_batch_size=1, dims=dims, grad_clip=cfg.optim.grad_clip,
+                   seq_len=args.seq_len, micro_batch_size=args.offload_micro_batch, dims=dims, grad_clip=cfg.optim.grad_clip,
                    sync_every_micro_batch=True)
         _sync(device)
         times.append(report_step(time.perf_counter() - t0))
@@ -208,14 +208,16 @@ def offload_predictions(args) -> dict[str, Any]:
     budget = SftBudget(config=config, examples=1000, tokens_per_example=args.seq_len // 2, gpu_memory_gib=gpu_gib,
                        seq_len=args.seq_len)
     out: dict[str, Any] = {"predicted_step_s": round(predicted_step_seconds(budget, args.offload_rows,
-                                                                            offload="cpu"), 3)}
+                                                                            offload="cpu",
+                                                                            micro=args.offload_micro_batch), 3)}
     try:  # the planner's offload memory term (another area adds it to plan/memory.py)
         from batchpilot.plan.memory import predict_offload_peak_bytes
     except ImportError:
         out["predicted_peak_bytes"] = None
         out["predicted_peak_note"] = "plan.memory.predict_offload_peak_bytes is not in this tree"
     else:
-        out["predicted_peak_bytes"] = int(predict_offload_peak_bytes(config, args.seq_len, micro_batch_size=1,
+        out["predicted_peak_bytes"] = int(predict_offload_peak_bytes(config, args.seq_len,
+                                                                     micro_batch_size=args.offload_micro_batch,
                                                                      checkpointing=True, master_bytes=2))
     return out
 
@@ -392,7 +394,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cap-s", type=float, default=90.0, help="wall cap of each full_ft / lora system (seconds)")
     p.add_argument("--offload-cap-s", type=float, default=300.0, help="wall cap of the offload_8b part (seconds)")
     p.add_argument("--offload-preset", default="llama-8b")
-    p.add_argument("--offload-rows", type=int, default=4, help="offload_8b: rows per step (micro-batch 1)")
+    p.add_argument("--offload-rows", type=int, default=4, help="offload_8b: rows per step")
+    # plan/sft.py's _fit_offload takes the largest micro-batch whose predicted peak fits: all 4 rows at once on an
+    # H200 (one backward per step, so the parameters cross the host link once per step instead of once per row)
+    p.add_argument("--offload-micro-batch", type=int, default=None,
+                   help="offload_8b: rows per forward/backward (default: --offload-rows, what the planner picks)")
     p.add_argument("--offload-warmup", type=int, default=1, help="offload_8b: untimed steps")
     p.add_argument("--offload-steps", type=int, default=3, help="offload_8b: timed steps")
     p.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
@@ -404,6 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.conversations, args.compile, args.offload_preset = 200, False, "tiny"
     if args.rows % args.micro_batch:
         raise SystemExit("--rows must be a multiple of --micro-batch")
+    args.offload_micro_batch = args.offload_micro_batch or args.offload_rows
+    if args.offload_rows % args.offload_micro_batch:
+        raise SystemExit("--offload-rows must be a multiple of --offload-micro-batch")
     return args
 
 
@@ -448,6 +457,7 @@ def main(argv: list[str]) -> None:
         for name in args.cases.split(","):
             if name == "offload_8b":
                 case: dict[str, Any] = {"preset": args.offload_preset, "rows_per_step": args.offload_rows,
+                                        "micro_batch": args.offload_micro_batch,
                                         **offload_predictions(args), "rows": []}
             else:
                 config, lora = case_configs(args.smoke)[name]
