@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,9 @@ def make_requests(workload: str, n: int, *, vocab: int, seed: int, scale: float,
     return reqs
 
 
-async def one_request(client: Any, body: dict, start: float, at: float) -> dict:
+async def one_request(client: Any, body: dict, start: float, at: float, light: bool = False) -> dict:
+    """One streamed request sent at ``start + at``: its TTFT, TPOT and output tokens. ``light`` (saturation):
+    only the first chunk and the usage chunk are parsed, so the client's JSON work does not bound the rate."""
     await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
     sent, first, tokens, error = time.perf_counter(), None, 0, None
     try:
@@ -85,6 +88,8 @@ async def one_request(client: Any, body: dict, start: float, at: float) -> dict:
             if r.status_code != 200:
                 return {"status": r.status_code, "sent": sent - start}
             async for line in r.aiter_lines():
+                if light and first is not None and '"usage"' not in line and '"error"' not in line:
+                    continue
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
@@ -103,18 +108,20 @@ async def one_request(client: Any, body: dict, start: float, at: float) -> dict:
             "tokens": tokens, "error": error}
 
 
-async def run_rate(base_url: str, reqs: list[dict], rate: float, seed: int, drain_s: float = 600.0) -> list[dict]:
+async def run_rate(base_url: str, reqs: list[dict], rate: float, seed: int, drain_s: float = 600.0,
+                   light: bool = False) -> list[dict]:
+    """Poisson arrivals at ``rate`` (``math.inf``: all at once, the saturation phase)."""
     import httpx
 
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     for _ in reqs:
-        t += rng.expovariate(rate)
+        t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
         arrivals.append(t)
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        tasks = [asyncio.create_task(one_request(client, b, start, a)) for b, a in zip(reqs, arrivals)]
+        tasks = [asyncio.create_task(one_request(client, b, start, a, light)) for b, a in zip(reqs, arrivals)]
         # the wall cap: requests still open after the last arrival + drain_s are results too (not good), so an
         # overloaded policy costs bounded benchmark time instead of draining its whole backlog
         done, pending = await asyncio.wait(tasks, timeout=arrivals[-1] + drain_s)
@@ -199,6 +206,28 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return out
 
 
+def ttft_split(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The server's own split of time to first token over a phase (mean seconds per ``TTFT_PHASES`` phase,
+    serve/metrics.py), its mean TTFT, and the mean engine round trips a request waited before its first token's."""
+    from batchpilot.serve.metrics import TTFT_PHASES
+
+    def mean(name: str) -> float | None:
+        n = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        return (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / n if n else None
+
+    phases = {}
+    for ph in TTFT_PHASES:
+        keys = [f"batchpilot_ttft_phase_seconds_{k}{{{ph}}}" for k in ("count", "sum")]
+        n = after.get(keys[0], 0.0) - before.get(keys[0], 0.0)
+        phases[ph] = (after.get(keys[1], 0.0) - before.get(keys[1], 0.0)) / n if n else None
+    return {"ttft_phases_mean_s": phases, "ttft_mean_s": mean("batchpilot_time_to_first_token_seconds"),
+            "rounds_waited_mean": mean("batchpilot_rounds_before_first_token")}
+
+
+def low_load_reqs(reqs: list[dict]) -> list[dict]:
+    return reqs[:LOW_LOAD_REQUESTS]
+
+
 def log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
     """The last ``chars`` of a server's output (its warnings: why graphs or compile switched off)."""
     log = proc.log  # type: ignore[attr-defined]
@@ -221,14 +250,37 @@ def build_model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], kv_cache_tokens: int | None,
-                      max_num_seqs: int) -> dict:
-    """The offline engine on the same requests (tokens/s), and one request's prefill and decode-step time."""
+def saturation(base_url: str, reqs: list[dict], timeout_s: float) -> dict:
+    """The server's capacity: every request at once (the queue takes them all: ``--max-queue`` 100,000), output
+    tokens per second from the first request sent to the last byte received (``saturation_vs_offline`` against the
+    offline engine on exactly these requests)."""
+    rows = asyncio.run(run_rate(base_url, reqs, math.inf, seed=0, drain_s=timeout_s, light=True))
+    ok = [r for r in rows if r["status"] == 200]
+    span = max((r["end"] for r in ok), default=0.0) - min((r["sent"] for r in rows), default=0.0)
+    tokens = sum(r["tokens"] for r in ok)
+    return {"requests": len(rows), "answered": len(ok), "output_tokens": tokens, "seconds": span,
+            "output_tokens_per_s": tokens / span if span > 0 else None,
+            "unfinished": sum(r["status"] == 0 for r in rows), "errors": sum(r["status"] == 500 for r in rows)}
+
+
+def _params(body: dict) -> Any:
+    """A benchmark body's SamplingParams by the server's own rules (``jobs.body_params``: the same fields)."""
+    from batchpilot.generate import SamplingParams
+    from batchpilot.generate.jobs import body_params
+
+    return body_params({k: v for k, v in body.items() if k not in ("stream", "stream_options", "model")},
+                       SamplingParams(), "completion")[0]
+
+
+def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], low_load: dict[str, list[dict]],
+                      kv_cache_tokens: int | None, max_num_seqs: int) -> dict:
+    """The offline engine (same ``max_num_seqs`` and KV cache as the servers) on each workload's saturation
+    requests (output tokens/s), and on each low-load request alone: its prefill (the request's own sampling
+    parameters, ``max_tokens`` 1: what the server's first token costs without a server) and its decode step."""
     import torch
 
     from batchpilot import load_model
-    from batchpilot.generate import Engine, EngineConfig, SamplingParams
-    from batchpilot.generate.jobs import body_params
+    from batchpilot.generate import Engine, EngineConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
@@ -237,23 +289,31 @@ def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], kv_cach
                                               num_blocks=kv_cache_tokens // 16 if kv_cache_tokens else None))
     out: dict[str, Any] = {}
     for name, reqs in workloads.items():
-        prompts = [b["prompt"] for b in reqs]
-        # the server's own rules (jobs.body_params: strict types, the same fields), so both sides sample alike
-        params = [body_params({k: v for k, v in b.items() if k not in ("stream", "stream_options", "model")},
-                              SamplingParams(), "completion")[0] for b in reqs]
+        prompts, params = [b["prompt"] for b in reqs], [_params(b) for b in reqs]
         engine.generate(prompts[:8], params[:8])  # warm-up (graphs, compile)
         t0 = time.perf_counter()
         done = engine.generate(prompts, params)
         seconds = time.perf_counter() - t0
-        out[name] = {"output_tokens_per_s": sum(len(c.output_ids) for c in done) / seconds, "seconds": seconds}
-        one = prompts[0]
-        t0 = time.perf_counter()
-        engine.generate([one], SamplingParams(max_tokens=1))
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        engine.generate([one], SamplingParams(max_tokens=65, ignore_eos=True))
-        out[name] |= {"prefill_s": prefill, "decode_step_s": (time.perf_counter() - t0 - prefill) / 64}
+        out[name] = {"requests": len(reqs), "output_tokens": sum(len(c.output_ids) for c in done),
+                     "output_tokens_per_s": sum(len(c.output_ids) for c in done) / seconds, "seconds": seconds}
+        prefills, steps = [], []
+        for body in low_load.get(name, []):
+            p = _params(body)
+            one = [body["prompt"]]
+            engine.generate(one, replace(p, max_tokens=2))  # this size's first use (graph bucket 1, kernels)
+            prefills.append(statistics.median(_timed(engine, one, replace(p, max_tokens=1)) for _ in range(3)))
+            decode = _timed(engine, one, replace(p, max_tokens=65, ignore_eos=True))
+            steps.append((decode - prefills[-1]) / 64)
+        out[name] |= {"prefill_s": prefills, "decode_step_s": steps,
+                      "prefill_p50_s": statistics.median(prefills) if prefills else None,
+                      "decode_step_p50_s": statistics.median(steps) if steps else None}
     return out
+
+
+def _timed(engine: Any, prompts: list, params: Any) -> float:
+    t0 = time.perf_counter()
+    engine.generate(prompts, params)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -280,6 +340,10 @@ def main() -> None:
     p.add_argument("--server-flags", default="", help="extra flags for every server, e.g. --no-compile")
     p.add_argument("--skip-offline", action="store_true",
                    help="no offline-engine reference (no saturation_vs_offline, no low-load ratios)")
+    p.add_argument("--saturation-requests", type=int, default=None,
+                   help="requests of the saturation phase, all sent at once (default: the largest rate's count)")
+    p.add_argument("--saturation-timeout", type=float, default=180.0,
+                   help="seconds the saturation phase may take per policy and workload")
     p.add_argument("--port", type=int, default=18431)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -289,7 +353,8 @@ def main() -> None:
     # a steady load: each rate runs for --seconds-per-rate (rate x seconds requests), not a fixed count, which at a
     # high rate is a burst that ends before the batch reaches its steady state
     per_rate = {r: args.requests_per_rate or (6 if smoke else math.ceil(r * args.seconds_per_rate)) for r in rates}
-    n = max(per_rate.values())
+    args.saturation_requests = args.saturation_requests or max(per_rate.values())
+    n = max(*per_rate.values(), args.saturation_requests)
     args.ttft_slo = args.ttft_slo or (5.0 if smoke else 1.0)
     args.tpot_slo = args.tpot_slo or (1.0 if smoke else 0.05)
     scale = 0.05 if smoke else 1.0
@@ -304,12 +369,14 @@ def main() -> None:
                  for i, w in enumerate(args.workloads.split(","))}
     results: dict[str, Any] = {}
     low_load: dict[str, Any] = {}
+    saturated: dict[str, Any] = {}  # policy -> workload -> the saturation phase
     result: dict[str, Any] = {"benchmark": "serve_goodput", "preset": args.preset,
                               "workloads": {w: WORKLOADS[w] for w in workloads}, "lengths": args.lengths,
                               "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "rates": rates,
                               "requests_per_rate": per_rate, "seconds_per_rate": args.seconds_per_rate,
                               "max_num_seqs": args.max_num_seqs, "kv_cache_tokens": args.kv_cache_tokens,
-                              "drain_seconds": args.drain_seconds, **provenance()}
+                              "drain_seconds": args.drain_seconds, "saturation_requests": args.saturation_requests,
+                              **provenance()}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_goodput_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
@@ -321,10 +388,13 @@ def main() -> None:
             asyncio.run(run_rate(base, next(iter(workloads.values()))[:16], 100.0, seed=99))  # warm-up
             for name, reqs in workloads.items():
                 if policy == "past_future":  # low load: a request at a time, against the offline engine's step
-                    rows = asyncio.run(run_rate(base, reqs[:LOW_LOAD_REQUESTS], LOW_LOAD_RATE, seed=1,
+                    before = scrape(base)
+                    rows = asyncio.run(run_rate(base, low_load_reqs(reqs), LOW_LOAD_RATE, seed=1,
                                                 drain_s=args.drain_seconds))
                     low_load[name] = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo,
                                                     tpot_slo=args.tpot_slo)
+                    low_load[name] |= {"ttft_s": [r["ttft"] for r in rows], "server": ttft_split(before, scrape(base))}
+                    print(json.dumps({"low_load": name, **low_load[name]["server"]}), flush=True)
                 for rate in rates:
                     before = scrape(base)
                     rows = asyncio.run(run_rate(base, reqs[:per_rate[rate]], rate, seed=int(rate),
@@ -335,17 +405,24 @@ def main() -> None:
                     print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
                     # a cut run keeps its rows
                     write(result | {"results": results, "low_load": low_load, "partial": True}, path)
+                before = scrape(base)
+                sat = saturation(base, reqs[:args.saturation_requests], args.saturation_timeout)
+                sat["server"] = server_side(before, scrape(base))
+                saturated.setdefault(policy, {})[name] = sat
+                print(json.dumps({"saturation": policy, "workload": name, **sat}), flush=True)
         finally:
             server.terminate()
             server.wait(timeout=120)
             server_logs[policy] = log_tail(server)
-            write(result | {"results": results, "low_load": low_load, "server_logs": server_logs, "partial": True},
-                  path)
-    offline = {} if args.skip_offline else offline_reference(model_dir, workloads, args.kv_cache_tokens,
-                                                             args.max_num_seqs)
+            write(result | {"results": results, "low_load": low_load, "saturation": saturated,
+                            "server_logs": server_logs, "partial": True}, path)
+    offline = {} if args.skip_offline else offline_reference(
+        model_dir, {w: reqs[:args.saturation_requests] for w, reqs in workloads.items()},
+        {w: low_load_reqs(reqs) for w, reqs in workloads.items() if w in low_load}, args.kv_cache_tokens,
+        args.max_num_seqs)
     print(json.dumps({"offline": offline}), flush=True)
-    result |= {"results": results, "low_load": low_load, "offline": offline, "server_logs": server_logs,
-               "summary": summarize(results, low_load, offline)}
+    result |= {"results": results, "low_load": low_load, "saturation": saturated, "offline": offline,
+               "server_logs": server_logs, "summary": summarize(results, low_load, saturated, offline)}
     print(json.dumps(result["summary"], indent=1))
     write(result, path)
     print(f"wrote {path}")
@@ -357,31 +434,40 @@ def write(result: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def summarize(results: dict, low_load: dict, offline: dict) -> dict:
-    """Per workload: goodputs at the rate where aggressive peaks; the worse workload's ratios are the summary."""
+def summarize(results: dict, low_load: dict, saturated: dict, offline: dict) -> dict:
+    """Per workload: goodputs at the rate where aggressive peaks; the worse workload's ratios are the summary.
+
+    ``saturation_vs_offline``: the default policy's (past_future) saturation phase, output tokens/s, over the
+    offline engine's on the same requests. ``low_load_ttft_vs_prefill``: the client's TTFT P50 at low load over the
+    offline prefill P50 of the same requests (each alone, its own sampling parameters)."""
     per: dict[str, Any] = {}
     for name in dict.fromkeys(n for by_workload in results.values() for n in by_workload):
         agg = results.get("aggressive", {}).get(name, [])
-        if not agg:
-            continue
-        peak = max(agg, key=lambda r: r["goodput_rps"])
-        at = {p: next((r for r in results.get(p, {}).get(name, []) if r["rate"] == peak["rate"]), None)
+        peak = max(agg, key=lambda r: r["goodput_rps"]) if agg else None
+        at = {p: next((r for r in results.get(p, {}).get(name, []) if peak and r["rate"] == peak["rate"]), None)
               for p in POLICIES}
         pf = at["past_future"]
         ratio = (lambda o: pf["goodput_rps"] / o["goodput_rps"] if pf and o and o["goodput_rps"] else None)
-        best = max((r["throughput_tokens_per_s"] for p in results for r in results[p].get(name, [])), default=None)
         low, off = low_load.get(name, {}), offline.get(name)  # no offline reference under --skip-offline
-        per[name] = {"rate": peak["rate"], "goodput": {p: r and r["goodput_rps"] for p, r in at.items()},
+        sat = {p: saturated.get(p, {}).get(name, {}).get("output_tokens_per_s") for p in POLICIES}
+        per[name] = {"rate": peak and peak["rate"], "goodput": {p: r and r["goodput_rps"] for p, r in at.items()},
                      "goodput_vs_aggressive": ratio(at["aggressive"]),
                      "goodput_vs_conservative": ratio(at["conservative"]),
-                     "saturation_vs_offline": best / off["output_tokens_per_s"] if best and off else None,
-                     "low_load_ttft_vs_prefill": (low.get("ttft_p50") or math.nan) / off["prefill_s"] if off else None,
-                     "low_load_tpot_vs_decode_step":
-                         (low.get("tpot_p50") or math.nan) / off["decode_step_s"] if off else None}
+                     "saturation_tokens_per_s": sat,
+                     "saturation_vs_offline": _ratio(sat["past_future"], off and off["output_tokens_per_s"]),
+                     "low_load_ttft_vs_prefill": _ratio(low.get("ttft_p50"), off and off.get("prefill_p50_s")),
+                     "low_load_tpot_vs_decode_step": _ratio(low.get("tpot_p50"), off and off.get("decode_step_p50_s"))}
     worst = (lambda key: min((v[key] for v in per.values() if v[key] is not None), default=None))
     return {"goodput_vs_aggressive": worst("goodput_vs_aggressive"),
             "goodput_vs_conservative": worst("goodput_vs_conservative"),
-            "saturation_vs_offline": worst("saturation_vs_offline"), "per_workload": per}
+            "saturation_vs_offline": worst("saturation_vs_offline"),
+            "low_load_ttft_vs_prefill": max((v["low_load_ttft_vs_prefill"] for v in per.values()
+                                             if v["low_load_ttft_vs_prefill"] is not None), default=None),
+            "per_workload": per}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 if __name__ == "__main__":
