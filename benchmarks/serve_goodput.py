@@ -187,6 +187,17 @@ def scrape(base_url: str) -> dict[str, float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+def wait_idle(base_url: str, timeout_s: float = 30.0) -> bool:
+    """Until the server holds no request (the previous phase's cancelled streams are gone), at most timeout_s."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        m = scrape(base_url)
+        if m.get("batchpilot_requests_running", 0) + m.get("batchpilot_requests_waiting", 0) == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """What the server saw during one rate: its steps by kind and their mean time, its token budget, and its own
     count of requests within the SLOs (a cross-check of the client's timing, which shares a CPU with it)."""
@@ -198,6 +209,15 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         n = d(f"batchpilot_engine_steps_by_kind_total{{{kind}}}")
         out[f"{kind}_steps"] = n
         out[f"{kind}_step_ms"] = round(1000 * d(f"batchpilot_engine_step_seconds_total{{{kind}}}") / n, 2) if n else None
+    # host CPU per generated token, by side: is a separate engine process needed (docs/serve.md)?
+    tokens = d("batchpilot_output_tokens_total")
+    if tokens:
+        engine_cpu = d("batchpilot_engine_thread_cpu_seconds_total")
+        out["host_us_per_token"] = {
+            "engine_thread_cpu": round(1e6 * engine_cpu / tokens, 2),
+            "engine_thread_stream_events": round(1e6 * d("batchpilot_engine_stream_seconds_total") / tokens, 2),
+            "event_loop_thread_cpu": round(1e6 * d("batchpilot_event_loop_thread_cpu_seconds_total") / tokens, 2),
+            "process_cpu": round(1e6 * d("batchpilot_process_cpu_seconds_total") / tokens, 2)}
     out["finished"] = d("batchpilot_requests_finished_total")
     out["within_slo"] = d("batchpilot_requests_within_slo_total")
     for name in ("time_to_first_token", "time_per_output_token"):
@@ -226,6 +246,28 @@ def ttft_split(before: dict[str, float], after: dict[str, float]) -> dict[str, A
 
 def low_load_reqs(reqs: list[dict]) -> list[dict]:
     return reqs[:LOW_LOAD_REQUESTS]
+
+
+def low_load_phase(base_url: str, reqs: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """``LOW_LOAD_REQUESTS`` at ``LOW_LOAD_RATE``: the client's latencies, each request's TTFT, the server's split."""
+    wait_idle(base_url)
+    before = scrape(base_url)
+    rows = asyncio.run(run_rate(base_url, low_load_reqs(reqs), LOW_LOAD_RATE, seed=1, drain_s=args.drain_seconds))
+    out = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
+    out |= {"ttft_s": [r["ttft"] for r in rows], "server": ttft_split(before, scrape(base_url))}
+    print(json.dumps({"low_load": args.server_flags, "ttft_p50": out["ttft_p50"], "tpot_p50": out["tpot_p50"],
+                      **out["server"]}), flush=True)
+    return out
+
+
+def free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
@@ -281,12 +323,17 @@ def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], low_loa
 
     from batchpilot import load_model
     from batchpilot.generate import Engine, EngineConfig
+    from batchpilot.serve.loop import warm_up_graphs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     # the servers' KV cache size, so that saturation compares like with like
     engine = Engine(model, None, EngineConfig(prefix_sharing=False, max_num_seqs=max_num_seqs,
                                               num_blocks=kv_cache_tokens // 16 if kv_cache_tokens else None))
+    # the graphs as the servers have them: block tables for the longest request, every bucket and sampling kind
+    # captured before anything is timed (a capture inside the timed job would count against the offline side)
+    engine.runner.begin_job(min(engine.model.config.max_position_embeddings, engine.pool.capacity_tokens))
+    warm_up_graphs(engine)
     out: dict[str, Any] = {}
     for name, reqs in workloads.items():
         prompts, params = [b["prompt"] for b in reqs], [_params(b) for b in reqs]
@@ -324,15 +371,16 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--rates", default=None, help="requests/s, comma-separated (default per mode)")
     p.add_argument("--requests-per-rate", type=int, default=None, help="a fixed count per rate (default: by time)")
-    p.add_argument("--seconds-per-rate", type=float, default=10.0, help="arrival span of each rate's requests")
+    p.add_argument("--seconds-per-rate", type=float, default=5.0, help="arrival span of each rate's requests")
     p.add_argument("--ttft-slo", type=float, default=None)
     p.add_argument("--tpot-slo", type=float, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--lengths", choices=("geometric", "exact"), default="geometric")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="the servers' KV cache in tokens (default 65536 on GPU: the memory pressure of a larger "
-                        "model or a shared GPU, where admission policies differ; None on CPU)")
+                   help="the servers' KV cache in tokens (default 32768 on GPU: the memory pressure of a larger "
+                        "model or a shared GPU, where admission policies differ (benchmarks/serve_sim.py); None on "
+                        "CPU)")
     p.add_argument("--drain-seconds", type=float, default=None,
                    help="per rate: seconds after the last arrival before open requests count as unfinished")
     p.add_argument("--max-positions", type=int, default=None,
@@ -342,14 +390,22 @@ def main() -> None:
                    help="no offline-engine reference (no saturation_vs_offline, no low-load ratios)")
     p.add_argument("--saturation-requests", type=int, default=None,
                    help="requests of the saturation phase, all sent at once (default: the largest rate's count)")
+    p.add_argument("--saturation-policies", default="past_future",
+                   help="policies whose servers get the saturation phase (saturation_vs_offline takes past_future's)")
     p.add_argument("--saturation-timeout", type=float, default=180.0,
                    help="seconds the saturation phase may take per policy and workload")
+    p.add_argument("--low-load-variants", default="--decode-steps 1",
+                   help="';'-separated server flag sets whose low-load phase is measured too (past_future), e.g. "
+                        "the decode round length; '' for none")
     p.add_argument("--port", type=int, default=18431)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     smoke = args.smoke
     args.preset = args.preset or ("tiny" if smoke else "llama-1b")
-    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "20,40,80")).split(",")]
+    # the GPU defaults come from benchmarks/serve_sim.py (docs/serve.md): with a 32,768-token cache the aggressive
+    # policy's goodput peaks at 50 (chat) and 25 (summarisation) requests/s and it preempts from there on; 75 and
+    # 100 show each policy past its peak. Rates x workloads x policies + saturation + offline fit one 9-minute run.
+    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "25,50,75,100")).split(",")]
     # a steady load: each rate runs for --seconds-per-rate (rate x seconds requests), not a fixed count, which at a
     # high rate is a burst that ends before the batch reaches its steady state
     per_rate = {r: args.requests_per_rate or (6 if smoke else math.ceil(r * args.seconds_per_rate)) for r in rates}
@@ -359,8 +415,8 @@ def main() -> None:
     args.tpot_slo = args.tpot_slo or (1.0 if smoke else 0.05)
     scale = 0.05 if smoke else 1.0
     if args.kv_cache_tokens is None and not smoke:
-        args.kv_cache_tokens = 65536
-    args.drain_seconds = args.drain_seconds or (60.0 if smoke else 20.0)
+        args.kv_cache_tokens = 32768
+    args.drain_seconds = args.drain_seconds or (60.0 if smoke else 4.0)
     from batchpilot.model.llama import get_preset
 
     vocab = get_preset(args.preset).vocab_size
@@ -370,6 +426,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     low_load: dict[str, Any] = {}
     saturated: dict[str, Any] = {}  # policy -> workload -> the saturation phase
+    low_load_variants: dict[str, Any] = {}  # server flags -> workload -> the low-load phase on them
     result: dict[str, Any] = {"benchmark": "serve_goodput", "preset": args.preset,
                               "workloads": {w: WORKLOADS[w] for w in workloads}, "lengths": args.lengths,
                               "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "rates": rates,
@@ -381,6 +438,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_goodput_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
     server_logs: dict[str, str] = {}  # per policy: the tail of the server's output
+    # the offline reference first (then its GPU memory is given back): a run cut short keeps it and every server row
+    offline = {} if args.skip_offline else offline_reference(
+        model_dir, {w: reqs[:args.saturation_requests] for w, reqs in workloads.items()},
+        {w: low_load_reqs(reqs) for w in workloads for reqs in [workloads[w]]}, args.kv_cache_tokens,
+        args.max_num_seqs)
+    free_gpu_memory()
+    print(json.dumps({"offline": offline}), flush=True)
+    result["offline"] = offline
     for policy in args.policies.split(","):
         server = start_server(model_dir, policy, args.port, args)
         try:
@@ -388,14 +453,9 @@ def main() -> None:
             asyncio.run(run_rate(base, next(iter(workloads.values()))[:16], 100.0, seed=99))  # warm-up
             for name, reqs in workloads.items():
                 if policy == "past_future":  # low load: a request at a time, against the offline engine's step
-                    before = scrape(base)
-                    rows = asyncio.run(run_rate(base, low_load_reqs(reqs), LOW_LOAD_RATE, seed=1,
-                                                drain_s=args.drain_seconds))
-                    low_load[name] = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo,
-                                                    tpot_slo=args.tpot_slo)
-                    low_load[name] |= {"ttft_s": [r["ttft"] for r in rows], "server": ttft_split(before, scrape(base))}
-                    print(json.dumps({"low_load": name, **low_load[name]["server"]}), flush=True)
+                    low_load[name] = low_load_phase(base, reqs, args)
                 for rate in rates:
+                    wait_idle(base)
                     before = scrape(base)
                     rows = asyncio.run(run_rate(base, reqs[:per_rate[rate]], rate, seed=int(rate),
                                                 drain_s=args.drain_seconds))
@@ -405,6 +465,9 @@ def main() -> None:
                     print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
                     # a cut run keeps its rows
                     write(result | {"results": results, "low_load": low_load, "partial": True}, path)
+                if policy not in args.saturation_policies.split(","):
+                    continue
+                wait_idle(base)
                 before = scrape(base)
                 sat = saturation(base, reqs[:args.saturation_requests], args.saturation_timeout)
                 sat["server"] = server_side(before, scrape(base))
@@ -416,13 +479,23 @@ def main() -> None:
             server_logs[policy] = log_tail(server)
             write(result | {"results": results, "low_load": low_load, "saturation": saturated,
                             "server_logs": server_logs, "partial": True}, path)
-    offline = {} if args.skip_offline else offline_reference(
-        model_dir, {w: reqs[:args.saturation_requests] for w, reqs in workloads.items()},
-        {w: low_load_reqs(reqs) for w, reqs in workloads.items() if w in low_load}, args.kv_cache_tokens,
-        args.max_num_seqs)
-    print(json.dumps({"offline": offline}), flush=True)
-    result |= {"results": results, "low_load": low_load, "saturation": saturated, "offline": offline,
-               "server_logs": server_logs, "summary": summarize(results, low_load, saturated, offline)}
+    for flags in filter(None, args.low_load_variants.split(";")):  # the low-load phase on other server flags
+        variant = argparse.Namespace(**vars(args) | {"server_flags": f"{args.server_flags} {flags}"})
+        server = start_server(model_dir, "past_future", args.port, variant)
+        try:
+            base = f"http://127.0.0.1:{args.port}"
+            asyncio.run(run_rate(base, next(iter(workloads.values()))[:16], 100.0, seed=99))  # warm-up
+            for name, reqs in workloads.items():
+                low_load_variants.setdefault(flags, {})[name] = low_load_phase(base, reqs, variant)
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+        write(result | {"results": results, "low_load": low_load, "low_load_variants": low_load_variants,
+                        "saturation": saturated, "server_logs": server_logs, "partial": True}, path)
+    result |= {"results": results, "low_load": low_load, "low_load_variants": low_load_variants,
+               "saturation": saturated, "offline": offline,
+               "server_logs": server_logs,
+               "summary": summarize(results, low_load, saturated, offline, low_load_variants)}
     print(json.dumps(result["summary"], indent=1))
     write(result, path)
     print(f"wrote {path}")
@@ -434,7 +507,7 @@ def write(result: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def summarize(results: dict, low_load: dict, saturated: dict, offline: dict) -> dict:
+def summarize(results: dict, low_load: dict, saturated: dict, offline: dict, variants: dict | None = None) -> dict:
     """Per workload: goodputs at the rate where aggressive peaks; the worse workload's ratios are the summary.
 
     ``saturation_vs_offline``: the default policy's (past_future) saturation phase, output tokens/s, over the
@@ -456,7 +529,12 @@ def summarize(results: dict, low_load: dict, saturated: dict, offline: dict) -> 
                      "saturation_tokens_per_s": sat,
                      "saturation_vs_offline": _ratio(sat["past_future"], off and off["output_tokens_per_s"]),
                      "low_load_ttft_vs_prefill": _ratio(low.get("ttft_p50"), off and off.get("prefill_p50_s")),
-                     "low_load_tpot_vs_decode_step": _ratio(low.get("tpot_p50"), off and off.get("decode_step_p50_s"))}
+                     "low_load_tpot_vs_decode_step": _ratio(low.get("tpot_p50"), off and off.get("decode_step_p50_s")),
+                     "low_load_variants": {
+                         flags: {"ttft_vs_prefill": _ratio(v.get(name, {}).get("ttft_p50"), off and off.get("prefill_p50_s")),
+                                 "tpot_vs_decode_step": _ratio(v.get(name, {}).get("tpot_p50"),
+                                                               off and off.get("decode_step_p50_s"))}
+                         for flags, v in (variants or {}).items()}}
     worst = (lambda key: min((v[key] for v in per.values() if v[key] is not None), default=None))
     return {"goodput_vs_aggressive": worst("goodput_vs_aggressive"),
             "goodput_vs_conservative": worst("goodput_vs_conservative"),

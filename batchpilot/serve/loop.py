@@ -72,6 +72,9 @@ class LoopStats:
     mixed_steps: int  # steps with prefill chunks (eager)
     mixed_seconds: float
     token_budget: int  # the last step's token budget (the SLO's, from the step-time model)
+    output_tokens: int  # generated so far
+    engine_thread_cpu_s: float  # CPU seconds of the engine thread; the process's others are the HTTP side's
+    stream_seconds: float  # of the engine thread's time: making stream events after each step (detok, deltas)
 
 
 class EngineLoop:
@@ -88,6 +91,8 @@ class EngineLoop:
         self.streams: dict[int, Stream] = {}  # request index -> stream
         self._indices = itertools.count()
         self.rounds = 0  # engine steps run (each one host round trip: one step, or a multi-step decode round)
+        self.thread_cpu_s = 0.0  # CPU seconds of the engine thread (time.thread_time at its last turn)
+        self.stream_seconds = 0.0  # the engine thread's time turning steps into stream events (detok, deltas)
         self._round_start_s = 0.0
         self._stop, self._wake = threading.Event(), threading.Event()
         self._on_first_token, self._on_token_gap = on_first_token, on_token_gap
@@ -137,7 +142,9 @@ class EngineLoop:
                          kv_blocks_used=pool.num_blocks - pool.num_free, kv_blocks_total=pool.num_blocks,
                          preemptions=s.preemptions, steps=s.steps, decode_steps=s.decode_steps,
                          decode_seconds=s.decode_seconds, mixed_steps=s.steps - s.decode_steps,
-                         mixed_seconds=s.seconds - s.decode_seconds, token_budget=self.scheduler.max_batch_tokens)
+                         mixed_seconds=s.seconds - s.decode_seconds, token_budget=self.scheduler.max_batch_tokens,
+                         output_tokens=s.output_tokens, engine_thread_cpu_s=self.thread_cpu_s,
+                         stream_seconds=self.stream_seconds)
 
     def stop(self, *, drain_timeout_s: float) -> None:
         """Finish running requests for up to ``drain_timeout_s``, cancel the rest, stop the thread."""
@@ -155,6 +162,7 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.turn()
+            self.thread_cpu_s = time.thread_time()
         self._flush()
 
     def turn(self, idle_wait_s: float = 0.05) -> bool:
@@ -208,6 +216,7 @@ class EngineLoop:
                 self._finish(stream, finished[index], now)
             elif stream.request.status is Status.RUNNING:
                 self._push_delta(stream, now)
+        self.stream_seconds += time.perf_counter() - now
 
     def _step_budget(self, tpot_slo_s: float) -> int:
         """Tokens of the next step: the SLO's budget from the step-time model, but never fewer than the running

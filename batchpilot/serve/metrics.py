@@ -8,6 +8,7 @@ every gap between its tokens within ``tpot_slo_s`` on average).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,19 @@ class _LoopCollector:
             seconds.add_metric([kind], t)
         yield steps
         yield seconds
+        yield CounterMetricFamily("batchpilot_output_tokens", "tokens generated", value=s.output_tokens)
+        # host CPU by side (does the HTTP side need its own process? docs/serve.md): the engine thread's CPU time
+        # (its share spent making stream events: incremental detokenization, deltas), the event loop's, and the
+        # whole process's (on CPU that includes torch's intra-op threads; on a GPU the driver's)
+        yield CounterMetricFamily("batchpilot_engine_thread_cpu_seconds", "CPU seconds of the engine thread",
+                                  value=s.engine_thread_cpu_s)
+        yield CounterMetricFamily("batchpilot_engine_stream_seconds", "seconds the engine thread spent turning steps "
+                                  "into stream events (incremental detokenization, deltas)", value=s.stream_seconds)
+        # /metrics is rendered on the event loop (an async route), so this thread's CPU time is the HTTP side's
+        yield CounterMetricFamily("batchpilot_event_loop_thread_cpu_seconds", "CPU seconds of the thread serving "
+                                  "/metrics: the event loop (HTTP parsing, JSON, SSE)", value=time.thread_time())
+        yield CounterMetricFamily("batchpilot_process_cpu_seconds", "CPU seconds of the server process, all threads",
+                                  value=time.process_time())
         yield GaugeMetricFamily("batchpilot_step_token_budget", "token budget of the last step (the TPOT SLO's)",
                                 value=s.token_budget)
 
