@@ -17,15 +17,26 @@ step). That is what a real model does to a scheduler: the lengths follow a distr
 but not know (conservative reserves the cap). With ``--lengths exact`` requests instead carry ignore_eos and
 max_tokens = the drawn length (then conservative admission knows every length; use it when logit_bias is missing).
 
-The servers get a KV cache of ``--kv-cache-tokens`` (65,536 by default on a GPU, 2 GiB for llama-1b): the memory
+The servers get a KV cache of ``--kv-cache-tokens`` (32,768 by default on a GPU, 1 GiB for llama-1b): the memory
 pressure a larger model or a shared GPU leaves, where admission policies differ; with the whole H200 free a 1B
-model's cache holds millions of tokens and every policy admits everything. Each rate's requests get
-``--drain-seconds`` after the last arrival; requests still open then count as unfinished (not good).
+model's cache holds millions of tokens and every policy admits everything. The default rates (25, 50, 100 per
+second) and cache come from ``benchmarks/serve_sim.py``, a simulation of the same scheduler on the H200's measured
+step times: the aggressive policy's goodput peaks at 50 (chat) and 25 (summarisation) requests/s there, where it
+starts to preempt. Each rate's requests get ``--drain-seconds`` (4) after the last arrival; requests still open
+then count as unfinished (not good).
 
-Also measured, in-process on the same GPU after the servers: the offline engine on the same requests (throughput at
-saturation against it), and one request's prefill and decode-step time (low-load TTFT / TPOT against them).
+Phases, per policy: a low-load phase (past_future only: ``LOW_LOAD_REQUESTS`` at ``LOW_LOAD_RATE``, with the
+server's own split of TTFT from ``/metrics``), the rates, then a saturation phase (``--saturation-policies``:
+``--saturation-requests`` requests all at once, output tokens/s from the first sent to the last byte). Before the
+servers, in-process on the same GPU: the offline engine on the saturation requests (same ``--max-num-seqs`` and
+cache; graphs captured first, as the servers capture theirs) and on each low-load request alone (prefill with its
+own sampling parameters, decode step). After them, the low-load phase again on each ``--low-load-variants`` flag
+set (default ``--decode-steps 1``: the decode round a new request may wait behind). docs/serve.md states every
+definition. Every row carries the server's own counts over it (``server``: steps by kind, token budget, host CPU
+microseconds per generated token by thread).
 Result: ``serve_goodput_*.json`` with summary keys ``goodput_vs_aggressive``, ``goodput_vs_conservative`` (the worse
-workload, at the rate where the aggressive policy's goodput peaks), ``saturation_vs_offline``.
+workload, at the rate where the aggressive policy's goodput peaks), ``saturation_vs_offline`` (past_future's
+saturation phase over the offline job, the worse workload) and ``low_load_ttft_vs_prefill`` (the worse workload).
 
 Usage (one H200): python benchmarks/serve_goodput.py
 CPU smoke:        python benchmarks/serve_goodput.py --smoke
@@ -315,10 +326,11 @@ def _params(body: dict) -> Any:
 
 
 def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], low_load: dict[str, list[dict]],
-                      kv_cache_tokens: int | None, max_num_seqs: int) -> dict:
+                      kv_cache_tokens: int | None, max_num_seqs: int, compile_graphs: bool = True) -> dict:
     """The offline engine (same ``max_num_seqs`` and KV cache as the servers) on each workload's saturation
     requests (output tokens/s), and on each low-load request alone: its prefill (the request's own sampling
-    parameters, ``max_tokens`` 1: what the server's first token costs without a server) and its decode step."""
+    parameters, ``max_tokens`` 1: what the server's first token costs without a server) and its decode step.
+    ``compile_graphs`` False when the servers run with ``--no-compile``: both sides then replay the same graphs."""
     import torch
 
     from batchpilot import load_model
@@ -328,7 +340,7 @@ def offline_reference(model_dir: Path, workloads: dict[str, list[dict]], low_loa
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     # the servers' KV cache size, so that saturation compares like with like
-    engine = Engine(model, None, EngineConfig(prefix_sharing=False, max_num_seqs=max_num_seqs,
+    engine = Engine(model, None, EngineConfig(prefix_sharing=False, max_num_seqs=max_num_seqs, compile=compile_graphs,
                                               num_blocks=kv_cache_tokens // 16 if kv_cache_tokens else None))
     # the graphs as the servers have them: block tables for the longest request, every bucket and sampling kind
     # captured before anything is timed (a capture inside the timed job would count against the offline side)
@@ -389,7 +401,7 @@ def main() -> None:
     p.add_argument("--skip-offline", action="store_true",
                    help="no offline-engine reference (no saturation_vs_offline, no low-load ratios)")
     p.add_argument("--saturation-requests", type=int, default=None,
-                   help="requests of the saturation phase, all sent at once (default: the largest rate's count)")
+                   help="requests of the saturation phase, all sent at once (default 256; 6 with --smoke)")
     p.add_argument("--saturation-policies", default="past_future",
                    help="policies whose servers get the saturation phase (saturation_vs_offline takes past_future's)")
     p.add_argument("--saturation-timeout", type=float, default=180.0,
@@ -403,13 +415,13 @@ def main() -> None:
     smoke = args.smoke
     args.preset = args.preset or ("tiny" if smoke else "llama-1b")
     # the GPU defaults come from benchmarks/serve_sim.py (docs/serve.md): with a 32,768-token cache the aggressive
-    # policy's goodput peaks at 50 (chat) and 25 (summarisation) requests/s and it preempts from there on; 75 and
-    # 100 show each policy past its peak. Rates x workloads x policies + saturation + offline fit one 9-minute run.
-    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "25,50,75,100")).split(",")]
+    # policy's goodput peaks at 50 (chat) and 25 (summarisation) requests/s and it preempts from there on; 100 shows
+    # every policy past its peak. Rates x workloads x policies + saturation + offline fit one 9-minute run.
+    rates = [float(r) for r in (args.rates or ("2,4" if smoke else "25,50,100")).split(",")]
     # a steady load: each rate runs for --seconds-per-rate (rate x seconds requests), not a fixed count, which at a
     # high rate is a burst that ends before the batch reaches its steady state
     per_rate = {r: args.requests_per_rate or (6 if smoke else math.ceil(r * args.seconds_per_rate)) for r in rates}
-    args.saturation_requests = args.saturation_requests or max(per_rate.values())
+    args.saturation_requests = args.saturation_requests or (6 if smoke else 256)
     n = max(*per_rate.values(), args.saturation_requests)
     args.ttft_slo = args.ttft_slo or (5.0 if smoke else 1.0)
     args.tpot_slo = args.tpot_slo or (1.0 if smoke else 0.05)
@@ -441,8 +453,8 @@ def main() -> None:
     # the offline reference first (then its GPU memory is given back): a run cut short keeps it and every server row
     offline = {} if args.skip_offline else offline_reference(
         model_dir, {w: reqs[:args.saturation_requests] for w, reqs in workloads.items()},
-        {w: low_load_reqs(reqs) for w in workloads for reqs in [workloads[w]]}, args.kv_cache_tokens,
-        args.max_num_seqs)
+        {w: low_load_reqs(reqs) for w, reqs in workloads.items()}, args.kv_cache_tokens, args.max_num_seqs,
+        compile_graphs="--no-compile" not in args.server_flags.split())
     free_gpu_memory()
     print(json.dumps({"offline": offline}), flush=True)
     result["offline"] = offline

@@ -150,7 +150,8 @@ class Server:
         try:
             for p, ids in enumerate(parsed.prompt_ids):
                 for j in range(params.n):
-                    streams.append((p, self.loop.submit(ids, params, sample_index=j, arrival_s=arrival_s)))
+                    streams.append((p, self.loop.submit(ids, params, sample_index=j, arrival_s=arrival_s,
+                                                        deltas=parsed.stream)))
         except ValueError:
             for _, stream in streams:
                 self.loop.cancel(stream)

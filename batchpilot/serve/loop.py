@@ -53,6 +53,7 @@ class Stream:
     sent_s: float | None = None  # the handler yielded its first chunk to the HTTP layer
     last_token_s: float | None = None
     sent_chars: int = 0
+    deltas: bool = True  # send text deltas as they come (streams); False: only the final event (whole answers)
     finished: bool = False
     token_gaps_s: list[float] = field(default_factory=list)
     # the output's text, read incrementally (a short decode of the new tokens per step, not the whole output)
@@ -111,10 +112,11 @@ class EngineLoop:
         self.thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, sample_index: int = 0,
-               arrival_s: float | None = None) -> Stream:
+               arrival_s: float | None = None, deltas: bool = True) -> Stream:
         """A new request (one sample: ``sample_index`` of ``params.n``); ValueError (prompt too long for the model
         or the KV cache) before it is queued. ``arrival_s``: when its HTTP request arrived (``time.perf_counter()``;
-        default now). Its seed is resolved as the engine resolves it (``params.seed``, else
+        default now). ``deltas`` False (a non-streamed answer): no text deltas, only the final event, so such a request
+        costs neither incremental detokenization per step nor an event-loop wake per token. Its seed is resolved as the engine resolves it (``params.seed``, else
         ``request_seed(engine seed, str(index))``; sample j: ``sample_seed``)."""
         index = next(self._indices)
         base = params.seed if params.seed is not None else request_seed(self.engine.config.seed, str(index))
@@ -122,7 +124,7 @@ class EngineLoop:
         self.engine.check(r)
         now = time.perf_counter()
         stream = Stream(r, asyncio.Queue(), now if arrival_s is None else arrival_s, submitted_s=now,
-                        submitted_round=self.rounds)
+                        submitted_round=self.rounds, deltas=deltas)
         self.inbox.put(("add", stream))
         self._wake.set()
         return stream
@@ -231,6 +233,8 @@ class EngineLoop:
         if not r.output_ids:
             return
         self._mark_tokens(stream, now)
+        if not stream.deltas:
+            return
         if self.engine.tokenizer is None:  # token-id prompts without a tokenizer: an empty chunk per step, for timing
             self._send(stream, Event("delta", ""))
             return
@@ -245,7 +249,7 @@ class EngineLoop:
 
     def _finish(self, stream: Stream, completion: Completion, now: float) -> None:
         self._mark_tokens(stream, now)
-        if len(completion.text) > stream.sent_chars:
+        if stream.deltas and len(completion.text) > stream.sent_chars:
             self._send(stream, Event("delta", completion.text[stream.sent_chars:]))
         self._close(stream, Event("done", completion.text, completion))
 

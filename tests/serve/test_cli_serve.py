@@ -49,7 +49,7 @@ def test_step_time_model_learns_from_steps_with_prefill_only():
 
     loop = EngineLoop.__new__(EngineLoop)
     loop.step_time, loop.tpot_slo_s, loop.streams, loop._outbox = StepTimeModel(), None, {}, []
-    loop.rounds = 0
+    loop.rounds, loop.stream_seconds = 0, 0.0
     stats = EngineStats()
 
     def step(scheduler):  # alternately a mixed step (decodes + a prefill chunk) and a decode-only step

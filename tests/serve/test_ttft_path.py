@@ -64,3 +64,13 @@ def test_ttft_phases_split_the_time_to_first_token_in_order():
     assert sum(phases.values()) == pytest.approx(s.sent_s - s.arrival_s)
     s.delivered_s = s.sent_s = None  # a request that never got its first token out: the phases it reached
     assert list(ttft_phases(s)) == ["parse", "handoff", "queued", "first_step"]
+
+
+def test_a_whole_answer_gets_no_deltas_only_its_final_event(loop):
+    """A non-streamed request costs no incremental detokenization and no event-loop wake per token; its TTFT and
+    token gaps are still measured."""
+    s = loop.submit([3, 4, 5, 6], SamplingParams(max_tokens=6, ignore_eos=True), deltas=False)
+    while not s.finished:
+        loop.turn()
+    assert [e.kind for e in _events(s)] == ["done"]
+    assert s.first_token_s is not None and len(s.token_gaps_s) == 5
