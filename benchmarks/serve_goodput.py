@@ -198,7 +198,7 @@ def scrape(base_url: str) -> dict[str, float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def wait_idle(base_url: str, timeout_s: float = 30.0) -> bool:
+def wait_idle(base_url: str, timeout_s: float = 10.0) -> bool:
     """Until the server holds no request (the previous phase's cancelled streams are gone), at most timeout_s."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -404,7 +404,7 @@ def main() -> None:
                    help="requests of the saturation phase, all sent at once (default 256; 6 with --smoke)")
     p.add_argument("--saturation-policies", default="past_future",
                    help="policies whose servers get the saturation phase (saturation_vs_offline takes past_future's)")
-    p.add_argument("--saturation-timeout", type=float, default=180.0,
+    p.add_argument("--saturation-timeout", type=float, default=60.0,
                    help="seconds the saturation phase may take per policy and workload")
     p.add_argument("--low-load-variants", default="--decode-steps 1",
                    help="';'-separated server flag sets whose low-load phase is measured too (past_future), e.g. "
@@ -476,7 +476,8 @@ def main() -> None:
                     results.setdefault(policy, {}).setdefault(name, []).append(summary)
                     print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
                     # a cut run keeps its rows
-                    write(result | {"results": results, "low_load": low_load, "partial": True}, path)
+                    write(result | {"results": results, "low_load": low_load, "saturation": saturated,
+                                    "partial": True}, path)
                 if policy not in args.saturation_policies.split(","):
                     continue
                 wait_idle(base)
@@ -514,6 +515,12 @@ def main() -> None:
 
 
 def write(result: dict, path: Path) -> None:
+    """The result so far; a partial one carries the summary of what it has (a run cut at its time limit still
+    answers what it measured)."""
+    if result.get("partial"):
+        result = result | {"summary": summarize(result.get("results", {}), result.get("low_load", {}),
+                                                result.get("saturation", {}), result.get("offline", {}),
+                                                result.get("low_load_variants"))}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)

@@ -51,7 +51,7 @@ class Server:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.loop = EngineLoop(self.engine, admission=self.cfg.admission, tpot_slo_s=self.cfg.tpot_slo_s,
                                event_loop=asyncio.get_running_loop(), on_first_token=self.metrics.ttft.observe,
-                               on_token_gap=self.metrics.tpot.observe, warm_up=self.cfg.warm_up_graphs)
+                               warm_up=self.cfg.warm_up_graphs)  # token gaps: observed at the end (metrics.finish)
         if self.loop.warmup_seconds:
             print(f"captured decode graphs in {self.loop.warmup_seconds:.1f} s", flush=True)
         self.metrics.bind(self.loop)

@@ -36,6 +36,9 @@ class Event:
     completion: Completion | None = None
 
 
+EMPTY_DELTA = Event("delta", "")
+
+
 @dataclass(eq=False, slots=True)
 class Stream:
     """One request in the server: the engine's Request and the queue its HTTP handler reads."""
@@ -236,7 +239,7 @@ class EngineLoop:
         if not stream.deltas:
             return
         if self.engine.tokenizer is None:  # token-id prompts without a tokenizer: an empty chunk per step, for timing
-            self._send(stream, Event("delta", ""))
+            self._send(stream, EMPTY_DELTA)
             return
         if r.detok is None:  # requests with stop strings: the engine reads their text already (engine._accept)
             stream.text.add(self.engine.tokenizer, r.output_ids)  # holds back a character split over tokens

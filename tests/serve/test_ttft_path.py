@@ -74,3 +74,17 @@ def test_a_whole_answer_gets_no_deltas_only_its_final_event(loop):
         loop.turn()
     assert [e.kind for e in _events(s)] == ["done"]
     assert s.first_token_s is not None and len(s.token_gaps_s) == 5
+
+
+def test_token_gaps_reach_the_tpot_histogram_when_the_request_ends(loop):
+    from batchpilot.serve.config import ServeConfig
+    from batchpilot.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics(ServeConfig())
+    s = loop.submit([3, 4, 5], SamplingParams(max_tokens=5, ignore_eos=True))
+    while not s.finished:
+        loop.turn()
+    metrics.finish(s)
+    count = metrics.registry.get_sample_value("batchpilot_time_per_output_token_seconds_count")
+    total = metrics.registry.get_sample_value("batchpilot_time_per_output_token_seconds_sum")
+    assert count == len(s.token_gaps_s) == 4 and total == pytest.approx(sum(s.token_gaps_s))
