@@ -549,11 +549,8 @@ def summarize(results: dict, low_load: dict, saturated: dict, offline: dict, var
                      "saturation_vs_offline": _ratio(sat["past_future"], off and off["output_tokens_per_s"]),
                      "low_load_ttft_vs_prefill": _ratio(low.get("ttft_p50"), off and off.get("prefill_p50_s")),
                      "low_load_tpot_vs_decode_step": _ratio(low.get("tpot_p50"), off and off.get("decode_step_p50_s")),
-                     "low_load_variants": {
-                         flags: {"ttft_vs_prefill": _ratio(v.get(name, {}).get("ttft_p50"), off and off.get("prefill_p50_s")),
-                                 "tpot_vs_decode_step": _ratio(v.get(name, {}).get("tpot_p50"),
-                                                               off and off.get("decode_step_p50_s"))}
-                         for flags, v in (variants or {}).items()}}
+                     "low_load_variants": {flags: _low_load_ratios(v.get(name, {}), off)
+                                           for flags, v in (variants or {}).items()}}
     worst = (lambda key: min((v[key] for v in per.values() if v[key] is not None), default=None))
     return {"goodput_vs_aggressive": worst("goodput_vs_aggressive"),
             "goodput_vs_conservative": worst("goodput_vs_conservative"),
@@ -561,6 +558,11 @@ def summarize(results: dict, low_load: dict, saturated: dict, offline: dict, var
             "low_load_ttft_vs_prefill": max((v["low_load_ttft_vs_prefill"] for v in per.values()
                                              if v["low_load_ttft_vs_prefill"] is not None), default=None),
             "per_workload": per}
+
+
+def _low_load_ratios(low: dict, off: dict | None) -> dict[str, float | None]:
+    return {"ttft_vs_prefill": _ratio(low.get("ttft_p50"), off and off.get("prefill_p50_s")),
+            "tpot_vs_decode_step": _ratio(low.get("tpot_p50"), off and off.get("decode_step_p50_s"))}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

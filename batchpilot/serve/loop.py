@@ -118,9 +118,10 @@ class EngineLoop:
                arrival_s: float | None = None, deltas: bool = True) -> Stream:
         """A new request (one sample: ``sample_index`` of ``params.n``); ValueError (prompt too long for the model
         or the KV cache) before it is queued. ``arrival_s``: when its HTTP request arrived (``time.perf_counter()``;
-        default now). ``deltas`` False (a non-streamed answer): no text deltas, only the final event, so such a request
-        costs neither incremental detokenization per step nor an event-loop wake per token. Its seed is resolved as the engine resolves it (``params.seed``, else
-        ``request_seed(engine seed, str(index))``; sample j: ``sample_seed``)."""
+        default now). ``deltas`` False (a non-streamed answer): no text deltas, only the final event, so such a
+        request costs neither incremental detokenization per step nor an event-loop wake per token. Its seed is
+        resolved as the engine resolves it (``params.seed``, else ``request_seed(engine seed, str(index))``;
+        sample j: ``sample_seed``)."""
         index = next(self._indices)
         base = params.seed if params.seed is not None else request_seed(self.engine.config.seed, str(index))
         r = Request(index, list(prompt_ids), params, sample_index=sample_index, seed=sample_seed(base, sample_index))
@@ -293,7 +294,7 @@ def _deliver(events: list[tuple[Stream, Event]]) -> None:
     """On the event loop: every event of one engine-loop iteration into its stream's queue."""
     now = time.perf_counter()
     for stream, event in events:
-        if stream.delivered_s is None:
+        if stream.delivered_s is None and event.kind == "delta":  # a whole answer's first event is its last
             stream.delivered_s = now
         stream.events.put_nowait(event)
 

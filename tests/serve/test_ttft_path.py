@@ -74,6 +74,9 @@ def test_a_whole_answer_gets_no_deltas_only_its_final_event(loop):
         loop.turn()
     assert [e.kind for e in _events(s)] == ["done"]
     assert s.first_token_s is not None and len(s.token_gaps_s) == 5
+    from batchpilot.serve.metrics import ttft_phases
+
+    assert list(ttft_phases(s))[-1] == "first_step"  # its final event is no first delivery
 
 
 def test_token_gaps_reach_the_tpot_histogram_when_the_request_ends(loop):
