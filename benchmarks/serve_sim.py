@@ -257,6 +257,7 @@ def main() -> None:
     p.add_argument("--lengths", choices=("geometric", "exact"), default="geometric")
     for name, default in StepCost.__dataclass_fields__.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default.default)
+    p.add_argument("--tag", default="", help="a name in the result file's (serve_sim_<tag>_<time>.json)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cost = StepCost(**{name: getattr(args, name) for name in StepCost.__dataclass_fields__})
@@ -277,7 +278,7 @@ def main() -> None:
               {k: getattr(cost, k) for k in StepCost.__dataclass_fields__}, "rows": rows, "findings": findings(rows)}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve_sim_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
+    path = out / f"serve_sim_{args.tag + '_' if args.tag else ''}{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["findings"], indent=1))
     print(f"wrote {path}")
