@@ -68,6 +68,7 @@ from provenance import provenance  # noqa: E402
 WORKLOADS = {"chat": (256, 0.6, 200, 1024), "summarize": (1536, 0.4, 96, 512), "code": (512, 0.7, 320, 1024)}
 POLICIES = ("past_future", "aggressive", "conservative")
 LOW_LOAD_RATE, LOW_LOAD_REQUESTS = 1.0, 8  # about one request in flight: the latency floor
+VARIANT_SECONDS = 60  # a low-load variant on one H200: server start with graph capture (~30 s), two 8 s phases
 EOS_ID = 2
 
 
@@ -406,6 +407,9 @@ def main() -> None:
                    help="policies whose servers get the saturation phase (saturation_vs_offline takes past_future's)")
     p.add_argument("--saturation-timeout", type=float, default=60.0,
                    help="seconds the saturation phase may take per policy and workload")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds the whole run may take (e.g. 520 under a 540 s limit): the low-load variants are "
+                        "skipped when less than their ~60 s is left; every phase prints its elapsed time")
     p.add_argument("--low-load-variants", default="--decode-steps 1",
                    help="';'-separated server flag sets whose low-load phase is measured too (past_future), e.g. "
                         "the decode round length; '' for none")
@@ -432,6 +436,7 @@ def main() -> None:
     from batchpilot.model.llama import get_preset
 
     vocab = get_preset(args.preset).vocab_size
+    started = time.perf_counter()
     model_dir = build_model_dir(args)
     workloads = {w: make_requests(w, n, vocab=vocab, seed=i, scale=scale, lengths=args.lengths)
                  for i, w in enumerate(args.workloads.split(","))}
@@ -456,7 +461,7 @@ def main() -> None:
         {w: low_load_reqs(reqs) for w, reqs in workloads.items()}, args.kv_cache_tokens, args.max_num_seqs,
         compile_graphs="--no-compile" not in args.server_flags.split())
     free_gpu_memory()
-    print(json.dumps({"offline": offline}), flush=True)
+    print(json.dumps({"offline": offline, "elapsed_s": round(time.perf_counter() - started)}), flush=True)
     result["offline"] = offline
     for policy in args.policies.split(","):
         server = start_server(model_dir, policy, args.port, args)
@@ -474,7 +479,8 @@ def main() -> None:
                     summary = summarize_rate(rows, rate, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
                     summary["server"] = server_side(before, scrape(base))
                     results.setdefault(policy, {}).setdefault(name, []).append(summary)
-                    print(json.dumps({"policy": policy, "workload": name, **summary}), flush=True)
+                    elapsed = round(time.perf_counter() - started)
+                    print(json.dumps({"policy": policy, "workload": name, "elapsed_s": elapsed, **summary}), flush=True)
                     # a cut run keeps its rows
                     write(result | {"results": results, "low_load": low_load, "saturation": saturated,
                                     "partial": True}, path)
@@ -485,7 +491,8 @@ def main() -> None:
                 sat = saturation(base, reqs[:args.saturation_requests], args.saturation_timeout)
                 sat["server"] = server_side(before, scrape(base))
                 saturated.setdefault(policy, {})[name] = sat
-                print(json.dumps({"saturation": policy, "workload": name, **sat}), flush=True)
+                print(json.dumps({"saturation": policy, "workload": name,
+                                  "elapsed_s": round(time.perf_counter() - started), **sat}), flush=True)
         finally:
             server.terminate()
             server.wait(timeout=120)
@@ -493,6 +500,9 @@ def main() -> None:
             write(result | {"results": results, "low_load": low_load, "saturation": saturated,
                             "server_logs": server_logs, "partial": True}, path)
     for flags in filter(None, args.low_load_variants.split(";")):  # the low-load phase on other server flags
+        if args.time_budget and time.perf_counter() - started > args.time_budget - VARIANT_SECONDS:
+            low_load_variants[flags] = {"skipped": f"under {VARIANT_SECONDS} s left of --time-budget"}
+            continue
         variant = argparse.Namespace(**vars(args) | {"server_flags": f"{args.server_flags} {flags}"})
         server = start_server(model_dir, "past_future", args.port, variant)
         try:
@@ -505,6 +515,7 @@ def main() -> None:
             server.wait(timeout=120)
         write(result | {"results": results, "low_load": low_load, "low_load_variants": low_load_variants,
                         "saturation": saturated, "server_logs": server_logs, "partial": True}, path)
+    result["elapsed_s"] = round(time.perf_counter() - started)
     result |= {"results": results, "low_load": low_load, "low_load_variants": low_load_variants,
                "saturation": saturated, "offline": offline,
                "server_logs": server_logs,
