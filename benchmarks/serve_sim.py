@@ -39,7 +39,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,39 @@ def simulate(policy: str, reqs: list[tuple[int, int, int]], rate: float, *, kv_t
                                                 "kv_blocks_leaked": leaked}
 
 
+# the offline engine's defaults (generate/engine.py EngineConfig), which serve_goodput.py's offline reference keeps
+OFFLINE_MAX_BATCH_TOKENS, OFFLINE_DECODE_STEPS, OFFLINE_ADMIT_FRACTION = 2048, 32, 0.125
+
+
+def saturation(policy: str, reqs: list[tuple[int, int, int]], *, kv_tokens: int, args: argparse.Namespace,
+               cost: StepCost, offline: bool) -> dict[str, Any]:
+    """serve_goodput.py's saturation phase: every request at t = 0; output tokens per simulated second. ``offline``:
+    the offline engine's scheduling instead of the server's (admission in bursts of ``OFFLINE_ADMIT_FRACTION`` of
+    the rows, 32-step decode rounds, a fixed 2,048-token budget, decode-heavy requests first as ``order_groups``),
+    on the same step costs: the ratio is what scheduling alone makes of saturation_vs_offline."""
+    pool = BlockPool(kv_tokens // args.block_size, args.block_size)
+    pool.allocate(1)  # the engine's trash block
+    scheduler = Scheduler(pool, max_batch_tokens=OFFLINE_MAX_BATCH_TOKENS if offline else args.max_batch_tokens,
+                          max_num_seqs=args.max_num_seqs, admission=policy,
+                          admit_min_free=max(1, int(OFFLINE_ADMIT_FRACTION * args.max_num_seqs)) if offline else 1)
+    sim = Sim(scheduler, cost, args.tpot_slo, OFFLINE_DECODE_STEPS if offline else args.decode_steps)
+    order = list(range(len(reqs)))
+    if offline:  # prefix_tree.order_groups with one group per request: max_tokens / prompt length, descending
+        order.sort(key=lambda i: reqs[i][2] / max(1, reqs[i][0]), reverse=True)
+    by_request = {}
+    for i in order:
+        p, o, m = reqs[i]
+        by_request[i] = SimRequest(0.0, p, o, m, request=Request(i, [0] * p, SamplingParams(max_tokens=m)))
+        scheduler.add([by_request[i].request])
+    while scheduler.has_work():
+        if not offline:
+            sim.budget(args.max_batch_tokens)
+        sim.step(by_request)
+    return {"offline": offline, "policy": policy, "kv_cache_tokens": kv_tokens, "requests": len(reqs),
+            "seconds": round(sim.now, 3), "output_tokens_per_s": round(sum(o for _, o, _ in reqs) / sim.now, 1),
+            "steps": sim.steps, "mixed_steps": sim.mixed_steps, "preemptions": sim.preemptions}
+
+
 def summarize(sreqs: list[SimRequest], rate: float, sim: Sim, args: argparse.Namespace) -> dict[str, Any]:
     done = [r for r in sreqs if r.end_s is not None]
     ttft = [r.first_s - r.arrival_s for r in sreqs if r.first_s is not None]
@@ -257,12 +290,16 @@ def main() -> None:
     p.add_argument("--lengths", choices=("geometric", "exact"), default="geometric")
     for name, default in StepCost.__dataclass_fields__.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default.default)
+    p.add_argument("--saturation-requests", type=int, default=256,
+                   help="the saturation phase's requests (serve_goodput.py's default), server vs offline; 0: none")
+    p.add_argument("--offline-mixed-fixed-s", type=float, default=None,
+                   help="the offline engine's fixed cost of a step with prefill (default: the server's)")
     p.add_argument("--tag", default="", help="a name in the result file's (serve_sim_<tag>_<time>.json)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cost = StepCost(**{name: getattr(args, name) for name in StepCost.__dataclass_fields__})
     rates = [float(r) for r in args.rates.split(",")]
-    n = math.ceil(max(rates) * args.seconds_per_rate)
+    n = max(math.ceil(max(rates) * args.seconds_per_rate), args.saturation_requests)
     # the benchmark's workload seeds: serve_goodput.py seeds workload i of --workloads with i
     sets = {w: workload_requests(w, n, seed=i, lengths=args.lengths) for i, w in enumerate(args.workloads.split(","))}
     rows = []
@@ -274,7 +311,18 @@ def main() -> None:
                     row = simulate(policy, reqs[:count], rate, kv_tokens=kv, args=args, cost=cost, seed=int(rate))
                     rows.append(row | {"workload": w})
                     print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "serve_sim", "args": vars(args), "step_cost":
+    # the offline job's steps may be cheaper than the server's (no HTTP side contending for the GIL)
+    offline_cost = replace(cost, mixed_fixed_s=args.offline_mixed_fixed_s or cost.mixed_fixed_s)
+    saturated = []
+    for kv in (int(k) for k in args.kv_cache_tokens.split(",")) if args.saturation_requests else ():
+        for w, reqs in sets.items():
+            rows_w = {off: saturation("past_future", reqs[:args.saturation_requests], kv_tokens=kv, args=args,
+                                      cost=offline_cost if off else cost, offline=off) for off in (False, True)}
+            ratio = rows_w[False]["output_tokens_per_s"] / rows_w[True]["output_tokens_per_s"]
+            saturated.append({"kv_cache_tokens": kv, "workload": w, "server": rows_w[False], "offline": rows_w[True],
+                              "saturation_vs_offline": round(ratio, 3)})
+            print(json.dumps(saturated[-1]), flush=True)
+    result = {"benchmark": "serve_sim", "args": vars(args), "saturation": saturated, "step_cost":
               {k: getattr(cost, k) for k in StepCost.__dataclass_fields__}, "rows": rows, "findings": findings(rows)}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -95,3 +95,14 @@ def test_step_cost_follows_its_model(sim):
     assert cost.seconds(decode, 1) == pytest.approx(1.0 + 0.2 + 0.01 * 30)
     assert cost.seconds(decode, 2) == pytest.approx(2 * 1.2 + 0.01 * (30 + 32))  # each step reads a token more
     assert cost.seconds(StepPlan([Chunk(r, 0, 8, True), Chunk(r, 9, 1, True, decode=True)]), 1) == 5.0 + 0.5 * 9
+
+
+def test_saturation_runs_every_request_under_both_schedules(sim):
+    reqs = [(100 + 17 * (i % 9), 20 + 11 * (i % 5), 200) for i in range(48)]
+    args = _args(max_num_seqs=16, max_batch_tokens=512, decode_steps=4)
+    server = sim.saturation("past_future", reqs, kv_tokens=4096, args=args, cost=sim.StepCost(), offline=False)
+    offline = sim.saturation("past_future", reqs, kv_tokens=4096, args=args, cost=sim.StepCost(), offline=True)
+    total = sum(o for _, o, _ in reqs)
+    for row in (server, offline):
+        assert row["output_tokens_per_s"] == pytest.approx(total / row["seconds"], rel=1e-3)
+    assert offline["steps"] > 0 and server["mixed_steps"] > 0
