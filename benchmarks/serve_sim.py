@@ -65,12 +65,16 @@ class StepCost:
     mixed_per_token_s: float = 0.43e-6
 
     def seconds(self, plan: StepPlan, steps: int) -> float:
+        return sum(self.each_step(plan, steps))
+
+    def each_step(self, plan: StepPlan, steps: int) -> list[float]:
+        """Seconds of each step of a round (a decode-only round's steps read one more KV token per row each)."""
         if all(c.decode for c in plan.chunks):
             kv = sum(c.start + 1 for c in plan.chunks)
             rows = len(plan.chunks)
-            return sum(self.decode_fixed_s + self.decode_per_row_s * rows
-                       + self.decode_per_kv_token_s * (kv + k * rows) for k in range(steps))
-        return self.mixed_fixed_s + self.mixed_per_token_s * plan.num_tokens
+            return [self.decode_fixed_s + self.decode_per_row_s * rows + self.decode_per_kv_token_s * (kv + k * rows)
+                    for k in range(steps)]
+        return [self.mixed_fixed_s + self.mixed_per_token_s * plan.num_tokens]
 
 
 @dataclass(slots=True)
@@ -93,6 +97,8 @@ class Sim:
     cost: StepCost
     tpot_slo_s: float
     decode_steps: int
+    # multi-step rounds end once a step finishes after an arrival (the generate/graphs.py patch in docs/serve.md)
+    interruptible: bool = False
     fit: StepTimeModel = field(default_factory=StepTimeModel)
     now: float = 0.0
     steps: int = 0
@@ -105,8 +111,9 @@ class Sim:
         self.scheduler.max_batch_tokens = max(self.fit.budget(self.tpot_slo_s, default=default),
                                               decodes + self.fit.min_budget)
 
-    def step(self, by_request: dict[int, SimRequest]) -> None:
-        """``Engine.step`` without a model: plan, the multi-step rule, advance, append tokens, finish at the end."""
+    def step(self, by_request: dict[int, SimRequest], next_arrival_s: float | None = None) -> None:
+        """``Engine.step`` without a model: plan, the multi-step rule, advance, append tokens, finish at the end.
+        ``next_arrival_s``: when the next request arrives (an interruptible round ends at the step it lands in)."""
         s = self.scheduler
         plan = s.schedule()
         assert plan.chunks, "no progress: the KV cache is too small for one request"
@@ -115,6 +122,12 @@ class Sim:
             n = min(self.decode_steps, max(c.request.params.max_tokens - len(c.request.output_ids)
                                            for c in plan.chunks), s.steps_until_admission(self.decode_steps))
             n = n if n > 1 and s.reserve_steps(plan, n) else 1
+        if self.interruptible and n > 1 and next_arrival_s is not None:
+            ends, t = [], self.now
+            for step_s in self.cost.each_step(plan, n):
+                t += step_s
+                ends.append(t)
+            n = next((k + 1 for k, end in enumerate(ends) if end >= next_arrival_s), n)
         seconds = self.cost.seconds(plan, n)
         self.now += seconds
         self.steps += n
@@ -161,7 +174,7 @@ def workload_requests(workload: str, n: int, seed: int, lengths: str) -> list[tu
 
 
 def simulate(policy: str, reqs: list[tuple[int, int, int]], rate: float, *, kv_tokens: int, args: argparse.Namespace,
-             cost: StepCost, seed: int) -> dict[str, Any]:
+             cost: StepCost, seed: int, decode_steps: int | None = None, interruptible: bool = False) -> dict[str, Any]:
     import random
 
     rng = random.Random(seed)
@@ -172,7 +185,8 @@ def simulate(policy: str, reqs: list[tuple[int, int, int]], rate: float, *, kv_t
     pool = BlockPool(kv_tokens // args.block_size, args.block_size)
     pool.allocate(1)  # the engine's trash block
     sim = Sim(Scheduler(pool, max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                        output_len_prior=2048, admission=policy), cost, args.tpot_slo, args.decode_steps)
+                        output_len_prior=2048, admission=policy), cost, args.tpot_slo,
+              decode_steps or args.decode_steps, interruptible=interruptible)
     sreqs = [SimRequest(a, p, o, m) for a, (p, o, m) in zip(arrivals, reqs)]
     by_request: dict[int, SimRequest] = {}
     pending = [(sr.arrival_s, i) for i, sr in enumerate(sreqs)]
@@ -191,7 +205,7 @@ def simulate(policy: str, reqs: list[tuple[int, int, int]], rate: float, *, kv_t
             sim.now = pending[0][0]  # idle until the next arrival (the loop wakes on an event)
             continue
         sim.budget(args.max_batch_tokens)
-        sim.step(by_request)
+        sim.step(by_request, pending[0][0] if pending else None)
     # blocks still held (the trash block aside) once every request has finished: 0, or the simulation leaks
     leaked = pool.num_blocks - 1 - pool.num_free if all(r.end_s is not None for r in sreqs) else None
     return summarize(sreqs, rate, sim, args) | {"policy": policy, "kv_cache_tokens": kv_tokens,
@@ -292,6 +306,10 @@ def main() -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default.default)
     p.add_argument("--saturation-requests", type=int, default=256,
                    help="the saturation phase's requests (serve_goodput.py's default), server vs offline; 0: none")
+    p.add_argument("--low-load-requests", type=int, default=200,
+                   help="requests at 1/s for the low-load TTFT of each decode-round rule; 0: none")
+    p.add_argument("--low-load-mixed-fixed-s", type=float, default=0.022,
+                   help="fixed cost of a step with prefill at low load (the offline prefill of one prompt: 20-25 ms)")
     p.add_argument("--offline-mixed-fixed-s", type=float, default=None,
                    help="the offline engine's fixed cost of a step with prefill (default: the server's)")
     p.add_argument("--tag", default="", help="a name in the result file's (serve_sim_<tag>_<time>.json)")
@@ -299,7 +317,7 @@ def main() -> None:
     args = p.parse_args()
     cost = StepCost(**{name: getattr(args, name) for name in StepCost.__dataclass_fields__})
     rates = [float(r) for r in args.rates.split(",")]
-    n = max(math.ceil(max(rates) * args.seconds_per_rate), args.saturation_requests)
+    n = max(math.ceil(max(rates) * args.seconds_per_rate), args.saturation_requests, args.low_load_requests)
     # the benchmark's workload seeds: serve_goodput.py seeds workload i of --workloads with i
     sets = {w: workload_requests(w, n, seed=i, lengths=args.lengths) for i, w in enumerate(args.workloads.split(","))}
     rows = []
@@ -311,6 +329,18 @@ def main() -> None:
                     row = simulate(policy, reqs[:count], rate, kv_tokens=kv, args=args, cost=cost, seed=int(rate))
                     rows.append(row | {"workload": w})
                     print(json.dumps(rows[-1]), flush=True)
+    low_load = []  # TTFT at 1 request/s on each round rule, over the same requests' lone prefill
+    quiet = replace(cost, mixed_fixed_s=args.low_load_mixed_fixed_s)
+    for w, reqs in sets.items() if args.low_load_requests else ():
+        part = reqs[:args.low_load_requests]
+        prefill = statistics.median(quiet.mixed_fixed_s + quiet.mixed_per_token_s * p for p, _, _ in part)
+        for label, steps, cut in (("decode_steps 1", 1, False), ("decode_steps 4", 4, False),
+                                  ("decode_steps 4, interruptible", 4, True)):
+            row = simulate("past_future", part, 1.0, kv_tokens=max(int(k) for k in args.kv_cache_tokens.split(",")),
+                           args=args, cost=quiet, seed=1, decode_steps=steps, interruptible=cut)
+            low_load.append({"workload": w, "rounds": label, "ttft_p50": row["ttft_p50"], "prefill_p50": prefill,
+                             "ttft_vs_prefill": round(row["ttft_p50"] / prefill, 3), "tpot_p50": row["tpot_p50"]})
+            print(json.dumps(low_load[-1]), flush=True)
     # the offline job's steps may be cheaper than the server's (no HTTP side contending for the GIL)
     offline_cost = replace(cost, mixed_fixed_s=args.offline_mixed_fixed_s or cost.mixed_fixed_s)
     saturated = []
@@ -322,7 +352,8 @@ def main() -> None:
             saturated.append({"kv_cache_tokens": kv, "workload": w, "server": rows_w[False], "offline": rows_w[True],
                               "saturation_vs_offline": round(ratio, 3)})
             print(json.dumps(saturated[-1]), flush=True)
-    result = {"benchmark": "serve_sim", "args": vars(args), "saturation": saturated, "step_cost":
+    result = {"benchmark": "serve_sim", "args": vars(args), "saturation": saturated, "low_load": low_load,
+              "step_cost":
               {k: getattr(cost, k) for k in StepCost.__dataclass_fields__}, "rows": rows, "findings": findings(rows)}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -106,3 +106,23 @@ def test_saturation_runs_every_request_under_both_schedules(sim):
     for row in (server, offline):
         assert row["output_tokens_per_s"] == pytest.approx(total / row["seconds"], rel=1e-3)
     assert offline["steps"] > 0 and server["mixed_steps"] > 0
+
+
+def test_an_interruptible_round_ends_at_the_step_an_arrival_lands_in(sim):
+    from batchpilot.generate.kv_cache import BlockPool
+
+    def one_round(interruptible, next_arrival_s):
+        pool = BlockPool(64, 16)
+        pool.allocate(1)
+        cost = sim.StepCost(decode_fixed_s=1.0, decode_per_row_s=0.0, decode_per_kv_token_s=0.0)
+        s = sim.Sim(Scheduler(pool, max_batch_tokens=64, max_num_seqs=4), cost, 0.05, 4, interruptible=interruptible)
+        r = sim.SimRequest(0.0, 8, 50, 50, request=Request(0, [0] * 8, SamplingParams(max_tokens=50)))
+        s.scheduler.add([r.request])
+        s.step({0: r})  # the prefill (a mixed step), then a decode round
+        start, steps = s.now, s.steps
+        s.step({0: r}, next_arrival_s=start + next_arrival_s)
+        return s.steps - steps, len(r.request.output_ids)
+
+    assert one_round(False, 1.5) == (4, 5)  # the whole 4-step round: the arrival waits for it
+    assert one_round(True, 1.5) == (2, 3)  # it lands in the second step: the round ends there
+    assert one_round(True, 10.0) == (4, 5)  # none during the round: nothing changes
