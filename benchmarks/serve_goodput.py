@@ -264,7 +264,9 @@ def low_load_phase(base_url: str, reqs: list[dict], args: argparse.Namespace) ->
     """``LOW_LOAD_REQUESTS`` at ``LOW_LOAD_RATE``: the client's latencies, each request's TTFT, the server's split."""
     wait_idle(base_url)
     before = scrape(base_url)
-    rows = asyncio.run(run_rate(base_url, low_load_reqs(reqs), LOW_LOAD_RATE, seed=1, drain_s=args.drain_seconds))
+    # a longer drain than the rates': a request cut at the wall cap would lose its TTFT from the sample
+    rows = asyncio.run(run_rate(base_url, low_load_reqs(reqs), LOW_LOAD_RATE, seed=1,
+                                drain_s=max(args.drain_seconds, 10.0)))
     out = summarize_rate(rows, LOW_LOAD_RATE, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
     out |= {"ttft_s": [r["ttft"] for r in rows], "server": ttft_split(before, scrape(base_url))}
     print(json.dumps({"low_load": args.server_flags, "ttft_p50": out["ttft_p50"], "tpot_p50": out["tpot_p50"],
