@@ -52,7 +52,7 @@ def test_step_time_model_learns_from_steps_with_prefill_only():
     loop.rounds, loop.stream_seconds = 0, 0.0
     stats = EngineStats()
 
-    def step(scheduler):  # alternately a mixed step (decodes + a prefill chunk) and a decode-only step
+    def step(scheduler, stop=None):  # alternately a mixed step (decodes + a prefill chunk) and a decode-only step
         if stats.round_trips % 2 == 0:
             stats.prefill_tokens += 100 * (1 + stats.round_trips)
         stats.output_tokens += 8
