@@ -51,7 +51,7 @@ class Server:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.loop = EngineLoop(self.engine, admission=self.cfg.admission, tpot_slo_s=self.cfg.tpot_slo_s,
                                event_loop=asyncio.get_running_loop(), on_first_token=self.metrics.ttft.observe,
-                               on_token_gap=self.metrics.tpot.observe, warm_up=self.cfg.warm_up_graphs)
+                               warm_up=self.cfg.warm_up_graphs)  # token gaps: observed at the end (metrics.finish)
         if self.loop.warmup_seconds:
             print(f"captured decode graphs in {self.loop.warmup_seconds:.1f} s", flush=True)
         self.metrics.bind(self.loop)
@@ -82,6 +82,7 @@ class Server:
 
     async def _generate(self, request: HTTPRequest, *, chat: bool) -> Response:
         assert self.loop is not None
+        arrival_s = time.perf_counter()  # TTFT and its phases count from here (serve/metrics.py TTFT_PHASES)
         try:
             body = json.loads(await request.body())
             if not isinstance(body, dict):
@@ -96,7 +97,7 @@ class Server:
             return _error(429, f"{self.loop.in_flight} requests in flight (max {self.cfg.max_queue}); retry later",
                           headers={"Retry-After": str(self.cfg.retry_after_s)})
         try:
-            streams = self._submit(parsed)
+            streams = self._submit(parsed, arrival_s)
         except ValueError as e:
             return _error(400, str(e), param="messages" if chat else "prompt")
         ids = _Ids(chat=chat, model=self.cfg.served_model_name, include_usage=parsed.include_usage)
@@ -138,7 +139,7 @@ class Server:
         item = JobItem(0, "server", kind=kind, prompts=prompts, params=params, echo=echo)
         return _Parsed(item, prompt_ids, stream_mode, bool(options.get("include_usage", False)))
 
-    def _submit(self, parsed: _Parsed) -> list[tuple[int, Stream]]:
+    def _submit(self, parsed: _Parsed, arrival_s: float) -> list[tuple[int, Stream]]:
         """One engine request per (prompt, sample): (prompt position, stream). Seeds as in jobs and the engine:
         the body's seed, else ``request_seed(engine seed, a fresh id)``; sample j gets ``sample_seed(seed, j)``."""
         assert self.loop is not None and parsed.item.params is not None
@@ -149,7 +150,8 @@ class Server:
         try:
             for p, ids in enumerate(parsed.prompt_ids):
                 for j in range(params.n):
-                    streams.append((p, self.loop.submit(ids, params, sample_index=j)))
+                    streams.append((p, self.loop.submit(ids, params, sample_index=j, arrival_s=arrival_s,
+                                                        deltas=parsed.stream)))
         except ValueError:
             for _, stream in streams:
                 self.loop.cancel(stream)
@@ -166,7 +168,10 @@ class Server:
                         yield f"data: {json.dumps({'error': {'message': event.text, 'type': 'server_error'}})}\n\n"
                         break
                     if event.kind == "delta":
-                        yield f"data: {json.dumps(ids.chunk(event.text, None))}\n\n"
+                        chunk = f"data: {json.dumps(ids.chunk(event.text, None))}\n\n"
+                        if stream.sent_s is None:
+                            stream.sent_s = time.perf_counter()
+                        yield chunk
                         continue
                     c = event.completion
                     assert c is not None

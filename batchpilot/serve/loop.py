@@ -36,16 +36,27 @@ class Event:
     completion: Completion | None = None
 
 
+EMPTY_DELTA = Event("delta", "")
+
+
 @dataclass(eq=False, slots=True)
 class Stream:
     """One request in the server: the engine's Request and the queue its HTTP handler reads."""
 
     request: Request
     events: asyncio.Queue[Event]
-    arrival_s: float
-    first_token_s: float | None = None
+    arrival_s: float  # the HTTP handler got the request (before its body is parsed): TTFT counts from here
+    submitted_s: float = 0.0  # put in the engine loop's inbox (after parsing and tokenization)
+    picked_s: float | None = None  # the engine thread took it from the inbox into its scheduler
+    submitted_round: int = 0  # the engine loop's round counter when it was submitted
+    first_round: int | None = None  # the round whose step computed its first token
+    first_step_s: float | None = None  # that step's start
+    first_token_s: float | None = None  # that step's end
+    delivered_s: float | None = None  # the event loop put its first delta in ``events``
+    sent_s: float | None = None  # the handler yielded its first chunk to the HTTP layer
     last_token_s: float | None = None
     sent_chars: int = 0
+    deltas: bool = True  # send text deltas as they come (streams); False: only the final event (whole answers)
     finished: bool = False
     token_gaps_s: list[float] = field(default_factory=list)
     # the output's text, read incrementally (a short decode of the new tokens per step, not the whole output)
@@ -65,6 +76,9 @@ class LoopStats:
     mixed_steps: int  # steps with prefill chunks (eager)
     mixed_seconds: float
     token_budget: int  # the last step's token budget (the SLO's, from the step-time model)
+    output_tokens: int  # generated so far
+    engine_thread_cpu_s: float  # CPU seconds of the engine thread; the process's others are the HTTP side's
+    stream_seconds: float  # of the engine thread's time: making stream events after each step (detok, deltas)
 
 
 class EngineLoop:
@@ -80,6 +94,10 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue[tuple[str, Stream]] = queue.SimpleQueue()
         self.streams: dict[int, Stream] = {}  # request index -> stream
         self._indices = itertools.count()
+        self.rounds = 0  # engine steps run (each one host round trip: one step, or a multi-step decode round)
+        self.thread_cpu_s = 0.0  # CPU seconds of the engine thread (time.thread_time at its last turn)
+        self.stream_seconds = 0.0  # the engine thread's time turning steps into stream events (detok, deltas)
+        self._round_start_s = 0.0
         self._stop, self._wake = threading.Event(), threading.Event()
         self._on_first_token, self._on_token_gap = on_first_token, on_token_gap
         # the events of one loop iteration, handed to the event loop in one call: a callback per stream per step
@@ -96,15 +114,21 @@ class EngineLoop:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, *, sample_index: int = 0) -> Stream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, sample_index: int = 0,
+               arrival_s: float | None = None, deltas: bool = True) -> Stream:
         """A new request (one sample: ``sample_index`` of ``params.n``); ValueError (prompt too long for the model
-        or the KV cache) before it is queued. Its seed is resolved as the engine resolves it (``params.seed``, else
-        ``request_seed(engine seed, str(index))``; sample j: ``sample_seed``)."""
+        or the KV cache) before it is queued. ``arrival_s``: when its HTTP request arrived (``time.perf_counter()``;
+        default now). ``deltas`` False (a non-streamed answer): no text deltas, only the final event, so such a
+        request costs neither incremental detokenization per step nor an event-loop wake per token. Its seed is
+        resolved as the engine resolves it (``params.seed``, else ``request_seed(engine seed, str(index))``;
+        sample j: ``sample_seed``)."""
         index = next(self._indices)
         base = params.seed if params.seed is not None else request_seed(self.engine.config.seed, str(index))
         r = Request(index, list(prompt_ids), params, sample_index=sample_index, seed=sample_seed(base, sample_index))
         self.engine.check(r)
-        stream = Stream(r, asyncio.Queue(), time.perf_counter())
+        now = time.perf_counter()
+        stream = Stream(r, asyncio.Queue(), now if arrival_s is None else arrival_s, submitted_s=now,
+                        submitted_round=self.rounds, deltas=deltas)
         self.inbox.put(("add", stream))
         self._wake.set()
         return stream
@@ -124,7 +148,9 @@ class EngineLoop:
                          kv_blocks_used=pool.num_blocks - pool.num_free, kv_blocks_total=pool.num_blocks,
                          preemptions=s.preemptions, steps=s.steps, decode_steps=s.decode_steps,
                          decode_seconds=s.decode_seconds, mixed_steps=s.steps - s.decode_steps,
-                         mixed_seconds=s.seconds - s.decode_seconds, token_budget=self.scheduler.max_batch_tokens)
+                         mixed_seconds=s.seconds - s.decode_seconds, token_budget=self.scheduler.max_batch_tokens,
+                         output_tokens=s.output_tokens, engine_thread_cpu_s=self.thread_cpu_s,
+                         stream_seconds=self.stream_seconds)
 
     def stop(self, *, drain_timeout_s: float) -> None:
         """Finish running requests for up to ``drain_timeout_s``, cancel the rest, stop the thread."""
@@ -141,18 +167,28 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._flush()
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
-                self._step()
-            except Exception as e:  # noqa: BLE001 -- a failed step fails its requests, never the server
-                self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
-            self._flush()
+            self.turn()
+            self.thread_cpu_s = time.thread_time()
         self._flush()
+
+    def turn(self, idle_wait_s: float = 0.05) -> bool:
+        """One turn of the engine thread: take what the inbox holds, then one engine round trip (a step, or a
+        multi-step decode round when nothing waits) and hand its events to the event loop; with no work, sleep
+        until ``submit`` or ``cancel`` sets the wake event (at most ``idle_wait_s``). A request submitted while a
+        round runs is therefore in the scheduler of the next round (``Stream.first_round`` = its
+        ``submitted_round`` + 1 when it is admitted at once). True if a round ran."""
+        self._drain_inbox()
+        if not self.scheduler.has_work():
+            self._flush()
+            self._wake.wait(idle_wait_s)
+            self._wake.clear()
+            return False
+        try:
+            self._step()
+        except Exception as e:  # noqa: BLE001 -- a failed step fails its requests, never the server
+            self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+        self._flush()
+        return True
 
     def _drain_inbox(self) -> None:
         while True:
@@ -161,6 +197,7 @@ class EngineLoop:
             except queue.Empty:
                 return
             if kind == "add":
+                stream.picked_s = time.perf_counter()
                 self.streams[stream.request.index] = stream
                 self.scheduler.add([stream.request])
             elif not stream.finished:
@@ -172,7 +209,8 @@ class EngineLoop:
         if self.tpot_slo_s:
             self.scheduler.max_batch_tokens = self._step_budget(self.tpot_slo_s)
         tokens0, prefill0 = stats.output_tokens, stats.prefill_tokens
-        t0 = time.perf_counter()
+        t0 = self._round_start_s = time.perf_counter()
+        self.rounds += 1
         done = self.engine.step(self.scheduler)
         seconds = time.perf_counter() - t0
         if stats.prefill_tokens > prefill0:  # the budget sizes steps with prefill chunks: fit those alone
@@ -184,6 +222,7 @@ class EngineLoop:
                 self._finish(stream, finished[index], now)
             elif stream.request.status is Status.RUNNING:
                 self._push_delta(stream, now)
+        self.stream_seconds += time.perf_counter() - now
 
     def _step_budget(self, tpot_slo_s: float) -> int:
         """Tokens of the next step: the SLO's budget from the step-time model, but never fewer than the running
@@ -198,8 +237,10 @@ class EngineLoop:
         if not r.output_ids:
             return
         self._mark_tokens(stream, now)
+        if not stream.deltas:
+            return
         if self.engine.tokenizer is None:  # token-id prompts without a tokenizer: an empty chunk per step, for timing
-            self._send(stream, Event("delta", ""))
+            self._send(stream, EMPTY_DELTA)
             return
         if r.detok is None:  # requests with stop strings: the engine reads their text already (engine._accept)
             stream.text.add(self.engine.tokenizer, r.output_ids)  # holds back a character split over tokens
@@ -212,13 +253,13 @@ class EngineLoop:
 
     def _finish(self, stream: Stream, completion: Completion, now: float) -> None:
         self._mark_tokens(stream, now)
-        if len(completion.text) > stream.sent_chars:
+        if stream.deltas and len(completion.text) > stream.sent_chars:
             self._send(stream, Event("delta", completion.text[stream.sent_chars:]))
         self._close(stream, Event("done", completion.text, completion))
 
     def _mark_tokens(self, stream: Stream, now: float) -> None:
         if stream.first_token_s is None:
-            stream.first_token_s = now
+            stream.first_token_s, stream.first_step_s, stream.first_round = now, self._round_start_s, self.rounds
             if self._on_first_token:
                 self._on_first_token(now - stream.arrival_s)
         elif stream.last_token_s is not None and now > stream.last_token_s:
@@ -251,7 +292,10 @@ class EngineLoop:
 
 def _deliver(events: list[tuple[Stream, Event]]) -> None:
     """On the event loop: every event of one engine-loop iteration into its stream's queue."""
+    now = time.perf_counter()
     for stream, event in events:
+        if stream.delivered_s is None and event.kind == "delta":  # a whole answer's first event is its last
+            stream.delivered_s = now
         stream.events.put_nowait(event)
 
 

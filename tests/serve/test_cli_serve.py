@@ -49,9 +49,10 @@ def test_step_time_model_learns_from_steps_with_prefill_only():
 
     loop = EngineLoop.__new__(EngineLoop)
     loop.step_time, loop.tpot_slo_s, loop.streams, loop._outbox = StepTimeModel(), None, {}, []
+    loop.rounds, loop.stream_seconds = 0, 0.0
     stats = EngineStats()
 
-    def step(scheduler):  # alternately a mixed step (decodes + a prefill chunk) and a decode-only step
+    def step(scheduler, stop=None):  # alternately a mixed step (decodes + a prefill chunk) and a decode-only step
         if stats.round_trips % 2 == 0:
             stats.prefill_tokens += 100 * (1 + stats.round_trips)
         stats.output_tokens += 8
@@ -118,3 +119,47 @@ def test_warm_up_captures_every_bucket_and_kind_before_serving():
     assert captured == len([b for b in graphs.buckets if b <= 64]) * len(WARMUP_PARAMS)
     engine.generate([[5, 6, 7]] * 37, SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9, seed=1))
     assert len(graphs.graphs) == captured
+
+
+@pytest.mark.gpu
+def test_an_interrupted_decode_round_gives_the_same_tokens():
+    """With the interruptible-round patch of docs/serve.md (generate/): a round that ``stop`` ends early yields
+    fewer tokens per round trip and exactly the tokens of the uncut run (each row's draw is keyed by its seed and
+    step). Skipped until the patch is in (``Engine.step`` without ``stop``)."""
+    import inspect
+    import itertools
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from batchpilot import build_model
+    from batchpilot.generate.engine import Engine, EngineConfig
+    from batchpilot.generate.request import Request, SamplingParams
+    from batchpilot.generate.scheduler import Scheduler
+    from batchpilot.model.llama import get_preset
+    from batchpilot.serve.loop import warm_up_graphs
+
+    if "stop" not in inspect.signature(Engine.step).parameters:
+        pytest.skip("needs the interruptible-round patch (docs/serve.md)")
+    model = build_model(get_preset("tiny"), device="cuda", seed=0).to(torch.bfloat16)
+    engine = Engine(model, None, EngineConfig(max_num_seqs=8, num_blocks=1024, prefix_sharing=False, decode_steps=8,
+                                              compile=False))
+    engine.runner.begin_job(1024)
+    warm_up_graphs(engine)  # no graph's first use (a one-step round) inside the runs below
+
+    def run(stop):
+        scheduler = Scheduler(engine.pool, max_batch_tokens=2048, max_num_seqs=8)
+        reqs = [Request(i, [5 + i] * 12, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8), seed=i)
+                for i in range(4)]
+        scheduler.add(reqs)
+        rounds = 0
+        while scheduler.has_work():
+            engine.step(scheduler, stop=stop)
+            rounds += 1
+        return [r.output_ids for r in reqs], rounds
+
+    full, full_rounds = run(None)
+    checks = itertools.count()
+    cut, cut_rounds = run(lambda: next(checks) % 3 == 2)  # every third check between steps ends the round
+    assert cut == full and cut_rounds > full_rounds
