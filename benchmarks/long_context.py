@@ -349,7 +349,9 @@ def summarize(longest: dict, probes: list[dict], speed_seqs: list[int]) -> dict:
     ratio, kind = (round(stream / liger, 3), None) if stream and liger else (None, None)
     if ratio is not None:  # exact only when both searches ended at a length that ran out of memory
         kind = "exact" if bounds["batchpilot_stream"] == bounds["hf_liger"] == "memory" else (
-            "lower bound" if bounds["hf_liger"] == "memory" else "unknown (hf_liger stopped by the wall cap)")
+            "lower bound" if bounds["hf_liger"] == "memory" else f"unknown (hf_liger stopped by {bounds['hf_liger']})")
+        if bounds["hf_liger"] != "memory":  # a search cut by the wall cap or --max-seq found no limit: no ratio
+            ratio = None
 
     def fit(system: str) -> dict[int, dict]:
         return {r["seq"]: r for r in probes if r["system"] == system and r.get("fits")}
