@@ -15,7 +15,7 @@ asked for; penalties, logit_bias and min_tokens are applied to the logits on the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,13 +163,16 @@ class Engine:
         """Free rows before a running batch admits again (``EngineConfig.admit_fraction`` of max_num_seqs)."""
         return max(1, int(self.config.admit_fraction * self.config.max_num_seqs))
 
-    def step(self, scheduler: Scheduler) -> list[Completion]:
+    def step(self, scheduler: Scheduler, stop: Callable[[], bool] | None = None) -> list[Completion]:
+        """One host round trip: a step, or a multi-step decode round. ``stop`` (the server: a request arrived) is
+        polled between the steps of a round, which then ends early: its later steps are not run (the blocks
+        reserved for them stay with their requests), and a row's tokens do not depend on where a round ends."""
         start = time.perf_counter()
         plan = scheduler.schedule()
         assert plan.chunks, "scheduler made no progress (KV cache too small for one request?)"
         on_graph = self.runner.graphs_usable(plan.chunks)  # an O(rows) check: once per step
         steps = self._decode_steps(plan, scheduler, on_graph)
-        outputs = self.runner.step(plan.chunks, steps=steps, eos_ids=frozenset(self.eos_ids))
+        outputs = self.runner.step(plan.chunks, steps=steps, eos_ids=frozenset(self.eos_ids), stop=stop)
         scheduler.advance(plan)
         done, new_tokens = [], 0
         for chunk, out in zip(plan.chunks, outputs, strict=True):

@@ -132,10 +132,14 @@ class DecodeGraphs:
                 and max(len(c.request.blocks) for c in dec) <= self.width)
 
     def run(self, dec: list[Chunk], eager: Callable[[], tuple[list[int], torch.Tensor]],
-            steps: int = 1, eos_ids: frozenset[int] = frozenset()) -> list[list[int]]:
+            steps: int = 1, eos_ids: frozenset[int] = frozenset(),
+            stop: Callable[[], bool] | None = None) -> list[list[int]]:
         """Greedy tokens of each row for ``steps`` consecutive decode steps (one step on a graph's first use).
 
-        ``eager`` runs the same step without the graph and returns its tokens and (rows, V) logits.
+        ``eager`` runs the same step without the graph and returns its tokens and (rows, V) logits. ``stop``: asked
+        before each step after the first, once the device has finished the step before it (the next step's inputs
+        are advanced on the device meanwhile, so the device waits only for a replay's launch); True ends the round
+        there, with fewer tokens per row.
         """
         rows = next(b for b in self.buckets if b >= len(dec))
         n = len({id(c.request.group) for c in dec if c.request.prefix_len > 0}) if self.cascade else 0
@@ -152,12 +156,22 @@ class DecodeGraphs:
                 self._fill_penalties(g, dec, eos_ids)
             steps = 1 if fresh else steps
             history = torch.empty(steps, rows, dtype=torch.long, device=self.device)
+            # with ``stop``, the host waits for each step before asking (the device meanwhile advances the inputs)
+            step_done = torch.cuda.Event() if stop is not None and self.capture else None
+            ran = 0
             for k in range(steps):
                 if k:
                     self._advance(g)
+                    if step_done is not None:
+                        step_done.synchronize()
+                    if stop is not None and stop():  # a request arrived: the round ends after step k - 1
+                        break
                 g.replay()
                 history[k].copy_(g.out["tokens"])
-            tokens = history[:, :len(dec)].T.tolist()  # the one host sync
+                if step_done is not None:
+                    step_done.record()
+                ran = k + 1
+            tokens = history[:ran, :len(dec)].T.tolist()  # the one host sync
         except Exception as e:  # capture/replay errors come in many types: any of them -> eager from now on
             self._switch_off(f"{type(e).__name__}: {e}")
             return [[t] for t in eager()[0]]

@@ -19,6 +19,7 @@ otherwise). Sampled tokens come from processed logits (penalties, logit_bias, mi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,8 @@ class Runner:
                 and all(c.decode and _plain(c.request) for c in chunks) and g.fits(chunks))
 
     @torch.inference_mode()
-    def step(self, chunks: list[Chunk], *, steps: int = 1, eos_ids: frozenset[int] = frozenset()) -> list[ChunkOutput]:
+    def step(self, chunks: list[Chunk], *, steps: int = 1, eos_ids: frozenset[int] = frozenset(),
+             stop: Callable[[], bool] | None = None) -> list[ChunkOutput]:
         """Run the chunks; one output per chunk, in chunk order (tokens only for chunks with ``sample`` set).
 
         ``steps`` > 1 (greedy decode-only batches on CUDA graphs, blocks reserved by the caller): that
@@ -108,7 +110,7 @@ class Runner:
                 assert logits is not None  # a decode-only step samples every chunk
                 return [o.tokens[0] for o in outs], logits
             assert self.graphs is not None  # graphs_usable
-            return [ChunkOutput(t) for t in self.graphs.run(chunks, eager, steps=steps, eos_ids=eos_ids)]
+            return [ChunkOutput(t) for t in self.graphs.run(chunks, eager, steps=steps, eos_ids=eos_ids, stop=stop)]
         return self._forward(chunks, eos_ids)[0]
 
     def _forward(self, chunks: list[Chunk], eos_ids: frozenset[int]) -> tuple[list[ChunkOutput], torch.Tensor | None]:

@@ -211,7 +211,7 @@ class EngineLoop:
         tokens0, prefill0 = stats.output_tokens, stats.prefill_tokens
         t0 = self._round_start_s = time.perf_counter()
         self.rounds += 1
-        done = self.engine.step(self.scheduler)
+        done = self.engine.step(self.scheduler, stop=lambda: not self.inbox.empty())
         seconds = time.perf_counter() - t0
         if stats.prefill_tokens > prefill0:  # the budget sizes steps with prefill chunks: fit those alone
             self.step_time.observe(stats.output_tokens - tokens0 + stats.prefill_tokens - prefill0, seconds)

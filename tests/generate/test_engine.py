@@ -299,3 +299,34 @@ def test_static_decode_buffers_with_several_groups(llama_pair):
     graphs = engine.runner.attach_graphs(max_rows=12, capture=False)
     assert [r.output_ids for r in engine.generate(prompts, params)] == [r.output_ids for r in plain]
     assert graphs.enabled and (12, 4, 0) in graphs.graphs  # 3 groups padded to 4, 9 rows padded to 12
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_interrupted_decode_rounds_give_the_same_tokens(hf_pair, hf_reference, temperature):
+    """The server ends a multi-step decode round early when a request arrives (``Engine.step(stop=...)``): the
+    rows then carry fewer tokens from that round, and every row's tokens are the uninterrupted run's."""
+    _, model, _ = hf_pair
+    params = SamplingParams(max_tokens=N, ignore_eos=True, temperature=temperature, top_p=0.9, seed=3)
+
+    def run(stop_pattern):
+        engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=4))
+        engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False)
+        asked = []
+
+        def stop():
+            asked.append(stop_pattern[len(asked) % len(stop_pattern)])
+            return asked[-1]
+
+        step = engine.step
+        engine.step = lambda scheduler, stop_=None: step(scheduler, stop=stop if stop_pattern else None)
+        results = engine.generate(_prompts(), params)
+        return [r.output_ids for r in results], engine, asked
+
+    ref, ref_engine, _ = run(())
+    got, engine, asked = run((False, True, False, False, True))
+    assert got == ref
+    if temperature == 0:
+        assert got == hf_reference
+    assert True in asked  # rounds were cut ...
+    assert engine.stats.round_trips > ref_engine.stats.round_trips  # ... so the job took more of them
+    assert engine.pool.num_free == engine.pool.num_blocks - 1  # no block kept by a cut round
