@@ -42,6 +42,7 @@ are the same but for FTZ of subnormal ``e`` (< 1e-38: no mass); FMA contraction 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -79,6 +80,67 @@ def default_sums(device: torch.device) -> str:
 def interpreted() -> bool:
     """``TRITON_INTERPRET=1``: the kernel runs on CPU tensors through numpy (no libdevice there)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """The split-row path's knobs (``sample_triton(..., path="split", config=...)``).
+
+    ``chunk`` tokens per (row, chunk) program and ``block`` tokens per step of its loop (``num_warps`` warps);
+    ``passes`` approximate passes with ``candidates`` thresholds each before the exact pass (their fp32 masses
+    only narrow the bracket, with an error bound: the threshold stays exact); ``compact`` tokens of a row's
+    bracket that get packed (key, index: 8 bytes each) for the finishing program, which searches them with
+    ``finish_candidates`` thresholds per pass (``finish_block`` tokens per step, ``finish_warps`` warps);
+    ``split`` "value" or "key" (``sample_triton``)."""
+
+    chunk: int = 8192
+    block: int = 1024
+    num_warps: int = 4
+    candidates: int = 8
+    passes: int = 2
+    compact: int = 16384
+    finish_candidates: int = 8
+    finish_block: int = 1024
+    finish_warps: int = 8
+    split: str = "value"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "block", "finish_block"):
+            v = getattr(self, name)
+            if v < 64 or v & (v - 1):
+                raise ValueError(f"SplitConfig: {name} must be a power of two >= 64, got {v}")
+        if self.chunk % self.block:
+            raise ValueError(f"SplitConfig: chunk ({self.chunk}) must be a multiple of block ({self.block})")
+        for name in ("candidates", "finish_candidates"):
+            if getattr(self, name) not in (2, 4, 8, 16):
+                raise ValueError(f"SplitConfig: {name} must be 2, 4, 8 or 16, got {getattr(self, name)}")
+        if not 1 <= self.passes <= 4:
+            raise ValueError(f"SplitConfig: passes must be 1..4, got {self.passes}")
+        if self.compact < 0:
+            raise ValueError(f"SplitConfig: compact must be >= 0, got {self.compact}")
+        for name in ("num_warps", "finish_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"SplitConfig: {name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}")
+        if self.split not in ("value", "key"):
+            raise ValueError(f"SplitConfig: split must be 'value' or 'key', got {self.split!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> SplitConfig:
+        """``"chunk=4096,passes=3"`` -> a config (the benchmark's ``--split-config``)."""
+        kw: dict = {}
+        for part in filter(None, spec.split(",")):
+            name, _, value = part.partition("=")
+            if name not in cls.__dataclass_fields__:
+                raise ValueError(f"SplitConfig: unknown field {name!r} in {spec!r}")
+            kw[name] = value if name == "split" else int(value)
+        return cls(**kw)
+
+
+def choose_path(R: int, V: int, config: SplitConfig | None = None) -> str:
+    """"split" when a row spans more than one chunk (every real vocabulary), else "row" (one program per row,
+    one launch): the split path's programs are R x ceil(V / chunk), so small batches fill the GPU too."""
+    return "split" if V > (config or SplitConfig()).chunk else "row"
 
 
 if HAVE_TRITON:
@@ -444,38 +506,507 @@ if HAVE_TRITON:
         if WRITE_THR:  # tests: the threshold key itself
             tl.store(thr_ptr + row, thr)
 
+    # ---- the split-row path: (row, chunk) programs, a fixed number of launches (see ``_launch_split``) ----
+
+    @triton.jit
+    def _load_vals(base, offs, valid, KIND: tl.constexpr):
+        """fp32 logit values of a tile, NaN outside the row (every compare is false there)."""
+        if KIND == 0:
+            x = tl.load(base + offs, mask=valid, other=float("nan"))
+        else:
+            raw = tl.load(base + offs, mask=valid, other=0).to(tl.int32)
+            if KIND == 1:
+                x = (raw << 16).to(tl.float32, bitcast=True)
+            else:
+                x = raw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x = tl.where(valid, x, float("nan"))
+        return x
+
+    @triton.jit
+    def _stats_kernel(x_ptr, stride, V, smax_ptr, sidx_ptr, smin_ptr, sminf_ptr, sninf_ptr, NCH,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr):
+        """Per (row, chunk): the max logit and its first index, the min, the min finite logit and the number of
+        -inf logits (one read of the chunk)."""
+        row = tl.program_id(0)
+        c = tl.program_id(1)
+        base = x_ptr + row.to(tl.int64) * stride
+        c0 = c * CHUNK
+        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+        lane_i = c0 + tl.arange(0, BLOCK)
+        lane_lo = tl.full([BLOCK], float("inf"), tl.float32)
+        lane_lof = tl.full([BLOCK], float("inf"), tl.float32)
+        ninf = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, tl.minimum(V - c0, CHUNK), BLOCK):
+            offs = c0 + start + tl.arange(0, BLOCK)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)  # -inf outside the row
+            lane_v, lane_i = _argmax_update(lane_v, lane_i, x, offs)
+            neg_inf = x == float("-inf")
+            lane_lo = tl.minimum(lane_lo, tl.where(valid, x, float("inf")))
+            lane_lof = tl.minimum(lane_lof, tl.where(neg_inf, float("inf"), x))
+            ninf += (valid & neg_inf).to(tl.int32)
+        at = row.to(tl.int64) * NCH + c
+        tl.store(smax_ptr + at, tl.max(lane_v, axis=0))
+        tl.store(sidx_ptr + at, _argmax_final(lane_v, lane_i))
+        tl.store(smin_ptr + at, tl.min(lane_lo, axis=0))
+        tl.store(sminf_ptr + at, tl.min(lane_lof, axis=0))
+        tl.store(sninf_ptr + at, tl.sum(ninf, axis=0))
+
+    @triton.jit
+    def _row_greedy(smax_ptr, sidx_ptr, row, NCH, NCHP: tl.constexpr):
+        """The row's max logit and ``torch.argmax`` of it (the first index) from its chunks' (max, first index)."""
+        ch = tl.arange(0, NCHP)
+        at = row.to(tl.int64) * NCH + ch
+        v = tl.load(smax_ptr + at, mask=ch < NCH, other=float("-inf"))
+        i = tl.load(sidx_ptr + at, mask=ch < NCH, other=2147483647)
+        top = tl.max(v, axis=0)
+        return top, tl.min(tl.where((v == top) & (ch < NCH), i, 2147483647), axis=0)
+
+    @triton.jit
+    def _bracket0(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, row, NCH, V, tk, k_lim, top_p, use_p,
+                  NCHP: tl.constexpr, KIND: tl.constexpr):
+        """The first threshold bracket (lo, hi] of a filtered row, ``m = max(s)`` and the approximate passes'
+        error bounds (relative, absolute).
+
+        ``hi = key(max)`` passes (nothing is above it). ``lo`` fails: below the least key every token is above it
+        (count V >= top_k, or mass Z >= top_p * Z); -inf logits (bans) are below every finite cut that fails at the
+        least finite key (top-p rows, or top-k rows with top_k <= the finite count), so lo starts there and the
+        value splits see a finite range; on top-p rows, every key whose ``s <= m - d`` with
+        ``d = ln(V / (1 - top_p)) + 2`` fails too (the tokens at or below it hold < e^-2 (1 - top_p) of Z), which
+        cuts off far outliers (a -100 logit bias)."""
+        ch = tl.arange(0, NCHP)
+        cm = ch < NCH
+        at = row.to(tl.int64) * NCH + ch
+        xmax = tl.max(tl.load(smax_ptr + at, mask=cm, other=float("-inf")), axis=0)
+        xmin = tl.min(tl.load(smin_ptr + at, mask=cm, other=float("inf")), axis=0)
+        xminf = tl.min(tl.load(sminf_ptr + at, mask=cm, other=float("inf")), axis=0)
+        ninf = tl.sum(tl.load(sninf_ptr + at, mask=cm, other=0), axis=0)
+        m = tl.math.div_rn(xmax, tk)
+        hi = _key_of(xmax, tk, KIND)
+        lo = _key_of(xmin, tk, KIND) - 1
+        fin = (xminf < float("inf")) & (use_p | (V - ninf >= k_lim))
+        lo = tl.where(fin, tl.maximum(lo, _key_of(tl.where(fin, xminf, xmax), tk, KIND) - 1), lo)
+        if use_p:
+            d = tl.log((V * 1.0 / (1.0 - top_p)).to(tl.float32)) + 2.0
+            s_f = m - d - 1.0
+            if KIND == 0:
+                k_f = _key_near(s_f, KIND)
+                s_k = _value_of(k_f, KIND)
+            else:
+                k_f = _key_near(s_f * tk, KIND)
+                s_k = tl.math.div_rn(_value_of(k_f, KIND), tk)
+            good = (s_k <= m - d) & (tl.abs(m) < 1e6)  # checked on the key itself: rounding cannot break it
+            lo = tl.where(good, tl.maximum(lo, k_f), lo)
+        # approximate masses (``_approx_kernel``): exp2 of a product instead of expf of a quotient, fp32 sums of
+        # VEC terms; per token |e~ - e| <= rel * e where e > 2^-40 (|s - m| < 28), and <= 2^-39 below: bounds x4
+        rel = tl.where(tl.abs(m) < 1e5, 4.0 * (2.0**-20 * (2.0 * tl.abs(m) + 28.0) + 2.0**-19 + 2.0**-20),
+                       float("inf"))
+        return lo, hi, m, rel.to(tl.float64), V * 2.0**-37
+
+    @triton.jit
+    def _narrow_approx(lo, hi, by_value, pc_ptr, pm_ptr, pz_ptr, at0, NCH, k_lim, use_p, top_p, rel, absl,
+                       NC: tl.constexpr, NCHP: tl.constexpr, KIND: tl.constexpr):
+        """The bracket after one approximate pass, from its per-chunk counts and masses: a candidate is certainly
+        ok (count < top_k, mass < top_p * Z beyond the error bound of both sides) or certainly failing, else
+        uncertain (kept inside the new bracket: it stays exact, only wider). Returns lo, hi, by_value and the
+        indices of the candidates that became lo (-1: the old lo) and hi (NC: the old hi)."""
+        cand, used = _split(lo, hi, by_value, NC, KIND)
+        ch = tl.arange(0, NCHP)
+        j = tl.arange(0, NC)
+        idx = (at0 + ch)[:, None] * NC + j[None, :]
+        cnt = tl.sum(tl.load(pc_ptr + idx, mask=(ch < NCH)[:, None], other=0), axis=0)
+        cnt_ok = cnt < k_lim
+        ok = cnt_ok
+        fail = ~cnt_ok
+        if use_p:
+            mass = tl.sum(tl.load(pm_ptr + idx, mask=(ch < NCH)[:, None], other=0.0), axis=0)
+            z = tl.sum(tl.load(pz_ptr + at0 + ch, mask=ch < NCH, other=0.0), axis=0)
+            band = 2.0 * (rel * (z * (1.0 + rel) + absl) + absl)  # mass error + limit error
+            limit = top_p * z
+            ok = cnt_ok & (mass < limit - band)
+            fail = fail | (mass >= limit + band)
+        closed = hi - lo <= 1
+        nlo = tl.max(tl.where(fail, cand, lo), axis=0)
+        nhi = tl.min(tl.where(ok, cand, hi), axis=0)
+        jl = tl.max(tl.where(fail, j, -1), axis=0)
+        jh = tl.min(tl.where(ok, j, NC), axis=0)
+        nbv = by_value & ((~used) | ((nhi - nlo) * (NC + 1) <= hi - lo))
+        return (tl.where(closed, lo, nlo), tl.where(closed, hi, nhi), tl.where(closed, by_value, nbv),
+                tl.where(closed, -1, jl), tl.where(closed, NC, jh))
+
+    @triton.jit
+    def _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim,
+                 top_p, use_p, PASSES: tl.constexpr, NC: tl.constexpr, NCHP: tl.constexpr, KIND: tl.constexpr,
+                 VALUE_SPLIT: tl.constexpr):
+        """The bracket after the first ``PASSES`` approximate passes (every program of a row computes the same)."""
+        lo, hi, m, rel, absl = _bracket0(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, row, NCH, V, tk, k_lim, top_p,
+                                         use_p, NCHP, KIND)
+        by_value = (hi > lo) & VALUE_SPLIT
+        jl = lo.to(tl.int32) * 0 - 1
+        jh = jl + 1 + NC
+        at0 = row.to(tl.int64) * NCH
+        for q in tl.static_range(PASSES):
+            off = q * R * NCH
+            lo, hi, by_value, jl, jh = _narrow_approx(lo, hi, by_value, pc_ptr + off * NC, pm_ptr + off * NC,
+                                                      pz_ptr + off, at0, NCH, k_lim, use_p, top_p, rel, absl, NC,
+                                                      NCHP, KIND)
+        return lo, hi, by_value, jl, jh, m, rel, absl
+
+    @triton.jit
+    def _approx_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, smax_ptr, smin_ptr, sminf_ptr, sninf_ptr,
+                       pc_ptr, pm_ptr, pz_ptr, pl_ptr, ph_ptr, NCH, R, PASS: tl.constexpr, NC: tl.constexpr,
+                       NCHP: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, VEC: tl.constexpr,
+                       KIND: tl.constexpr, VALUE_SPLIT: tl.constexpr, ENDS: tl.constexpr):
+        """Approximate pass ``PASS`` of a filtered row over one chunk: per candidate threshold of the bracket the
+        exact count above it and an fp32-approximate mass (``exp2`` of a product, VEC-term fp32 sums added in
+        fp64), the approximate Z, and (``ENDS``, the last pass) the counts above the bracket's ends. Tiles are
+        (BR, VEC): each thread sums its VEC tokens first, so the accumulators are (NC, BR)."""
+        row = tl.program_id(0)
+        c = tl.program_id(1)
+        temp = tl.load(temp_ptr + row)
+        k_lim = tl.load(klim_ptr + row)
+        top_p = tl.load(topp_ptr + row)
+        use_p = top_p < 1.0
+        if (temp > 0) & ((k_lim < 2147483647) | use_p):
+            tk = tl.maximum(temp, 1e-6)
+            lo, hi, by_value, jl, jh, m, rel, absl = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr,
+                                                              pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim, top_p,
+                                                              use_p, PASS, NC, NCHP, KIND, VALUE_SPLIT)
+            if hi - lo > 1:
+                cand, used = _split(lo, hi, by_value, NC, KIND)
+                v = _value_of(cand + 1, KIND)  # key > cand  <=>  value >= v (-0 folded: see _value_of)
+                v_lo = _value_of(lo + 1, KIND)
+                v_hi = _value_of(hi + 1, KIND)
+                a = 1.4426950408889634 / tk
+                b = m * 1.4426950408889634
+                base = x_ptr + row.to(tl.int64) * stride
+                c0 = c * CHUNK
+                cnt = tl.zeros([NC, BR], dtype=tl.int32)
+                mass = tl.zeros([NC, BR], dtype=tl.float64)
+                z = tl.zeros([BR], dtype=tl.float64)
+                cl = tl.zeros([BR], dtype=tl.int32)
+                chh = tl.zeros([BR], dtype=tl.int32)
+                for start in range(0, tl.minimum(V - c0, CHUNK), BR * VEC):
+                    offs = c0 + start + tl.arange(0, BR)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+                    valid = offs < V
+                    x = _load_vals(base, offs, valid, KIND)
+                    if KIND == 0:
+                        y = tl.math.div_rn(x, tk)  # fp32 logits: keys of s itself
+                    else:
+                        y = x
+                    above = y[None, :, :] >= v[:, None, None]
+                    cnt += tl.sum(above.to(tl.int32), axis=2)
+                    if use_p:
+                        if KIND == 0:
+                            e = tl.exp2((y - m) * 1.4426950408889634)
+                        else:
+                            e = tl.exp2(x * a - b)
+                        e = tl.where(valid, e, 0.0)
+                        z += tl.sum(e, axis=1).to(tl.float64)
+                        mass += tl.sum(tl.where(above, e[None, :, :], 0.0), axis=2).to(tl.float64)
+                    if ENDS:
+                        cl += tl.sum((y >= v_lo).to(tl.int32), axis=1)
+                        chh += tl.sum((y >= v_hi).to(tl.int32), axis=1)
+                at = row.to(tl.int64) * NCH + c
+                off = PASS * R * NCH
+                j = tl.arange(0, NC)
+                tl.store(pc_ptr + (off + at) * NC + j, tl.sum(cnt, axis=1))
+                tl.store(pm_ptr + (off + at) * NC + j, tl.sum(mass, axis=1))
+                tl.store(pz_ptr + off + at, tl.sum(z, axis=0))
+                if ENDS:
+                    tl.store(pl_ptr + at, tl.sum(cl, axis=0))
+                    tl.store(ph_ptr + at, tl.sum(chh, axis=0))
+
+    @triton.jit
+    def _packing(pc_ptr, pl_ptr, ph_ptr, row, c, NCH, R, jl, jh, LAST: tl.constexpr, NC: tl.constexpr,
+                 NCHP: tl.constexpr):
+        """Tokens inside the final bracket: the row's total and chunk ``c``'s offset among them (chunks in order),
+        from the last approximate pass's counts at the candidates that became the bracket's ends."""
+        ch = tl.arange(0, NCHP)
+        j = tl.arange(0, NC)
+        cm = ch < NCH
+        at = row.to(tl.int64) * NCH + ch
+        cj = tl.load(pc_ptr + (LAST * R * NCH + at)[:, None] * NC + j[None, :], mask=cm[:, None], other=0)
+        at_lo = tl.where(jl >= 0, tl.sum(tl.where(j[None, :] == jl, cj, 0), axis=1),
+                         tl.load(pl_ptr + at, mask=cm, other=0))
+        at_hi = tl.where(jh < NC, tl.sum(tl.where(j[None, :] == jh, cj, 0), axis=1),
+                         tl.load(ph_ptr + at, mask=cm, other=0))
+        inside = tl.where(cm, at_lo - at_hi, 0)
+        return tl.sum(inside, axis=0), tl.sum(tl.where(ch < c, inside, 0), axis=0), tl.sum(tl.where(cm, at_lo, 0),
+                                                                                          axis=0)
+
+    @triton.jit
+    def _pack_idx(sk, si, n, key, offs, lo, hi, CAP):
+        """Append the block's tokens with lo < key <= hi (key and token index), in order, at ``n``."""
+        inside = (key > lo) & (key <= hi)
+        at = n + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+        tl.store(sk + at, key, mask=inside & (at < CAP))
+        tl.store(si + at, offs, mask=inside & (at < CAP))
+        return n + tl.sum(inside.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _draw_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
+                     smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, pl_ptr, ph_ptr, sk_ptr, si_ptr, CAP,
+                     dz_ptr, dm_ptr, dc_ptr, dbv_ptr, dbi_ptr, NCH, R, PASSES: tl.constexpr, NC: tl.constexpr,
+                     NCHP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr,
+                     VALUE_SPLIT: tl.constexpr, FILTER: tl.constexpr, ACCURATE: tl.constexpr):
+        """The exact pass over one chunk: the Gumbel-max draw over the tokens certainly kept (above the final
+        bracket, or all of an unfiltered row), fp64 Z, mass and count above the bracket, and the bracket's tokens
+        packed (key, index) into the row's scratch at the chunk's offset when they fit. Without FILTER (no row
+        filters) it also writes the chunk's (max, first index) for the greedy rows: one read in all."""
+        row = tl.program_id(0)
+        c = tl.program_id(1)
+        c0 = c * CHUNK
+        base = x_ptr + row.to(tl.int64) * stride
+        at = row.to(tl.int64) * NCH + c
+        temp = tl.load(temp_ptr + row)
+        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+        lane_i = c0 + tl.arange(0, BLOCK)
+        n_end = tl.minimum(V - c0, CHUNK)
+        if not FILTER:  # greedy (the chunk's max and first index) and the draw over every token
+            g_v = tl.full([BLOCK], float("-inf"), tl.float32)
+            g_i = c0 + tl.arange(0, BLOCK)
+            tk = tl.maximum(temp, 1e-6)
+            rkey = _row_key(seed_ptr, step_ptr, row)
+            sampled = temp > 0
+            for start in range(0, n_end, BLOCK):
+                offs = c0 + start + tl.arange(0, BLOCK)
+                valid = offs < V
+                x, raw = _load_row(base, offs, valid, KIND)
+                g_v, g_i = _argmax_update(g_v, g_i, x, offs)
+                if sampled:
+                    noisy = _gumbel(offs, rkey, ACCURATE) + tl.math.div_rn(x, tk)
+                    lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+            tl.store(smax_ptr + at, tl.max(g_v, axis=0))
+            tl.store(sidx_ptr + at, _argmax_final(g_v, g_i))
+        elif temp > 0:
+            tk = tl.maximum(temp, 1e-6)
+            rkey = _row_key(seed_ptr, step_ptr, row)
+            k_lim = tl.load(klim_ptr + row)
+            top_p = tl.load(topp_ptr + row)
+            use_p = top_p < 1.0
+            filt = (k_lim < 2147483647) | use_p
+            z = tl.zeros([BLOCK], dtype=tl.float64)
+            mhi = tl.zeros([BLOCK], dtype=tl.float64)
+            chi = tl.zeros([BLOCK], dtype=tl.int32)
+            if filt:
+                lo, hi, by_value, jl, jh, m, rel, absl = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr,
+                                                                  pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim, top_p,
+                                                                  use_p, PASSES, NC, NCHP, KIND, VALUE_SPLIT)
+                closed = hi - lo <= 1
+                total, offset, _ = _packing(pc_ptr, pl_ptr, ph_ptr, row, c, NCH, R, jl, jh, PASSES - 1, NC, NCHP)
+                pack = (~closed) & (total <= CAP)
+                lo32 = lo.to(tl.int32)
+                hi32 = hi.to(tl.int32)
+                top = tl.where(closed, hi32 - 1, hi32)  # drawn here: key > top (a closed bracket: thr = hi)
+                sk = sk_ptr + row.to(tl.int64) * CAP
+                si = si_ptr + row.to(tl.int64) * CAP
+                n = offset
+                for start in range(0, n_end, BLOCK):
+                    offs = c0 + start + tl.arange(0, BLOCK)
+                    valid = offs < V
+                    x, raw = _load_row(base, offs, valid, KIND)
+                    s = tl.math.div_rn(x, tk)
+                    key = _keys(raw, s, valid, KIND)
+                    above = key > top
+                    if use_p:
+                        e = _exp(s - m, ACCURATE)  # 0 outside the row (x = -inf)
+                        z += e.to(tl.float64)
+                        mhi += tl.where(key > hi32, e, 0.0).to(tl.float64)
+                    chi += (key > hi32).to(tl.int32)
+                    noisy = tl.where(above, _gumbel(offs, rkey, ACCURATE) + s, float("-inf"))
+                    lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+                    if pack:
+                        n = _pack_idx(sk, si, n, key, offs, lo32, hi32, CAP)
+            else:  # a sampled row without filters: every token
+                for start in range(0, n_end, BLOCK):
+                    offs = c0 + start + tl.arange(0, BLOCK)
+                    valid = offs < V
+                    x, raw = _load_row(base, offs, valid, KIND)
+                    noisy = _gumbel(offs, rkey, ACCURATE) + tl.math.div_rn(x, tk)
+                    lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+            if FILTER:
+                tl.store(dz_ptr + at, tl.sum(z, axis=0))
+                tl.store(dm_ptr + at, tl.sum(mhi, axis=0))
+                tl.store(dc_ptr + at, tl.sum(chi, axis=0))
+        tl.store(dbv_ptr + at, tl.max(lane_v, axis=0))
+        tl.store(dbi_ptr + at, _argmax_final(lane_v, lane_i))
+
+    @triton.jit
+    def _reduce_keys(sk, n, cand, tk, m, use_p, NC: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+                     KIND: tl.constexpr, ACCURATE: tl.constexpr):
+        """Counts and exact masses above each candidate over ``n`` packed keys, ``e`` recomputed from the key (the
+        key gives the logit of 16-bit rows and ``s`` of fp32 rows: the same ``e`` as the full pass)."""
+        cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
+        if FP64:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float64)  # unused
+        else:
+            acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
+            comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < n
+            key = tl.load(sk + offs, mask=valid, other=-2147483648)
+            above = key[None, :] > cand[:, None]
+            cnt += above.to(tl.int32)
+            if use_p:
+                val = _value_of(key.to(tl.int64), KIND)
+                if KIND != 0:
+                    val = tl.math.div_rn(val, tk)
+                e = tl.where(valid, _exp(val - m, ACCURATE), 0.0)
+                if FP64:
+                    acc += tl.where(above, e.to(tl.float64)[None, :], 0.0)
+                else:
+                    acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+        count = tl.sum(cnt, axis=1)
+        if FP64:
+            return count, tl.sum(acc, axis=1)
+        return count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
+
+    @triton.jit
+    def _finish_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
+                       smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, pl_ptr, ph_ptr, sk_ptr, si_ptr, CAP,
+                       dz_ptr, dm_ptr, dc_ptr, dbv_ptr, dbi_ptr, out_ptr, thr_ptr, NCH, R,
+                       PASSES: tl.constexpr, NC: tl.constexpr, NCHP: tl.constexpr, NCF: tl.constexpr,
+                       BLOCK: tl.constexpr, KIND: tl.constexpr, VALUE_SPLIT: tl.constexpr, FILTER: tl.constexpr,
+                       FP64: tl.constexpr, WRITE_THR: tl.constexpr, ACCURATE: tl.constexpr):
+        """One program per row: greedy rows take the argmax; filtered rows finish the threshold search on the
+        packed bracket (exact masses, ``NCF`` candidates per pass; a bracket too full to pack: full-row passes)
+        and draw over its kept tokens; the chunks' draws combine with ``torch.argmax``'s first-index rule."""
+        row = tl.program_id(0)
+        _, result = _row_greedy(smax_ptr, sidx_ptr, row, NCH, NCHP)
+        W: tl.constexpr = 32 if KIND == 0 else 16
+        thr = tl.full([], -(2**(W - 1)), tl.int64)
+        route = thr * 0  # ROUTES: greedy or unfiltered
+        temp = tl.load(temp_ptr + row)
+        if temp > 0:
+            ch = tl.arange(0, NCHP)
+            at = row.to(tl.int64) * NCH + ch
+            bv = tl.load(dbv_ptr + at, mask=ch < NCH, other=float("-inf"))
+            bi = tl.load(dbi_ptr + at, mask=ch < NCH, other=2147483647)
+            best = tl.max(bv, axis=0)
+            result = tl.min(tl.where((bv == best) & (ch < NCH), bi, 2147483647), axis=0)
+            if FILTER:
+                tk = tl.maximum(temp, 1e-6)
+                k_lim = tl.load(klim_ptr + row)
+                top_p = tl.load(topp_ptr + row)
+                use_p = top_p < 1.0
+                if (k_lim < 2147483647) | use_p:
+                    lo, hi, by_value, jl, jh, m, rel, absl = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr,
+                                                                      pc_ptr, pm_ptr, pz_ptr, row, NCH, R, V, tk,
+                                                                      k_lim, top_p, use_p, PASSES, NC, NCHP, KIND,
+                                                                      VALUE_SPLIT)
+                    total, _, cnt_lo = _packing(pc_ptr, pl_ptr, ph_ptr, row, 0, NCH, R, jl, jh, PASSES - 1, NC,
+                                                NCHP)
+                    z = tl.sum(tl.load(dz_ptr + at, mask=ch < NCH, other=0.0), axis=0)
+                    mass_hi = tl.sum(tl.load(dm_ptr + at, mask=ch < NCH, other=0.0), axis=0)
+                    cnt_hi = tl.sum(tl.load(dc_ptr + at, mask=ch < NCH, other=0), axis=0)
+                    limit = tl.where(use_p, top_p * z, float("inf"))
+                    closed = hi - lo <= 1
+                    wide = hi - lo > 1
+                    packed = wide & (total <= CAP)
+                    route = tl.where(closed, 1, tl.where(packed, 2, 3)).to(tl.int64)
+                    if closed:
+                        cnt_lo = cnt_hi  # unused
+                    elif packed:
+                        cnt_lo = cnt_hi + total
+                    c0 = cnt_hi
+                    m0 = mass_hi
+                    top32 = hi.to(tl.int32)  # the chunks drew the tokens above it
+                    sk = sk_ptr + row.to(tl.int64) * CAP
+                    si = si_ptr + row.to(tl.int64) * CAP
+                    base = x_ptr + row.to(tl.int64) * stride
+                    while hi - lo > 1:
+                        cand, used = _split(lo, hi, by_value, NCF, KIND)
+                        width = hi - lo
+                        if packed:
+                            count, mass = _reduce_keys(sk, total, cand.to(tl.int32), tk, m, use_p, NCF, FP64, BLOCK,
+                                                       KIND, ACCURATE)
+                            count += c0
+                            mass += m0
+                        else:
+                            count, mass, _z, _n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NCF, KIND,
+                                                          FP64, BLOCK, ACCURATE, False, 0, 0, sk, si)
+                        lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
+                                                                  k_lim, limit)
+                        by_value = by_value & ((~used) | ((hi - lo) * (NCF + 1) <= width))
+                    thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)
+                    if limit <= 0:  # top_p = 0: nothing passes, every token is dropped (torch: argmax of -inf)
+                        result = result * 0
+                        route = route * 0 + 4
+                    elif wide:  # the bracket's kept tokens (thr <= key <= its top), then the chunks' draws
+                        rkey = _row_key(seed_ptr, step_ptr, row)
+                        thr32 = thr.to(tl.int32)
+                        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+                        lane_i = tl.full([BLOCK], 2147483647, tl.int32)
+                        if packed:
+                            for start in range(0, total, BLOCK):
+                                offs = start + tl.arange(0, BLOCK)
+                                valid = offs < total
+                                key = tl.load(sk + offs, mask=valid, other=-2147483648)
+                                tok = tl.load(si + offs, mask=valid, other=0)
+                                val = _value_of(key.to(tl.int64), KIND)
+                                if KIND != 0:
+                                    val = tl.math.div_rn(val, tk)
+                                noisy = tl.where(valid & (key >= thr32), _gumbel(tok, rkey, ACCURATE) + val,
+                                                 float("-inf"))
+                                lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, tok)
+                        else:
+                            for start in range(0, V, BLOCK):
+                                offs = start + tl.arange(0, BLOCK)
+                                valid = offs < V
+                                x, raw = _load_row(base, offs, valid, KIND)
+                                s = tl.math.div_rn(x, tk)
+                                key = _keys(raw, s, valid, KIND)
+                                noisy = tl.where((key >= thr32) & (key <= top32),
+                                                 _gumbel(offs, rkey, ACCURATE) + s, float("-inf"))
+                                lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+                        pv = tl.max(lane_v, axis=0)
+                        pi = tl.min(tl.where(lane_v == pv, lane_i, 2147483647), axis=0)
+                        take = (pv > best) | ((pv == best) & (pi < result))
+                        result = tl.where(take, pi, result)
+        tl.store(out_ptr + row, result.to(tl.int64))
+        if WRITE_THR:  # tests: the threshold key, and how the row was finished (ROUTES)
+            tl.store(thr_ptr + row, thr)
+            tl.store(thr_ptr + R + row, route)
+
 
 def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
-                  candidates: int = 4, block: int = 1024, num_warps: int = 8,
-                  sums: str | None = None, compact: int = 16384, split: str = "value") -> torch.Tensor:
-    """``sampling.sample`` (same arguments, same tokens) through the kernel; logits on CUDA, or on CPU under
-    ``TRITON_INTERPRET=1``. ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens
-    per program step and ``num_warps`` per program (a row); ``sums`` "fp64" or "kahan" (default:
-    ``default_sums``); ``compact``: once at most this many tokens lie in a row's threshold bracket, the next pass
-    copies them (key and probability, 8 bytes each) to a scratch row and the remaining passes read only those
-    (0: never; scratch R x min(compact, V) x 8 bytes); ``split`` "value" (candidates evenly spaced in value while
-    that narrows the bracket at least as fast as "key", evenly spaced in key)."""
+                  path: str = "auto", config: SplitConfig | None = None, candidates: int = 4, block: int = 1024,
+                  num_warps: int = 8, sums: str | None = None, compact: int = 16384,
+                  split: str = "value") -> torch.Tensor:
+    """``sampling.sample`` (same arguments, same tokens) through the kernels; logits on CUDA, or on CPU under
+    ``TRITON_INTERPRET=1``. ``path``: "split" (``_launch_split``: (row, chunk) programs, knobs in ``config``),
+    "row" (``_sample_kernel``: one program per row) or "auto" (``choose_path``). The row kernel's knobs:
+    ``candidates`` (2, 4 or 8) thresholds tried per pass over the row; ``block`` tokens per program step and
+    ``num_warps`` per program (a row); ``compact``: once at most this many tokens lie in a row's threshold
+    bracket, the next pass copies them (key and probability, 8 bytes each) to a scratch row and the remaining
+    passes read only those (0: never; scratch R x min(compact, V) x 8 bytes); ``split`` "value" (candidates evenly
+    spaced in value while that narrows the bracket at least as fast as "key", evenly spaced in key). ``sums``
+    "fp64" or "kahan" (default: ``default_sums``) for the exact masses of both paths."""
     if not any_random:
         return logits.argmax(dim=-1)
-    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps,
-                   sums, compact, split, False)[0]
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, path, config, candidates, block,
+                   num_warps, sums, compact, split, False)[0]
 
 
 def sample_and_threshold_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
                                 top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool,
-                                candidates: int = 4, block: int = 1024, num_warps: int = 8,
-                                sums: str | None = None, compact: int = 16384,
-                                split: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
+                                path: str = "auto", config: SplitConfig | None = None, candidates: int = 4,
+                                block: int = 1024, num_warps: int = 8, sums: str | None = None,
+                                compact: int = 16384, split: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_triton`` (``any_random`` True) and each row's (R,) int64 threshold key (kept:
     ``sampling._order_keys`` >= it; the least key on greedy and unfiltered rows), for tests."""
-    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, candidates, block, num_warps, sums,
-                   compact, split, True)
+    return _launch(logits, temperature, top_k, top_p, seeds, steps, any_filter, path, config, candidates, block,
+                   num_warps, sums, compact, split, True)
 
 
 def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-            seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, candidates: int, block: int, num_warps: int,
-            sums: str | None, compact: int, split: str, write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, path: str, config: SplitConfig | None,
+            candidates: int, block: int, num_warps: int, sums: str | None, compact: int, split: str,
+            write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not supported(logits, temperature):
         raise ValueError(f"sample_triton: needs triton and 2-D fp32/bf16/fp16 logits with fp32 temperatures, got "
                          f"{tuple(logits.shape)} {logits.dtype} / {temperature.dtype}")
@@ -486,9 +1017,16 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
         raise ValueError(f"sample_triton: sums must be 'fp64' or 'kahan', got {sums!r}")
     if split not in ("value", "key"):
         raise ValueError(f"sample_triton: split must be 'value' or 'key', got {split!r}")
-    R, V = logits.shape
+    if path not in ("auto", "split", "row"):
+        raise ValueError(f"sample_triton: path must be 'auto', 'split' or 'row', got {path!r}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    if path == "auto":
+        path = choose_path(*logits.shape, config)
+    if path == "split":
+        return _launch_split(logits, temperature, top_k, top_p, seeds, steps, any_filter, config or SplitConfig(),
+                             sums, write_threshold)
+    R, V = logits.shape
     kind = _KINDS[logits.dtype]
     x = logits if kind == 0 else logits.view(torch.int16)
     k_lim = torch.where(top_k > 0, top_k.clamp_max(_INT32_MAX), _INT32_MAX).to(torch.int32)
@@ -513,4 +1051,82 @@ def noise_triton(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int, *, g
     out = torch.empty(seeds.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
     _noise_kernel[(seeds.shape[0],)](seeds.long().contiguous(), steps.long().contiguous(), out, vocab_size,
                                      GUMBEL=gumbel, BLOCK=1024, ACCURATE=not interpreted())
+    return out
+
+
+ROUTES = ("greedy or unfiltered", "closed bracket", "packed", "full-row passes", "nothing kept")
+LAST_ROUTES: list[int] = []  # tests: each row's route (an index into ROUTES) in the last split call with thresholds
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch_split(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, steps: torch.Tensor, any_filter: bool, cfg: SplitConfig, sums: str,
+                  write_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-row path: grid (R, chunks) for the full reads, a fixed number of launches, no host sync.
+
+    Filtered batches: ``_stats_kernel`` (max / first index / min per chunk), ``passes`` x ``_approx_kernel``,
+    ``_draw_kernel`` (exact pass, draw above the bracket, packing), ``_finish_kernel`` (one program per row).
+    Unfiltered batches: ``_draw_kernel`` (greedy + draw in one read) and ``_finish_kernel``."""
+    R, V = logits.shape
+    kind = _KINDS[logits.dtype]
+    x = logits if kind == 0 else logits.view(torch.int16)
+    dev = logits.device
+    nch = triton.cdiv(V, cfg.chunk)
+    nchp = _pow2(nch)
+    nc, passes = cfg.candidates, cfg.passes
+    cap = min(cfg.compact, V) if any_filter else 0
+    rc = R * nch
+    n64 = (passes * rc * (nc + 1) if any_filter else 0) + 2 * rc  # pm, pz; dz, dm
+    ws64 = torch.empty(max(n64, 1), dtype=torch.float64, device=dev)
+    n32 = 5 * rc + 3 * rc + (passes * rc * nc + 2 * rc if any_filter else 0) + 2 * R * max(cap, 1)
+    ws32 = torch.empty(n32, dtype=torch.int32, device=dev)
+    it64, it32 = iter(_carve(ws64, [passes * rc * nc, passes * rc, rc, rc] if any_filter else [0, 0, rc, rc])), \
+        iter(_carve(ws32, [rc] * 8 + ([passes * rc * nc, rc, rc] if any_filter else [0, 0, 0])
+                    + [R * max(cap, 1)] * 2))
+    pm, pz, dz, dm = (next(it64) for _ in range(4))
+    smax, sidx, smin, sminf, sninf, dc, dbv, dbi, pc, pl, ph, sk, si = (next(it32) for _ in range(13))
+    smax, smin, sminf, dbv = (t.view(torch.float32) for t in (smax, smin, sminf, dbv))
+    temp = temperature.contiguous()
+    k_lim = torch.where(top_k > 0, top_k.clamp_max(_INT32_MAX), _INT32_MAX).to(torch.int32).contiguous()
+    p64 = top_p.double().contiguous()
+    seeds, steps = seeds.long().contiguous(), steps.long().contiguous()
+    out = torch.empty(R, dtype=torch.int64, device=dev)
+    thr = torch.empty(2 * R if write_threshold else 1, dtype=torch.int64, device=dev)  # thresholds, ROUTES
+    acc = not interpreted()
+    common = dict(enable_fp_fusion=False)
+    vec = 4 if kind == 0 else 8
+    if any_filter:
+        _stats_kernel[(R, nch)](x, x.stride(0), V, smax, sidx, smin, sminf, sninf, nch, CHUNK=cfg.chunk,
+                                BLOCK=cfg.block, KIND=kind, num_warps=cfg.num_warps, **common)
+        for p in range(passes):
+            _approx_kernel[(R, nch)](x, x.stride(0), V, temp, k_lim, p64, smax, smin, sminf, sninf, pc, pm, pz, pl,
+                                     ph, nch, R, PASS=p, NC=nc, NCHP=nchp, CHUNK=cfg.chunk,
+                                     BR=cfg.block // vec, VEC=vec, KIND=kind, VALUE_SPLIT=cfg.split == "value",
+                                     ENDS=p == passes - 1, num_warps=cfg.num_warps, **common)
+    _draw_kernel[(R, nch)](x, x.stride(0), V, temp, k_lim, p64, seeds, steps, smax, sidx, smin, sminf, sninf, pc,
+                           pm, pz, pl, ph, sk, si, max(cap, 1), dz, dm, dc, dbv, dbi, nch, R, PASSES=passes, NC=nc,
+                           NCHP=nchp, CHUNK=cfg.chunk, BLOCK=cfg.block, KIND=kind,
+                           VALUE_SPLIT=cfg.split == "value", FILTER=any_filter, ACCURATE=acc,
+                           num_warps=cfg.num_warps, **common)
+    _finish_kernel[(R,)](x, x.stride(0), V, temp, k_lim, p64, seeds, steps, smax, sidx, smin, sminf, sninf, pc, pm,
+                         pz, pl, ph, sk, si, max(cap, 1), dz, dm, dc, dbv, dbi, out, thr, nch, R, PASSES=passes,
+                         NC=nc, NCHP=nchp, NCF=cfg.finish_candidates, BLOCK=cfg.finish_block, KIND=kind,
+                         VALUE_SPLIT=cfg.split == "value", FILTER=any_filter, FP64=sums == "fp64",
+                         WRITE_THR=write_threshold, ACCURATE=acc, num_warps=cfg.finish_warps,
+                         maxnreg=_MAX_REGISTERS, **common)
+    if write_threshold:
+        LAST_ROUTES[:] = thr[R:].tolist()
+        thr = thr[:R]
+    return out, thr
+
+
+def _carve(ws: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Consecutive views of one workspace (one allocation per dtype instead of one per buffer)."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(ws[at:at + max(n, 1)] if n else ws[:1])
+        at += n
     return out
