@@ -87,7 +87,8 @@ def interpreted() -> bool:
 class SplitConfig:
     """The split-row path's knobs (``sample_triton(..., path="split", config=...)``).
 
-    ``chunk`` tokens per (row, chunk) program and ``block`` tokens per step of its loop (``num_warps`` warps);
+    ``chunk`` tokens per (row, chunk) program and ``block`` tokens per step of its loop (``draw_block`` in the
+    exact pass, whose per-token state is larger; ``num_warps`` warps);
     ``passes`` approximate passes with ``candidates`` thresholds each before the exact pass (their fp32 masses
     only narrow the bracket, with an error bound: the threshold stays exact); ``compact`` tokens of a row's
     bracket that get packed (key, index: 8 bytes each) for the finishing program, which searches them with
@@ -96,6 +97,7 @@ class SplitConfig:
 
     chunk: int = 8192
     block: int = 1024
+    draw_block: int = 512
     num_warps: int = 4
     candidates: int = 8
     passes: int = 2
@@ -106,12 +108,14 @@ class SplitConfig:
     split: str = "value"
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "block", "finish_block"):
+        for name in ("chunk", "block", "draw_block", "finish_block"):
             v = getattr(self, name)
             if v < 64 or v & (v - 1):
                 raise ValueError(f"SplitConfig: {name} must be a power of two >= 64, got {v}")
-        if self.chunk % self.block:
-            raise ValueError(f"SplitConfig: chunk ({self.chunk}) must be a multiple of block ({self.block})")
+        for name in ("block", "draw_block"):
+            if self.chunk % getattr(self, name):
+                raise ValueError(f"SplitConfig: chunk ({self.chunk}) must be a multiple of {name} "
+                                 f"({getattr(self, name)})")
         for name in ("candidates", "finish_candidates"):
             if getattr(self, name) not in (2, 4, 8, 16):
                 raise ValueError(f"SplitConfig: {name} must be 2, 4, 8 or 16, got {getattr(self, name)}")
@@ -523,6 +527,44 @@ if HAVE_TRITON:
         return x
 
     @triton.jit
+    def _lg2_fast(x, ACCURATE: tl.constexpr):
+        """log2 by the SFU (PTX ``lg2.approx.f32``: absolute error <= 2^-22.6 on [0.5, 2], 2 ulp elsewhere);
+        numpy's log2 under the interpreter."""
+        if ACCURATE:
+            return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return tl.log2(x)
+
+    @triton.jit
+    def _gumbel_fast(offs, rkey, ACCURATE: tl.constexpr):
+        """``_gumbel`` within 2^-15 (absolute) in a few SFU ops: ``w = -ln(u)`` by its series for ``1 - u < 2^-6``
+        (relative error < 2^-21; the SFU's absolute error would swamp it there), else ``-lg2(u) ln 2`` (relative
+        error < 8e-6 as ``|log2 u| > 0.0225``); then ``g = -lg2(w) ln 2`` (+ 24 x 2^-22 ln 2 for ``|log2 w| <= 24``).
+        The draw ranks tokens by it and checks the winner exactly (``_verified_best``)."""
+        u = _uniform(offs, rkey)
+        d = 1.0 - u  # exact (Sterbenz) where the series is used
+        series = d * (1.0 + d * (0.5 + d * (0.3333333333333333 + d * 0.25)))
+        w = tl.where(d < 0.015625, series, _lg2_fast(u, ACCURATE) * -0.6931471805599453)
+        return _lg2_fast(w, ACCURATE) * -0.6931471805599453
+
+    @triton.jit
+    def _top2_update(a1, i1, a2, a, offs):
+        """Lane-wise best (value, first index) and second-best value of the approximate scores."""
+        take = a > a1
+        a2 = tl.where(take, a1, tl.maximum(a2, a))
+        return tl.where(take, a, a1), tl.where(take, offs, i1), a2
+
+    @triton.jit
+    def _clear_winner(a1, i1, a2, delta, BLOCK: tl.constexpr):
+        """From the lanes' top two approximate scores: the best token, and whether every other token scores at
+        least ``2 delta`` below it (then it is the exact argmax whatever each score's error below ``delta``)."""
+        best = tl.max(a1, axis=0)
+        lane = tl.argmax(a1, axis=0, tie_break_left=True)
+        others = tl.where(tl.arange(0, BLOCK) == lane, a2, a1)
+        winner = tl.min(tl.where(a1 == best, i1, 2147483647), axis=0)
+        return best, winner, tl.max(others, axis=0) < best - 2.0 * delta
+
+    @triton.jit
     def _stats_kernel(x_ptr, stride, V, smax_ptr, sidx_ptr, smin_ptr, sminf_ptr, sninf_ptr, NCH,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr):
         """Per (row, chunk): the max logit and its first index, the min, the min finite logit and the number of
@@ -533,7 +575,6 @@ if HAVE_TRITON:
         c0 = c * CHUNK
         lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
         lane_i = c0 + tl.arange(0, BLOCK)
-        lane_lo = tl.full([BLOCK], float("inf"), tl.float32)
         lane_lof = tl.full([BLOCK], float("inf"), tl.float32)
         ninf = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, tl.minimum(V - c0, CHUNK), BLOCK):
@@ -542,23 +583,25 @@ if HAVE_TRITON:
             x, raw = _load_row(base, offs, valid, KIND)  # -inf outside the row
             lane_v, lane_i = _argmax_update(lane_v, lane_i, x, offs)
             neg_inf = x == float("-inf")
-            lane_lo = tl.minimum(lane_lo, tl.where(valid, x, float("inf")))
             lane_lof = tl.minimum(lane_lof, tl.where(neg_inf, float("inf"), x))
             ninf += (valid & neg_inf).to(tl.int32)
         at = row.to(tl.int64) * NCH + c
+        n_inf = tl.sum(ninf, axis=0)
+        lof = tl.min(lane_lof, axis=0)
         tl.store(smax_ptr + at, tl.max(lane_v, axis=0))
         tl.store(sidx_ptr + at, _argmax_final(lane_v, lane_i))
-        tl.store(smin_ptr + at, tl.min(lane_lo, axis=0))
-        tl.store(sminf_ptr + at, tl.min(lane_lof, axis=0))
-        tl.store(sninf_ptr + at, tl.sum(ninf, axis=0))
+        tl.store(smin_ptr + at, tl.where(n_inf > 0, float("-inf"), lof))
+        tl.store(sminf_ptr + at, lof)
+        tl.store(sninf_ptr + at, n_inf)
 
     @triton.jit
-    def _row_greedy(smax_ptr, sidx_ptr, row, NCH, NCHP: tl.constexpr):
-        """The row's max logit and ``torch.argmax`` of it (the first index) from its chunks' (max, first index)."""
+    def _row_best(v_ptr, i_ptr, row, NCH, NCHP: tl.constexpr):
+        """The best of a row's per-chunk (value, first index): the max, and the least index holding it
+        (``torch.argmax``'s rule; the chunks cover increasing token ranges)."""
         ch = tl.arange(0, NCHP)
         at = row.to(tl.int64) * NCH + ch
-        v = tl.load(smax_ptr + at, mask=ch < NCH, other=float("-inf"))
-        i = tl.load(sidx_ptr + at, mask=ch < NCH, other=2147483647)
+        v = tl.load(v_ptr + at, mask=ch < NCH, other=float("-inf"))
+        i = tl.load(i_ptr + at, mask=ch < NCH, other=2147483647)
         top = tl.max(v, axis=0)
         return top, tl.min(tl.where((v == top) & (ch < NCH), i, 2147483647), axis=0)
 
@@ -597,7 +640,7 @@ if HAVE_TRITON:
                 s_k = tl.math.div_rn(_value_of(k_f, KIND), tk)
             good = (s_k <= m - d) & (tl.abs(m) < 1e6)  # checked on the key itself: rounding cannot break it
             lo = tl.where(good, tl.maximum(lo, k_f), lo)
-        # approximate masses (``_approx_kernel``): exp2 of a product instead of expf of a quotient, fp32 sums of
+        # approximate masses (``_approx_chunk``): exp2 of a product instead of expf of a quotient, fp32 sums of
         # VEC terms; per token |e~ - e| <= rel * e where e > 2^-40 (|s - m| < 28), and <= 2^-39 below: bounds x4
         rel = tl.where(tl.abs(m) < 1e5, 4.0 * (2.0**-20 * (2.0 * tl.abs(m) + 28.0) + 2.0**-19 + 2.0**-20),
                        float("inf"))
@@ -608,14 +651,15 @@ if HAVE_TRITON:
                        NC: tl.constexpr, NCHP: tl.constexpr, KIND: tl.constexpr):
         """The bracket after one approximate pass, from its per-chunk counts and masses: a candidate is certainly
         ok (count < top_k, mass < top_p * Z beyond the error bound of both sides) or certainly failing, else
-        uncertain (kept inside the new bracket: it stays exact, only wider). Returns lo, hi, by_value and the
-        indices of the candidates that became lo (-1: the old lo) and hi (NC: the old hi)."""
+        uncertain (kept inside the new bracket: it stays exact, only wider). Counts exist on top-k rows only,
+        masses on top-p rows only."""
         cand, used = _split(lo, hi, by_value, NC, KIND)
         ch = tl.arange(0, NCHP)
         j = tl.arange(0, NC)
         idx = (at0 + ch)[:, None] * NC + j[None, :]
-        cnt = tl.sum(tl.load(pc_ptr + idx, mask=(ch < NCH)[:, None], other=0), axis=0)
-        cnt_ok = cnt < k_lim
+        no_k = k_lim == 2147483647
+        cnt = tl.sum(tl.load(pc_ptr + idx, mask=(ch < NCH)[:, None], other=0), axis=0)  # unwritten: no_k
+        cnt_ok = no_k | (cnt < k_lim)
         ok = cnt_ok
         fail = ~cnt_ok
         if use_p:
@@ -628,11 +672,8 @@ if HAVE_TRITON:
         closed = hi - lo <= 1
         nlo = tl.max(tl.where(fail, cand, lo), axis=0)
         nhi = tl.min(tl.where(ok, cand, hi), axis=0)
-        jl = tl.max(tl.where(fail, j, -1), axis=0)
-        jh = tl.min(tl.where(ok, j, NC), axis=0)
         nbv = by_value & ((~used) | ((nhi - nlo) * (NC + 1) <= hi - lo))
-        return (tl.where(closed, lo, nlo), tl.where(closed, hi, nhi), tl.where(closed, by_value, nbv),
-                tl.where(closed, -1, jl), tl.where(closed, NC, jh))
+        return tl.where(closed, lo, nlo), tl.where(closed, hi, nhi), tl.where(closed, by_value, nbv)
 
     @triton.jit
     def _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim,
@@ -641,133 +682,183 @@ if HAVE_TRITON:
         """The bracket after the first ``PASSES`` approximate passes (every program of a row computes the same)."""
         lo, hi, m, rel, absl = _bracket0(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, row, NCH, V, tk, k_lim, top_p,
                                          use_p, NCHP, KIND)
-        by_value = (hi > lo) & VALUE_SPLIT
-        jl = lo.to(tl.int32) * 0 - 1
-        jh = jl + 1 + NC
+        by_value = hi > lo
+        if not VALUE_SPLIT:
+            by_value = hi < lo
         at0 = row.to(tl.int64) * NCH
         for q in tl.static_range(PASSES):
             off = q * R * NCH
-            lo, hi, by_value, jl, jh = _narrow_approx(lo, hi, by_value, pc_ptr + off * NC, pm_ptr + off * NC,
-                                                      pz_ptr + off, at0, NCH, k_lim, use_p, top_p, rel, absl, NC,
-                                                      NCHP, KIND)
-        return lo, hi, by_value, jl, jh, m, rel, absl
+            lo, hi, by_value = _narrow_approx(lo, hi, by_value, pc_ptr + off * NC, pm_ptr + off * NC, pz_ptr + off,
+                                              at0, NCH, k_lim, use_p, top_p, rel, absl, NC, NCHP, KIND)
+        return lo, hi, by_value, m
+
+    @triton.jit
+    def _approx_chunk(base, V, c0, tk, m, v, NC: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr,
+                      VEC: tl.constexpr, KIND: tl.constexpr, WITH_COUNT: tl.constexpr, WITH_MASS: tl.constexpr):
+        """``_approx_kernel``'s loop over one chunk (no branch inside: each compare feeds its count and its mass
+        right away). Tiles are (1, BR, VEC): a thread's VEC tokens are summed first, so the accumulators are
+        (NC, BR) and the tile keeps the vector load's layout."""
+        cnt = tl.zeros([NC, BR], dtype=tl.int32)
+        mass = tl.zeros([NC, BR], dtype=tl.float64)
+        z = tl.zeros([1, BR], dtype=tl.float64)
+        tile = (tl.arange(0, BR)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+        v3 = v[:, None, None]
+        a = 1.4426950408889634 / tk
+        b = m * 1.4426950408889634
+        for start in range(0, tl.minimum(V - c0, CHUNK), BR * VEC):
+            offs = c0 + start + tile
+            valid = offs < V
+            x = _load_vals(base, offs, valid, KIND)
+            if KIND == 0:
+                y = tl.math.div_rn(x, tk)  # fp32 logits: keys of s itself
+            else:
+                y = x
+            above = y >= v3  # (NC, BR, VEC)
+            if WITH_COUNT:
+                cnt += tl.sum(above.to(tl.int32), axis=2)
+            if WITH_MASS:
+                if KIND == 0:
+                    e = tl.exp2((y - m) * 1.4426950408889634)
+                else:
+                    e = tl.exp2(x * a - b)
+                e = tl.where(valid, e, 0.0)
+                z += tl.sum(e, axis=2).to(tl.float64)
+                mass += tl.sum(tl.where(above, e, 0.0), axis=2).to(tl.float64)
+        return cnt, mass, z
 
     @triton.jit
     def _approx_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, smax_ptr, smin_ptr, sminf_ptr, sninf_ptr,
-                       pc_ptr, pm_ptr, pz_ptr, pl_ptr, ph_ptr, NCH, R, PASS: tl.constexpr, NC: tl.constexpr,
-                       NCHP: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, VEC: tl.constexpr,
-                       KIND: tl.constexpr, VALUE_SPLIT: tl.constexpr, ENDS: tl.constexpr):
+                       pc_ptr, pm_ptr, pz_ptr, NCH, R, PASS: tl.constexpr, NC: tl.constexpr, NCHP: tl.constexpr,
+                       CHUNK: tl.constexpr, BR: tl.constexpr, VEC: tl.constexpr, KIND: tl.constexpr,
+                       VALUE_SPLIT: tl.constexpr):
         """Approximate pass ``PASS`` of a filtered row over one chunk: per candidate threshold of the bracket the
-        exact count above it and an fp32-approximate mass (``exp2`` of a product, VEC-term fp32 sums added in
-        fp64), the approximate Z, and (``ENDS``, the last pass) the counts above the bracket's ends. Tiles are
-        (BR, VEC): each thread sums its VEC tokens first, so the accumulators are (NC, BR)."""
+        exact count above it (top-k rows) and an approximate mass (top-p rows: ``exp2`` of a product, fp32 sums of
+        VEC terms added in fp64), and the approximate Z."""
         row = tl.program_id(0)
         c = tl.program_id(1)
         temp = tl.load(temp_ptr + row)
         k_lim = tl.load(klim_ptr + row)
         top_p = tl.load(topp_ptr + row)
         use_p = top_p < 1.0
-        if (temp > 0) & ((k_lim < 2147483647) | use_p):
+        use_k = k_lim < 2147483647
+        if (temp > 0) & (use_k | use_p):
             tk = tl.maximum(temp, 1e-6)
-            lo, hi, by_value, jl, jh, m, rel, absl = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr,
-                                                              pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim, top_p,
-                                                              use_p, PASS, NC, NCHP, KIND, VALUE_SPLIT)
+            lo, hi, by_value, m = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, row,
+                                           NCH, R, V, tk, k_lim, top_p, use_p, PASS, NC, NCHP, KIND, VALUE_SPLIT)
             if hi - lo > 1:
                 cand, used = _split(lo, hi, by_value, NC, KIND)
                 v = _value_of(cand + 1, KIND)  # key > cand  <=>  value >= v (-0 folded: see _value_of)
-                v_lo = _value_of(lo + 1, KIND)
-                v_hi = _value_of(hi + 1, KIND)
-                a = 1.4426950408889634 / tk
-                b = m * 1.4426950408889634
                 base = x_ptr + row.to(tl.int64) * stride
                 c0 = c * CHUNK
-                cnt = tl.zeros([NC, BR], dtype=tl.int32)
-                mass = tl.zeros([NC, BR], dtype=tl.float64)
-                z = tl.zeros([BR], dtype=tl.float64)
-                cl = tl.zeros([BR], dtype=tl.int32)
-                chh = tl.zeros([BR], dtype=tl.int32)
-                for start in range(0, tl.minimum(V - c0, CHUNK), BR * VEC):
-                    offs = c0 + start + tl.arange(0, BR)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-                    valid = offs < V
-                    x = _load_vals(base, offs, valid, KIND)
-                    if KIND == 0:
-                        y = tl.math.div_rn(x, tk)  # fp32 logits: keys of s itself
-                    else:
-                        y = x
-                    above = y[None, :, :] >= v[:, None, None]
-                    cnt += tl.sum(above.to(tl.int32), axis=2)
-                    if use_p:
-                        if KIND == 0:
-                            e = tl.exp2((y - m) * 1.4426950408889634)
-                        else:
-                            e = tl.exp2(x * a - b)
-                        e = tl.where(valid, e, 0.0)
-                        z += tl.sum(e, axis=1).to(tl.float64)
-                        mass += tl.sum(tl.where(above, e[None, :, :], 0.0), axis=2).to(tl.float64)
-                    if ENDS:
-                        cl += tl.sum((y >= v_lo).to(tl.int32), axis=1)
-                        chh += tl.sum((y >= v_hi).to(tl.int32), axis=1)
-                at = row.to(tl.int64) * NCH + c
-                off = PASS * R * NCH
+                if use_p & use_k:
+                    cnt, mass, z = _approx_chunk(base, V, c0, tk, m, v, NC, CHUNK, BR, VEC, KIND, True, True)
+                elif use_p:
+                    cnt, mass, z = _approx_chunk(base, V, c0, tk, m, v, NC, CHUNK, BR, VEC, KIND, False, True)
+                else:
+                    cnt, mass, z = _approx_chunk(base, V, c0, tk, m, v, NC, CHUNK, BR, VEC, KIND, True, False)
+                at = PASS * R * NCH + row.to(tl.int64) * NCH + c
                 j = tl.arange(0, NC)
-                tl.store(pc_ptr + (off + at) * NC + j, tl.sum(cnt, axis=1))
-                tl.store(pm_ptr + (off + at) * NC + j, tl.sum(mass, axis=1))
-                tl.store(pz_ptr + off + at, tl.sum(z, axis=0))
-                if ENDS:
-                    tl.store(pl_ptr + at, tl.sum(cl, axis=0))
-                    tl.store(ph_ptr + at, tl.sum(chh, axis=0))
+                tl.store(pc_ptr + at * NC + j, tl.sum(cnt, axis=1))
+                tl.store(pm_ptr + at * NC + j, tl.sum(mass, axis=1))
+                tl.store(pz_ptr + at, tl.sum(tl.sum(z, axis=1), axis=0))
 
     @triton.jit
-    def _packing(pc_ptr, pl_ptr, ph_ptr, row, c, NCH, R, jl, jh, LAST: tl.constexpr, NC: tl.constexpr,
-                 NCHP: tl.constexpr):
-        """Tokens inside the final bracket: the row's total and chunk ``c``'s offset among them (chunks in order),
-        from the last approximate pass's counts at the candidates that became the bracket's ends."""
+    def _pack_chunk(base, V, c0, n_end, tk, lo, hi, cin, sk, si, CAPC, BLOCK: tl.constexpr, PB: tl.constexpr,
+                    KIND: tl.constexpr):
+        """Write the chunk's tokens with lo < key <= hi (key, token index) to its scratch segment, lane-major (lane
+        j's tokens from the exclusive prefix sum of the lanes' counts ``cin`` on): one scan per chunk instead of
+        one per block, still deterministic; the finishing program is order-free (it sums and takes the least
+        index of the best). Tokens past the segment's capacity are not stored (the row then takes full-row
+        passes)."""
+        lanes = tl.sum(tl.reshape(cin, [BLOCK // PB, PB]), axis=0)  # lanes of PB tokens: one token per thread,
+        pos = tl.cumsum(lanes, axis=0) - lanes  # so the scattered stores need no layout change
+        for start in range(0, n_end, PB):
+            offs = c0 + start + tl.arange(0, PB)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)
+            if KIND == 0:
+                x = tl.math.div_rn(x, tk)
+            key = _keys(raw, x, valid, KIND)
+            inside = (key > lo) & (key <= hi)
+            tl.store(sk + pos, key, mask=inside & (pos < CAPC))
+            tl.store(si + pos, offs, mask=inside & (pos < CAPC))
+            pos += inside.to(tl.int32)
+
+    @triton.jit
+    def _row_absmax(smax_ptr, sminf_ptr, row, NCH, NCHP: tl.constexpr):
+        """max(|max logit|, |min finite logit|) of the row, from the chunk stats."""
         ch = tl.arange(0, NCHP)
-        j = tl.arange(0, NC)
-        cm = ch < NCH
         at = row.to(tl.int64) * NCH + ch
-        cj = tl.load(pc_ptr + (LAST * R * NCH + at)[:, None] * NC + j[None, :], mask=cm[:, None], other=0)
-        at_lo = tl.where(jl >= 0, tl.sum(tl.where(j[None, :] == jl, cj, 0), axis=1),
-                         tl.load(pl_ptr + at, mask=cm, other=0))
-        at_hi = tl.where(jh < NC, tl.sum(tl.where(j[None, :] == jh, cj, 0), axis=1),
-                         tl.load(ph_ptr + at, mask=cm, other=0))
-        inside = tl.where(cm, at_lo - at_hi, 0)
-        return tl.sum(inside, axis=0), tl.sum(tl.where(ch < c, inside, 0), axis=0), tl.sum(tl.where(cm, at_lo, 0),
-                                                                                          axis=0)
+        hi = tl.max(tl.load(smax_ptr + at, mask=ch < NCH, other=0.0), axis=0)
+        lo = tl.min(tl.load(sminf_ptr + at, mask=ch < NCH, other=0.0), axis=0)
+        return tl.maximum(tl.where(hi > float("-inf"), tl.abs(hi), 0.0), tl.where(lo < float("inf"), tl.abs(lo), 0.0))
 
     @triton.jit
-    def _pack_idx(sk, si, n, key, offs, lo, hi, CAP):
-        """Append the block's tokens with lo < key <= hi (key and token index), in order, at ``n``."""
-        inside = (key > lo) & (key <= hi)
-        at = n + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-        tl.store(sk + at, key, mask=inside & (at < CAP))
-        tl.store(si + at, offs, mask=inside & (at < CAP))
-        return n + tl.sum(inside.to(tl.int32), axis=0)
+    def _exact_best(base, V, c0, n_end, tk, rkey, top, FILTER: tl.constexpr, BLOCK: tl.constexpr,
+                    KIND: tl.constexpr, ACCURATE: tl.constexpr):
+        """The chunk's exact draw (libdevice logs): the argmax of ``s + g`` over its tokens with key > top (all
+        tokens without FILTER), first index. The fallback of a chunk whose approximate winner is not clear."""
+        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
+        lane_i = c0 + tl.arange(0, BLOCK)
+        for start in range(0, n_end, BLOCK):
+            offs = c0 + start + tl.arange(0, BLOCK)
+            valid = offs < V
+            x, raw = _load_row(base, offs, valid, KIND)
+            s = tl.math.div_rn(x, tk)
+            noisy = _gumbel(offs, rkey, ACCURATE) + s
+            if FILTER:
+                noisy = tl.where(_keys(raw, s, valid, KIND) > top, noisy, float("-inf"))
+            lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+        return tl.max(lane_v, axis=0), _argmax_final(lane_v, lane_i)
+
+    @triton.jit
+    def _verified_best(base, V, c0, n_end, tk, rkey, top, a1, i1, a2, delta, FILTER: tl.constexpr,
+                       BLOCK: tl.constexpr, KIND: tl.constexpr, ACCURATE: tl.constexpr):
+        """The chunk's exact (value, first index) of the draw from its approximate top two: the clear winner's
+        exact score (one token), else the exact pass over the chunk."""
+        best, winner, clear = _clear_winner(a1, i1, a2, delta, BLOCK)
+        v = best
+        i = winner
+        if best == float("-inf"):  # nothing kept in this chunk
+            i = c0
+        elif clear:
+            x, raw = _load_row(base, winner, winner < V, KIND)
+            v = _gumbel(winner, rkey, ACCURATE) + tl.math.div_rn(x, tk)
+        else:
+            v, i = _exact_best(base, V, c0, n_end, tk, rkey, top, FILTER, BLOCK, KIND, ACCURATE)
+        return v, i
 
     @triton.jit
     def _draw_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
-                     smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, pl_ptr, ph_ptr, sk_ptr, si_ptr, CAP,
-                     dz_ptr, dm_ptr, dc_ptr, dbv_ptr, dbi_ptr, NCH, R, PASSES: tl.constexpr, NC: tl.constexpr,
-                     NCHP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr,
-                     VALUE_SPLIT: tl.constexpr, FILTER: tl.constexpr, ACCURATE: tl.constexpr):
+                     smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, sk_ptr, si_ptr, CAPC,
+                     dz_ptr, dm_ptr, dc_ptr, dn_ptr, dbv_ptr, dbi_ptr, NCH, R, PASSES: tl.constexpr,
+                     NC: tl.constexpr, NCHP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                     KIND: tl.constexpr, VALUE_SPLIT: tl.constexpr, FILTER: tl.constexpr, ACCURATE: tl.constexpr,
+                     PB: tl.constexpr):
         """The exact pass over one chunk: the Gumbel-max draw over the tokens certainly kept (above the final
-        bracket, or all of an unfiltered row), fp64 Z, mass and count above the bracket, and the bracket's tokens
-        packed (key, index) into the row's scratch at the chunk's offset when they fit. Without FILTER (no row
-        filters) it also writes the chunk's (max, first index) for the greedy rows: one read in all."""
+        bracket, or all of an unfiltered row), ranked by ``_gumbel_fast`` and the winner checked exactly; fp64 Z,
+        mass and count above the bracket; the bracket's tokens packed (key, index) into the chunk's segment of the
+        row's scratch. Without FILTER (no row filters) it also writes the chunk's (max, first index) for the
+        greedy rows: one read in all."""
         row = tl.program_id(0)
         c = tl.program_id(1)
         c0 = c * CHUNK
         base = x_ptr + row.to(tl.int64) * stride
         at = row.to(tl.int64) * NCH + c
         temp = tl.load(temp_ptr + row)
-        lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
-        lane_i = c0 + tl.arange(0, BLOCK)
+        tk = tl.maximum(temp, 1e-6)
+        rkey = _row_key(seed_ptr, step_ptr, row)
+        a1 = tl.full([BLOCK], float("-inf"), tl.float32)
+        a2 = tl.full([BLOCK], float("-inf"), tl.float32)
+        i1 = c0 + tl.arange(0, BLOCK)
         n_end = tl.minimum(V - c0, CHUNK)
+        best_v = tl.max(a1, axis=0)
+        best_i = c0
         if not FILTER:  # greedy (the chunk's max and first index) and the draw over every token
             g_v = tl.full([BLOCK], float("-inf"), tl.float32)
             g_i = c0 + tl.arange(0, BLOCK)
-            tk = tl.maximum(temp, 1e-6)
-            rkey = _row_key(seed_ptr, step_ptr, row)
+            r = 1.0 / tk
+            big = tl.zeros([BLOCK], dtype=tl.float32)
             sampled = temp > 0
             for start in range(0, n_end, BLOCK):
                 offs = c0 + start + tl.arange(0, BLOCK)
@@ -775,13 +866,15 @@ if HAVE_TRITON:
                 x, raw = _load_row(base, offs, valid, KIND)
                 g_v, g_i = _argmax_update(g_v, g_i, x, offs)
                 if sampled:
-                    noisy = _gumbel(offs, rkey, ACCURATE) + tl.math.div_rn(x, tk)
-                    lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
+                    big = tl.maximum(big, tl.where(x > float("-inf"), tl.abs(x), 0.0))
+                    a1, i1, a2 = _top2_update(a1, i1, a2, _gumbel_fast(offs, rkey, ACCURATE) + x * r, offs)
             tl.store(smax_ptr + at, tl.max(g_v, axis=0))
             tl.store(sidx_ptr + at, _argmax_final(g_v, g_i))
+            if sampled:  # |x r - x / T| <= |s| 2^-22, the gumbel's 2^-15, two roundings of |s + g| <= |s| + 20
+                delta = 2.0**-14 + (tl.max(big, axis=0) * r + 20.0) * 2.0**-20
+                best_v, best_i = _verified_best(base, V, c0, n_end, tk, rkey, 0, a1, i1, a2, delta, False, BLOCK,
+                                                KIND, ACCURATE)
         elif temp > 0:
-            tk = tl.maximum(temp, 1e-6)
-            rkey = _row_key(seed_ptr, step_ptr, row)
             k_lim = tl.load(klim_ptr + row)
             top_p = tl.load(topp_ptr + row)
             use_p = top_p < 1.0
@@ -789,54 +882,63 @@ if HAVE_TRITON:
             z = tl.zeros([BLOCK], dtype=tl.float64)
             mhi = tl.zeros([BLOCK], dtype=tl.float64)
             chi = tl.zeros([BLOCK], dtype=tl.int32)
+            top = tl.full([], -2147483648, tl.int32)  # unfiltered rows: every valid key is above it
+            n = c0 * 0
             if filt:
-                lo, hi, by_value, jl, jh, m, rel, absl = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr,
-                                                                  pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim, top_p,
-                                                                  use_p, PASSES, NC, NCHP, KIND, VALUE_SPLIT)
+                lo, hi, by_value, m = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, row,
+                                               NCH, R, V, tk, k_lim, top_p, use_p, PASSES, NC, NCHP, KIND,
+                                               VALUE_SPLIT)
                 closed = hi - lo <= 1
-                total, offset, _ = _packing(pc_ptr, pl_ptr, ph_ptr, row, c, NCH, R, jl, jh, PASSES - 1, NC, NCHP)
-                pack = (~closed) & (total <= CAP)
+                wide = hi - lo > 1
                 lo32 = lo.to(tl.int32)
                 hi32 = hi.to(tl.int32)
                 top = tl.where(closed, hi32 - 1, hi32)  # drawn here: key > top (a closed bracket: thr = hi)
-                sk = sk_ptr + row.to(tl.int64) * CAP
-                si = si_ptr + row.to(tl.int64) * CAP
-                n = offset
+                cin = tl.zeros([BLOCK], dtype=tl.int32)
                 for start in range(0, n_end, BLOCK):
                     offs = c0 + start + tl.arange(0, BLOCK)
                     valid = offs < V
                     x, raw = _load_row(base, offs, valid, KIND)
                     s = tl.math.div_rn(x, tk)
                     key = _keys(raw, s, valid, KIND)
-                    above = key > top
+                    above = key > hi32
                     if use_p:
-                        e = _exp(s - m, ACCURATE)  # 0 outside the row (x = -inf)
-                        z += e.to(tl.float64)
-                        mhi += tl.where(key > hi32, e, 0.0).to(tl.float64)
-                    chi += (key > hi32).to(tl.int32)
-                    noisy = tl.where(above, _gumbel(offs, rkey, ACCURATE) + s, float("-inf"))
-                    lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
-                    if pack:
-                        n = _pack_idx(sk, si, n, key, offs, lo32, hi32, CAP)
+                        e = _exp(s - m, ACCURATE).to(tl.float64)  # 0 outside the row (x = -inf)
+                        z += e
+                        mhi += tl.where(above, e, 0.0)
+                    chi += above.to(tl.int32)
+                    cin += ((key > lo32) & (key <= hi32)).to(tl.int32)
+                    kept = key > top
+                    a1, i1, a2 = _top2_update(a1, i1, a2,
+                                              tl.where(kept, _gumbel_fast(offs, rkey, ACCURATE) + s, float("-inf")),
+                                              offs)
+                if wide:  # second read (from L2) of the chunk: its bracket tokens at per-lane offsets
+                    _pack_chunk(base, V, c0, n_end, tk, lo32, hi32, cin, sk_ptr + at * CAPC, si_ptr + at * CAPC,
+                                CAPC, BLOCK, PB, KIND)
+                    n = tl.sum(cin, axis=0)
             else:  # a sampled row without filters: every token
                 for start in range(0, n_end, BLOCK):
                     offs = c0 + start + tl.arange(0, BLOCK)
                     valid = offs < V
                     x, raw = _load_row(base, offs, valid, KIND)
-                    noisy = _gumbel(offs, rkey, ACCURATE) + tl.math.div_rn(x, tk)
-                    lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, offs)
-            if FILTER:
-                tl.store(dz_ptr + at, tl.sum(z, axis=0))
-                tl.store(dm_ptr + at, tl.sum(mhi, axis=0))
-                tl.store(dc_ptr + at, tl.sum(chi, axis=0))
-        tl.store(dbv_ptr + at, tl.max(lane_v, axis=0))
-        tl.store(dbi_ptr + at, _argmax_final(lane_v, lane_i))
+                    s = tl.math.div_rn(x, tk)
+                    a1, i1, a2 = _top2_update(a1, i1, a2, _gumbel_fast(offs, rkey, ACCURATE) + s, offs)
+            big = _row_absmax(smax_ptr, sminf_ptr, row, NCH, NCHP) / tk  # >= every finite |s| of the row
+            delta = 2.0**-14 + (big + 20.0) * 2.0**-20  # the gumbel's error, two roundings of |s + g|
+            best_v, best_i = _verified_best(base, V, c0, n_end, tk, rkey, top, a1, i1, a2, delta, True, BLOCK,
+                                            KIND, ACCURATE)
+            tl.store(dz_ptr + at, tl.sum(z, axis=0))
+            tl.store(dm_ptr + at, tl.sum(mhi, axis=0))
+            tl.store(dc_ptr + at, tl.sum(chi, axis=0))
+            tl.store(dn_ptr + at, n)
+        tl.store(dbv_ptr + at, best_v)
+        tl.store(dbi_ptr + at, best_i)
 
     @triton.jit
-    def _reduce_keys(sk, n, cand, tk, m, use_p, NC: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
-                     KIND: tl.constexpr, ACCURATE: tl.constexpr):
-        """Counts and exact masses above each candidate over ``n`` packed keys, ``e`` recomputed from the key (the
-        key gives the logit of 16-bit rows and ``s`` of fp32 rows: the same ``e`` as the full pass)."""
+    def _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand, tk, m, use_p, NC: tl.constexpr, FP64: tl.constexpr,
+                     BLOCK: tl.constexpr, KIND: tl.constexpr, ACCURATE: tl.constexpr):
+        """Counts and exact masses above each candidate over the row's packed keys (chunk segments in order),
+        ``e`` recomputed from the key (the key gives the logit of 16-bit rows and ``s`` of fp32 rows: the same
+        ``e`` as the full pass)."""
         cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
         if FP64:
             acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
@@ -844,21 +946,24 @@ if HAVE_TRITON:
         else:
             acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
             comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < n
-            key = tl.load(sk + offs, mask=valid, other=-2147483648)
-            above = key[None, :] > cand[:, None]
-            cnt += above.to(tl.int32)
-            if use_p:
-                val = _value_of(key.to(tl.int64), KIND)
-                if KIND != 0:
-                    val = tl.math.div_rn(val, tk)
-                e = tl.where(valid, _exp(val - m, ACCURATE), 0.0)
-                if FP64:
-                    acc += tl.where(above, e.to(tl.float64)[None, :], 0.0)
-                else:
-                    acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
+        for ch in range(0, NCH):
+            n = tl.load(dn_ptr + at0 + ch)
+            seg = sk_row + ch * CAPC
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < n
+                key = tl.load(seg + offs, mask=valid, other=-2147483648)
+                above = key[None, :] > cand[:, None]
+                cnt += above.to(tl.int32)
+                if use_p:
+                    val = _value_of(key.to(tl.int64), KIND)
+                    if KIND != 0:
+                        val = tl.math.div_rn(val, tk)
+                    e = tl.where(valid, _exp(val - m, ACCURATE), 0.0)
+                    if FP64:
+                        acc += tl.where(above, e.to(tl.float64)[None, :], 0.0)
+                    else:
+                        acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
         count = tl.sum(cnt, axis=1)
         if FP64:
             return count, tl.sum(acc, axis=1)
@@ -866,8 +971,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _finish_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
-                       smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, pl_ptr, ph_ptr, sk_ptr, si_ptr, CAP,
-                       dz_ptr, dm_ptr, dc_ptr, dbv_ptr, dbi_ptr, out_ptr, thr_ptr, NCH, R,
+                       smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, sk_ptr, si_ptr, CAPC,
+                       dz_ptr, dm_ptr, dc_ptr, dn_ptr, dbv_ptr, dbi_ptr, out_ptr, thr_ptr, NCH, R,
                        PASSES: tl.constexpr, NC: tl.constexpr, NCHP: tl.constexpr, NCF: tl.constexpr,
                        BLOCK: tl.constexpr, KIND: tl.constexpr, VALUE_SPLIT: tl.constexpr, FILTER: tl.constexpr,
                        FP64: tl.constexpr, WRITE_THR: tl.constexpr, ACCURATE: tl.constexpr):
@@ -875,7 +980,7 @@ if HAVE_TRITON:
         packed bracket (exact masses, ``NCF`` candidates per pass; a bracket too full to pack: full-row passes)
         and draw over its kept tokens; the chunks' draws combine with ``torch.argmax``'s first-index rule."""
         row = tl.program_id(0)
-        _, result = _row_greedy(smax_ptr, sidx_ptr, row, NCH, NCHP)
+        g_max, result = _row_best(smax_ptr, sidx_ptr, row, NCH, NCHP)
         W: tl.constexpr = 32 if KIND == 0 else 16
         thr = tl.full([], -(2**(W - 1)), tl.int64)
         route = thr * 0  # ROUTES: greedy or unfiltered
@@ -883,51 +988,43 @@ if HAVE_TRITON:
         if temp > 0:
             ch = tl.arange(0, NCHP)
             at = row.to(tl.int64) * NCH + ch
-            bv = tl.load(dbv_ptr + at, mask=ch < NCH, other=float("-inf"))
-            bi = tl.load(dbi_ptr + at, mask=ch < NCH, other=2147483647)
-            best = tl.max(bv, axis=0)
-            result = tl.min(tl.where((bv == best) & (ch < NCH), bi, 2147483647), axis=0)
+            best, result = _row_best(dbv_ptr, dbi_ptr, row, NCH, NCHP)
             if FILTER:
                 tk = tl.maximum(temp, 1e-6)
                 k_lim = tl.load(klim_ptr + row)
                 top_p = tl.load(topp_ptr + row)
                 use_p = top_p < 1.0
                 if (k_lim < 2147483647) | use_p:
-                    lo, hi, by_value, jl, jh, m, rel, absl = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr,
-                                                                      pc_ptr, pm_ptr, pz_ptr, row, NCH, R, V, tk,
-                                                                      k_lim, top_p, use_p, PASSES, NC, NCHP, KIND,
-                                                                      VALUE_SPLIT)
-                    total, _, cnt_lo = _packing(pc_ptr, pl_ptr, ph_ptr, row, 0, NCH, R, jl, jh, PASSES - 1, NC,
-                                                NCHP)
+                    lo, hi, by_value, m = _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr,
+                                                   row, NCH, R, V, tk, k_lim, top_p, use_p, PASSES, NC, NCHP, KIND,
+                                                   VALUE_SPLIT)
                     z = tl.sum(tl.load(dz_ptr + at, mask=ch < NCH, other=0.0), axis=0)
                     mass_hi = tl.sum(tl.load(dm_ptr + at, mask=ch < NCH, other=0.0), axis=0)
                     cnt_hi = tl.sum(tl.load(dc_ptr + at, mask=ch < NCH, other=0), axis=0)
+                    seg_n = tl.load(dn_ptr + at, mask=ch < NCH, other=0)
                     limit = tl.where(use_p, top_p * z, float("inf"))
                     closed = hi - lo <= 1
                     wide = hi - lo > 1
-                    packed = wide & (total <= CAP)
+                    packed = wide & (tl.max(seg_n, axis=0) <= CAPC)
                     route = tl.where(closed, 1, tl.where(packed, 2, 3)).to(tl.int64)
-                    if closed:
-                        cnt_lo = cnt_hi  # unused
-                    elif packed:
-                        cnt_lo = cnt_hi + total
+                    cnt_lo = cnt_hi + tl.sum(seg_n, axis=0)  # (bookkeeping only: _narrow carries it)
                     c0 = cnt_hi
                     m0 = mass_hi
                     top32 = hi.to(tl.int32)  # the chunks drew the tokens above it
-                    sk = sk_ptr + row.to(tl.int64) * CAP
-                    si = si_ptr + row.to(tl.int64) * CAP
+                    sk_row = sk_ptr + row.to(tl.int64) * NCH * CAPC
                     base = x_ptr + row.to(tl.int64) * stride
+                    at0 = row.to(tl.int64) * NCH
                     while hi - lo > 1:
                         cand, used = _split(lo, hi, by_value, NCF, KIND)
                         width = hi - lo
                         if packed:
-                            count, mass = _reduce_keys(sk, total, cand.to(tl.int32), tk, m, use_p, NCF, FP64, BLOCK,
-                                                       KIND, ACCURATE)
+                            count, mass = _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand.to(tl.int32), tk, m,
+                                                       use_p, NCF, FP64, BLOCK, KIND, ACCURATE)
                             count += c0
                             mass += m0
                         else:
-                            count, mass, _z, _n = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NCF, KIND,
-                                                          FP64, BLOCK, ACCURATE, False, 0, 0, sk, si)
+                            count, mass, z2, n2 = _reduce(base, V, cand.to(tl.int32), tk, m, use_p, False, NCF,
+                                                          KIND, FP64, BLOCK, ACCURATE, False, 0, 0, sk_ptr, si_ptr)
                         lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
                                                                   k_lim, limit)
                         by_value = by_value & ((~used) | ((hi - lo) * (NCF + 1) <= width))
@@ -941,17 +1038,22 @@ if HAVE_TRITON:
                         lane_v = tl.full([BLOCK], float("-inf"), tl.float32)
                         lane_i = tl.full([BLOCK], 2147483647, tl.int32)
                         if packed:
-                            for start in range(0, total, BLOCK):
-                                offs = start + tl.arange(0, BLOCK)
-                                valid = offs < total
-                                key = tl.load(sk + offs, mask=valid, other=-2147483648)
-                                tok = tl.load(si + offs, mask=valid, other=0)
-                                val = _value_of(key.to(tl.int64), KIND)
-                                if KIND != 0:
-                                    val = tl.math.div_rn(val, tk)
-                                noisy = tl.where(valid & (key >= thr32), _gumbel(tok, rkey, ACCURATE) + val,
-                                                 float("-inf"))
-                                lane_v, lane_i = _argmax_update(lane_v, lane_i, noisy, tok)
+                            si_row = si_ptr + row.to(tl.int64) * NCH * CAPC
+                            for c in range(0, NCH):
+                                n = tl.load(dn_ptr + at0 + c)
+                                for start in range(0, n, BLOCK):
+                                    offs = start + tl.arange(0, BLOCK)
+                                    valid = offs < n
+                                    key = tl.load(sk_row + c * CAPC + offs, mask=valid, other=-2147483648)
+                                    tok = tl.load(si_row + c * CAPC + offs, mask=valid, other=0)
+                                    val = _value_of(key.to(tl.int64), KIND)
+                                    if KIND != 0:
+                                        val = tl.math.div_rn(val, tk)
+                                    noisy = tl.where(valid & (key >= thr32), _gumbel(tok, rkey, ACCURATE) + val,
+                                                     float("-inf"))
+                                    take = (noisy > lane_v) | ((noisy == lane_v) & (tok < lane_i) & valid)  # any order
+                                    lane_v = tl.where(take, noisy, lane_v)
+                                    lane_i = tl.where(take, tok, lane_i)
                         else:
                             for start in range(0, V, BLOCK):
                                 offs = start + tl.arange(0, BLOCK)
@@ -970,7 +1072,6 @@ if HAVE_TRITON:
         if WRITE_THR:  # tests: the threshold key, and how the row was finished (ROUTES)
             tl.store(thr_ptr + row, thr)
             tl.store(thr_ptr + R + row, route)
-
 
 def sample_triton(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor, any_random: bool, any_filter: bool,
@@ -1068,8 +1169,8 @@ def _launch_split(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     """The split-row path: grid (R, chunks) for the full reads, a fixed number of launches, no host sync.
 
     Filtered batches: ``_stats_kernel`` (max / first index / min per chunk), ``passes`` x ``_approx_kernel``,
-    ``_draw_kernel`` (exact pass, draw above the bracket, packing), ``_finish_kernel`` (one program per row).
-    Unfiltered batches: ``_draw_kernel`` (greedy + draw in one read) and ``_finish_kernel``."""
+    ``_draw_kernel`` (exact pass: draw above the bracket, packing), ``_finish_kernel`` (one program per row).
+    Unfiltered batches: ``_draw_kernel`` (greedy and the draw in one read) and ``_finish_kernel``."""
     R, V = logits.shape
     kind = _KINDS[logits.dtype]
     x = logits if kind == 0 else logits.view(torch.int16)
@@ -1077,17 +1178,13 @@ def _launch_split(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     nch = triton.cdiv(V, cfg.chunk)
     nchp = _pow2(nch)
     nc, passes = cfg.candidates, cfg.passes
-    cap = min(cfg.compact, V) if any_filter else 0
+    capc = min(cfg.chunk, max(min(cfg.compact, V) // nch, 1)) if any_filter else 1  # per chunk segment
     rc = R * nch
-    n64 = (passes * rc * (nc + 1) if any_filter else 0) + 2 * rc  # pm, pz; dz, dm
-    ws64 = torch.empty(max(n64, 1), dtype=torch.float64, device=dev)
-    n32 = 5 * rc + 3 * rc + (passes * rc * nc + 2 * rc if any_filter else 0) + 2 * R * max(cap, 1)
-    ws32 = torch.empty(n32, dtype=torch.int32, device=dev)
-    it64, it32 = iter(_carve(ws64, [passes * rc * nc, passes * rc, rc, rc] if any_filter else [0, 0, rc, rc])), \
-        iter(_carve(ws32, [rc] * 8 + ([passes * rc * nc, rc, rc] if any_filter else [0, 0, 0])
-                    + [R * max(cap, 1)] * 2))
-    pm, pz, dz, dm = (next(it64) for _ in range(4))
-    smax, sidx, smin, sminf, sninf, dc, dbv, dbi, pc, pl, ph, sk, si = (next(it32) for _ in range(13))
+    np_ = passes * rc if any_filter else 0
+    ws64 = torch.empty(np_ * (nc + 1) + 2 * rc, dtype=torch.float64, device=dev)
+    ws32 = torch.empty(9 * rc + np_ * nc + 2 * rc * capc, dtype=torch.int32, device=dev)
+    pm, pz, dz, dm = _carve(ws64, [np_ * nc, np_, rc, rc])
+    smax, sidx, smin, sminf, sninf, dc, dn, dbv, dbi, pc, sk, si = _carve(ws32, [rc] * 9 + [np_ * nc] + [rc * capc] * 2)
     smax, smin, sminf, dbv = (t.view(torch.float32) for t in (smax, smin, sminf, dbv))
     temp = temperature.contiguous()
     k_lim = torch.where(top_k > 0, top_k.clamp_max(_INT32_MAX), _INT32_MAX).to(torch.int32).contiguous()
@@ -1096,27 +1193,26 @@ def _launch_split(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     out = torch.empty(R, dtype=torch.int64, device=dev)
     thr = torch.empty(2 * R if write_threshold else 1, dtype=torch.int64, device=dev)  # thresholds, ROUTES
     acc = not interpreted()
+    vs = cfg.split == "value"
     common = dict(enable_fp_fusion=False)
-    vec = 4 if kind == 0 else 8
+    grid = (R, nch)
     if any_filter:
-        _stats_kernel[(R, nch)](x, x.stride(0), V, smax, sidx, smin, sminf, sninf, nch, CHUNK=cfg.chunk,
-                                BLOCK=cfg.block, KIND=kind, num_warps=cfg.num_warps, **common)
+        _stats_kernel[grid](x, x.stride(0), V, smax, sidx, smin, sminf, sninf, nch, CHUNK=cfg.chunk, BLOCK=cfg.block,
+                            KIND=kind, num_warps=cfg.num_warps, **common)
+        vec = 4 if kind == 0 else 8  # 16-byte loads
         for p in range(passes):
-            _approx_kernel[(R, nch)](x, x.stride(0), V, temp, k_lim, p64, smax, smin, sminf, sninf, pc, pm, pz, pl,
-                                     ph, nch, R, PASS=p, NC=nc, NCHP=nchp, CHUNK=cfg.chunk,
-                                     BR=cfg.block // vec, VEC=vec, KIND=kind, VALUE_SPLIT=cfg.split == "value",
-                                     ENDS=p == passes - 1, num_warps=cfg.num_warps, **common)
-    _draw_kernel[(R, nch)](x, x.stride(0), V, temp, k_lim, p64, seeds, steps, smax, sidx, smin, sminf, sninf, pc,
-                           pm, pz, pl, ph, sk, si, max(cap, 1), dz, dm, dc, dbv, dbi, nch, R, PASSES=passes, NC=nc,
-                           NCHP=nchp, CHUNK=cfg.chunk, BLOCK=cfg.block, KIND=kind,
-                           VALUE_SPLIT=cfg.split == "value", FILTER=any_filter, ACCURATE=acc,
-                           num_warps=cfg.num_warps, **common)
+            _approx_kernel[grid](x, x.stride(0), V, temp, k_lim, p64, smax, smin, sminf, sninf, pc, pm, pz, nch, R,
+                                 PASS=p, NC=nc, NCHP=nchp, CHUNK=cfg.chunk, BR=cfg.block // vec, VEC=vec, KIND=kind,
+                                 VALUE_SPLIT=vs, num_warps=cfg.num_warps, **common)
+    _draw_kernel[grid](x, x.stride(0), V, temp, k_lim, p64, seeds, steps, smax, sidx, smin, sminf, sninf, pc, pm, pz,
+                       sk, si, capc, dz, dm, dc, dn, dbv, dbi, nch, R, PASSES=passes, NC=nc, NCHP=nchp,
+                       CHUNK=cfg.chunk, BLOCK=cfg.draw_block, KIND=kind, VALUE_SPLIT=vs, FILTER=any_filter,
+                       ACCURATE=acc, PB=min(32 * cfg.num_warps, cfg.draw_block), num_warps=cfg.num_warps, **common)
     _finish_kernel[(R,)](x, x.stride(0), V, temp, k_lim, p64, seeds, steps, smax, sidx, smin, sminf, sninf, pc, pm,
-                         pz, pl, ph, sk, si, max(cap, 1), dz, dm, dc, dbv, dbi, out, thr, nch, R, PASSES=passes,
-                         NC=nc, NCHP=nchp, NCF=cfg.finish_candidates, BLOCK=cfg.finish_block, KIND=kind,
-                         VALUE_SPLIT=cfg.split == "value", FILTER=any_filter, FP64=sums == "fp64",
-                         WRITE_THR=write_threshold, ACCURATE=acc, num_warps=cfg.finish_warps,
-                         maxnreg=_MAX_REGISTERS, **common)
+                         pz, sk, si, capc, dz, dm, dc, dn, dbv, dbi, out, thr, nch, R, PASSES=passes, NC=nc,
+                         NCHP=nchp, NCF=cfg.finish_candidates, BLOCK=cfg.finish_block, KIND=kind, VALUE_SPLIT=vs,
+                         FILTER=any_filter, FP64=sums == "fp64", WRITE_THR=write_threshold, ACCURATE=acc,
+                         num_warps=cfg.finish_warps, maxnreg=_MAX_REGISTERS, **common)
     if write_threshold:
         LAST_ROUTES[:] = thr[R:].tolist()
         thr = thr[:R]
