@@ -1,7 +1,12 @@
-"""``sampling.sample`` as one Triton kernel: the same tokens from the same random stream in ~7 full reads of a row
-(random logits, top-p), where the torch path makes ~30 (R, V) passes in fp32/fp64/int64 (issue 15).
+"""``sampling.sample`` in Triton: the same tokens from the same random stream as the torch path (issue 15).
 
-One program per row (grid = R), the row re-read from L2 by each pass, no atomics, no host sync (capturable in a
+Two paths (``sample_triton(path=...)``, ``choose_path``): the split-row path (``_launch_split``, the default for
+real vocabularies: (row, chunk) programs, 4 full reads of a top-p row in a fixed number of launches, approximate
+passes with an error bound that only narrow the bracket, one exact pass that draws and packs it, one finishing
+program per row; its docstrings and docs/generate.md give the details) and the row kernel below (one program per
+row, ~7 full reads of a random top-p row where the torch path makes ~30 (R, V) passes in fp32/fp64/int64).
+
+The row kernel: one program per row (grid = R), the row re-read from L2 by each pass, no atomics, no host sync (capturable in a
 CUDA graph; the number of search passes depends on the row's values, never on the host):
 
 1. greedy argmax of the logits (the first index among equal maxima, what ``torch.argmax`` documents), their max
@@ -56,6 +61,7 @@ except ImportError:  # CPU installs and CI: sampling.sample keeps the torch path
 HAVE_TRITON = triton is not None
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # KIND: fp32 keys of s, bf16 / fp16 own bits
 _INT32_MAX = 2**31 - 1
+_FINISH_REGISTERS = 168  # the finishing program (4 warps): no spill in its packed-search loop (ptxas, sm_90), 3 per SM
 _MAX_REGISTERS = 128  # per thread: two 8-warp programs (rows) per SM on sm_80/sm_90 (65,536 registers); the
 # default 4,1024,8 kernel needs ~146 unconstrained and spills nothing in its loops at 128 (ptxas, sm_90)
 
@@ -103,8 +109,8 @@ class SplitConfig:
     passes: int = 2
     compact: int = 16384
     finish_candidates: int = 8
-    finish_block: int = 1024
-    finish_warps: int = 8
+    finish_block: int = 512
+    finish_warps: int = 4
     split: str = "value"
 
     def __post_init__(self) -> None:
@@ -672,8 +678,9 @@ if HAVE_TRITON:
         closed = hi - lo <= 1
         nlo = tl.max(tl.where(fail, cand, lo), axis=0)
         nhi = tl.min(tl.where(ok, cand, hi), axis=0)
-        nbv = by_value & ((~used) | ((nhi - nlo) * (NC + 1) <= hi - lo))
-        return tl.where(closed, lo, nlo), tl.where(closed, hi, nhi), tl.where(closed, by_value, nbv)
+        # value splits stay on (the exact search's switch to key splits when they narrow the key range slower
+        # would fire on every cut near 0, where a value bin spans most keys: the tokens, not keys, count here)
+        return tl.where(closed, lo, nlo), tl.where(closed, hi, nhi), by_value
 
     @triton.jit
     def _bracket(smax_ptr, smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, row, NCH, R, V, tk, k_lim,
@@ -911,10 +918,10 @@ if HAVE_TRITON:
                     a1, i1, a2 = _top2_update(a1, i1, a2,
                                               tl.where(kept, _gumbel_fast(offs, rkey, ACCURATE) + s, float("-inf")),
                                               offs)
-                if wide:  # second read (from L2) of the chunk: its bracket tokens at per-lane offsets
+                n = tl.where(wide, tl.sum(cin, axis=0), 0)
+                if n > 0:  # second read (from L2) of the chunk: its bracket tokens at per-lane offsets
                     _pack_chunk(base, V, c0, n_end, tk, lo32, hi32, cin, sk_ptr + at * CAPC, si_ptr + at * CAPC,
                                 CAPC, BLOCK, PB, KIND)
-                    n = tl.sum(cin, axis=0)
             else:  # a sampled row without filters: every token
                 for start in range(0, n_end, BLOCK):
                     offs = c0 + start + tl.arange(0, BLOCK)
@@ -934,11 +941,11 @@ if HAVE_TRITON:
         tl.store(dbi_ptr + at, best_i)
 
     @triton.jit
-    def _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand, tk, m, use_p, NC: tl.constexpr, FP64: tl.constexpr,
-                     BLOCK: tl.constexpr, KIND: tl.constexpr, ACCURATE: tl.constexpr):
+    def _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand, lo, hi, tk, m, WITH_MASS: tl.constexpr, NC: tl.constexpr,
+                     FP64: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, ACCURATE: tl.constexpr):
         """Counts and exact masses above each candidate over the row's packed keys (chunk segments in order),
         ``e`` recomputed from the key (the key gives the logit of 16-bit rows and ``s`` of fp32 rows: the same
-        ``e`` as the full pass)."""
+        ``e`` as the full pass); and the least and greatest key inside the bracket (lo, hi]."""
         cnt = tl.zeros([NC, BLOCK], dtype=tl.int32)
         if FP64:
             acc = tl.zeros([NC, BLOCK], dtype=tl.float64)
@@ -946,6 +953,8 @@ if HAVE_TRITON:
         else:
             acc = tl.zeros([NC, BLOCK], dtype=tl.float32)
             comp = tl.zeros([NC, BLOCK], dtype=tl.float32)
+        kmin = tl.full([BLOCK], 2147483647, tl.int32)
+        kmax = tl.full([BLOCK], -2147483648, tl.int32)
         for ch in range(0, NCH):
             n = tl.load(dn_ptr + at0 + ch)
             seg = sk_row + ch * CAPC
@@ -953,9 +962,12 @@ if HAVE_TRITON:
                 offs = start + tl.arange(0, BLOCK)
                 valid = offs < n
                 key = tl.load(seg + offs, mask=valid, other=-2147483648)
+                inside = (key > lo) & (key <= hi)
+                kmin = tl.minimum(kmin, tl.where(inside, key, 2147483647))
+                kmax = tl.maximum(kmax, tl.where(inside, key, -2147483648))
                 above = key[None, :] > cand[:, None]
                 cnt += above.to(tl.int32)
-                if use_p:
+                if WITH_MASS:  # constexpr: no branch between a compare and its two uses
                     val = _value_of(key.to(tl.int64), KIND)
                     if KIND != 0:
                         val = tl.math.div_rn(val, tk)
@@ -966,8 +978,9 @@ if HAVE_TRITON:
                         acc, comp = _kahan(acc, comp, tl.where(above, e[None, :], 0.0))
         count = tl.sum(cnt, axis=1)
         if FP64:
-            return count, tl.sum(acc, axis=1)
-        return count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1)
+            return count, tl.sum(acc, axis=1), tl.min(kmin, axis=0), tl.max(kmax, axis=0)
+        return (count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1), tl.min(kmin, axis=0),
+                tl.max(kmax, axis=0))
 
     @triton.jit
     def _finish_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
@@ -1017,9 +1030,18 @@ if HAVE_TRITON:
                     while hi - lo > 1:
                         cand, used = _split(lo, hi, by_value, NCF, KIND)
                         width = hi - lo
-                        if packed:
-                            count, mass = _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand.to(tl.int32), tk, m,
-                                                       use_p, NCF, FP64, BLOCK, KIND, ACCURATE)
+                        kmin = lo.to(tl.int32) + 1
+                        kmax = hi.to(tl.int32)
+                        if packed & use_p:
+                            count, mass, kmin, kmax = _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand.to(tl.int32),
+                                                                   lo.to(tl.int32), hi.to(tl.int32), tk, m, True,
+                                                                   NCF, FP64, BLOCK, KIND, ACCURATE)
+                            count += c0
+                            mass += m0
+                        elif packed:
+                            count, mass, kmin, kmax = _reduce_keys(sk_row, dn_ptr, at0, NCH, CAPC, cand.to(tl.int32),
+                                                                   lo.to(tl.int32), hi.to(tl.int32), tk, m, False,
+                                                                   NCF, FP64, BLOCK, KIND, ACCURATE)
                             count += c0
                             mass += m0
                         else:
@@ -1028,6 +1050,13 @@ if HAVE_TRITON:
                         lo, hi, cnt_lo, cnt_hi, mass_hi = _narrow(lo, hi, cnt_lo, cnt_hi, mass_hi, cand, count, mass,
                                                                   k_lim, limit)
                         by_value = by_value & ((~used) | ((hi - lo) * (NCF + 1) <= width))
+                        # no token lies in (lo, kmin - 1] or (kmax, hi]: ok is the same at both ends of each, so the
+                        # bracket shrinks to its occupied keys (a bracket with none: any key in it keeps the same set)
+                        t_lo = tl.maximum(lo, kmin.to(tl.int64) - 1)
+                        t_hi = tl.minimum(hi, kmax.to(tl.int64))
+                        empty = t_hi <= t_lo
+                        lo = tl.where(empty, hi - 1, t_lo)
+                        hi = tl.where(empty, hi, t_hi)
                     thr = tl.where(limit > 0, hi, 2**(W - 1) - 1)
                     if limit <= 0:  # top_p = 0: nothing passes, every token is dropped (torch: argmax of -inf)
                         result = result * 0
@@ -1123,7 +1152,7 @@ def _launch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if path == "auto":
-        path = choose_path(*logits.shape, config)
+        path = choose_path(logits.shape[0], logits.shape[1], config)
     if path == "split":
         return _launch_split(logits, temperature, top_k, top_p, seeds, steps, any_filter, config or SplitConfig(),
                              sums, write_threshold)
@@ -1157,6 +1186,7 @@ def noise_triton(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int, *, g
 
 ROUTES = ("greedy or unfiltered", "closed bracket", "packed", "full-row passes", "nothing kept")
 LAST_ROUTES: list[int] = []  # tests: each row's route (an index into ROUTES) in the last split call with thresholds
+LAST_PACKED: list[int] = []  # ... and the number of its bracket's tokens the exact pass counted (packed if they fit)
 
 
 def _pow2(n: int) -> int:
@@ -1212,9 +1242,10 @@ def _launch_split(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                          pz, sk, si, capc, dz, dm, dc, dn, dbv, dbi, out, thr, nch, R, PASSES=passes, NC=nc,
                          NCHP=nchp, NCF=cfg.finish_candidates, BLOCK=cfg.finish_block, KIND=kind, VALUE_SPLIT=vs,
                          FILTER=any_filter, FP64=sums == "fp64", WRITE_THR=write_threshold, ACCURATE=acc,
-                         num_warps=cfg.finish_warps, maxnreg=_MAX_REGISTERS, **common)
+                         num_warps=cfg.finish_warps, maxnreg=_FINISH_REGISTERS, **common)
     if write_threshold:
         LAST_ROUTES[:] = thr[R:].tolist()
+        LAST_PACKED[:] = dn.view(R, nch).sum(dim=1).tolist() if any_filter else [0] * R
         thr = thr[:R]
     return out, thr
 

@@ -48,13 +48,15 @@ def draw(*args, **kw):
     return run(*args, **kw)[:2]
 
 
-def check(logits, t, k, p, seeds, steps, **kw) -> None:
-    """Tokens equal, and on every sampled row the kernel's threshold keeps exactly ``keep_threshold``'s tokens."""
+def check(logits, t, k, p, seeds, steps, **kw) -> torch.Tensor:
+    """Tokens equal, and on every sampled row the kernel's threshold keeps exactly ``keep_threshold``'s tokens;
+    returns the tokens."""
     got, ref, thr = run(logits, t, k, p, seeds, steps, **kw)
     assert torch.equal(got, ref)
     keys, want = keep_threshold(logits, logits.float() / t.clamp_min(1e-6)[:, None], k, p)
     sampled = t > 0
     assert torch.equal((keys >= thr[:, None])[sampled], (keys >= want[:, None])[sampled])
+    return got
 
 
 def case(kind: str, mode: str, n: int, V: int, dtype=torch.float32):
@@ -188,18 +190,21 @@ def test_benchmark_reports_the_kernel_column():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     logits = torch.randn(3, 512, generator=torch.Generator().manual_seed(2)).to(DEV)
-    cfg = {"4,256,4": dict(candidates=4, block=256, num_warps=4)}
+    cfg = {"4,256,4": dict(candidates=4, block=256, num_warps=4),
+           "split[tiny]": dict(path="split", config=st.SplitConfig(chunk=256, block=256, draw_block=256,
+                                                                   finish_block=256, num_warps=8))}
     shape = bench._shape(logits, 1, not CPU, triton=cfg)
-    assert set(shape["greedy_rows"]) == {"triton_ms[4,256,4]"}
+    assert set(shape["greedy_rows"]) == {"triton_ms[4,256,4]", "triton_ms[split[tiny]]"}
     for case in ("temperature", "top_p", "top_k"):
-        assert shape[case]["triton_agree[4,256,4]"] == 1.0
+        assert shape[case]["triton_agree[4,256,4]"] == 1.0 and shape[case]["triton_agree[split[tiny]]"] == 1.0
     assert bench._triton_configs(["8,512,8"], cuda=False) == {}
 
 
 
 # ---- the split-row path: (row, chunk) programs; small chunks so that rows span several (the last one partial) ----
 
-SPLIT = st.SplitConfig(chunk=1024, block=512, finish_block=512)
+SPLIT = st.SplitConfig(chunk=1024, block=1024, draw_block=1024, finish_block=1024, num_warps=16)  # few, wide
+# interpreter steps (its cost is per op): the packing loop takes 32 x num_warps tokens per step
 
 
 def split(**kw):
@@ -237,15 +242,16 @@ def test_split_path_near_uniform_rows_pack_the_bracket():
     p = torch.tensor([0.95, 0.95, 1.0, 0.95, 0.5, 0.99])
     seeds, steps = torch.arange(6) * 7919, torch.full((6,), 5)
     for dtype in (torch.float32, torch.bfloat16):
-        check(logits.to(dtype), t, k, p, seeds, steps, **split(chunk=2048, block=1024))
+        check(logits.to(dtype), t, k, p, seeds, steps, **split(chunk=2048))
         assert routes() <= {"packed", "closed bracket"} and "packed" in routes()
-    check(logits.bfloat16(), t, k, p, seeds, steps, **split(chunk=2048, block=1024, compact=0))
+    check(logits.bfloat16(), t, k, p, seeds, steps, **split(chunk=2048, compact=0))
     assert routes() == {"full-row passes"}
 
 
 @pytest.mark.parametrize("kw", [dict(passes=1, candidates=16), dict(passes=3, candidates=2, split="key"),
                                 dict(candidates=4, finish_candidates=2, compact=200),
-                                dict(chunk=512, block=256, num_warps=2, finish_candidates=16)])
+                                dict(chunk=512, block=256, draw_block=128, num_warps=2, finish_candidates=16,
+                                     finish_block=256)])
 def test_split_path_every_config_gives_the_same_tokens(kw):
     """Approximate passes and their candidates, key or value spacing, chunk and block sizes, the packing capacity
     and the finishing program's candidates change the work, not the tokens; both exact sums too."""
@@ -271,8 +277,7 @@ def test_split_path_bans_outliers_and_extreme_temperatures():
     p = torch.tensor([0.95, 1.0, 0.9, 0.99, 0.9, 0.9, 0.97, 1.0, 0.0])
     seeds, steps = torch.arange(9) + 2**40, torch.arange(9)
     for dtype in (torch.float32, torch.bfloat16):
-        got = run(logits.to(dtype), t, k, p, seeds, steps, **split())[0]
-        check(logits.to(dtype), t, k, p, seeds, steps, **split())
+        got = check(logits.to(dtype), t, k, p, seeds, steps, **split())
         assert got[4] == 1777 and got[7] == logits[7].to(dtype).argmax() and got[8] == 0
         assert st.ROUTES[st.LAST_ROUTES[8]] == "nothing kept"
 
@@ -326,13 +331,13 @@ def test_split_config_validates_and_parses_and_the_path_is_chosen_by_the_row_len
 @pytest.mark.skipif(CPU or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="native kernel only")
 def test_cuda_kernel_agrees_with_the_torch_path_at_full_vocabulary_and_captures():
     """On the GPU (``pytest -q tests/generate/test_sampling_triton.py -m gpu``): R = 768, V = 128,256, bf16 and fp32
-    logits, near-uniform, peaked and tied rows in every filter mode: the kernel's tokens against the torch path's
-    on CUDA. Agreement >= 99.5%: libdevice's expf/logf are the functions torch's CUDA exp/log call, so only the
+    logits, near-uniform, peaked and tied rows in every filter mode: the row kernel's and the split path's tokens
+    (and the split path's temperature-only draw) against the torch path's on CUDA. Agreement >= 99.5%: libdevice's expf/logf are the functions torch's CUDA exp/log call, so only the
     summation order of the masses differs (the torch path's fp64 atomics add in any order, the kernel sums Kahan
     lanes) and the kernel's flush of subnormal probabilities to zero; each moves a cut only when ``top_p * Z``
     lies within ~1e-14 relative of a cumulative mass, so the measured rate should be 100%; the bound leaves room
     for an ulp of FMA contraction inside libdevice against the CUDA build of torch. Then a replay inside a CUDA
-    graph equals an eager call at the next step."""
+    graph equals an eager call at the next step, for both paths."""
     R, V = 768, 128_256
     g = torch.Generator().manual_seed(21)
     kinds = ["uniform", "peaked", "ties"]
@@ -343,21 +348,27 @@ def test_cuda_kernel_agrees_with_the_torch_path_at_full_vocabulary_and_captures(
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype)
         kw = dict(temperature=t, top_k=k, top_p=p, seeds=seeds, steps=steps, any_random=True, any_filter=True)
-        got, ref = st.sample_triton(x, **kw), sample_torch(x, **kw)
-        rates[str(dtype)] = (got == ref).float().mean().item()
-        assert torch.equal(sample(x, **kw), got)  # the dispatch takes the kernel on CUDA
+        ref = sample_torch(x, **kw)
+        kw0 = kw | dict(any_filter=False, top_k=torch.zeros_like(k), top_p=torch.ones_like(p))  # temperature only
+        ref0 = sample_torch(x, **kw0)
+        for path in ("row", "split"):
+            rates[f"{path}/{dtype}"] = (st.sample_triton(x, **kw, path=path) == ref).float().mean().item()
+            rates[f"{path}/{dtype}/temperature"] = (st.sample_triton(x, **kw0, path=path) == ref0).float().mean().item()
+        assert torch.equal(sample(x, **kw), st.sample_triton(x, **kw))  # the dispatch takes the kernel on CUDA
     print("kernel/torch token agreement:", rates)
     assert min(rates.values()) >= 0.995, rates
     x = logits.bfloat16()
-    kw = dict(temperature=t, top_k=k, top_p=p, seeds=seeds, steps=steps.clone(), any_random=True, any_filter=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        st.sample_triton(x, **kw)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = st.sample_triton(x, **kw)
-    kw["steps"].add_(1)
-    graph.replay()
-    assert torch.equal(out, st.sample_triton(x, **kw))
+    for path in ("row", "split"):
+        kw = dict(temperature=t, top_k=k, top_p=p, seeds=seeds, steps=steps.clone(), any_random=True, any_filter=True,
+                  path=path)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            st.sample_triton(x, **kw)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = st.sample_triton(x, **kw)
+        kw["steps"].add_(1)
+        graph.replay()
+        assert torch.equal(out, st.sample_triton(x, **kw))
