@@ -263,19 +263,20 @@ def test_split_path_every_config_gives_the_same_tokens(kw):
 def test_split_path_bans_outliers_and_extreme_temperatures():
     """-inf logits (bans) and -100 biases below a top-p cut (the bracket starts above them), a row of one finite
     token, temperatures 1e-6 (the approximate masses' error bound is infinite there: counts only, full-row
-    passes) and 50, top_k = 1, top_p below the top token's share and top_p = 0 (nothing kept: token 0)."""
+    passes), 2e-4 (a bound of ~10% of Z: most candidates stay uncertain) and 50, top_k = 1, top_p below the top
+    token's share and top_p = 0 (nothing kept: token 0)."""
     V = 2500
-    logits = torch.randn(9, V, generator=torch.Generator().manual_seed(3))
+    logits = torch.randn(10, V, generator=torch.Generator().manual_seed(3))
     logits[0, ::5] = float("-inf")
     logits[1, 1::3] = float("-inf")
     logits[2, ::4] -= 100.0
     logits[3, ::2] -= 100.0
     logits[4] = float("-inf")
     logits[4, 1777] = 0.5
-    t = torch.tensor([0.8, 1.0, 0.8, 1.2, 1.0, 1e-6, 50.0, 0.7, 1.0])
-    k = torch.tensor([0, 40, 0, 30, 0, 0, 0, 1, 0])
-    p = torch.tensor([0.95, 1.0, 0.9, 0.99, 0.9, 0.9, 0.97, 1.0, 0.0])
-    seeds, steps = torch.arange(9) + 2**40, torch.arange(9)
+    t = torch.tensor([0.8, 1.0, 0.8, 1.2, 1.0, 1e-6, 50.0, 0.7, 1.0, 2e-4])
+    k = torch.tensor([0, 40, 0, 30, 0, 0, 0, 1, 0, 0])
+    p = torch.tensor([0.95, 1.0, 0.9, 0.99, 0.9, 0.9, 0.97, 1.0, 0.0, 0.9])
+    seeds, steps = torch.arange(10) + 2**40, torch.arange(10)
     for dtype in (torch.float32, torch.bfloat16):
         got = check(logits.to(dtype), t, k, p, seeds, steps, **split())
         assert got[4] == 1777 and got[7] == logits[7].to(dtype).argmax() and got[8] == 0
