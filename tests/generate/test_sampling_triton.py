@@ -217,9 +217,10 @@ def routes() -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["uniform", "peaked", "ties", "zipf"])
-@pytest.mark.parametrize("mode", ["top_p", "both", "mixed"])
+@pytest.mark.parametrize("mode", ["top_p", "mixed"])
 def test_split_path_tokens_equal_the_torch_path_fp32(kind, mode):
-    """fp32 logits over 3 chunks (V = 3,001): the same tokens and kept sets as the torch path."""
+    """fp32 logits over 3 chunks (V = 3,001): the same tokens and kept sets as the torch path (mixed: greedy,
+    unfiltered, top-k, top-p and both on one batch)."""
     check(*case(kind, mode, 8, 3001), **split())
 
 
