@@ -5,7 +5,8 @@ CUDA).
     python benchmarks/sampler_micro.py            # CUDA if available (median of 20), else CPU (median of 3)
     python benchmarks/sampler_micro.py --rows 64 256 --reps 5 --out results/
     python benchmarks/sampler_micro.py --compile  # + torch.compile(sample_torch): ms and agreement with eager
-    python benchmarks/sampler_micro.py --triton-config 4,1024,8 --triton-config 8,512,8  # kernel variants
+    python benchmarks/sampler_micro.py --triton-config 4,1024,8 --triton-config 8,512,8  # row-kernel variants
+    python benchmarks/sampler_micro.py --split-config default --split-config passes=3  # split-row variants
 
 Shapes: R rows in {64, 256, 768} x V = 128,256 (llama-3's vocabulary), logits ``randn`` (a random-weight model's
 near-uniform rows: the top-p nucleus is most of the vocabulary, the worst case of a threshold search), fp32 and
@@ -17,8 +18,13 @@ with the argmax of the same logits. With triton on CUDA, per kernel config ``C,B
 thresholds per pass, tokens per step, warps per row, bracket size that gets packed; default 4,1024,8,16384): ``triton_ms``, ``triton_over_greedy``
 (issue 15's target: a sampled step within 1/0.9 of greedy's, i.e. the sampler <~0.1x of a 7.8 ms step),
 ``torch_over_triton`` and ``triton_agree`` (the share of tokens equal to the torch path's), and in ``greedy_rows``
-the kernel with every row at temperature 0 (the pass a mixed batch's greedy rows pay). CPU numbers are only a
-proxy (the sort and the hash scale differently there).
+the kernel with every row at temperature 0 (the pass a mixed batch's greedy rows pay). ``--split-config SPEC``
+(repeatable; ``default`` or ``field=value,...`` of ``sampling_triton.SplitConfig``) adds the split-row path under
+the name ``split[SPEC]`` with the same columns; without any ``--triton-config``/``--split-config`` on CUDA both
+the row kernel's default and ``split[default]`` run. The JSON's ``"triton"`` lists every config name; on CUDA
+``triton_graph_ms`` is the same call replayed from a CUDA graph (the decode graphs' cost, without host launch
+overhead: the split path launches 5 kernels). CPU numbers
+are only a proxy (the sort and the hash scale differently there).
 """
 
 from __future__ import annotations
@@ -91,14 +97,38 @@ def _time(fn, reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def _triton_configs(specs: list[str], cuda: bool) -> dict[str, dict]:
-    """``C,BLOCK,WARPS[,COMPACT]`` strings -> sample_triton keyword arguments; none without CUDA or triton."""
+def _graph_ms(fn, reps: int) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (what the decode graphs run: no host launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _time(graph.replay, reps, True)
+
+
+def _triton_configs(specs: list[str], cuda: bool, split_specs: list[str] | None = None) -> dict[str, dict]:
+    """``C,BLOCK,WARPS[,COMPACT]`` strings (the row kernel) and split-path specs (``default`` or
+    ``field=value,...``) -> sample_triton keyword arguments by name; none without CUDA or triton."""
     if not cuda or importlib.util.find_spec("triton") is None:
         return {}
+    from batchpilot.generate.sampling_triton import SplitConfig
+
+    split_specs = split_specs or []
+    if not specs and not split_specs:
+        specs, split_specs = ["4,1024,8"], ["default"]
     out = {}
-    for spec in specs or ["4,1024,8"]:
+    for spec in specs:
         c, block, warps, *compact = (int(v) for v in spec.split(","))
-        out[spec] = dict(candidates=c, block=block, num_warps=warps) | (dict(compact=compact[0]) if compact else {})
+        out[spec] = dict(path="row", candidates=c, block=block, num_warps=warps) | (
+            dict(compact=compact[0]) if compact else {})
+    for spec in split_specs:
+        cfg = SplitConfig() if spec == "default" else SplitConfig.parse(spec)
+        out[f"split[{spec}]"] = dict(path="split", config=cfg)
     return out
 
 
@@ -134,6 +164,9 @@ def _shape(logits: torch.Tensor, reps: int, cuda: bool, compiled=None, triton: d
         for name, cfg in (triton or {}).items():
             ms = _time(lambda: sample_triton(logits, **kw, **cfg), reps, cuda)  # noqa: B023
             agree = (sample_triton(logits, **kw, **cfg) == sample(logits, **kw)).float().mean().item()
+            if cuda:
+                shape[case][f"triton_graph_ms[{name}]"] = round(
+                    _graph_ms(lambda: sample_triton(logits, **kw, **cfg), reps), 3)  # noqa: B023
             shape[case] |= {f"triton_ms[{name}]": round(ms, 3),
                             f"triton_over_greedy[{name}]": round(ms / greedy_ms, 2),
                             f"torch_over_triton[{name}]": round(new / ms, 1), f"triton_agree[{name}]": round(agree, 4)}
@@ -141,10 +174,10 @@ def _shape(logits: torch.Tensor, reps: int, cuda: bool, compiled=None, triton: d
 
 
 def run(rows: list[int], reps: int, vocab: int, dtypes: list[str], device: str, compile: bool = False,
-        triton_configs: list[str] | None = None) -> dict:
+        triton_configs: list[str] | None = None, split_configs: list[str] | None = None) -> dict:
     cuda = device == "cuda"
     compiled = torch.compile(sample, dynamic=False) if compile else None
-    triton = _triton_configs(triton_configs or [], cuda)
+    triton = _triton_configs(triton_configs or [], cuda, split_configs)
     out: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "vocab": vocab, "reps": reps,
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "triton": sorted(triton),
                  "shapes": {}}
@@ -160,7 +193,7 @@ def run(rows: list[int], reps: int, vocab: int, dtypes: list[str], device: str, 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[64, 256, 768])
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 256, 768, 1024])
     ap.add_argument("--reps", type=int, default=None, help="timed calls per case (default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--vocab", type=int, default=V)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -168,11 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile(sample_torch)")
     ap.add_argument("--triton-config", action="append", default=[], metavar="C,BLOCK,WARPS[,COMPACT]",
-                    help="a Triton kernel config to time (repeatable; default 4,1024,8); CUDA with triton only")
+                    help="a row-kernel config to time (repeatable); CUDA with triton only")
+    ap.add_argument("--split-config", action="append", default=[], metavar="default|FIELD=VALUE,...",
+                    help="a split-path config (sampling_triton.SplitConfig) to time (repeatable); CUDA only")
     ap.add_argument("--out", type=Path, default=None, help="directory for sampler_micro.json")
     a = ap.parse_args(argv)
     result = run(a.rows, a.reps or (20 if a.device == "cuda" else 3), a.vocab, a.dtypes, a.device, a.compile,
-                 a.triton_config)
+                 a.triton_config, a.split_config)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
