@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 from batchpilot.generate.sampling import sample_torch as sample  # noqa: E402
 
 V = 128_256
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     result = run(a.rows, a.reps or (20 if a.device == "cuda" else 3), a.vocab, a.dtypes, a.device, a.compile,
                  a.triton_config, a.split_config)
+    result = {"benchmark": "sampler_micro", **provenance(), **result}
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
