@@ -123,10 +123,8 @@ def test_warm_up_captures_every_bucket_and_kind_before_serving():
 
 @pytest.mark.gpu
 def test_an_interrupted_decode_round_gives_the_same_tokens():
-    """With the interruptible-round patch of docs/serve.md (generate/): a round that ``stop`` ends early yields
-    fewer tokens per round trip and exactly the tokens of the uncut run (each row's draw is keyed by its seed and
-    step). Skipped until the patch is in (``Engine.step`` without ``stop``)."""
-    import inspect
+    """Interruptible decode rounds (docs/serve.md): a round that ``stop`` ends early yields fewer tokens per round
+    trip and exactly the tokens of the uncut run (each row's draw is keyed by its seed and step)."""
     import itertools
 
     import torch
@@ -140,8 +138,6 @@ def test_an_interrupted_decode_round_gives_the_same_tokens():
     from batchpilot.model.llama import get_preset
     from batchpilot.serve.loop import warm_up_graphs
 
-    if "stop" not in inspect.signature(Engine.step).parameters:
-        pytest.skip("needs the interruptible-round patch (docs/serve.md)")
     model = build_model(get_preset("tiny"), device="cuda", seed=0).to(torch.bfloat16)
     engine = Engine(model, None, EngineConfig(max_num_seqs=8, num_blocks=1024, prefix_sharing=False, decode_steps=8,
                                               compile=False))
