@@ -226,11 +226,12 @@ def main() -> None:
         cfg = EngineConfig(max_batch_tokens=args.max_batch_tokens, compile="--no-compile" not in flags,
                            cuda_graphs="--no-cuda-graphs" not in flags, gpu_memory_utilization=0.4)
         engine = Engine(model, Tokenizer.from_path(tok_dir), cfg)
-        if cfg.compile and device == "cuda":  # the warm engine's compile is outside every row and its cap
+        if device == "cuda":  # first uses (compile, kernel JIT, greedy and sampled graphs) outside every row's cap:
+            # the first row would otherwise carry them (the fifth session's greedy rows: ~1 s of extra non-decode time)
             rng = random.Random(2)
-            ids = [[rng.randrange(model.config.vocab_size) for _ in range(32)] for _ in range(64)]
-            engine.generate(ids, SamplingParams(max_tokens=4, ignore_eos=True))
-            engine.generate(ids, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.8, top_p=0.95))
+            ids = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(16, 300))] for _ in range(256)]
+            engine.generate(ids, SamplingParams(max_tokens=8, ignore_eos=True))
+            engine.generate(ids, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.8, top_p=0.95))
         warm = False
         for n in sizes:
             job = tmp / f"job_{n}.jsonl"
