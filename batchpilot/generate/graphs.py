@@ -329,7 +329,7 @@ class DecodeGraphs:
                 if kind == GREEDY:
                     return {"tokens": tokens_fn(model, inputs["ids"], inputs["pos"], attn)}  # (rows,)
                 logits = logits_fn(model, inputs["ids"], inputs["pos"], attn)  # (rows, V)
-            # logit processing runs eagerly inside the graph; on CUDA the sampler is one Triton kernel (sampling_triton)
+            # logit processing runs eagerly inside the graph; on CUDA the sampler is sampling_triton's kernels
             if kind & PENALISED:
                 logits = penalise(logits, output_counts=inputs["counts"], seen=inputs["seen"],
                                   presence=inputs["presence"], frequency=inputs["frequency"],

@@ -33,10 +33,10 @@ their keys decide). Fixed work, no data-dependent loop, no host sync: capturable
 are ``exp(s - max)`` in fp32, their masses summed in fp64 against ``top_p * sum`` (the fp32 cumsum of a sort loses
 ~1e-5 over 128k terms, more than one token's share of a near-uniform row; on CUDA the fp64 atomics add in any
 order, which could only move a cut decided within ~1e-16 of ``top_p``). Equality with a tie-exact sort
-reference: ``tests/generate/test_sampling.py``. On CUDA ``sample`` runs ``sampling_triton``'s fused kernel instead
-(the same tokens: ``tests/generate/test_sampling_triton.py``); ``sample_torch`` is this torch path. Cost: all-greedy batches take a plain argmax; rows are only ever
-as many as the caller passes (the eager runner passes the sampled rows only); ``any_filter`` False skips the
-threshold.
+reference: ``tests/generate/test_sampling.py``. On CUDA ``sample`` runs ``sampling_triton``'s kernels instead
+(the same tokens: ``tests/generate/test_sampling_triton.py``); ``sample_torch`` is this torch path. Cost:
+all-greedy batches take a plain argmax; rows are only ever as many as the caller passes (the eager runner passes
+the sampled rows only); ``any_filter`` False skips the threshold.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from __future__ import annotations
 import torch
 
 from batchpilot.generate import sampling_triton
-
 
 
 def _i32(c: int) -> int:
@@ -174,8 +173,8 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tens
     """Next token per row of ``logits`` (R, V). Rows with temperature 0 are greedy.
 
     ``any_random``/``any_filter`` are known on the host from the requests' parameters; they only
-    skip work, never change the result. CUDA logits (fp32/bf16/fp16, fp32 temperatures) go to the fused Triton
-    kernel (``sampling_triton``: the same tokens, one kernel) when triton imports; everything else to
+    skip work, never change the result. CUDA logits (fp32/bf16/fp16, fp32 temperatures) go to the Triton
+    kernels (``sampling_triton``: the same tokens) when triton imports; everything else to
     ``sample_torch``, the reference.
     """
     if any_random and logits.is_cuda and sampling_triton.supported(logits, temperature):

@@ -327,6 +327,6 @@ def test_interrupted_decode_rounds_give_the_same_tokens(hf_pair, hf_reference, t
     assert got == ref
     if temperature == 0:
         assert got == hf_reference
-    assert True in asked  # rounds were cut ...
+    assert any(asked)  # rounds were cut ...
     assert engine.stats.round_trips > ref_engine.stats.round_trips  # ... so the job took more of them
     assert engine.pool.num_free == engine.pool.num_blocks - 1  # no block kept by a cut round
