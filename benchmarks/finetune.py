@@ -150,6 +150,10 @@ def report_step(seconds: float) -> float:
     return seconds
 
 
+# the offload case's masters: bf16, since fp32 masters + AdamW of 8B parameters exceed what the host can pin
+OFFLOAD_MASTER_DTYPE, OFFLOAD_MASTER_BYTES = "bfloat16", 2
+
+
 def offload_config(args, data_dir: Path):
     """The run configuration of the offload case: the trainer's own components, as ``batchpilot train
     --model.name llama-8b --parallel.offload cpu --parallel.master_dtype bfloat16`` would build them."""
@@ -164,7 +168,7 @@ def offload_config(args, data_dir: Path):
                        optim=OptimConfig(lr=1e-5),
                        schedule=ScheduleConfig(max_steps=args.offload_warmup + args.offload_steps, min_lr=1e-6),
                        batch=BatchConfig(global_batch_tokens=args.offload_rows * args.seq_len, micro_batch_size=args.offload_micro_batch),
-                       parallel=ParallelConfig(offload="cpu", master_dtype="bfloat16",
+                       parallel=ParallelConfig(offload="cpu", master_dtype=OFFLOAD_MASTER_DTYPE,
                                                activation_checkpointing="full"))
 
 
@@ -181,7 +185,7 @@ def run_offload(args, data_dir: Path, device: torch.device, row: dict[str, Any])
     loader = PackedLoader(data_dir, "train", args.seq_len, pack="conversation")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the one-off fp32 build on the GPU
-    row.update(preset=args.offload_preset, master_dtype="bfloat16", activation_checkpointing="full",
+    row.update(preset=args.offload_preset, master_dtype=OFFLOAD_MASTER_DTYPE, activation_checkpointing="full",
                params_on_gpu=any(p.device.type == "cuda" for p in model.parameters()))
     times = []
     for _ in range(args.offload_warmup + args.offload_steps):
@@ -218,7 +222,8 @@ def offload_predictions(args) -> dict[str, Any]:
     else:
         out["predicted_peak_bytes"] = int(predict_offload_peak_bytes(config, args.seq_len,
                                                                      micro_batch_size=args.offload_micro_batch,
-                                                                     checkpointing=True, master_bytes=2))
+                                                                     checkpointing=True,
+                                                                     master_bytes=OFFLOAD_MASTER_BYTES))
     return out
 
 
