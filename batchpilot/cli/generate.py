@@ -263,7 +263,9 @@ def run(args: argparse.Namespace) -> int:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchpilot-tokenize")
         encoding = pool.submit(_timed, encode_job, SimpleNamespace(tokenizer=tokenizer), todo)
         pool.shutdown(wait=False)  # the submitted encoding still runs; result() below waits for it
+        read = time.perf_counter()
         model = load_model_for(args, device)
+        loaded = time.perf_counter()
         barrier()  # every rank has read what is done before any rank writes
         records = CompileRecords(cache_root() / "compile_costs.json")
         compile_on, compile_why = _decide_compile(args, model, todo, records)
@@ -283,8 +285,13 @@ def run(args: argparse.Namespace) -> int:
         summary["compile"] = compile_on
         summary["compile_why"] = compile_why
         summary["compile_cache"] = str(compile_cache) if compile_on else None
+        process_start = _process_start(started)
+        # where the cold part goes: imports (process start to this command), reading the job, loading the
+        # weights, the engine's set-up (its KV cache and kernels)
         summary["setup_seconds"] = ready - started
-        summary["wall_seconds"] = time.perf_counter() - _process_start(started)
+        summary["cold_parts_seconds"] = {"imports": started - process_start, "read": read - started,
+                                         "load": loaded - read, "engine_init": ready - loaded}
+        summary["wall_seconds"] = time.perf_counter() - process_start
         _report(summary, model, engine, world_size)
     return 0
 
@@ -381,9 +388,12 @@ def _report(summary: dict, model: Any, engine: Any, world_size: int) -> None:
 
     wall, engine_s = summary["wall_seconds"], summary["engine_seconds"]
     tokens = summary["output_tokens"]
+    cold = summary["cold_parts_seconds"]
+    between = max(0.0, wall - engine_s - sum(cold.values()))  # scheduling, detokenizing, writing: outside the steps
+    parts = ", ".join([f"{k.replace('_', ' ')} {v:.1f} s" for k, v in cold.items()] + [f"between steps {between:.1f} s"])
     print(f"lines: done {summary['requests']}, errors {summary['errors']}, skipped {summary['skipped']}; "
           f"output tokens {tokens}{' on rank 0' if world_size > 1 else ''}; wall {wall:.1f} s "
-          f"(cold {max(0.0, wall - engine_s):.1f} s: setup {summary['setup_seconds']:.1f} s, tokenize "
+          f"(cold {max(0.0, wall - engine_s):.1f} s: {parts}, tokenize "
           f"{summary['tokenize_seconds']:.1f} s while loading; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
           f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'} "
           f"({summary['compile_why']}{'; cache ' + summary['compile_cache'] if summary['compile_cache'] else ''})")

@@ -26,6 +26,7 @@ Shape legend: B sequences, K kv heads, Qn queries per kv head, E head dim, S cac
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -138,9 +139,11 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                            lens: torch.Tensor, block_size: int, q_lens: torch.Tensor | None = None,
                            q_rows: torch.Tensor | None = None, *, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+                           num_stages: int = 3, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``q_lens``: query tiles at or past q_lens[b] do no work (their rows' results are left unwritten).
-    ``q_rows``: as in ``paged_attention_torch``, read and written in place (no gathered copy of the queries)."""
+    ``q_rows``: as in ``paged_attention_torch``, read and written in place (no gathered copy of the queries).
+    ``splits``: programs per (sequence, kv head, query tile), each over its share of the keys, merged by their
+    log-sum-exps (``decode_splits`` when None; always 1 with ``q_rows``)."""
     q = q.contiguous()
     K, E = q.shape[1], q.shape[3]
     if q_rows is None:
@@ -155,23 +158,60 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tables = tables.to(torch.int32).contiguous()
     lens = lens.to(torch.int32).contiguous()
     block_m = 16 if Qn <= 16 else 64
-    grid = (B, K, triton.cdiv(Qn, block_m))
+    tiles = triton.cdiv(Qn, block_m)
+    if q_rows is not None:
+        splits = 1
+    elif splits is None:
+        splits = decode_splits(B * K * tiles, q.device)
+    # split partials: (splits, B, K, Qn, E) fp32 outputs and (splits, B, K, Qn) log-sum-exps
+    part = out if splits == 1 else torch.empty((splits, B, K, Qn, E), dtype=torch.float32, device=q.device)
+    part_lse = lse if splits == 1 else torch.empty((splits, B, K, Qn), dtype=torch.float32, device=q.device)
     q_lens = lens if q_lens is None else q_lens.to(torch.int32).contiguous()  # (B,) ignored without HAS_QLENS
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, tables, lens, q_lens, rows, out, lse,
+    _paged_attention_kernel[(B, K, tiles * splits)](
+        q, k_cache, v_cache, tables, lens, q_lens, rows, part, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0), sr_b,
-        Qn, G, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_QLENS=q_lens is not lens, INDIRECT=q_rows is not None, num_warps=num_warps, num_stages=num_stages)
+        Qn, G, B, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_QLENS=q_lens is not lens, INDIRECT=q_rows is not None, SPLITS=splits, num_warps=num_warps,
+        num_stages=num_stages)
+    if splits > 1:
+        _merge_splits_kernel[(B, K, tiles)](part, part_lse, q_lens, out, lse, q.stride(0), q.stride(1), q.stride(2),
+                                            Qn, B, E=E, BLOCK_M=block_m, SPLITS=splits,
+                                            HAS_QLENS=q_lens is not lens)
     return out, lse
+
+
+# Programs that keep every SM busy through a decode attention call: a few CTAs per SM, so that one wave's tail is
+# short and the loads of several programs overlap on each SM (set from benchmarks/decode_attention.py on an H200)
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 16
+
+
+def decode_splits(programs: int, device: torch.device) -> int:
+    """Key splits per program so that ``programs`` x splits fill the GPU ``PROGRAMS_PER_SM`` times: few long
+    sequences (long outputs, 16 rows x 8 kv heads = 128 programs on 132 SMs) otherwise leave each SM one program
+    walking 32k keys alone; many rows (>= PROGRAMS_PER_SM x SMs programs) keep one split and no merge. The split
+    of the keys with a log-sum-exp merge is Flash-Decoding's (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for
+    long-context inference"; also FlashDecoding++, Hong et al. 2023, arXiv 2311.01282, section 3)."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(MAX_SPLITS, -(-PROGRAMS_PER_SM * sms // max(1, programs))))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, QLens, QRows, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b,
-                                sr_b, Qn, G, scale, BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr, INDIRECT: tl.constexpr):
-        b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                                sr_b, Qn, G, B, scale, BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr, INDIRECT: tl.constexpr,
+                                SPLITS: tl.constexpr):
+        b, kh, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        mt, sp = pid // SPLITS, pid % SPLITS
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Qn
         n = tl.load(Lens + b)
@@ -179,6 +219,11 @@ if triton is not None:
             q_len = tl.load(QLens + b)
             rmask = rmask & (rows < q_len)
             n = tl.where(mt * BLOCK_M < q_len, n, 0)
+        lo, hi = 0, n
+        if SPLITS > 1:  # this split's keys: an equal share of the n keys, in whole key tiles
+            per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+            lo = sp * per
+            hi = tl.minimum(n, lo + per)
         e = tl.arange(0, E)
         if INDIRECT:  # row r: head r % G of decode row QRows[b, r // G], in place in a (D, K, G, E) tensor
             d = tl.load(QRows + b * sr_b + rows // G, mask=rmask, other=0).to(tl.int64)
@@ -190,9 +235,9 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, E], tl.float32)
-        for start in range(0, n, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
-            tmask = t < n
+            tmask = t < hi
             blk = tl.load(Tables + b * st_b + t // BS, mask=tmask, other=0)
             kv_off = kh.to(tl.int64) * sc_k + (blk.to(tl.int64) * BS + t % BS)[:, None] * sc_s + e[None, :]
             k = tl.load(Kc + kv_off, mask=tmask[:, None], other=0.0)
@@ -205,8 +250,44 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
-        tl.store(Lse + head_off // E, m_i + tl.log(l_i), mask=rmask)  # lse: q's layout without E
+        if SPLITS == 1:
+            tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
+            tl.store(Lse + head_off // E, m_i + tl.log(l_i), mask=rmask)  # lse: q's layout without E
+        else:  # partials (SPLITS, B, K, Qn, E): a split without keys says so by lse = -inf (weight 0 in the merge)
+            prow = ((sp * B + b) * tl.num_programs(1) + kh).to(tl.int64) * Qn + rows
+            some = l_i > 0
+            o = acc / tl.where(some, l_i, 1.0)[:, None]
+            tl.store(Out + prow[:, None] * E + e[None, :], o, mask=rmask[:, None])
+            tl.store(Lse + prow, tl.where(some, m_i + tl.log(tl.where(some, l_i, 1.0)), float("-inf")), mask=rmask)
+
+    @triton.jit
+    def _merge_splits_kernel(Part, PartLse, QLens, Out, Lse, sq_b, sq_k, sq_q, Qn, B, E: tl.constexpr,
+                             BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, HAS_QLENS: tl.constexpr):
+        b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < Qn
+        if HAS_QLENS:
+            rmask = rmask & (rows < tl.load(QLens + b))
+        e = tl.arange(0, E)
+        base = (b * tl.num_programs(1) + kh).to(tl.int64) * Qn + rows  # row in one split's (B, K, Qn)
+        split_rows = B * tl.num_programs(1) * Qn
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for sp in tl.static_range(SPLITS):
+            m = tl.maximum(m, tl.load(PartLse + sp * split_rows + base, mask=rmask, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([BLOCK_M, E], tl.float32)
+        den = tl.zeros([BLOCK_M], tl.float32)
+        for sp in tl.static_range(SPLITS):
+            w = tl.exp(tl.load(PartLse + sp * split_rows + base, mask=rmask, other=float("-inf")) - m_safe)
+            o = tl.load(Part + (sp * split_rows + base)[:, None] * E + e[None, :], mask=rmask[:, None], other=0.0)
+            acc += w[:, None] * o
+            den += w
+        some = den > 0
+        head_off = b * sq_b + kh * sq_k + rows * sq_q
+        tl.store(Out + head_off[:, None] + e[None, :], (acc / tl.where(some, den, 1.0)[:, None])
+                 .to(Out.dtype.element_ty), mask=rmask[:, None])
+        tl.store(Lse + head_off // E, tl.where(some, m_safe + tl.log(tl.where(some, den, 1.0)), float("-inf")),
+                 mask=rmask)
 
     @triton.jit
     def _prefill_attention_kernel(Q, Kc, Vc, Slots, QStart, QLen, CtxLen, KStart, TileChunk, TileRow, Out,
