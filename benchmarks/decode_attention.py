@@ -36,9 +36,8 @@ from batchpilot.generate.roofline import measure_copy_bandwidth
 
 K, G, E, BS = 8, 4, 64, 16
 SHAPES = {"c": (875, None), "mid": (64, 8192), "long": (16, 32768), "serve": (128, 2048)}
-# (block_n, num_warps, num_stages): the default first
-CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (64, 2, 3), (128, 4, 3), (128, 8, 3), (32, 4, 3),
-           (32, 2, 3)]
+# (block_n, num_warps, num_stages): the kernel's default for decode rows first
+CONFIGS = [(128, 4, 3), (128, 4, 2), (128, 8, 3), (128, 2, 3), (64, 4, 3), (64, 4, 2), (64, 2, 3), (32, 4, 3)]
 
 
 def make_case(rows: int, length: int | None, device: torch.device, rng: random.Random) -> dict:

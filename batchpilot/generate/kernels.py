@@ -138,7 +138,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                            lens: torch.Tensor, block_size: int, q_lens: torch.Tensor | None = None,
-                           q_rows: torch.Tensor | None = None, *, block_n: int = 64, num_warps: int = 4,
+                           q_rows: torch.Tensor | None = None, *, block_n: int | None = None, num_warps: int = 4,
                            num_stages: int = 3, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``q_lens``: query tiles at or past q_lens[b] do no work (their rows' results are left unwritten).
     ``q_rows``: as in ``paged_attention_torch``, read and written in place (no gathered copy of the queries).
@@ -158,6 +158,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tables = tables.to(torch.int32).contiguous()
     lens = lens.to(torch.int32).contiguous()
     block_m = 16 if Qn <= 16 else 64
+    if block_n is None:  # decode rows read 128 keys a loop (~100% of the copy bandwidth on an H200, 64: 77-97%)
+        block_n = 128 if block_m == 16 else 64
     tiles = triton.cdiv(Qn, block_m)
     if q_rows is not None:
         splits = 1
@@ -170,31 +172,34 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_attention_kernel[(B, K, tiles * splits)](
         q, k_cache, v_cache, tables, lens, q_lens, rows, part, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), tables.stride(0), sr_b,
-        Qn, G, B, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_QLENS=q_lens is not lens, INDIRECT=q_rows is not None, SPLITS=splits, num_warps=num_warps,
+        Qn, G, B, splits, 1.0 / math.sqrt(E), BS=block_size, E=E, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_QLENS=q_lens is not lens, INDIRECT=q_rows is not None, SPLIT=splits > 1, num_warps=num_warps,
         num_stages=num_stages)
-    if splits > 1:
+    if splits > 1:  # the split count is a runtime argument: a job's many batch sizes compile two variants, not 16
         _merge_splits_kernel[(B, K, tiles)](part, part_lse, q_lens, out, lse, q.stride(0), q.stride(1), q.stride(2),
-                                            Qn, B, E=E, BLOCK_M=block_m, SPLITS=splits,
-                                            HAS_QLENS=q_lens is not lens)
+                                            Qn, B, splits, E=E, BLOCK_M=block_m, HAS_QLENS=q_lens is not lens)
     return out, lse
 
 
-# Programs that keep every SM busy through a decode attention call: a few CTAs per SM, so that one wave's tail is
-# short and the loads of several programs overlap on each SM (set from benchmarks/decode_attention.py on an H200)
+# Split the keys only when the programs fill the SMs fewer than FULL_WAVES times, into enough splits for
+# PROGRAMS_PER_SM programs per SM (benchmarks/decode_attention.py, one H200: 16 rows x 32k tokens go from 33% of
+# the copy bandwidth at one split to 96-100% at five; 64 rows x 8k tokens, 512 programs, are fastest unsplit)
+FULL_WAVES = 2
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 16
 
 
 def decode_splits(programs: int, device: torch.device) -> int:
-    """Key splits per program so that ``programs`` x splits fill the GPU ``PROGRAMS_PER_SM`` times: few long
-    sequences (long outputs, 16 rows x 8 kv heads = 128 programs on 132 SMs) otherwise leave each SM one program
-    walking 32k keys alone; many rows (>= PROGRAMS_PER_SM x SMs programs) keep one split and no merge. The split
-    of the keys with a log-sum-exp merge is Flash-Decoding's (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for
-    long-context inference"; also FlashDecoding++, Hong et al. 2023, arXiv 2311.01282, section 3)."""
+    """Key splits per program: 1 where ``programs`` fill the GPU's SMs ``FULL_WAVES`` times, else enough for
+    ``PROGRAMS_PER_SM`` programs per SM. Few long sequences (long outputs: 16 rows x 8 kv heads = 128 programs on
+    132 SMs) otherwise leave each SM one program walking 32k keys alone. The split of the keys with a log-sum-exp
+    merge is Flash-Decoding's (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for long-context inference"; also
+    FlashDecoding++, Hong et al. 2023, arXiv 2311.01282, section 3)."""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= FULL_WAVES * sms:
+        return 1
     return max(1, min(MAX_SPLITS, -(-PROGRAMS_PER_SM * sms // max(1, programs))))
 
 
@@ -207,11 +212,11 @@ if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, QLens, QRows, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b,
-                                sr_b, Qn, G, B, scale, BS: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr, INDIRECT: tl.constexpr,
-                                SPLITS: tl.constexpr):
+                                sr_b, Qn, G, B, splits, scale, BS: tl.constexpr, E: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr,
+                                INDIRECT: tl.constexpr, SPLIT: tl.constexpr):
         b, kh, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        mt, sp = pid // SPLITS, pid % SPLITS
+        mt, sp = pid // splits, pid % splits
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Qn
         n = tl.load(Lens + b)
@@ -220,8 +225,8 @@ if triton is not None:
             rmask = rmask & (rows < q_len)
             n = tl.where(mt * BLOCK_M < q_len, n, 0)
         lo, hi = 0, n
-        if SPLITS > 1:  # this split's keys: an equal share of the n keys, in whole key tiles
-            per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+        if SPLIT:  # this split's keys: an equal share of the n keys, in whole key tiles
+            per = tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N
             lo = sp * per
             hi = tl.minimum(n, lo + per)
         e = tl.arange(0, E)
@@ -250,10 +255,10 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        if SPLITS == 1:
+        if not SPLIT:
             tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=rmask[:, None])
             tl.store(Lse + head_off // E, m_i + tl.log(l_i), mask=rmask)  # lse: q's layout without E
-        else:  # partials (SPLITS, B, K, Qn, E): a split without keys says so by lse = -inf (weight 0 in the merge)
+        else:  # partials (splits, B, K, Qn, E): a split without keys says so by lse = -inf (weight 0 in the merge)
             prow = ((sp * B + b) * tl.num_programs(1) + kh).to(tl.int64) * Qn + rows
             some = l_i > 0
             o = acc / tl.where(some, l_i, 1.0)[:, None]
@@ -261,8 +266,8 @@ if triton is not None:
             tl.store(Lse + prow, tl.where(some, m_i + tl.log(tl.where(some, l_i, 1.0)), float("-inf")), mask=rmask)
 
     @triton.jit
-    def _merge_splits_kernel(Part, PartLse, QLens, Out, Lse, sq_b, sq_k, sq_q, Qn, B, E: tl.constexpr,
-                             BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, HAS_QLENS: tl.constexpr):
+    def _merge_splits_kernel(Part, PartLse, QLens, Out, Lse, sq_b, sq_k, sq_q, Qn, B, splits, E: tl.constexpr,
+                             BLOCK_M: tl.constexpr, HAS_QLENS: tl.constexpr):
         b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Qn
@@ -272,12 +277,12 @@ if triton is not None:
         base = (b * tl.num_programs(1) + kh).to(tl.int64) * Qn + rows  # row in one split's (B, K, Qn)
         split_rows = B * tl.num_programs(1) * Qn
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for sp in tl.static_range(SPLITS):
+        for sp in range(splits):
             m = tl.maximum(m, tl.load(PartLse + sp * split_rows + base, mask=rmask, other=float("-inf")))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         acc = tl.zeros([BLOCK_M, E], tl.float32)
         den = tl.zeros([BLOCK_M], tl.float32)
-        for sp in tl.static_range(SPLITS):
+        for sp in range(splits):
             w = tl.exp(tl.load(PartLse + sp * split_rows + base, mask=rmask, other=float("-inf")) - m_safe)
             o = tl.load(Part + (sp * split_rows + base)[:, None] * E + e[None, :], mask=rmask[:, None], other=0.0)
             acc += w[:, None] * o
