@@ -22,6 +22,12 @@ from typing import Any
 import torch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# An offline job's step token budget. Steps that prefill run eagerly, and at llama-1b on an H200 such a step costs
+# ~40 ms of host launches whatever its size (~11 ms of kernels at 2,048 tokens): a larger budget makes fewer of
+# them. A 3,000-line job's warm engine: 24.8k tok/s at 2,048, 28.3k at 4,096, 29.8k at 8,192, 33.5k at 16,384
+# (benchmarks/results/generate_job_diag_budget_20261201.json); 8,192 is also what generate_throughput.py runs. The
+# server keeps 2,048: there a larger prefill step lengthens every running request's next token.
+OFFLINE_MAX_BATCH_TOKENS = 8192
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory (default: the model's)")
     add_sampling_flags(p)
     p.add_argument("--kv-block-size", type=int, default=16)
-    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-tokens", type=int, default=OFFLINE_MAX_BATCH_TOKENS,
+                   help="tokens per step, decodes and prefill chunks together")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-prefix-sharing", action="store_true", help="no shared-prefix groups")

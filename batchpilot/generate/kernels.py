@@ -210,7 +210,9 @@ def _sm_count(index: int) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    # Triton compiles one variant per value class of each int argument (1, multiples of 16, others): the per-step
+    # sizes (rows, queries, table widths, splits) are not specialised, so a job's varying batches reuse one compile
+    @triton.jit(do_not_specialize=["st_b", "sr_b", "Qn", "B", "splits"])
     def _paged_attention_kernel(Q, Kc, Vc, Tables, Lens, QLens, QRows, Out, Lse, sq_b, sq_k, sq_q, sc_k, sc_s, st_b,
                                 sr_b, Qn, G, B, splits, scale, BS: tl.constexpr, E: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QLENS: tl.constexpr,
@@ -265,7 +267,7 @@ if triton is not None:
             tl.store(Out + prow[:, None] * E + e[None, :], o, mask=rmask[:, None])
             tl.store(Lse + prow, tl.where(some, m_i + tl.log(tl.where(some, l_i, 1.0)), float("-inf")), mask=rmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["Qn", "B", "splits"])
     def _merge_splits_kernel(Part, PartLse, QLens, Out, Lse, sq_b, sq_k, sq_q, Qn, B, splits, E: tl.constexpr,
                              BLOCK_M: tl.constexpr, HAS_QLENS: tl.constexpr):
         b, kh, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)

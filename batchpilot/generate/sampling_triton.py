@@ -733,7 +733,7 @@ if HAVE_TRITON:
                 mass += tl.sum(tl.where(above, e, 0.0), axis=2).to(tl.float64)
         return cnt, mass, z
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])  # the batch's rows: one compile for every batch size
     def _approx_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, smax_ptr, smin_ptr, sminf_ptr, sninf_ptr,
                        pc_ptr, pm_ptr, pz_ptr, NCH, R, PASS: tl.constexpr, NC: tl.constexpr, NCHP: tl.constexpr,
                        CHUNK: tl.constexpr, BR: tl.constexpr, VEC: tl.constexpr, KIND: tl.constexpr,
@@ -835,7 +835,7 @@ if HAVE_TRITON:
             v, i = _exact_best(base, V, c0, n_end, tk, rkey, top, FILTER, BLOCK, KIND, ACCURATE)
         return v, i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])  # the batch's rows: one compile for every batch size
     def _draw_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
                      smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, sk_ptr, si_ptr, CAPC,
                      dz_ptr, dm_ptr, dc_ptr, dn_ptr, dbv_ptr, dbi_ptr, NCH, R, PASSES: tl.constexpr,
@@ -982,7 +982,7 @@ if HAVE_TRITON:
         return (count, tl.sum(acc.to(tl.float64) - comp.to(tl.float64), axis=1), tl.min(kmin, axis=0),
                 tl.max(kmax, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])  # the batch's rows: one compile for every batch size
     def _finish_kernel(x_ptr, stride, V, temp_ptr, klim_ptr, topp_ptr, seed_ptr, step_ptr, smax_ptr, sidx_ptr,
                        smin_ptr, sminf_ptr, sninf_ptr, pc_ptr, pm_ptr, pz_ptr, sk_ptr, si_ptr, CAPC,
                        dz_ptr, dm_ptr, dc_ptr, dn_ptr, dbv_ptr, dbi_ptr, out_ptr, thr_ptr, NCH, R,
