@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from batchpilot.generate.batch import decode_arrays, flatten, prefill_arrays, prefill_chunk_arrays
-from batchpilot.generate.graphs import DecodeGraphs
+from batchpilot.generate.graphs import REUSE_FIRST_USES, DecodeGraphs
 from batchpilot.generate.kernels import (PrefillChunks, paged_attention_torch, paged_attention_triton,
                                          prefill_attention_torch, prefill_attention_triton, triton)
 from batchpilot.generate.request import Request, TokenLogprob
@@ -71,11 +71,11 @@ class Runner:
             self.attach_graphs(max_rows=max_num_seqs, compile=compile)
 
     def attach_graphs(self, *, max_rows: int, max_groups: int = MAX_GRAPH_GROUPS, capture: bool = True,
-                      compile: bool = False) -> DecodeGraphs:
+                      compile: bool = False, reuse_first_uses: int = REUSE_FIRST_USES) -> DecodeGraphs:
         """Decode graphs over this runner's cache (``capture=False``: the same static buffers run eagerly, CPU)."""
         self.graphs = DecodeGraphs(self.model, self.kv, self.paged_attention, trash_block=self.trash_block,
                                    cascade=self.cascade, max_rows=max_rows, max_groups=max_groups,
-                                   capture=capture, compile=compile)
+                                   capture=capture, compile=compile, reuse_first_uses=reuse_first_uses)
         return self.graphs
 
     def begin_job(self, max_tokens: int) -> None:

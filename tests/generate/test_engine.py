@@ -180,12 +180,28 @@ def test_compiled_decode_graphs_match_eager(hf_pair, hf_reference):
 
     _, model, _ = hf_pair
     engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=4))
-    graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False,
-                                                 compile=True)
+    graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False, compile=True,
+                                         reuse_first_uses=0)  # every bucket its own graph at once
     lengths = (N, N, 3, 5, N, 2)  # requests end at different steps: batches of 6, 4, 3 rows (buckets 8, 4)
     results = engine.generate(_prompts(), [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
     assert [r.output_ids for r in results] == [ref[:n] for ref, n in zip(hf_reference, lengths)]
     assert graphs.enabled and len({rows for rows, *_ in graphs.graphs}) >= 2
+
+
+@pytest.mark.parametrize("reuse", [0, 2, 1000])
+def test_a_new_bucket_first_runs_on_a_larger_captured_graph(hf_pair, hf_reference, reuse):
+    """A shrinking batch's first uses of a smaller bucket replay the larger graph (more padding rows), and the
+    bucket gets its own graph after ``reuse_first_uses`` uses: HF's tokens either way."""
+    _, model, _ = hf_pair
+    engine = Engine(model, None, EngineConfig(min_prefix_len=1, decode_steps=1))
+    graphs = engine.runner.attach_graphs(max_rows=8, max_groups=2, capture=False, reuse_first_uses=reuse)
+    lengths = (N, N, 3, 5, N, 2)  # batches of 6 rows (bucket 8), then 4 and 3 (bucket 4) for N - 5 steps
+    results = engine.generate(_prompts(), [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [r.output_ids for r in results] == [ref[:n] for ref, n in zip(hf_reference, lengths)]
+    buckets = {rows for rows, *_ in graphs.graphs}
+    assert 8 in buckets and (4 in buckets) == (reuse < 1000)  # reuse 1000: the 4- and 3-row steps ran on 8 rows
+    if reuse == 2:
+        assert graphs.uses[next(k for k in graphs.graphs if k[0] == 4)] == 3  # captured on its third use
 
 
 def test_mismatching_compiled_graphs_fall_back_to_eager_graphs(hf_pair, hf_reference):
