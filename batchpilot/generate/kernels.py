@@ -7,7 +7,9 @@ Qn = members x H/K, so its KV is read once for the whole group (Hydragen/cascade
 lets the caller merge the prefix and suffix parts exactly.
 
 The Triton kernel reads KV in place (no gather copy), one program per (sequence, kv head, query
-tile), online softmax in fp32. It is used only on CUDA, and only after it matched the torch
+tile), online softmax in fp32; when those programs are too few to fill the GPU (few rows, long contexts) each
+one's keys are split over several programs whose partial results a second kernel merges by their log-sum-exps
+(``decode_splits``). It is used only on CUDA, and only after it matched the torch
 reference once on real inputs (``Runner`` checks); anything else uses the torch path, which
 gathers the blocks (one extra copy of the KV it reads) and is what the CPU tests run. The kernel is
 also tested on CPU under ``TRITON_INTERPRET=1`` when triton is installed.
