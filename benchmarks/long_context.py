@@ -29,6 +29,7 @@ H200 a 256k step takes tens of seconds, so 150 s is likely to end at the wall ca
 system: ``--wall-s 540`` (inside a 10-minute command) lets the searches reach their memory limits.
 
 Usage (one H200):  BATCHPILOT_COMMIT=$(git rev-parse HEAD) python benchmarks/long_context.py [--bf16-params] [--wall-s 150]
+                   [--stream-offload]  (streaming keeps its saved block inputs in pinned host memory)
                    (``--bf16-params``: bf16 block inputs, half of autocast's fp32 ones; what HF's bf16 model keeps)
 CPU smoke test:    python benchmarks/long_context.py --smoke   (tiny preset, lengths 64-512, a 90 s cap)
 """
@@ -66,7 +67,7 @@ SYSTEMS = ("batchpilot_ckpt", "batchpilot_stream", "hf_liger")
 # ------------------------------------------------------------------------------------------- runners
 class OursRunner:
     def __init__(self, config: LlamaConfig, device: torch.device, *, stream_chunk: int | None,
-                 bf16_params: bool) -> None:
+                 bf16_params: bool, stream_offload: bool = False) -> None:
         from torch.distributed._composable import checkpoint
 
         self.model = build_model(config, device=device, seed=0)
@@ -74,7 +75,7 @@ class OursRunner:
             for block in self.model.layers:  # full checkpointing, as ``--activation-checkpointing full``
                 checkpoint(block)
         else:
-            apply_streaming(self.model, stream_chunk)
+            apply_streaming(self.model, stream_chunk, offload_inputs=stream_offload)
         if bf16_params:
             one_device_fsdp_bf16(self.model, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -135,22 +136,25 @@ def build_runner(system: str, config: LlamaConfig, device: torch.device, args):
     if system == "batchpilot_ckpt":
         return OursRunner(config, device, stream_chunk=None, bf16_params=args.bf16_params)
     if system == "batchpilot_stream":
-        return OursRunner(config, device, stream_chunk=args.stream_chunk, bf16_params=args.bf16_params)
+        return OursRunner(config, device, stream_chunk=args.stream_chunk, bf16_params=args.bf16_params,
+                          stream_offload=args.stream_offload)
     return HFRunner(config, device, liger=system == "hf_liger")
 
 
 # ------------------------------------------------------------------------------------------- memory model
-def predict_stream_peak_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int) -> float:
+def predict_stream_peak_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
+                              offload: bool = False) -> float:
     """Predicted ``max_memory_allocated`` of a streamed step (one GPU, fp32 params + autocast, micro-batch 1).
 
     The moments of ``plan/memory.py``'s ``estimate_peak_bytes`` with checkpointing, the first block's
     recomputation replaced by the streamed block's working set (``stream_backward_working_bytes``, which
     includes its own cached weight casts: autocast's forward copies of all blocks live only until the
-    forward's autocast region ends, so they count at the loss, not in backward).
+    forward's autocast region ends, so they count at the loss, not in backward). ``offload``
+    (``--stream-offload``): the block inputs are in host memory but for the one in use.
     """
     d, v, tokens, layers = config.hidden_size, config.vocab_size, seq_len, config.num_layers
     state = estimate_model_state_bytes(total_params(config), optimizer="adamw")
-    saved = 4 * d * tokens * layers + 8 * d * tokens  # block inputs + the final norm
+    saved = 4 * d * tokens * (1 if offload else layers) + 8 * d * tokens  # block inputs + the final norm
     copies = 2 * non_vocab_params(config)  # autocast's bf16 weight copies
     loss = estimate_loss_bytes(config, tokens=tokens, fsdp=False)
     working = stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens)
@@ -226,7 +230,8 @@ def run_probe(runner, config: LlamaConfig, system: str, seq: int, timed: bool, a
         recover_after_oom(runner)
     if system == "batchpilot_stream" and not args.bf16_params:  # the prediction models the autocast path
         row["predicted_peak_allocated_bytes"] = predict_stream_peak_bytes(config, seq_len=seq,
-                                                                          chunk_tokens=args.stream_chunk)
+                                                                          chunk_tokens=args.stream_chunk,
+                                                                          offload=args.stream_offload)
     return row
 
 
@@ -388,6 +393,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None)
     p.add_argument("--bf16-params", action="store_true",
                    help="batchpilot systems: bf16 compute over fp32 masters via one-device FSDP2 (no autocast)")
+    p.add_argument("--stream-offload", action="store_true",
+                   help="batchpilot_stream keeps its saved block inputs in pinned host memory "
+                        "(--parallel.stream_offload): the GPU holds one of them")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, tiny lengths, a 90 s cap")
     p.add_argument("--run-system", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline-unix", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -413,11 +421,13 @@ def main(argv: list[str]) -> None:
         systems.append("hf")
     out = Path(args.out_dir) if args.out_dir else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    suffix = ("_smoke" if args.smoke else "") + ("_bf16" if args.bf16_params else "")
+    suffix = ("_smoke" if args.smoke else "") + ("_bf16" if args.bf16_params else "") + (
+        "_offload" if args.stream_offload else "")
     path = out / f"long_context{suffix}_{dt.date.today().isoformat()}.json"
     result = {"benchmark": "long_context", **provenance(), "preset": args.preset, "micro_batch_size": 1,
               "batchpilot_precision": "bf16 params (FSDP2, fp32 masters)" if args.bf16_params else
-              "fp32 params + bf16 autocast", "stream_chunk": args.stream_chunk, "wall_s": args.wall_s,
+              "fp32 params + bf16 autocast", "stream_chunk": args.stream_chunk,
+              "stream_offload": args.stream_offload, "wall_s": args.wall_s,
               "predicted_cuda_context_bytes": CUDA_CONTEXT_BYTES, "skipped": skipped, "probes": [], "longest": {}}
 
     def write() -> None:

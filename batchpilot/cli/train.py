@@ -51,6 +51,7 @@ HELP = {
     "parallel.device": "auto | cpu | cuda", "parallel.compile": "torch.compile each block",
     "parallel.activation_checkpointing": "none | full | selective | stream",
     "parallel.stream_chunk": "rows of the sequence per backward chunk under activation_checkpointing=stream",
+    "parallel.stream_offload": "streamed blocks keep their saved inputs in pinned host memory (one on the GPU)",
     "parallel.offload": "none | cpu: parameter shards, gradients and optimizer states in host memory (FSDP2 "
                         "CPUOffloadPolicy; implies FSDP2, on one GPU a one-rank mesh); the AdamW step runs on "
                         "the CPU (fused CPU kernel); models larger than the GPU on one GPU",

@@ -264,6 +264,12 @@ def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk
                                                         param_bytes=param_bytes)
 
 
+def stream_offload_host_bytes(config: LlamaConfig, *, seq_len: int, micro_batch_size: int = 1,
+                              param_bytes: int = 4) -> float:
+    """Pinned host bytes of ``--parallel.stream_offload``: every streamed block's saved input."""
+    return param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryEstimate:
     """Predicted peak bytes per GPU, split by what holds them at the peak."""
@@ -311,14 +317,17 @@ def weight_copy_bytes(config: LlamaConfig, *, compile: bool, float8: str | None)
 def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: int, optimizer: str = "adamw",
                         num_gpus: int = 1, sharding: Sharding = "none", checkpointing: bool | str = False,
                         stream_chunk_tokens: int | None = None, compile: bool = False,
-                        float8: str | None = None, grad_accum_steps: int = 1) -> MemoryEstimate:
+                        float8: str | None = None, grad_accum_steps: int = 1,
+                        stream_offload: bool = False) -> MemoryEstimate:
     """Peak bytes per GPU of forward + backward + optimizer step (module docstring).
 
     ``checkpointing``: True / "full" (every block), "selective" (every other block, ``apply_ac``), False / "none".
     ``stream_chunk_tokens``: streaming backprop (``--parallel.activation_checkpointing stream``): every block
     keeps its input, as under checkpointing, and the block being differentiated holds
     ``stream_backward_working_bytes`` instead of a recomputed block (its bf16 weight copies included, so
-    without FSDP2 no other block's copies are held then).
+    without FSDP2 no other block's copies are held then). ``stream_offload`` (``--parallel.stream_offload``): the
+    saved inputs live in host memory (``stream_offload_host_bytes``) and the GPU holds the one of the block being
+    run or differentiated.
     ``compile`` / ``float8``: the derived per-token terms (``compiled_block_terms``) and weight copies
     (``weight_copy_bytes``). ``grad_accum_steps`` > 1: from the second micro-step on the gradients of the
     earlier ones are held through forward and backward (the trainer zeroes them only after the step).
@@ -337,8 +346,8 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
                  * tokens
                  for i in range(config.num_layers)]  # MoE layers differ from dense ones
     block_input = pbytes * d * tokens
-    if streaming:
-        kept = block_input * config.num_layers  # every streamed block keeps only its input
+    if streaming:  # every streamed block keeps only its input (in host memory when offloaded)
+        kept = block_input * (1 if stream_offload else config.num_layers)
     else:
         kept = sum(block_input if c else b for c, b in zip(ckpt, per_layer))
     activations = kept + (8 if pbytes == 4 else 6) * d * tokens  # + final norm (eager: not compiled)

@@ -45,6 +45,9 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: str = "none"  # none | full | selective | stream (streaming backprop, train/stream.py)
     stream_chunk: int = 4096  # rows of the sequence per backward chunk under activation_checkpointing=stream
+    # under activation_checkpointing=stream: each block's saved input in pinned host memory, copied back for its
+    # backward, so the GPU holds one block input instead of one per layer (train/stream.py)
+    stream_offload: bool = False
     # one device: FSDP2 mixed precision (bf16 compute copies over fp32 masters, what every rank runs under torchrun)
     # instead of autocast over fp32 parameters; bf16 residual stream and saved activations (docs/scale.md)
     fsdp_one_device: bool = False
@@ -66,6 +69,9 @@ class ParallelConfig:
         check_float8_recipe(self.float8)
         if self.stream_chunk < 1:
             raise ValueError(f"--parallel.stream_chunk must be >= 1 token, got {self.stream_chunk}")
+        if self.stream_offload and self.activation_checkpointing != "stream":
+            raise ValueError("--parallel.stream_offload needs --parallel.activation_checkpointing stream (it moves "
+                             "the streamed blocks' saved inputs to host memory)")
         if self.context_parallel < 1:
             raise ValueError(f"--parallel.context_parallel must be >= 1 rank, got {self.context_parallel}")
         if self.context_parallel > 1 and self.activation_checkpointing == "stream":
@@ -165,12 +171,13 @@ def apply_ac(model: nn.Module, mode: str) -> None:
             checkpoint(block)
 
 
-def apply_streaming(model: nn.Module, chunk_tokens: int) -> None:
+def apply_streaming(model: nn.Module, chunk_tokens: int, offload_inputs: bool = False) -> None:
     """Streaming backprop (StreamBP, Luo et al., arXiv 2506.03077) in place of checkpointing: each block keeps
-    its input and differentiates the sequence ``chunk_tokens`` rows at a time (``train/stream.py``)."""
+    its input (in pinned host memory with ``offload_inputs``) and differentiates the sequence ``chunk_tokens``
+    rows at a time (``train/stream.py``)."""
     from batchpilot.train.stream import apply_streaming as stream_blocks
 
-    stream_blocks(model, chunk_tokens)
+    stream_blocks(model, chunk_tokens, offload_inputs=offload_inputs)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -218,7 +225,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype
 def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointing: str = "none",
                 compile: bool = False, param_dtype: torch.dtype | None = None,
                 fsdp_one_device: bool = False, float8: str | None = None, stream_chunk: int = 4096,
-                offload: str = "none") -> nn.Module:
+                offload: str = "none", stream_offload: bool = False) -> nn.Module:
     """The one place where parallelism is applied, in a fixed order: float8, AC or streaming, compile, FSDP2.
 
     FSDP2 runs with several ranks, and on one device when ``fsdp_one_device`` is set (with a
@@ -230,7 +237,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, *, activation_checkpointin
         raise ValueError("--parallel.float8 with --parallel.offload cpu is not supported; drop one of them")
     apply_float8(model, float8, dims.device)
     if activation_checkpointing == "stream":
-        apply_streaming(model, stream_chunk)
+        apply_streaming(model, stream_chunk, stream_offload)
     else:
         apply_ac(model, activation_checkpointing)
     if compile:

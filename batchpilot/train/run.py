@@ -234,7 +234,8 @@ def build_run_model(model: ModelConfig, config: LlamaConfig, par: ParallelConfig
     param_dtype = torch.bfloat16 if dims.device.type == "cuda" else (torch.float32 if one_device_fsdp else None)
     return parallel.parallelize(net, dims, activation_checkpointing=par.activation_checkpointing,
                                 compile=par.compile, param_dtype=param_dtype, fsdp_one_device=one_device_fsdp,
-                                float8=par.float8, stream_chunk=par.stream_chunk, offload=par.offload)
+                                float8=par.float8, stream_chunk=par.stream_chunk, offload=par.offload,
+                                stream_offload=par.stream_offload)
 
 
 def build_data(data: DataConfig, model: ModelConfig, model_config: LlamaConfig, run_dir: Path,

@@ -167,3 +167,68 @@ def test_streamed_blocks_under_fsdp2_match_plain():
     finally:
         if ours:
             dist.destroy_process_group()
+
+
+def test_stream_offload_is_plumbed_and_validated():
+    """--parallel.stream_offload needs streaming; parallelize hands it to every streamed block; on CPU (nothing to
+    offload) the gradients are the plain ones."""
+    from batchpilot.train.parallel import ParallelConfig, ParallelDims, parallelize
+
+    with pytest.raises(ValueError, match="stream_offload needs"):
+        ParallelConfig(stream_offload=True)
+    ParallelConfig(activation_checkpointing="stream", stream_offload=True)
+    model = build_model(config(), seed=0)
+    parallelize(model, ParallelDims(device=torch.device("cpu")), activation_checkpointing="stream", stream_chunk=8,
+                stream_offload=True)
+    assert all(isinstance(b, StreamingBlock) and b.offload_inputs for b in model.layers)
+    ids, targets, pos, meta = batch(True)
+    model(ids, targets=targets, position_ids=pos, attn_meta=meta).backward()
+    _, ref = loss_and_grads(config(), True, None)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_stream_offload_memory_estimate_keeps_one_block_input():
+    from batchpilot.plan.memory import estimate_peak_bytes, stream_offload_host_bytes
+
+    cfg = get_preset("llama-1b")
+    kw = dict(micro_batch_size=1, seq_len=262144, stream_chunk_tokens=4096)
+    kept = estimate_peak_bytes(cfg, **kw).activations - estimate_peak_bytes(cfg, **kw, stream_offload=True).activations
+    block_input = 4 * cfg.hidden_size * 262144
+    assert kept == pytest.approx(block_input * (cfg.num_layers - 1))
+    assert stream_offload_host_bytes(cfg, seq_len=262144) == block_input * cfg.num_layers
+
+
+@pytest.mark.gpu
+def test_stream_offload_on_cuda_saves_inputs_in_pinned_host_memory():
+    """On CUDA the saved inputs are pinned host tensors, the gradients equal the GPU-kept ones (fp32), and the
+    peak holds fewer block inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = get_preset("tiny").with_(num_layers=4, vocab_size=97)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (1, 4096), generator=g).cuda()
+    targets = ids.roll(-1, dims=1)
+
+    def run(offload: bool):
+        model = build_model(cfg, device="cuda", seed=0)
+        apply_streaming(model, 512, offload_inputs=offload)
+        saved: list[torch.Tensor] = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, targets=targets)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated()
+        return peak, saved, {n: p.grad for n, p in model.named_parameters()}
+
+    (peak_on, saved_on, got), (peak_off, _, ref) = run(True), run(False)
+    hosted = [t for t in saved_on if t.device.type == "cpu"]
+    assert len(hosted) == cfg.num_layers and all(t.is_pinned() for t in hosted)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert peak_on < peak_off
