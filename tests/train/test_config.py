@@ -36,8 +36,8 @@ TRAIN_FLAGS = sorted("""
 --offload --optim.beta1 --optim.beta2 --optim.eps --optim.fused --optim.grad_clip --optim.lr --optim.momentum
 --optim.name --optim.trust_coefficient --optim.weight_decay --optimizer --out --parallel.activation_checkpointing
 --parallel.compile --parallel.context_parallel --parallel.device --parallel.float8 --parallel.fsdp_one_device
---parallel.master_dtype --parallel.offload --parallel.stream_chunk --peak-tflops --plan --preset --progress --recipe
---recipe.name --resume --save-every --schedule --schedule.decay_fraction --schedule.decay_shape --schedule.max_steps
+--parallel.master_dtype --parallel.offload --parallel.stream_chunk --parallel.stream_offload --peak-tflops --plan
+--preset --progress --recipe --recipe.name --resume --save-every --schedule --schedule.decay_fraction --schedule.decay_shape --schedule.max_steps
 --schedule.max_tokens --schedule.min_lr --schedule.name --schedule.power_a --schedule.power_b
 --schedule.power_decay_fraction --schedule.stop_at_step --schedule.warmup_tokens --seed --seq-len --stop-at-step
 --tensorboard --text-field --warmup-tokens --weight-decay
