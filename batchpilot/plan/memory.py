@@ -488,9 +488,16 @@ def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num
     gpus = next((n for n in (2**i for i in range(1, 13)) if n > num_gpus and need(n) <= gpu_memory_gib * GIB), None)
     more_gpus = f">= {gpus} GPUs of {gpu_memory_gib:g} GiB, or " if gpus else ""
     sharding = "FSDP" if num_gpus > 1 else "no"
+    # one GPU, a long row: streaming with its saved inputs in host memory may fit where nothing else does
+    offloaded = estimate_peak_bytes(config, micro_batch_size=1, seq_len=seq_len, optimizer=optimizer,
+                                    stream_chunk_tokens=STREAM_CHUNK_TOKENS, stream_offload=True).total_bytes
+    offload = (f"; or --parallel.activation_checkpointing stream --parallel.stream_offload: "
+               f"{offloaded / (1 - headroom) / GIB:.1f} GiB per GPU and "
+               f"{stream_offload_host_bytes(config, seq_len=seq_len) / GIB:.1f} GiB of pinned host memory"
+               if num_gpus == 1 and offloaded / (1 - headroom) <= gpu_memory_gib * GIB else "")
     return (f"the model does not fit on {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB even at micro-batch 1 with "
             f"{sharding} sharding and activation checkpointing or streaming (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"
-            f" headroom at seq_len {seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB per GPU")
+            f" headroom at seq_len {seq_len}); use {more_gpus}>= {math.ceil(need_gib)} GiB per GPU{offload}")
 
 
 # --- CPU offload: FSDP2 with CPUOffloadPolicy (--parallel.offload cpu) ----------------------------------------------

@@ -232,3 +232,15 @@ def test_stream_offload_on_cuda_saves_inputs_in_pinned_host_memory():
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
     assert peak_on < peak_off
+
+
+def test_a_row_too_long_for_the_gpu_is_told_about_stream_offload():
+    """One GPU, a row whose streamed saved inputs do not fit: the planner's error names --parallel.stream_offload
+    with its GPU and host memory."""
+    from batchpilot.plan.memory import cannot_fit_message
+
+    cfg = get_preset("llama-1b")
+    msg = cannot_fit_message(cfg, seq_len=1 << 20, optimizer="adamw", num_gpus=1, gpu_memory_gib=139, headroom=0.1)
+    assert "--parallel.stream_offload" in msg and "GiB of pinned host memory" in msg
+    assert "stream_offload" not in cannot_fit_message(cfg, seq_len=1 << 20, optimizer="adamw", num_gpus=1,
+                                                      gpu_memory_gib=8, headroom=0.1)
