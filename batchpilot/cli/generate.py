@@ -295,7 +295,6 @@ def run(args: argparse.Namespace) -> int:
         process_start = _process_start(started)
         # where the cold part goes: imports (process start to this command), reading the job, loading the
         # weights, the engine's set-up (its KV cache and kernels)
-        summary["setup_seconds"] = ready - started
         summary["cold_parts_seconds"] = {"imports": started - process_start, "read": read - started,
                                          "load": loaded - read, "engine_init": ready - loaded}
         summary["wall_seconds"] = time.perf_counter() - process_start

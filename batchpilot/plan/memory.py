@@ -252,22 +252,23 @@ def stream_backward_working_bytes(config: LlamaConfig, *, seq_len: int, chunk_to
     return kv_bytes + grad_x + graph + grads + weight_copies
 
 
+def stream_saved_inputs_bytes(config: LlamaConfig, *, seq_len: int, micro_batch_size: int = 1,
+                              param_bytes: int = 4) -> float:
+    """Every streamed block's saved input: on the GPU, or in pinned host memory with ``--parallel.stream_offload``."""
+    return param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
+
+
 def estimate_stream_activation_bytes(config: LlamaConfig, *, seq_len: int, chunk_tokens: int,
                                      micro_batch_size: int = 1, param_bytes: int = 4) -> float:
     """Activation bytes at the first streamed block's backward: every block's saved input plus its working set.
 
     The planner's ``estimate_peak_bytes`` uses this in place of checkpointing's ``kept x L + recompute``.
     """
-    saved_inputs = param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
+    saved_inputs = stream_saved_inputs_bytes(config, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                             param_bytes=param_bytes)
     return saved_inputs + stream_backward_working_bytes(config, seq_len=seq_len, chunk_tokens=chunk_tokens,
                                                         micro_batch_size=micro_batch_size,
                                                         param_bytes=param_bytes)
-
-
-def stream_offload_host_bytes(config: LlamaConfig, *, seq_len: int, micro_batch_size: int = 1,
-                              param_bytes: int = 4) -> float:
-    """Pinned host bytes of ``--parallel.stream_offload``: every streamed block's saved input."""
-    return param_bytes * config.hidden_size * micro_batch_size * seq_len * config.num_layers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -326,7 +327,7 @@ def estimate_peak_bytes(config: LlamaConfig, *, micro_batch_size: int, seq_len: 
     keeps its input, as under checkpointing, and the block being differentiated holds
     ``stream_backward_working_bytes`` instead of a recomputed block (its bf16 weight copies included, so
     without FSDP2 no other block's copies are held then). ``stream_offload`` (``--parallel.stream_offload``): the
-    saved inputs live in host memory (``stream_offload_host_bytes``) and the GPU holds the one of the block being
+    saved inputs live in host memory (``stream_saved_inputs_bytes``) and the GPU holds the one of the block being
     run or differentiated.
     ``compile`` / ``float8``: the derived per-token terms (``compiled_block_terms``) and weight copies
     (``weight_copy_bytes``). ``grad_accum_steps`` > 1: from the second micro-step on the gradients of the
@@ -493,7 +494,7 @@ def cannot_fit_message(config: LlamaConfig, *, seq_len: int, optimizer: str, num
                                     stream_chunk_tokens=STREAM_CHUNK_TOKENS, stream_offload=True).total_bytes
     offload = (f"; or --parallel.activation_checkpointing stream --parallel.stream_offload: "
                f"{offloaded / (1 - headroom) / GIB:.1f} GiB per GPU and "
-               f"{stream_offload_host_bytes(config, seq_len=seq_len) / GIB:.1f} GiB of pinned host memory"
+               f"{stream_saved_inputs_bytes(config, seq_len=seq_len) / GIB:.1f} GiB of pinned host memory"
                if num_gpus == 1 and offloaded / (1 - headroom) <= gpu_memory_gib * GIB else "")
     return (f"the model does not fit on {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB even at micro-batch 1 with "
             f"{sharding} sharding and activation checkpointing or streaming (needs {need_gib:.1f} GiB per GPU incl. {headroom:.0%}"

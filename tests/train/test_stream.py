@@ -189,14 +189,14 @@ def test_stream_offload_is_plumbed_and_validated():
 
 
 def test_stream_offload_memory_estimate_keeps_one_block_input():
-    from batchpilot.plan.memory import estimate_peak_bytes, stream_offload_host_bytes
+    from batchpilot.plan.memory import estimate_peak_bytes, stream_saved_inputs_bytes
 
     cfg = get_preset("llama-1b")
     kw = dict(micro_batch_size=1, seq_len=262144, stream_chunk_tokens=4096)
     kept = estimate_peak_bytes(cfg, **kw).activations - estimate_peak_bytes(cfg, **kw, stream_offload=True).activations
     block_input = 4 * cfg.hidden_size * 262144
     assert kept == pytest.approx(block_input * (cfg.num_layers - 1))
-    assert stream_offload_host_bytes(cfg, seq_len=262144) == block_input * cfg.num_layers
+    assert stream_saved_inputs_bytes(cfg, seq_len=262144) == block_input * cfg.num_layers
 
 
 @pytest.mark.gpu
