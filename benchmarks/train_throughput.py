@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +290,9 @@ def time_torchtitan_case(system: str, config: LlamaConfig, dims: parallel.Parall
                                   / (args.peak_tflops * 1e12), 4)
     except torch.OutOfMemoryError:
         row["oom"] = True
-    except Exception as e:  # recorded, not fatal: the other systems still run
+    except Exception as e:  # recorded, not fatal: the other systems still run; where it failed in torchtitan
         row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        row["traceback_tail"] = traceback.format_exc()[-1500:]
     return row
 
 

@@ -403,6 +403,13 @@ def _report(summary: dict, model: Any, engine: Any, world_size: int) -> None:
           f"{summary['tokenize_seconds']:.1f} s while loading; engine {engine_s:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s "
           f"wall, {tokens / max(engine_s, 1e-9):,.0f} tok/s engine; compile {'on' if summary['compile'] else 'off'} "
           f"({summary['compile_why']}{'; cache ' + summary['compile_cache'] if summary['compile_cache'] else ''})")
+    graphs = engine.runner.graphs
+    if graphs is not None and graphs.enabled and graphs.capture:
+        # the engine's own first-use cost: each new decode shape is captured once (its warm-ups, the capture and
+        # the eager reference step), which a warm process has already paid
+        print(f"decode graphs: {graphs.captures} captured in {graphs.capture_seconds:.1f} s"
+              f"{' (compile included)' if graphs.compile_seconds else ''}, {graphs.borrowed_steps} rounds on a "
+              f"larger captured graph; {engine.stats.graph_steps} of {engine.stats.decode_steps} decode steps on graphs")
     share = roofline_share(model, engine.stats, summary["lengths"], engine_s)
     if share:
         decode = (f", decode steps {share['decode_share']:.0%} of the bandwidth bound"

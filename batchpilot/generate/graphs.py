@@ -124,6 +124,9 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, int], _Graph] = {}  # (rows, groups, sampling kind) -> graph
         self.reuse_first_uses = reuse_first_uses
         self.uses: dict[tuple[int, int, int], int] = {}  # uses of keys not captured yet
+        self.captures = 0  # graphs built (each with its eager reference step)
+        self.capture_seconds = 0.0  # host seconds of those builds and reference steps (the end line reports them)
+        self.borrowed_steps = 0  # rounds run on a larger captured graph (``reuse_first_uses``)
         self.pool: Any = None  # the graphs' shared memory pool (torch.cuda.graph_pool_handle)
         self.enabled = True
         self.off_reason: str | None = None  # why graphs switched themselves off (reported by benchmarks)
@@ -156,8 +159,10 @@ class DecodeGraphs:
         n = len({id(c.request.group) for c in dec if c.request.prefix_len > 0}) if self.cascade else 0
         groups = 1 << (n - 1).bit_length() if n else 0  # padded to a power of two: few graphs, little waste
         key = self._pick(rows, groups, sampling_kind(dec))
+        self.borrowed_steps += key[:2] != (rows, groups)
         rows, groups = key[0], key[1]
         fresh = key not in self.graphs
+        built = time.perf_counter()
         try:
             if fresh:
                 self.graphs[key] = self._build(*key)
@@ -191,6 +196,8 @@ class DecodeGraphs:
             ref, logits = eager()
             self._check(ref, g.out["tokens"][:len(dec)], logits,
                         torch.tensor([c.request.params.temperature > 0 for c in dec], device=logits.device))
+            self.captures += 1
+            self.capture_seconds += time.perf_counter() - built
             return [[t] for t in ref]
         return tokens
 

@@ -200,8 +200,11 @@ def test_a_new_bucket_first_runs_on_a_larger_captured_graph(hf_pair, hf_referenc
     assert [r.output_ids for r in results] == [ref[:n] for ref, n in zip(hf_reference, lengths)]
     buckets = {rows for rows, *_ in graphs.graphs}
     assert 8 in buckets and (4 in buckets) == (reuse < 1000)  # reuse 1000: the 4- and 3-row steps ran on 8 rows
+    assert graphs.captures == len(graphs.graphs)  # each graph built once, with its reference step
+    assert (graphs.borrowed_steps > 0) == (reuse > 0)  # rounds counted where a smaller batch ran on 8 rows
     if reuse == 2:
         assert graphs.uses[next(k for k in graphs.graphs if k[0] == 4)] == 3  # captured on its third use
+        assert graphs.borrowed_steps >= 2  # bucket 4's first two uses (and any key with fewer cascade groups)
 
 
 def test_mismatching_compiled_graphs_fall_back_to_eager_graphs(hf_pair, hf_reference):
