@@ -145,7 +145,7 @@ def run_warm(engine: Engine, requests: list[Request], warmup: list[Request] | No
         list(engine.run([Request(r.index, r.prompt_ids, r.params) for r in warmup],
                         deadline=row_start + cap_s / 3))
         _sync()
-    # the warm-up is this process's first run of the job: what the CLI's engine pays, less the cold disk caches
+    # what the warm-up paid (its first uses: graph captures, kernel compiles), which the measured run then does not
     first_run = {"warmup_seconds": round(time.perf_counter() - row_start, 3),
                  "warmup_captures": captured()[0] - before[0],
                  "warmup_capture_seconds": round(captured()[1] - before[1], 3)}
@@ -160,7 +160,8 @@ def run_warm(engine: Engine, requests: list[Request], warmup: list[Request] | No
     seconds = time.perf_counter() - start
     lengths = [(len(c.prompt_ids), len(c.output_ids)) for c in done]
     tokens = engine.stats.output_tokens
-    return {**first_run, "captures": captured()[0] - before[0], "requests": len(requests), "finished": len(done), "output_tokens": tokens, "seconds": round(seconds, 3),
+    return {**first_run, "captures": captured()[0] - before[0], "requests": len(requests), "finished": len(done),
+            "output_tokens": tokens, "seconds": round(seconds, 3),
             "out_tok_s": round(tokens / seconds, 1), "capped_at_s": cap_s if len(done) < len(requests) else None,
             **engine.stats.to_dict(),
             "mean_decode_batch": round(engine.stats.decode_batch_sum / max(1, engine.stats.decode_steps), 1),

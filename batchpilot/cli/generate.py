@@ -259,7 +259,6 @@ def run(args: argparse.Namespace) -> int:
         limits = JobLimits(max_prompt_bytes=args.max_prompt_bytes, max_line_bytes=2 * args.max_prompt_bytes + 2**16,
                            template=RenderLimits(max_seconds=args.template_timeout))
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        opening = _open_device(device)  # the GPU's first-use costs, paid while the job is read
         tokenizer, tok_dir = load_tokenizer(args)
         template, special = chat_template_of(tok_dir.parent if tok_dir and tok_dir.is_file() else tok_dir)
         items = read_job(inp, defaults, chat_template=template, special_tokens=special, limits=limits)
@@ -272,8 +271,6 @@ def run(args: argparse.Namespace) -> int:
         encoding = pool.submit(_timed, encode_job, SimpleNamespace(tokenizer=tokenizer), todo)
         pool.shutdown(wait=False)  # the submitted encoding still runs; result() below waits for it
         read = time.perf_counter()
-        if opening is not None:
-            opening.result()
         model = load_model_for(args, device)
         loaded = time.perf_counter()
         barrier()  # every rank has read what is done before any rank writes
@@ -303,25 +300,6 @@ def run(args: argparse.Namespace) -> int:
         summary["wall_seconds"] = time.perf_counter() - process_start
         _report(summary, model, engine, world_size)
     return 0
-
-
-def _open_device(device: torch.device) -> Any:
-    """A future that has created the CUDA context, the caching allocator's first segment and the cuBLAS handle
-    of ``device`` on a helper thread (None off CUDA): a process's first CUDA calls cost seconds on a cold machine,
-    and they need nothing from the job, so they overlap reading and tokenizing it (the main thread waits for them
-    before loading the weights, so the two threads never use the device at once)."""
-    if device.type != "cuda":
-        return None
-
-    def touch() -> None:
-        with torch.cuda.device(device):
-            x = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
-            (x @ x).sum().item()
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchpilot-device")
-    opening = pool.submit(touch)
-    pool.shutdown(wait=False)
-    return opening
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:

@@ -76,13 +76,3 @@ def test_end_line_reports_wall_cold_and_lines(model_dir, tmp_path, capsys):
     assert "\r" not in first and "compile off (auto: no CUDA decode graphs)" in first
     assert main(args) == 0
     assert "lines: done 0, errors 0, skipped 4" in capsys.readouterr().out
-
-
-def test_the_device_is_opened_beside_reading_only_on_cuda():
-    """Off CUDA nothing is started; on CUDA the helper thread has made the context and a cuBLAS product."""
-    from batchpilot.cli.generate import _open_device
-
-    assert _open_device(torch.device("cpu")) is None
-    if torch.cuda.is_available():
-        opening = _open_device(torch.device("cuda", torch.cuda.current_device()))
-        assert opening.result(timeout=120) is None and torch.cuda.is_initialized()
