@@ -139,7 +139,10 @@ def run_warm(engine: Engine, requests: list[Request], warmup: list[Request] | No
     ``cap_s`` seconds; tokens/s from the engine's own count, so a capped row still measures its speed."""
     row_start = time.perf_counter()
     graphs = engine.runner.graphs
-    captured = (lambda: (graphs.captures, graphs.capture_seconds)) if graphs else (lambda: (0, 0.0))
+
+    def captured() -> tuple[int, float]:  # graphs captured so far, and their seconds
+        return (graphs.captures, graphs.capture_seconds) if graphs else (0, 0.0)
+
     before = captured()
     if warmup:
         list(engine.run([Request(r.index, r.prompt_ids, r.params) for r in warmup],
