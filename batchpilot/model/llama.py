@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchpilot.model.loss import chunked_cross_entropy
-from batchpilot.model.moe import EXPERT_IMPLS, RoutingRecord, SparseMoE
+from batchpilot.model.moe import EXPERT_IMPLS, RoutingRecord, RoutingSlot, SparseMoE
 
 ARCHITECTURES = ("llama", "qwen2", "mixtral", "qwen2_moe")
 
@@ -190,8 +190,9 @@ class Llama(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_meta, routing)
+        for i, layer in enumerate(self.layers):  # each MoE layer gets its own slot (moe.RoutingSlot says why)
+            slot = routing.slot(i) if routing is not None and self.config.is_moe_layer(i) else None
+            x = layer(x, cos, sin, attn_meta, slot)
         return self.norm(x)
 
     @torch.no_grad()
@@ -214,23 +215,23 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = sparse_moe(config, layer_idx) if config.is_moe_layer(layer_idx) else MLP(config)
+        self.mlp = sparse_moe(config) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_meta: AttnMeta | None, routing: RoutingRecord | None = None) -> torch.Tensor:
+                attn_meta: AttnMeta | None, routing: RoutingSlot | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_meta)
         if isinstance(self.mlp, SparseMoE):
             return x + self.mlp(self.post_attention_layernorm(x), routing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def sparse_moe(config: LlamaConfig, layer_idx: int) -> SparseMoE:
+def sparse_moe(config: LlamaConfig) -> SparseMoE:
     return SparseMoE(hidden_size=config.hidden_size, num_experts=config.num_experts,
                      top_k=config.num_experts_per_tok, expert_intermediate_size=config.moe_intermediate_size,
                      norm_topk_prob=config.norm_topk_prob,
                      shared_intermediate_size=config.shared_expert_intermediate_size,
                      shared_expert_gate=config.shared_expert_gate, capacity_factor=config.moe_capacity_factor,
-                     impl=config.moe_impl, layer_idx=layer_idx)
+                     impl=config.moe_impl)
 
 
 class Attention(nn.Module):

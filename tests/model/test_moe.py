@@ -421,3 +421,44 @@ def test_grouped_model_matches_loop_model_on_cpu():
         except (RuntimeError, NotImplementedError) as e:
             pytest.skip(f"_grouped_mm not available on CPU here: {e}")
         torch.testing.assert_close(got, loop(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_moe_blocks_share_one_graph():
+    """Every compiled MoE block runs one graph: a block that keyed the routing record by its layer index was
+    specialised per layer, and past dynamo's recompile limit (8) the remaining blocks ran eagerly."""
+    from torch._dynamo.utils import counters
+
+    config = get_preset("tiny-moe").with_(num_layers=10, mlp_only_layers=(), moe_impl="grouped")
+    model = build_model(config, seed=0).to(torch.bfloat16)  # grouped GEMMs take bf16
+    for layer in model.layers:
+        layer.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    record = RoutingRecord()
+    with torch.no_grad():
+        model(torch.randint(0, 4096, (2, 16)), routing=record)
+    assert sorted(record.by_layer) == list(range(10))
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_dispatch_and_combine_rows_gradients_match_autograd_of_plain_indexing():
+    """The grouped path's gather-only permutations (moe.DispatchRows, moe.CombineRows) against autograd through
+    index_select / index_add on the same permutation, in float64."""
+    from batchpilot.model.moe import CombineRows, DispatchRows
+
+    g = torch.Generator().manual_seed(0)
+    n, k, d, e = 7, 3, 5, 4
+    top_idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])  # (N, K) distinct experts
+    order = torch.argsort(top_idx.reshape(-1), stable=True)
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(n * k)).view(n, k)
+    x = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randn(n * k, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(n, k, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: DispatchRows.apply(a, order // k, pos), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: CombineRows.apply(a, b, pos, order), (y, w))
+    plain_xs = x.index_select(0, order // k)
+    torch.testing.assert_close(DispatchRows.apply(x, order // k, pos), plain_xs)
+    plain_out = torch.zeros(n, d, dtype=torch.float64).index_add(0, order // k,
+                                                                 y * w.reshape(-1).index_select(0, order)[:, None])
+    torch.testing.assert_close(CombineRows.apply(y, w, pos, order), plain_out)
