@@ -20,6 +20,7 @@ batchpilot system over hf_qwen2moe) and ``speedup_vs_hf_qwen2moe_loop``.
 
 Usage (one H200, ~5 min):  python benchmarks/moe_throughput.py
 CPU smoke test:            python benchmarks/moe_throughput.py --smoke
+Where the step's GPU time goes (each row gains a ``profile``):  python benchmarks/moe_throughput.py --profile
 """
 
 from __future__ import annotations
@@ -133,12 +134,21 @@ def run_one(system: str, args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    profiled = {}
+    if args.profile and device.type == "cuda":
+        from train_profile import profile_step
+
+        from torch._dynamo.utils import counters
+
+        _, profiled["profile"] = profile_step(lambda: step(batch))
+        profiled["profile"]["dynamo_graphs"] = counters["stats"]["unique_graphs"]
     tokens_per_s = args.rows * args.seq / step_s
     flops_per_token = counting.training_flops_per_token(config, args.seq)
     return {"system": system, "tokens_per_s": tokens_per_s, "step_s": step_s, "step_times": times,
             "mfu_activated": tokens_per_s * flops_per_token / (args.peak_tflops * 1e12),
             "first_loss": losses[0], "last_loss": losses[-1],
-            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            **profiled}
 
 
 def run_in_subprocess(system: str, argv: list[str], timeout: float) -> dict:
@@ -177,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per system")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one more step under the CUDA profiler: kernel time by category, top kernels, "
+                        "dynamo graphs (GPU only)")
     p.add_argument("--run-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke and "--seq" not in sys.argv:

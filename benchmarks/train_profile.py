@@ -44,6 +44,8 @@ def category(kernel: str) -> str:
     name = kernel.lower()
     if any(k in name for k in ("flash", "fmha", "sdpa", "cudnn")):
         return "attention (cuDNN)"
+    if "groupproblemshape" in name:  # torch._grouped_mm's CUTLASS kernel (MoE experts)
+        return "grouped matmul (CUTLASS)"
     if any(k in name for k in ("nvjet", "gemm", "cutlass", "scaled_mm")) and not name.startswith("triton"):
         return "matmul (cuBLAS)"
     if "multi_tensor_apply" in name:
@@ -81,20 +83,34 @@ def main() -> None:
     median = sorted(times)[len(times) // 2]
     print(f"float8={args.float8} step median {median * 1e3:.1f} ms, {args.rows * args.seq / median:,.0f} tokens/s; "
           f"steps {[round(t * 1e3, 1) for t in times]} ms")
+    prof, summary = profile_step(step)
+    print(f"GPU span {summary['span_ms']:.1f} ms, busy {summary['busy_ms']:.1f} ms, idle inside the span "
+          f"{summary['span_ms'] - summary['busy_ms']:.1f} ms")
+    print(summary["by_category_ms"])
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80))
+
+
+def profile_step(step, top: int = 25) -> tuple[profile, dict]:
+    """One call of ``step`` under the CUDA profiler: the GPU's span and busy time (ms), kernel time by
+    category, and the ``top`` kernels by total time as [name, calls, ms]."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
-    span_ms = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e3
-    busy = busy_ms(intervals)
-    print(f"GPU span {span_ms:.1f} ms, busy {busy:.1f} ms, idle inside the span {span_ms - busy:.1f} ms")
     by_category: dict[str, float] = {}
+    by_name: dict[str, list] = {}
     for e in kernels:
-        by_category[category(e.name)] = by_category.get(category(e.name), 0.0) + (e.time_range.end
-                                                                                   - e.time_range.start) / 1e3
-    print({k: round(v, 1) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])})
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80))
+        ms = (e.time_range.end - e.time_range.start) / 1e3
+        by_category[category(e.name)] = by_category.get(category(e.name), 0.0) + ms
+        entry = by_name.setdefault(e.name[:160], [0, 0.0])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + ms
+    return prof, {
+        "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e3,
+        "busy_ms": busy_ms(intervals),
+        "by_category_ms": {k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [[n, c, round(ms, 2)] for n, (c, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]],
+    }
 
 
 if __name__ == "__main__":
