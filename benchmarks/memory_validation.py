@@ -3,14 +3,15 @@
 Every probe is one configuration the tests do not use (``tests/plan/test_memory.py`` holds llama-1b at seq 2048
 micro-batch 16 and seq 8192 micro-batch 4): llama-125m, qwen2-0.5b and llama-1b shapes, seq 2048-8192,
 activation checkpointing none / selective / full, eager, compiled and float8 (tensorwise, compiled) blocks, one
-probe with bf16 parameters (FSDP2 on one GPU). A probe runs in its own process (an OOM or a compile cache cannot
+probe with bf16 parameters (FSDP2 on one GPU), and two moe-1b probes (the trainer's MoE objective on: routing
+record, global-batch balance loss). A probe runs in its own process (an OOM or a compile cache cannot
 leak into the next) and builds the model as the trainer does (``train/parallel.parallelize``: float8, AC,
 compile) with the trainer's optimizer (``train/optim.build_optimizer``), then runs ``trainer.train_step`` on
 random rows: step 1 compiles and creates the AdamW states, the peak statistics are reset, step 2 is measured.
 Each block shape is compiled once per probe. The prediction is ``estimate_peak_bytes(...).allocated_bytes``
 (what ``max_memory_allocated`` counts); error = predicted / measured - 1.
 
-    python benchmarks/memory_validation.py                 # one H200: <= 240 s (--budget-s), ~11 probes
+    python benchmarks/memory_validation.py                 # one H200: <= 240 s (--budget-s), 13 probes (~25 s each)
     python benchmarks/memory_validation.py --dry           # CPU, tiny preset: the code path, no measurement
 
 Each probe is capped (``--probe-timeout-s``) and skipped once the budget is spent; the JSON
@@ -65,9 +66,12 @@ GPU_PROBES = [  # sized so the activations are 30-80% of the peak (15-55 GiB pre
     Probe("llama-125m", 2048, 32, "selective", compile=True, float8="tensorwise"),
     Probe("llama-1b", 4096, 6, compile=True, grad_accum_steps=2),
     Probe("qwen2-0.5b", 4096, 8, compile=True, bf16_params=True),
+    # MoE (the routed experts' permutation buffers, router and routing record; docs/moe.md): last, as they are new
+    Probe("moe-1b", 2048, 8, compile=True),
+    Probe("moe-1b", 4096, 4, "full"),
 ]
 DRY_PROBES = [Probe("tiny", 64, 2), Probe("tiny", 128, 2, "selective", compile=True, grad_accum_steps=2),
-              Probe("tiny", 64, 4, "full", compile=True, float8="tensorwise")]
+              Probe("tiny", 64, 4, "full", compile=True, float8="tensorwise"), Probe("tiny-moe", 64, 2)]
 
 
 def predict(probe: Probe) -> dict:
@@ -92,6 +96,7 @@ def measure(probe: Probe) -> dict:
 
     from batchpilot.model.llama import build_model, get_preset
     from batchpilot.train import parallel, trainer
+    from batchpilot.train.config import MoeConfig
     from batchpilot.train.optim import OptimConfig, build_optimizer
 
     cuda = torch.cuda.is_available()
@@ -104,12 +109,13 @@ def measure(probe: Probe) -> dict:
                                  fsdp_one_device=probe.bf16_params)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
     loader = RandomRows(config.vocab_size, probe.seq_len)
+    moe = trainer.moe_objective(MoeConfig(), config, dims)  # MoE models train with their balance loss, as in train
     rows = probe.micro_batch_size * probe.grad_accum_steps
     times = []
     for step in range(2):
         t0 = time.perf_counter()
         trainer.train_step(model, optimizer, loader, global_batch_tokens=rows * probe.seq_len, seq_len=probe.seq_len,
-                           micro_batch_size=probe.micro_batch_size, dims=dims, grad_clip=1.0)
+                           micro_batch_size=probe.micro_batch_size, dims=dims, grad_clip=1.0, moe=moe)
         if cuda:
             torch.cuda.synchronize()
             if step == 0:
