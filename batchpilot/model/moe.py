@@ -182,12 +182,12 @@ class DispatchRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(pos)
         return x.index_select(0, token)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (pos,) = ctx.saved_tensors
         per_slot = grad.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)  # (N, K, D)
         return per_slot.sum(1, dtype=accumulation_dtype(grad)).to(grad.dtype), None, None
@@ -202,7 +202,7 @@ class CombineRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, y: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
                 order: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(y, w, pos, order)
         per_slot = y.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)  # (N, K, D)
@@ -210,7 +210,7 @@ class CombineRows(torch.autograd.Function):
         return (per_slot.to(acc) * w.to(acc).unsqueeze(-1)).sum(1).to(y.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         y, w, pos, order = ctx.saved_tensors
         top_k = pos.shape[1]
         per_slot = y.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)  # (N, K, D)
