@@ -26,7 +26,7 @@ def test_gpu_probes_are_held_out_and_cover_the_issue(mv):
 
     probes = mv.GPU_PROBES
     assert len(probes) >= 8 and len(set(probes)) == len(probes)
-    assert {p.preset for p in probes} == {"llama-125m", "qwen2-0.5b", "llama-1b"}
+    assert {p.preset for p in probes} == {"llama-125m", "qwen2-0.5b", "llama-1b", "moe-1b"}
     assert {p.activation_checkpointing for p in probes} == {"none", "selective", "full"}
     assert {p.kind for p in probes} == {"eager", "compiled", "float8"}
     assert min(p.seq_len for p in probes) >= 2048 and max(p.seq_len for p in probes) <= 8192
@@ -50,9 +50,11 @@ def test_dry_run_writes_the_json_after_each_probe(mv, tmp_path):
     path = mv.main(["--dry", "--kinds", "eager", "--out", str(tmp_path)])
     d = json.loads(path.read_text())
     assert {"gpu", "torch", "commit", "date", "command", "rows", "summary"} <= set(d)
-    (row,) = d["rows"]
-    assert "error" not in row and row["measured_bytes"] is None and len(row["step_seconds"]) == 2
-    assert row["predicted_bytes"] > 0 and row["kind"] == "eager"
+    rows = d["rows"]
+    assert [r["config"]["preset"] for r in rows] == ["tiny", "tiny-moe"]  # the MoE one with its balance loss
+    for row in rows:
+        assert "error" not in row and row["measured_bytes"] is None and len(row["step_seconds"]) == 2
+        assert row["predicted_bytes"] > 0 and row["kind"] == "eager"
     assert set(d["summary"]["memory_prediction_max_error"]) == {"eager", "compiled", "float8", "all"}
     spent = mv.main(["--dry", "--kinds", "eager", "--budget-s", "1", "--out", str(tmp_path / "spent")])
     assert json.loads(spent.read_text())["rows"][0]["error"] == "skipped: budget spent"
