@@ -9,14 +9,19 @@ bf16 compute, fused AdamW, the load-balancing loss on in every system (coefficie
   batchpilot           our model, fp32 master weights under bf16 autocast (the trainer's one-GPU precision),
                        grouped-GEMM experts, fused chunked CE, global-batch LBL (``moe.BalanceAccumulator``)
   batchpilot_compile   the same with every block compiled (``nn.Module.compile``)
-Our step calls the model's forward/backward directly; the trainer integration comes later. Each system runs in
+  batchpilot_trainer   the product path: ``trainer.train_step`` on a model built as ``batchpilot train
+                       --parallel.compile`` builds it (``parallel.parallelize``, ``optim.build_optimizer``), the
+                       trainer's MoE objective (global LBL, routing metrics), gradient clipping at 1.0, random rows
+The first four call the model's forward/backward directly (the HF rows through transformers). Each system runs in
 its own subprocess (an OOM or compile failure is recorded, not fatal). ``--warmup`` steps, then ``--steps``
 timed steps (synchronize + perf_counter); tokens/s from the median step. MFU = tokens/s x activated training
 FLOPs per token (``counting.training_flops_per_token``: 6 x activated matmul parameters + causal attention) /
 ``--peak-tflops`` (989: H100/H200 dense bf16).
 
 Result: ``benchmarks/results/moe_throughput_<date>.json`` with ``summary.speedup_vs_hf_qwen2moe`` (fastest
-batchpilot system over hf_qwen2moe) and ``speedup_vs_hf_qwen2moe_loop``.
+batchpilot system over hf_qwen2moe) and ``speedup_vs_hf_qwen2moe_loop``; with the trainer row,
+``trainer_vs_harness`` (over batchpilot_compile) and ``trainer_speedup_vs_hf_qwen2moe``. The trainer's random
+rows are the harness's batches (same generator seed and shape), so its losses match batchpilot's.
 
 Usage (one H200, ~5 min):  python benchmarks/moe_throughput.py
 CPU smoke test:            python benchmarks/moe_throughput.py --smoke
@@ -46,7 +51,7 @@ from batchpilot.model.hf import config_to_hf  # noqa: E402
 from batchpilot.model.llama import LlamaConfig, build_model, get_preset  # noqa: E402
 from batchpilot.model.moe import BalanceAccumulator, RoutingRecord  # noqa: E402
 
-SYSTEMS = ("hf_qwen2moe", "hf_qwen2moe_loop", "batchpilot", "batchpilot_compile")
+SYSTEMS = ("hf_qwen2moe", "hf_qwen2moe_loop", "batchpilot", "batchpilot_compile", "batchpilot_trainer")
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -89,6 +94,31 @@ def ours_step_fn(config: LlamaConfig, args: argparse.Namespace, device: torch.de
     return step
 
 
+def trainer_step_fn(config: LlamaConfig, args: argparse.Namespace, device: torch.device):
+    """``batchpilot train``'s step on random rows (the loader draws them; the benchmark's batch is not used)."""
+    from train_throughput import RandomRows
+
+    from batchpilot.train import parallel, trainer
+    from batchpilot.train.config import MoeConfig
+    from batchpilot.train.optim import OptimConfig, build_optimizer
+
+    dims = parallel.init_distributed(device.type)
+    model = parallel.parallelize(build_model(config, device=dims.device, seed=0), dims,
+                                 activation_checkpointing="none", compile=device.type == "cuda")
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    moe = trainer.moe_objective(MoeConfig(balance_coef=config.router_aux_loss_coef), config, dims)
+    loader = RandomRows(config.vocab_size, args.seq)
+
+    def step(batch: torch.Tensor) -> float:
+        del batch
+        loss, _, _ = trainer.train_step(model, optimizer, loader, global_batch_tokens=args.rows * args.seq,
+                                        seq_len=args.seq, micro_batch_size=args.mb, dims=dims, grad_clip=1.0,
+                                        moe=moe)
+        return loss
+
+    return step
+
+
 def hf_step_fn(config: LlamaConfig, args: argparse.Namespace, device: torch.device, experts: str | None):
     import transformers
 
@@ -121,6 +151,8 @@ def run_one(system: str, args: argparse.Namespace) -> dict:
     config = model_config(args)
     if system.startswith("hf"):
         step = hf_step_fn(config, args, device, "eager" if system.endswith("loop") else None)
+    elif system == "batchpilot_trainer":
+        step = trainer_step_fn(config, args, device)
     else:
         step = ours_step_fn(config, args, device, compiled=system.endswith("compile"))
     times, losses = [], []
@@ -165,10 +197,15 @@ def run_in_subprocess(system: str, argv: list[str], timeout: float) -> dict:
 
 def summarise(rows: dict[str, dict]) -> dict:
     ok = {s: r["tokens_per_s"] for s, r in rows.items() if "tokens_per_s" in r}
-    ours = max((ok[s] for s in ("batchpilot", "batchpilot_compile") if s in ok), default=None)
+    ours = max((ok[s] for s in ("batchpilot", "batchpilot_compile", "batchpilot_trainer") if s in ok), default=None)
     summary: dict = {f"tokens_per_s_{s}": v for s, v in ok.items()}
     for base in ("hf_qwen2moe", "hf_qwen2moe_loop"):
         summary[f"speedup_vs_{base}"] = ours / ok[base] if ours and base in ok else None
+    if "batchpilot_trainer" in ok:  # the product path against the harness and against HF
+        summary["trainer_vs_harness"] = (ok["batchpilot_trainer"] / ok["batchpilot_compile"]
+                                         if "batchpilot_compile" in ok else None)
+        summary["trainer_speedup_vs_hf_qwen2moe"] = (ok["batchpilot_trainer"] / ok["hf_qwen2moe"]
+                                                     if "hf_qwen2moe" in ok else None)
     summary.update({f"mfu_activated_{s}": r["mfu_activated"] for s, r in rows.items() if "mfu_activated" in r})
     return summary
 
