@@ -85,3 +85,14 @@ def test_plan_for_an_moe_preset_then_train_executes_it(tmp_path, tiny_text_dir):
     got = records(run)
     assert got[-1]["step"] == plan["total_steps"] and "moe/lbl_micro" in got[-1]
     assert json.loads((run / "config.json").read_text())["moe"]["balance"] == "micro"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointed_moe_blocks_train_as_uncheckpointed_ones(dataset, tmp_path, mode):
+    """Activation checkpointing recomputes each MoE block in backward, which writes the block's routing slot a
+    second time: the losses, the balance-loss metrics and (through the gradients) the later steps must not
+    change."""
+    plain = records(train(moe_run(tmp_path / "plain", dataset, max_steps=3)).run_dir)
+    ckpt = records(train(moe_run(tmp_path / mode, dataset, max_steps=3, activation_checkpointing=mode)).run_dir)
+    for key in ("loss", "moe/lbl_global", "moe/lbl_micro", "moe/z_loss"):
+        assert [r[key] for r in ckpt] == pytest.approx([r[key] for r in plain], rel=1e-5, abs=1e-7), key
