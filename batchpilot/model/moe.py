@@ -199,27 +199,27 @@ class CombineRows(torch.autograd.Function):
 
     Summed in fp32 by gathering each token's K rows (an index_add of the rows into (N, D) would add in y's
     dtype, with atomics); the backward is gathers too: dy[j] = w[slot j] dout[token of j], dw[n, k] =
-    <dout[n], y[pos[n, k]]>, with ``order`` (sorted row -> slot) as the forward permutation.
+    <dout[n], y[pos[n, k]]>, with ``order`` (sorted row -> slot) as the forward permutation. It saves the
+    gathered rows rather than y (the same bytes; y is then free), so the backward does not gather them again.
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
                 order: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(y, w, pos, order)
         per_slot = y.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)  # (N, K, D)
+        ctx.save_for_backward(per_slot, w, order)
         acc = accumulation_dtype(y)
         return (per_slot.to(acc) * w.to(acc).unsqueeze(-1)).sum(1).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        y, w, pos, order = ctx.saved_tensors
-        top_k = pos.shape[1]
-        per_slot = y.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)  # (N, K, D)
-        acc = accumulation_dtype(y)
+        per_slot, w, order = ctx.saved_tensors
+        top_k = per_slot.shape[1]
+        acc = accumulation_dtype(per_slot)
         grad_w = (per_slot.to(acc) * grad.to(acc).unsqueeze(1)).sum(-1)  # (N, K)
         slot_w = w.reshape(-1).index_select(0, order).unsqueeze(-1)  # (N*K, 1) in sorted order
         grad_y = grad.index_select(0, order // top_k) * slot_w.to(grad.dtype)  # (N*K, D)
-        return grad_y.to(y.dtype), grad_w.to(w.dtype), None, None
+        return grad_y.to(per_slot.dtype), grad_w.to(w.dtype), None, None
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:

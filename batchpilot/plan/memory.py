@@ -168,8 +168,9 @@ def moe_mlp_bytes_per_token(config: LlamaConfig, *, param_bytes: int = 4) -> int
     one 2D input is shared. Router: the fp32 softmax (4E), the routing record's softmax, fp32 logits for
     logsumexp and z (8E + 8), top-k ids and the (renormalised) weights (12K). Per routed slot (the permutation
     buffers, ``moe.DispatchRows`` / ``moe.CombineRows``): the inverse permutation (8), the gathered bf16 input
-    the first grouped GEMM saves (2D), SwiGLU on the grouped outputs (8I'), the expert output and its weight
-    for the combine (2D + 2), the sort order (8). Shared expert: SwiGLU (8Is), its gate's sigmoid (4) and the gated product's input (2D).
+    the first grouped GEMM saves (2D), SwiGLU on the grouped outputs (8I'), the expert output (gathered per
+    token) and its weight for the combine (2D + 2), the sort order (8). Shared expert: SwiGLU (8Is), its gate's
+    sigmoid (4) and the gated product's input (2D).
     """
     d, e, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
     i_exp, i_shared = config.moe_intermediate_size, config.shared_expert_intermediate_size
